@@ -1,0 +1,126 @@
+//! Values that layers leave in request and response extensions for each other.
+//!
+//! Layers never import each other; they meet here. The auth layer inserts a [`KeyIdentity`] that
+//! the rate-limit layer keys on; the retry layer records [`Attempts`] on the response; every
+//! layer that rejects puts its [`crate::error::ApiError`] in the response extensions.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// The caller's API key, as established by an authentication layer: an id that is safe to log,
+/// a tier, and the key's own limits. It never holds the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyIdentity {
+    id: Arc<str>,
+    tier: Option<Arc<str>>,
+    limits: KeyLimits,
+}
+
+impl KeyIdentity {
+    /// An identity with the given id, no tier and no limits of its own.
+    pub fn new(id: impl Into<Arc<str>>) -> Self {
+        KeyIdentity {
+            id: id.into(),
+            tier: None,
+            limits: KeyLimits::new(),
+        }
+    }
+
+    /// Sets the tier (`"free"`, `"pro"`).
+    pub fn with_tier(mut self, tier: impl Into<Arc<str>>) -> Self {
+        self.tier = Some(tier.into());
+        self
+    }
+
+    /// Sets the key's own limits.
+    pub fn with_limits(mut self, limits: KeyLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The key's id, safe to log.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The key's id as a shared string.
+    pub fn id_arc(&self) -> &Arc<str> {
+        &self.id
+    }
+
+    /// The key's tier.
+    pub fn tier(&self) -> Option<&str> {
+        self.tier.as_deref()
+    }
+
+    /// The key's own limits.
+    pub fn limits(&self) -> &KeyLimits {
+        &self.limits
+    }
+}
+
+impl fmt::Debug for KeyIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyIdentity")
+            .field("id", &self.id)
+            .field("tier", &self.tier)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+/// Limits attached to one key, for a rate-limit layer to read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyLimits {
+    requests_per_minute: Option<u32>,
+    tokens_per_minute: Option<u64>,
+    concurrency: Option<u32>,
+}
+
+impl KeyLimits {
+    /// No limits.
+    pub const fn new() -> Self {
+        KeyLimits {
+            requests_per_minute: None,
+            tokens_per_minute: None,
+            concurrency: None,
+        }
+    }
+
+    /// Requests per minute.
+    pub const fn requests_per_minute(mut self, n: u32) -> Self {
+        self.requests_per_minute = Some(n);
+        self
+    }
+
+    /// LLM tokens per minute.
+    pub const fn tokens_per_minute(mut self, n: u64) -> Self {
+        self.tokens_per_minute = Some(n);
+        self
+    }
+
+    /// Requests in flight at once.
+    pub const fn concurrency(mut self, n: u32) -> Self {
+        self.concurrency = Some(n);
+        self
+    }
+
+    /// Requests per minute, if limited.
+    pub const fn rpm(&self) -> Option<u32> {
+        self.requests_per_minute
+    }
+
+    /// Tokens per minute, if limited.
+    pub const fn tpm(&self) -> Option<u64> {
+        self.tokens_per_minute
+    }
+
+    /// Requests in flight at once, if limited.
+    pub const fn max_concurrency(&self) -> Option<u32> {
+        self.concurrency
+    }
+}
+
+/// How many attempts a retry layer made for this response (1 when the first one answered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Attempts(pub u32);

@@ -1,0 +1,430 @@
+//! The shared, parsed view of an LLM request.
+//!
+//! Several layers need to know what a request asks for: the auth layer checks the model against
+//! a key's allow-list, the rate-limit layer charges tokens, the breaker keeps one circuit per
+//! model, validation checks everything. The body is parsed **once**: the first layer that needs
+//! the view buffers the body (bounded), parses it, stores a [`RequestView`] in the request
+//! extensions and hands the body on intact; every later layer reads it from there
+//! ([`RequestView::from_extensions`]) or computes it through the same function
+//! ([`ensure_view`]).
+//!
+//! ```
+//! use llm_layers::request::{Endpoint, RequestView, CharEstimator};
+//!
+//! let body = br#"{"model":"gpt-4o","stream":true,"max_tokens":100,
+//!                 "messages":[{"role":"user","content":"Hello there, how are you?"}]}"#;
+//! let view = RequestView::parse(Endpoint::ChatCompletions, body, &CharEstimator).unwrap();
+//! assert_eq!(view.model(), Some("gpt-4o"));
+//! assert!(view.stream());
+//! assert_eq!(view.max_tokens(), Some(100));
+//! assert_eq!(view.message_count(), Some(1));
+//! assert!(view.prompt_tokens() > 5);
+//! assert_eq!(view.token_cost(), view.prompt_tokens() + 100);
+//! ```
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::Request;
+use http_body::Body;
+use serde_json::Value;
+
+use crate::body::{buffer_request, BufferError};
+
+/// Which OpenAI-style endpoint a request goes to, from its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Endpoint {
+    /// `/v1/chat/completions`
+    ChatCompletions,
+    /// `/v1/completions` (legacy)
+    Completions,
+    /// `/v1/embeddings`
+    Embeddings,
+    /// `/v1/responses`
+    Responses,
+    /// Anything else.
+    Other,
+}
+
+impl Endpoint {
+    /// The endpoint for a request path (matching on the path's end, so `/openai/v1/...` and
+    /// Azure-style `/deployments/x/chat/completions` work too).
+    pub fn from_path(path: &str) -> Endpoint {
+        let path = path.trim_end_matches('/');
+        if path.ends_with("/chat/completions") {
+            Endpoint::ChatCompletions
+        } else if path.ends_with("/completions") {
+            Endpoint::Completions
+        } else if path.ends_with("/embeddings") {
+            Endpoint::Embeddings
+        } else if path.ends_with("/responses") {
+            Endpoint::Responses
+        } else {
+            Endpoint::Other
+        }
+    }
+
+    /// The canonical path of the endpoint.
+    pub const fn path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/v1/chat/completions",
+            Endpoint::Completions => "/v1/completions",
+            Endpoint::Embeddings => "/v1/embeddings",
+            Endpoint::Responses => "/v1/responses",
+            Endpoint::Other => "",
+        }
+    }
+}
+
+/// Counts the tokens of a text, for limits and context checks.
+pub trait TokenEstimator: Send + Sync + 'static {
+    /// The number of tokens `text` takes for `model` (which may be empty when unknown).
+    fn estimate(&self, model: &str, text: &str) -> u64;
+}
+
+impl<F> TokenEstimator for F
+where
+    F: Fn(&str, &str) -> u64 + Send + Sync + 'static,
+{
+    fn estimate(&self, model: &str, text: &str) -> u64 {
+        self(model, text)
+    }
+}
+
+/// The fast default estimate: about 4 characters per token for Latin text and one token per
+/// CJK character (Han, kana, Hangul, full-width forms).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CharEstimator;
+
+impl TokenEstimator for CharEstimator {
+    fn estimate(&self, _model: &str, text: &str) -> u64 {
+        if text.is_ascii() {
+            return (text.len() as u64).div_ceil(4);
+        }
+        let (mut cjk, mut other) = (0u64, 0u64);
+        for c in text.chars() {
+            if is_cjk(c) {
+                cjk += 1;
+            } else {
+                other += 1;
+            }
+        }
+        cjk + other.div_ceil(4)
+    }
+}
+
+fn is_cjk(c: char) -> bool {
+    matches!(c as u32,
+        0x1100..=0x11FF        // Hangul Jamo
+        | 0x2E80..=0x2FDF      // CJK radicals
+        | 0x3000..=0x30FF      // CJK symbols, Hiragana, Katakana
+        | 0x3100..=0x318F      // Bopomofo, Hangul compatibility Jamo
+        | 0x3400..=0x4DBF      // CJK extension A
+        | 0x4E00..=0x9FFF      // CJK unified ideographs
+        | 0xAC00..=0xD7AF      // Hangul syllables
+        | 0xF900..=0xFAFF      // CJK compatibility ideographs
+        | 0xFF00..=0xFFEF      // Half-width and full-width forms
+        | 0x20000..=0x3FFFF) // CJK extensions B and later
+}
+
+/// Tokens added per chat message for the role and separators.
+const PER_MESSAGE_OVERHEAD: u64 = 4;
+
+/// What an LLM request asks for, parsed once and shared through the request extensions.
+#[derive(Debug, Clone)]
+pub struct RequestView {
+    endpoint: Endpoint,
+    model: Option<Arc<str>>,
+    stream: bool,
+    max_tokens: Option<u64>,
+    message_count: Option<usize>,
+    prompt_tokens: u64,
+    json: Option<Arc<Value>>,
+}
+
+/// The body was not a JSON object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError {
+    message: String,
+    line: usize,
+    column: usize,
+}
+
+impl ParseError {
+    /// The parser's message, with line and column.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+    /// The line (1-based) where parsing failed, 0 when the JSON was valid but not an object.
+    pub fn line(&self) -> usize {
+        self.line
+    }
+    /// The column (1-based) where parsing failed.
+    pub fn column(&self) -> usize {
+        self.column
+    }
+}
+
+impl std::fmt::Display for ParseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+impl RequestView {
+    /// Parses a request body for `endpoint`. The body must be a JSON object.
+    pub fn parse(
+        endpoint: Endpoint,
+        body: &[u8],
+        estimator: &dyn TokenEstimator,
+    ) -> Result<RequestView, ParseError> {
+        let value: Value = serde_json::from_slice(body).map_err(|e| ParseError {
+            message: format!(
+                "The request body is not valid JSON: {} (line {}, column {}).",
+                strip_position(&e.to_string()),
+                e.line(),
+                e.column()
+            ),
+            line: e.line(),
+            column: e.column(),
+        })?;
+        if !value.is_object() {
+            return Err(ParseError {
+                message: format!(
+                    "The request body must be a JSON object, not {}.",
+                    json_kind(&value)
+                ),
+                line: 0,
+                column: 0,
+            });
+        }
+        Ok(RequestView::from_json(endpoint, Arc::new(value), estimator))
+    }
+
+    /// The view of an already parsed JSON object.
+    pub fn from_json(
+        endpoint: Endpoint,
+        json: Arc<Value>,
+        estimator: &dyn TokenEstimator,
+    ) -> RequestView {
+        let model = json
+            .get("model")
+            .and_then(Value::as_str)
+            .map(Arc::<str>::from);
+        let stream = json.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let max_tokens = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+            .iter()
+            .find_map(|k| json.get(*k).and_then(Value::as_u64));
+        let messages = json.get("messages").and_then(Value::as_array);
+        let message_count = messages.map(Vec::len);
+        let model_name = model.as_deref().unwrap_or("");
+        let mut tokens = 0u64;
+        let mut count = |text: &str| tokens += estimator.estimate(model_name, text);
+        if let Some(messages) = messages {
+            for m in messages {
+                count_text(m.get("content"), &mut count);
+                count_text(m.get("name"), &mut count);
+                if let Some(calls) = m.get("tool_calls").and_then(Value::as_array) {
+                    for c in calls {
+                        count_text(c.pointer("/function/arguments"), &mut count);
+                    }
+                }
+            }
+        }
+        for key in ["prompt", "input", "instructions", "system"] {
+            count_text(json.get(key), &mut count);
+        }
+        tokens += PER_MESSAGE_OVERHEAD * message_count.unwrap_or(0) as u64;
+        RequestView {
+            endpoint,
+            model,
+            stream,
+            max_tokens,
+            message_count,
+            prompt_tokens: tokens,
+            json: Some(json),
+        }
+    }
+
+    /// The view stored in `extensions` by an earlier layer, if any.
+    pub fn from_extensions(extensions: &http::Extensions) -> Option<&RequestView> {
+        extensions.get::<RequestView>()
+    }
+
+    /// The endpoint.
+    pub fn endpoint(&self) -> Endpoint {
+        self.endpoint
+    }
+    /// The `model` field.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+    /// The `stream` field (false when absent).
+    pub fn stream(&self) -> bool {
+        self.stream
+    }
+    /// `max_completion_tokens`, `max_tokens` or `max_output_tokens`, whichever is set.
+    pub fn max_tokens(&self) -> Option<u64> {
+        self.max_tokens
+    }
+    /// The number of chat messages, for chat requests.
+    pub fn message_count(&self) -> Option<usize> {
+        self.message_count
+    }
+    /// The estimated prompt tokens.
+    pub fn prompt_tokens(&self) -> u64 {
+        self.prompt_tokens
+    }
+    /// What the request may cost at most: prompt tokens plus `max_tokens` (0 when unset).
+    pub fn token_cost(&self) -> u64 {
+        self.prompt_tokens
+            .saturating_add(self.max_tokens.unwrap_or(0))
+    }
+    /// The parsed body.
+    pub fn json(&self) -> Option<&Value> {
+        self.json.as_deref()
+    }
+    /// The parsed body, shared.
+    pub fn json_arc(&self) -> Option<&Arc<Value>> {
+        self.json.as_ref()
+    }
+}
+
+fn count_text(v: Option<&Value>, count: &mut impl FnMut(&str)) {
+    match v {
+        Some(Value::String(s)) => count(s),
+        Some(Value::Array(items)) => {
+            for item in items {
+                match item {
+                    Value::String(s) => count(s),
+                    Value::Object(o) => {
+                        count_text(o.get("text"), count);
+                        count_text(o.get("content"), count);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn strip_position(msg: &str) -> &str {
+    msg.find(" at line ").map_or(msg, |i| &msg[..i])
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Why [`ensure_view`] could not produce a view.
+#[derive(Debug)]
+pub enum ViewError {
+    /// The body could not be buffered.
+    Buffer(BufferError),
+    /// The body was not a JSON object.
+    Parse(ParseError),
+}
+
+impl ViewError {
+    /// The envelope error: `413 request_too_large`, or `400 invalid_value` naming the parser's
+    /// line and column.
+    pub fn to_api_error(&self) -> crate::error::ApiError {
+        match self {
+            ViewError::Buffer(b) => b.to_api_error(),
+            ViewError::Parse(p) => crate::error::ApiError::new(
+                crate::error::ErrorCode::InvalidValue,
+                p.message().to_owned(),
+            ),
+        }
+    }
+}
+
+/// Makes sure the request carries a [`RequestView`]: returns it unchanged when an earlier
+/// layer stored one, else buffers the body (at most `limit` bytes), parses it, stores the view
+/// and rebuilds the request with the same bytes. Requests without a body (`GET`) get no view.
+pub async fn ensure_view<B>(
+    req: Request<B>,
+    limit: usize,
+    estimator: &dyn TokenEstimator,
+) -> Result<Request<B>, (Request<B>, ViewError)>
+where
+    B: Body + From<Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if req.extensions().get::<RequestView>().is_some() {
+        return Ok(req);
+    }
+    let endpoint = Endpoint::from_path(req.uri().path());
+    match buffer_request(req, limit).await {
+        Ok((mut req, bytes)) => {
+            if bytes.is_empty() {
+                return Ok(req);
+            }
+            match RequestView::parse(endpoint, &bytes, estimator) {
+                Ok(view) => {
+                    req.extensions_mut().insert(view);
+                    Ok(req)
+                }
+                Err(e) => Err((req, ViewError::Parse(e))),
+            }
+        }
+        Err(e) => {
+            // The body is gone; answer with an empty request so the caller can still respond.
+            Err((Request::new(B::from(Bytes::new())), ViewError::Buffer(e)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cjk_counts_one_per_char() {
+        assert_eq!(CharEstimator.estimate("", "你好世界"), 4);
+        assert_eq!(CharEstimator.estimate("", "abcdefgh"), 2);
+        assert_eq!(CharEstimator.estimate("", "héllo"), 2);
+    }
+
+    #[test]
+    fn endpoints_from_paths() {
+        assert_eq!(
+            Endpoint::from_path("/v1/chat/completions"),
+            Endpoint::ChatCompletions
+        );
+        assert_eq!(
+            Endpoint::from_path("/v1/completions/"),
+            Endpoint::Completions
+        );
+        assert_eq!(
+            Endpoint::from_path("/openai/deployments/x/embeddings"),
+            Endpoint::Embeddings
+        );
+        assert_eq!(Endpoint::from_path("/v1/models"), Endpoint::Other);
+    }
+
+    #[test]
+    fn parse_errors_name_line_and_column() {
+        let e = RequestView::parse(
+            Endpoint::ChatCompletions,
+            b"{\n\"model\": }",
+            &CharEstimator,
+        )
+        .unwrap_err();
+        assert_eq!(e.line(), 2);
+        assert!(e.message().contains("line 2"), "{}", e.message());
+        let e = RequestView::parse(Endpoint::ChatCompletions, b"[1]", &CharEstimator).unwrap_err();
+        assert!(e.message().contains("an array"));
+    }
+}
