@@ -1,0 +1,2 @@
+//! Placeholder until the auth bench lands.
+fn main() {}

@@ -1,0 +1,2 @@
+//! Placeholder until the rate_limit bench lands.
+fn main() {}

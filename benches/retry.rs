@@ -1,0 +1,2 @@
+//! Placeholder until the retry bench lands.
+fn main() {}

@@ -1,0 +1,2 @@
+//! Placeholder until the validate bench lands.
+fn main() {}
