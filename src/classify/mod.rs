@@ -15,6 +15,8 @@ use http::{HeaderMap, StatusCode};
 
 use crate::error::{ApiError, ErrorCode};
 
+pub mod wait;
+
 /// Classifies an upstream response. Returns `None` when the response is not an error.
 ///
 /// Never panics, whatever the bytes: empty bodies, invalid UTF-8 and truncated JSON are input.
@@ -30,6 +32,22 @@ pub fn classify_response(status: StatusCode, headers: &HeaderMap, body: &[u8]) -
         )
         .with_upstream_status(status),
     )
+}
+
+/// Classifies from the status line and headers alone, for layers that do not read bodies:
+/// the code from the status, the wait from `retry-after-ms` / `retry-after`. Returns `None`
+/// when the status is not an error.
+pub fn classify_head(status: StatusCode, headers: &HeaderMap) -> Option<ApiError> {
+    if !(status.is_client_error() || status.is_server_error()) {
+        return None;
+    }
+    let mut err = ApiError::new(
+        code_for_status(status),
+        format!("upstream answered with status {}", status.as_u16()),
+    )
+    .with_upstream_status(status);
+    err.set_retry_after(wait::from_headers(headers));
+    Some(err)
 }
 
 /// Classifies one SSE `data:` payload. Returns `None` when it is not an error event.
