@@ -6,6 +6,7 @@ pub mod body;
 pub mod classify;
 pub mod error;
 pub mod ext;
+pub mod normalize;
 pub mod request;
 
 pub use error::{ApiError, ErrorCode};

@@ -1,0 +1,141 @@
+//! Error-envelope normalizer: every upstream failure becomes one OpenAI-style JSON envelope.
+//!
+//! # Why
+//!
+//! Each LLM provider reports failures in its own body format; CDNs and WAFs answer with HTML
+//! pages (clients then crash on "invalid character '<'"); transport errors arrive as Rust errors
+//! rather than responses; some providers report errors inside a `200` event stream. Callers
+//! end up parsing a dozen formats by hand.
+//!
+//! [`NormalizeErrorsLayer`] wraps the service that talks to the upstream (an HTTP client, or the
+//! handler that proxies to it). For every answer it returns:
+//!
+//! - **2xx**: handed on without buffering; an SSE stream stays a stream, chunk for chunk, and an
+//!   in-band error event (`data: {"error":...}`, Anthropic's `event: error`) is rewritten to the
+//!   envelope form in-band. A stream that breaks off ends with an in-band
+//!   `service_unavailable` event instead of a cut connection.
+//! - **4xx / 5xx**: the body is read (up to a limit, 1 MiB by default; beyond it the classifier
+//!   works on what was read), classified by [`crate::classify::classify_response`] and replaced
+//!   by the envelope `{"error":{"message","type","code","param"}}` with the code's canonical
+//!   status, `x-should-retry`, `retry-after` / `retry-after-ms` when a wait is known, and the
+//!   upstream's `x-ratelimit-*` and request-id headers. The [`ApiError`](crate::error::ApiError)
+//!   is also put in the response extensions, so outer layers (retry, breaker) read it without
+//!   parsing again.
+//! - **transport errors** (connection refused or reset, timeouts from an inner timeout layer):
+//!   `502 service_unavailable` or `504 timeout` envelopes, so the layer's error type is
+//!   [`Infallible`](std::convert::Infallible) and it fits an axum router.
+//!
+//! # Example
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::{BodyExt, Full};
+//! use llm_layers::error::{ApiError, ErrorCode};
+//! use llm_layers::normalize::NormalizeErrorsLayer;
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! // Stands in for an HTTP client: the upstream is behind a CDN that blocks us.
+//! let upstream = service_fn(|_req: Request<Full<Bytes>>| async {
+//!     let page = "<!DOCTYPE html><html><head><title>Attention Required! | Cloudflare</title>";
+//!     Ok::<_, std::io::Error>(
+//!         Response::builder()
+//!             .status(403)
+//!             .header("content-type", "text/html")
+//!             .body(Full::new(Bytes::from(page)))
+//!             .unwrap(),
+//!     )
+//! });
+//! let client = ServiceBuilder::new().layer(NormalizeErrorsLayer::new()).service(upstream);
+//!
+//! let res = client.oneshot(Request::new(Full::default())).await.unwrap();
+//! assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+//! assert_eq!(res.headers()["x-should-retry"], "false");
+//! let err = res.extensions().get::<ApiError>().unwrap().clone();
+//! assert_eq!(err.code(), ErrorCode::UpstreamBlocked);
+//! let body = res.into_body().collect().await.unwrap().to_bytes();
+//! let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+//! assert_eq!(json["error"]["code"], "upstream_blocked");
+//! # }
+//! ```
+//!
+//! In an axum router, `.layer(NormalizeErrorsLayer::new())` normalizes what the handlers return
+//! (a proxy handler's upstream answers); around a client, it normalizes what the client returns.
+
+mod body;
+mod future;
+mod layer;
+mod service;
+
+use crate::error::{EnvelopeOptions, TypeStyle};
+
+pub use body::NormalizeBody;
+pub use future::ResponseFuture;
+pub use layer::NormalizeErrorsLayer;
+pub use service::NormalizeErrors;
+
+/// The default read limit for error bodies: 1 MiB.
+pub const DEFAULT_ERROR_BODY_LIMIT: usize = 1024 * 1024;
+
+/// Options of the normalizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NormalizeOptions {
+    body_limit: usize,
+    envelope: EnvelopeOptions,
+    rewrite_sse: bool,
+}
+
+impl Default for NormalizeOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl NormalizeOptions {
+    /// 1 MiB read limit, canonical statuses, OpenAI type strings, SSE errors rewritten.
+    pub const fn new() -> Self {
+        NormalizeOptions {
+            body_limit: DEFAULT_ERROR_BODY_LIMIT,
+            envelope: EnvelopeOptions::new(),
+            rewrite_sse: true,
+        }
+    }
+
+    /// How much of an error body is read before classifying (the rest is dropped).
+    pub const fn body_limit(mut self, bytes: usize) -> Self {
+        self.body_limit = bytes;
+        self
+    }
+
+    /// Answer with the upstream's own error status instead of the code's canonical one.
+    pub const fn keep_upstream_status(mut self, keep: bool) -> Self {
+        self.envelope = self.envelope.keep_upstream_status(keep);
+        self
+    }
+
+    /// The style of the envelope's `type` strings (OpenAI's by default).
+    pub const fn type_style(mut self, style: TypeStyle) -> Self {
+        self.envelope = self.envelope.type_style(style);
+        self
+    }
+
+    /// Whether in-band errors in 2xx SSE streams are rewritten (on by default).
+    pub const fn rewrite_sse(mut self, rewrite: bool) -> Self {
+        self.rewrite_sse = rewrite;
+        self
+    }
+
+    pub(crate) const fn limit(&self) -> usize {
+        self.body_limit
+    }
+
+    pub(crate) const fn rewrites_sse(&self) -> bool {
+        self.rewrite_sse
+    }
+
+    pub(crate) const fn envelope(&self) -> &EnvelopeOptions {
+        &self.envelope
+    }
+}

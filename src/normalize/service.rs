@@ -1,0 +1,87 @@
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use tower_service::Service;
+
+use super::body::NormalizeBody;
+use super::future::ResponseFuture;
+use super::NormalizeOptions;
+use crate::classify::classify_transport_error;
+use crate::error::ApiError;
+
+/// The service built by [`NormalizeErrorsLayer`](super::NormalizeErrorsLayer).
+#[derive(Debug, Clone)]
+pub struct NormalizeErrors<S> {
+    inner: S,
+    options: NormalizeOptions,
+    /// An error the inner service returned from `poll_ready`, answered on the next call.
+    ready_error: Option<ApiError>,
+}
+
+impl<S> NormalizeErrors<S> {
+    /// Wraps `inner` with the default options.
+    pub const fn new(inner: S) -> Self {
+        Self::with_options(inner, NormalizeOptions::new())
+    }
+
+    /// Wraps `inner` with the given options.
+    pub const fn with_options(inner: S, options: NormalizeOptions) -> Self {
+        NormalizeErrors {
+            inner,
+            options,
+            ready_error: None,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for NormalizeErrors<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    ResBody: http_body::Body<Data = Bytes>,
+{
+    type Response = Response<NormalizeBody<ResBody>>;
+    type Error = Infallible;
+    type Future = ResponseFuture<S::Future, ResBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // An inner service that fails to become ready is reported on the call: stay ready and
+        // let `call` answer with the envelope for that error.
+        match self.inner.poll_ready(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(())) => {
+                self.ready_error = None;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => {
+                let e: Box<dyn std::error::Error + Send + Sync> = e.into();
+                self.ready_error = Some(classify_transport_error(&*e));
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        match self.ready_error.take() {
+            Some(err) => ResponseFuture::error(err, self.options),
+            None => ResponseFuture::new(self.inner.call(req), self.options),
+        }
+    }
+}
