@@ -168,7 +168,7 @@ fn envelope<B>(
     upstream: Option<&HeaderMap>,
     options: &NormalizeOptions,
 ) -> Response<NormalizeBody<B>> {
-    let mut res: Response<NormalizeBody<B>> = err.to_response_with(&options.envelope());
+    let mut res: Response<NormalizeBody<B>> = err.to_response_with(options.envelope());
     if let Some(upstream) = upstream {
         let headers = res.headers_mut();
         for (name, value) in upstream {
