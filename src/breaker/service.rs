@@ -193,10 +193,17 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let circuit = match circuit_for(&self.shared, &req) {
-            None => return ResponseFuture::called(self.inner.call(req), Permit::unrecorded()),
-            Some(Ok(c)) => c,
-            Some(Err(())) => {
+        let keyed;
+        let circuit = match key_of(&self.shared.config().key_by, &req) {
+            Key::Single => &self.shared.single,
+            Key::Named(k) => {
+                keyed = self.shared.circuit(&k);
+                &keyed
+            }
+            Key::Unguarded => {
+                return ResponseFuture::called(self.inner.call(req), Permit::unrecorded())
+            }
+            Key::NeedView => {
                 // The key needs the model and no earlier layer parsed the body.
                 let clone = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, clone);
@@ -211,13 +218,13 @@ where
             Ok(permit) => ResponseFuture::called(self.inner.call(req), permit),
             Err(refusal) => {
                 let cfg = self.shared.config();
-                note_rejection(cfg, &circuit, refusal);
+                note_rejection(cfg, circuit, refusal);
                 if cfg.fallbacks.is_empty() {
                     ResponseFuture::ready(refusal_error(cfg, &circuit.key, refusal).to_response())
                 } else {
                     ResponseFuture::boxed(Box::pin(degrade(
                         self.shared.clone(),
-                        circuit,
+                        circuit.clone(),
                         refusal,
                         self.inner.clone(),
                         req,
