@@ -880,3 +880,130 @@ proptest::proptest! {
         });
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_stream_body_after_a_fast_head_is_not_a_slow_call() {
+    let layer = base()
+        .count_window(2)
+        .minimum_calls(1)
+        .slow_calls(Duration::from_secs(1), 100.0)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    // The head arrives at once; the events trickle in over 10 s.
+    let inner = tower::service_fn(|_req: Request<Body>| async {
+        let chunks = futures_util::stream::unfold(0u8, |n| async move {
+            if n == 5 {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Some((Ok::<_, std::io::Error>(bytes::Bytes::from("data: {}\n\n")), n + 1))
+        });
+        Ok::<_, std::io::Error>(Response::new(Body::from_stream(chunks)))
+    });
+    let svc = layer.layer(inner);
+    let res = svc.oneshot(chat("m")).await.unwrap();
+    let start = tokio::time::Instant::now();
+    let body = http_body_util::BodyExt::collect(res.into_body()).await.unwrap();
+    assert_eq!(body.to_bytes().len(), 50);
+    assert_eq!(start.elapsed(), Duration::from_secs(10));
+    let m = h.metrics(SINGLE_KEY).unwrap();
+    assert_eq!((m.calls, m.slow_calls), (1, 0));
+    assert_eq!(m.state, CircuitState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_model_fallback_is_skipped_when_its_own_circuit_is_open() {
+    let layer = base()
+        .key_by(KeyBy::Model)
+        .consecutive_failures(1)
+        .fallback_model("gpt-4o-mini")
+        .fallback_response("canned", StatusCode::OK, "application/json", "{}")
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Status(200));
+    let svc = guard(&layer, &up);
+    up.script([Answer::Status(500)]);
+    status(&svc, "gpt-4o").await;
+    // The backup model answers for the open one, with the model rewritten.
+    let res = send(&svc, chat("gpt-4o")).await;
+    assert_eq!(res.headers()["x-llm-layers-fallback"], "gpt-4o-mini");
+    let seen: serde_json::Value = serde_json::from_slice(&up.bodies()[1]).unwrap();
+    assert_eq!(seen["model"], "gpt-4o-mini");
+    // Once the backup model's own circuit is open, the chain moves on to the canned answer
+    // without calling the upstream.
+    up.script([Answer::Status(500)]);
+    status(&svc, "gpt-4o-mini").await;
+    assert_eq!(h.state("gpt-4o-mini"), Some(CircuitState::Open));
+    let calls = up.calls();
+    let res = send(&svc, chat("gpt-4o")).await;
+    assert_eq!(res.headers()["x-llm-layers-fallback"], "canned");
+    assert_eq!(up.calls(), calls);
+}
+
+#[tokio::test(start_paused = true)]
+async fn custom_and_compound_keys() {
+    let layer = base()
+        .key_by(KeyBy::custom(|head| {
+            head.headers()
+                .get("x-tenant")
+                .and_then(|v| v.to_str().ok())
+                .map(|t| format!("tenant:{t}"))
+        }))
+        .consecutive_failures(1)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Status(500));
+    let svc = guard(&layer, &up);
+    let mut req = chat("m");
+    req.headers_mut().insert("x-tenant", "a".parse().unwrap());
+    send(&svc, req).await;
+    assert_eq!(h.state("tenant:a"), Some(CircuitState::Open));
+    // No key: unguarded, never rejected, never recorded.
+    for _ in 0..3 {
+        assert_eq!(status(&svc, "m").await, 500);
+    }
+    assert_eq!(h.all_metrics().len(), 1);
+
+    let layer = base().key_by(KeyBy::UpstreamAndModel).build().unwrap();
+    let svc = guard(&layer, &up);
+    status(&svc, "gpt-4o").await;
+    let keys: Vec<_> = layer
+        .handle()
+        .all_metrics()
+        .into_iter()
+        .map(|m| m.key.to_string())
+        .collect();
+    assert_eq!(keys, ["api.example.test/gpt-4o"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn rejections_and_transitions_reach_the_hook() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let layer = base()
+        .consecutive_failures(1)
+        .open_duration(Duration::from_secs(4))
+        .on_event(move |e| {
+            let tag = match e {
+                BreakerEvent::StateChanged { to, open_for, .. } => format!("{to} {open_for:?}"),
+                BreakerEvent::Rejected { retry_after, .. } => format!("rejected {retry_after:?}"),
+                BreakerEvent::Fallback { fallback, ok, .. } => format!("fallback {fallback} {ok}"),
+                _ => "other".into(),
+            };
+            s.lock().unwrap().push(tag);
+        })
+        .build()
+        .unwrap();
+    let up = Upstream::new(Answer::Status(500));
+    let svc = guard(&layer, &up);
+    status(&svc, "m").await;
+    tokio::time::advance(Duration::from_secs(1)).await;
+    status(&svc, "m").await;
+    assert_eq!(
+        seen.lock().unwrap()[..],
+        ["open Some(4s)", "rejected Some(3s)"]
+    );
+}
