@@ -369,6 +369,11 @@ impl Builder {
     }
 
     /// A probe that has not answered after `timeout` counts as failed and frees its slot.
+    ///
+    /// No timer runs for this: once every probe slot is taken, the first call that arrives
+    /// after the newest probe's timeout finds them overdue, counts them as failed and opens the
+    /// circuit again (so [`BreakerHandle::state`](super::BreakerHandle::state) may read
+    /// half-open until then). A late answer from an overdue probe is ignored.
     pub fn probe_timeout(mut self, timeout: Duration) -> Self {
         self.probe_timeout = timeout;
         self
@@ -443,6 +448,47 @@ impl Builder {
     /// Adds a fallback step: while the circuit is open, send the request to the same upstream
     /// with the JSON body's `model` set to `model`. The response carries
     /// `x-llm-layers-fallback: <model>`.
+    ///
+    /// The body is buffered (at most [`Builder::body_limit`] bytes) only on this degraded
+    /// path; with circuits per model, a backup model whose own circuit is open is skipped.
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// use axum::body::Body;
+    /// use http::{Request, Response};
+    /// use http_body_util::BodyExt;
+    /// use llm_layers::breaker::{CircuitBreakerLayer, KeyBy, Mode};
+    /// use tower::{Layer, ServiceExt};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let seen = Arc::new(Mutex::new(Vec::new()));
+    /// let upstream = tower::service_fn({
+    ///     let seen = seen.clone();
+    ///     move |req: Request<Body>| {
+    ///         let seen = seen.clone();
+    ///         async move {
+    ///             let body = req.into_body().collect().await.unwrap().to_bytes();
+    ///             seen.lock().unwrap().push(body);
+    ///             Ok::<_, std::convert::Infallible>(Response::new(Body::from("{}")))
+    ///         }
+    ///     }
+    /// });
+    /// let layer = CircuitBreakerLayer::builder()
+    ///     .key_by(KeyBy::Model)
+    ///     .fallback_model("gpt-4o-mini")
+    ///     .build()
+    ///     .unwrap();
+    /// layer.handle().set_mode_for("gpt-4o", Mode::ForcedOpen);
+    ///
+    /// let req = Request::post("/v1/chat/completions")
+    ///     .body(Body::from(r#"{"model":"gpt-4o","messages":[]}"#))
+    ///     .unwrap();
+    /// let res = layer.layer(upstream).oneshot(req).await.unwrap();
+    /// assert_eq!(res.headers()["x-llm-layers-fallback"], "gpt-4o-mini");
+    /// assert_eq!(&seen.lock().unwrap()[0][..], br#"{"messages":[],"model":"gpt-4o-mini"}"#);
+    /// # }
+    /// ```
     pub fn fallback_model(mut self, model: impl Into<Arc<str>>) -> Self {
         self.fallbacks.push(FallbackStep::Model {
             model: model.into(),
@@ -453,7 +499,8 @@ impl Builder {
     /// Adds a fallback step: while the circuit is open, send the request to `service` (a
     /// backup upstream or provider). Its request and response bodies must be the guarded
     /// service's; a step whose types do not match is skipped with a warning. The response
-    /// carries `x-llm-layers-fallback: <name>`.
+    /// carries `x-llm-layers-fallback: <name>`. A service generic over its body (an axum
+    /// `Router`) needs them named: `fallback_service::<_, Body, Body>("backup", router)`.
     pub fn fallback_service<S, B, R>(mut self, name: impl Into<Arc<str>>, service: S) -> Self
     where
         S: Service<Request<B>, Response = Response<R>> + Clone + Send + Sync + 'static,

@@ -134,24 +134,26 @@ fn circuit_for<B>(shared: &Shared, req: &Request<B>) -> Option<Result<Arc<Circui
 }
 
 fn refusal_error(cfg: &Config, key: &str, refusal: Refusal) -> ApiError {
-    let who = if key == SINGLE_KEY {
-        format!("Circuit breaker '{}'", cfg.name)
-    } else {
-        format!("Circuit breaker '{}' for '{}'", cfg.name, key)
-    };
+    let name = &cfg.name;
+    let single = key == SINGLE_KEY;
     match refusal {
-        Refusal::Open(wait) => ApiError::new(
-            ErrorCode::ServiceUnavailable,
-            format!(
-                "{who} is open after repeated upstream failures; calls resume in {} s.",
-                wait.as_nanos().div_ceil(1_000_000_000)
-            ),
-        )
-        .with_retry_after(wait),
-        Refusal::Forced => ApiError::new(
-            ErrorCode::ServiceUnavailable,
-            format!("{who} is held open by its operator."),
-        ),
+        Refusal::Open(wait) => {
+            let secs = wait.as_nanos().div_ceil(1_000_000_000);
+            let message = if single {
+                format!("Circuit breaker '{name}' is open after repeated upstream failures; calls resume in {secs} s.")
+            } else {
+                format!("Circuit breaker '{name}' for '{key}' is open after repeated upstream failures; calls resume in {secs} s.")
+            };
+            ApiError::new(ErrorCode::ServiceUnavailable, message).with_retry_after(wait)
+        }
+        Refusal::Forced => {
+            let message = if single {
+                format!("Circuit breaker '{name}' is held open by its operator.")
+            } else {
+                format!("Circuit breaker '{name}' for '{key}' is held open by its operator.")
+            };
+            ApiError::new(ErrorCode::ServiceUnavailable, message)
+        }
     }
 }
 
