@@ -309,6 +309,11 @@ async fn a_hanging_probe_never_leaves_the_circuit_stuck() {
     let res = send(&svc, chat("m")).await;
     assert_eq!(res.status(), 503);
     assert_eq!(retry_after(&res), 3, "the probe's slot frees in 3 s");
+    let msg = json(res).await["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(msg.contains("half-open"), "{msg}");
     // Past the probe timeout: the hung probe counts as failed and the circuit opens again.
     tokio::time::advance(Duration::from_secs(3)).await;
     let res = send(&svc, chat("m")).await;
@@ -897,14 +902,19 @@ async fn a_slow_stream_body_after_a_fast_head_is_not_a_slow_call() {
                 return None;
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
-            Some((Ok::<_, std::io::Error>(bytes::Bytes::from("data: {}\n\n")), n + 1))
+            Some((
+                Ok::<_, std::io::Error>(bytes::Bytes::from("data: {}\n\n")),
+                n + 1,
+            ))
         });
         Ok::<_, std::io::Error>(Response::new(Body::from_stream(chunks)))
     });
     let svc = layer.layer(inner);
     let res = svc.oneshot(chat("m")).await.unwrap();
     let start = tokio::time::Instant::now();
-    let body = http_body_util::BodyExt::collect(res.into_body()).await.unwrap();
+    let body = http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap();
     assert_eq!(body.to_bytes().len(), 50);
     assert_eq!(start.elapsed(), Duration::from_secs(10));
     let m = h.metrics(SINGLE_KEY).unwrap();

@@ -111,8 +111,10 @@ pub(crate) struct Circuit {
 /// Why a call was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refusal {
-    /// Open (or half-open with every probe out); the wait until calls may pass again.
+    /// Open; the wait until probes are admitted.
     Open(Duration),
+    /// Half-open with every probe out; the wait until an overdue probe frees its slot.
+    Probing(Duration),
     /// Forced open by hand.
     Forced,
 }
@@ -281,7 +283,7 @@ impl Circuit {
                     let now = self.common.now();
                     let until = self.open_until.load(Ordering::Acquire);
                     if now < until {
-                        return Err(self.refuse(Duration::from_nanos(until - now)));
+                        return Err(self.refuse(Refusal::Open(Duration::from_nanos(until - now))));
                     }
                     let mut events = None;
                     {
@@ -352,7 +354,9 @@ impl Circuit {
                     let now = self.common.now();
                     let deadline = self.probe_deadline.load(Ordering::Acquire);
                     if now < deadline {
-                        return Err(self.refuse(Duration::from_nanos(deadline - now)));
+                        return Err(
+                            self.refuse(Refusal::Probing(Duration::from_nanos(deadline - now)))
+                        );
                     }
                     let ev = {
                         let mut inner = self.lock();
@@ -378,9 +382,9 @@ impl Circuit {
         }
     }
 
-    fn refuse(&self, wait: Duration) -> Refusal {
+    fn refuse(&self, refusal: Refusal) -> Refusal {
         self.counters.rejections.fetch_add(1, Ordering::Relaxed);
-        Refusal::Open(wait)
+        refusal
     }
 
     fn event(

@@ -14,7 +14,8 @@
 //!
 //! | situation | answer |
 //! |---|---|
-//! | circuit open (or half-open with every probe out) | `503 service_unavailable` envelope, `retry-after` = the remaining open time (rounded up, never `0`), `x-should-retry: true`; the message names the breaker and key, never the upstream URL |
+//! | circuit open | `503 service_unavailable` envelope, `retry-after` = the remaining open time (rounded up, never `0`), `x-should-retry: true`; the message names the breaker and key, never the upstream URL |
+//! | half-open with every probe out | `503 service_unavailable`, `retry-after` = the time until the newest probe is overdue |
 //! | forced open by the operator | `503 service_unavailable`, no `retry-after` |
 //! | open, with a fallback chain | the first fallback that answers, marked `x-llm-layers-fallback: <name or model>`; if every step fails, `503` naming the open circuit and each fallback's failure |
 //! | keyed by model, body over [`Builder::body_limit`] | `413 request_too_large` |

@@ -146,6 +146,14 @@ fn refusal_error(cfg: &Config, key: &str, refusal: Refusal) -> ApiError {
             };
             ApiError::new(ErrorCode::ServiceUnavailable, message).with_retry_after(wait)
         }
+        Refusal::Probing(wait) => {
+            let message = if single {
+                format!("Circuit breaker '{name}' is half-open and testing the upstream with probe calls; try again shortly.")
+            } else {
+                format!("Circuit breaker '{name}' for '{key}' is half-open and testing the upstream with probe calls; try again shortly.")
+            };
+            ApiError::new(ErrorCode::ServiceUnavailable, message).with_retry_after(wait)
+        }
         Refusal::Forced => {
             let message = if single {
                 format!("Circuit breaker '{name}' is held open by its operator.")
@@ -159,7 +167,7 @@ fn refusal_error(cfg: &Config, key: &str, refusal: Refusal) -> ApiError {
 
 fn note_rejection(cfg: &Config, circuit: &Circuit, refusal: Refusal) {
     let retry_after = match refusal {
-        Refusal::Open(d) => Some(d),
+        Refusal::Open(d) | Refusal::Probing(d) => Some(d),
         Refusal::Forced => None,
     };
     if cfg.on_event.is_some() {
