@@ -141,6 +141,18 @@ async fn rejection_envelope_names_the_breaker_and_key_not_the_url() {
     );
     assert!(!msg.contains("http://"), "{msg}");
     assert_eq!(up.calls(), 0);
+    // User info in the URI (a password) never becomes part of the key or the message.
+    let mut req = chat("gpt-4o");
+    *req.uri_mut() = "http://user:s3cret@api.example.test/v1/chat/completions"
+        .parse()
+        .unwrap();
+    let body = json(send(&svc, req).await).await;
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("'api.example.test'") && !msg.contains("s3cret"),
+        "{msg}"
+    );
+    assert_eq!(h.all_metrics().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -194,7 +194,8 @@ impl BreakerHandle {
         &self.shared.config().name
     }
 
-    /// The automatic state of the circuit for `key`, if it exists.
+    /// The automatic state of the circuit for `key`, if it exists ([`SINGLE_KEY`] with
+    /// [`KeyBy::Single`](super::KeyBy::Single), [`OVERFLOW_KEY`] for the overflow circuit).
     pub fn state(&self, key: &str) -> Option<CircuitState> {
         self.shared.get(key).map(|c| c.state())
     }
@@ -224,7 +225,8 @@ impl BreakerHandle {
     }
 
     /// Sets the mode of the circuit for `key`, creating the circuit if needed (so a key can be
-    /// forced open before its first call).
+    /// forced open before its first call). With [`KeyBy::Single`](super::KeyBy::Single) the
+    /// key is ignored and the one circuit is set.
     pub fn set_mode_for(&self, key: &str, mode: Mode) {
         let c = if matches!(self.shared.config().key_by, super::KeyBy::Single) {
             self.shared.single.clone()

@@ -80,10 +80,15 @@ enum Key<'a> {
     Unguarded,
 }
 
+/// `host[:port]` of the request URI (never its user info, which may hold a password), else
+/// the `host` header.
 fn upstream_of<B>(req: &Request<B>) -> &str {
     req.uri()
         .authority()
-        .map(|a| a.as_str())
+        .map(|a| {
+            let a = a.as_str();
+            a.rsplit_once('@').map_or(a, |(_, host)| host)
+        })
         .or_else(|| {
             req.headers()
                 .get(http::header::HOST)
