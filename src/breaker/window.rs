@@ -223,4 +223,42 @@ mod tests {
         let t = w.record(20 * sec, false, false);
         assert_eq!((t.calls, t.failures), (1, 0));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        #[test]
+        fn count_window_matches_a_plain_recount(
+            size in 1usize..20,
+            calls in proptest::collection::vec((proptest::bool::ANY, proptest::bool::ANY), 0..100),
+        ) {
+            let mut w = CountWindow::new(size);
+            for (i, &(f, s)) in calls.iter().enumerate() {
+                let t = w.record(f, s);
+                let recent = &calls[(i + 1).saturating_sub(size)..=i];
+                proptest::prop_assert_eq!(t.calls, recent.len() as u64);
+                proptest::prop_assert_eq!(t.failures, recent.iter().filter(|c| c.0).count() as u64);
+                proptest::prop_assert_eq!(t.slow, recent.iter().filter(|c| c.1).count() as u64);
+            }
+        }
+
+        #[test]
+        fn time_window_counts_exactly_the_buckets_in_reach(
+            steps in proptest::collection::vec((0u64..3_000, proptest::bool::ANY), 0..100),
+        ) {
+            // 10 buckets of 100 ms.
+            let width = 100_000_000u64;
+            let mut w = TimeWindow::new(Duration::from_secs(1), 10);
+            let mut now = 0u64;
+            let mut seen: Vec<(u64, bool)> = Vec::new();
+            for (ms, failure) in steps {
+                now += ms * 1_000_000;
+                let t = w.record(now, failure, false);
+                seen.push((now, failure));
+                let current = now / width;
+                let live: Vec<_> = seen.iter().filter(|(at, _)| current - at / width < 10).collect();
+                proptest::prop_assert_eq!(t.calls, live.len() as u64);
+                proptest::prop_assert_eq!(t.failures, live.iter().filter(|(_, f)| *f).count() as u64);
+            }
+        }
+    }
 }
