@@ -156,12 +156,12 @@ async fn rejection_envelope_names_the_breaker_and_key_not_the_url() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn exactly_n_probes_under_1000_racing_tasks() {
+async fn exactly_n_probes_under_1000_racing_callers() {
     for round in 0..5 {
         let layer = base()
             .consecutive_failures(1)
             .half_open_probes(3)
-            // Elapsed as soon as it starts: every racing task finds the circuit due for
+            // Elapsed as soon as it starts: every racing caller finds the circuit due for
             // half-open at once, with no wait.
             .open_duration(Duration::from_nanos(1))
             .probe_timeout(Duration::from_secs(3600))
@@ -184,7 +184,7 @@ async fn exactly_n_probes_under_1000_racing_tasks() {
                 send(&svc, chat("m")).await.status().as_u16()
             }));
         }
-        // Wait until every task has either been rejected or reached the upstream.
+        // Wait until every caller has either been rejected or reached the upstream.
         let rejected = loop {
             let m = h.metrics(SINGLE_KEY).unwrap();
             if m.rejections as usize + up.calls() - 1 >= 1000 {

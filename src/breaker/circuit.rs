@@ -3,7 +3,7 @@
 //! The whole automatic state lives in one atomic word: the state (2 bits), the probe permits
 //! left (16 bits) and an epoch (the rest) that changes on every transition. Admission in the
 //! closed state is one atomic load; half-open probes are taken with compare-exchange on the
-//! word, so exactly N are admitted however many tasks race, and a permit always belongs to the
+//! word, so exactly N are admitted however many callers race, and a permit always belongs to the
 //! half-open period it was taken in. Transitions happen under a mutex that also guards the
 //! window, held only for the record or the transition.
 

@@ -1,4 +1,4 @@
-//! Test helpers for the breaker: a scripted in-process upstream and a real HTTP stub.
+//! Test support for the breaker: a scripted in-process upstream and a real HTTP stub.
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
