@@ -1,2 +1,148 @@
-//! Placeholder until the breaker bench lands.
-fn main() {}
+//! The breaker's cost: the closed-state path against the bare service, the open-state
+//! rejection (including building the envelope), and tower-resilience-circuitbreaker 0.14 doing
+//! the same in the same run.
+//!
+//! Every future here is ready on its first poll, so they are polled once with `now_or_never`
+//! (inside a tokio runtime context) and the figures are the layers' own work.
+
+use std::convert::Infallible;
+use std::hint::black_box;
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion};
+use futures_util::FutureExt;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use llm_layers::breaker::{CircuitBreakerLayer, Mode};
+use tower::{Layer, Service};
+
+type Body = Full<Bytes>;
+
+fn bare() -> impl Service<
+    Request<Body>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = std::future::Ready<Result<Response<Body>, Infallible>>,
+> + Clone {
+    tower::service_fn(|_req: Request<Body>| std::future::ready(Ok(Response::new(Body::default()))))
+}
+
+fn failing() -> impl Service<
+    Request<Body>,
+    Response = Response<Body>,
+    Error = std::io::Error,
+    Future = std::future::Ready<Result<Response<Body>, std::io::Error>>,
+> + Clone {
+    tower::service_fn(|_req: Request<Body>| std::future::ready(Err(std::io::Error::other("down"))))
+}
+
+fn ready<S: Service<R>, R>(svc: &mut S) {
+    let waker = futures_util::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    assert!(svc.poll_ready(&mut cx).is_ready());
+}
+
+fn once<S>(svc: &mut S) -> S::Response
+where
+    S: Service<Request<Body>>,
+    S::Error: std::fmt::Debug,
+{
+    ready(svc);
+    svc.call(Request::new(Body::default()))
+        .now_or_never()
+        .expect("ready at once")
+        .expect("a response")
+}
+
+fn benches(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+
+    let mut g = c.benchmark_group("closed");
+    g.warm_up_time(Duration::from_secs(1));
+    g.measurement_time(Duration::from_secs(2));
+    let mut svc = bare();
+    g.bench_function("bare service", |b| b.iter(|| black_box(once(&mut svc))));
+
+    let layer = CircuitBreakerLayer::builder().build().unwrap();
+    let mut svc = layer.layer(bare());
+    g.bench_function("llm-layers breaker", |b| {
+        b.iter(|| black_box(once(&mut svc)))
+    });
+
+    let layer = CircuitBreakerLayer::builder()
+        .slow_calls(Duration::from_secs(10), 50.0)
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(bare());
+    g.bench_function("llm-layers breaker + slow-call timing", |b| {
+        b.iter(|| black_box(once(&mut svc)))
+    });
+
+    let theirs = tower_resilience_circuitbreaker::CircuitBreakerLayer::builder()
+        .failure_rate_threshold(0.5)
+        .sliding_window_size(100)
+        .build()
+        .unwrap();
+    let mut svc = theirs.layer(bare());
+    g.bench_function("tower-resilience breaker", |b| {
+        b.iter(|| black_box(once(&mut svc)))
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("open");
+    g.warm_up_time(Duration::from_secs(1));
+    g.measurement_time(Duration::from_secs(2));
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .open_duration(Duration::from_secs(3600))
+        .open_backoff(1.0, Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(bare());
+    // Open it through a failing twin sharing the same circuits.
+    let mut trip = layer.layer(tower::service_fn(|_req: Request<Body>| {
+        let mut res = Response::new(Body::default());
+        *res.status_mut() = StatusCode::BAD_GATEWAY;
+        std::future::ready(Ok::<_, Infallible>(res))
+    }));
+    once(&mut trip);
+    assert_eq!(once(&mut svc).status(), StatusCode::SERVICE_UNAVAILABLE);
+    g.bench_function("llm-layers rejection with envelope", |b| {
+        b.iter(|| black_box(once(&mut svc)))
+    });
+
+    layer.handle().set_mode(Mode::ForcedOpen);
+    g.bench_function("llm-layers forced-open rejection with envelope", |b| {
+        b.iter(|| black_box(once(&mut svc)))
+    });
+
+    let (theirs, handle) = tower_resilience_circuitbreaker::CircuitBreakerLayer::builder()
+        .failure_rate_threshold(0.5)
+        .sliding_window_size(10)
+        .minimum_number_of_calls(1)
+        .wait_duration_in_open(Duration::from_secs(3600))
+        .build_with_handle()
+        .unwrap();
+    let mut svc = theirs.layer(failing());
+    rt.block_on(handle.force_open());
+    g.bench_function("tower-resilience rejection (error value)", |b| {
+        b.iter(|| {
+            ready(&mut svc);
+            black_box(
+                svc.call(Request::new(Body::default()))
+                    .now_or_never()
+                    .expect("ready at once")
+                    .is_err(),
+            )
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(breaker, benches);
+criterion_main!(breaker);

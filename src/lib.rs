@@ -42,6 +42,7 @@
 #![warn(missing_docs)]
 
 pub mod body;
+pub mod breaker;
 pub mod classify;
 pub mod error;
 pub mod ext;

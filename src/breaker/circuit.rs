@@ -1,0 +1,565 @@
+//! One circuit: state transitions and admission. Knows nothing of HTTP.
+//!
+//! The whole automatic state lives in one atomic word: the state (2 bits), the probe permits
+//! left (16 bits) and an epoch (the rest) that changes on every transition. Admission in the
+//! closed state is one atomic load; half-open probes are taken with compare-exchange on the
+//! word, so exactly N are admitted however many callers race, and a permit always belongs to the
+//! half-open period it was taken in. Transitions happen under a mutex that also guards the
+//! window, held only for the record or the transition.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::classify::Outcome;
+use super::config::{Config, Mode, WindowKind};
+use super::events::{emit, BreakerEvent, CircuitState, TransitionReason};
+use super::window::{Consecutive, CountWindow, TimeWindow, Totals, Window};
+
+const CLOSED: u64 = 0;
+const OPEN: u64 = 1;
+const HALF_OPEN: u64 = 2;
+const PERMIT_SHIFT: u32 = 2;
+const PERMIT_MASK: u64 = 0xFFFF << PERMIT_SHIFT;
+const EPOCH_SHIFT: u32 = 18;
+
+const fn state_of(w: u64) -> u64 {
+    w & 0b11
+}
+const fn permits_of(w: u64) -> u64 {
+    (w & PERMIT_MASK) >> PERMIT_SHIFT
+}
+const fn epoch_of(w: u64) -> u64 {
+    w >> EPOCH_SHIFT
+}
+const fn pack(epoch: u64, permits: u64, state: u64) -> u64 {
+    (epoch << EPOCH_SHIFT) | (permits << PERMIT_SHIFT) | state
+}
+
+/// What every circuit of a layer shares: the configuration, the clock's origin and the
+/// layer-wide manual mode.
+pub(crate) struct Common {
+    pub(crate) config: Config,
+    base: Instant,
+    pub(crate) mode: AtomicU8,
+    needs_start: bool,
+}
+
+impl Common {
+    pub(crate) fn new(config: Config) -> Self {
+        let needs_start = config.slow_call.is_some();
+        Common {
+            config,
+            base: Instant::now(),
+            mode: AtomicU8::new(Mode::Auto.to_u8()),
+            needs_start,
+        }
+    }
+
+    /// Nanoseconds since the layer was built, on tokio's clock (so paused time applies).
+    pub(crate) fn now(&self) -> u64 {
+        Instant::now()
+            .saturating_duration_since(self.base)
+            .as_nanos() as u64
+    }
+
+    fn open_duration(&self, reopenings: u32, rng: &mut fastrand::Rng) -> Duration {
+        let c = &self.config;
+        let base = c.open_duration.as_secs_f64();
+        let max = c.max_open_duration.as_secs_f64();
+        let grown = (base * c.backoff_multiplier.powi(reopenings.min(1024) as i32)).min(max);
+        let factor = 1.0 + c.jitter * (2.0 * rng.f64() - 1.0);
+        let secs = (grown * factor).clamp(0.001_f64.min(base), max);
+        Duration::from_secs_f64(secs)
+    }
+}
+
+/// Cumulative counters of one circuit.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) calls: AtomicU64,
+    pub(crate) failures: AtomicU64,
+    pub(crate) slow: AtomicU64,
+    pub(crate) ignored: AtomicU64,
+    pub(crate) rejections: AtomicU64,
+    pub(crate) fallbacks: AtomicU64,
+    pub(crate) openings: AtomicU64,
+}
+
+struct Inner {
+    window: Window,
+    reopenings: u32,
+    probe_successes: u32,
+    rng: fastrand::Rng,
+}
+
+/// One circuit.
+pub(crate) struct Circuit {
+    pub(crate) common: Arc<Common>,
+    pub(crate) key: Arc<str>,
+    word: AtomicU64,
+    open_until: AtomicU64,
+    probe_deadline: AtomicU64,
+    pub(crate) mode: AtomicU8,
+    pub(crate) last_used: AtomicU64,
+    pub(crate) counters: Counters,
+    inner: Mutex<Inner>,
+}
+
+/// Why a call was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Open; the wait until probes are admitted.
+    Open(Duration),
+    /// Half-open with every probe out; the wait until an overdue probe frees its slot.
+    Probing(Duration),
+    /// Forced open by hand.
+    Forced,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Normal,
+    Probe,
+    MetricsOnly,
+}
+
+/// The right to make one call. Dropped without [`Permit::complete`] (the call was cancelled),
+/// it records nothing and gives a probe slot back.
+pub(crate) struct Permit {
+    circuit: Option<Arc<Circuit>>,
+    epoch: u64,
+    kind: Kind,
+    start: u64,
+}
+
+impl Permit {
+    /// A permit that records nothing (disabled, or no key).
+    pub(crate) fn unrecorded() -> Self {
+        Permit {
+            circuit: None,
+            epoch: 0,
+            kind: Kind::Normal,
+            start: 0,
+        }
+    }
+
+    /// Classifies an answer with the configured classifier (`Ignored` when unrecorded).
+    pub(crate) fn classify<B>(&self, res: &http::Response<B>) -> Outcome {
+        match &self.circuit {
+            Some(c) => c.common.config.classifier.response(res),
+            None => Outcome::Ignored,
+        }
+    }
+
+    /// Records the call's outcome.
+    pub(crate) fn complete(mut self, outcome: Outcome) {
+        let Some(c) = self.circuit.take() else {
+            return;
+        };
+        c.record(self.epoch, self.kind, self.start, outcome);
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(c) = self.circuit.take() {
+            if self.kind == Kind::Probe {
+                c.release_probe(self.epoch);
+            }
+        }
+    }
+}
+
+impl Circuit {
+    pub(crate) fn new(common: Arc<Common>, key: Arc<str>, index: u64) -> Self {
+        let window = match common.config.window {
+            WindowKind::Count(n) => Window::Count(CountWindow::new(n)),
+            WindowKind::Time(d, b) => Window::Time(TimeWindow::new(d, b)),
+            WindowKind::Consecutive(_) => Window::Consecutive(Consecutive::default()),
+        };
+        let seed = common
+            .config
+            .seed
+            .wrapping_add(index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        Circuit {
+            common,
+            key,
+            word: AtomicU64::new(pack(0, 0, CLOSED)),
+            open_until: AtomicU64::new(0),
+            probe_deadline: AtomicU64::new(0),
+            mode: AtomicU8::new(Mode::Auto.to_u8()),
+            last_used: AtomicU64::new(0),
+            counters: Counters::default(),
+            inner: Mutex::new(Inner {
+                window,
+                reopenings: 0,
+                probe_successes: 0,
+                rng: fastrand::Rng::with_seed(seed),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic in a user hook never runs under this lock, but stay usable regardless.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The mode in force: the layer-wide one unless it is `Auto`, else this circuit's.
+    pub(crate) fn effective_mode(&self) -> Mode {
+        let global = self.common.mode.load(Ordering::Relaxed);
+        if global != 0 {
+            return Mode::from_u8(global);
+        }
+        Mode::from_u8(self.mode.load(Ordering::Relaxed))
+    }
+
+    /// The automatic state as it stands.
+    pub(crate) fn state(&self) -> CircuitState {
+        match state_of(self.word.load(Ordering::Acquire)) {
+            CLOSED => CircuitState::Closed,
+            OPEN => CircuitState::Open,
+            _ => CircuitState::HalfOpen,
+        }
+    }
+
+    /// The wait until this circuit admits calls, when it is open now.
+    pub(crate) fn open_remaining(&self) -> Option<Duration> {
+        let w = self.word.load(Ordering::Acquire);
+        if state_of(w) != OPEN {
+            return None;
+        }
+        let now = self.common.now();
+        let until = self.open_until.load(Ordering::Acquire);
+        (now < until).then(|| Duration::from_nanos(until - now))
+    }
+
+    pub(crate) fn window_totals(&self) -> (u64, u64, u64) {
+        let now = self.common.now();
+        let t = self.lock().window.totals(now);
+        (t.calls, t.failures, t.slow)
+    }
+
+    fn start(&self) -> u64 {
+        if self.common.needs_start {
+            self.common.now()
+        } else {
+            0
+        }
+    }
+
+    /// Decides whether a call may pass.
+    pub(crate) fn admit(self: &Arc<Self>) -> Result<Permit, Refusal> {
+        match self.effective_mode() {
+            Mode::Auto => {}
+            Mode::Disabled => return Ok(Permit::unrecorded()),
+            Mode::ForcedOpen => {
+                self.counters.rejections.fetch_add(1, Ordering::Relaxed);
+                return Err(Refusal::Forced);
+            }
+            Mode::MetricsOnly => {
+                return Ok(Permit {
+                    circuit: Some(self.clone()),
+                    epoch: 0,
+                    kind: Kind::MetricsOnly,
+                    start: self.start(),
+                })
+            }
+        }
+        let mut w = self.word.load(Ordering::Acquire);
+        loop {
+            match state_of(w) {
+                CLOSED => {
+                    return Ok(Permit {
+                        circuit: Some(self.clone()),
+                        epoch: epoch_of(w),
+                        kind: Kind::Normal,
+                        start: self.start(),
+                    })
+                }
+                OPEN => {
+                    let now = self.common.now();
+                    let until = self.open_until.load(Ordering::Acquire);
+                    if now < until {
+                        return Err(self.refuse(Refusal::Open(Duration::from_nanos(until - now))));
+                    }
+                    let mut events = None;
+                    {
+                        let mut inner = self.lock();
+                        let cur = self.word.load(Ordering::Acquire);
+                        if cur == w {
+                            // Open → half-open; this call takes the first probe permit.
+                            let probes = self.common.config.probes as u64;
+                            let epoch = epoch_of(w) + 1;
+                            inner.probe_successes = 0;
+                            self.probe_deadline.store(
+                                now + self.common.config.probe_timeout.as_nanos() as u64,
+                                Ordering::Release,
+                            );
+                            self.word
+                                .store(pack(epoch, probes - 1, HALF_OPEN), Ordering::Release);
+                            events = Some((
+                                epoch,
+                                self.event(
+                                    CircuitState::Open,
+                                    CircuitState::HalfOpen,
+                                    TransitionReason::OpenElapsed,
+                                    None,
+                                ),
+                            ));
+                        }
+                        w = cur;
+                    }
+                    if let Some((epoch, ev)) = events {
+                        emit(&self.common.config.on_event, ev);
+                        return Ok(Permit {
+                            circuit: Some(self.clone()),
+                            epoch,
+                            kind: Kind::Probe,
+                            start: now,
+                        });
+                    }
+                }
+                _ => {
+                    if permits_of(w) > 0 {
+                        match self.word.compare_exchange_weak(
+                            w,
+                            w - (1 << PERMIT_SHIFT),
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        ) {
+                            Ok(_) => {
+                                let now = self.common.now();
+                                // Every probe gets the full timeout from its own admission.
+                                self.probe_deadline.fetch_max(
+                                    now + self.common.config.probe_timeout.as_nanos() as u64,
+                                    Ordering::AcqRel,
+                                );
+                                return Ok(Permit {
+                                    circuit: Some(self.clone()),
+                                    epoch: epoch_of(w),
+                                    kind: Kind::Probe,
+                                    start: now,
+                                });
+                            }
+                            Err(cur) => {
+                                w = cur;
+                                continue;
+                            }
+                        }
+                    }
+                    // Every probe is out. Past the deadline, the ones still out count as failed.
+                    let now = self.common.now();
+                    let deadline = self.probe_deadline.load(Ordering::Acquire);
+                    if now < deadline {
+                        return Err(
+                            self.refuse(Refusal::Probing(Duration::from_nanos(deadline - now)))
+                        );
+                    }
+                    let ev = {
+                        let mut inner = self.lock();
+                        let cur = self.word.load(Ordering::Acquire);
+                        if cur == w {
+                            Some(self.open(
+                                &mut inner,
+                                cur,
+                                now,
+                                CircuitState::HalfOpen,
+                                TransitionReason::ProbeTimedOut,
+                            ))
+                        } else {
+                            None
+                        }
+                    };
+                    if let Some(ev) = ev {
+                        emit(&self.common.config.on_event, ev);
+                    }
+                    w = self.word.load(Ordering::Acquire);
+                }
+            }
+        }
+    }
+
+    fn refuse(&self, refusal: Refusal) -> Refusal {
+        self.counters.rejections.fetch_add(1, Ordering::Relaxed);
+        refusal
+    }
+
+    fn event(
+        &self,
+        from: CircuitState,
+        to: CircuitState,
+        reason: TransitionReason,
+        open_for: Option<Duration>,
+    ) -> BreakerEvent {
+        BreakerEvent::StateChanged {
+            name: self.common.config.name.clone(),
+            key: self.key.clone(),
+            from,
+            to,
+            reason,
+            open_for,
+        }
+    }
+
+    /// Opens the circuit (caller holds the lock and has checked `w` is current).
+    fn open(
+        &self,
+        inner: &mut Inner,
+        w: u64,
+        now: u64,
+        from: CircuitState,
+        reason: TransitionReason,
+    ) -> BreakerEvent {
+        let reopenings = inner.reopenings;
+        let d = self.common.open_duration(reopenings, &mut inner.rng);
+        inner.reopenings = reopenings.saturating_add(1);
+        inner.window.reset();
+        inner.probe_successes = 0;
+        self.open_until
+            .store(now.saturating_add(d.as_nanos() as u64), Ordering::Release);
+        self.word
+            .store(pack(epoch_of(w) + 1, 0, OPEN), Ordering::Release);
+        self.counters.openings.fetch_add(1, Ordering::Relaxed);
+        self.event(from, CircuitState::Open, reason, Some(d))
+    }
+
+    fn close(
+        &self,
+        inner: &mut Inner,
+        w: u64,
+        from: CircuitState,
+        reason: TransitionReason,
+    ) -> BreakerEvent {
+        inner.reopenings = 0;
+        inner.window.reset();
+        inner.probe_successes = 0;
+        self.word
+            .store(pack(epoch_of(w) + 1, 0, CLOSED), Ordering::Release);
+        self.event(from, CircuitState::Closed, reason, None)
+    }
+
+    /// Closes the circuit and forgets its window, whatever its state.
+    pub(crate) fn reset(&self) {
+        let ev = {
+            let mut inner = self.lock();
+            let w = self.word.load(Ordering::Acquire);
+            let from = self.state();
+            self.close(&mut inner, w, from, TransitionReason::Reset)
+        };
+        emit(&self.common.config.on_event, ev);
+    }
+
+    fn release_probe(&self, epoch: u64) {
+        let mut w = self.word.load(Ordering::Acquire);
+        while state_of(w) == HALF_OPEN && epoch_of(w) == epoch {
+            match self.word.compare_exchange_weak(
+                w,
+                w + (1 << PERMIT_SHIFT),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return,
+                Err(cur) => w = cur,
+            }
+        }
+    }
+
+    fn should_trip(&self, t: Totals) -> Option<TransitionReason> {
+        let c = &self.common.config;
+        if let WindowKind::Consecutive(n) = c.window {
+            return (t.failures >= n as u64).then_some(TransitionReason::FailureRate);
+        }
+        if t.calls < c.minimum_calls {
+            return None;
+        }
+        let calls = t.calls as f64;
+        if t.failures as f64 * 100.0 >= c.failure_rate * calls {
+            return Some(TransitionReason::FailureRate);
+        }
+        if let Some((_, rate)) = c.slow_call {
+            if t.slow as f64 * 100.0 >= rate * calls {
+                return Some(TransitionReason::SlowCallRate);
+            }
+        }
+        None
+    }
+
+    fn record(&self, epoch: u64, kind: Kind, start: u64, outcome: Outcome) {
+        let failure = match outcome {
+            Outcome::Ignored => {
+                self.counters.ignored.fetch_add(1, Ordering::Relaxed);
+                if kind == Kind::Probe {
+                    self.release_probe(epoch);
+                }
+                return;
+            }
+            Outcome::Failure => true,
+            Outcome::Success => false,
+        };
+        let cfg = &self.common.config;
+        let needs_now = self.common.needs_start || matches!(cfg.window, WindowKind::Time(..));
+        let now = if needs_now { self.common.now() } else { 0 };
+        let slow = match cfg.slow_call {
+            Some((d, _)) => now.saturating_sub(start) > d.as_nanos() as u64,
+            None => false,
+        };
+        self.counters.calls.fetch_add(1, Ordering::Relaxed);
+        if failure {
+            self.counters.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        if slow {
+            self.counters.slow.fetch_add(1, Ordering::Relaxed);
+        }
+        let ev = {
+            let mut inner = self.lock();
+            let w = self.word.load(Ordering::Acquire);
+            match kind {
+                Kind::MetricsOnly => {
+                    inner.window.record(now, failure, slow);
+                    None
+                }
+                Kind::Normal => {
+                    if state_of(w) != CLOSED || epoch_of(w) != epoch {
+                        return;
+                    }
+                    let t = inner.window.record(now, failure, slow);
+                    self.should_trip(t).map(|reason| {
+                        let now = if needs_now { now } else { self.common.now() };
+                        self.open(&mut inner, w, now, CircuitState::Closed, reason)
+                    })
+                }
+                Kind::Probe => {
+                    if state_of(w) != HALF_OPEN || epoch_of(w) != epoch {
+                        return;
+                    }
+                    if failure || slow {
+                        let now = if needs_now { now } else { self.common.now() };
+                        Some(self.open(
+                            &mut inner,
+                            w,
+                            now,
+                            CircuitState::HalfOpen,
+                            TransitionReason::ProbeFailed,
+                        ))
+                    } else {
+                        inner.probe_successes += 1;
+                        (inner.probe_successes >= cfg.probes as u32).then(|| {
+                            self.close(
+                                &mut inner,
+                                w,
+                                CircuitState::HalfOpen,
+                                TransitionReason::ProbesSucceeded,
+                            )
+                        })
+                    }
+                }
+            }
+        };
+        if let Some(ev) = ev {
+            emit(&cfg.on_event, ev);
+        }
+    }
+}

@@ -1,0 +1,696 @@
+//! Configuration: the builder, its validation, and the knobs' types.
+
+use std::any::Any;
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use tower_service::Service;
+
+use super::classify::{Classifier, Outcome};
+use super::events::BreakerEvent;
+use super::layer::CircuitBreakerLayer;
+use super::registry::Shared;
+use super::BoxError;
+use crate::error::ApiError;
+
+/// A configuration value was out of range. The message names the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    field: &'static str,
+    message: Cow<'static, str>,
+}
+
+impl ConfigError {
+    fn new(field: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        ConfigError {
+            field,
+            message: message.into(),
+        }
+    }
+
+    /// The builder method whose value was refused.
+    pub fn field(&self) -> &'static str {
+        self.field
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid circuit breaker setting `{}`: {}",
+            self.field, self.message
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// What the circuit remembers to decide when to open.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum WindowKind {
+    Count(usize),
+    Time(Duration, usize),
+    Consecutive(u32),
+}
+
+/// A key function, see [`KeyBy::custom`].
+pub type KeyFn = Arc<dyn Fn(&RequestHead<'_>) -> Option<String> + Send + Sync>;
+
+pub(crate) type EventHook = Arc<dyn Fn(&BreakerEvent) + Send + Sync>;
+
+/// How requests are mapped to circuits.
+#[derive(Clone, Default)]
+pub enum KeyBy {
+    /// One circuit for everything that passes through the layer (the usual choice when the
+    /// layer wraps one upstream client).
+    #[default]
+    Single,
+    /// One circuit per upstream: the request URI's authority (`api.openai.com`), else its
+    /// `host` header.
+    Upstream,
+    /// One circuit per model, read from the [`RequestView`](crate::request::RequestView) in
+    /// the extensions or, when no earlier layer stored one, by buffering and parsing the body
+    /// (bounded by [`Builder::body_limit`]).
+    Model,
+    /// One circuit per upstream and model (`api.openai.com/gpt-4o`).
+    UpstreamAndModel,
+    /// A key of your own. Returning `None` sends the request through unguarded.
+    Custom(KeyFn),
+}
+
+impl KeyBy {
+    /// A key of your own, computed from the request head.
+    pub fn custom<F>(f: F) -> Self
+    where
+        F: Fn(&RequestHead<'_>) -> Option<String> + Send + Sync + 'static,
+    {
+        KeyBy::Custom(Arc::new(f))
+    }
+}
+
+impl fmt::Debug for KeyBy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KeyBy::Single => "Single",
+            KeyBy::Upstream => "Upstream",
+            KeyBy::Model => "Model",
+            KeyBy::UpstreamAndModel => "UpstreamAndModel",
+            KeyBy::Custom(_) => "Custom",
+        })
+    }
+}
+
+/// The parts of a request a custom key function may look at.
+#[derive(Debug)]
+pub struct RequestHead<'a> {
+    pub(crate) method: &'a http::Method,
+    pub(crate) uri: &'a http::Uri,
+    pub(crate) headers: &'a HeaderMap,
+    pub(crate) extensions: &'a http::Extensions,
+}
+
+impl RequestHead<'_> {
+    /// The request method.
+    pub fn method(&self) -> &http::Method {
+        self.method
+    }
+    /// The request URI.
+    pub fn uri(&self) -> &http::Uri {
+        self.uri
+    }
+    /// The request headers.
+    pub fn headers(&self) -> &HeaderMap {
+        self.headers
+    }
+    /// The request extensions (a [`RequestView`](crate::request::RequestView), a
+    /// [`KeyIdentity`](crate::ext::KeyIdentity), ...).
+    pub fn extensions(&self) -> &http::Extensions {
+        self.extensions
+    }
+}
+
+pub(crate) type DynCall<B, R> =
+    Arc<dyn Fn(Request<B>) -> BoxFuture<'static, Result<Response<R>, BoxError>> + Send + Sync>;
+
+/// One step of the fallback chain.
+#[derive(Clone)]
+pub(crate) enum FallbackStep {
+    /// Another service; holds a `DynCall<B, R>` erased, checked against the body types at call.
+    Service {
+        name: Arc<str>,
+        call: Arc<dyn Any + Send + Sync>,
+    },
+    /// The same upstream with the body's `model` rewritten.
+    Model { model: Arc<str> },
+    /// A fixed response.
+    Static {
+        name: Arc<str>,
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+    },
+}
+
+impl FallbackStep {
+    pub(crate) fn name(&self) -> &str {
+        match self {
+            FallbackStep::Service { name, .. } | FallbackStep::Static { name, .. } => name,
+            FallbackStep::Model { model } => model,
+        }
+    }
+}
+
+impl fmt::Debug for FallbackStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FallbackStep::Service { name, .. } => write!(f, "Service({name:?})"),
+            FallbackStep::Model { model } => write!(f, "Model({model:?})"),
+            FallbackStep::Static { name, status, .. } => write!(f, "Static({name:?}, {status})"),
+        }
+    }
+}
+
+/// A manual override of the automatic state machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Mode {
+    /// The circuit opens, probes and closes on its own (the default).
+    Auto,
+    /// Every call passes; nothing is recorded.
+    Disabled,
+    /// Every call is rejected (or degraded through the fallback chain).
+    ForcedOpen,
+    /// Every call passes; calls, failures and slow calls are counted and the window is kept,
+    /// but the circuit never changes state. Useful to observe thresholds before enforcing them.
+    MetricsOnly,
+}
+
+impl Mode {
+    pub(crate) fn to_u8(self) -> u8 {
+        match self {
+            Mode::Auto => 0,
+            Mode::Disabled => 1,
+            Mode::ForcedOpen => 2,
+            Mode::MetricsOnly => 3,
+        }
+    }
+    pub(crate) fn from_u8(v: u8) -> Mode {
+        match v {
+            1 => Mode::Disabled,
+            2 => Mode::ForcedOpen,
+            3 => Mode::MetricsOnly,
+            _ => Mode::Auto,
+        }
+    }
+}
+
+/// The validated configuration, shared by every circuit of a layer.
+pub(crate) struct Config {
+    pub(crate) name: Arc<str>,
+    pub(crate) window: WindowKind,
+    pub(crate) failure_rate: f64,
+    pub(crate) slow_call: Option<(Duration, f64)>,
+    pub(crate) minimum_calls: u64,
+    pub(crate) probes: u16,
+    pub(crate) probe_timeout: Duration,
+    pub(crate) open_duration: Duration,
+    pub(crate) backoff_multiplier: f64,
+    pub(crate) max_open_duration: Duration,
+    pub(crate) jitter: f64,
+    pub(crate) seed: u64,
+    pub(crate) classifier: Classifier,
+    pub(crate) key_by: KeyBy,
+    pub(crate) max_keys: usize,
+    pub(crate) body_limit: usize,
+    pub(crate) fallbacks: Vec<FallbackStep>,
+    pub(crate) on_event: Option<EventHook>,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("name", &self.name)
+            .field("window", &self.window)
+            .field("failure_rate", &self.failure_rate)
+            .field("slow_call", &self.slow_call)
+            .field("minimum_calls", &self.minimum_calls)
+            .field("probes", &self.probes)
+            .field("probe_timeout", &self.probe_timeout)
+            .field("open_duration", &self.open_duration)
+            .field("backoff_multiplier", &self.backoff_multiplier)
+            .field("max_open_duration", &self.max_open_duration)
+            .field("jitter", &self.jitter)
+            .field("key_by", &self.key_by)
+            .field("max_keys", &self.max_keys)
+            .field("fallbacks", &self.fallbacks)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`CircuitBreakerLayer`]; [`Builder::build`] validates every value.
+///
+/// Defaults: a count window of the last 100 calls, 50 % failure rate, at least 10 calls before
+/// any decision, no slow-call rule, 3 half-open probes with a 30 s probe timeout, 30 s open
+/// growing ×2 per re-opening up to 5 min with ±10 % jitter, 429s not counted, one circuit
+/// ([`KeyBy::Single`]), at most 1,024 keys, no fallback.
+#[must_use]
+pub struct Builder {
+    name: Arc<str>,
+    window: WindowKind,
+    failure_rate: f64,
+    slow_call: Option<(Duration, f64)>,
+    minimum_calls: u64,
+    probes: u32,
+    probe_timeout: Duration,
+    open_duration: Duration,
+    backoff_multiplier: f64,
+    max_open_duration: Duration,
+    jitter: f64,
+    seed: Option<u64>,
+    classifier: Classifier,
+    key_by: KeyBy,
+    max_keys: usize,
+    body_limit: usize,
+    fallbacks: Vec<FallbackStep>,
+    on_event: Option<EventHook>,
+}
+
+impl fmt::Debug for Builder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("name", &self.name)
+            .field("window", &self.window)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            name: Arc::from("upstream"),
+            window: WindowKind::Count(100),
+            failure_rate: 50.0,
+            slow_call: None,
+            minimum_calls: 10,
+            probes: 3,
+            probe_timeout: Duration::from_secs(30),
+            open_duration: Duration::from_secs(30),
+            backoff_multiplier: 2.0,
+            max_open_duration: Duration::from_secs(300),
+            jitter: 0.1,
+            seed: None,
+            classifier: Classifier::default(),
+            key_by: KeyBy::Single,
+            max_keys: 1024,
+            body_limit: crate::body::DEFAULT_BODY_LIMIT,
+            fallbacks: Vec::new(),
+            on_event: None,
+        }
+    }
+}
+
+impl Builder {
+    /// The breaker's name, used in rejection messages, events and the handle (`"openai"`).
+    /// Never put a URL with credentials here; it is shown to callers.
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Decide over the last `calls` recorded calls.
+    pub fn count_window(mut self, calls: usize) -> Self {
+        self.window = WindowKind::Count(calls);
+        self
+    }
+
+    /// Decide over the calls of the last `duration`, kept in `buckets` buckets (a bucket
+    /// leaves the window whole).
+    pub fn time_window(mut self, duration: Duration, buckets: usize) -> Self {
+        self.window = WindowKind::Time(duration, buckets);
+        self
+    }
+
+    /// Instead of a rate, open after `failures` failures in a row (a success resets the run;
+    /// the minimum number of calls and the slow-call rule do not apply).
+    pub fn consecutive_failures(mut self, failures: u32) -> Self {
+        self.window = WindowKind::Consecutive(failures);
+        self
+    }
+
+    /// Open when at least `percent` % of the window's calls failed (0 < percent ≤ 100).
+    pub fn failure_rate(mut self, percent: f64) -> Self {
+        self.failure_rate = percent;
+        self
+    }
+
+    /// A call is slow when its response head takes longer than `duration` (for a stream: the
+    /// time to first byte); open when at least `percent` % of the window's calls were slow.
+    pub fn slow_calls(mut self, duration: Duration, percent: f64) -> Self {
+        self.slow_call = Some((duration, percent));
+        self
+    }
+
+    /// No decision before the window holds `calls` calls.
+    pub fn minimum_calls(mut self, calls: u64) -> Self {
+        self.minimum_calls = calls;
+        self
+    }
+
+    /// How many probe calls half-open admits; all must succeed to close, one failure re-opens.
+    pub fn half_open_probes(mut self, probes: u32) -> Self {
+        self.probes = probes;
+        self
+    }
+
+    /// A probe that has not answered after `timeout` counts as failed and frees its slot.
+    ///
+    /// No timer runs for this: once every probe slot is taken, the first call that arrives
+    /// after the newest probe's timeout finds them overdue, counts them as failed and opens the
+    /// circuit again (so [`BreakerHandle::state`](super::BreakerHandle::state) may read
+    /// half-open until then). A late answer from an overdue probe is ignored.
+    pub fn probe_timeout(mut self, timeout: Duration) -> Self {
+        self.probe_timeout = timeout;
+        self
+    }
+
+    /// How long the circuit stays open the first time.
+    pub fn open_duration(mut self, duration: Duration) -> Self {
+        self.open_duration = duration;
+        self
+    }
+
+    /// Each re-opening without a close in between multiplies the open duration by
+    /// `multiplier` (≥ 1), up to `max`.
+    pub fn open_backoff(mut self, multiplier: f64, max: Duration) -> Self {
+        self.backoff_multiplier = multiplier;
+        self.max_open_duration = max;
+        self
+    }
+
+    /// Spread open durations by ± `fraction` (0 ≤ fraction ≤ 1) so circuits opened together
+    /// do not probe together.
+    pub fn jitter(mut self, fraction: f64) -> Self {
+        self.jitter = fraction;
+        self
+    }
+
+    /// Seeds the jitter, for reproducible open durations.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Count 429 throttling (`rate_limit_exceeded`, `concurrent_limit_exceeded`) as failures.
+    /// Off by default: throttling says the caller is too fast, not that the upstream is down.
+    pub fn trip_on_rate_limit(mut self, trip: bool) -> Self {
+        self.classifier.trip_on_rate_limit = trip;
+        self
+    }
+
+    /// Your own classification of an answer; `error` is the [`ApiError`] read from the
+    /// response extensions or classified from the status, `None` for a success. Transport
+    /// errors (`Err` from the inner service) always count as failures.
+    pub fn classify<F>(mut self, f: F) -> Self
+    where
+        F: Fn(StatusCode, Option<&ApiError>) -> Outcome + Send + Sync + 'static,
+    {
+        self.classifier.custom = Some(Arc::new(f));
+        self
+    }
+
+    /// How requests map to circuits.
+    pub fn key_by(mut self, key_by: KeyBy) -> Self {
+        self.key_by = key_by;
+        self
+    }
+
+    /// At most `keys` circuits. When a new key arrives at the bound, the least recently used
+    /// closed circuit is forgotten; if every circuit is open or half-open, the new key shares
+    /// one overflow circuit (key `"<overflow>"`) until room frees up.
+    pub fn max_keys(mut self, keys: usize) -> Self {
+        self.max_keys = keys;
+        self
+    }
+
+    /// The most bytes buffered to read the model (keyed by model) or rewrite it (model
+    /// fallback). Longer bodies are answered with `413 request_too_large`.
+    pub fn body_limit(mut self, bytes: usize) -> Self {
+        self.body_limit = bytes;
+        self
+    }
+
+    /// Adds a fallback step: while the circuit is open, send the request to the same upstream
+    /// with the JSON body's `model` set to `model`. The response carries
+    /// `x-llm-layers-fallback: <model>`.
+    ///
+    /// The body is buffered (at most [`Builder::body_limit`] bytes) only on this degraded
+    /// path; with circuits per model, a backup model whose own circuit is open is skipped.
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// use axum::body::Body;
+    /// use http::{Request, Response};
+    /// use http_body_util::BodyExt;
+    /// use llm_layers::breaker::{CircuitBreakerLayer, KeyBy, Mode};
+    /// use tower::{Layer, ServiceExt};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let seen = Arc::new(Mutex::new(Vec::new()));
+    /// let upstream = tower::service_fn({
+    ///     let seen = seen.clone();
+    ///     move |req: Request<Body>| {
+    ///         let seen = seen.clone();
+    ///         async move {
+    ///             let body = req.into_body().collect().await.unwrap().to_bytes();
+    ///             seen.lock().unwrap().push(body);
+    ///             Ok::<_, std::convert::Infallible>(Response::new(Body::from("{}")))
+    ///         }
+    ///     }
+    /// });
+    /// let layer = CircuitBreakerLayer::builder()
+    ///     .key_by(KeyBy::Model)
+    ///     .fallback_model("gpt-4o-mini")
+    ///     .build()
+    ///     .unwrap();
+    /// layer.handle().set_mode_for("gpt-4o", Mode::ForcedOpen);
+    ///
+    /// let req = Request::post("/v1/chat/completions")
+    ///     .body(Body::from(r#"{"model":"gpt-4o","messages":[]}"#))
+    ///     .unwrap();
+    /// let res = layer.layer(upstream).oneshot(req).await.unwrap();
+    /// assert_eq!(res.headers()["x-llm-layers-fallback"], "gpt-4o-mini");
+    /// assert_eq!(&seen.lock().unwrap()[0][..], br#"{"messages":[],"model":"gpt-4o-mini"}"#);
+    /// # }
+    /// ```
+    pub fn fallback_model(mut self, model: impl Into<Arc<str>>) -> Self {
+        self.fallbacks.push(FallbackStep::Model {
+            model: model.into(),
+        });
+        self
+    }
+
+    /// Adds a fallback step: while the circuit is open, send the request to `service` (a
+    /// backup upstream or provider). Its request and response bodies must be the guarded
+    /// service's; a step whose types do not match is skipped with a warning. The response
+    /// carries `x-llm-layers-fallback: <name>`. A service generic over its body (an axum
+    /// `Router`) needs them named: `fallback_service::<_, Body, Body>("backup", router)`.
+    pub fn fallback_service<S, B, R>(mut self, name: impl Into<Arc<str>>, service: S) -> Self
+    where
+        S: Service<Request<B>, Response = Response<R>> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+        B: Send + 'static,
+        R: Send + 'static,
+    {
+        let call: DynCall<B, R> = Arc::new(move |req: Request<B>| {
+            let mut svc = service.clone();
+            Box::pin(async move {
+                futures_util::future::poll_fn(|cx| svc.poll_ready(cx))
+                    .await
+                    .map_err(Into::into)?;
+                svc.call(req).await.map_err(Into::into)
+            })
+        });
+        self.fallbacks.push(FallbackStep::Service {
+            name: name.into(),
+            call: Arc::new(call),
+        });
+        self
+    }
+
+    /// Adds a fallback step: while the circuit is open, answer with this fixed response
+    /// (`x-llm-layers-fallback: <name>` is added).
+    pub fn fallback_response(
+        mut self,
+        name: impl Into<Arc<str>>,
+        status: StatusCode,
+        content_type: &'static str,
+        body: impl Into<Bytes>,
+    ) -> Self {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static(content_type),
+        );
+        self.fallbacks.push(FallbackStep::Static {
+            name: name.into(),
+            status,
+            headers,
+            body: body.into(),
+        });
+        self
+    }
+
+    /// Calls `f` for every state transition, rejection and fallback (after the tracing
+    /// event). Keep it quick: it runs inline.
+    pub fn on_event<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&BreakerEvent) + Send + Sync + 'static,
+    {
+        self.on_event = Some(Arc::new(f));
+        self
+    }
+
+    /// Validates the configuration and builds the layer.
+    pub fn build(self) -> Result<CircuitBreakerLayer, ConfigError> {
+        let pct = |field, v: f64| {
+            if v.is_finite() && v > 0.0 && v <= 100.0 {
+                Ok(v)
+            } else {
+                Err(ConfigError::new(
+                    field,
+                    format!("a percentage must be within (0, 100], got {v}"),
+                ))
+            }
+        };
+        pct("failure_rate", self.failure_rate)?;
+        if self.name.is_empty() {
+            return Err(ConfigError::new("name", "must not be empty"));
+        }
+        match self.window {
+            WindowKind::Count(0) => {
+                return Err(ConfigError::new("count_window", "must hold at least 1 call"))
+            }
+            WindowKind::Count(n) if (self.minimum_calls as u128) > n as u128 => {
+                return Err(ConfigError::new(
+                    "minimum_calls",
+                    format!(
+                        "{} is more than the count window of {n} calls, so the circuit could never open",
+                        self.minimum_calls
+                    ),
+                ))
+            }
+            WindowKind::Time(d, _) if d.is_zero() => {
+                return Err(ConfigError::new("time_window", "duration must not be zero"))
+            }
+            WindowKind::Time(_, 0) => {
+                return Err(ConfigError::new("time_window", "needs at least 1 bucket"))
+            }
+            WindowKind::Time(d, b) if d.as_nanos() < b as u128 => {
+                return Err(ConfigError::new(
+                    "time_window",
+                    "more buckets than nanoseconds in the window",
+                ))
+            }
+            WindowKind::Consecutive(0) => {
+                return Err(ConfigError::new(
+                    "consecutive_failures",
+                    "must be at least 1",
+                ))
+            }
+            _ => {}
+        }
+        if self.minimum_calls == 0 {
+            return Err(ConfigError::new("minimum_calls", "must be at least 1"));
+        }
+        if let Some((d, rate)) = self.slow_call {
+            if d.is_zero() {
+                return Err(ConfigError::new("slow_calls", "duration must not be zero"));
+            }
+            pct("slow_calls", rate)?;
+        }
+        if self.probes == 0 || self.probes > u16::MAX as u32 {
+            return Err(ConfigError::new(
+                "half_open_probes",
+                format!("must be within 1..=65535, got {}", self.probes),
+            ));
+        }
+        if self.probe_timeout.is_zero() {
+            return Err(ConfigError::new("probe_timeout", "must not be zero"));
+        }
+        if self.open_duration.is_zero() {
+            return Err(ConfigError::new("open_duration", "must not be zero"));
+        }
+        if !(self.backoff_multiplier.is_finite() && self.backoff_multiplier >= 1.0) {
+            return Err(ConfigError::new(
+                "open_backoff",
+                format!(
+                    "the multiplier must be at least 1, got {}",
+                    self.backoff_multiplier
+                ),
+            ));
+        }
+        if self.max_open_duration < self.open_duration {
+            return Err(ConfigError::new(
+                "open_backoff",
+                "the maximum open duration is shorter than open_duration",
+            ));
+        }
+        if !(self.jitter.is_finite() && (0.0..=1.0).contains(&self.jitter)) {
+            return Err(ConfigError::new(
+                "jitter",
+                format!("must be within [0, 1], got {}", self.jitter),
+            ));
+        }
+        if self.max_keys == 0 {
+            return Err(ConfigError::new("max_keys", "must be at least 1"));
+        }
+        if self.body_limit == 0 {
+            return Err(ConfigError::new("body_limit", "must be at least 1 byte"));
+        }
+        for step in &self.fallbacks {
+            if step.name().is_empty() {
+                return Err(ConfigError::new(
+                    "fallback",
+                    "a fallback needs a non-empty name or model",
+                ));
+            }
+            if HeaderValue::from_str(step.name()).is_err() {
+                return Err(ConfigError::new(
+                    "fallback",
+                    "a fallback name must be a valid header value",
+                ));
+            }
+        }
+        let config = Config {
+            name: self.name,
+            window: self.window,
+            failure_rate: self.failure_rate,
+            slow_call: self.slow_call,
+            minimum_calls: self.minimum_calls,
+            probes: self.probes as u16,
+            probe_timeout: self.probe_timeout,
+            open_duration: self.open_duration,
+            backoff_multiplier: self.backoff_multiplier,
+            max_open_duration: self.max_open_duration,
+            jitter: self.jitter,
+            seed: self.seed.unwrap_or_else(|| fastrand::u64(..)),
+            classifier: self.classifier,
+            key_by: self.key_by,
+            max_keys: self.max_keys,
+            body_limit: self.body_limit,
+            fallbacks: self.fallbacks,
+            on_event: self.on_event,
+        };
+        Ok(CircuitBreakerLayer::from_shared(Arc::new(Shared::new(
+            config,
+        ))))
+    }
+}

@@ -1,0 +1,107 @@
+//! Circuit breaking for LLM upstreams: stop sending calls to an upstream (or a model) that is
+//! failing, answer at once instead, probe it now and then, and resume when it recovers.
+//!
+//! # Why
+//!
+//! When a provider is down or a model is overloaded, every call waits for its timeout and then
+//! fails; retries multiply the load on an upstream that is already struggling. A breaker
+//! notices the failure rate (or the slow-call rate) crossing a threshold, **opens**, and
+//! rejects calls for a while without touching the upstream. After the open duration it goes
+//! **half-open** and admits exactly N probe calls; if they all succeed it **closes**, if one
+//! fails it opens again for longer (exponential, jittered, capped).
+//!
+//! # What it answers
+//!
+//! | situation | answer |
+//! |---|---|
+//! | circuit open | `503 service_unavailable` envelope, `retry-after` = the remaining open time (rounded up, never `0`), `x-should-retry: true`; the message names the breaker and key, never the upstream URL |
+//! | half-open with every probe out | `503 service_unavailable`, `retry-after` = the time until the newest probe is overdue |
+//! | forced open by the operator | `503 service_unavailable`, no `retry-after` |
+//! | open, with a fallback chain | the first fallback that answers, marked `x-llm-layers-fallback: <name or model>`; if every step fails, `503` naming the open circuit and each fallback's failure |
+//! | keyed by model, body over [`Builder::body_limit`] | `413 request_too_large` |
+//!
+//! # What counts
+//!
+//! Outcomes go through the crate's error taxonomy: the [`ApiError`](crate::ApiError) an inner
+//! layer put in the response extensions, else the status ([`crate::classify`]). `5xx`
+//! (including `529`), `timeout`, `service_unavailable`, `upstream_blocked` and transport errors
+//! (`Err` from the inner service) are failures. What the caller caused (invalid request, bad
+//! key, content policy, not found) is ignored. `429` throttling is ignored unless
+//! [`Builder::trip_on_rate_limit`]. A call is slow when its response head (for a stream: the
+//! first byte) takes longer than the slow-call duration. A cancelled call (its future dropped)
+//! records nothing and gives its probe slot back. Classification ([`Outcome`]), windows, state
+//! transitions and admission are kept apart.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use axum::{body::Body, http::{Request, StatusCode}, routing::post, Router};
+//! use llm_layers::breaker::{CircuitBreakerLayer, CircuitState, SINGLE_KEY};
+//! use tower::ServiceExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let breaker = CircuitBreakerLayer::builder()
+//!     .name("openai")
+//!     .count_window(20)
+//!     .minimum_calls(4)
+//!     .failure_rate(50.0)
+//!     .open_duration(Duration::from_secs(30))
+//!     .build()
+//!     .unwrap();
+//! let handle = breaker.handle();
+//!
+//! // An upstream that is down.
+//! let app = Router::new()
+//!     .route("/v1/chat/completions", post(|| async { StatusCode::BAD_GATEWAY }))
+//!     .layer(breaker);
+//!
+//! let call = || Request::post("/v1/chat/completions").body(Body::from("{}")).unwrap();
+//! for _ in 0..4 {
+//!     let res = app.clone().oneshot(call()).await.unwrap();
+//!     assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+//! }
+//! assert_eq!(handle.state(SINGLE_KEY), Some(CircuitState::Open));
+//!
+//! // Open: answered at once, the upstream is not called.
+//! let res = app.clone().oneshot(call()).await.unwrap();
+//! assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+//! let wait: u64 = res.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+//! assert!((1..=33).contains(&wait)); // 30 s ± 10 % jitter, rounded up
+//! assert_eq!(handle.metrics(SINGLE_KEY).unwrap().rejections, 1);
+//! # }
+//! ```
+//!
+//! Keys ([`KeyBy`]): one circuit for everything, per upstream, per model (read from the
+//! [`RequestView`](crate::request::RequestView), parsing the body only when no earlier layer
+//! did), per upstream and model, or your own. Fallbacks ([`Builder::fallback_model`],
+//! [`Builder::fallback_service`], [`Builder::fallback_response`]) degrade instead of
+//! rejecting. A [`BreakerHandle`] reads state and counters per key and forces [`Mode`]s at
+//! runtime; [`Builder::on_event`] and `tracing` report transitions, rejections and fallbacks.
+
+mod circuit;
+mod classify;
+mod config;
+mod events;
+mod future;
+mod layer;
+mod registry;
+mod service;
+mod window;
+
+pub use classify::{outcome_for_code, Outcome};
+pub use config::{Builder, ConfigError, KeyBy, KeyFn, Mode, RequestHead};
+pub use events::{BreakerEvent, CircuitState, TransitionReason};
+pub use future::ResponseFuture;
+pub use layer::CircuitBreakerLayer;
+pub use registry::{BreakerHandle, CircuitMetrics, OVERFLOW_KEY, SINGLE_KEY};
+pub use service::CircuitBreaker;
+
+/// The boxed error type fallback services are converted to.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// `x-llm-layers-fallback`: on a response from a fallback, which one answered (the backup
+/// model for a model fallback, else the fallback's name).
+pub const X_LLM_LAYERS_FALLBACK: http::HeaderName =
+    http::HeaderName::from_static("x-llm-layers-fallback");

@@ -1,0 +1,490 @@
+use std::borrow::Cow;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
+use http_body::Body;
+use tower_service::Service;
+
+use super::circuit::{Circuit, Permit, Refusal};
+use super::classify::Outcome;
+use super::config::{Config, DynCall, FallbackStep, KeyBy, RequestHead};
+use super::events::{emit, BreakerEvent};
+use super::future::ResponseFuture;
+use super::registry::{Shared, SINGLE_KEY};
+use super::{BoxError, X_LLM_LAYERS_FALLBACK};
+use crate::error::{ApiError, ErrorCode};
+use crate::request::{ensure_view, CharEstimator, RequestView};
+
+/// A service guarded by circuit breakers. Built by [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
+///
+/// Rejections are `503 service_unavailable` envelope responses, so `Error` stays the inner
+/// service's. The inner service's own `Err` passes through unchanged (and counts as a failure).
+pub struct CircuitBreaker<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S: Clone> Clone for CircuitBreaker<S> {
+    fn clone(&self) -> Self {
+        CircuitBreaker {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for CircuitBreaker<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CircuitBreaker")
+            .field("inner", &self.inner)
+            .field("name", &self.shared.config().name)
+            .finish()
+    }
+}
+
+impl<S> CircuitBreaker<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        CircuitBreaker { inner, shared }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// A handle on this service's circuits.
+    pub fn handle(&self) -> super::BreakerHandle {
+        super::BreakerHandle {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+enum Key<'a> {
+    Single,
+    Named(Cow<'a, str>),
+    NeedView,
+    Unguarded,
+}
+
+/// `host[:port]` of the request URI (never its user info, which may hold a password), else
+/// the `host` header.
+fn upstream_of<B>(req: &Request<B>) -> &str {
+    req.uri()
+        .authority()
+        .map(|a| {
+            let a = a.as_str();
+            a.rsplit_once('@').map_or(a, |(_, host)| host)
+        })
+        .or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("<unknown>")
+}
+
+fn key_of<'a, B>(key_by: &KeyBy, req: &'a Request<B>) -> Key<'a> {
+    match key_by {
+        KeyBy::Single => Key::Single,
+        KeyBy::Upstream => Key::Named(Cow::Borrowed(upstream_of(req))),
+        KeyBy::Model | KeyBy::UpstreamAndModel => {
+            match RequestView::from_extensions(req.extensions()) {
+                None => Key::NeedView,
+                Some(view) => match view.model() {
+                    None => Key::Unguarded,
+                    Some(model) if matches!(key_by, KeyBy::Model) => {
+                        Key::Named(Cow::Borrowed(model))
+                    }
+                    Some(model) => Key::Named(Cow::Owned(format!("{}/{model}", upstream_of(req)))),
+                },
+            }
+        }
+        KeyBy::Custom(f) => {
+            let head = RequestHead {
+                method: req.method(),
+                uri: req.uri(),
+                headers: req.headers(),
+                extensions: req.extensions(),
+            };
+            match f(&head) {
+                Some(k) => Key::Named(Cow::Owned(k)),
+                None => Key::Unguarded,
+            }
+        }
+    }
+}
+
+/// The circuit for a request whose key is known, or `None` when it goes unguarded.
+fn circuit_for<B>(shared: &Shared, req: &Request<B>) -> Option<Result<Arc<Circuit>, ()>> {
+    match key_of(&shared.config().key_by, req) {
+        Key::Single => Some(Ok(shared.single.clone())),
+        Key::Named(k) => Some(Ok(shared.circuit(&k))),
+        Key::Unguarded => None,
+        Key::NeedView => Some(Err(())),
+    }
+}
+
+fn refusal_error(cfg: &Config, key: &str, refusal: Refusal) -> ApiError {
+    let name = &cfg.name;
+    let single = key == SINGLE_KEY;
+    match refusal {
+        Refusal::Open(wait) => {
+            let secs = wait.as_nanos().div_ceil(1_000_000_000);
+            let message = if single {
+                format!("Circuit breaker '{name}' is open after repeated upstream failures; calls resume in {secs} s.")
+            } else {
+                format!("Circuit breaker '{name}' for '{key}' is open after repeated upstream failures; calls resume in {secs} s.")
+            };
+            ApiError::new(ErrorCode::ServiceUnavailable, message).with_retry_after(wait)
+        }
+        Refusal::Probing(wait) => {
+            let message = if single {
+                format!("Circuit breaker '{name}' is half-open and testing the upstream with probe calls; try again shortly.")
+            } else {
+                format!("Circuit breaker '{name}' for '{key}' is half-open and testing the upstream with probe calls; try again shortly.")
+            };
+            ApiError::new(ErrorCode::ServiceUnavailable, message).with_retry_after(wait)
+        }
+        Refusal::Forced => {
+            let message = if single {
+                format!("Circuit breaker '{name}' is held open by its operator.")
+            } else {
+                format!("Circuit breaker '{name}' for '{key}' is held open by its operator.")
+            };
+            ApiError::new(ErrorCode::ServiceUnavailable, message)
+        }
+    }
+}
+
+fn note_rejection(cfg: &Config, circuit: &Circuit, refusal: Refusal) {
+    let retry_after = match refusal {
+        Refusal::Open(d) | Refusal::Probing(d) => Some(d),
+        Refusal::Forced => None,
+    };
+    if cfg.on_event.is_some() {
+        emit(
+            &cfg.on_event,
+            BreakerEvent::Rejected {
+                name: cfg.name.clone(),
+                key: circuit.key.clone(),
+                retry_after,
+            },
+        );
+    } else {
+        tracing::debug!(breaker = %cfg.name, key = %circuit.key, retry_after_ms = retry_after.map(|d| d.as_millis() as u64), "call rejected by open circuit");
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for CircuitBreaker<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError> + Send + 'static,
+    ReqBody: Body + From<Bytes> + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: From<Bytes> + Send + 'static,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let keyed;
+        let circuit = match key_of(&self.shared.config().key_by, &req) {
+            Key::Single => &self.shared.single,
+            Key::Named(k) => {
+                keyed = self.shared.circuit(&k);
+                &keyed
+            }
+            Key::Unguarded => {
+                return ResponseFuture::called(self.inner.call(req), Permit::unrecorded())
+            }
+            Key::NeedView => {
+                // The key needs the model and no earlier layer parsed the body.
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                return ResponseFuture::boxed(Box::pin(keyed_by_body(
+                    self.shared.clone(),
+                    inner,
+                    req,
+                )));
+            }
+        };
+        match circuit.admit() {
+            Ok(permit) => ResponseFuture::called(self.inner.call(req), permit),
+            Err(refusal) => {
+                let cfg = self.shared.config();
+                note_rejection(cfg, circuit, refusal);
+                if cfg.fallbacks.is_empty() {
+                    ResponseFuture::ready(refusal_error(cfg, &circuit.key, refusal).to_response())
+                } else {
+                    ResponseFuture::boxed(Box::pin(degrade(
+                        self.shared.clone(),
+                        circuit.clone(),
+                        refusal,
+                        self.inner.clone(),
+                        req,
+                    )))
+                }
+            }
+        }
+    }
+}
+
+async fn keyed_by_body<S, ReqBody, ResBody>(
+    shared: Arc<Shared>,
+    mut inner: S,
+    req: Request<ReqBody>,
+) -> Result<Response<ResBody>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError> + Send + 'static,
+    ReqBody: Body + From<Bytes> + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: From<Bytes> + Send + 'static,
+{
+    let cfg = shared.config();
+    let req = match ensure_view(req, cfg.body_limit, &CharEstimator).await {
+        Ok(req) => req,
+        // Not JSON: no model to key on; the upstream answers the bad request itself.
+        Err((req, crate::request::ViewError::Parse(_))) => return inner.call(req).await,
+        Err((_, e)) => return Ok(e.to_api_error().to_response()),
+    };
+    let circuit = match circuit_for(&shared, &req) {
+        Some(Ok(c)) => c,
+        // A body without a model (or none at all) goes through unguarded.
+        _ => return inner.call(req).await,
+    };
+    match circuit.admit() {
+        Ok(permit) => {
+            // Dropping this future drops the permit with it: nothing recorded, slot given back.
+            let out = inner.call(req).await;
+            let outcome = match &out {
+                Ok(res) => permit.classify(res),
+                Err(_) => Outcome::Failure,
+            };
+            permit.complete(outcome);
+            out
+        }
+        Err(refusal) => {
+            note_rejection(cfg, &circuit, refusal);
+            if cfg.fallbacks.is_empty() {
+                Ok(refusal_error(cfg, &circuit.key, refusal).to_response())
+            } else {
+                degrade(shared.clone(), circuit, refusal, inner, req).await
+            }
+        }
+    }
+}
+
+fn copy_request<B>(parts: &http::request::Parts, body: B) -> Request<B> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    *req.extensions_mut() = parts.extensions.clone();
+    req
+}
+
+fn rewrite_model(bytes: &[u8], model: &str) -> Result<Bytes, &'static str> {
+    let mut json: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|_| "the request body is not JSON")?;
+    let obj = json
+        .as_object_mut()
+        .ok_or("the request body is not a JSON object")?;
+    obj.insert("model".into(), serde_json::Value::String(model.into()));
+    serde_json::to_vec(&json)
+        .map(Bytes::from)
+        .map_err(|_| "the request body could not be written")
+}
+
+fn mark<B>(mut res: Response<B>, name: &str) -> Response<B> {
+    if let Ok(v) = HeaderValue::from_str(name) {
+        res.headers_mut().insert(X_LLM_LAYERS_FALLBACK, v);
+    }
+    res
+}
+
+enum Body0<B> {
+    Whole(Option<Request<B>>),
+    Buffered(http::request::Parts, Bytes),
+}
+
+async fn degrade<S, ReqBody, ResBody>(
+    shared: Arc<Shared>,
+    circuit: Arc<Circuit>,
+    refusal: Refusal,
+    mut inner: S,
+    req: Request<ReqBody>,
+) -> Result<Response<ResBody>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError> + Send + 'static,
+    ReqBody: Body + From<Bytes> + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: From<Bytes> + Send + 'static,
+{
+    let cfg = shared.config();
+    let steps = &cfg.fallbacks;
+    let consuming = steps
+        .iter()
+        .filter(|s| !matches!(s, FallbackStep::Static { .. }))
+        .count();
+    let needs_bytes = consuming > 1
+        || steps
+            .iter()
+            .any(|s| matches!(s, FallbackStep::Model { .. }));
+    let mut source = if needs_bytes {
+        match crate::body::buffer_request(req, cfg.body_limit).await {
+            Ok((req, bytes)) => {
+                let (parts, _) = req.into_parts();
+                Body0::Buffered(parts, bytes)
+            }
+            Err(e) => return Ok(e.to_api_error().to_response()),
+        }
+    } else {
+        Body0::Whole(Some(req))
+    };
+    let mut causes: Vec<String> = Vec::new();
+    for step in steps.iter() {
+        let (name, result): (&str, Result<Response<ResBody>, String>) = match step {
+            FallbackStep::Static {
+                name,
+                status,
+                headers,
+                body,
+            } => {
+                let mut res = Response::new(ResBody::from(body.clone()));
+                *res.status_mut() = *status;
+                *res.headers_mut() = headers.clone();
+                (name, Ok(res))
+            }
+            FallbackStep::Service { name, call } => {
+                let Some(call) = call.downcast_ref::<DynCall<ReqBody, ResBody>>() else {
+                    tracing::warn!(breaker = %cfg.name, fallback = %name, "fallback service skipped: its body types differ from the guarded service's");
+                    causes.push(format!(
+                        "fallback '{name}' does not accept this request type"
+                    ));
+                    continue;
+                };
+                let req = match &mut source {
+                    Body0::Whole(r) => match r.take() {
+                        Some(r) => r,
+                        None => continue,
+                    },
+                    Body0::Buffered(parts, bytes) => {
+                        copy_request(parts, ReqBody::from(bytes.clone()))
+                    }
+                };
+                let out = call(req).await.map_err(|e| {
+                    crate::classify::classify_transport_error(e.as_ref())
+                        .message()
+                        .to_owned()
+                });
+                (name, out)
+            }
+            FallbackStep::Model { model } => {
+                let Body0::Buffered(parts, bytes) = &source else {
+                    continue;
+                };
+                // With circuits per model, a backup model whose own circuit is open is skipped.
+                let backup_key = match cfg.key_by {
+                    KeyBy::Model => Some(model.to_string()),
+                    KeyBy::UpstreamAndModel => {
+                        let r = copy_request(parts, ());
+                        Some(format!("{}/{model}", upstream_of(&r)))
+                    }
+                    _ => None,
+                };
+                if let Some(c) = backup_key.and_then(|k| shared.get(&k)) {
+                    if c.open_remaining().is_some() {
+                        causes.push(format!("the circuit for '{model}' is open too"));
+                        continue;
+                    }
+                }
+                let body = match rewrite_model(bytes, model) {
+                    Ok(b) => b,
+                    Err(why) => {
+                        causes.push(format!("fallback '{model}' failed: {why}"));
+                        continue;
+                    }
+                };
+                let mut req = copy_request(parts, ReqBody::from(body.clone()));
+                req.headers_mut()
+                    .insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+                // The parsed view names the old model; later layers parse the new body.
+                req.extensions_mut().remove::<RequestView>();
+                let out = async {
+                    futures_util::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
+                    inner.call(req).await
+                }
+                .await
+                .map_err(|e| {
+                    let e: BoxError = e.into();
+                    crate::classify::classify_transport_error(e.as_ref())
+                        .message()
+                        .to_owned()
+                });
+                (model, out)
+            }
+        };
+        let result = result.and_then(|res| {
+            if cfg.classifier.response(&res) == Outcome::Failure {
+                Err(format!(
+                    "upstream answered with status {}",
+                    res.status().as_u16()
+                ))
+            } else {
+                Ok(res)
+            }
+        });
+        let ok = result.is_ok();
+        emit(
+            &cfg.on_event,
+            BreakerEvent::Fallback {
+                name: cfg.name.clone(),
+                key: circuit.key.clone(),
+                fallback: Arc::from(name),
+                ok,
+            },
+        );
+        match result {
+            Ok(res) => {
+                circuit.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+                return Ok(mark(res, name));
+            }
+            Err(why) => causes.push(format!("fallback '{name}' failed: {why}")),
+        }
+    }
+    let base = refusal_error(cfg, &circuit.key, refusal);
+    let mut err = ApiError::new(
+        ErrorCode::ServiceUnavailable,
+        format!("{} {}.", base.message(), causes.join("; ")),
+    );
+    err.set_retry_after(base.retry_after());
+    Ok(err.to_response())
+}

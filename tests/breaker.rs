@@ -1,0 +1,1031 @@
+//! Black-box tests of `llm_layers::breaker`.
+
+mod common_breaker;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use common_breaker::{chat, json, proxy_router, serve, Answer, Stub, Upstream};
+use http::{Request, Response, StatusCode};
+use llm_layers::breaker::{
+    BreakerEvent, CircuitBreakerLayer, CircuitState, KeyBy, Mode, Outcome, TransitionReason,
+    OVERFLOW_KEY, SINGLE_KEY,
+};
+use llm_layers::error::{ApiError, ErrorCode};
+use tower::{Layer, Service, ServiceExt};
+
+type Svc = tower::util::BoxCloneService<Request<Body>, Response<Body>, std::io::Error>;
+
+fn guard(layer: &CircuitBreakerLayer, up: &Upstream) -> Svc {
+    tower::util::BoxCloneService::new(layer.layer(up.service()))
+}
+
+fn send(
+    svc: &Svc,
+    req: Request<Body>,
+) -> impl std::future::Future<Output = Response<Body>> + Send + 'static {
+    let svc = svc.clone();
+    async move { svc.oneshot(req).await.expect("no transport error") }
+}
+
+fn status(svc: &Svc, model: &str) -> impl std::future::Future<Output = u16> + Send + 'static {
+    let res = send(svc, chat(model));
+    async move { res.await.status().as_u16() }
+}
+
+fn retry_after(res: &Response<Body>) -> u64 {
+    res.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn base() -> llm_layers::breaker::Builder {
+    CircuitBreakerLayer::builder()
+        .name("openai")
+        .jitter(0.0)
+        .seed(7)
+}
+
+#[tokio::test(start_paused = true)]
+async fn opens_on_exactly_the_call_that_meets_minimum_calls_and_threshold() {
+    let layer = base()
+        .count_window(10)
+        .minimum_calls(5)
+        .failure_rate(50.0)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Status(200));
+    let svc = guard(&layer, &up);
+    // 2 failures in 4 calls is 50 %, but 4 calls are below the minimum.
+    up.script([200, 500, 200, 500].map(Answer::Status));
+    for _ in 0..4 {
+        status(&svc, "m").await;
+        assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::Closed));
+    }
+    // 5th call: 2 of 5 = 40 %, below the threshold.
+    up.script([Answer::Status(200)]);
+    assert_eq!(status(&svc, "m").await, 200);
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::Closed));
+    // 6th call: 3 of 6 = 50 %: opens on this very call.
+    up.script([Answer::Status(503)]);
+    assert_eq!(status(&svc, "m").await, 503);
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::Open));
+    assert_eq!(up.calls(), 6);
+    let m = h.metrics(SINGLE_KEY).unwrap();
+    assert_eq!((m.calls, m.failures, m.openings), (6, 3, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn admits_nothing_while_open_and_counts_down_retry_after() {
+    let layer = base()
+        .minimum_calls(2)
+        .count_window(2)
+        .open_duration(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Status(500));
+    let svc = guard(&layer, &up);
+    status(&svc, "m").await;
+    status(&svc, "m").await;
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::Open));
+    let upstream_calls = up.calls();
+    let res = send(&svc, chat("m")).await;
+    assert_eq!(res.status(), 503);
+    assert_eq!(retry_after(&res), 10);
+    assert_eq!(res.headers()["retry-after-ms"], "10000");
+    tokio::time::advance(Duration::from_millis(7_500)).await;
+    for _ in 0..50 {
+        let res = send(&svc, chat("m")).await;
+        assert_eq!(res.status(), 503);
+        assert_eq!(retry_after(&res), 3, "2.5 s left rounds up to 3");
+    }
+    tokio::time::advance(Duration::from_millis(2_499)).await;
+    let res = send(&svc, chat("m")).await;
+    assert_eq!(retry_after(&res), 1, "1 ms left is never 0");
+    assert_eq!(
+        up.calls(),
+        upstream_calls,
+        "nothing reached the upstream while open"
+    );
+    assert_eq!(h.metrics(SINGLE_KEY).unwrap().rejections, 52);
+    // The open time is over: the next call is a probe.
+    tokio::time::advance(Duration::from_millis(1)).await;
+    up.set_default(Answer::Status(200));
+    assert_eq!(status(&svc, "m").await, 200);
+    assert_eq!(up.calls(), upstream_calls + 1);
+}
+
+#[tokio::test]
+async fn rejection_envelope_names_the_breaker_and_key_not_the_url() {
+    let layer = base().key_by(KeyBy::Upstream).build().unwrap();
+    let h = layer.handle();
+    h.set_mode_for("api.example.test", Mode::ForcedOpen);
+    let up = Upstream::new(Answer::Status(200));
+    let svc = guard(&layer, &up);
+    let res = send(&svc, chat("gpt-4o")).await;
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.headers()["x-should-retry"], "true");
+    let err = res.extensions().get::<ApiError>().unwrap().clone();
+    assert_eq!(err.code(), ErrorCode::ServiceUnavailable);
+    let body = json(res).await;
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("'openai'") && msg.contains("'api.example.test'"),
+        "{msg}"
+    );
+    assert!(!msg.contains("http://"), "{msg}");
+    assert_eq!(up.calls(), 0);
+    // User info in the URI (a password) never becomes part of the key or the message.
+    let mut req = chat("gpt-4o");
+    *req.uri_mut() = "http://user:s3cret@api.example.test/v1/chat/completions"
+        .parse()
+        .unwrap();
+    let body = json(send(&svc, req).await).await;
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("'api.example.test'") && !msg.contains("s3cret"),
+        "{msg}"
+    );
+    assert_eq!(h.all_metrics().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_n_probes_under_1000_racing_callers() {
+    for round in 0..5 {
+        let layer = base()
+            .consecutive_failures(1)
+            .half_open_probes(3)
+            // Elapsed as soon as it starts: every racing caller finds the circuit due for
+            // half-open at once, with no wait.
+            .open_duration(Duration::from_nanos(1))
+            .probe_timeout(Duration::from_secs(3600))
+            .build()
+            .unwrap();
+        let h = layer.handle();
+        let up = Upstream::new(Answer::Gate);
+        up.script([Answer::Status(500)]);
+        let svc = guard(&layer, &up);
+        assert_eq!(status(&svc, "m").await, 500);
+        assert_eq!(h.metrics(SINGLE_KEY).unwrap().openings, 1);
+
+        let barrier = Arc::new(tokio::sync::Barrier::new(1000));
+        let mut tasks = Vec::new();
+        for _ in 0..1000 {
+            let svc = svc.clone();
+            let barrier = barrier.clone();
+            tasks.push(tokio::spawn(async move {
+                barrier.wait().await;
+                send(&svc, chat("m")).await.status().as_u16()
+            }));
+        }
+        // Wait until every caller has either been rejected or reached the upstream.
+        let rejected = loop {
+            let m = h.metrics(SINGLE_KEY).unwrap();
+            if m.rejections as usize + up.calls() - 1 >= 1000 {
+                break m.rejections;
+            }
+            tokio::task::yield_now().await;
+        };
+        assert_eq!(
+            up.calls() - 1,
+            3,
+            "round {round}: exactly 3 probes reached the upstream"
+        );
+        assert_eq!(rejected, 997);
+        assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::HalfOpen));
+        up.release();
+        let mut statuses = Vec::new();
+        for t in tasks {
+            statuses.push(t.await.unwrap());
+        }
+        assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 3);
+        assert_eq!(statuses.iter().filter(|s| **s == 503).count(), 997);
+        assert_eq!(
+            h.state(SINGLE_KEY),
+            Some(CircuitState::Closed),
+            "3 good probes close it"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn recovers_and_reopens_for_longer_each_time_up_to_the_cap() {
+    let layer = base()
+        .consecutive_failures(1)
+        .half_open_probes(2)
+        .open_duration(Duration::from_secs(10))
+        .open_backoff(2.0, Duration::from_secs(25))
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Status(500));
+    let svc = guard(&layer, &up);
+    status(&svc, "m").await;
+    // 10 s, then 20 s, then 40 s capped at 25 s.
+    for expected in [10u64, 20, 25, 25] {
+        let res = send(&svc, chat("m")).await;
+        assert_eq!(retry_after(&res), expected);
+        tokio::time::advance(Duration::from_secs(expected)).await;
+        // The first probe fails: open again, for longer.
+        assert_eq!(status(&svc, "m").await, 500);
+        assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::Open));
+    }
+    tokio::time::advance(Duration::from_secs(25)).await;
+    up.set_default(Answer::Status(200));
+    assert_eq!(status(&svc, "m").await, 200);
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::HalfOpen));
+    assert_eq!(status(&svc, "m").await, 200);
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::Closed));
+    // Closed again: the next opening starts from the base duration.
+    up.set_default(Answer::Status(500));
+    status(&svc, "m").await;
+    assert_eq!(retry_after(&send(&svc, chat("m")).await), 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn jitter_is_seeded_and_bounded() {
+    async fn openings(seed: u64) -> Vec<u64> {
+        let layer = CircuitBreakerLayer::builder()
+            .consecutive_failures(1)
+            .half_open_probes(1)
+            .open_duration(Duration::from_secs(100))
+            .open_backoff(1.0, Duration::from_secs(100))
+            .jitter(0.5)
+            .seed(seed)
+            .build()
+            .unwrap();
+        let up = Upstream::new(Answer::Status(500));
+        let svc = guard(&layer, &up);
+        let mut out = Vec::new();
+        status(&svc, "m").await;
+        for _ in 0..6 {
+            let res = send(&svc, chat("m")).await;
+            let ms: u64 = res.headers()["retry-after-ms"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            out.push(ms);
+            tokio::time::advance(Duration::from_millis(ms)).await;
+            status(&svc, "m").await;
+        }
+        out
+    }
+    let a = openings(42).await;
+    assert_eq!(a, openings(42).await, "same seed, same durations");
+    assert_ne!(a, openings(43).await);
+    assert!(a.iter().all(|ms| (50_000..=100_000).contains(ms)), "{a:?}");
+    assert!(a.windows(2).any(|w| w[0] != w[1]), "jitter varies: {a:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hanging_probe_never_leaves_the_circuit_stuck() {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let ev = events.clone();
+    let layer = base()
+        .consecutive_failures(1)
+        .half_open_probes(1)
+        .open_duration(Duration::from_secs(10))
+        .open_backoff(1.0, Duration::from_secs(10))
+        .probe_timeout(Duration::from_secs(5))
+        .on_event(move |e| {
+            if let BreakerEvent::StateChanged { to, reason, .. } = e {
+                ev.lock().unwrap().push((*to, *reason));
+            }
+        })
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Status(200));
+    up.script([Answer::Status(500), Answer::Hang]);
+    let svc = guard(&layer, &up);
+    status(&svc, "m").await;
+    tokio::time::advance(Duration::from_secs(10)).await;
+    // The probe hangs.
+    let hung = tokio::spawn({
+        let svc = svc.clone();
+        async move { send(&svc, chat("m")).await }
+    });
+    tokio::task::yield_now().await;
+    while up.calls() < 2 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::HalfOpen));
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let res = send(&svc, chat("m")).await;
+    assert_eq!(res.status(), 503);
+    assert_eq!(retry_after(&res), 3, "the probe's slot frees in 3 s");
+    let msg = json(res).await["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(msg.contains("half-open"), "{msg}");
+    // Past the probe timeout: the hung probe counts as failed and the circuit opens again.
+    tokio::time::advance(Duration::from_secs(3)).await;
+    let res = send(&svc, chat("m")).await;
+    assert_eq!(res.status(), 503);
+    assert_eq!(retry_after(&res), 10);
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::Open));
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(status(&svc, "m").await, 200, "a new probe is admitted");
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::Closed));
+    assert_eq!(up.calls(), 3);
+    assert!(!hung.is_finished());
+    hung.abort();
+    let reasons: Vec<_> = events.lock().unwrap().clone();
+    assert_eq!(
+        reasons,
+        vec![
+            (CircuitState::Open, TransitionReason::FailureRate),
+            (CircuitState::HalfOpen, TransitionReason::OpenElapsed),
+            (CircuitState::Open, TransitionReason::ProbeTimedOut),
+            (CircuitState::HalfOpen, TransitionReason::OpenElapsed),
+            (CircuitState::Closed, TransitionReason::ProbesSucceeded),
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_probe_gives_its_slot_back_and_records_nothing() {
+    let layer = base()
+        .consecutive_failures(1)
+        .half_open_probes(1)
+        .open_duration(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Status(200));
+    up.script([Answer::Status(500), Answer::Hang]);
+    let svc = guard(&layer, &up);
+    status(&svc, "m").await;
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let calls_before = h.metrics(SINGLE_KEY).unwrap().calls;
+    // The probe is started, then dropped (the client went away).
+    let probe = svc.clone().oneshot(chat("m"));
+    let cancelled = tokio::time::timeout(Duration::from_millis(10), probe).await;
+    assert!(cancelled.is_err());
+    assert_eq!(up.calls(), 2);
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::HalfOpen));
+    assert_eq!(
+        h.metrics(SINGLE_KEY).unwrap().calls,
+        calls_before,
+        "nothing recorded"
+    );
+    // Its slot is free at once: the next call is admitted as the probe.
+    assert_eq!(status(&svc, "m").await, 200);
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::Closed));
+}
+
+#[tokio::test(start_paused = true)]
+async fn circuits_per_model_are_isolated() {
+    let layer = base()
+        .key_by(KeyBy::Model)
+        .consecutive_failures(2)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Status(200));
+    let svc = guard(&layer, &up);
+    up.script([Answer::Status(529), Answer::Status(529)]);
+    status(&svc, "gpt-4o").await;
+    status(&svc, "gpt-4o").await;
+    assert_eq!(h.state("gpt-4o"), Some(CircuitState::Open));
+    assert_eq!(status(&svc, "gpt-4o").await, 503);
+    assert_eq!(status(&svc, "gpt-4o-mini").await, 200);
+    assert_eq!(h.state("gpt-4o-mini"), Some(CircuitState::Closed));
+    let body = json(send(&svc, chat("gpt-4o")).await).await;
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("'gpt-4o'"));
+    // The body reached the upstream intact even though the breaker parsed it.
+    let seen: serde_json::Value = serde_json::from_slice(&up.bodies()[2]).unwrap();
+    assert_eq!(seen["model"], "gpt-4o-mini");
+    let keys: Vec<_> = h
+        .all_metrics()
+        .into_iter()
+        .map(|m| m.key.to_string())
+        .collect();
+    assert_eq!(keys, ["gpt-4o", "gpt-4o-mini"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_calls_trip_the_circuit_by_time_to_first_byte() {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let ev = events.clone();
+    let layer = base()
+        .count_window(10)
+        .minimum_calls(4)
+        .slow_calls(Duration::from_secs(2), 60.0)
+        .on_event(move |e| {
+            if let BreakerEvent::StateChanged { reason, .. } = e {
+                ev.lock().unwrap().push(*reason);
+            }
+        })
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Status(200));
+    let svc = guard(&layer, &up);
+    up.script([
+        Answer::After(Duration::from_secs(3), 200),
+        Answer::After(Duration::from_secs(1), 200),
+        Answer::After(Duration::from_secs(3), 200),
+    ]);
+    for _ in 0..3 {
+        assert_eq!(status(&svc, "m").await, 200);
+    }
+    assert_eq!(
+        h.state(SINGLE_KEY),
+        Some(CircuitState::Closed),
+        "3 calls < minimum"
+    );
+    // Exactly 2 s is not slow: 2 of 4 = 50 % slow stays closed; then 3 of 5 = 60 % opens.
+    up.script([Answer::After(Duration::from_secs(2), 200)]);
+    status(&svc, "m").await;
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::Closed));
+    up.script([Answer::After(Duration::from_millis(2001), 200)]);
+    status(&svc, "m").await;
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::Open));
+    assert_eq!(h.metrics(SINGLE_KEY).unwrap().slow_calls, 3);
+    assert_eq!(events.lock().unwrap()[..], [TransitionReason::SlowCallRate]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn caller_faults_are_ignored_and_throttling_trips_only_when_asked() {
+    for trip in [false, true] {
+        let layer = base()
+            .consecutive_failures(3)
+            .trip_on_rate_limit(trip)
+            .build()
+            .unwrap();
+        let h = layer.handle();
+        let up = Upstream::new(Answer::Status(200));
+        let svc = guard(&layer, &up);
+        up.script([400, 401, 403, 404, 413, 422].map(Answer::Status));
+        for _ in 0..6 {
+            status(&svc, "m").await;
+        }
+        let m = h.metrics(SINGLE_KEY).unwrap();
+        assert_eq!((m.calls, m.ignored), (0, 6));
+        up.script([429, 429, 429].map(Answer::Status));
+        for _ in 0..3 {
+            status(&svc, "m").await;
+        }
+        let want = if trip {
+            CircuitState::Open
+        } else {
+            CircuitState::Closed
+        };
+        assert_eq!(
+            h.state(SINGLE_KEY),
+            Some(want),
+            "trip_on_rate_limit({trip})"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_error_an_inner_layer_left_wins_and_transport_errors_fail() {
+    let layer = base().consecutive_failures(2).build().unwrap();
+    let h = layer.handle();
+    // An inner normalizer turned a 200 with an error body into a timeout envelope.
+    let inner = tower::service_fn(|_req: Request<Body>| async {
+        let mut res = Response::new(Body::empty());
+        res.extensions_mut()
+            .insert(ApiError::new(ErrorCode::Timeout, "upstream timed out"));
+        Ok::<_, std::io::Error>(res)
+    });
+    let mut svc = layer.layer(inner);
+    svc.ready().await.unwrap().call(chat("m")).await.unwrap();
+    assert_eq!(h.metrics(SINGLE_KEY).unwrap().failures, 1);
+    // A transport error passes through as the inner's own error, and counts as a failure.
+    let up = Upstream::new(Answer::Refused);
+    let svc = guard(&layer, &up);
+    let err = svc.clone().oneshot(chat("m")).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::Open));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_custom_classifier_decides() {
+    let layer = base()
+        .consecutive_failures(1)
+        .classify(|status, _err| {
+            if status == StatusCode::IM_A_TEAPOT {
+                Outcome::Failure
+            } else {
+                Outcome::Success
+            }
+        })
+        .build()
+        .unwrap();
+    let up = Upstream::new(Answer::Status(500));
+    let svc = guard(&layer, &up);
+    status(&svc, "m").await;
+    assert_eq!(layer.handle().state(SINGLE_KEY), Some(CircuitState::Closed));
+    up.set_default(Answer::Status(418));
+    status(&svc, "m").await;
+    assert_eq!(layer.handle().state(SINGLE_KEY), Some(CircuitState::Open));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_time_window_forgets_old_failures() {
+    let layer = base()
+        .time_window(Duration::from_secs(10), 10)
+        .minimum_calls(3)
+        .failure_rate(100.0)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Status(500));
+    let svc = guard(&layer, &up);
+    status(&svc, "m").await;
+    status(&svc, "m").await;
+    tokio::time::advance(Duration::from_secs(11)).await;
+    status(&svc, "m").await;
+    assert_eq!(
+        h.state(SINGLE_KEY),
+        Some(CircuitState::Closed),
+        "old failures left the window"
+    );
+    assert_eq!(h.metrics(SINGLE_KEY).unwrap().window_calls, 1);
+    status(&svc, "m").await;
+    status(&svc, "m").await;
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::Open));
+}
+
+#[tokio::test(start_paused = true)]
+async fn manual_modes_override_the_automatic_states() {
+    let layer = base().consecutive_failures(1).build().unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Status(500));
+    let svc = guard(&layer, &up);
+
+    h.set_mode(Mode::Disabled);
+    for _ in 0..5 {
+        assert_eq!(status(&svc, "m").await, 500);
+    }
+    assert_eq!(
+        h.metrics(SINGLE_KEY).unwrap().calls,
+        0,
+        "disabled records nothing"
+    );
+
+    h.set_mode(Mode::MetricsOnly);
+    for _ in 0..5 {
+        assert_eq!(status(&svc, "m").await, 500);
+    }
+    let m = h.metrics(SINGLE_KEY).unwrap();
+    assert_eq!(
+        (m.state, m.failures, m.mode),
+        (CircuitState::Closed, 5, Mode::MetricsOnly)
+    );
+
+    h.set_mode(Mode::ForcedOpen);
+    let calls = up.calls();
+    let res = send(&svc, chat("m")).await;
+    assert_eq!(res.status(), 503);
+    assert!(res.headers().get("retry-after").is_none());
+    assert_eq!(up.calls(), calls);
+
+    h.set_mode(Mode::Auto);
+    assert_eq!(status(&svc, "m").await, 500);
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::Open));
+    assert!(h.reset(SINGLE_KEY));
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::Closed));
+}
+
+#[tokio::test(start_paused = true)]
+async fn keys_are_bounded() {
+    let layer = base()
+        .key_by(KeyBy::Model)
+        .consecutive_failures(1)
+        .max_keys(2)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Status(200));
+    let svc = guard(&layer, &up);
+    up.script([Answer::Status(500)]);
+    status(&svc, "a").await; // a opens
+    status(&svc, "b").await;
+    status(&svc, "c").await; // evicts b (closed, least recently used), never a (open)
+    assert_eq!(h.state("a"), Some(CircuitState::Open));
+    assert_eq!(h.state("b"), None);
+    assert_eq!(h.state("c"), Some(CircuitState::Closed));
+    up.script([Answer::Status(500)]);
+    status(&svc, "c").await; // c opens too; no circuit can be forgotten
+    status(&svc, "d").await;
+    assert_eq!(h.state("d"), None);
+    assert_eq!(
+        h.metrics(OVERFLOW_KEY).unwrap().calls,
+        1,
+        "d shares the overflow circuit"
+    );
+    assert_eq!(h.all_metrics().len(), 3);
+}
+
+#[tokio::test]
+async fn an_oversized_body_keyed_by_model_gets_413() {
+    let layer = base().key_by(KeyBy::Model).body_limit(64).build().unwrap();
+    let up = Upstream::new(Answer::Status(200));
+    let svc = guard(&layer, &up);
+    let big = format!(r#"{{"model":"gpt-4o","input":"{}"}}"#, "x".repeat(100));
+    let res = send(
+        &svc,
+        Request::post("/v1/embeddings")
+            .body(Body::from(big))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(res.status(), 413);
+    assert_eq!(json(res).await["error"]["code"], "request_too_large");
+    assert_eq!(up.calls(), 0);
+    // A body that is not JSON has no model: it goes through unguarded, for the upstream to refuse.
+    let res = send(
+        &svc,
+        Request::post("/v1/embeddings")
+            .body(Body::from("nope"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(up.bodies()[0], "nope");
+}
+
+#[test]
+fn builders_name_the_bad_field() {
+    let b = || CircuitBreakerLayer::builder();
+    let cases = [
+        (b().failure_rate(0.0), "failure_rate"),
+        (b().failure_rate(101.0), "failure_rate"),
+        (b().failure_rate(f64::NAN), "failure_rate"),
+        (b().count_window(0), "count_window"),
+        (b().count_window(5).minimum_calls(6), "minimum_calls"),
+        (b().minimum_calls(0), "minimum_calls"),
+        (b().time_window(Duration::ZERO, 10), "time_window"),
+        (b().time_window(Duration::from_secs(1), 0), "time_window"),
+        (b().consecutive_failures(0), "consecutive_failures"),
+        (b().slow_calls(Duration::ZERO, 50.0), "slow_calls"),
+        (b().slow_calls(Duration::from_secs(1), 150.0), "slow_calls"),
+        (b().half_open_probes(0), "half_open_probes"),
+        (b().half_open_probes(70_000), "half_open_probes"),
+        (b().probe_timeout(Duration::ZERO), "probe_timeout"),
+        (b().open_duration(Duration::ZERO), "open_duration"),
+        (
+            b().open_backoff(0.5, Duration::from_secs(60)),
+            "open_backoff",
+        ),
+        (
+            b().open_backoff(2.0, Duration::from_secs(1)),
+            "open_backoff",
+        ),
+        (b().jitter(1.5), "jitter"),
+        (b().max_keys(0), "max_keys"),
+        (b().body_limit(0), "body_limit"),
+        (b().name(""), "name"),
+        (b().fallback_model(""), "fallback"),
+    ];
+    for (builder, field) in cases {
+        let err = builder.build().unwrap_err();
+        assert_eq!(err.field(), field);
+        assert!(err.to_string().contains(&format!("`{field}`")), "{err}");
+    }
+    assert!(b().build().is_ok());
+}
+
+// ---- Real HTTP, end to end ----
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn post(url: &str, model: &str) -> reqwest::Response {
+    client()
+        .post(format!("{url}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(format!(
+            r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#
+        ))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn http_open_circuit_answers_a_503_envelope_with_retry_after() {
+    let (stub, stub_url) = Stub::start(502).await;
+    let layer = base()
+        .name("primary")
+        .consecutive_failures(3)
+        .open_duration(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let gateway = serve(proxy_router(stub_url.clone()).layer(layer)).await;
+    for _ in 0..3 {
+        assert_eq!(post(&gateway, "gpt-4o").await.status(), 502);
+    }
+    assert_eq!(stub.calls(), 3);
+    let res = post(&gateway, "gpt-4o").await;
+    assert_eq!(res.status(), 503);
+    let wait: u64 = res.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=30).contains(&wait), "{wait}");
+    assert_eq!(res.headers()["x-should-retry"], "true");
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "service_unavailable");
+    assert_eq!(body["error"]["type"], "server_error");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("'primary'"), "{msg}");
+    assert!(
+        !msg.contains(&stub_url) && !msg.contains("127.0.0.1"),
+        "{msg}"
+    );
+    assert_eq!(
+        stub.calls(),
+        3,
+        "the open circuit kept the call away from the upstream"
+    );
+}
+
+#[tokio::test]
+async fn http_model_fallback_rewrites_the_model_the_upstream_sees() {
+    let (stub, stub_url) = Stub::start(200).await;
+    let layer = base()
+        .key_by(KeyBy::Model)
+        .consecutive_failures(2)
+        .fallback_model("gpt-4o-mini")
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let gateway = serve(proxy_router(stub_url).layer(layer)).await;
+    stub.statuses.lock().unwrap().extend([529, 529]);
+    post(&gateway, "gpt-4o").await;
+    post(&gateway, "gpt-4o").await;
+    assert_eq!(h.state("gpt-4o"), Some(CircuitState::Open));
+    let res = post(&gateway, "gpt-4o").await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-llm-layers-fallback"], "gpt-4o-mini");
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["model"], "gpt-4o-mini");
+    let seen = stub.bodies.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen[2]["model"], "gpt-4o-mini");
+    assert_eq!(
+        seen[2]["messages"][0]["content"], "hi",
+        "the rest of the body is intact"
+    );
+    assert_eq!(h.metrics("gpt-4o").unwrap().fallbacks, 1);
+}
+
+#[tokio::test]
+async fn http_fallback_chain_reports_both_causes_then_degrades() {
+    let (primary, primary_url) = Stub::start(500).await;
+    let (backup, backup_url) = Stub::start(503).await;
+    let backup_svc = proxy_router(backup_url);
+    let events = Arc::new(AtomicUsize::new(0));
+    let ev = events.clone();
+    let build = |with_static: bool| {
+        let ev = ev.clone();
+        let mut b = base()
+            .name("primary")
+            .consecutive_failures(1)
+            .fallback_service::<_, Body, Body>("backup-provider", backup_svc.clone())
+            .on_event(move |e| {
+                if matches!(e, BreakerEvent::Fallback { .. }) {
+                    ev.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        if with_static {
+            b = b.fallback_response(
+                "canned",
+                StatusCode::OK,
+                "application/json",
+                r#"{"degraded":true}"#,
+            );
+        }
+        b.build().unwrap()
+    };
+    // Only a failing backup: 503 naming the open circuit and the backup's failure.
+    let gateway = serve(proxy_router(primary_url.clone()).layer(build(false))).await;
+    post(&gateway, "gpt-4o").await;
+    let res = post(&gateway, "gpt-4o").await;
+    assert_eq!(res.status(), 503);
+    let body: serde_json::Value = res.json().await.unwrap();
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("'primary'") && msg.contains("open"), "{msg}");
+    assert!(
+        msg.contains("'backup-provider' failed") && msg.contains("503"),
+        "{msg}"
+    );
+    assert_eq!(backup.calls(), 1);
+    // Backup failing, then a static answer.
+    let gateway = serve(proxy_router(primary_url).layer(build(true))).await;
+    post(&gateway, "gpt-4o").await;
+    let res = post(&gateway, "gpt-4o").await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-llm-layers-fallback"], "canned");
+    assert_eq!(res.text().await.unwrap(), r#"{"degraded":true}"#);
+    assert_eq!(backup.calls(), 2);
+    assert_eq!(primary.calls(), 2);
+    assert_eq!(events.load(Ordering::SeqCst), 3);
+    // A healthy backup answers for the primary.
+    backup.set_status(200);
+    let res = post(&gateway, "gpt-4o").await;
+    assert_eq!(res.headers()["x-llm-layers-fallback"], "backup-provider");
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+    #[test]
+    fn any_sequence_of_answers_keeps_the_circuit_consistent(
+        script in proptest::collection::vec((0u8..6, 0u64..4000), 1..60),
+        probes in 1u32..4,
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+        rt.block_on(async move {
+            let layer = CircuitBreakerLayer::builder()
+                .count_window(8)
+                .minimum_calls(3)
+                .slow_calls(Duration::from_millis(500), 80.0)
+                .half_open_probes(probes)
+                .open_duration(Duration::from_secs(1))
+                .seed(1)
+                .build()
+                .unwrap();
+            let h = layer.handle();
+            let up = Upstream::new(Answer::Status(200));
+            let svc = guard(&layer, &up);
+            for (kind, ms) in script {
+                let answer = match kind {
+                    0 => Answer::Status(200),
+                    1 => Answer::Status(500),
+                    2 => Answer::Status(400),
+                    3 => Answer::Status(429),
+                    4 => Answer::After(Duration::from_millis(ms), 200),
+                    _ => Answer::Refused,
+                };
+                up.script([answer]);
+                let before = up.calls();
+                let state = h.state(SINGLE_KEY).unwrap();
+                match svc.clone().oneshot(chat("m")).await {
+                    Ok(res) if res.status() == 503 && up.calls() == before => {
+                        // Rejected: only when not closed, and never with retry-after 0.
+                        assert_ne!(state, CircuitState::Closed);
+                        if let Some(v) = res.headers().get("retry-after") {
+                            assert_ne!(v, "0");
+                        }
+                        up.clear_script();
+                    }
+                    _ => assert_eq!(up.calls(), before + 1),
+                }
+                tokio::time::advance(Duration::from_millis(ms)).await;
+            }
+            let m = h.metrics(SINGLE_KEY).unwrap();
+            assert!(m.window_calls <= 8);
+            assert!(m.failures <= m.calls);
+        });
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_stream_body_after_a_fast_head_is_not_a_slow_call() {
+    let layer = base()
+        .count_window(2)
+        .minimum_calls(1)
+        .slow_calls(Duration::from_secs(1), 100.0)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    // The head arrives at once; the events trickle in over 10 s.
+    let inner = tower::service_fn(|_req: Request<Body>| async {
+        let chunks = futures_util::stream::unfold(0u8, |n| async move {
+            if n == 5 {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Some((
+                Ok::<_, std::io::Error>(bytes::Bytes::from("data: {}\n\n")),
+                n + 1,
+            ))
+        });
+        Ok::<_, std::io::Error>(Response::new(Body::from_stream(chunks)))
+    });
+    let svc = layer.layer(inner);
+    let res = svc.oneshot(chat("m")).await.unwrap();
+    let start = tokio::time::Instant::now();
+    let body = http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap();
+    assert_eq!(body.to_bytes().len(), 50);
+    assert_eq!(start.elapsed(), Duration::from_secs(10));
+    let m = h.metrics(SINGLE_KEY).unwrap();
+    assert_eq!((m.calls, m.slow_calls), (1, 0));
+    assert_eq!(m.state, CircuitState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_model_fallback_is_skipped_when_its_own_circuit_is_open() {
+    let layer = base()
+        .key_by(KeyBy::Model)
+        .consecutive_failures(1)
+        .fallback_model("gpt-4o-mini")
+        .fallback_response("canned", StatusCode::OK, "application/json", "{}")
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Status(200));
+    let svc = guard(&layer, &up);
+    up.script([Answer::Status(500)]);
+    status(&svc, "gpt-4o").await;
+    // The backup model answers for the open one, with the model rewritten.
+    let res = send(&svc, chat("gpt-4o")).await;
+    assert_eq!(res.headers()["x-llm-layers-fallback"], "gpt-4o-mini");
+    let seen: serde_json::Value = serde_json::from_slice(&up.bodies()[1]).unwrap();
+    assert_eq!(seen["model"], "gpt-4o-mini");
+    // Once the backup model's own circuit is open, the chain moves on to the canned answer
+    // without calling the upstream.
+    up.script([Answer::Status(500)]);
+    status(&svc, "gpt-4o-mini").await;
+    assert_eq!(h.state("gpt-4o-mini"), Some(CircuitState::Open));
+    let calls = up.calls();
+    let res = send(&svc, chat("gpt-4o")).await;
+    assert_eq!(res.headers()["x-llm-layers-fallback"], "canned");
+    assert_eq!(up.calls(), calls);
+}
+
+#[tokio::test(start_paused = true)]
+async fn custom_and_compound_keys() {
+    let layer = base()
+        .key_by(KeyBy::custom(|head| {
+            head.headers()
+                .get("x-tenant")
+                .and_then(|v| v.to_str().ok())
+                .map(|t| format!("tenant:{t}"))
+        }))
+        .consecutive_failures(1)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Status(500));
+    let svc = guard(&layer, &up);
+    let mut req = chat("m");
+    req.headers_mut().insert("x-tenant", "a".parse().unwrap());
+    send(&svc, req).await;
+    assert_eq!(h.state("tenant:a"), Some(CircuitState::Open));
+    // No key: unguarded, never rejected, never recorded.
+    for _ in 0..3 {
+        assert_eq!(status(&svc, "m").await, 500);
+    }
+    assert_eq!(h.all_metrics().len(), 1);
+
+    let layer = base().key_by(KeyBy::UpstreamAndModel).build().unwrap();
+    let svc = guard(&layer, &up);
+    status(&svc, "gpt-4o").await;
+    let keys: Vec<_> = layer
+        .handle()
+        .all_metrics()
+        .into_iter()
+        .map(|m| m.key.to_string())
+        .collect();
+    assert_eq!(keys, ["api.example.test/gpt-4o"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn rejections_and_transitions_reach_the_hook() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let layer = base()
+        .consecutive_failures(1)
+        .open_duration(Duration::from_secs(4))
+        .on_event(move |e| {
+            let tag = match e {
+                BreakerEvent::StateChanged { to, open_for, .. } => format!("{to} {open_for:?}"),
+                BreakerEvent::Rejected { retry_after, .. } => format!("rejected {retry_after:?}"),
+                BreakerEvent::Fallback { fallback, ok, .. } => format!("fallback {fallback} {ok}"),
+                _ => "other".into(),
+            };
+            s.lock().unwrap().push(tag);
+        })
+        .build()
+        .unwrap();
+    let up = Upstream::new(Answer::Status(500));
+    let svc = guard(&layer, &up);
+    status(&svc, "m").await;
+    tokio::time::advance(Duration::from_secs(1)).await;
+    status(&svc, "m").await;
+    assert_eq!(
+        seen.lock().unwrap()[..],
+        ["open Some(4s)", "rejected Some(3s)"]
+    );
+}
