@@ -446,7 +446,8 @@ mod tests {
     #[test]
     fn malformed_headers_have_distinct_errors() {
         let all = AcceptedHeaders::all();
-        let cases: Vec<(Vec<(&str, &[u8])>, CredentialError)> = vec![
+        type Case<'a> = (Vec<(&'a str, &'a [u8])>, CredentialError);
+        let cases: Vec<Case> = vec![
             (vec![], CredentialError::Missing { accepted: all }),
             (
                 vec![("authorization", b"Bearer ")],
