@@ -668,6 +668,76 @@ async fn store_failures_and_wrong_records_never_let_a_request_through() {
     rejection(res, 401, "invalid_api_key").await;
 }
 
+/// The in-memory store behind an asynchronous lookup that yields first, as a database would.
+#[derive(Clone)]
+struct AsyncStore(InMemoryKeyStore);
+
+impl KeyStore for AsyncStore {
+    type Future = Pin<Box<dyn Future<Output = LookupResult> + Send>>;
+
+    fn lookup(&self, hash: &KeyHash) -> Self::Future {
+        let store = self.0.clone();
+        let hash = *hash;
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            Ok(store.get(&hash).cloned())
+        })
+    }
+}
+
+#[tokio::test]
+async fn an_asynchronous_store_gives_the_same_answers() {
+    let layer = ApiKeyAuthLayer::builder(AsyncStore(store()))
+        .clock(TestClock::at(EXPIRY_SECS + 1).now_fn())
+        .build()
+        .unwrap();
+    let base = serve(Router::new().fallback(echo).layer(layer)).await;
+    let call = |key: &'static str, model: &str| {
+        post(&base, "/v1/chat/completions")
+            .bearer_auth(key)
+            .body(chat(model))
+            .send()
+    };
+
+    let res = call(ACTIVE, "gpt-4o").await.unwrap();
+    assert_eq!(res.status(), 200);
+    let seen: Value = res.json().await.unwrap();
+    assert_eq!(
+        (&seen["id"], &seen["tier"]),
+        (&"active".into(), &"pro".into())
+    );
+
+    let res = call(MINI, "gpt-4o-mini").await.unwrap();
+    assert_eq!(res.status(), 200);
+    let seen: Value = res.json().await.unwrap();
+    assert_eq!(seen["body"], chat("gpt-4o-mini"));
+
+    rejection(
+        call(MINI, "gpt-4o").await.unwrap(),
+        403,
+        "permission_denied",
+    )
+    .await;
+    rejection(
+        call(REVOKED, "gpt-4o").await.unwrap(),
+        401,
+        "revoked_api_key",
+    )
+    .await;
+    rejection(
+        call(EXPIRING, "gpt-4o").await.unwrap(),
+        401,
+        "expired_api_key",
+    )
+    .await;
+    rejection(
+        call(UNKNOWN, "gpt-4o").await.unwrap(),
+        401,
+        "invalid_api_key",
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_view_left_by_an_earlier_layer_is_used_without_reading_the_body() {
     let svc = ServiceBuilder::new()

@@ -95,6 +95,28 @@ where
             },
         }
     }
+
+    pub(crate) fn called(future: S::Future) -> Self {
+        ResponseFuture {
+            state: State::Called { future },
+        }
+    }
+
+    pub(crate) fn viewing(
+        req: Request<B>,
+        inner: S,
+        shared: Arc<Shared<K>>,
+        record: Arc<KeyRecord>,
+    ) -> Self
+    where
+        B: Body + From<Bytes> + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        ResponseFuture {
+            state: viewing(req, inner, shared, record),
+        }
+    }
 }
 
 impl<S, K, B> std::fmt::Debug for ResponseFuture<S, K, B>
@@ -202,9 +224,9 @@ fn check_model<B: From<Bytes>>(
     }
 }
 
-fn admit<S, K, B>(
+pub(crate) fn admit<S, K, B>(
     mut req: Request<B>,
-    mut inner: S,
+    inner: &mut S,
     shared: &Shared<K>,
     record: Arc<KeyRecord>,
 ) -> S::Future
@@ -223,33 +245,35 @@ where
     inner.call(req)
 }
 
-fn after_lookup<S, K, B, ResBody>(result: LookupResult, p: Pending<S, K, B>) -> State<S, K, B>
+/// What the lookup's answer means for the request.
+pub(crate) enum Decision<R> {
+    Reject(R),
+    Admit(Arc<KeyRecord>),
+    /// The key is restricted to some models and the request's model is not known yet.
+    View(Arc<KeyRecord>),
+}
+
+pub(crate) fn decide<B, K, ResBody>(
+    result: LookupResult,
+    req: &Request<B>,
+    hash: &KeyHash,
+    shared: &Shared<K>,
+) -> Decision<Response<ResBody>>
 where
-    S: Service<Request<B>, Response = Response<ResBody>>,
-    K: KeyStore,
-    B: Body + From<Bytes> + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     ResBody: From<Bytes>,
 {
-    let Pending {
-        req,
-        inner,
-        shared,
-        hash,
-    } = p;
     let record = match result {
-        Ok(Some(record)) if record.hash().ct_eq(&hash) => record,
+        Ok(Some(record)) if record.hash().ct_eq(hash) => record,
         Ok(_) => {
-            let msg = format!("Incorrect API key provided: {}.", masked(&req, &shared));
-            return reject(respond(
+            let msg = format!("Incorrect API key provided: {}.", masked(req, shared));
+            return Decision::Reject(respond(
                 ApiError::new(ErrorCode::InvalidApiKey, msg),
                 INVALID_TOKEN,
             ));
         }
         Err(e) => {
             tracing::warn!(target: "llm_layers::auth", error = %e, "key store lookup failed");
-            return reject(
+            return Decision::Reject(
                 ApiError::new(
                     ErrorCode::ServiceUnavailable,
                     "The API key could not be checked right now; try again shortly.",
@@ -261,10 +285,10 @@ where
     if record.is_revoked() {
         let msg = format!(
             "The API key {} has been revoked; a new key is needed.",
-            masked(&req, &shared)
+            masked(req, shared)
         );
         tracing::debug!(target: "llm_layers::auth", key_id = record.id(), "revoked key");
-        return reject(respond(
+        return Decision::Reject(respond(
             ApiError::new(ErrorCode::RevokedApiKey, msg),
             INVALID_TOKEN,
         ));
@@ -274,29 +298,65 @@ where
             let msg = format!(
                 "The API key {} expired at {}; an expired key cannot be renewed, so a new key is \
                  needed.",
-                masked(&req, &shared),
+                masked(req, shared),
                 format_rfc3339(at)
             );
             tracing::debug!(target: "llm_layers::auth", key_id = record.id(), "expired key");
-            return reject(respond(
+            return Decision::Reject(respond(
                 ApiError::new(ErrorCode::ExpiredApiKey, msg),
                 INVALID_TOKEN,
             ));
         }
     }
     if record.is_unrestricted() {
-        return State::Called {
-            future: admit(req, inner, &shared, record),
-        };
+        return Decision::Admit(record);
     }
-    if let Some(view) = RequestView::from_extensions(req.extensions()) {
-        return match check_model(&record, Some(view)) {
-            Some(res) => reject(res),
-            None => State::Called {
-                future: admit(req, inner, &shared, record),
-            },
-        };
+    match RequestView::from_extensions(req.extensions()) {
+        Some(view) => match check_model(&record, Some(view)) {
+            Some(res) => Decision::Reject(res),
+            None => Decision::Admit(record),
+        },
+        None => Decision::View(record),
     }
+}
+
+fn after_lookup<S, K, B, ResBody>(result: LookupResult, p: Pending<S, K, B>) -> State<S, K, B>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    K: KeyStore,
+    B: Body + From<Bytes> + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    ResBody: From<Bytes>,
+{
+    let Pending {
+        req,
+        mut inner,
+        shared,
+        hash,
+    } = p;
+    match decide(result, &req, &hash, &shared) {
+        Decision::Reject(res) => reject(res),
+        Decision::Admit(record) => State::Called {
+            future: admit(req, &mut inner, &shared, record),
+        },
+        Decision::View(record) => viewing(req, inner, shared, record),
+    }
+}
+
+fn viewing<S, K, B>(
+    req: Request<B>,
+    inner: S,
+    shared: Arc<Shared<K>>,
+    record: Arc<KeyRecord>,
+) -> State<S, K, B>
+where
+    S: Service<Request<B>>,
+    K: KeyStore,
+    B: Body + From<Bytes> + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let limit = shared.body_limit;
     let estimator = Arc::clone(&shared.estimator);
     let view: ViewFuture<B> = Box::pin(async move { ensure_view(req, limit, &*estimator).await });
@@ -352,7 +412,7 @@ where
                 StateProj::Viewing { view, ctx } => {
                     let result = ready!(view.as_mut().poll(cx));
                     let Viewing {
-                        inner,
+                        mut inner,
                         shared,
                         record,
                     } = ctx.take().expect("ResponseFuture polled after completion");
@@ -366,7 +426,7 @@ where
                                     response: Some(res),
                                 },
                                 None => State::Called {
-                                    future: admit(req, inner, &shared, record),
+                                    future: admit(req, &mut inner, &shared, record),
                                 },
                             }
                         }

@@ -8,7 +8,7 @@ use http_body::Body;
 use tower_service::Service;
 
 use super::credentials::extract_api_key;
-use super::future::{reject_credentials, Pending, ResponseFuture};
+use super::future::{admit, decide, reject_credentials, Decision, Pending, ResponseFuture};
 use super::layer::Shared;
 use super::store::{KeyHash, KeyStore};
 
@@ -83,6 +83,21 @@ where
             Ok(key) => KeyHash::of(key),
             Err(e) => return ResponseFuture::rejected(reject_credentials(&e)),
         };
+        if let Some(result) = self.shared.store.lookup_now(&hash) {
+            // The store answered at once: no state to carry, no clone of the inner service
+            // unless the body must be read.
+            return match decide(result, &req, &hash, &self.shared) {
+                Decision::Reject(res) => ResponseFuture::rejected(res),
+                Decision::Admit(record) => {
+                    ResponseFuture::called(admit(req, &mut self.inner, &self.shared, record))
+                }
+                Decision::View(record) => {
+                    let clone = self.inner.clone();
+                    let inner = std::mem::replace(&mut self.inner, clone);
+                    ResponseFuture::viewing(req, inner, Arc::clone(&self.shared), record)
+                }
+            };
+        }
         let lookup = self.shared.store.lookup(&hash);
         // The instance that was polled ready goes with the request; a clone stays behind.
         let clone = self.inner.clone();

@@ -433,6 +433,14 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Looks up the record whose secret has this digest.
     fn lookup(&self, hash: &KeyHash) -> Self::Future;
+
+    /// The answer, when the store has it without waiting (an in-memory map does): the layer
+    /// then decides within `call` and skips the asynchronous path. `None` (the default) means
+    /// "use [`KeyStore::lookup`]".
+    fn lookup_now(&self, hash: &KeyHash) -> Option<LookupResult> {
+        let _ = hash;
+        None
+    }
 }
 
 impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
@@ -440,6 +448,10 @@ impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
 
     fn lookup(&self, hash: &KeyHash) -> Self::Future {
         (**self).lookup(hash)
+    }
+
+    fn lookup_now(&self, hash: &KeyHash) -> Option<LookupResult> {
+        (**self).lookup_now(hash)
     }
 }
 
@@ -551,6 +563,10 @@ impl KeyStore for InMemoryKeyStore {
 
     fn lookup(&self, hash: &KeyHash) -> Self::Future {
         ready(Ok(self.keys.get(hash).cloned()))
+    }
+
+    fn lookup_now(&self, hash: &KeyHash) -> Option<LookupResult> {
+        Some(Ok(self.keys.get(hash).cloned()))
     }
 }
 
