@@ -158,8 +158,7 @@ pub enum CredentialError {
 }
 
 impl CredentialError {
-    /// Whether a key was presented at all (it was, but malformed or conflicting), as opposed
-    /// to no key being sent.
+    /// Whether no key was sent at all, as opposed to a malformed or conflicting one.
     pub fn is_missing(&self) -> bool {
         matches!(
             self,

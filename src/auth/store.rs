@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::time::format_rfc3339;
+use super::time::{format_rfc3339, parse_rfc3339};
 use super::ConfigError;
 use crate::ext::{KeyIdentity, KeyLimits};
 
@@ -155,6 +155,7 @@ impl KeyRecord {
             id: id.into(),
             hash: None,
             bad_hash: false,
+            bad_expiry: None,
             tier: None,
             limits: KeyLimits::new(),
             expires_at: None,
@@ -245,6 +246,7 @@ pub struct KeyRecordBuilder {
     id: Arc<str>,
     hash: Option<KeyHash>,
     bad_hash: bool,
+    bad_expiry: Option<&'static str>,
     tier: Option<Arc<str>>,
     limits: KeyLimits,
     expires_at: Option<SystemTime>,
@@ -303,6 +305,19 @@ impl KeyRecordBuilder {
         self
     }
 
+    /// The key stops working at this RFC 3339 time (`2026-12-31T23:59:59Z`,
+    /// `2026-12-31T23:59:59.5+01:00`); [`build`](Self::build) fails on any other text.
+    pub fn expires_at_rfc3339(mut self, at: &str) -> Self {
+        match parse_rfc3339(at) {
+            Ok(t) => {
+                self.expires_at = Some(t);
+                self.bad_expiry = None;
+            }
+            Err(e) => self.bad_expiry = Some(e),
+        }
+        self
+    }
+
     /// Marks the key revoked.
     pub fn revoked(mut self, revoked: bool) -> Self {
         self.revoked = revoked;
@@ -342,6 +357,9 @@ impl KeyRecordBuilder {
                 "secret",
                 "the secret is empty, or the sha256 digest is not 64 hex characters",
             ));
+        }
+        if let Some(e) = self.bad_expiry {
+            return Err(ConfigError::new("expires_at", e));
         }
         let Some(hash) = self.hash else {
             return Err(ConfigError::new(
@@ -645,6 +663,21 @@ mod tests {
             .build()
             .unwrap_err();
         assert_eq!(e.field(), "models");
+        let e = KeyRecord::builder("a")
+            .secret("x")
+            .expires_at_rfc3339("next tuesday")
+            .build()
+            .unwrap_err();
+        assert_eq!(e.field(), "expires_at");
+        let r = KeyRecord::builder("a")
+            .secret("x")
+            .expires_at_rfc3339("2026-01-01T00:00:00Z")
+            .build()
+            .unwrap();
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_767_225_600);
+        assert_eq!(r.expires_at(), Some(at));
+        assert!(!r.is_expired_at(at - std::time::Duration::from_secs(1)));
+        assert!(r.is_expired_at(at));
         let dup = InMemoryKeyStore::new([
             KeyRecord::builder("a")
                 .secret("dup-secret-value")
