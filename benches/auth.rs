@@ -2,7 +2,8 @@
 //!
 //! The store holds 100,000 keys; the request carries one of them as a bearer token. The
 //! `model_check` case adds a key restricted to `gpt-4o-mini*`, whose body is buffered and
-//! parsed; `unknown_key` is the rejection path.
+//! parsed; `keep_headers` leaves the client's credential headers on the request instead of
+//! stripping them; `unknown_key` is the rejection path.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{Request, Response};
 use http_body_util::Full;
-use llm_layers::auth::{ApiKeyAuthLayer, InMemoryKeyStore, KeyRecord};
+use llm_layers::auth::{ApiKeyAuthLayer, CredentialForwarding, InMemoryKeyStore, KeyRecord};
 use tower::{service_fn, Layer, Service, ServiceExt};
 
 const KEYS: usize = 100_000;
@@ -53,7 +54,13 @@ fn bench(c: &mut Criterion) {
     let bare = service_fn(|_req: Request<Full<Bytes>>| async {
         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
     });
-    let authed = ApiKeyAuthLayer::new(store()).layer(bare);
+    let store = store();
+    let authed = ApiKeyAuthLayer::new(store.clone()).layer(bare);
+    let keep = ApiKeyAuthLayer::builder(store)
+        .forwarding(CredentialForwarding::Keep)
+        .build()
+        .unwrap()
+        .layer(bare);
 
     let success: &'static str = Box::leak(format!("Bearer {}", secret(KEYS / 2)).into_boxed_str());
     let restricted: &'static str = Box::leak(format!("Bearer {}", secret(1)).into_boxed_str());
@@ -76,6 +83,15 @@ fn bench(c: &mut Criterion) {
     group.bench_function("bearer_100k_keys", |b| {
         b.to_async(&rt).iter(|| {
             let mut svc = authed.clone();
+            async move {
+                let res = svc.ready().await.unwrap().call(request(success)).await;
+                assert_eq!(res.unwrap().status(), 200);
+            }
+        })
+    });
+    group.bench_function("bearer_100k_keys_keep_headers", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut svc = keep.clone();
             async move {
                 let res = svc.ready().await.unwrap().call(request(success)).await;
                 assert_eq!(res.unwrap().status(), 200);

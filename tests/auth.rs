@@ -914,3 +914,35 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn masks_show_at_most_a_short_prefix_and_the_last_four(key in "[\\x21-\\x7e]{0,64}|\\PC{0,40}") {
+        let masked = llm_layers::auth::mask_key(key.as_bytes());
+        if masked != "***" {
+            prop_assert!(key.len() >= 24);
+            // `prefix...last4`; the prefix itself may hold dots.
+            let n = masked.len();
+            prop_assert!(n >= 8);
+            let (prefix, dots, last) = (&masked[..n - 7], &masked[n - 7..n - 4], &masked[n - 4..]);
+            prop_assert_eq!(dots, "...");
+            prop_assert!(!prefix.is_empty() && prefix.len() <= 8 && key.starts_with(prefix));
+            prop_assert!(key.ends_with(last));
+            prop_assert!(masked.len() * 2 <= key.len() + 8);
+        }
+    }
+
+    #[test]
+    fn expiry_text_is_accepted_or_refused_without_panicking(text in "\\PC{0,40}|[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,12})?(Z|[+-][0-9]{2}:[0-9]{2})") {
+        let built = KeyRecord::builder("k")
+            .secret("sk-prop-0123456789")
+            .expires_at_rfc3339(&text)
+            .build();
+        match built {
+            Ok(record) => prop_assert!(record.expires_at().is_some()),
+            Err(e) => prop_assert_eq!(e.field(), "expires_at"),
+        }
+    }
+}

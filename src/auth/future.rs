@@ -430,9 +430,18 @@ where
                                 },
                             }
                         }
-                        Err((_, e)) => State::Rejected {
-                            response: Some(e.to_api_error().to_response()),
-                        },
+                        Err((_, e)) => {
+                            let err = e.to_api_error();
+                            tracing::debug!(
+                                target: "llm_layers::auth",
+                                code = err.code().as_str(),
+                                message = err.message(),
+                                "request rejected"
+                            );
+                            State::Rejected {
+                                response: Some(err.to_response()),
+                            }
+                        }
                     };
                     state.set(next);
                 }
