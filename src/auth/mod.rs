@@ -45,6 +45,9 @@
 //! with [`ensure_view`](crate::request::ensure_view) and handed on intact, with the view in
 //! the extensions for later layers. Other requests stream through untouched.
 //!
+//! Put CORS handling outside this layer: a browser's preflight `OPTIONS` request carries no
+//! key and would be answered `401`.
+//!
 //! # Example
 //!
 //! ```
