@@ -237,6 +237,20 @@ expires_at = 1800000000
     }
 
     #[test]
+    fn loads_from_a_file_and_names_the_file_on_error() {
+        let dir = std::env::temp_dir();
+        let path = dir.join(format!("llm-layers-auth-keys-{}.toml", std::process::id()));
+        std::fs::write(&path, DOC).unwrap();
+        assert_eq!(InMemoryKeyStore::from_toml_file(&path).unwrap().len(), 3);
+        std::fs::write(&path, "[[keys]]\nid = \"a\"\nsha256 = \"00\"\n").unwrap();
+        let e = InMemoryKeyStore::from_toml_file(&path).unwrap_err();
+        assert!(e.field().ends_with(".toml: keys[0].sha256"), "{e}");
+        std::fs::remove_file(&path).unwrap();
+        let e = InMemoryKeyStore::from_toml_file(&path).unwrap_err();
+        assert_eq!(e.field(), "path");
+    }
+
+    #[test]
     fn errors_name_the_field_and_never_the_secret() {
         let cases = [
             ("[[keys]]\nid = \"a\"\nsha256 = \"abc\"\n", "keys[0].sha256"),
