@@ -1,2 +1,123 @@
-//! Placeholder until the auth bench lands.
-fn main() {}
+//! The cost of `ApiKeyAuthLayer` on the success path, against the bare service in the same run.
+//!
+//! The store holds 100,000 keys; the request carries one of them as a bearer token. The
+//! `model_check` case adds a key restricted to `gpt-4o-mini*`, whose body is buffered and
+//! parsed; `keep_headers` leaves the client's credential headers on the request instead of
+//! stripping them; `unknown_key` is the rejection path.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{Request, Response};
+use http_body_util::Full;
+use llm_layers::auth::{ApiKeyAuthLayer, CredentialForwarding, InMemoryKeyStore, KeyRecord};
+use tower::{service_fn, Layer, Service, ServiceExt};
+
+const KEYS: usize = 100_000;
+
+fn secret(i: usize) -> String {
+    format!("sk-bench-{i:08}-0123456789abcdefghijklmnopqrstuv")
+}
+
+fn store() -> InMemoryKeyStore {
+    let records = (0..KEYS).map(|i| {
+        let b = KeyRecord::builder(format!("key-{i}"))
+            .secret(secret(i))
+            .tier("pro");
+        let b = if i == 1 {
+            b.allow_model("gpt-4o-mini*")
+        } else {
+            b
+        };
+        b.build().unwrap()
+    });
+    InMemoryKeyStore::new(records).unwrap()
+}
+
+const BODY: &str =
+    r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hello there"}]}"#;
+
+fn request(auth: &'static str) -> Request<Full<Bytes>> {
+    Request::post("/v1/chat/completions")
+        .header("authorization", auth)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(BODY.as_bytes())))
+        .unwrap()
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let bare = service_fn(|_req: Request<Full<Bytes>>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    });
+    let store = store();
+    let authed = ApiKeyAuthLayer::new(store.clone()).layer(bare);
+    let keep = ApiKeyAuthLayer::builder(store)
+        .forwarding(CredentialForwarding::Keep)
+        .build()
+        .unwrap()
+        .layer(bare);
+
+    let success: &'static str = Box::leak(format!("Bearer {}", secret(KEYS / 2)).into_boxed_str());
+    let restricted: &'static str = Box::leak(format!("Bearer {}", secret(1)).into_boxed_str());
+    let unknown: &'static str = "Bearer sk-bench-unknown-0123456789abcdefghijklmnop";
+
+    let mut group = c.benchmark_group("auth");
+    group
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2));
+
+    group.bench_function("bare_service", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut svc = bare;
+            async move {
+                let res = svc.ready().await.unwrap().call(request(success)).await;
+                assert_eq!(res.unwrap().status(), 200);
+            }
+        })
+    });
+    group.bench_function("bearer_100k_keys", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut svc = authed.clone();
+            async move {
+                let res = svc.ready().await.unwrap().call(request(success)).await;
+                assert_eq!(res.unwrap().status(), 200);
+            }
+        })
+    });
+    group.bench_function("bearer_100k_keys_keep_headers", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut svc = keep.clone();
+            async move {
+                let res = svc.ready().await.unwrap().call(request(success)).await;
+                assert_eq!(res.unwrap().status(), 200);
+            }
+        })
+    });
+    group.bench_function("bearer_100k_keys_model_check", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut svc = authed.clone();
+            async move {
+                let res = svc.ready().await.unwrap().call(request(restricted)).await;
+                assert_eq!(res.unwrap().status(), 200);
+            }
+        })
+    });
+    group.bench_function("unknown_key_rejected", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut svc = authed.clone();
+            async move {
+                let res = svc.ready().await.unwrap().call(request(unknown)).await;
+                assert_eq!(res.unwrap().status(), 401);
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,452 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, WWW_AUTHENTICATE};
+use http::{Request, Response};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use super::credentials::{extract_api_key, mask_key, CredentialError};
+use super::inject::{set_credential, strip_credentials};
+use super::layer::{Forward, Shared};
+use super::store::{AuthenticatedKey, KeyHash, KeyRecord, KeyStore, LookupResult};
+use super::time::format_rfc3339;
+use crate::error::{ApiError, ErrorCode};
+use crate::request::{ensure_view, RequestView, ViewError};
+
+type ViewFuture<B> =
+    Pin<Box<dyn Future<Output = Result<Request<B>, (Request<B>, ViewError)>> + Send>>;
+
+/// What a request carries while its key is looked up.
+pub(crate) struct Pending<S, K, B> {
+    pub(crate) req: Request<B>,
+    pub(crate) inner: S,
+    pub(crate) shared: Arc<Shared<K>>,
+    pub(crate) hash: KeyHash,
+}
+
+/// What a request carries while its body is read for the model.
+pub(crate) struct Viewing<S, K> {
+    inner: S,
+    shared: Arc<Shared<K>>,
+    record: Arc<KeyRecord>,
+}
+
+pin_project! {
+    /// The response future of [`ApiKeyAuth`](super::ApiKeyAuth).
+    pub struct ResponseFuture<S, K, B>
+    where
+        S: Service<Request<B>>,
+        K: KeyStore,
+    {
+        #[pin]
+        state: State<S, K, B>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, K, B>
+    where
+        S: Service<Request<B>>,
+        K: KeyStore,
+    {
+        Rejected {
+            response: Option<S::Response>,
+        },
+        Lookup {
+            #[pin]
+            lookup: K::Future,
+            pending: Option<Pending<S, K, B>>,
+        },
+        Viewing {
+            view: ViewFuture<B>,
+            ctx: Option<Viewing<S, K>>,
+        },
+        Called {
+            #[pin]
+            future: S::Future,
+        },
+    }
+}
+
+impl<S, K, B> ResponseFuture<S, K, B>
+where
+    S: Service<Request<B>>,
+    K: KeyStore,
+{
+    pub(crate) fn rejected(response: S::Response) -> Self {
+        ResponseFuture {
+            state: State::Rejected {
+                response: Some(response),
+            },
+        }
+    }
+
+    pub(crate) fn lookup(lookup: K::Future, pending: Pending<S, K, B>) -> Self {
+        ResponseFuture {
+            state: State::Lookup {
+                lookup,
+                pending: Some(pending),
+            },
+        }
+    }
+
+    pub(crate) fn called(future: S::Future) -> Self {
+        ResponseFuture {
+            state: State::Called { future },
+        }
+    }
+
+    pub(crate) fn viewing(
+        req: Request<B>,
+        inner: S,
+        shared: Arc<Shared<K>>,
+        record: Arc<KeyRecord>,
+    ) -> Self
+    where
+        B: Body + From<Bytes> + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        ResponseFuture {
+            state: viewing(req, inner, shared, record),
+        }
+    }
+}
+
+impl<S, K, B> std::fmt::Debug for ResponseFuture<S, K, B>
+where
+    S: Service<Request<B>>,
+    K: KeyStore,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            State::Rejected { .. } => "rejected",
+            State::Lookup { .. } => "looking up the key",
+            State::Viewing { .. } => "reading the model",
+            State::Called { .. } => "called",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+const BEARER: HeaderValue = HeaderValue::from_static("Bearer");
+const INVALID_REQUEST: HeaderValue = HeaderValue::from_static("Bearer error=\"invalid_request\"");
+const INVALID_TOKEN: HeaderValue = HeaderValue::from_static("Bearer error=\"invalid_token\"");
+const INSUFFICIENT_SCOPE: HeaderValue =
+    HeaderValue::from_static("Bearer error=\"insufficient_scope\"");
+
+fn respond<B: From<Bytes>>(err: ApiError, challenge: HeaderValue) -> Response<B> {
+    tracing::debug!(
+        target: "llm_layers::auth",
+        code = err.code().as_str(),
+        message = err.message(),
+        "request rejected"
+    );
+    let mut res = err.to_response::<B>();
+    res.headers_mut().insert(WWW_AUTHENTICATE, challenge);
+    res
+}
+
+/// The answer for a request whose headers carry no usable key.
+pub(crate) fn reject_credentials<B: From<Bytes>>(e: &CredentialError) -> Response<B> {
+    let challenge = if e.is_missing() {
+        BEARER
+    } else {
+        INVALID_REQUEST
+    };
+    respond(
+        ApiError::new(ErrorCode::InvalidApiKey, e.message()),
+        challenge,
+    )
+}
+
+fn masked<B>(req: &Request<B>, shared: &Shared<impl Sized>) -> String {
+    extract_api_key(req.headers(), shared.accepted).map_or_else(|_| "***".to_owned(), mask_key)
+}
+
+/// Model names are the client's; a long one is cut for the message.
+fn shown_model(model: &str) -> String {
+    const MAX: usize = 100;
+    match model.char_indices().nth(MAX) {
+        Some((i, _)) => format!("{}...", &model[..i]),
+        None => model.to_owned(),
+    }
+}
+
+fn allowed_list(record: &KeyRecord) -> String {
+    record
+        .models()
+        .iter()
+        .map(|p| p.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The answer when a restricted key's request names a model it may not use, or none.
+fn check_model<B: From<Bytes>>(
+    record: &KeyRecord,
+    view: Option<&RequestView>,
+) -> Option<Response<B>> {
+    match view.and_then(RequestView::model) {
+        Some(model) if record.allows_model(model) => None,
+        Some(model) => Some(respond(
+            ApiError::new(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "This API key may not use the model `{}`. It may use: {}.",
+                    shown_model(model),
+                    allowed_list(record)
+                ),
+            )
+            .with_param("model"),
+            INSUFFICIENT_SCOPE,
+        )),
+        None => Some(respond(
+            ApiError::new(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "This API key may only use some models ({}), and the request names no model; \
+                     send `model` in the JSON body.",
+                    allowed_list(record)
+                ),
+            )
+            .with_param("model"),
+            INSUFFICIENT_SCOPE,
+        )),
+    }
+}
+
+pub(crate) fn admit<S, K, B>(
+    mut req: Request<B>,
+    inner: &mut S,
+    shared: &Shared<K>,
+    record: Arc<KeyRecord>,
+) -> S::Future
+where
+    S: Service<Request<B>>,
+{
+    tracing::trace!(target: "llm_layers::auth", key_id = record.id(), "API key accepted");
+    match &shared.forward {
+        Forward::Strip => strip_credentials(req.headers_mut()),
+        Forward::Keep => {}
+        Forward::Replace(header, value) => set_credential(req.headers_mut(), *header, value),
+    }
+    let ext = req.extensions_mut();
+    ext.insert(record.identity().clone());
+    ext.insert(AuthenticatedKey(record));
+    inner.call(req)
+}
+
+/// What the lookup's answer means for the request.
+pub(crate) enum Decision<R> {
+    Reject(R),
+    Admit(Arc<KeyRecord>),
+    /// The key is restricted to some models and the request's model is not known yet.
+    View(Arc<KeyRecord>),
+}
+
+pub(crate) fn decide<B, K, ResBody>(
+    result: LookupResult,
+    req: &Request<B>,
+    hash: &KeyHash,
+    shared: &Shared<K>,
+) -> Decision<Response<ResBody>>
+where
+    ResBody: From<Bytes>,
+{
+    let record = match result {
+        Ok(Some(record)) if record.hash().ct_eq(hash) => record,
+        Ok(_) => {
+            let msg = format!("Incorrect API key provided: {}.", masked(req, shared));
+            return Decision::Reject(respond(
+                ApiError::new(ErrorCode::InvalidApiKey, msg),
+                INVALID_TOKEN,
+            ));
+        }
+        Err(e) => {
+            tracing::warn!(target: "llm_layers::auth", error = %e, "key store lookup failed");
+            return Decision::Reject(
+                ApiError::new(
+                    ErrorCode::ServiceUnavailable,
+                    "The API key could not be checked right now; try again shortly.",
+                )
+                .to_response(),
+            );
+        }
+    };
+    if record.is_revoked() {
+        let msg = format!(
+            "The API key {} has been revoked; a new key is needed.",
+            masked(req, shared)
+        );
+        tracing::debug!(target: "llm_layers::auth", key_id = record.id(), "revoked key");
+        return Decision::Reject(respond(
+            ApiError::new(ErrorCode::RevokedApiKey, msg),
+            INVALID_TOKEN,
+        ));
+    }
+    if let Some(at) = record.expires_at() {
+        if shared.now() >= at {
+            let msg = format!(
+                "The API key {} expired at {}; an expired key cannot be renewed, so a new key is \
+                 needed.",
+                masked(req, shared),
+                format_rfc3339(at)
+            );
+            tracing::debug!(target: "llm_layers::auth", key_id = record.id(), "expired key");
+            return Decision::Reject(respond(
+                ApiError::new(ErrorCode::ExpiredApiKey, msg),
+                INVALID_TOKEN,
+            ));
+        }
+    }
+    if record.is_unrestricted() {
+        return Decision::Admit(record);
+    }
+    match RequestView::from_extensions(req.extensions()) {
+        Some(view) => match check_model(&record, Some(view)) {
+            Some(res) => Decision::Reject(res),
+            None => Decision::Admit(record),
+        },
+        None => Decision::View(record),
+    }
+}
+
+fn after_lookup<S, K, B, ResBody>(result: LookupResult, p: Pending<S, K, B>) -> State<S, K, B>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    K: KeyStore,
+    B: Body + From<Bytes> + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    ResBody: From<Bytes>,
+{
+    let Pending {
+        req,
+        mut inner,
+        shared,
+        hash,
+    } = p;
+    match decide(result, &req, &hash, &shared) {
+        Decision::Reject(res) => reject(res),
+        Decision::Admit(record) => State::Called {
+            future: admit(req, &mut inner, &shared, record),
+        },
+        Decision::View(record) => viewing(req, inner, shared, record),
+    }
+}
+
+fn viewing<S, K, B>(
+    req: Request<B>,
+    inner: S,
+    shared: Arc<Shared<K>>,
+    record: Arc<KeyRecord>,
+) -> State<S, K, B>
+where
+    S: Service<Request<B>>,
+    K: KeyStore,
+    B: Body + From<Bytes> + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let limit = shared.body_limit;
+    let estimator = Arc::clone(&shared.estimator);
+    let view: ViewFuture<B> = Box::pin(async move { ensure_view(req, limit, &*estimator).await });
+    State::Viewing {
+        view,
+        ctx: Some(Viewing {
+            inner,
+            shared,
+            record,
+        }),
+    }
+}
+
+fn reject<S, K, B>(response: S::Response) -> State<S, K, B>
+where
+    S: Service<Request<B>>,
+    K: KeyStore,
+{
+    State::Rejected {
+        response: Some(response),
+    }
+}
+
+impl<S, K, B, ResBody> Future for ResponseFuture<S, K, B>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    K: KeyStore,
+    B: Body + From<Bytes> + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    ResBody: From<Bytes>,
+{
+    type Output = Result<Response<ResBody>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        loop {
+            match state.as_mut().project() {
+                StateProj::Rejected { response } => {
+                    let res = response
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    return Poll::Ready(Ok(res));
+                }
+                StateProj::Lookup { lookup, pending } => {
+                    let result = ready!(lookup.poll(cx));
+                    let p = pending
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    let next = after_lookup(result, p);
+                    state.set(next);
+                }
+                StateProj::Viewing { view, ctx } => {
+                    let result = ready!(view.as_mut().poll(cx));
+                    let Viewing {
+                        mut inner,
+                        shared,
+                        record,
+                    } = ctx.take().expect("ResponseFuture polled after completion");
+                    let next = match result {
+                        Ok(req) => {
+                            match check_model(
+                                &record,
+                                RequestView::from_extensions(req.extensions()),
+                            ) {
+                                Some(res) => State::Rejected {
+                                    response: Some(res),
+                                },
+                                None => State::Called {
+                                    future: admit(req, &mut inner, &shared, record),
+                                },
+                            }
+                        }
+                        Err((_, e)) => {
+                            let err = e.to_api_error();
+                            tracing::debug!(
+                                target: "llm_layers::auth",
+                                code = err.code().as_str(),
+                                message = err.message(),
+                                "request rejected"
+                            );
+                            State::Rejected {
+                                response: Some(err.to_response()),
+                            }
+                        }
+                    };
+                    state.set(next);
+                }
+                StateProj::Called { future } => return future.poll(cx),
+            }
+        }
+    }
+}

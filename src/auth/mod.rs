@@ -1,0 +1,168 @@
+//! API-key authentication for LLM gateways, and the upstream key for LLM clients.
+//!
+//! A gateway in front of an LLM API hands out its own keys: several per team, rotated, some
+//! expiring, some limited to cheap models, each with its own rate limits. [`ApiKeyAuthLayer`]
+//! checks those keys against a [`KeyStore`] (the shipped [`InMemoryKeyStore`], or a database
+//! behind the trait's async lookup) and leaves the caller's [`KeyIdentity`](crate::ext::KeyIdentity)
+//! (id, tier, limits) in the request extensions for the rate-limit layer and the handlers,
+//! next to the full record ([`AuthenticatedKey`]).
+//!
+//! It improves on a plain bearer check (`tower-http`'s `ValidateRequestHeaderLayer::bearer`)
+//! where that matters for secrets:
+//!
+//! * keys are stored as SHA-256 digests, never as plaintext; the presented key is hashed on the
+//!   stack, looked up by digest, and the record's digest is confirmed in constant time
+//!   (`subtle`), so no answer's timing depends on how much of a secret matched;
+//! * any number of keys are valid at once (rotation), each with an expiry, a revoked flag, a
+//!   model allow-list (exact names and globs such as `gpt-4o-mini*`), a tier, labels and limits;
+//! * `Authorization: Bearer` (scheme case-insensitive, per RFC 7235), `x-api-key` (Anthropic)
+//!   and `api-key` (Azure) are read, as configured, and a request with two different keys, a
+//!   header sent twice, another scheme or an empty key is told exactly what is wrong;
+//! * secrets never appear in `Debug`, `Display`, logs or messages: messages show at most a
+//!   masked key (`sk-...abcd`, see [`mask_key`]);
+//! * the client's key is stripped before the request goes on, or replaced by an upstream key
+//!   ([`CredentialForwarding`]).
+//!
+//! # What it answers
+//!
+//! Every rejection is an envelope response ([`ApiError::to_response`](crate::ApiError::to_response))
+//! with `x-should-retry: false`; the inner service's error type is untouched.
+//!
+//! | case | status | `code` | `WWW-Authenticate` |
+//! |---|---|---|---|
+//! | no key in any accepted header | 401 | `invalid_api_key` | `Bearer` |
+//! | malformed: empty key, scheme other than `Bearer`, bytes other than visible ASCII, a header sent twice, two headers with different keys | 401 | `invalid_api_key` | `Bearer error="invalid_request"` |
+//! | unknown key | 401 | `invalid_api_key` | `Bearer error="invalid_token"` |
+//! | revoked key | 401 | `revoked_api_key` | `Bearer error="invalid_token"` |
+//! | expired key (the message says when) | 401 | `expired_api_key` | `Bearer error="invalid_token"` |
+//! | model not allowed for the key, or no model in the request of a restricted key | 403 | `permission_denied` (names the model and the allowed ones) | `Bearer error="insufficient_scope"` |
+//! | restricted key, body over the limit | 413 | `request_too_large` | |
+//! | restricted key, body not a JSON object | 400 | `invalid_value` | |
+//! | the store failed (`KeyStoreError`) | 503 | `service_unavailable` (retryable) | |
+//!
+//! The body is read only for keys restricted to some models, and only when no earlier layer
+//! left a [`RequestView`](crate::request::RequestView): it is buffered up to the body limit
+//! with [`ensure_view`](crate::request::ensure_view) and handed on intact, with the view in
+//! the extensions for later layers. Other requests stream through untouched.
+//!
+//! Put CORS handling outside this layer: a browser's preflight `OPTIONS` request carries no
+//! key and would be answered `401`.
+//!
+//! # Example
+//!
+//! ```
+//! use axum::{body::Body, routing::post, Extension, Router};
+//! use http::{Request, StatusCode};
+//! use llm_layers::auth::{ApiKeyAuthLayer, InMemoryKeyStore, KeyRecord};
+//! use llm_layers::ext::{KeyIdentity, KeyLimits};
+//! use tower::ServiceExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = InMemoryKeyStore::new([
+//!     KeyRecord::builder("team-a")
+//!         .secret("sk-team-a-0123456789abcdef")
+//!         .tier("pro")
+//!         .limits(KeyLimits::new().requests_per_minute(60))
+//!         .build()?,
+//!     KeyRecord::builder("interns")
+//!         .secret("sk-interns-0123456789abcdef")
+//!         .allow_model("gpt-4o-mini*")
+//!         .build()?,
+//! ])?;
+//!
+//! let app = Router::new()
+//!     .route(
+//!         "/v1/chat/completions",
+//!         post(|Extension(key): Extension<KeyIdentity>| async move { key.id().to_owned() }),
+//!     )
+//!     .layer(ApiKeyAuthLayer::new(store));
+//!
+//! let call = |key: &str, model: &str| {
+//!     Request::post("/v1/chat/completions")
+//!         .header("authorization", format!("Bearer {key}"))
+//!         .body(Body::from(format!(r#"{{"model":"{model}","messages":[]}}"#)))
+//!         .unwrap()
+//! };
+//!
+//! let res = app.clone().oneshot(call("sk-team-a-0123456789abcdef", "gpt-4o")).await?;
+//! assert_eq!(res.status(), StatusCode::OK);
+//!
+//! let res = app.clone().oneshot(call("sk-interns-0123456789abcdef", "gpt-4o")).await?;
+//! assert_eq!(res.status(), StatusCode::FORBIDDEN);
+//!
+//! let res = app.clone().oneshot(call("sk-interns-0123456789abcdef", "gpt-4o-mini")).await?;
+//! assert_eq!(res.status(), StatusCode::OK);
+//!
+//! let res = app.oneshot(call("sk-wrong", "gpt-4o")).await?;
+//! assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+//! assert_eq!(res.headers()["www-authenticate"], r#"Bearer error="invalid_token""#);
+//! assert_eq!(res.headers()["x-should-retry"], "false");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! On the client side, [`InjectApiKeyLayer`] sets the upstream key (Bearer, `x-api-key` or
+//! `api-key`) on outgoing requests, as a sensitive header value.
+
+use std::borrow::Cow;
+use std::fmt;
+
+#[cfg(feature = "config")]
+mod config;
+mod credentials;
+mod future;
+mod inject;
+mod layer;
+mod service;
+mod store;
+mod time;
+
+pub use credentials::{
+    extract_api_key, mask_key, AcceptedHeaders, CredentialError, API_KEY, X_API_KEY,
+};
+pub use future::ResponseFuture;
+pub use inject::{ApiKey, InjectApiKey, InjectApiKeyLayer, KeyHeader};
+pub use layer::{ApiKeyAuthBuilder, ApiKeyAuthLayer, Clock, CredentialForwarding};
+pub use service::ApiKeyAuth;
+pub use store::{
+    AuthenticatedKey, InMemoryKeyStore, KeyHash, KeyRecord, KeyRecordBuilder, KeyStore,
+    KeyStoreError, LookupResult, ModelPattern,
+};
+
+/// A configuration value was refused. The message names the field and never quotes a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    field: Cow<'static, str>,
+    message: Cow<'static, str>,
+}
+
+impl ConfigError {
+    pub(crate) fn new(
+        field: impl Into<Cow<'static, str>>,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        ConfigError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The field that was refused (`body_limit`, `keys[2].sha256`, `line 7`).
+    pub fn field(&self) -> &str {
+        &self.field
+    }
+
+    /// What is wrong with it.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
