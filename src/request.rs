@@ -114,6 +114,68 @@ impl TokenEstimator for CharEstimator {
     }
 }
 
+/// The exact token count of OpenAI's BPE tokenizers (feature `tiktoken`).
+///
+/// The encoding is chosen by model name (`o200k_base` for GPT-4o, GPT-4.1, GPT-5 and the `o`
+/// series, `cl100k_base` for GPT-4 and GPT-3.5, ...) and falls back to `o200k_base` for names
+/// it does not know (other providers' models, empty names). Each encoding is built once per
+/// process, on first use, and shared by every estimator.
+///
+/// ```
+/// use llm_layers::request::{TiktokenEstimator, TokenEstimator};
+///
+/// assert_eq!(TiktokenEstimator.estimate("gpt-4o", "hello world"), 2);
+/// ```
+#[cfg(feature = "tiktoken")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TiktokenEstimator;
+
+#[cfg(feature = "tiktoken")]
+impl TiktokenEstimator {
+    /// The encoding used for `model`, built on first use.
+    fn bpe(model: &str) -> &'static tiktoken_rs::CoreBPE {
+        use std::sync::OnceLock;
+        use tiktoken_rs::tokenizer::{get_tokenizer, Tokenizer};
+
+        static O200K: OnceLock<Option<tiktoken_rs::CoreBPE>> = OnceLock::new();
+        static CL100K: OnceLock<Option<tiktoken_rs::CoreBPE>> = OnceLock::new();
+        static P50K: OnceLock<Option<tiktoken_rs::CoreBPE>> = OnceLock::new();
+        static R50K: OnceLock<Option<tiktoken_rs::CoreBPE>> = OnceLock::new();
+        static HARMONY: OnceLock<Option<tiktoken_rs::CoreBPE>> = OnceLock::new();
+        static P50K_EDIT: OnceLock<Option<tiktoken_rs::CoreBPE>> = OnceLock::new();
+
+        let o200k = || {
+            O200K
+                .get_or_init(|| tiktoken_rs::o200k_base().ok())
+                .as_ref()
+                .expect("the o200k_base tables are compiled into tiktoken-rs")
+        };
+        let built = match get_tokenizer(model) {
+            Some(Tokenizer::Cl100kBase) => CL100K.get_or_init(|| tiktoken_rs::cl100k_base().ok()),
+            Some(Tokenizer::P50kBase) => P50K.get_or_init(|| tiktoken_rs::p50k_base().ok()),
+            Some(Tokenizer::P50kEdit) => P50K_EDIT.get_or_init(|| tiktoken_rs::p50k_edit().ok()),
+            Some(Tokenizer::R50kBase) | Some(Tokenizer::Gpt2) => {
+                R50K.get_or_init(|| tiktoken_rs::r50k_base().ok())
+            }
+            Some(Tokenizer::O200kHarmony) => {
+                HARMONY.get_or_init(|| tiktoken_rs::o200k_harmony().ok())
+            }
+            _ => return o200k(),
+        };
+        match built {
+            Some(bpe) => bpe,
+            None => o200k(),
+        }
+    }
+}
+
+#[cfg(feature = "tiktoken")]
+impl TokenEstimator for TiktokenEstimator {
+    fn estimate(&self, model: &str, text: &str) -> u64 {
+        Self::bpe(model).encode_ordinary(text).len() as u64
+    }
+}
+
 fn is_cjk(c: char) -> bool {
     matches!(c as u32,
         0x1100..=0x11FF        // Hangul Jamo
