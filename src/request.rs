@@ -459,6 +459,36 @@ mod tests {
         assert_eq!(CharEstimator.estimate("", "héllo"), 2);
     }
 
+    #[cfg(feature = "tiktoken")]
+    #[test]
+    fn tiktoken_picks_the_encoding_by_model() {
+        let text = "The quick brown fox jumps over the lazy dog. 你好，世界！";
+        let o200k = tiktoken_rs::o200k_base()
+            .unwrap()
+            .encode_ordinary(text)
+            .len() as u64;
+        let cl100k = tiktoken_rs::cl100k_base()
+            .unwrap()
+            .encode_ordinary(text)
+            .len() as u64;
+        assert_ne!(o200k, cl100k, "the sample tells the encodings apart");
+        assert_eq!(TiktokenEstimator.estimate("gpt-4o", text), o200k);
+        assert_eq!(
+            TiktokenEstimator.estimate("gpt-4o-mini-2024-07-18", text),
+            o200k
+        );
+        assert_eq!(TiktokenEstimator.estimate("gpt-4", text), cl100k);
+        assert_eq!(TiktokenEstimator.estimate("gpt-3.5-turbo", text), cl100k);
+        // Unknown and empty names fall back to o200k_base.
+        assert_eq!(TiktokenEstimator.estimate("claude-3-5-sonnet", text), o200k);
+        assert_eq!(TiktokenEstimator.estimate("", text), o200k);
+        // The same encoding is shared, not rebuilt.
+        assert!(std::ptr::eq(
+            TiktokenEstimator::bpe("gpt-4o"),
+            TiktokenEstimator::bpe("o3-mini")
+        ));
+    }
+
     #[test]
     fn endpoints_from_paths() {
         assert_eq!(
