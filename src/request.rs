@@ -272,33 +272,50 @@ impl RequestView {
         json: Arc<Value>,
         estimator: &dyn TokenEstimator,
     ) -> RequestView {
-        let model = json
-            .get("model")
-            .and_then(Value::as_str)
-            .map(Arc::<str>::from);
-        let stream = json.get("stream").and_then(Value::as_bool).unwrap_or(false);
-        let max_tokens = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
-            .iter()
-            .find_map(|k| json.get(*k).and_then(Value::as_u64));
-        let messages = json.get("messages").and_then(Value::as_array);
-        let message_count = messages.map(Vec::len);
-        let model_name = model.as_deref().unwrap_or("");
-        let mut tokens = 0u64;
-        let mut count = |text: &str| tokens += estimator.estimate(model_name, text);
-        if let Some(messages) = messages {
-            for m in messages {
-                count_text(m.get("content"), &mut count);
-                count_text(m.get("name"), &mut count);
-                if let Some(calls) = m.get("tool_calls").and_then(Value::as_array) {
-                    for c in calls {
-                        count_text(c.pointer("/function/arguments"), &mut count);
-                    }
+        // One pass over the top-level fields and one over each message's fields: cheaper than
+        // a map lookup per field of interest.
+        let (mut model, mut stream, mut messages) = (None, false, None);
+        let mut max = [None; 3]; // max_completion_tokens, max_tokens, max_output_tokens
+        let mut texts: [Option<&Value>; 4] = [None; 4]; // prompt, input, instructions, system
+        if let Some(obj) = json.as_object() {
+            for (key, value) in obj {
+                match key.as_str() {
+                    "model" => model = value.as_str(),
+                    "stream" => stream = value.as_bool().unwrap_or(false),
+                    "messages" => messages = value.as_array(),
+                    "max_completion_tokens" => max[0] = value.as_u64(),
+                    "max_tokens" => max[1] = value.as_u64(),
+                    "max_output_tokens" => max[2] = value.as_u64(),
+                    "prompt" => texts[0] = Some(value),
+                    "input" => texts[1] = Some(value),
+                    "instructions" => texts[2] = Some(value),
+                    "system" => texts[3] = Some(value),
+                    _ => {}
                 }
             }
         }
-        for key in ["prompt", "input", "instructions", "system"] {
-            count_text(json.get(key), &mut count);
+        let max_tokens = max.into_iter().flatten().next();
+        let message_count = messages.map(Vec::len);
+        let model_name = model.unwrap_or("");
+        let mut tokens = 0u64;
+        let mut count = |text: &str| tokens += estimator.estimate(model_name, text);
+        for m in messages.into_iter().flatten().filter_map(Value::as_object) {
+            for (key, value) in m {
+                match key.as_str() {
+                    "content" | "name" => count_text(Some(value), &mut count),
+                    "tool_calls" => {
+                        for c in value.as_array().into_iter().flatten() {
+                            count_text(c.pointer("/function/arguments"), &mut count);
+                        }
+                    }
+                    _ => {}
+                }
+            }
         }
+        for text in texts {
+            count_text(text, &mut count);
+        }
+        let model = model.map(Arc::<str>::from);
         tokens += PER_MESSAGE_OVERHEAD * message_count.unwrap_or(0) as u64;
         RequestView {
             endpoint,
