@@ -10,15 +10,13 @@ use crate::request::{Endpoint, RequestView};
 
 use super::config::Shared;
 
-/// Roles a chat message may have.
-const ROLES: &[&str] = &[
-    "system",
-    "user",
-    "assistant",
-    "tool",
-    "developer",
-    "function",
-];
+/// Whether `role` is one a chat message may have.
+fn is_role(role: &str) -> bool {
+    matches!(
+        role,
+        "system" | "user" | "assistant" | "tool" | "developer" | "function"
+    )
+}
 
 /// `400 invalid_value` unless the `content-type` is `application/json` (any parameters).
 pub(crate) fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
@@ -176,29 +174,30 @@ fn check_required(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<(), Ap
 }
 
 fn check_params(obj: &Map<String, Value>) -> Result<(), ApiError> {
-    number_in(obj, "temperature", 0.0, 2.0)?;
-    number_in(obj, "top_p", 0.0, 1.0)?;
-    number_in(obj, "presence_penalty", -2.0, 2.0)?;
-    number_in(obj, "frequency_penalty", -2.0, 2.0)?;
-    integer_at_least(obj, "n", 1)?;
-    integer_at_least(obj, "max_tokens", 1)?;
-    integer_at_least(obj, "max_completion_tokens", 1)?;
-    integer_at_least(obj, "max_output_tokens", 1)?;
-    match obj.get("stream") {
-        None | Some(Value::Null) | Some(Value::Bool(_)) => Ok(()),
-        Some(other) => Err(wrong_type("stream", "a boolean (true or false)", other)),
+    // One pass over the fields rather than a lookup per parameter.
+    for (key, value) in obj {
+        match key.as_str() {
+            "temperature" => number_in("temperature", value, 0.0, 2.0)?,
+            "top_p" => number_in("top_p", value, 0.0, 1.0)?,
+            "presence_penalty" => number_in("presence_penalty", value, -2.0, 2.0)?,
+            "frequency_penalty" => number_in("frequency_penalty", value, -2.0, 2.0)?,
+            "n" => integer_at_least("n", value, 1)?,
+            "max_tokens" => integer_at_least("max_tokens", value, 1)?,
+            "max_completion_tokens" => integer_at_least("max_completion_tokens", value, 1)?,
+            "max_output_tokens" => integer_at_least("max_output_tokens", value, 1)?,
+            "stream" if !matches!(value, Value::Null | Value::Bool(_)) => {
+                return Err(wrong_type("stream", "a boolean (true or false)", value));
+            }
+            _ => {}
+        }
     }
+    Ok(())
 }
 
-fn number_in(
-    obj: &Map<String, Value>,
-    key: &'static str,
-    lo: f64,
-    hi: f64,
-) -> Result<(), ApiError> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::Number(n)) => {
+fn number_in(key: &'static str, value: &Value, lo: f64, hi: f64) -> Result<(), ApiError> {
+    match value {
+        Value::Null => Ok(()),
+        Value::Number(n) => {
             let x = n.as_f64().unwrap_or(f64::NAN);
             if (lo..=hi).contains(&x) {
                 Ok(())
@@ -212,7 +211,7 @@ fn number_in(
                 .with_param(key))
             }
         }
-        Some(other) => Err(wrong_type(
+        other => Err(wrong_type(
             key,
             &format!("a number between {lo} and {hi}"),
             other,
@@ -220,10 +219,10 @@ fn number_in(
     }
 }
 
-fn integer_at_least(obj: &Map<String, Value>, key: &'static str, min: i64) -> Result<(), ApiError> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::Number(n)) => {
+fn integer_at_least(key: &'static str, value: &Value, min: i64) -> Result<(), ApiError> {
+    match value {
+        Value::Null => Ok(()),
+        Value::Number(n) => {
             let ok = match (n.as_i64(), n.as_u64()) {
                 (Some(i), _) => i >= min,
                 (None, Some(_)) => true,
@@ -245,7 +244,7 @@ fn integer_at_least(obj: &Map<String, Value>, key: &'static str, min: i64) -> Re
                 .with_param(key))
             }
         }
-        Some(other) => Err(wrong_type(
+        other => Err(wrong_type(
             key,
             &format!("an integer of at least {min}"),
             other,
@@ -268,8 +267,19 @@ fn check_messages(obj: &Map<String, Value>) -> Result<(), ApiError> {
             )
             .with_param(format!("messages[{i}]")));
         };
-        let role = match m.get("role") {
-            Some(Value::String(r)) if ROLES.contains(&r.as_str()) => r.as_str(),
+        // One pass over the message's fields.
+        let (mut role, mut content, mut tool_call_id, mut has_calls) = (None, None, None, false);
+        for (key, value) in m {
+            match key.as_str() {
+                "role" => role = Some(value),
+                "content" => content = Some(value).filter(|c| !c.is_null()),
+                "tool_call_id" => tool_call_id = Some(value),
+                "tool_calls" | "function_call" | "audio" => has_calls |= !value.is_null(),
+                _ => {}
+            }
+        }
+        let role = match role {
+            Some(Value::String(r)) if is_role(r) => r.as_str(),
             Some(Value::String(r)) => {
                 return Err(ApiError::new(
                     ErrorCode::InvalidValue,
@@ -300,7 +310,6 @@ fn check_messages(obj: &Map<String, Value>) -> Result<(), ApiError> {
                 .with_param(format!("messages[{i}].role")))
             }
         };
-        let content = m.get("content").filter(|c| !c.is_null());
         if let Some(c) = content {
             if !matches!(c, Value::String(_) | Value::Array(_)) {
                 return Err(ApiError::new(
@@ -314,11 +323,7 @@ fn check_messages(obj: &Map<String, Value>) -> Result<(), ApiError> {
                 .with_param(format!("messages[{i}].content")));
             }
         }
-        let has = |k: &str| m.get(k).is_some_and(|v| !v.is_null());
-        let content_needed = match role {
-            "assistant" => !(has("tool_calls") || has("function_call") || has("audio")),
-            _ => true,
-        };
+        let content_needed = role != "assistant" || !has_calls;
         if content_needed && content.is_none() {
             let why = if role == "assistant" {
                 "an assistant message needs `content` unless it has `tool_calls`"
@@ -331,7 +336,7 @@ fn check_messages(obj: &Map<String, Value>) -> Result<(), ApiError> {
             )
             .with_param(format!("messages[{i}].content")));
         }
-        if role == "tool" && !matches!(m.get("tool_call_id"), Some(Value::String(_))) {
+        if role == "tool" && !matches!(tool_call_id, Some(Value::String(_))) {
             return Err(ApiError::new(
                 ErrorCode::InvalidValue,
                 format!(
