@@ -754,3 +754,144 @@ proptest! {
         pass_or_envelope(&rt, body.to_string().into_bytes())?;
     }
 }
+
+#[tokio::test]
+async fn other_paths_and_methods_are_not_validated_but_deployment_paths_are() {
+    let app = Router::new()
+        .route("/v1/chat/completions", get(|| async { "listed" }))
+        .route("/openai/deployments/gpt4o/chat/completions", post(upstream))
+        .layer(ValidateRequestLayer::new());
+    let base = serve(app).await;
+    // GET /v1/chat/completions lists stored completions: not a generation request.
+    let res = reqwest::get(format!("{base}/v1/chat/completions"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().await.unwrap(), "listed");
+    // Azure-style deployment paths are chat requests too.
+    let path = "/openai/deployments/gpt4o/chat/completions";
+    let a = post_json(
+        &base,
+        path,
+        json!({"model": "gpt-4o", "prompt": "hi"}).to_string(),
+    )
+    .await;
+    assert_eq!(a.param(), Some("prompt"), "{}", a.text);
+    let a = post_json(&base, path, chat("gpt-4o", "hi")).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+}
+
+#[tokio::test]
+async fn with_every_body_check_off_the_body_is_not_read() {
+    let layer = ValidateRequestLayer::builder()
+        .check_required_fields(false)
+        .check_params(false)
+        .check_messages(false)
+        .check_endpoint(false)
+        .check_context_length(false)
+        .body_limit(8)
+        .build()
+        .unwrap();
+    let base = serve(app(layer)).await;
+    let a = post_json(
+        &base,
+        "/v1/chat/completions",
+        "not json, and longer than 8 bytes",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.body["view"], false);
+    // The content-type check still runs.
+    let a = post_with(&base, "/v1/chat/completions", Some("text/plain"), "{}").await;
+    assert_eq!(a.code(), "invalid_value");
+}
+
+#[tokio::test]
+async fn a_body_that_fails_mid_read_is_refused() {
+    let svc = tower::ServiceBuilder::new()
+        .layer(ValidateRequestLayer::new())
+        .service(tower::service_fn(|_req: Request| async {
+            Ok::<_, std::convert::Infallible>(axum::response::Response::new(Body::from("passed")))
+        }));
+    let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
+        Ok(Bytes::from_static(b"{\"model\":")),
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset",
+        )),
+    ];
+    let req = http::Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Body::from_stream(futures_util::stream::iter(chunks)))
+        .unwrap();
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 400);
+    let bytes = axum::body::to_bytes(res.into_body(), 1 << 16)
+        .await
+        .unwrap();
+    let env: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(env["error"]["code"], "invalid_value");
+    assert!(env["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("could not be read"));
+}
+
+#[tokio::test]
+async fn works_with_any_body_types() {
+    // A hyper-style stack: `Full<Bytes>` in, `Full<Bytes>` out.
+    use http_body_util::{BodyExt, Full};
+    let svc = tower::ServiceBuilder::new()
+        .layer(ValidateRequestLayer::new())
+        .service(tower::service_fn(
+            |req: http::Request<Full<Bytes>>| async move {
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(body)))
+            },
+        ));
+    let send = |body: &'static str| {
+        svc.clone().oneshot(
+            http::Request::post("/v1/embeddings")
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(body.as_bytes())))
+                .unwrap(),
+        )
+    };
+    let ok = r#"{"model":"text-embedding-3-small","input":"hello"}"#;
+    let res = send(ok).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), ok);
+    let res = send(r#"{"model":"text-embedding-3-small"}"#).await.unwrap();
+    assert_eq!(res.status(), 400);
+    let env: Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(env["error"]["param"], "input");
+}
+
+#[cfg(feature = "tiktoken")]
+#[tokio::test]
+async fn tiktoken_estimates_feed_the_context_check() {
+    use llm_layers::request::TiktokenEstimator;
+    let layer = ValidateRequestLayer::builder()
+        .estimator(TiktokenEstimator)
+        .context_window("gpt-4o", 60)
+        .build()
+        .unwrap();
+    let base = serve(app(layer)).await;
+    // " hello" is one o200k token: 50 of them plus 4 for the message fit in 60, 60 do not.
+    let a = post_json(
+        &base,
+        "/v1/chat/completions",
+        chat("gpt-4o", &" hello".repeat(50)),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let a = post_json(
+        &base,
+        "/v1/chat/completions",
+        chat("gpt-4o", &" hello".repeat(60)),
+    )
+    .await;
+    assert_eq!(a.code(), "context_length_exceeded", "{}", a.text);
+    assert!(a.message().contains("64 estimated"), "{}", a.message());
+}

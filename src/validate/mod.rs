@@ -32,7 +32,7 @@
 //! from a [`TokenEstimator`](crate::request::TokenEstimator): by default the fast
 //! [`CharEstimator`](crate::request::CharEstimator) (one token per CJK character, about four
 //! Latin characters per token); with the `tiktoken` feature, the exact
-//! [`TiktokenEstimator`](crate::request::TiktokenEstimator) for OpenAI models. Context windows
+//! `TiktokenEstimator` in [`crate::request`] for OpenAI models. Context windows
 //! come from [`DEFAULT_CONTEXT_WINDOWS`] and [`context_window`](ValidateBuilder::context_window).
 //!
 //! # Example
