@@ -230,8 +230,10 @@ impl ValidateBuilder {
         self
     }
 
-    /// Whether a missing `model`, `messages`, `prompt` or `input` is refused with
-    /// `400 missing_required_field`.
+    /// Whether a missing `model`, `messages` (chat), `prompt` (completions) or `input`
+    /// (embeddings, responses) is refused with `400 missing_required_field`, and one of those
+    /// fields of the wrong JSON type (`messages` not an array, or empty) with
+    /// `400 invalid_value`.
     pub fn check_required_fields(mut self, on: bool) -> Self {
         self.checks.required_fields = on;
         self
