@@ -96,6 +96,8 @@ async fn invalid_json_names_line_and_column() {
     assert_eq!(a.param(), None);
     assert!(a.message().contains("line 3"), "{}", a.message());
     assert!(a.message().contains("column"), "{}", a.message());
+    assert_eq!(a.headers["x-should-retry"], "false");
+    assert_eq!(a.headers["content-type"], "application/json");
 
     let a = post_json(&base, "/v1/chat/completions", "").await;
     assert_eq!((a.status, a.code()), (400, "invalid_value"));
@@ -894,4 +896,25 @@ async fn tiktoken_estimates_feed_the_context_check() {
     .await;
     assert_eq!(a.code(), "context_length_exceeded", "{}", a.text);
     assert!(a.message().contains("64 estimated"), "{}", a.message());
+}
+
+#[tokio::test]
+async fn responses_requests_count_input_instructions_and_max_output_tokens() {
+    let layer = ValidateRequestLayer::builder()
+        .context_window("small", 100)
+        .build()
+        .unwrap();
+    let base = serve(app(layer)).await;
+    // 40 tokens of instructions + 40 of input items: fits alone, not with 30 more of output.
+    let body = |max: u64| {
+        json!({"model": "small", "instructions": "abcd".repeat(40), "max_output_tokens": max,
+            "input": [{"role": "user", "content": [{"type": "input_text", "text": "abcd".repeat(40)}]}]})
+        .to_string()
+    };
+    let a = post_json(&base, "/v1/responses", body(10)).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let a = post_json(&base, "/v1/responses", body(30)).await;
+    assert_eq!(a.code(), "context_length_exceeded", "{}", a.text);
+    assert_eq!(a.param(), Some("input"));
+    assert!(a.message().contains("110"), "{}", a.message());
 }

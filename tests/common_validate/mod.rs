@@ -20,6 +20,7 @@ pub async fn serve(app: Router) -> String {
 /// What came back: status, and the body as JSON (`Value::Null` when not JSON).
 pub struct Answer {
     pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
     pub body: Value,
     pub text: String,
 }
@@ -58,9 +59,15 @@ pub async fn post_with(
     }
     let res = req.send().await.unwrap();
     let status = res.status().as_u16();
+    let headers = res.headers().clone();
     let text = res.text().await.unwrap();
     let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-    Answer { status, body, text }
+    Answer {
+        status,
+        headers,
+        body,
+        text,
+    }
 }
 
 /// A chat request body for `model` with one user message.
