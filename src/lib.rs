@@ -49,5 +49,6 @@ pub mod error;
 pub mod ext;
 pub mod normalize;
 pub mod request;
+pub mod validate;
 
 pub use error::{ApiError, ErrorCode};

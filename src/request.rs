@@ -114,6 +114,68 @@ impl TokenEstimator for CharEstimator {
     }
 }
 
+/// The exact token count of OpenAI's BPE tokenizers (feature `tiktoken`).
+///
+/// The encoding is chosen by model name (`o200k_base` for GPT-4o, GPT-4.1, GPT-5 and the `o`
+/// series, `cl100k_base` for GPT-4 and GPT-3.5, ...) and falls back to `o200k_base` for names
+/// it does not know (other providers' models, empty names). Each encoding is built once per
+/// process, on first use, and shared by every estimator.
+///
+/// ```
+/// use llm_layers::request::{TiktokenEstimator, TokenEstimator};
+///
+/// assert_eq!(TiktokenEstimator.estimate("gpt-4o", "hello world"), 2);
+/// ```
+#[cfg(feature = "tiktoken")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TiktokenEstimator;
+
+#[cfg(feature = "tiktoken")]
+impl TiktokenEstimator {
+    /// The encoding used for `model`, built on first use.
+    fn bpe(model: &str) -> &'static tiktoken_rs::CoreBPE {
+        use std::sync::OnceLock;
+        use tiktoken_rs::tokenizer::{get_tokenizer, Tokenizer};
+
+        static O200K: OnceLock<Option<tiktoken_rs::CoreBPE>> = OnceLock::new();
+        static CL100K: OnceLock<Option<tiktoken_rs::CoreBPE>> = OnceLock::new();
+        static P50K: OnceLock<Option<tiktoken_rs::CoreBPE>> = OnceLock::new();
+        static R50K: OnceLock<Option<tiktoken_rs::CoreBPE>> = OnceLock::new();
+        static HARMONY: OnceLock<Option<tiktoken_rs::CoreBPE>> = OnceLock::new();
+        static P50K_EDIT: OnceLock<Option<tiktoken_rs::CoreBPE>> = OnceLock::new();
+
+        let o200k = || {
+            O200K
+                .get_or_init(|| tiktoken_rs::o200k_base().ok())
+                .as_ref()
+                .expect("the o200k_base tables are compiled into tiktoken-rs")
+        };
+        let built = match get_tokenizer(model) {
+            Some(Tokenizer::Cl100kBase) => CL100K.get_or_init(|| tiktoken_rs::cl100k_base().ok()),
+            Some(Tokenizer::P50kBase) => P50K.get_or_init(|| tiktoken_rs::p50k_base().ok()),
+            Some(Tokenizer::P50kEdit) => P50K_EDIT.get_or_init(|| tiktoken_rs::p50k_edit().ok()),
+            Some(Tokenizer::R50kBase) | Some(Tokenizer::Gpt2) => {
+                R50K.get_or_init(|| tiktoken_rs::r50k_base().ok())
+            }
+            Some(Tokenizer::O200kHarmony) => {
+                HARMONY.get_or_init(|| tiktoken_rs::o200k_harmony().ok())
+            }
+            _ => return o200k(),
+        };
+        match built {
+            Some(bpe) => bpe,
+            None => o200k(),
+        }
+    }
+}
+
+#[cfg(feature = "tiktoken")]
+impl TokenEstimator for TiktokenEstimator {
+    fn estimate(&self, model: &str, text: &str) -> u64 {
+        Self::bpe(model).encode_ordinary(text).len() as u64
+    }
+}
+
 fn is_cjk(c: char) -> bool {
     matches!(c as u32,
         0x1100..=0x11FF        // Hangul Jamo
@@ -210,33 +272,50 @@ impl RequestView {
         json: Arc<Value>,
         estimator: &dyn TokenEstimator,
     ) -> RequestView {
-        let model = json
-            .get("model")
-            .and_then(Value::as_str)
-            .map(Arc::<str>::from);
-        let stream = json.get("stream").and_then(Value::as_bool).unwrap_or(false);
-        let max_tokens = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
-            .iter()
-            .find_map(|k| json.get(*k).and_then(Value::as_u64));
-        let messages = json.get("messages").and_then(Value::as_array);
-        let message_count = messages.map(Vec::len);
-        let model_name = model.as_deref().unwrap_or("");
-        let mut tokens = 0u64;
-        let mut count = |text: &str| tokens += estimator.estimate(model_name, text);
-        if let Some(messages) = messages {
-            for m in messages {
-                count_text(m.get("content"), &mut count);
-                count_text(m.get("name"), &mut count);
-                if let Some(calls) = m.get("tool_calls").and_then(Value::as_array) {
-                    for c in calls {
-                        count_text(c.pointer("/function/arguments"), &mut count);
-                    }
+        // One pass over the top-level fields and one over each message's fields: cheaper than
+        // a map lookup per field of interest.
+        let (mut model, mut stream, mut messages) = (None, false, None);
+        let mut max = [None; 3]; // max_completion_tokens, max_tokens, max_output_tokens
+        let mut texts: [Option<&Value>; 4] = [None; 4]; // prompt, input, instructions, system
+        if let Some(obj) = json.as_object() {
+            for (key, value) in obj {
+                match key.as_str() {
+                    "model" => model = value.as_str(),
+                    "stream" => stream = value.as_bool().unwrap_or(false),
+                    "messages" => messages = value.as_array(),
+                    "max_completion_tokens" => max[0] = value.as_u64(),
+                    "max_tokens" => max[1] = value.as_u64(),
+                    "max_output_tokens" => max[2] = value.as_u64(),
+                    "prompt" => texts[0] = Some(value),
+                    "input" => texts[1] = Some(value),
+                    "instructions" => texts[2] = Some(value),
+                    "system" => texts[3] = Some(value),
+                    _ => {}
                 }
             }
         }
-        for key in ["prompt", "input", "instructions", "system"] {
-            count_text(json.get(key), &mut count);
+        let max_tokens = max.into_iter().flatten().next();
+        let message_count = messages.map(Vec::len);
+        let model_name = model.unwrap_or("");
+        let mut tokens = 0u64;
+        let mut count = |text: &str| tokens += estimator.estimate(model_name, text);
+        for m in messages.into_iter().flatten().filter_map(Value::as_object) {
+            for (key, value) in m {
+                match key.as_str() {
+                    "content" | "name" => count_text(Some(value), &mut count),
+                    "tool_calls" => {
+                        for c in value.as_array().into_iter().flatten() {
+                            count_text(c.pointer("/function/arguments"), &mut count);
+                        }
+                    }
+                    _ => {}
+                }
+            }
         }
+        for text in texts {
+            count_text(text, &mut count);
+        }
+        let model = model.map(Arc::<str>::from);
         tokens += PER_MESSAGE_OVERHEAD * message_count.unwrap_or(0) as u64;
         RequestView {
             endpoint,
@@ -395,6 +474,36 @@ mod tests {
         assert_eq!(CharEstimator.estimate("", "你好世界"), 4);
         assert_eq!(CharEstimator.estimate("", "abcdefgh"), 2);
         assert_eq!(CharEstimator.estimate("", "héllo"), 2);
+    }
+
+    #[cfg(feature = "tiktoken")]
+    #[test]
+    fn tiktoken_picks_the_encoding_by_model() {
+        let text = "The quick brown fox jumps over the lazy dog. 你好，世界！";
+        let o200k = tiktoken_rs::o200k_base()
+            .unwrap()
+            .encode_ordinary(text)
+            .len() as u64;
+        let cl100k = tiktoken_rs::cl100k_base()
+            .unwrap()
+            .encode_ordinary(text)
+            .len() as u64;
+        assert_ne!(o200k, cl100k, "the sample tells the encodings apart");
+        assert_eq!(TiktokenEstimator.estimate("gpt-4o", text), o200k);
+        assert_eq!(
+            TiktokenEstimator.estimate("gpt-4o-mini-2024-07-18", text),
+            o200k
+        );
+        assert_eq!(TiktokenEstimator.estimate("gpt-4", text), cl100k);
+        assert_eq!(TiktokenEstimator.estimate("gpt-3.5-turbo", text), cl100k);
+        // Unknown and empty names fall back to o200k_base.
+        assert_eq!(TiktokenEstimator.estimate("claude-3-5-sonnet", text), o200k);
+        assert_eq!(TiktokenEstimator.estimate("", text), o200k);
+        // The same encoding is shared, not rebuilt.
+        assert!(std::ptr::eq(
+            TiktokenEstimator::bpe("gpt-4o"),
+            TiktokenEstimator::bpe("o3-mini")
+        ));
     }
 
     #[test]

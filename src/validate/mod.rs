@@ -1,0 +1,93 @@
+//! Request validation: refuse a malformed LLM request at the edge, with the error the client
+//! would have got from the provider, before it costs a round trip, a rate-limit token or money.
+//!
+//! Clients send requests the provider will refuse: a `temperature` of `"hot"`, a message with
+//! role `"bot"`, `messages` posted to the legacy `/v1/completions`, a prompt longer than the
+//! model's context window, a model the gateway does not serve. Validating at the edge answers
+//! them at once, in the same OpenAI-style envelope, and keeps them from reaching the layers
+//! behind (rate limits, breakers, retries) and the upstream.
+//!
+//! [`ValidateRequestLayer`] checks `POST` requests to `/v1/chat/completions`,
+//! `/v1/completions`, `/v1/embeddings` and `/v1/responses` (matched on the end of the path, so
+//! prefixes and Azure-style deployment paths work). Every other request (`GET /v1/models`,
+//! say) passes through untouched and unbuffered. The body is read once, at most
+//! [`body_limit`](ValidateBuilder::body_limit) bytes, parsed into a [`RequestView`](crate::request::RequestView) that is
+//! stored in the request extensions for later layers, and handed on byte for byte. A view an
+//! earlier layer stored is reused, parsed JSON included, without reading the body again.
+//! Unknown fields pass untouched.
+//!
+//! | failure | status | `code` | `param` |
+//! |---|---|---|---|
+//! | `content-type` missing or not `application/json` (parameters allowed) | 400 | `invalid_value` | null |
+//! | body longer than the limit | 413 | `request_too_large` | null |
+//! | body not JSON, or not an object (message gives line and column) | 400 | `invalid_value` | null |
+//! | `messages` sent to `/v1/completions`, `prompt` to `/v1/chat/completions` | 400 | `invalid_value` | `messages` / `prompt` |
+//! | no `model`; no `messages` (chat), `prompt` (completions), `input` (embeddings, responses) | 400 | `missing_required_field` | the field |
+//! | `temperature` ∉ [0, 2], `top_p` ∉ [0, 1], `presence_penalty`/`frequency_penalty` ∉ [−2, 2], `n` < 1, `max_tokens`/`max_completion_tokens`/`max_output_tokens` < 1, a wrong JSON type (`"stream":"yes"`, `messages` not an array) | 400 | `invalid_value` | the field |
+//! | a chat message that is not an object, has a role outside `system`, `user`, `assistant`, `tool`, `developer`, `function`, lacks `content` (an assistant message may omit it when it has `tool_calls`), or a `tool` message without `tool_call_id` | 400 | `invalid_value` | `messages[3].role`, `messages[3].content`, ... |
+//! | a model outside [`allowed_models`](ValidateBuilder::allowed_models) (the message lists the accepted ones) | 400 | `model_not_supported` | `model` |
+//! | estimated prompt tokens plus `max_tokens` beyond the model's context window | 400 | `context_length_exceeded` | `messages` / `prompt` / `input` |
+//!
+//! Each check can be switched off on the [`ValidateBuilder`]. The prompt size is an estimate
+//! from a [`TokenEstimator`](crate::request::TokenEstimator): by default the fast
+//! [`CharEstimator`](crate::request::CharEstimator) (one token per CJK character, about four
+//! Latin characters per token); with the `tiktoken` feature, the exact
+//! `TiktokenEstimator` in [`crate::request`] for OpenAI models. Context windows
+//! come from [`DEFAULT_CONTEXT_WINDOWS`] and [`context_window`](ValidateBuilder::context_window).
+//!
+//! # Example
+//!
+//! ```
+//! use axum::{body::Body, routing::post, Router};
+//! use http::{Request, StatusCode};
+//! use llm_layers::validate::ValidateRequestLayer;
+//! use tower::ServiceExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let validate = ValidateRequestLayer::builder()
+//!     .allowed_models(["gpt-4o", "gpt-4o-mini"])
+//!     .build()
+//!     .expect("valid configuration");
+//! let app = Router::new()
+//!     .route("/v1/chat/completions", post(|| async { "upstream answer" }))
+//!     .layer(validate);
+//!
+//! let request = |body: &'static str| {
+//!     Request::post("/v1/chat/completions")
+//!         .header("content-type", "application/json")
+//!         .body(Body::from(body))
+//!         .unwrap()
+//! };
+//!
+//! let ok = app
+//!     .clone()
+//!     .oneshot(request(r#"{"model":"gpt-4o","messages":[{"role":"user","content":"Hi"}]}"#))
+//!     .await
+//!     .unwrap();
+//! assert_eq!(ok.status(), StatusCode::OK);
+//!
+//! let bad = app
+//!     .oneshot(request(r#"{"model":"gpt-4o","temperature":3,"messages":[{"role":"user","content":"Hi"}]}"#))
+//!     .await
+//!     .unwrap();
+//! assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+//! let body = axum::body::to_bytes(bad.into_body(), 1 << 16).await.unwrap();
+//! let envelope: serde_json::Value = serde_json::from_slice(&body).unwrap();
+//! assert_eq!(envelope["error"]["code"], "invalid_value");
+//! assert_eq!(envelope["error"]["param"], "temperature");
+//! # }
+//! ```
+
+mod config;
+mod future;
+mod layer;
+mod rules;
+mod service;
+
+pub use config::{
+    ConfigError, ValidateBuilder, DEFAULT_CONTEXT_WINDOWS, DEFAULT_MAX_LISTED_MODELS,
+};
+pub use future::ResponseFuture;
+pub use layer::ValidateRequestLayer;
+pub use service::ValidateRequest;

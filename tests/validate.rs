@@ -1,0 +1,920 @@
+//! The validation layer, end to end: a real axum server with the layer, a real reqwest client.
+
+mod common_validate;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::routing::{get, post};
+use axum::Router;
+use bytes::Bytes;
+use common_validate::{chat, post_json, post_with, serve};
+use futures_util::StreamExt;
+use llm_layers::request::{CharEstimator, Endpoint, RequestView};
+use llm_layers::validate::ValidateRequestLayer;
+use proptest::prelude::*;
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+use tower::ServiceExt;
+
+/// An upstream stub: every LLM endpoint answers 200 with the body length and whether it saw a
+/// `RequestView`.
+async fn upstream(req: Request) -> axum::Json<Value> {
+    let had_view = RequestView::from_extensions(req.extensions()).is_some();
+    let bytes = axum::body::to_bytes(req.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    axum::Json(json!({"ok": true, "len": bytes.len(), "view": had_view}))
+}
+
+fn app(layer: ValidateRequestLayer) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(upstream))
+        .route("/v1/completions", post(upstream))
+        .route("/v1/embeddings", post(upstream))
+        .route("/v1/responses", post(upstream))
+        .route("/v1/files", post(upstream))
+        .route(
+            "/v1/models",
+            get(|| async { axum::Json(json!({"data": []})) }),
+        )
+        .layer(layer)
+}
+
+async fn server() -> String {
+    serve(app(ValidateRequestLayer::new())).await
+}
+
+#[tokio::test]
+async fn valid_chat_passes_with_body_intact_and_view_in_extensions() {
+    // Odd spacing, unknown fields and a trailing newline must reach the handler byte for byte.
+    let body: &'static [u8] = b"{ \"model\" : \"gpt-4o\", \"x_custom\": {\"a\": [1, 2]},\n  \"max_tokens\": 50,\n  \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}] }\n";
+    let app = Router::new()
+        .route(
+            "/v1/chat/completions",
+            post(move |req: Request| async move {
+                let view = RequestView::from_extensions(req.extensions())
+                    .expect("the layer stores the view")
+                    .clone();
+                assert_eq!(view.model(), Some("gpt-4o"));
+                assert_eq!(view.max_tokens(), Some(50));
+                assert_eq!(view.message_count(), Some(1));
+                assert_eq!(view.endpoint(), Endpoint::ChatCompletions);
+                assert_eq!(view.json().unwrap()["x_custom"]["a"][1], 2);
+                let got = axum::body::to_bytes(req.into_body(), usize::MAX)
+                    .await
+                    .unwrap();
+                assert_eq!(&got[..], body, "body must arrive byte for byte");
+                "intact"
+            }),
+        )
+        .layer(ValidateRequestLayer::new());
+    let base = serve(app).await;
+    let res = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().await.unwrap(), "intact");
+}
+
+#[tokio::test]
+async fn invalid_json_names_line_and_column() {
+    let base = server().await;
+    let a = post_json(
+        &base,
+        "/v1/chat/completions",
+        "{\n  \"model\": \"gpt-4o\",\n  \"messages\": [}",
+    )
+    .await;
+    assert_eq!(a.status, 400);
+    assert_eq!(a.code(), "invalid_value");
+    assert_eq!(a.param(), None);
+    assert!(a.message().contains("line 3"), "{}", a.message());
+    assert!(a.message().contains("column"), "{}", a.message());
+    assert_eq!(a.headers["x-should-retry"], "false");
+    assert_eq!(a.headers["content-type"], "application/json");
+
+    let a = post_json(&base, "/v1/chat/completions", "").await;
+    assert_eq!((a.status, a.code()), (400, "invalid_value"));
+}
+
+#[tokio::test]
+async fn non_object_body_is_refused() {
+    let base = server().await;
+    for (body, kind) in [
+        ("[1,2]", "an array"),
+        ("\"hi\"", "a string"),
+        ("null", "null"),
+    ] {
+        let a = post_json(&base, "/v1/chat/completions", body).await;
+        assert_eq!((a.status, a.code()), (400, "invalid_value"), "{body}");
+        assert!(a.message().contains(kind), "{}", a.message());
+    }
+}
+
+#[tokio::test]
+async fn missing_required_fields_are_named() {
+    let base = server().await;
+    let cases = [
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}]}),
+            "model",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "gpt-4o"}),
+            "messages",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "gpt-3.5-turbo-instruct"}),
+            "prompt",
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": "text-embedding-3-small"}),
+            "input",
+        ),
+        ("/v1/responses", json!({"model": "gpt-4o"}), "input"),
+    ];
+    for (path, body, param) in cases {
+        let a = post_json(&base, path, body.to_string()).await;
+        assert_eq!(a.status, 400, "{path} {body}");
+        assert_eq!(a.code(), "missing_required_field", "{path} {body}");
+        assert_eq!(a.param(), Some(param), "{path} {body}");
+        assert!(a.message().contains(param));
+    }
+    // The same endpoints pass with the field present.
+    for (path, body) in [
+        (
+            "/v1/completions",
+            json!({"model": "gpt-3.5-turbo-instruct", "prompt": "Say hi"}),
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": "text-embedding-3-small", "input": ["a", "b"]}),
+        ),
+        ("/v1/responses", json!({"model": "gpt-4o", "input": "hi"})),
+    ] {
+        let a = post_json(&base, path, body.to_string()).await;
+        assert_eq!(a.status, 200, "{path}: {}", a.text);
+        assert_eq!(a.body["view"], true);
+    }
+}
+
+#[tokio::test]
+async fn out_of_range_params_name_the_param_and_range() {
+    let base = server().await;
+    let cases = [
+        ("temperature", json!(2.5), "between 0 and 2"),
+        ("temperature", json!(-0.1), "between 0 and 2"),
+        ("top_p", json!(1.5), "between 0 and 1"),
+        ("n", json!(0), "at least 1"),
+        ("max_tokens", json!(0), "at least 1"),
+        ("max_tokens", json!(-5), "at least 1"),
+        ("max_completion_tokens", json!(-1), "at least 1"),
+        ("presence_penalty", json!(3), "between -2 and 2"),
+        ("frequency_penalty", json!(-2.5), "between -2 and 2"),
+    ];
+    for (param, value, range) in cases {
+        let mut body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+        body[param] = value.clone();
+        let a = post_json(&base, "/v1/chat/completions", body.to_string()).await;
+        assert_eq!(a.status, 400, "{param}={value}");
+        assert_eq!(a.code(), "invalid_value", "{param}={value}");
+        assert_eq!(a.param(), Some(param));
+        assert!(a.message().contains(range), "{param}: {}", a.message());
+    }
+    // Boundaries and nulls pass.
+    let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],
+        "temperature": 2, "top_p": 0, "n": 1, "max_tokens": 1, "presence_penalty": -2,
+        "frequency_penalty": null, "stream": false});
+    let a = post_json(&base, "/v1/chat/completions", body.to_string()).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+}
+
+#[tokio::test]
+async fn wrong_json_types_are_refused() {
+    let base = server().await;
+    let cases = [
+        ("temperature", json!("hot"), "a number between 0 and 2"),
+        ("stream", json!("yes"), "a boolean"),
+        ("messages", json!({"role": "user"}), "an array"),
+        ("n", json!("2"), "an integer"),
+        ("max_tokens", json!(10.5), "integer"),
+        ("model", json!(4), "a string"),
+    ];
+    for (param, value, expected) in cases {
+        let mut body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+        body[param] = value.clone();
+        let a = post_json(&base, "/v1/chat/completions", body.to_string()).await;
+        assert_eq!(
+            (a.status, a.code()),
+            (400, "invalid_value"),
+            "{param}={value}"
+        );
+        assert_eq!(a.param(), Some(param));
+        assert!(a.message().contains(expected), "{param}: {}", a.message());
+    }
+}
+
+#[tokio::test]
+async fn bad_messages_name_the_index() {
+    let base = server().await;
+    let ok = |role: &str| json!({"role": role, "content": "x"});
+    let with = |last: Value| {
+        json!({"model": "gpt-4o", "messages": [ok("system"), ok("user"), ok("assistant"), last]})
+            .to_string()
+    };
+    let cases = [
+        (json!({"role": "bot", "content": "x"}), "messages[3].role"),
+        (json!({"role": "user"}), "messages[3].content"),
+        (
+            json!({"role": "system", "content": null}),
+            "messages[3].content",
+        ),
+        (json!({"role": "assistant"}), "messages[3].content"),
+        (
+            json!({"role": "user", "content": 42}),
+            "messages[3].content",
+        ),
+        (
+            json!({"role": "tool", "content": "42"}),
+            "messages[3].tool_call_id",
+        ),
+        (json!("hello"), "messages[3]"),
+    ];
+    for (last, param) in cases {
+        let a = post_json(&base, "/v1/chat/completions", with(last.clone())).await;
+        assert_eq!((a.status, a.code()), (400, "invalid_value"), "{last}");
+        assert_eq!(a.param(), Some(param), "{last}");
+    }
+    let a = post_json(
+        &base,
+        "/v1/chat/completions",
+        with(json!({"role": "bot", "content": "x"})),
+    )
+    .await;
+    assert!(
+        a.message()
+            .contains("system, user, assistant, tool, developer"),
+        "{}",
+        a.message()
+    );
+
+    // Valid shapes pass: assistant with tool_calls and no content, the tool answer, developer,
+    // content parts, the old function role.
+    let body = json!({"model": "gpt-4o", "messages": [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Weather?"}]},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+            "function": {"name": "weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "function", "name": "weather", "content": "sunny"}
+    ]});
+    let a = post_json(&base, "/v1/chat/completions", body.to_string()).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+}
+
+#[tokio::test]
+async fn messages_sent_to_completions_names_the_chat_endpoint() {
+    let base = server().await;
+    let a = post_json(
+        &base,
+        "/v1/completions",
+        chat("gpt-3.5-turbo-instruct", "hi"),
+    )
+    .await;
+    assert_eq!((a.status, a.code()), (400, "invalid_value"));
+    assert_eq!(a.param(), Some("messages"));
+    assert!(
+        a.message().contains("/v1/chat/completions"),
+        "{}",
+        a.message()
+    );
+}
+
+#[tokio::test]
+async fn prompt_sent_to_chat_names_the_completions_endpoint() {
+    let base = server().await;
+    let body = json!({"model": "gpt-4o", "prompt": "Say hi"}).to_string();
+    let a = post_json(&base, "/v1/chat/completions", body).await;
+    assert_eq!((a.status, a.code()), (400, "invalid_value"));
+    assert_eq!(a.param(), Some("prompt"));
+    assert!(a.message().contains("/v1/completions"), "{}", a.message());
+    assert!(a.message().contains("`messages`"), "{}", a.message());
+}
+
+#[tokio::test]
+async fn unknown_model_lists_what_is_available_bounded() {
+    let mut models = vec!["gpt-4o".to_owned(), "gpt-4o-mini".to_owned()];
+    models.extend((0..20).map(|i| format!("local-{i}")));
+    let layer = ValidateRequestLayer::builder()
+        .allowed_models(models)
+        .max_listed_models(5)
+        .build()
+        .unwrap();
+    let base = serve(app(layer)).await;
+    let a = post_json(&base, "/v1/chat/completions", chat("gpt-5-ultra", "hi")).await;
+    assert_eq!((a.status, a.code()), (400, "model_not_supported"));
+    assert_eq!(a.param(), Some("model"));
+    assert!(
+        a.message()
+            .contains("gpt-4o, gpt-4o-mini, local-0, local-1, local-2 and 17 more"),
+        "{}",
+        a.message()
+    );
+    assert!(!a.message().contains("local-3"), "{}", a.message());
+    let a = post_json(&base, "/v1/chat/completions", chat("gpt-4o-mini", "hi")).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+}
+
+#[tokio::test]
+async fn context_length_exceeded_gives_both_numbers() {
+    let layer = ValidateRequestLayer::builder()
+        .context_window("small", 1000)
+        .build()
+        .unwrap();
+    let base = serve(app(layer)).await;
+    // 2000 ASCII characters are 500 estimated tokens plus 4 for the message: fits alone...
+    let text = "abcd".repeat(500);
+    let a = post_json(&base, "/v1/chat/completions", chat("small", &text)).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    // ...but not with 600 more for the completion. The dated name matches by prefix.
+    let body = json!({"model": "small-2025-01-01", "max_tokens": 600,
+        "messages": [{"role": "user", "content": text}]});
+    let a = post_json(&base, "/v1/chat/completions", body.to_string()).await;
+    assert_eq!(
+        (a.status, a.code()),
+        (400, "context_length_exceeded"),
+        "{}",
+        a.text
+    );
+    assert!(a.message().contains("1000"), "{}", a.message());
+    assert!(a.message().contains("1104"), "{}", a.message());
+    assert_eq!(a.param(), Some("messages"));
+
+    // The default table knows gpt-3.5-turbo's 16385.
+    let base = server().await;
+    let body = json!({"model": "gpt-3.5-turbo-0125", "max_tokens": 16000,
+        "messages": [{"role": "user", "content": "x".repeat(2000)}]});
+    let a = post_json(&base, "/v1/chat/completions", body.to_string()).await;
+    assert_eq!(a.code(), "context_length_exceeded", "{}", a.text);
+    assert!(a.message().contains("16385"), "{}", a.message());
+}
+
+#[tokio::test]
+async fn cjk_prompt_exceeds_a_small_context_where_latin_does_not() {
+    let layer = ValidateRequestLayer::builder()
+        .context_window("tiny", 200)
+        .build()
+        .unwrap();
+    let base = serve(app(layer)).await;
+    let cjk: String = "你好世界。".chars().cycle().take(300).collect();
+    let latin: String = "hello".chars().cycle().take(300).collect();
+    assert_eq!(cjk.chars().count(), latin.chars().count());
+    let a = post_json(&base, "/v1/chat/completions", chat("tiny", &latin)).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let a = post_json(&base, "/v1/chat/completions", chat("tiny", &cjk)).await;
+    assert_eq!(
+        (a.status, a.code()),
+        (400, "context_length_exceeded"),
+        "{}",
+        a.text
+    );
+    assert!(a.message().contains("200"), "{}", a.message());
+}
+
+#[tokio::test]
+async fn body_over_the_limit_is_413() {
+    let layer = ValidateRequestLayer::builder()
+        .body_limit(1024)
+        .build()
+        .unwrap();
+    let base = serve(app(layer)).await;
+    let big = chat("gpt-4o", &"a".repeat(2000));
+    // With a content-length...
+    let a = post_json(&base, "/v1/chat/completions", big.clone()).await;
+    assert_eq!((a.status, a.code()), (413, "request_too_large"));
+    assert!(a.message().contains("1024"), "{}", a.message());
+    // ...and streamed without one.
+    let chunks: Vec<Result<Bytes, std::io::Error>> = big
+        .into_bytes()
+        .chunks(300)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    let stream = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+    let a = post_json(&base, "/v1/chat/completions", stream).await;
+    assert_eq!((a.status, a.code()), (413, "request_too_large"));
+}
+
+#[tokio::test]
+async fn wrong_content_type_is_refused() {
+    let base = server().await;
+    let body = chat("gpt-4o", "hi");
+    for ct in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        None,
+    ] {
+        let a = post_with(&base, "/v1/chat/completions", ct, body.clone()).await;
+        assert_eq!((a.status, a.code()), (400, "invalid_value"), "{ct:?}");
+        assert_eq!(a.param(), None);
+        assert!(a.message().contains("application/json"), "{}", a.message());
+    }
+    for ct in ["application/json; charset=utf-8", "Application/JSON"] {
+        let a = post_with(&base, "/v1/chat/completions", Some(ct), body.clone()).await;
+        assert_eq!(a.status, 200, "{ct}: {}", a.text);
+    }
+}
+
+#[tokio::test]
+async fn non_llm_endpoints_pass_untouched_and_unbuffered() {
+    let layer = ValidateRequestLayer::builder()
+        .body_limit(16)
+        .build()
+        .unwrap();
+    let base = serve(app(layer)).await;
+    // Not JSON, wrong content-type and over the limit: none of it matters off the LLM paths.
+    let a = post_with(&base, "/v1/files", Some("text/plain"), "x".repeat(1000)).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.body["len"], 1000);
+    assert_eq!(a.body["view"], false, "no view: the body was not parsed");
+    let res = reqwest::get(format!("{base}/v1/models")).await.unwrap();
+    assert_eq!(res.status(), 200);
+}
+
+#[tokio::test]
+async fn unknown_fields_pass() {
+    let base = server().await;
+    let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi", "extra": 1}],
+        "metadata": {"k": "v"}, "reasoning_effort": "low", "vendor_x": [null]});
+    let a = post_json(&base, "/v1/chat/completions", body.to_string()).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+}
+
+#[tokio::test]
+async fn streaming_request_passes_and_sse_streams_through() {
+    let release = Arc::new(Notify::new());
+    let gate = release.clone();
+    let app = Router::new()
+        .route(
+            "/v1/chat/completions",
+            post(move |req: Request| {
+                let gate = gate.clone();
+                async move {
+                    assert!(RequestView::from_extensions(req.extensions())
+                        .unwrap()
+                        .stream());
+                    // The second event is only sent once the client has read the first: the
+                    // response must stream, not be buffered.
+                    let events = futures_util::stream::unfold(0u8, move |i| {
+                        let gate = gate.clone();
+                        async move {
+                            match i {
+                                0 => Some((
+                                    Ok::<_, std::io::Error>(Bytes::from_static(
+                                        b"data: {\"delta\":\"Hel\"}\n\n",
+                                    )),
+                                    1,
+                                )),
+                                1 => {
+                                    gate.notified().await;
+                                    Some((
+                                        Ok(Bytes::from_static(
+                                            b"data: {\"delta\":\"lo\"}\n\ndata: [DONE]\n\n",
+                                        )),
+                                        2,
+                                    ))
+                                }
+                                _ => None,
+                            }
+                        }
+                    });
+                    axum::response::Response::builder()
+                        .header("content-type", "text/event-stream")
+                        .body(Body::from_stream(events))
+                        .unwrap()
+                }
+            }),
+        )
+        .layer(ValidateRequestLayer::new());
+    let base = serve(app).await;
+    let body = json!({"model": "gpt-4o", "stream": true,
+        "messages": [{"role": "user", "content": "Say hello"}]});
+    let res = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let mut stream = res.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(&first[..], b"data: {\"delta\":\"Hel\"}\n\n");
+    release.notify_one();
+    let mut rest = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        rest.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(&rest[..], b"data: {\"delta\":\"lo\"}\n\ndata: [DONE]\n\n");
+}
+
+#[tokio::test]
+async fn a_view_stored_by_an_earlier_layer_is_reused() {
+    // The earlier layer parsed a different (valid) document than the bytes on the wire and
+    // counted tokens its own way; validation must use that view, not parse the body again.
+    let stored =
+        Arc::new(json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}));
+    let huge = |_: &str, _: &str| 1_000_000u64;
+    let counting = ValidateRequestLayer::new();
+    let svc = tower::ServiceBuilder::new()
+        .layer(counting)
+        .service(tower::service_fn(|req: Request| async move {
+            let len = axum::body::to_bytes(req.into_body(), usize::MAX)
+                .await
+                .unwrap()
+                .len();
+            Ok::<_, std::convert::Infallible>(axum::response::Response::new(Body::from(
+                len.to_string(),
+            )))
+        }));
+    let wire = r#"{"model":"gpt-4o","temperature":9,"messages":[]}"#;
+    let request = |view: RequestView| {
+        let mut req = http::Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Body::from(wire))
+            .unwrap();
+        req.extensions_mut().insert(view);
+        req
+    };
+    let view = RequestView::from_json(Endpoint::ChatCompletions, stored.clone(), &CharEstimator);
+    let res = svc.clone().oneshot(request(view)).await.unwrap();
+    assert_eq!(
+        res.status(),
+        200,
+        "the stored view is valid; the wire body is not"
+    );
+    let got = axum::body::to_bytes(res.into_body(), 1024).await.unwrap();
+    assert_eq!(got, wire.len().to_string(), "body handed on untouched");
+
+    let view = RequestView::from_json(Endpoint::ChatCompletions, stored, &huge);
+    let res = svc.oneshot(request(view)).await.unwrap();
+    assert_eq!(res.status(), 400);
+    let got = axum::body::to_bytes(res.into_body(), 1 << 16)
+        .await
+        .unwrap();
+    let env: Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(
+        env["error"]["code"], "context_length_exceeded",
+        "the stored token count is used"
+    );
+}
+
+#[tokio::test]
+async fn checks_can_be_switched_off() {
+    let layer = ValidateRequestLayer::builder()
+        .check_params(false)
+        .check_messages(false)
+        .check_content_type(false)
+        .build()
+        .unwrap();
+    let base = serve(app(layer)).await;
+    let body = json!({"model": "gpt-4o", "temperature": 9, "messages": [{"role": "bot"}]});
+    let a = post_with(
+        &base,
+        "/v1/chat/completions",
+        Some("text/plain"),
+        body.to_string(),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    // The checks left on still run.
+    let a = post_json(
+        &base,
+        "/v1/chat/completions",
+        json!({"model": "gpt-4o"}).to_string(),
+    )
+    .await;
+    assert_eq!(a.code(), "missing_required_field");
+}
+
+#[test]
+fn configuration_is_validated_when_built() {
+    let e = ValidateRequestLayer::builder()
+        .body_limit(0)
+        .build()
+        .unwrap_err();
+    assert_eq!(e.field(), "body_limit");
+    assert!(e.to_string().contains("body_limit"));
+    let e = ValidateRequestLayer::builder()
+        .context_window("m", 0)
+        .build()
+        .unwrap_err();
+    assert_eq!(e.field(), "context_window");
+    assert!(e.to_string().contains("\"m\""), "{e}");
+    let e = ValidateRequestLayer::builder()
+        .allowed_models(Vec::<String>::new())
+        .build()
+        .unwrap_err();
+    assert_eq!(e.field(), "allowed_models");
+    let e = ValidateRequestLayer::builder()
+        .allowed_models(["a", ""])
+        .build()
+        .unwrap_err();
+    assert_eq!(e.field(), "allowed_models");
+}
+
+#[test]
+fn context_windows_match_exact_then_longest_prefix() {
+    let layer = ValidateRequestLayer::new();
+    let window = |model: &str, tokens: u64| {
+        // One token over the window is refused, exactly at the window passes.
+        let exact = |n: u64| {
+            let json = json!({"model": model, "messages": [{"role": "user", "content": "x"}]});
+            let est = move |_: &str, _: &str| n;
+            let view = RequestView::from_json(Endpoint::ChatCompletions, Arc::new(json), &est);
+            layer.check(&view)
+        };
+        // 1 message = 4 tokens of overhead on top of the estimate.
+        assert!(exact(tokens - 4).is_ok(), "{model} at {tokens}");
+        assert!(exact(tokens - 3).is_err(), "{model} over {tokens}");
+    };
+    window("gpt-4o", 128_000);
+    window("gpt-4o-mini-2024-07-18", 128_000);
+    window("gpt-4", 8_192);
+    window("gpt-4-0613", 8_192);
+    window("gpt-4-turbo-2024-04-09", 128_000);
+    window("gpt-4.1-nano", 1_047_576);
+    window("gpt-3.5-turbo", 16_385);
+    window("o1-mini", 128_000);
+    window("o3", 200_000);
+    window("claude-3-5-sonnet-20241022", 200_000);
+    window("gemini-1.5-pro-002", 2_097_152);
+    window("ft:gpt-4o-mini-2024-07-18:org::abc", 128_000);
+    // Unknown names, and names that only share characters with an entry, are not checked.
+    let json = json!({"model": "gpt-4.5x", "messages": [{"role": "user", "content": "x"}]});
+    let est = |_: &str, _: &str| u64::MAX / 2;
+    let view = RequestView::from_json(Endpoint::ChatCompletions, Arc::new(json), &est);
+    assert!(layer.check(&view).is_ok());
+}
+
+/// Sends `body` through the layer in-process and checks the answer is a pass or an envelope.
+fn pass_or_envelope(rt: &tokio::runtime::Runtime, body: Vec<u8>) -> Result<(), TestCaseError> {
+    let svc = ValidateRequestLayer::builder()
+        .context_window("tiny", 50)
+        .allowed_models(["gpt-4o", "tiny"])
+        .build()
+        .unwrap();
+    let svc = tower::ServiceBuilder::new()
+        .layer(svc)
+        .service(tower::service_fn(|_req: Request| async {
+            Ok::<_, std::convert::Infallible>(axum::response::Response::new(Body::from("passed")))
+        }));
+    let req = http::Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(body))
+        .unwrap();
+    let (status, bytes) = rt.block_on(async {
+        let res = svc.oneshot(req).await.unwrap();
+        let status = res.status();
+        (
+            status,
+            axum::body::to_bytes(res.into_body(), 1 << 20)
+                .await
+                .unwrap(),
+        )
+    });
+    if status == 200 {
+        prop_assert_eq!(&bytes[..], b"passed");
+    } else {
+        prop_assert!(status == 400 || status == 413, "status {}", status);
+        let env: Value = serde_json::from_slice(&bytes).expect("an envelope");
+        prop_assert!(env["error"]["code"].is_string());
+        prop_assert!(env["error"]["message"].is_string());
+    }
+    Ok(())
+}
+
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|n| json!(n)),
+        (-10.0f64..10.0).prop_map(|n| json!(n)),
+        "[a-z你 ]{0,8}".prop_map(Value::String),
+        prop_oneof![Just("user"), Just("assistant"), Just("tool"), Just("bot")]
+            .prop_map(|s| json!(s)),
+    ];
+    leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::vec(
+                (
+                    prop_oneof![
+                        Just("role"),
+                        Just("content"),
+                        Just("tool_calls"),
+                        Just("tool_call_id"),
+                        Just("x")
+                    ],
+                    inner
+                ),
+                0..4
+            )
+            .prop_map(|kv| Value::Object(kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())),
+        ]
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn arbitrary_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..512)) {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        pass_or_envelope(&rt, body)?;
+    }
+
+    #[test]
+    fn arbitrary_field_values_never_panic(
+        model in prop_oneof![Just(json!("gpt-4o")), Just(json!("tiny")), Just(json!("other")), json_value()],
+        messages in json_value(),
+        field in prop_oneof![Just("temperature"), Just("top_p"), Just("n"), Just("max_tokens"), Just("stream"), Just("prompt")],
+        value in json_value(),
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let body = json!({"model": model, "messages": messages, field: value});
+        pass_or_envelope(&rt, body.to_string().into_bytes())?;
+    }
+}
+
+#[tokio::test]
+async fn other_paths_and_methods_are_not_validated_but_deployment_paths_are() {
+    let app = Router::new()
+        .route("/v1/chat/completions", get(|| async { "listed" }))
+        .route("/openai/deployments/gpt4o/chat/completions", post(upstream))
+        .layer(ValidateRequestLayer::new());
+    let base = serve(app).await;
+    // GET /v1/chat/completions lists stored completions: not a generation request.
+    let res = reqwest::get(format!("{base}/v1/chat/completions"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().await.unwrap(), "listed");
+    // Azure-style deployment paths are chat requests too.
+    let path = "/openai/deployments/gpt4o/chat/completions";
+    let a = post_json(
+        &base,
+        path,
+        json!({"model": "gpt-4o", "prompt": "hi"}).to_string(),
+    )
+    .await;
+    assert_eq!(a.param(), Some("prompt"), "{}", a.text);
+    let a = post_json(&base, path, chat("gpt-4o", "hi")).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+}
+
+#[tokio::test]
+async fn with_every_body_check_off_the_body_is_not_read() {
+    let layer = ValidateRequestLayer::builder()
+        .check_required_fields(false)
+        .check_params(false)
+        .check_messages(false)
+        .check_endpoint(false)
+        .check_context_length(false)
+        .body_limit(8)
+        .build()
+        .unwrap();
+    let base = serve(app(layer)).await;
+    let a = post_json(
+        &base,
+        "/v1/chat/completions",
+        "not json, and longer than 8 bytes",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.body["view"], false);
+    // The content-type check still runs.
+    let a = post_with(&base, "/v1/chat/completions", Some("text/plain"), "{}").await;
+    assert_eq!(a.code(), "invalid_value");
+}
+
+#[tokio::test]
+async fn a_body_that_fails_mid_read_is_refused() {
+    let svc = tower::ServiceBuilder::new()
+        .layer(ValidateRequestLayer::new())
+        .service(tower::service_fn(|_req: Request| async {
+            Ok::<_, std::convert::Infallible>(axum::response::Response::new(Body::from("passed")))
+        }));
+    let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
+        Ok(Bytes::from_static(b"{\"model\":")),
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset",
+        )),
+    ];
+    let req = http::Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Body::from_stream(futures_util::stream::iter(chunks)))
+        .unwrap();
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 400);
+    let bytes = axum::body::to_bytes(res.into_body(), 1 << 16)
+        .await
+        .unwrap();
+    let env: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(env["error"]["code"], "invalid_value");
+    assert!(env["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("could not be read"));
+}
+
+#[tokio::test]
+async fn works_with_any_body_types() {
+    // A hyper-style stack: `Full<Bytes>` in, `Full<Bytes>` out.
+    use http_body_util::{BodyExt, Full};
+    let svc = tower::ServiceBuilder::new()
+        .layer(ValidateRequestLayer::new())
+        .service(tower::service_fn(
+            |req: http::Request<Full<Bytes>>| async move {
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(body)))
+            },
+        ));
+    let send = |body: &'static str| {
+        svc.clone().oneshot(
+            http::Request::post("/v1/embeddings")
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(body.as_bytes())))
+                .unwrap(),
+        )
+    };
+    let ok = r#"{"model":"text-embedding-3-small","input":"hello"}"#;
+    let res = send(ok).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), ok);
+    let res = send(r#"{"model":"text-embedding-3-small"}"#).await.unwrap();
+    assert_eq!(res.status(), 400);
+    let env: Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(env["error"]["param"], "input");
+}
+
+#[cfg(feature = "tiktoken")]
+#[tokio::test]
+async fn tiktoken_estimates_feed_the_context_check() {
+    use llm_layers::request::TiktokenEstimator;
+    let layer = ValidateRequestLayer::builder()
+        .estimator(TiktokenEstimator)
+        .context_window("gpt-4o", 60)
+        .build()
+        .unwrap();
+    let base = serve(app(layer)).await;
+    // " hello" is one o200k token: 50 of them plus 4 for the message fit in 60, 60 do not.
+    let a = post_json(
+        &base,
+        "/v1/chat/completions",
+        chat("gpt-4o", &" hello".repeat(50)),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let a = post_json(
+        &base,
+        "/v1/chat/completions",
+        chat("gpt-4o", &" hello".repeat(60)),
+    )
+    .await;
+    assert_eq!(a.code(), "context_length_exceeded", "{}", a.text);
+    assert!(a.message().contains("64 estimated"), "{}", a.message());
+}
+
+#[tokio::test]
+async fn responses_requests_count_input_instructions_and_max_output_tokens() {
+    let layer = ValidateRequestLayer::builder()
+        .context_window("small", 100)
+        .build()
+        .unwrap();
+    let base = serve(app(layer)).await;
+    // 40 tokens of instructions + 40 of input items: fits alone, not with 30 more of output.
+    let body = |max: u64| {
+        json!({"model": "small", "instructions": "abcd".repeat(40), "max_output_tokens": max,
+            "input": [{"role": "user", "content": [{"type": "input_text", "text": "abcd".repeat(40)}]}]})
+        .to_string()
+    };
+    let a = post_json(&base, "/v1/responses", body(10)).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let a = post_json(&base, "/v1/responses", body(30)).await;
+    assert_eq!(a.code(), "context_length_exceeded", "{}", a.text);
+    assert_eq!(a.param(), Some("input"));
+    assert!(a.message().contains("110"), "{}", a.message());
+}
