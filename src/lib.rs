@@ -49,6 +49,8 @@ pub mod error;
 pub mod ext;
 pub mod normalize;
 pub mod request;
+#[cfg(feature = "config")]
+pub mod stack;
 pub mod validate;
 
 pub use error::{ApiError, ErrorCode};

@@ -1,0 +1,481 @@
+//! Declarative stacks: one TOML document turned into ready, validated layers.
+//!
+//! # Why
+//!
+//! Each layer of this crate has its own builder, checked when built. A gateway needs all of
+//! them, configured from one file that operators edit, refused at start when any value is
+//! wrong, with the error naming the field. [`StackConfig`] is that file's shape (plain serde
+//! structs, so it can also be embedded in a larger configuration of your own), and
+//! [`Stack`] holds the layers it builds:
+//!
+//! | section | builds |
+//! |---|---|
+//! | `[[keys]]` | the key store of [`ApiKeyAuthLayer`] (the auth layer's own `[[keys]]` format) |
+//! | `[validation]` | [`ValidateRequestLayer`] |
+//! | `[breaker]` | [`CircuitBreakerLayer`] with its fallback model |
+//! | `[upstream]` | the per-attempt timeout |
+//! | `[routes."/path"]` | a [`RoutePolicy`]: which edge layers guard that route |
+//!
+//! The layers stay independent: [`Stack`] only hands out clones of them (they share their
+//! state through an `Arc`, so every clone counts against the same circuits and buckets), and
+//! you stack them where you want, router-wide or per route with
+//! [`tower::ServiceBuilder::option_layer`](https://docs.rs/tower/latest/tower/builder/struct.ServiceBuilder.html#method.option_layer).
+//!
+//! # Errors
+//!
+//! Every error is a [`ConfigError`] whose [`field`](ConfigError::field) is the TOML path of
+//! the refused value (`breaker.failure_rate`, `keys[2].sha256`, `routes."/v1/models".auth`)
+//! and whose message never quotes a secret.
+//!
+//! # Example
+//!
+//! ```
+//! use axum::{routing::{get, post}, Router};
+//! use llm_layers::stack::Stack;
+//! use tower::ServiceBuilder;
+//!
+//! let stack = Stack::from_toml_str(r#"
+//!     [[keys]]
+//!     id = "team-a"
+//!     secret = "sk-team-a-0123456789abcdef"
+//!
+//!     [validation]
+//!     allowed_models = ["gpt-4o", "gpt-4o-mini"]
+//!
+//!     [breaker]
+//!     failure_rate = 50.0
+//!     fallback_model = "gpt-4o-mini"
+//!
+//!     [routes."/v1/models"]
+//!     validate = false
+//!
+//!     [routes."/healthz"]
+//!     auth = false
+//!     validate = false
+//! "#)?;
+//!
+//! // Per route: the layers the route's policy asks for, outermost first.
+//! let guarded = |path: &str| {
+//!     ServiceBuilder::new()
+//!         .option_layer(stack.auth_for(path))
+//!         .option_layer(stack.validate_for(path))
+//! };
+//! let app: Router = Router::new()
+//!     .route("/v1/chat/completions", post(|| async { "{}" }).layer(guarded("/v1/chat/completions")))
+//!     .route("/v1/models", get(|| async { "{}" }).layer(guarded("/v1/models")))
+//!     .route("/healthz", get(|| async { "ok" }).layer(guarded("/healthz")));
+//! # let _ = app;
+//!
+//! // A wrong value is refused, naming the field.
+//! let err = Stack::from_toml_str("[breaker]\nfailure_rate = 120.0").unwrap_err();
+//! assert_eq!(err.field(), "breaker.failure_rate");
+//! # Ok::<(), llm_layers::stack::ConfigError>(())
+//! ```
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::auth::{ApiKeyAuthLayer, InMemoryKeyStore};
+use crate::breaker::{CircuitBreakerLayer, KeyBy as BreakerKeyBy};
+use crate::validate::ValidateRequestLayer;
+
+/// A configuration that cannot be built; [`field`](ConfigError::field) names the TOML path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    field: Cow<'static, str>,
+    message: Cow<'static, str>,
+}
+
+impl ConfigError {
+    fn new(field: impl Into<Cow<'static, str>>, message: impl Into<Cow<'static, str>>) -> Self {
+        ConfigError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The refused field, as a TOML path (`retry.max_attempts`, `keys[1].expires_at`).
+    pub fn field(&self) -> &str {
+        &self.field
+    }
+
+    /// What is wrong with it.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The whole configuration file. Every section is optional; an empty document is valid (no
+/// keys: every authenticated route answers `401`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StackConfig {
+    /// API keys, in the auth layer's `[[keys]]` format (see
+    /// [`InMemoryKeyStore::from_toml_str`]).
+    #[serde(default)]
+    pub keys: Vec<toml::Table>,
+    /// Request validation.
+    #[serde(default)]
+    pub validation: ValidationConfig,
+    /// The circuit breaker around the upstream.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+    /// The upstream call.
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+    /// Policies by route path; a route not listed gets [`RoutePolicy::default`] (everything on).
+    #[serde(default)]
+    pub routes: BTreeMap<String, RoutePolicy>,
+}
+
+/// `[validation]`: settings of [`ValidateRequestLayer`].
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationConfig {
+    /// Models accepted (empty: any).
+    #[serde(default)]
+    pub allowed_models: Vec<String>,
+    /// Extra context windows, model name → tokens.
+    #[serde(default)]
+    pub context_windows: BTreeMap<String, u64>,
+    /// The most a request body may weigh, in bytes (default 4 MiB).
+    pub body_limit: Option<usize>,
+}
+
+/// `[breaker]`: settings of [`CircuitBreakerLayer`].
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// The breaker's name in messages and logs (default `"upstream"`).
+    pub name: Option<String>,
+    /// `"single"` (default), `"model"`, `"upstream"` or `"upstream_and_model"`.
+    pub key_by: Option<String>,
+    /// Calls in the sliding window (default 100).
+    pub window: Option<usize>,
+    /// Calls before any decision (default 10).
+    pub minimum_calls: Option<u64>,
+    /// Failure percentage that opens the circuit (default 50).
+    pub failure_rate: Option<f64>,
+    /// How long the circuit stays open at first, in milliseconds (default 30 000).
+    pub open_ms: Option<u64>,
+    /// Probe calls admitted when half-open (default 3).
+    pub half_open_probes: Option<u32>,
+    /// The model to degrade to while the circuit is open.
+    pub fallback_model: Option<String>,
+    /// Seed of the open-duration jitter.
+    pub seed: Option<u64>,
+}
+
+/// `[upstream]`: the call to the upstream.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// The time one attempt may take to the response head, in milliseconds (default 60 000).
+    pub attempt_timeout_ms: Option<u64>,
+}
+
+/// `[routes."/path"]`: which edge layers guard a route. Each is on unless set to `false`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutePolicy {
+    /// API-key authentication.
+    #[serde(default = "yes")]
+    pub auth: bool,
+    /// Request validation.
+    #[serde(default = "yes")]
+    pub validate: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for RoutePolicy {
+    fn default() -> Self {
+        RoutePolicy {
+            auth: true,
+            validate: true,
+        }
+    }
+}
+
+/// The layers built from a [`StackConfig`]. Cloning a layer out of it shares its state.
+#[derive(Debug, Clone)]
+pub struct Stack {
+    auth: ApiKeyAuthLayer<InMemoryKeyStore>,
+    validate: ValidateRequestLayer,
+    breaker: CircuitBreakerLayer,
+    attempt_timeout: Duration,
+    routes: BTreeMap<String, RoutePolicy>,
+    keys: usize,
+}
+
+impl Stack {
+    /// Parses and builds a TOML document.
+    pub fn from_toml_str(text: &str) -> Result<Stack, ConfigError> {
+        let config: StackConfig = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
+        Stack::build(&config)
+    }
+
+    /// Reads, parses and builds a TOML file.
+    pub fn from_toml_file(path: impl AsRef<Path>) -> Result<Stack, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("path", format!("cannot read {}: {e}", path.display()))
+        })?;
+        Stack::from_toml_str(&text)
+    }
+
+    /// Builds the layers, checking every value.
+    pub fn build(config: &StackConfig) -> Result<Stack, ConfigError> {
+        // The auth layer owns the `[[keys]]` format; hand it the keys as a document of its own.
+        let mut doc = toml::Table::new();
+        doc.insert(
+            "keys".to_owned(),
+            toml::Value::Array(
+                config
+                    .keys
+                    .iter()
+                    .cloned()
+                    .map(toml::Value::Table)
+                    .collect(),
+            ),
+        );
+        let doc = toml::to_string(&doc)
+            .map_err(|e| ConfigError::new("keys", format!("cannot re-encode the keys: {e}")))?;
+        let store = InMemoryKeyStore::from_toml_str(&doc)
+            .map_err(|e| ConfigError::new(e.field().to_owned(), e.message().to_owned()))?;
+        let auth = ApiKeyAuthLayer::builder(store)
+            .build()
+            .map_err(|e| ConfigError::new(format!("auth.{}", e.field()), e.message().to_owned()))?;
+
+        let v = &config.validation;
+        let mut b = ValidateRequestLayer::builder();
+        if !v.allowed_models.is_empty() {
+            b = b.allowed_models(v.allowed_models.iter().cloned());
+        }
+        for (model, tokens) in &v.context_windows {
+            b = b.context_window(model.clone(), *tokens);
+        }
+        if let Some(n) = v.body_limit {
+            b = b.body_limit(n);
+        }
+        let validate = b
+            .build()
+            .map_err(|e| ConfigError::new(format!("validation.{}", e.field()), e.to_string()))?;
+
+        let c = &config.breaker;
+        let mut b = CircuitBreakerLayer::builder().name(c.name.as_deref().unwrap_or("upstream"));
+        if let Some(key_by) = &c.key_by {
+            b = b.key_by(match key_by.as_str() {
+                "single" => BreakerKeyBy::Single,
+                "model" => BreakerKeyBy::Model,
+                "upstream" => BreakerKeyBy::Upstream,
+                "upstream_and_model" => BreakerKeyBy::UpstreamAndModel,
+                other => {
+                    return Err(ConfigError::new(
+                        "breaker.key_by",
+                        format!("expected \"single\", \"model\", \"upstream\" or \"upstream_and_model\", got {other:?}"),
+                    ))
+                }
+            });
+        }
+        if let Some(n) = c.window {
+            b = b.count_window(n);
+        }
+        if let Some(n) = c.minimum_calls {
+            b = b.minimum_calls(n);
+        }
+        if let Some(p) = c.failure_rate {
+            b = b.failure_rate(p);
+        }
+        if let Some(ms) = c.open_ms {
+            b = b.open_duration(Duration::from_millis(ms));
+        }
+        if let Some(n) = c.half_open_probes {
+            b = b.half_open_probes(n);
+        }
+        if let Some(m) = &c.fallback_model {
+            b = b.fallback_model(m.as_str());
+        }
+        if let Some(seed) = c.seed {
+            b = b.seed(seed);
+        }
+        let breaker = b.build().map_err(|e| {
+            // The breaker names its builder methods; map them to the file's keys.
+            let field = match e.field() {
+                "count_window" => "window",
+                "open_duration" => "open_ms",
+                other => other,
+            };
+            ConfigError::new(format!("breaker.{field}"), e.to_string())
+        })?;
+
+        let attempt_timeout = match config.upstream.attempt_timeout_ms {
+            Some(0) => {
+                return Err(ConfigError::new(
+                    "upstream.attempt_timeout_ms",
+                    "must be at least 1 ms",
+                ))
+            }
+            Some(ms) => Duration::from_millis(ms),
+            None => Duration::from_secs(60),
+        };
+        for path in config.routes.keys() {
+            if !path.starts_with('/') {
+                return Err(ConfigError::new(
+                    format!("routes.{path:?}"),
+                    "a route is a path starting with `/`",
+                ));
+            }
+        }
+        Ok(Stack {
+            auth,
+            validate,
+            breaker,
+            attempt_timeout,
+            routes: config.routes.clone(),
+            keys: config.keys.len(),
+        })
+    }
+
+    /// The number of API keys configured.
+    pub fn key_count(&self) -> usize {
+        self.keys
+    }
+
+    /// The authentication layer.
+    pub fn auth(&self) -> ApiKeyAuthLayer<InMemoryKeyStore> {
+        self.auth.clone()
+    }
+
+    /// The validation layer.
+    pub fn validate(&self) -> ValidateRequestLayer {
+        self.validate.clone()
+    }
+
+    /// The circuit breaker (state shared with every clone).
+    pub fn breaker(&self) -> CircuitBreakerLayer {
+        self.breaker.clone()
+    }
+
+    /// The per-attempt timeout of upstream calls.
+    pub fn attempt_timeout(&self) -> Duration {
+        self.attempt_timeout
+    }
+
+    /// The policy of a route: its `[routes."/path"]` entry, else everything on.
+    pub fn policy(&self, path: &str) -> RoutePolicy {
+        self.routes.get(path).copied().unwrap_or_default()
+    }
+
+    /// The routes with a policy of their own.
+    pub fn routes(&self) -> impl Iterator<Item = (&str, &RoutePolicy)> {
+        self.routes.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// The auth layer if the route's policy asks for it.
+    pub fn auth_for(&self, path: &str) -> Option<ApiKeyAuthLayer<InMemoryKeyStore>> {
+        self.policy(path).auth.then(|| self.auth())
+    }
+
+    /// The validation layer if the route's policy asks for it.
+    pub fn validate_for(&self, path: &str) -> Option<ValidateRequestLayer> {
+        self.policy(path).validate.then(|| self.validate())
+    }
+}
+
+/// Turns a TOML syntax or type error into a [`ConfigError`] naming the TOML path of the value.
+fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let message = e.message().trim().to_owned();
+    let Some(span) = e.span() else {
+        return ConfigError::new("toml", message);
+    };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    // The innermost table header above the error.
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim())
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    let field = match (table, key) {
+        (Some(t), Some(k)) => format!("{t}.{k}"),
+        (None, Some(k)) => k.to_owned(),
+        (Some(t), None) => t,
+        (None, None) => format!("line {line_no}"),
+    };
+    ConfigError::new(field, format!("{message} (line {line_no})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_document_builds() {
+        let stack = Stack::from_toml_str("").unwrap();
+        assert_eq!(stack.key_count(), 0);
+        assert_eq!(stack.policy("/v1/chat/completions"), RoutePolicy::default());
+    }
+
+    #[test]
+    fn type_errors_name_the_field() {
+        let err = Stack::from_toml_str("[breaker]\nwindow = \"ten\"\n").unwrap_err();
+        assert_eq!(err.field(), "breaker.window", "{err}");
+        let err = Stack::from_toml_str("[upstream]\ntimeout = 3\n").unwrap_err();
+        assert_eq!(err.field(), "upstream.timeout", "{err}");
+        assert!(err.message().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn key_errors_name_the_key_and_hide_the_secret() {
+        let err = Stack::from_toml_str(
+            "[[keys]]\nid = \"a\"\nsecret = \"sk-aaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"\n[[keys]]\nid = \"b\"\nsha256 = \"zz\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.field(), "keys[1].sha256", "{err}");
+        assert!(!err.to_string().contains("sk-aaaa"));
+    }
+
+    #[test]
+    fn layer_errors_name_the_field() {
+        let err = Stack::from_toml_str("[breaker]\nfailure_rate = 120.0\n").unwrap_err();
+        assert_eq!(err.field(), "breaker.failure_rate", "{err}");
+        let err = Stack::from_toml_str("[breaker]\nkey_by = \"nope\"\n").unwrap_err();
+        assert_eq!(err.field(), "breaker.key_by", "{err}");
+        let err = Stack::from_toml_str("[upstream]\nattempt_timeout_ms = 0\n").unwrap_err();
+        assert_eq!(err.field(), "upstream.attempt_timeout_ms", "{err}");
+        let err = Stack::from_toml_str("[routes.\"v1\"]\nauth = false\n").unwrap_err();
+        assert_eq!(err.field(), "routes.\"v1\"", "{err}");
+    }
+
+    #[test]
+    fn route_policies() {
+        let stack = Stack::from_toml_str("[routes.\"/healthz\"]\nauth = false\nvalidate = false\n")
+            .unwrap();
+        assert!(stack.auth_for("/healthz").is_none());
+        assert!(stack.validate_for("/healthz").is_none());
+        assert!(stack.auth_for("/v1/chat/completions").is_some());
+    }
+}
