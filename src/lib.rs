@@ -6,6 +6,8 @@ pub mod body;
 pub mod classify;
 pub mod error;
 pub mod ext;
+#[cfg(feature = "rate-limit")]
+pub mod rate_limit;
 pub mod request;
 
 pub use error::{ApiError, ErrorCode};
