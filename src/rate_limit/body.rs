@@ -11,8 +11,8 @@ use serde_json::Value;
 
 use super::shared::{InflightGuard, TokenCharge};
 
-/// The most bytes of a non-streaming JSON body kept (as shared `Bytes`, not copied) to read its
-/// `usage`; a larger body keeps its admission charge.
+/// The most bytes of a non-streaming JSON body copied aside to read its `usage` at the end; a
+/// larger body keeps its admission charge.
 const JSON_KEEP: usize = 1 << 20;
 /// The longest SSE line examined; longer lines are skipped.
 const SSE_LINE: usize = 64 << 10;
@@ -62,12 +62,19 @@ impl<B: Body> Body for RateLimitBody<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
         match &frame {
             Some(Ok(f)) => {
                 if let (Some(m), Some(data)) = (this.meter.as_mut(), f.data_ref()) {
                     m.feed(data.chunk());
+                }
+                // A body that knows it is done may not be polled again.
+                if this.inner.is_end_stream() {
+                    if let Some(mut m) = this.meter.take() {
+                        m.finish();
+                    }
+                    *this.guard = None;
                 }
             }
             Some(Err(_)) => {}
