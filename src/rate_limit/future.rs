@@ -48,7 +48,7 @@ pin_project! {
             admitted: Option<Admitted>,
         },
         Ready {
-            res: Option<Response<RateLimitBody<ResBody>>>,
+            res: Option<Box<Response<RateLimitBody<ResBody>>>>,
         },
     }
 }
@@ -68,7 +68,9 @@ where
 
     pub(crate) fn ready(res: Response<RateLimitBody<ResBody>>) -> Self {
         ResponseFuture {
-            state: State::Ready { res: Some(res) },
+            state: State::Ready {
+                res: Some(Box::new(res)),
+            },
         }
     }
 
@@ -114,7 +116,7 @@ where
                     admitted.headers.write(&mut parts.headers);
                     let meter = admitted
                         .charge
-                        .map(|c| Box::new(Meter::new(c, parts.status, &parts.headers)));
+                        .map(|c| Box::new(Meter::new(*c, parts.status, &parts.headers)));
                     let body = RateLimitBody::new(body, admitted.guard, meter);
                     return Poll::Ready(Ok(Response::from_parts(parts, body)));
                 }
@@ -122,7 +124,7 @@ where
                     let Some(res) = res.take() else {
                         unreachable!("polled after completion");
                     };
-                    return Poll::Ready(Ok(res));
+                    return Poll::Ready(Ok(*res));
                 }
             }
         }

@@ -186,27 +186,36 @@ impl std::fmt::Debug for RateLimitHandle {
 /// A duration the way OpenAI writes it in `x-ratelimit-reset-*`: `20ms`, `1s`, `1.5s`,
 /// `6m0s`, `1h2m3s`. Rounded up to the millisecond.
 pub fn fmt_duration(d: Duration) -> String {
+    use std::fmt::Write;
     let ms = d.as_nanos().div_ceil(1_000_000);
+    let mut out = String::with_capacity(16);
     if ms == 0 {
-        return "0s".to_owned();
+        out.push_str("0s");
+        return out;
     }
     if ms < 1000 {
-        return format!("{ms}ms");
+        let _ = write!(out, "{ms}ms");
+        return out;
     }
     let (h, rest) = (ms / 3_600_000, ms % 3_600_000);
     let (m, rest) = (rest / 60_000, rest % 60_000);
     let (s, frac) = (rest / 1000, rest % 1000);
-    let secs = if frac == 0 {
-        format!("{s}s")
-    } else {
-        let f = format!("{frac:03}");
-        format!("{s}.{}s", f.trim_end_matches('0'))
-    };
-    match (h, m) {
-        (0, 0) => secs,
-        (0, m) => format!("{m}m{secs}"),
-        (h, m) => format!("{h}h{m}m{secs}"),
+    if h > 0 {
+        let _ = write!(out, "{h}h{m}m");
+    } else if m > 0 {
+        let _ = write!(out, "{m}m");
     }
+    let _ = write!(out, "{s}");
+    if frac > 0 {
+        let (mut frac, mut digits) = (frac, 3);
+        while frac % 10 == 0 {
+            frac /= 10;
+            digits -= 1;
+        }
+        let _ = write!(out, ".{frac:0digits$}");
+    }
+    out.push('s');
+    out
 }
 
 #[cfg(test)]

@@ -68,14 +68,18 @@ impl RateHeaders {
         if let Some(s) = &self.requests {
             headers.insert(super::LIMIT_REQUESTS, HeaderValue::from(s.limit));
             headers.insert(super::REMAINING_REQUESTS, HeaderValue::from(s.remaining));
-            if let Ok(v) = HeaderValue::from_str(&fmt_duration(s.reset)) {
+            if let Ok(v) =
+                HeaderValue::from_maybe_shared(bytes::Bytes::from(fmt_duration(s.reset())))
+            {
                 headers.insert(super::RESET_REQUESTS, v);
             }
         }
         if let Some(s) = &self.tokens {
             headers.insert(super::LIMIT_TOKENS, HeaderValue::from(s.limit));
             headers.insert(super::REMAINING_TOKENS, HeaderValue::from(s.remaining));
-            if let Ok(v) = HeaderValue::from_str(&fmt_duration(s.reset)) {
+            if let Ok(v) =
+                HeaderValue::from_maybe_shared(bytes::Bytes::from(fmt_duration(s.reset())))
+            {
                 headers.insert(super::RESET_TOKENS, v);
             }
         }
@@ -135,7 +139,7 @@ impl TokenCharge {
 /// What an admitted request carries until its response body ends.
 pub(crate) struct Admitted {
     pub(crate) guard: Option<InflightGuard>,
-    pub(crate) charge: Option<TokenCharge>,
+    pub(crate) charge: Option<Box<TokenCharge>>,
     pub(crate) headers: RateHeaders,
 }
 
@@ -170,7 +174,10 @@ pub(crate) struct Shared {
     clock: TokioClock,
     registry: RwLock<HashMap<(Unit, Quota), Arc<Bucket>>>,
     inflight: Inflight,
+    /// Whether any request can be under a token quota.
     any_tokens: bool,
+    /// Whether the defaults or a tier have a token quota.
+    tier_tokens: bool,
 }
 
 thread_local! {
@@ -208,10 +215,8 @@ impl Shared {
             tokens: b.global.tokens.map(|q| Arc::new(Bucket::new(q, clock))),
             concurrency: b.global.concurrency,
         };
-        let any_tokens = b.key_limits
-            || global.tokens.is_some()
-            || defaults.tokens.is_some()
-            || tiers.values().any(|t| t.tokens.is_some());
+        let tier_tokens = defaults.tokens.is_some() || tiers.values().any(|t| t.tokens.is_some());
+        let any_tokens = b.key_limits || global.tokens.is_some() || tier_tokens;
         Shared {
             key_kind: b.key_by.0,
             trusted,
@@ -229,6 +234,7 @@ impl Shared {
             registry: RwLock::new(registry),
             inflight: Inflight::new(),
             any_tokens,
+            tier_tokens,
         }
     }
 
@@ -289,7 +295,16 @@ impl Shared {
             return true;
         }
         let ident = ext.get::<KeyIdentity>();
-        self.plan(ident).tokens.is_some()
+        if self.key_limits && ident.is_some_and(|i| i.limits().tpm().is_some_and(|n| n > 0)) {
+            return true;
+        }
+        self.tier_tokens
+            && ident
+                .and_then(KeyIdentity::tier)
+                .and_then(|t| self.tiers.get(t))
+                .unwrap_or(&self.defaults)
+                .tokens
+                .is_some()
     }
 
     fn key(&self, src: &KeySource<'_>) -> RateKey {
@@ -392,9 +407,15 @@ impl Shared {
             }
         }
         let cost32 = u32::try_from(cost).unwrap_or(u32::MAX);
+        let (mut token_status, mut request_status) = (None, None);
         if let Some(b) = plan.tokens.as_deref() {
-            if let Take::Wait(w) = b.take(&key, cost32) {
-                return Err(reject(limited("tokens", false, w), Some(w), &plan));
+            match b.take(&key, cost32) {
+                Take::Ok(s) => token_status = Some(s),
+                Take::Wait(w) => return Err(reject(limited("tokens", false, w), Some(w), &plan)),
+                Take::NeverFits => {
+                    let burst = b.quota().burst_size();
+                    return Err(reject(never_fits(cost, burst, view, false), None, &plan));
+                }
             }
         }
         let undo_tokens = |plan: &Plan<'_>, global: bool| {
@@ -420,21 +441,40 @@ impl Shared {
             }
         }
         if let Some(b) = plan.requests.as_deref() {
-            if let Take::Wait(w) = b.take(&key, 1) {
-                undo_tokens(&plan, true);
-                if let Some(g) = self.global.requests.as_ref() {
-                    g.refund(&RateKey::Global, 1);
+            match b.take(&key, 1) {
+                Take::Ok(s) => request_status = Some(s),
+                Take::Wait(w) => {
+                    undo_tokens(&plan, true);
+                    if let Some(g) = self.global.requests.as_ref() {
+                        g.refund(&RateKey::Global, 1);
+                    }
+                    return Err(reject(limited("requests", false, w), Some(w), &plan));
                 }
-                return Err(reject(limited("requests", false, w), Some(w), &plan));
+                Take::NeverFits => unreachable!("one cell always fits a bucket"),
             }
         }
 
-        let headers = headers(&plan, &key);
-        let charge = token_quota.then(|| TokenCharge {
-            bucket: plan.tokens.as_deref().cloned(),
-            global: self.global.tokens.clone(),
-            key,
-            charged: cost,
+        let headers = RateHeaders {
+            requests: request_status.or_else(|| {
+                self.global
+                    .requests
+                    .as_ref()
+                    .map(|b| b.status(&RateKey::Global))
+            }),
+            tokens: token_status.or_else(|| {
+                self.global
+                    .tokens
+                    .as_ref()
+                    .map(|b| b.status(&RateKey::Global))
+            }),
+        };
+        let charge = token_quota.then(|| {
+            Box::new(TokenCharge {
+                bucket: plan.tokens.as_deref().cloned(),
+                global: self.global.tokens.clone(),
+                key,
+                charged: cost,
+            })
         });
         Ok(Admitted {
             guard,

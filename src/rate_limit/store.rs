@@ -1,8 +1,10 @@
 //! The per-key GCRA state: a sharded map from key to theoretical arrival time, plugged into
 //! governor as its state store, plus the tokio-backed clock.
 
+use std::borrow::Borrow;
+use std::cell::Cell;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher, RandomState};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,17 +53,105 @@ impl Clock for TokioClock {
 
     fn now(&self) -> Nanos {
         let d = tokio::time::Instant::now().saturating_duration_since(self.epoch);
-        Nanos::from(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        let now = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        LAST_NOW.with(|c| c.set(now));
+        Nanos::from(now)
     }
 }
 
 const SHARDS: usize = 32;
 
+/// A key with its hash, computed once per request by the store's random hasher.
+struct Hashed {
+    hash: u64,
+    key: RateKey,
+}
+
+/// What a shard is probed with: an owned [`Hashed`] or a borrowed key with its hash, so a
+/// lookup neither clones the key nor hashes it twice.
+trait Probe {
+    fn hash64(&self) -> u64;
+    fn key(&self) -> &RateKey;
+}
+
+impl Probe for Hashed {
+    fn hash64(&self) -> u64 {
+        self.hash
+    }
+    fn key(&self) -> &RateKey {
+        &self.key
+    }
+}
+
+impl Probe for (u64, &RateKey) {
+    fn hash64(&self) -> u64 {
+        self.0
+    }
+    fn key(&self) -> &RateKey {
+        self.1
+    }
+}
+
+impl<'a> Borrow<dyn Probe + 'a> for Hashed {
+    fn borrow(&self) -> &(dyn Probe + 'a) {
+        self
+    }
+}
+
+impl Hash for dyn Probe + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash64());
+    }
+}
+
+impl PartialEq for dyn Probe + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash64() == other.hash64() && self.key() == other.key()
+    }
+}
+
+impl Eq for dyn Probe + '_ {}
+
+impl Hash for Hashed {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (self as &dyn Probe).hash(state);
+    }
+}
+
+impl PartialEq for Hashed {
+    fn eq(&self, other: &Self) -> bool {
+        (self as &dyn Probe) == (other as &dyn Probe)
+    }
+}
+
+impl Eq for Hashed {}
+
+/// Passes the precomputed hash through.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used; fold anything else in.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type Shard = HashMap<Hashed, AtomicU64, BuildHasherDefault<PassThrough>>;
+
 /// A sharded `RwLock<HashMap>` of theoretical arrival times. Existing keys are measured under a
 /// read lock with a compare-and-swap; only new keys take a shard's write lock.
 pub(crate) struct KeyStore {
     hasher: RandomState,
-    shards: Box<[RwLock<HashMap<RateKey, AtomicU64>>]>,
+    shards: Box<[RwLock<Shard>]>,
 }
 
 impl KeyStore {
@@ -72,20 +162,25 @@ impl KeyStore {
         }
     }
 
-    fn shard(&self, key: &RateKey) -> &RwLock<HashMap<RateKey, AtomicU64>> {
-        let h = self.hasher.hash_one(key) as usize;
-        &self.shards[(h >> 7) % SHARDS]
+    fn locate(&self, key: &RateKey) -> (u64, &RwLock<Shard>) {
+        let h = self.hasher.hash_one(key);
+        // The low bits pick the bucket inside a shard; the high bits pick the shard.
+        (h, &self.shards[(h >> 58) as usize % SHARDS])
     }
 
     fn get(&self, key: &RateKey) -> Option<u64> {
-        let shard = self.shard(key).read().unwrap_or_else(|e| e.into_inner());
-        shard.get(key).map(|a| a.load(Ordering::Acquire))
+        let (h, lock) = self.locate(key);
+        let shard = lock.read().unwrap_or_else(|e| e.into_inner());
+        shard
+            .get(&(h, key) as &dyn Probe)
+            .map(|a| a.load(Ordering::Acquire))
     }
 
     /// Applies `f` to the stored arrival time (if the key is present).
     fn update(&self, key: &RateKey, f: impl Fn(u64) -> u64) {
-        let shard = self.shard(key).read().unwrap_or_else(|e| e.into_inner());
-        if let Some(a) = shard.get(key) {
+        let (h, lock) = self.locate(key);
+        let shard = lock.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(a) = shard.get(&(h, key) as &dyn Probe) {
             let _ = a.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some(f(v)));
         }
     }
@@ -98,6 +193,14 @@ impl KeyStore {
     }
 }
 
+thread_local! {
+    /// The arrival time this thread last wrote, read back right after a successful check so
+    /// the headers need no second lookup.
+    static LAST_TAT: Cell<u64> = const { Cell::new(0) };
+    /// The clock reading this thread last took (the time governor decided at).
+    static LAST_NOW: Cell<u64> = const { Cell::new(0) };
+}
+
 fn measure<T, E, F>(a: &AtomicU64, f: F) -> Result<T, E>
 where
     F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
@@ -105,8 +208,12 @@ where
     let mut prev = a.load(Ordering::Acquire);
     loop {
         let (out, next) = f((prev != 0).then(|| Nanos::from(prev)))?;
-        match a.compare_exchange_weak(prev, next.into(), Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => return Ok(out),
+        let next: u64 = next.into();
+        match a.compare_exchange_weak(prev, next, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                LAST_TAT.with(|c| c.set(next));
+                return Ok(out);
+            }
             Err(p) => prev = p,
         }
     }
@@ -123,16 +230,19 @@ impl StateStore for SharedStore {
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
-        let lock = self.0.shard(key);
+        let (h, lock) = self.0.locate(key);
         {
             let shard = lock.read().unwrap_or_else(|e| e.into_inner());
-            if let Some(a) = shard.get(key) {
+            if let Some(a) = shard.get(&(h, key) as &dyn Probe) {
                 return measure(a, f);
             }
         }
         let mut shard = lock.write().unwrap_or_else(|e| e.into_inner());
         let a = shard
-            .entry(key.clone())
+            .entry(Hashed {
+                hash: h,
+                key: key.clone(),
+            })
             .or_insert_with(|| AtomicU64::new(0));
         measure(a, f)
     }
@@ -174,8 +284,8 @@ type Limiter = RateLimiter<RateKey, SharedStore, TokioClock, NoOpMiddleware<Nano
 /// The outcome of taking cells from a bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Take {
-    /// Admitted.
-    Ok,
+    /// Admitted; the bucket's state after it.
+    Ok(Status),
     /// Not now: conforming after this wait.
     Wait(Duration),
     /// More cells than the bucket holds.
@@ -186,8 +296,15 @@ pub(crate) enum Take {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Status {
     pub(crate) limit: u32,
-    pub(crate) remaining: u64,
-    pub(crate) reset: Duration,
+    pub(crate) remaining: u32,
+    reset_ns: u64,
+}
+
+impl Status {
+    /// The time until the bucket is full again.
+    pub(crate) fn reset(&self) -> Duration {
+        Duration::from_nanos(self.reset_ns)
+    }
 }
 
 /// One quota: a governor keyed limiter over its own key store.
@@ -228,13 +345,29 @@ impl Bucket {
     /// Takes `n` cells for `key`, all or none.
     pub(crate) fn take(&self, key: &RateKey, n: u32) -> Take {
         let Some(n) = NonZeroU32::new(n) else {
-            return Take::Ok;
+            return Take::Ok(self.status(key));
         };
-        match self.limiter.check_key_n(key, n) {
-            Ok(Ok(())) => Take::Ok,
-            Ok(Err(not_until)) => Take::Wait(not_until.wait_time_from(self.limiter.clock().now())),
-            Err(_) => Take::NeverFits,
+        // A refusal with nothing to wait for comes from a stale reading of the clock (the
+        // thread was preempted between reading it and deciding): decide again.
+        for _ in 0..3 {
+            match self.limiter.check_key_n(key, n) {
+                Ok(Ok(())) => {
+                    let tat = LAST_TAT.with(Cell::get);
+                    let now = Nanos::from(LAST_NOW.with(Cell::get));
+                    return Take::Ok(
+                        self.status_at(Some(tat), now.duration_since(self.start).into()),
+                    );
+                }
+                Ok(Err(not_until)) => {
+                    let wait = not_until.wait_time_from(self.limiter.clock().now());
+                    if !wait.is_zero() {
+                        return Take::Wait(wait);
+                    }
+                }
+                Err(_) => return Take::NeverFits,
+            }
         }
+        Take::Wait(Duration::from_nanos(1))
     }
 
     /// Charges `n` more cells (a usage overrun) without asking: later requests wait longer.
@@ -258,20 +391,24 @@ impl Bucket {
 
     /// The key's remaining cells and the time until its bucket is full again.
     pub(crate) fn status(&self, key: &RateKey) -> Status {
+        self.status_at(self.store.0.get(key), self.now())
+    }
+
+    fn status_at(&self, tat: Option<u64>, now: u64) -> Status {
         let burst = self.quota.burst_size();
-        let now = self.now();
-        let (remaining, reset) = match self.store.0.get(key) {
+        let (remaining, reset_ns) = match tat {
             Some(tat) if tat > now => {
                 let capacity = u64::from(burst) * self.t;
                 let free = capacity.saturating_sub(tat - now);
-                (free / self.t, Duration::from_nanos(tat - now))
+                let remaining = u32::try_from(free / self.t).unwrap_or(burst);
+                (remaining, tat - now)
             }
-            _ => (u64::from(burst), Duration::ZERO),
+            _ => (burst, 0),
         };
         Status {
             limit: burst,
             remaining,
-            reset,
+            reset_ns,
         }
     }
 
