@@ -702,3 +702,93 @@ mod props {
         }
     }
 }
+
+fn chat_request(key: &str, model: &str, max_tokens: u64) -> http::Request<Full<Bytes>> {
+    let body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": max_tokens,
+    })
+    .to_string();
+    let mut req = http::Request::post("/v1/chat/completions")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    req.extensions_mut()
+        .insert(KeyIdentity::new(key.to_owned()));
+    req
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_covers_every_bucket_the_request_needs() {
+    let layer = RateLimitLayer::builder()
+        .limits(
+            Limits::new()
+                .requests(Quota::per_second(1).burst(1))
+                .tokens(Quota::per_second(1000).burst(1000)),
+        )
+        .build()
+        .unwrap();
+    let mut svc = in_process(&layer);
+    let res = status(&mut svc, chat_request("m", "gpt", 500)).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-ratelimit-remaining-tokens"], "495");
+    assert_eq!(res.headers()["x-ratelimit-remaining-requests"], "0");
+    drop(res);
+    // The token bucket alone would admit this in 10 ms; the request bucket needs 1 s.
+    let res = status(&mut svc, chat_request("m", "gpt", 500)).await;
+    assert_eq!(res.status(), 429);
+    assert_eq!(res.headers()["retry-after-ms"], "1000");
+    tokio::time::advance(Duration::from_millis(999)).await;
+    assert_eq!(
+        status(&mut svc, chat_request("m", "gpt", 500))
+            .await
+            .status(),
+        429
+    );
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert_eq!(
+        status(&mut svc, chat_request("m", "gpt", 500))
+            .await
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn keys_by_model_route_header_and_closure() {
+    let one = Limits::new().requests(Quota::per_hour(1).burst(1));
+    let run = |key_by: KeyBy| async move {
+        let layer = RateLimitLayer::builder()
+            .key_by(key_by)
+            .limits(one)
+            .build()
+            .unwrap();
+        let mut svc = in_process(&layer);
+        let mut out = Vec::new();
+        for (model, path, user) in [
+            ("a", "/v1/chat/completions", "u1"),
+            ("a", "/v1/embeddings", "u2"),
+            ("b", "/v1/chat/completions", "u2"),
+        ] {
+            let mut req = chat_request("same-key", model, 10);
+            *req.uri_mut() = path.parse().unwrap();
+            req.headers_mut().insert("x-user", user.parse().unwrap());
+            out.push(status(&mut svc, req).await.status().as_u16());
+        }
+        out
+    };
+    assert_eq!(run(KeyBy::model()).await, [200, 429, 200]);
+    assert_eq!(run(KeyBy::route()).await, [200, 200, 429]);
+    assert_eq!(
+        run(KeyBy::header(http::HeaderName::from_static("x-user"))).await,
+        [200, 200, 429]
+    );
+    assert_eq!(
+        run(KeyBy::custom(|src| {
+            Some(src.uri().path().rsplit('/').next()?.into())
+        }))
+        .await,
+        [200, 200, 429]
+    );
+    assert_eq!(run(KeyBy::api_key()).await, [200, 429, 429]);
+}

@@ -411,7 +411,10 @@ impl Shared {
         if let Some(b) = plan.tokens.as_deref() {
             match b.take(&key, cost32) {
                 Take::Ok(s) => token_status = Some(s),
-                Take::Wait(w) => return Err(reject(limited("tokens", false, w), Some(w), &plan)),
+                Take::Wait(w) => {
+                    let w = w.max(self.longest_wait(&plan, &key, cost32));
+                    return Err(reject(limited("tokens", false, w), Some(w), &plan));
+                }
                 Take::NeverFits => {
                     let burst = b.quota().burst_size();
                     return Err(reject(never_fits(cost, burst, view, false), None, &plan));
@@ -429,6 +432,7 @@ impl Shared {
         if let Some(b) = self.global.tokens.as_ref() {
             if let Take::Wait(w) = b.take(&RateKey::Global, cost32) {
                 undo_tokens(&plan, false);
+                let w = w.max(self.longest_wait(&plan, &key, cost32));
                 return Err(reject(limited("tokens", true, w), Some(w), &plan));
             }
         }
@@ -437,6 +441,7 @@ impl Shared {
         if let Some(b) = self.global.requests.as_ref() {
             if let Take::Wait(w) = b.take(&RateKey::Global, 1) {
                 undo_tokens(&plan, true);
+                let w = w.max(self.longest_wait(&plan, &key, cost32));
                 return Err(reject(limited("requests", true, w), Some(w), &plan));
             }
         }
@@ -448,6 +453,7 @@ impl Shared {
                     if let Some(g) = self.global.requests.as_ref() {
                         g.refund(&RateKey::Global, 1);
                     }
+                    let w = w.max(self.longest_wait(&plan, &key, cost32));
                     return Err(reject(limited("requests", false, w), Some(w), &plan));
                 }
                 Take::NeverFits => unreachable!("one cell always fits a bucket"),
@@ -481,6 +487,24 @@ impl Shared {
             charge,
             headers,
         })
+    }
+
+    /// The wait until every bucket this request needs has room, so that a retry after it is
+    /// admitted (when nothing else was).
+    fn longest_wait(&self, plan: &Plan<'_>, key: &RateKey, cost: u32) -> Duration {
+        let fits = |b: &Bucket, n: u32| n <= b.quota().burst_size();
+        let mut wait = Duration::ZERO;
+        for (bucket, k, n) in [
+            (plan.requests.as_deref(), key, 1),
+            (plan.tokens.as_deref(), key, cost),
+            (self.global.requests.as_ref(), &RateKey::Global, 1),
+            (self.global.tokens.as_ref(), &RateKey::Global, cost),
+        ] {
+            if let Some(b) = bucket.filter(|b| fits(b, n)) {
+                wait = wait.max(b.wait_for(k, n));
+            }
+        }
+        wait
     }
 
     fn now_nanos(&self) -> u64 {

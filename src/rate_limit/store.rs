@@ -389,6 +389,15 @@ impl Bucket {
             .update(key, |tat| tat.saturating_sub(sub).max(now).max(1));
     }
 
+    /// How long until `n` cells (at most the burst) would be admitted for `key`.
+    pub(crate) fn wait_for(&self, key: &RateKey, n: u32) -> Duration {
+        let Some(tat) = self.store.0.get(key) else {
+            return Duration::ZERO;
+        };
+        let room = u64::from(self.quota.burst_size().saturating_sub(n)) * self.t;
+        Duration::from_nanos(tat.saturating_sub(self.now()).saturating_sub(room))
+    }
+
     /// The key's remaining cells and the time until its bucket is full again.
     pub(crate) fn status(&self, key: &RateKey) -> Status {
         self.status_at(self.store.0.get(key), self.now())
