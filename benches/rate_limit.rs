@@ -199,12 +199,53 @@ fn memory() {
     );
 }
 
+/// Criterion runs one function after the other; on a shared machine the load drifts between
+/// them. This alternates short batches of the three services and compares medians.
+fn paired() {
+    const ROUNDS: usize = 31;
+    const BATCH: u32 = 20_000;
+    let mut ours_svc = ours().layer(bare());
+    let mut theirs_svc = theirs().layer(bare());
+    let mut bare_svc = bare();
+    let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+    let per_call = |d: Duration| d.as_nanos() as f64 / f64::from(BATCH);
+    for _ in 0..ROUNDS {
+        let t = Instant::now();
+        for i in 0..BATCH {
+            call(&mut bare_svc, request(i % KEYS));
+        }
+        c.push(per_call(t.elapsed()));
+        let t = Instant::now();
+        for i in 0..BATCH {
+            call_ours(&mut ours_svc, request(i % KEYS));
+        }
+        a.push(per_call(t.elapsed()));
+        let t = Instant::now();
+        for i in 0..BATCH {
+            call(&mut theirs_svc, request(i % KEYS));
+        }
+        b.push(per_call(t.elapsed()));
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (a, b, c) = (median(&mut a), median(&mut b), median(&mut c));
+    println!(
+        "paired medians per call: bare {c:.0} ns, llm_layers {a:.0} ns, tower_governor {b:.0} ns; \
+         llm_layers/tower_governor {:.2} (whole call), {:.2} (overhead over bare)",
+        a / b,
+        (a - c) / (b - c)
+    );
+}
+
 criterion_group!(benches, keyed, contention);
 
 fn main() {
     if std::env::var_os("SKIP_MEMORY").is_none() {
         memory();
     }
+    paired();
     benches();
     Criterion::default().configure_from_args().final_summary();
 }
