@@ -2,6 +2,8 @@
 //! concurrency through a held stream, configuration errors), and exact admission counts with
 //! tokio's paused clock over an in-process service.
 
+#![cfg(feature = "rate-limit")]
+
 mod common_rate_limit;
 
 use std::convert::Infallible;
