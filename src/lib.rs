@@ -48,6 +48,8 @@ pub mod classify;
 pub mod error;
 pub mod ext;
 pub mod normalize;
+#[cfg(feature = "rate-limit")]
+pub mod rate_limit;
 pub mod request;
 #[cfg(feature = "config")]
 pub mod stack;
