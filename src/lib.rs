@@ -51,7 +51,7 @@ pub mod normalize;
 #[cfg(feature = "rate-limit")]
 pub mod rate_limit;
 pub mod request;
-#[cfg(feature = "config")]
+#[cfg(all(feature = "config", feature = "rate-limit"))]
 pub mod stack;
 pub mod validate;
 

@@ -2,29 +2,24 @@
 //!
 //! ```sh
 //! cargo run --example gateway                      # embedded mock upstream, demo keys
-//! cargo run --example gateway -- --listen 127.0.0.1:8080 \
-//!     --upstream https://api.example.com/v1 --config examples/gateway.toml
+//! UPSTREAM_API_KEY=sk-... cargo run --example gateway -- --listen 127.0.0.1:8080 \
+//!     --upstream https://api.openai.com/v1 --config my-gateway.toml
 //! ```
 //!
 //! Without `--upstream` the gateway starts an embedded mock upstream (OpenAI-compatible, with
 //! fault injection through the `x-mock-fault` request header) and prints commands to try.
+//! Without `--config` it uses `examples/gateway.toml`, compiled in.
 
+mod app;
 mod mock;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Uri};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::Router;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
-use llm_layers::normalize::NormalizeErrorsLayer;
-use tower::util::BoxCloneSyncService;
-use tower::{ServiceBuilder, ServiceExt};
+use llm_layers::stack::Stack;
+
+/// The configuration used without `--config`.
+const DEFAULT_CONFIG: &str = include_str!("../gateway.toml");
 
 /// Command-line flags.
 struct Args {
@@ -51,6 +46,7 @@ fn parse_args() -> Result<Args, String> {
             "--config" => args.config = Some(value("--config")?),
             "-h" | "--help" => {
                 println!("usage: gateway [--listen ADDR] [--upstream URL] [--config FILE]");
+                println!("  the upstream key is read from UPSTREAM_API_KEY");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown flag {other:?} (try --help)")),
@@ -59,66 +55,117 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-type Upstream = BoxCloneSyncService<Request, Response, std::convert::Infallible>;
-
-/// The service that sends one attempt to the upstream: base URL and key applied, hyper client.
-fn upstream_client(base: Uri, key: Option<HeaderValue>) -> Upstream {
-    let client: Client<HttpConnector, Body> = Client::builder(TokioExecutor::new()).build_http();
-    let base_path = base.path().trim_end_matches('/').to_owned();
-    let send = tower::service_fn(move |req: Request| {
-        let client = client.clone();
-        let (mut parts, body) = req.into_parts();
-        // `/v1/chat/completions` on the gateway is `{base}/chat/completions` upstream.
-        let path = parts
-            .uri
-            .path()
-            .strip_prefix("/v1")
-            .unwrap_or(parts.uri.path());
-        let mut uri = base.clone().into_parts();
-        uri.path_and_query = format!("{base_path}{path}").parse().ok();
-        parts.uri = Uri::from_parts(uri).expect("a valid upstream URI");
-        parts.headers.remove(axum::http::header::HOST);
-        parts.headers.remove(axum::http::header::AUTHORIZATION);
-        if let Some(key) = &key {
-            parts
-                .headers
-                .insert(axum::http::header::AUTHORIZATION, key.clone());
-        }
-        async move {
-            let res = client.request(Request::from_parts(parts, body)).await?;
-            Ok::<_, hyper_util::client::legacy::Error>(res.map(Body::new))
-        }
-    });
-    let stack = ServiceBuilder::new()
-        .layer(NormalizeErrorsLayer::new())
-        .timeout(Duration::from_secs(60))
-        .service(send)
-        .map_response(IntoResponse::into_response);
-    BoxCloneSyncService::new(stack)
+fn fail(message: impl std::fmt::Display) -> ! {
+    eprintln!("gateway: {message}");
+    std::process::exit(2);
 }
 
-async fn proxy(State(upstream): State<Upstream>, req: Request) -> Response {
-    let Ok(res) = upstream.oneshot(req).await;
-    res
+/// Prints the demo keys of the configuration and commands that show each layer answering.
+fn print_demo(config: &str, addr: SocketAddr) {
+    let Ok(doc) = config.parse::<toml::Table>() else {
+        return;
+    };
+    let keys = doc.get("keys").and_then(|k| k.as_array());
+    println!("demo keys:");
+    for key in keys.into_iter().flatten() {
+        let field = |name: &str| key.get(name).map(|v| v.to_string());
+        let (Some(id), Some(secret)) = (
+            key.get("id").and_then(|v| v.as_str()),
+            key.get("secret").and_then(|v| v.as_str()),
+        ) else {
+            continue;
+        };
+        let mut notes = Vec::new();
+        if let Some(m) = field("models") {
+            notes.push(format!("models {m}"));
+        }
+        if let Some(at) = field("expires_at") {
+            notes.push(format!("expires {at}"));
+        }
+        if key.get("revoked").and_then(|v| v.as_bool()) == Some(true) {
+            notes.push("revoked".to_owned());
+        }
+        if let Some(t) = field("tier") {
+            notes.push(format!("tier {t}"));
+        }
+        if let Some(r) = field("rpm") {
+            notes.push(format!("{r} requests/min"));
+        }
+        println!("  {id:<14} {secret}  {}", notes.join(", "));
+    }
+    let url = format!("http://{addr}");
+    let chat = |key: &str, extra: &str, body: &str| {
+        format!(
+            "curl -s {url}/v1/chat/completions -H 'authorization: Bearer {key}' -H 'content-type: application/json'{extra} -d '{body}'"
+        )
+    };
+    let hello = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    println!("try:");
+    println!("  {}", chat("sk-demo-full-0123456789abcdef", "", hello));
+    println!(
+        "  {}   # 401",
+        chat("sk-demo-expired-0123456789ab", "", hello)
+    );
+    println!(
+        "  {}   # 403",
+        chat(
+            "sk-demo-mini-0123456789abcdef",
+            "",
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#
+        )
+    );
+    println!(
+        "  {}   # 400",
+        chat(
+            "sk-demo-full-0123456789abcdef",
+            "",
+            r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"temperature":3}"#
+        )
+    );
+    println!(
+        "  {}   # 429 on the third",
+        chat("sk-demo-free-0123456789abcdef", "", hello)
+    );
+    println!(
+        "  {}   # 502 upstream_blocked",
+        chat(
+            "sk-demo-full-0123456789abcdef",
+            " -H 'x-mock-fault: html403'",
+            hello
+        )
+    );
+    println!(
+        "  {}   # SSE",
+        chat(
+            "sk-demo-full-0123456789abcdef",
+            " -N",
+            r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#
+        )
+    );
+    println!("  faults: -H 'x-mock-fault: 429|500|503|529|html403|timeout|reset|stream-cut|stream-error'");
 }
 
 #[tokio::main]
 async fn main() {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("gateway: {e}");
-            std::process::exit(2);
-        }
+    let args = parse_args().unwrap_or_else(|e| fail(e));
+    let config = match &args.config {
+        Some(path) => std::fs::read_to_string(path)
+            .unwrap_or_else(|e| fail(format_args!("cannot read --config {path:?}: {e}"))),
+        None => DEFAULT_CONFIG.to_owned(),
     };
-    let _ = &args.config;
+    let stack = Stack::from_toml_str(&config).unwrap_or_else(|e| {
+        fail(format_args!(
+            "invalid configuration {}: {e}",
+            args.config.as_deref().unwrap_or("(built in)")
+        ))
+    });
     let (base, mocked): (Uri, bool) = match &args.upstream {
-        Some(u) => match u.parse() {
-            Ok(uri) => (uri, false),
-            Err(e) => {
-                eprintln!("gateway: --upstream {u:?}: {e}");
-                std::process::exit(2);
-            }
+        Some(u) => match u.parse::<Uri>() {
+            Ok(uri) if uri.scheme().is_some() && uri.authority().is_some() => (uri, false),
+            Ok(_) => fail(format_args!(
+                "--upstream {u:?}: expected an absolute URL such as http://127.0.0.1:9000/v1"
+            )),
+            Err(e) => fail(format_args!("--upstream {u:?}: {e}")),
         },
         None => {
             let addr = mock::start().await.expect("the mock upstream starts");
@@ -132,15 +179,6 @@ async fn main() {
             v.set_sensitive(true);
             v
         });
-    let upstream = upstream_client(base, key);
-    let app = Router::new()
-        .route("/v1/chat/completions", post(proxy))
-        .route("/v1/completions", post(proxy))
-        .route("/v1/embeddings", post(proxy))
-        .route("/v1/models", get(proxy))
-        .route("/healthz", get(|| async { "ok" }))
-        .with_state(upstream);
-
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -150,8 +188,20 @@ async fn main() {
     };
     let addr = listener.local_addr().unwrap();
     println!("listening on http://{addr}");
+
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tower_http=debug".into()),
+        )
+        .init();
     if mocked {
-        println!("upstream: embedded mock (inject faults with the x-mock-fault header)");
+        println!("upstream: embedded mock at {base} (inject faults with the x-mock-fault header)");
+        print_demo(&config, addr);
+    } else {
+        println!("upstream: {base}");
     }
+    let app = app::router(&stack, app::upstream(&stack, base, key));
     axum::serve(listener, app).await.unwrap();
 }

@@ -12,6 +12,7 @@
 //! |---|---|
 //! | `[[keys]]` | the key store of [`ApiKeyAuthLayer`] (the auth layer's own `[[keys]]` format) |
 //! | `[validation]` | [`ValidateRequestLayer`] |
+//! | `[rate_limit]` | [`RateLimitLayer`] (defaults and tiers; each key's own `rpm`/`tpm`/`concurrency` override them) |
 //! | `[breaker]` | [`CircuitBreakerLayer`] with its fallback model |
 //! | `[upstream]` | the per-attempt timeout |
 //! | `[routes."/path"]` | a [`RoutePolicy`]: which edge layers guard that route |
@@ -82,6 +83,7 @@ use serde::Deserialize;
 
 use crate::auth::{ApiKeyAuthLayer, InMemoryKeyStore};
 use crate::breaker::{CircuitBreakerLayer, KeyBy as BreakerKeyBy};
+use crate::rate_limit::{Limits, Mode as RateMode, Quota, RateLimitLayer};
 use crate::validate::ValidateRequestLayer;
 
 /// A configuration that cannot be built; [`field`](ConfigError::field) names the TOML path.
@@ -130,6 +132,9 @@ pub struct StackConfig {
     /// Request validation.
     #[serde(default)]
     pub validation: ValidationConfig,
+    /// Rate limits per key.
+    #[serde(default)]
+    pub rate_limit: RateLimitConfig,
     /// The circuit breaker around the upstream.
     #[serde(default)]
     pub breaker: BreakerConfig,
@@ -153,6 +158,82 @@ pub struct ValidationConfig {
     pub context_windows: BTreeMap<String, u64>,
     /// The most a request body may weigh, in bytes (default 4 MiB).
     pub body_limit: Option<usize>,
+}
+
+/// `[rate_limit]`: settings of [`RateLimitLayer`], keyed by the authenticated key.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Wait up to this many milliseconds for a bucket instead of answering `429` at once
+    /// (default: answer at once).
+    pub wait_ms: Option<u64>,
+    /// Limits of keys without a tier and without limits of their own.
+    #[serde(default)]
+    pub defaults: LimitsConfig,
+    /// Limits by tier name (`[rate_limit.tiers.free]`).
+    #[serde(default)]
+    pub tiers: BTreeMap<String, LimitsConfig>,
+}
+
+/// Requests, tokens and concurrency of one key.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Requests per minute.
+    pub rpm: Option<u64>,
+    /// Requests admitted at once from a full bucket (default: `rpm`).
+    pub burst: Option<u32>,
+    /// LLM tokens per minute (estimated prompt + `max_tokens`, corrected from `usage`).
+    pub tpm: Option<u64>,
+    /// Requests in flight at once.
+    pub concurrency: Option<u32>,
+}
+
+impl LimitsConfig {
+    fn to_limits(self, path: &str) -> Result<Limits, ConfigError> {
+        let mut limits = Limits::new();
+        let too_big = |n: u64| u32::try_from(n).is_err();
+        if let Some(rpm) = self.rpm {
+            if rpm == 0 || too_big(rpm) {
+                return Err(ConfigError::new(
+                    format!("{path}.rpm"),
+                    "must be within 1..=4294967295",
+                ));
+            }
+            let burst = self.burst.unwrap_or(rpm as u32);
+            if burst == 0 {
+                return Err(ConfigError::new(
+                    format!("{path}.burst"),
+                    "must be at least 1",
+                ));
+            }
+            limits = limits.requests(Quota::per_minute(rpm).burst(burst));
+        } else if self.burst.is_some() {
+            return Err(ConfigError::new(
+                format!("{path}.burst"),
+                "a burst needs an `rpm`",
+            ));
+        }
+        if let Some(tpm) = self.tpm {
+            if tpm == 0 || too_big(tpm) {
+                return Err(ConfigError::new(
+                    format!("{path}.tpm"),
+                    "must be within 1..=4294967295",
+                ));
+            }
+            limits = limits.tokens(Quota::per_minute(tpm).burst(tpm as u32));
+        }
+        if let Some(n) = self.concurrency {
+            if n == 0 {
+                return Err(ConfigError::new(
+                    format!("{path}.concurrency"),
+                    "must be at least 1",
+                ));
+            }
+            limits = limits.concurrency(n);
+        }
+        Ok(limits)
+    }
 }
 
 /// `[breaker]`: settings of [`CircuitBreakerLayer`].
@@ -197,6 +278,9 @@ pub struct RoutePolicy {
     /// Request validation.
     #[serde(default = "yes")]
     pub validate: bool,
+    /// Rate limiting.
+    #[serde(default = "yes")]
+    pub rate_limit: bool,
 }
 
 fn yes() -> bool {
@@ -208,6 +292,7 @@ impl Default for RoutePolicy {
         RoutePolicy {
             auth: true,
             validate: true,
+            rate_limit: true,
         }
     }
 }
@@ -217,6 +302,7 @@ impl Default for RoutePolicy {
 pub struct Stack {
     auth: ApiKeyAuthLayer<InMemoryKeyStore>,
     validate: ValidateRequestLayer,
+    rate_limit: RateLimitLayer,
     breaker: CircuitBreakerLayer,
     attempt_timeout: Duration,
     routes: BTreeMap<String, RoutePolicy>,
@@ -276,6 +362,28 @@ impl Stack {
         let validate = b
             .build()
             .map_err(|e| ConfigError::new(format!("validation.{}", e.field()), e.to_string()))?;
+
+        let r = &config.rate_limit;
+        let mut b = RateLimitLayer::builder().limits(r.defaults.to_limits("rate_limit.defaults")?);
+        for (name, limits) in &r.tiers {
+            b = b.tier(
+                name.as_str(),
+                limits.to_limits(&format!("rate_limit.tiers.{name}"))?,
+            );
+        }
+        match r.wait_ms {
+            Some(0) => {
+                return Err(ConfigError::new(
+                    "rate_limit.wait_ms",
+                    "must be at least 1 ms; leave it out to answer 429 at once",
+                ))
+            }
+            Some(ms) => b = b.mode(RateMode::Wait(Duration::from_millis(ms))),
+            None => {}
+        }
+        let rate_limit = b
+            .build()
+            .map_err(|e| ConfigError::new("rate_limit", e.message().to_owned()))?;
 
         let c = &config.breaker;
         let mut b = CircuitBreakerLayer::builder().name(c.name.as_deref().unwrap_or("upstream"));
@@ -345,6 +453,7 @@ impl Stack {
         Ok(Stack {
             auth,
             validate,
+            rate_limit,
             breaker,
             attempt_timeout,
             routes: config.routes.clone(),
@@ -365,6 +474,11 @@ impl Stack {
     /// The validation layer.
     pub fn validate(&self) -> ValidateRequestLayer {
         self.validate.clone()
+    }
+
+    /// The rate limiter (buckets shared with every clone).
+    pub fn rate_limit(&self) -> RateLimitLayer {
+        self.rate_limit.clone()
     }
 
     /// The circuit breaker (state shared with every clone).
@@ -392,6 +506,11 @@ impl Stack {
         self.policy(path).auth.then(|| self.auth())
     }
 
+    /// The rate limiter if the route's policy asks for it.
+    pub fn rate_limit_for(&self, path: &str) -> Option<RateLimitLayer> {
+        self.policy(path).rate_limit.then(|| self.rate_limit())
+    }
+
     /// The validation layer if the route's policy asks for it.
     pub fn validate_for(&self, path: &str) -> Option<ValidateRequestLayer> {
         self.policy(path).validate.then(|| self.validate())
@@ -408,13 +527,26 @@ fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
     let line_no = text[..start].matches('\n').count() + 1;
     let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
     let line = text[line_start..].lines().next().unwrap_or("").trim();
-    // The innermost table header above the error.
-    let table = text[..line_start]
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('['))
-        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+    // The table header on the error's line, else the innermost one above it.
+    let header = |l: &str| {
+        l.split('#')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .trim_matches(|c| c == '[' || c == ']')
+            .trim()
+            .to_owned()
+    };
+    let table = if line.starts_with('[') {
+        Some(header(line))
+    } else {
+        text[..line_start]
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| l.starts_with('['))
+            .map(header)
+    };
     let key = line
         .split_once('=')
         .map(|(k, _)| k.trim())
@@ -443,6 +575,9 @@ mod tests {
     fn type_errors_name_the_field() {
         let err = Stack::from_toml_str("[breaker]\nwindow = \"ten\"\n").unwrap_err();
         assert_eq!(err.field(), "breaker.window", "{err}");
+        let err =
+            Stack::from_toml_str("[upstream]\nattempt_timeout_ms = 3\n[retri]\n").unwrap_err();
+        assert_eq!(err.field(), "retri", "{err}");
         let err = Stack::from_toml_str("[upstream]\ntimeout = 3\n").unwrap_err();
         assert_eq!(err.field(), "upstream.timeout", "{err}");
         assert!(err.message().contains("unknown field"), "{err}");
@@ -464,6 +599,8 @@ mod tests {
         assert_eq!(err.field(), "breaker.failure_rate", "{err}");
         let err = Stack::from_toml_str("[breaker]\nkey_by = \"nope\"\n").unwrap_err();
         assert_eq!(err.field(), "breaker.key_by", "{err}");
+        let err = Stack::from_toml_str("[rate_limit.tiers.free]\nrpm = 0\n").unwrap_err();
+        assert_eq!(err.field(), "rate_limit.tiers.free.rpm", "{err}");
         let err = Stack::from_toml_str("[upstream]\nattempt_timeout_ms = 0\n").unwrap_err();
         assert_eq!(err.field(), "upstream.attempt_timeout_ms", "{err}");
         let err = Stack::from_toml_str("[routes.\"v1\"]\nauth = false\n").unwrap_err();
