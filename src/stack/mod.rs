@@ -327,23 +327,7 @@ impl Stack {
 
     /// Builds the layers, checking every value.
     pub fn build(config: &StackConfig) -> Result<Stack, ConfigError> {
-        // The auth layer owns the `[[keys]]` format; hand it the keys as a document of its own.
-        let mut doc = toml::Table::new();
-        doc.insert(
-            "keys".to_owned(),
-            toml::Value::Array(
-                config
-                    .keys
-                    .iter()
-                    .cloned()
-                    .map(toml::Value::Table)
-                    .collect(),
-            ),
-        );
-        let doc = toml::to_string(&doc)
-            .map_err(|e| ConfigError::new("keys", format!("cannot re-encode the keys: {e}")))?;
-        let store = InMemoryKeyStore::from_toml_str(&doc)
-            .map_err(|e| ConfigError::new(e.field().to_owned(), e.message().to_owned()))?;
+        let store = key_store(&config.keys)?;
         let auth = ApiKeyAuthLayer::builder(store)
             .build()
             .map_err(|e| ConfigError::new(format!("auth.{}", e.field()), e.message().to_owned()))?;
@@ -515,6 +499,46 @@ impl Stack {
     pub fn validate_for(&self, path: &str) -> Option<ValidateRequestLayer> {
         self.policy(path).validate.then(|| self.validate())
     }
+}
+
+/// The auth layer owns the `[[keys]]` format and reads it from a document of its own: each
+/// key is handed over alone first, so that an error is reported as `keys[i].field`.
+fn key_store(keys: &[toml::Table]) -> Result<InMemoryKeyStore, ConfigError> {
+    let encode = |keys: &[toml::Table]| {
+        let mut doc = toml::Table::new();
+        doc.insert(
+            "keys".to_owned(),
+            toml::Value::Array(keys.iter().cloned().map(toml::Value::Table).collect()),
+        );
+        toml::to_string(&doc)
+            .map_err(|e| ConfigError::new("keys", format!("cannot re-encode the keys: {e}")))
+    };
+    for (i, key) in keys.iter().enumerate() {
+        let doc = encode(std::slice::from_ref(key))?;
+        if let Err(e) = InMemoryKeyStore::from_toml_str(&doc) {
+            let field = match e.field().strip_prefix("keys[0]") {
+                Some(rest) => format!("keys[{i}]{rest}"),
+                // A type error: the auth layer gives the line of its own document.
+                None => match e
+                    .field()
+                    .strip_prefix("line ")
+                    .and_then(|n| n.parse::<usize>().ok())
+                {
+                    Some(n) => {
+                        let line = doc.lines().nth(n.saturating_sub(1)).unwrap_or("");
+                        match line.split_once('=') {
+                            Some((name, _)) => format!("keys[{i}].{}", name.trim()),
+                            None => format!("keys[{i}]"),
+                        }
+                    }
+                    None => format!("keys[{i}]"),
+                },
+            };
+            return Err(ConfigError::new(field, e.message().to_owned()));
+        }
+    }
+    InMemoryKeyStore::from_toml_str(&encode(keys)?)
+        .map_err(|e| ConfigError::new(e.field().to_owned(), e.message().to_owned()))
 }
 
 /// Turns a TOML syntax or type error into a [`ConfigError`] naming the TOML path of the value.

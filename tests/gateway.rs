@@ -1,0 +1,253 @@
+//! The example gateway as shipped: its own configuration file, its router and its embedded mock
+//! upstream, over real HTTP. Each test is one of the `curl` lines of `docs/gateway.md`.
+
+mod common_gateway;
+
+use common_gateway::{app, assert_envelope, chat, get, hello, mock, serve};
+use llm_layers::stack::Stack;
+use reqwest::StatusCode;
+use serde_json::json;
+use std::net::SocketAddr;
+
+const CONFIG: &str = include_str!("../examples/gateway.toml");
+const FULL: &str = "sk-demo-full-0123456789abcdef";
+const MINI: &str = "sk-demo-mini-0123456789abcdef";
+const EXPIRED: &str = "sk-demo-expired-0123456789ab";
+const REVOKED: &str = "sk-demo-revoked-0123456789ab";
+const FREE: &str = "sk-demo-free-0123456789abcdef";
+
+/// The example's gateway in front of its embedded mock, as `cargo run --example gateway` runs.
+async fn demo() -> (SocketAddr, reqwest::Client) {
+    let stack = Stack::from_toml_str(CONFIG).unwrap();
+    let mock = mock::start().await.unwrap();
+    let base = format!("http://{mock}/v1").parse().unwrap();
+    let addr = serve(app::router(&stack, app::upstream(&stack, base, None))).await;
+    (addr, reqwest::Client::new())
+}
+
+#[test]
+fn the_shipped_config_parses_and_builds() {
+    let stack = Stack::from_toml_str(CONFIG).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(stack.key_count(), 5);
+    let models = stack.policy("/v1/models");
+    assert!(models.auth && !models.validate && !models.rate_limit);
+    let health = stack.policy("/healthz");
+    assert!(!health.auth && !health.validate && !health.rate_limit);
+    let chat = stack.policy("/v1/chat/completions");
+    assert!(chat.auth && chat.validate && chat.rate_limit);
+    // Also through the file API, as `--config examples/gateway.toml` reads it.
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gateway.toml");
+    assert_eq!(Stack::from_toml_file(path).unwrap().key_count(), 5);
+}
+
+#[test]
+fn a_bad_config_is_refused_naming_the_field() {
+    let cases = [
+        (
+            CONFIG.replace("failure_rate = 50.0", "failure_rate = 150.0"),
+            "breaker.failure_rate",
+        ),
+        (
+            CONFIG.replace("window = 20 ", "window = \"twenty\" "),
+            "breaker.window",
+        ),
+        (
+            CONFIG.replace("rpm = 600", "rpm = 0"),
+            "rate_limit.tiers.pro.rpm",
+        ),
+        (
+            CONFIG.replace("revoked = true", "revoked = \"yes\""),
+            "keys[3].revoked",
+        ),
+        (
+            CONFIG.replace("expires_at = 2025-01-01T00:00:00Z", "expires_at = \"soon\""),
+            "keys[2].expires_at",
+        ),
+        (
+            CONFIG.replace("attempt_timeout_ms = 20000", "attempt_timout_ms = 20000"),
+            "upstream.attempt_timout_ms",
+        ),
+        (
+            CONFIG.replace("body_limit = 1048576", "body_limit = 0"),
+            "validation.body_limit",
+        ),
+    ];
+    for (text, field) in cases {
+        assert_ne!(text, CONFIG, "the case for {field} changes the file");
+        let err = Stack::from_toml_str(&text).unwrap_err();
+        assert_eq!(err.field(), field, "{err}");
+        assert!(!err.to_string().contains("sk-demo"), "{err}");
+    }
+    let err = Stack::from_toml_file("/nonexistent/gateway.toml").unwrap_err();
+    assert_eq!(err.field(), "path");
+}
+
+#[tokio::test]
+async fn each_layer_answers_as_documented() {
+    let (addr, client) = demo().await;
+
+    let ok = chat(&client, addr, FULL, &hello("gpt-4o-mini"), &[]).await;
+    assert_eq!(ok.status, StatusCode::OK);
+    assert_eq!(ok.json()["choices"][0]["message"]["role"], "assistant");
+    assert!(ok.header("x-ratelimit-limit-requests").is_some());
+
+    for (key, code) in [(EXPIRED, "expired_api_key"), (REVOKED, "revoked_api_key")] {
+        let got = chat(&client, addr, key, &hello("gpt-4o-mini"), &[]).await;
+        assert_eq!(got.status, StatusCode::UNAUTHORIZED);
+        assert_envelope(&got);
+        assert_eq!(got.code(), code);
+    }
+
+    let got = chat(&client, addr, MINI, &hello("gpt-4o"), &[]).await;
+    assert_eq!(got.status, StatusCode::FORBIDDEN);
+    assert_envelope(&got);
+    assert_eq!(got.code(), "permission_denied");
+
+    let body =
+        json!({"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"temperature":3});
+    let got = chat(&client, addr, FULL, &body, &[]).await;
+    assert_eq!(got.status, StatusCode::BAD_REQUEST);
+    assert_envelope(&got);
+    assert_eq!(got.json()["error"]["param"], "temperature");
+
+    // The free key's own limit is 2 requests per minute.
+    for _ in 0..2 {
+        let got = chat(&client, addr, FREE, &hello("gpt-4o-mini"), &[]).await;
+        assert_eq!(got.status, StatusCode::OK);
+    }
+    let got = chat(&client, addr, FREE, &hello("gpt-4o-mini"), &[]).await;
+    assert_eq!(got.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_envelope(&got);
+    assert_eq!(got.code(), "rate_limit_exceeded");
+    assert_eq!(got.header("x-should-retry"), Some("true"));
+    assert!(got.header("retry-after").is_some());
+    // Another key is not affected.
+    let got = chat(&client, addr, FULL, &hello("gpt-4o-mini"), &[]).await;
+    assert_eq!(got.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn routes_have_their_own_stacks() {
+    let (addr, client) = demo().await;
+    // /healthz: no auth at all.
+    let got = get(&client, addr, "/healthz", None).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(&got.body[..], b"ok");
+    // /v1/models: a key is needed ...
+    let got = get(&client, addr, "/v1/models", None).await;
+    assert_eq!(got.status, StatusCode::UNAUTHORIZED);
+    assert_envelope(&got);
+    // ... but no rate limit: the free key (2 per minute) lists models as often as it likes,
+    // and no rate-limit headers are sent.
+    for _ in 0..5 {
+        let got = get(&client, addr, "/v1/models", Some(FREE)).await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(got.json()["object"], "list");
+        assert!(got.header("x-ratelimit-limit-requests").is_none());
+    }
+    // The chat route is limited for the same key.
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(
+            chat(&client, addr, FREE, &hello("gpt-4o-mini"), &[])
+                .await
+                .status,
+        );
+    }
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS
+        ]
+    );
+    // Every answer carries a request id.
+    let got = get(&client, addr, "/healthz", None).await;
+    assert!(got.header("x-request-id").is_some_and(|id| !id.is_empty()));
+}
+
+#[tokio::test]
+async fn an_html_403_upstream_becomes_upstream_blocked() {
+    let (addr, client) = demo().await;
+    let got = chat(
+        &client,
+        addr,
+        FULL,
+        &hello("gpt-4o-mini"),
+        &[("x-mock-fault", "html403")],
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{got:?}");
+    assert_envelope(&got);
+    assert_eq!(got.code(), "upstream_blocked");
+    assert_eq!(got.header("x-should-retry"), Some("false"));
+}
+
+#[tokio::test]
+async fn streams_pass_through_with_in_band_errors() {
+    let (addr, client) = demo().await;
+    let body =
+        json!({"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]});
+
+    let res = client
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .header("authorization", format!("Bearer {FULL}"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    // Chunks arrive one by one (the mock spaces them 20 ms apart): not buffered.
+    let mut res = res;
+    let mut chunks = Vec::new();
+    while let Some(chunk) = res.chunk().await.unwrap() {
+        chunks.push(chunk);
+    }
+    assert!(chunks.len() > 3, "{} chunks", chunks.len());
+    let text: String = chunks.iter().map(|c| String::from_utf8_lossy(c)).collect();
+    assert!(text.contains("chat.completion.chunk"));
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+
+    // An error event inside a 200 stream reaches the client in-band, in envelope form.
+    let got = chat(
+        &client,
+        addr,
+        FULL,
+        &body,
+        &[("x-mock-fault", "stream-error")],
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    let text = String::from_utf8_lossy(&got.body).into_owned();
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter_map(|e| e.trim().strip_prefix("data: "))
+        .collect();
+    assert!(events.len() >= 2, "{text}");
+    let last: serde_json::Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert!(last["error"]["message"].as_str().is_some(), "{text}");
+    assert!(!text.contains("[DONE]"));
+
+    // A stream that breaks off ends with an in-band error event, not a cut connection.
+    let got = chat(
+        &client,
+        addr,
+        FULL,
+        &body,
+        &[("x-mock-fault", "stream-cut")],
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    let text = String::from_utf8_lossy(&got.body).into_owned();
+    assert!(text.contains("chat.completion.chunk"), "{text}");
+    let last = text
+        .split("\n\n")
+        .filter_map(|e| e.trim().strip_prefix("data: "))
+        .last()
+        .unwrap();
+    let last: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(last["error"]["code"], "service_unavailable", "{text}");
+}
