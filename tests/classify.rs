@@ -341,6 +341,15 @@ fn huge_and_broken_bodies() {
     assert_eq!(e.code(), ErrorCode::ServiceUnavailable);
     let e = classify_response(StatusCode::TOO_MANY_REQUESTS, &h, b"{\"error\":").unwrap();
     assert_eq!(e.code(), ErrorCode::RateLimitExceeded);
+    // JSON with no error in it: the status decides, the message says so.
+    let e = classify_response(StatusCode::INTERNAL_SERVER_ERROR, &h, b"{\"ok\":false}").unwrap();
+    assert_eq!(e.code(), ErrorCode::InternalError);
+    assert_eq!(
+        e.message(),
+        "upstream answered with status 500 (internal_error)"
+    );
+    let e = classify_response(StatusCode::BAD_GATEWAY, &h, b"null").unwrap();
+    assert_eq!(e.code(), ErrorCode::ServiceUnavailable);
 }
 
 fn header_strategy() -> impl Strategy<Value = Vec<(&'static str, String)>> {

@@ -69,15 +69,36 @@ impl Fields {
     }
 }
 
+/// What a body holds, read as JSON.
+#[derive(Debug)]
+pub enum Parsed {
+    /// Not JSON (or too large to parse).
+    NotJson,
+    /// JSON, but no error in it.
+    NoError,
+    /// An error.
+    Error(Box<Fields>),
+}
+
 /// Parses a body as JSON and reads its error. `strict` (for 2xx answers and stream events)
 /// accepts only bodies that declare themselves errors; otherwise any object with a message
-/// counts. `None` when the body is not JSON or holds no error.
-pub fn from_json(body: &[u8], strict: bool) -> Option<Fields> {
+/// counts.
+pub fn parse(body: &[u8], strict: bool) -> Parsed {
     if body.len() > MAX_JSON_BYTES {
-        return None;
+        return Parsed::NotJson;
     }
-    let v: Value = serde_json::from_slice(body).ok()?;
-    from_value(&v, 0, strict)
+    match serde_json::from_slice::<Value>(body) {
+        Ok(v) => from_value(&v, 0, strict).map_or(Parsed::NoError, |f| Parsed::Error(Box::new(f))),
+        Err(_) => Parsed::NotJson,
+    }
+}
+
+/// [`parse`], keeping only an error.
+pub fn from_json(body: &[u8], strict: bool) -> Option<Fields> {
+    match parse(body, strict) {
+        Parsed::Error(f) => Some(*f),
+        _ => None,
+    }
 }
 
 fn from_value(v: &Value, depth: u8, strict: bool) -> Option<Fields> {

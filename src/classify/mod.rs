@@ -88,7 +88,7 @@ pub mod wait;
 
 pub use scrub::{scrub as scrub_secrets, MAX_MESSAGE_CHARS};
 
-use envelope::Fields;
+use envelope::{Fields, Parsed};
 
 /// Classifies an upstream response. Returns `None` when the response is not an error.
 ///
@@ -137,16 +137,22 @@ pub fn classify_response_at(
         let err = ApiError::new(code, msg).with_provider("status");
         return Some(finish(err, status, headers, now, true));
     }
-    let jsonish = matches!(body[0], b'{' | b'[' | b'"');
-    if jsonish {
-        let fields = envelope::from_json(body, false).or_else(|| {
-            (body[0] == b'{').then(|| {
+    if matches!(body[0], b'{' | b'[' | b'"') {
+        let mut fields = match envelope::parse(body, false) {
+            Parsed::Error(f) => Some(*f),
+            // JSON without an error in it: classify by status, with a generic message.
+            Parsed::NoError => Some(Fields {
+                family: "generic",
+                ..Fields::default()
+            }),
+            Parsed::NotJson if body[0] == b'{' => {
                 let text = String::from_utf8_lossy(&body[..body.len().min(16 * 1024)]);
-                envelope::from_broken_json(&text)
-            })
-        });
-        if let Some(mut f) = fields {
-            return Some(from_fields(s, &mut f, headers, now).with_upstream_status(status));
+                Some(envelope::from_broken_json(&text))
+            }
+            Parsed::NotJson => None,
+        };
+        if let Some(f) = fields.as_mut() {
+            return Some(from_fields(s, f, headers, now).with_upstream_status(status));
         }
     }
     let is_html = html::looks_html(&content_type, body);
@@ -183,7 +189,7 @@ fn in_band(
         || body.starts_with(b"event:")
     {
         if !contains(body, b"error") {
-            return None;
+            return None; // no event can be an error
         }
         return classify_sse_stream(body).map(|mut e| {
             e = e.with_upstream_status(status);
@@ -383,20 +389,25 @@ pub fn classify_sse_event(data: &[u8]) -> Option<ApiError> {
     if data.is_empty() || data == b"[DONE]" {
         return None;
     }
-    let mut f = match serde_json::from_slice::<serde_json::Value>(data) {
-        Ok(_) => envelope::from_json(data, true)?,
-        Err(_) if contains(data, b"\"error\"") => {
+    // Every error shape carries the word; a normal chunk without it is not parsed.
+    if !contains(data, b"error") {
+        return None;
+    }
+    let mut f = match envelope::parse(data, true) {
+        Parsed::Error(f) => *f,
+        Parsed::NoError => return None,
+        Parsed::NotJson if contains(data, b"\"error\"") => {
             let text = String::from_utf8_lossy(&data[..data.len().min(16 * 1024)]);
             envelope::from_broken_json(&text)
         }
-        Err(_) => return None,
+        Parsed::NotJson => return None,
     };
-    let now = SystemTime::now();
-    let mut err = from_fields(200, &mut f, &HeaderMap::new(), now);
-    if let Some(s) = f.http.and_then(|h| StatusCode::from_u16(h).ok()) {
-        err = err.with_upstream_status(s);
-    }
-    Some(err)
+    Some(from_fields(
+        200,
+        &mut f,
+        &HeaderMap::new(),
+        SystemTime::now(),
+    ))
 }
 
 /// Walks a raw SSE body (`event:` / `data:` lines, events separated by blank lines, `\r\n`
