@@ -174,12 +174,8 @@ fn from_object(o: &Map<String, Value>, depth: u8, strict: bool) -> Option<Fields
         read_message(o, &mut f, depth);
     }
     read_code(inner, &mut f);
-    if !std::ptr::eq(inner, o) {
-        // Flat fields next to the envelope (vLLM, Mistral `raw_status_code`).
-        if f.http.is_none() {
-            f.http = status_number(o.get("raw_status_code"));
-        }
-    } else if f.http.is_none() {
+    if f.http.is_none() {
+        // Mistral's `raw_status_code`, beside or inside the envelope.
         f.http = status_number(o.get("raw_status_code"));
     }
     for key in ["type", "error_type", "__type"] {
@@ -226,17 +222,13 @@ fn from_object(o: &Map<String, Value>, depth: u8, strict: bool) -> Option<Fields
             f.kind = str_of(md, "error_type").and_then(meaningful);
         }
     }
-    let mut candidates: Vec<&str> = Vec::new();
-    if let Some(m) = &f.message {
-        candidates.push(m);
-    }
     let raw = metadata.and_then(|md| md.get("raw"));
-    if let Some(Value::String(s)) = raw {
-        candidates.push(s);
-    }
-    let owned = candidates.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let refs: Vec<&str> = owned.iter().map(String::as_str).collect();
-    let mut f = unwrap_nested(f, depth, &refs);
+    let candidates: Vec<String> = [f.message.as_deref(), raw.and_then(Value::as_str)]
+        .into_iter()
+        .flatten()
+        .map(str::to_owned)
+        .collect();
+    let mut f = unwrap_nested(f, depth, &candidates);
     if !f.nested && depth < MAX_DEPTH {
         if let Some(raw @ Value::Object(_)) = raw {
             if let Some(inner) = from_value(raw, depth + 1, false).filter(useful) {
@@ -253,12 +245,12 @@ fn useful(f: &Fields) -> bool {
 
 /// Tries each candidate string for embedded error JSON; the first that parses as an error
 /// replaces `outer`, keeping what only the outer level knew.
-fn unwrap_nested(outer: Fields, depth: u8, candidates: &[&str]) -> Fields {
+fn unwrap_nested<S: AsRef<str>>(outer: Fields, depth: u8, candidates: &[S]) -> Fields {
     if depth >= MAX_DEPTH {
         return outer;
     }
     for s in candidates {
-        if let Some(v) = embedded_json(s) {
+        if let Some(v) = embedded_json(s.as_ref()) {
             if let Some(inner) = from_value(&v, depth + 1, false).filter(useful) {
                 return merge(inner, outer);
             }

@@ -119,6 +119,7 @@ pub fn classify_response_at(
         return None;
     }
     let body = body.trim_ascii();
+    let body = body.strip_prefix("\u{feff}".as_bytes()).unwrap_or(body);
     let content_type = headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
