@@ -22,8 +22,9 @@
 //!    `model_not_supported`, `missing_required_field`... by its words, else `invalid_value`.
 //! 4. **Refinements**: "expired" or "deactivated" keys; a not-found model; a rate limit that is
 //!    a request too large for the tier (`request_too_large`, never fits) or a concurrency limit;
-//!    a daily, hourly or zero quota (marked [`ApiError::never_fits`]: no retry within any
-//!    sensible budget can succeed).
+//!    a zero quota, a quota Google declares per day, or a daily or hourly limit with no stated
+//!    wait (marked [`ApiError::never_fits`]: no retry within any sensible budget can succeed; a
+//!    daily limit that states a short wait is a sliding window, and the wait decides).
 //!
 //! JSON nested inside strings (a message holding the provider's whole error, `ConnectionError:
 //! {...}`, OpenRouter `metadata.raw`) is unwrapped, up to four levels; the innermost error
@@ -271,9 +272,6 @@ fn from_fields(status: u16, f: &mut Fields, headers: &HeaderMap, now: SystemTime
     if let Some(p) = f.param.as_deref().filter(|p| p.len() <= 128) {
         err = err.with_param(scrub::finish(p));
     }
-    if verdict.never_fits {
-        err = err.never_fits();
-    }
     if let Some(id) = f.request_id.as_deref().filter(|id| sane_id(id)) {
         err = err.with_request_id(id);
     }
@@ -286,6 +284,11 @@ fn from_fields(status: u16, f: &mut Fields, headers: &HeaderMap, now: SystemTime
     );
     if err.retry_after().is_none() {
         err.set_retry_after(wait_from_fields(verdict.code, f, headers, now));
+    }
+    // A daily or hourly limit without a stated wait cannot clear within a retry budget; with
+    // one (a sliding window), the wait decides.
+    if verdict.never_fits || (verdict.long_limit && err.retry_after().is_none()) {
+        err = err.never_fits();
     }
     err
 }

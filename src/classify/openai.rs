@@ -52,3 +52,7 @@ pub const TABLE: Table = &[
     ("engine_overloaded", ServiceUnavailable),
     ("timeout", Timeout),
 ];
+
+/// Codes and types that mean billing (`insufficient_quota` has its own rule: DashScope uses
+/// it for a rate limit).
+pub const BILLING: &[&str] = &["billing_not_active", "billing_hard_limit_reached"];

@@ -31,6 +31,9 @@ pub struct Verdict {
     pub code: ErrorCode,
     /// The request can never succeed as sent, or not within any sensible retry budget.
     pub never_fits: bool,
+    /// The message speaks of a daily or hourly limit: without a stated wait, a retry soon is
+    /// pointless; with one (a sliding window), the wait decides.
+    pub long_limit: bool,
 }
 
 fn any(hay: &str, needles: &[&str]) -> bool {
@@ -61,7 +64,8 @@ fn is_billing(status: u16, f: &Fields) -> bool {
             .flatten()
             .chain(f.reasons.iter().map(String::as_str))
     };
-    let lists: [&[&str]; 4] = [
+    let lists: [&[&str]; 5] = [
+        openai::BILLING,
         anthropic::BILLING,
         google::BILLING,
         cn::BILLING,
@@ -289,6 +293,7 @@ pub fn decide(status: u16, f: &Fields) -> Verdict {
         return Verdict {
             code: InsufficientQuota,
             never_fits: false,
+            long_limit: false,
         };
     }
     let code = structured(f).unwrap_or_else(|| by_status(status, hay));
@@ -301,6 +306,7 @@ pub fn decide(status: u16, f: &Fields) -> Verdict {
         RateLimitExceeded if any(hay, CONCURRENCY_WORDS) => ConcurrentLimitExceeded,
         c => c,
     };
+    let mut long_limit = false;
     if code == RequestTooLarge {
         never_fits = true;
     }
@@ -311,10 +317,16 @@ pub fn decide(status: u16, f: &Fields) -> Verdict {
         });
         let zhipu_long =
             cn::is_zhipu(f) && cn::ZHIPU_LONG_LIMITS.contains(&f.code.as_deref().unwrap_or(""));
-        // A zero quota, or a daily or hourly limit: a retry within any sensible budget fails.
-        never_fits = f.zero_quota || long_quota || zhipu_long || any(hay, LONG_LIMIT_WORDS);
+        // A zero quota, or a quota the provider declares daily or hourly (Google's retryDelay
+        // then describes the next window, not this quota): no sensible retry budget helps.
+        never_fits = f.zero_quota || long_quota || zhipu_long;
+        long_limit = any(hay, LONG_LIMIT_WORDS);
     }
-    Verdict { code, never_fits }
+    Verdict {
+        code,
+        never_fits,
+        long_limit,
+    }
 }
 
 #[cfg(test)]
@@ -356,8 +368,8 @@ mod tests {
             d("max organization concurrency: 1").code,
             ConcurrentLimitExceeded
         );
-        assert!(d("Too many tokens per day").never_fits);
-        assert!(!d("Too many tokens per minute").never_fits);
+        assert!(d("Too many tokens per day").long_limit);
+        assert!(!d("Too many tokens per minute").long_limit);
         assert_eq!(
             d("The engine is currently overloaded").code,
             ServiceUnavailable
