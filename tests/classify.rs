@@ -472,3 +472,69 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn head_only_classification() {
+    use llm_layers::classify::classify_head_at;
+    let mut h = HeaderMap::new();
+    h.insert(
+        "x-ratelimit-remaining-requests",
+        HeaderValue::from_static("0"),
+    );
+    h.insert(
+        "x-ratelimit-reset-requests",
+        HeaderValue::from_static("1.5s"),
+    );
+    h.insert("x-request-id", HeaderValue::from_static("req_123"));
+    let e = classify_head_at(StatusCode::TOO_MANY_REQUESTS, &h, fixed_now()).unwrap();
+    assert_eq!(e.code(), ErrorCode::RateLimitExceeded);
+    assert_eq!(e.retry_after(), Some(Duration::from_millis(1500)));
+    assert_eq!(e.request_id(), Some("req_123"));
+    // Reset headers ride along on every answer; they are no wait for other errors.
+    let e = classify_head_at(StatusCode::BAD_REQUEST, &h, fixed_now()).unwrap();
+    assert_eq!(e.retry_after(), None);
+    h.insert(
+        "retry-after",
+        HeaderValue::from_static("Mon, 23 Nov 2026 10:01:00 GMT"),
+    );
+    let e = classify_head_at(StatusCode::SERVICE_UNAVAILABLE, &h, fixed_now()).unwrap();
+    assert_eq!(e.retry_after(), Some(Duration::from_secs(60)));
+    assert!(classify_head_at(StatusCode::OK, &h, fixed_now()).is_none());
+}
+
+#[derive(Debug)]
+struct Wrapper(Box<dyn std::error::Error + Send + Sync>);
+
+impl std::fmt::Display for Wrapper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("error sending request")
+    }
+}
+
+impl std::error::Error for Wrapper {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+#[test]
+fn transport_errors_walk_the_source_chain() {
+    use llm_layers::classify::classify_transport_error;
+    use std::io::{Error, ErrorKind};
+    let refused = Wrapper(Box::new(Error::from(ErrorKind::ConnectionRefused)));
+    let e = classify_transport_error(&refused);
+    assert_eq!(e.code(), ErrorCode::ServiceUnavailable);
+    assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
+    let timed_out = Wrapper(Box::new(Wrapper(Box::new(Error::from(
+        ErrorKind::TimedOut,
+    )))));
+    assert_eq!(
+        classify_transport_error(&timed_out).code(),
+        ErrorCode::Timeout
+    );
+    let reset = Wrapper(Box::new(Error::from(ErrorKind::ConnectionReset)));
+    assert_eq!(
+        classify_transport_error(&reset).message(),
+        "The connection to the upstream was closed before it answered."
+    );
+}

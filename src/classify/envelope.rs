@@ -157,6 +157,15 @@ fn is_error_object(o: &Map<String, Value>, strict: bool) -> bool {
 }
 
 fn from_object(o: &Map<String, Value>, depth: u8, strict: bool) -> Option<Fields> {
+    // OpenAI Responses API: `{"type":"response.failed","response":{"error":{...}}}`.
+    if str_of(o, "type") == Some("response.failed") {
+        let e = o.get("response").and_then(|r| r.get("error"))?;
+        let mut wrapped = Map::new();
+        wrapped.insert("error".to_owned(), e.clone());
+        let mut f = from_object(&wrapped, depth, strict)?;
+        f.family = "openai";
+        return Some(f);
+    }
     if !is_error_object(o, strict) {
         return None;
     }

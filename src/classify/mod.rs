@@ -154,7 +154,7 @@ pub fn classify_response_at(
             Parsed::NotJson => None,
         };
         if let Some(f) = fields.as_mut() {
-            return Some(from_fields(s, f, headers, now).with_upstream_status(status));
+            return Some(from_fields(s, f, headers, now));
         }
     }
     let is_html = html::looks_html(&content_type, body);
@@ -205,7 +205,7 @@ fn in_band(
         return None;
     }
     let mut f = envelope::from_json(body, true)?;
-    Some(from_fields(status.as_u16(), &mut f, headers, now).with_upstream_status(status))
+    Some(from_fields(status.as_u16(), &mut f, headers, now))
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
@@ -383,7 +383,8 @@ pub fn classify_head_at(
 }
 
 /// Classifies one SSE `data:` payload (OpenAI `{"error":{...}}`, Anthropic
-/// `{"type":"error","error":{...}}`, the Responses API `{"type":"error",...}`, OpenRouter
+/// `{"type":"error","error":{...}}`, the Responses API `{"type":"error",...}` and
+/// `{"type":"response.failed","response":{"error":{...}}}`, OpenRouter
 /// `{"code":502,"message":...}`). Returns `None` when it is not an error event.
 ///
 /// A payload that does not parse (a truncated chunk) counts only when it holds an `"error"`
