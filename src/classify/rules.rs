@@ -248,7 +248,7 @@ fn by_text(hay: &str) -> Option<ErrorCode> {
         .or_else(|| first(LATER_RULES))
 }
 
-const REVOKED_WORDS: &[&str] = &["deactivated", "revoked", "deleted", "suspended", "disabled"];
+const REVOKED_WORDS: &[&str] = &["deactivated", "revoked", "deleted", "suspended"];
 const OVERLOAD_WORDS: &[&str] = &["overloaded", "high load", "capacity"];
 
 fn by_status(status: u16, hay: &str) -> ErrorCode {
