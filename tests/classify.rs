@@ -305,6 +305,15 @@ fn normal_answers_are_not_errors() {
     let stream = b"data: {\"choices\":[{\"delta\":{\"content\":\"error\"}}]}\n\ndata: [DONE]\n\n";
     assert!(classify_response(StatusCode::OK, &sse, stream).is_none());
     assert!(classify_sse_stream(stream).is_none());
+    let mut mixed = HeaderMap::new();
+    mixed.insert(
+        "content-type",
+        HeaderValue::from_static("Text/Event-Stream; charset=utf-8"),
+    );
+    let failing = b": keep-alive\n\nevent: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"api_error\",\"message\":\"x\"}}\n\n";
+    let e = classify_response(StatusCode::OK, &mixed, &failing[..]).unwrap();
+    assert_eq!(e.code(), ErrorCode::InternalError);
+    assert_eq!(e.upstream_status(), Some(StatusCode::OK));
     assert!(classify_sse_event(b"[DONE]").is_none());
     assert!(classify_sse_event(b"{\"type\":\"ping\"}").is_none());
     assert!(classify_sse_event(b"not json").is_none());

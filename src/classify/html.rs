@@ -30,7 +30,7 @@ const BLOCK_WORDS: &[&str] = &[
 
 /// Whether `body` looks like an HTML page.
 pub fn looks_html(content_type: &str, body: &[u8]) -> bool {
-    content_type.contains("html") || body.first() == Some(&b'<')
+    content_type.to_ascii_lowercase().contains("html") || body.first() == Some(&b'<')
 }
 
 /// Classifies an HTML page (`html`) or a plain-text answer; returns the code and the message.

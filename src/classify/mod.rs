@@ -121,13 +121,13 @@ pub fn classify_response_at(
     }
     let body = body.trim_ascii();
     let body = body.strip_prefix("\u{feff}".as_bytes()).unwrap_or(body);
+    // Borrowed, not lower-cased: the success path allocates nothing.
     let content_type = headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
+        .unwrap_or("");
     if status.is_success() {
-        return in_band(status, headers, body, &content_type, now);
+        return in_band(status, headers, body, content_type, now);
     }
     if !(status.is_client_error() || status.is_server_error()) {
         return None;
@@ -157,7 +157,7 @@ pub fn classify_response_at(
             return Some(from_fields(s, f, headers, now));
         }
     }
-    let is_html = html::looks_html(&content_type, body);
+    let is_html = html::looks_html(content_type, body);
     let (code, msg) = html::classify(s, body, is_html);
     let err = ApiError::new(code, scrub::finish(&msg)).with_provider(if is_html {
         "html"
@@ -186,10 +186,10 @@ fn in_band(
         .with_provider("status");
         return Some(finish(err, status, headers, now, true));
     }
-    if content_type.starts_with("text/event-stream")
-        || body.starts_with(b"data:")
-        || body.starts_with(b"event:")
-    {
+    let event_stream = content_type
+        .get(..17)
+        .is_some_and(|p| p.eq_ignore_ascii_case("text/event-stream"));
+    if event_stream || body.starts_with(b"data:") || body.starts_with(b"event:") {
         if !contains(body, b"error") {
             return None; // no event can be an error
         }
