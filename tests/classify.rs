@@ -34,6 +34,7 @@ struct Fixture {
     code: ErrorCode,
     retryable: bool,
     wait_ms: Option<u64>,
+    ambiguous: bool,
     alternatives: Vec<ErrorCode>,
 }
 
@@ -69,6 +70,7 @@ fn load(path: &str) -> Vec<Fixture> {
                 code: e["code"].as_str().unwrap().parse().unwrap(),
                 retryable: e["retryable"].as_bool().unwrap(),
                 wait_ms: e["retry_after_ms"].as_u64(),
+                ambiguous: note.starts_with("ambiguous:"),
                 alternatives,
             }
         })
@@ -102,7 +104,7 @@ fn check_file(path: &str) -> (Vec<String>, usize, usize) {
         } else {
             got.is_retryable()
         };
-        if !f.alternatives.is_empty() {
+        if f.ambiguous {
             amb += 1;
             amb_primary += usize::from(got == f.code);
         }

@@ -152,7 +152,7 @@ mod tests {
         assert_eq!(scrub("Your api key: ****cd15"), "Your api key: ****cd15");
         assert_eq!(scrub("über sk-ÄÖ"), "über sk-ÄÖ");
         assert_eq!(scrub("key=sk-abcdefghij1234"), "key=sk-...1234");
-        assert_eq!(scrub("task-abcdefghij1234"), "task-abcdefghij1234");
+        assert_eq!(scrub("mask-abcdefghij1234"), "mask-abcdefghij1234");
     }
 
     #[test]
