@@ -1,0 +1,219 @@
+//! The layers stacked together, as the gateway stacks them, over real HTTP against a scripted
+//! upstream stub: what a client sees when several layers have a say in one answer.
+
+mod common_gateway;
+
+use std::collections::BTreeMap;
+
+use common_gateway::{
+    answer, assert_envelope, chat, completion, gateway, hello, Stub, FULL, OTHER,
+};
+use reqwest::StatusCode;
+
+/// Two keys without tiers, generous defaults, every layer on.
+fn config(extra: &str) -> String {
+    format!(
+        r#"
+[[keys]]
+id = "full"
+secret = "{FULL}"
+
+[[keys]]
+id = "other"
+secret = "{OTHER}"
+
+[validation]
+allowed_models = ["gpt-4o", "gpt-4o-mini"]
+
+[upstream]
+attempt_timeout_ms = 5000
+
+{extra}
+"#
+    )
+}
+
+/// Answers by the request's `x-case` header, as many upstreams and the edges in front of them
+/// would.
+async fn provider_zoo() -> Stub {
+    Stub::start(|call| {
+        let case = call
+            .headers
+            .get("x-case")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        match case.as_str() {
+            "openai-400" => answer(
+                400,
+                "application/json",
+                r#"{"error":{"message":"Invalid 'messages[0].role'","type":"invalid_request_error","param":"messages[0].role","code":"invalid_value"}}"#,
+            ),
+            "openai-429" => Response::builder()
+                .status(429)
+                .header("content-type", "application/json")
+                .header("retry-after-ms", "1500")
+                .body(r#"{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#.into())
+                .unwrap(),
+            "quota" => answer(
+                429,
+                "application/json",
+                r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#,
+            ),
+            "anthropic-529" => answer(
+                529,
+                "application/json",
+                r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+            ),
+            "html-403" => answer(
+                403,
+                "text/html",
+                "<html><head><title>Attention Required! | Cloudflare</title></head><body>blocked</body></html>",
+            ),
+            "html-502" => answer(502, "text/html", "<html><body><h1>502 Bad Gateway</h1></body></html>"),
+            "empty-500" => answer(500, "text/plain", ""),
+            "unknown-url" => answer(
+                404,
+                "application/json",
+                r#"{"error":{"message":"Unknown request URL: POST /v1/chat/completion.","type":"invalid_request_error","param":null,"code":"unknown_url"}}"#,
+            ),
+            "model-not-found" => answer(
+                404,
+                "application/json",
+                r#"{"error":{"message":"The model `gpt-5-nano` does not exist","type":"invalid_request_error","param":null,"code":"model_not_found"}}"#,
+            ),
+            _ => completion(call.json),
+        }
+    })
+    .await
+}
+
+use axum::response::Response;
+
+#[tokio::test]
+async fn every_error_is_an_envelope_an_sdk_understands() {
+    let stub = provider_zoo().await;
+    let (addr, _) = gateway(
+        &config(
+            "[rate_limit.defaults]\nrpm = 1000\n[breaker]\nwindow = 1000\nminimum_calls = 1000\n",
+        ),
+        &stub.base(),
+    )
+    .await;
+    let client = reqwest::Client::new();
+
+    // Upstream failures, normalized.
+    let expected = [
+        ("openai-400", 400, "invalid_value", "false"),
+        ("openai-429", 429, "rate_limit_exceeded", "true"),
+        ("quota", 429, "insufficient_quota", "false"),
+        ("anthropic-529", 503, "service_unavailable", "true"),
+        ("html-403", 502, "upstream_blocked", "false"),
+        ("html-502", 503, "service_unavailable", "true"),
+        ("empty-500", 500, "internal_error", "true"),
+        // OpenAI's 404 `model_not_found` is classified as an unsupported model.
+        ("model-not-found", 400, "model_not_supported", "false"),
+        ("unknown-url", 404, "not_found", "false"),
+    ];
+    for (case, status, code, retry) in expected {
+        let got = chat(&client, addr, FULL, &hello("gpt-4o"), &[("x-case", case)]).await;
+        assert_envelope(&got);
+        assert_eq!(
+            (
+                got.status.as_u16(),
+                got.code().as_str(),
+                got.header("x-should-retry")
+            ),
+            (status, code, Some(retry)),
+            "{case}: {got:?}"
+        );
+    }
+    let got = chat(
+        &client,
+        addr,
+        FULL,
+        &hello("gpt-4o"),
+        &[("x-case", "openai-429")],
+    )
+    .await;
+    assert_eq!(got.header("retry-after"), Some("2"), "{got:?}");
+    assert_eq!(got.header("retry-after-ms"), Some("1500"), "{got:?}");
+
+    // The gateway's own rejections, in the same language.
+    let got = chat(
+        &client,
+        addr,
+        "sk-wrong-0123456789abcdefghij",
+        &hello("gpt-4o"),
+        &[],
+    )
+    .await;
+    assert_envelope(&got);
+    assert_eq!(
+        (got.status.as_u16(), got.code().as_str()),
+        (401, "invalid_api_key")
+    );
+    let got = chat(&client, addr, FULL, &hello("gpt-3"), &[]).await;
+    assert_envelope(&got);
+    assert_eq!(
+        (got.status.as_u16(), got.code().as_str()),
+        (400, "model_not_supported")
+    );
+    let res = client
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .header("authorization", format!("Bearer {FULL}"))
+        .header("content-type", "application/json")
+        .body("{\"model\": ")
+        .send()
+        .await
+        .unwrap();
+    let got = common_gateway::Got {
+        status: res.status(),
+        headers: res.headers().clone(),
+        body: res.bytes().await.unwrap(),
+    };
+    assert_envelope(&got);
+    assert_eq!(
+        (got.status.as_u16(), got.code().as_str()),
+        (400, "invalid_value")
+    );
+
+    // A refused request never reached the upstream: 9 + 1 scripted calls only.
+    assert_eq!(stub.calls(), 10);
+}
+
+#[tokio::test]
+async fn rate_limits_are_per_key_behind_auth() {
+    let stub = Stub::start(|call| completion(call.json)).await;
+    let (addr, _) = gateway(&config("[rate_limit.defaults]\nrpm = 2\n"), &stub.base()).await;
+    let client = reqwest::Client::new();
+
+    let mut seen = BTreeMap::new();
+    for key in [FULL, OTHER, FULL, OTHER, FULL, OTHER] {
+        let got = chat(&client, addr, key, &hello("gpt-4o-mini"), &[]).await;
+        seen.entry(key)
+            .or_insert_with(Vec::new)
+            .push(got.status.as_u16());
+        if got.status == StatusCode::TOO_MANY_REQUESTS {
+            assert_envelope(&got);
+            assert_eq!(got.code(), "rate_limit_exceeded");
+            assert_eq!(got.header("x-should-retry"), Some("true"));
+            let secs: u64 = got.header("retry-after").unwrap().parse().unwrap();
+            assert!((1..=60).contains(&secs), "{got:?}");
+            assert_eq!(got.header("x-ratelimit-remaining-requests"), Some("0"));
+        }
+    }
+    assert_eq!(seen[FULL], [200, 200, 429]);
+    assert_eq!(seen[OTHER], [200, 200, 429]);
+    // A request without a valid key is refused by auth before it can spend anyone's quota.
+    let got = chat(
+        &client,
+        addr,
+        "sk-wrong-0123456789abcdefghij",
+        &hello("gpt-4o"),
+        &[],
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::UNAUTHORIZED);
+    // Only admitted requests reached the upstream.
+    assert_eq!(stub.calls(), 4);
+}
