@@ -217,3 +217,133 @@ async fn rate_limits_are_per_key_behind_auth() {
     // Only admitted requests reached the upstream.
     assert_eq!(stub.calls(), 4);
 }
+
+/// `gpt-4o` is down (503), `gpt-4o-mini` answers; calls per model are counted.
+async fn half_down() -> (
+    Stub,
+    std::sync::Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+) {
+    let counts = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::<String, u64>::new()));
+    let seen = counts.clone();
+    let stub = Stub::start(move |call| {
+        let model = call.json["model"].as_str().unwrap_or("").to_owned();
+        *seen.lock().unwrap().entry(model.clone()).or_default() += 1;
+        if model == "gpt-4o" {
+            answer(
+                503,
+                "application/json",
+                r#"{"error":{"message":"The engine is currently overloaded","type":"server_error","param":null,"code":null}}"#,
+            )
+        } else {
+            completion(call.json)
+        }
+    })
+    .await;
+    (stub, counts)
+}
+
+const BREAKER: &str = r#"
+[rate_limit.defaults]
+rpm = 10000
+
+[breaker]
+key_by = "model"
+window = 4
+minimum_calls = 4
+failure_rate = 50.0
+open_ms = 60000
+fallback_model = "gpt-4o-mini"
+"#;
+
+#[tokio::test]
+async fn the_breaker_opens_and_falls_back_to_another_model() {
+    let (stub, counts) = half_down().await;
+    let (addr, stack) = gateway(&config(BREAKER), &stub.base()).await;
+    let client = reqwest::Client::new();
+
+    // Four failures fill the window: the circuit for gpt-4o opens.
+    for _ in 0..4 {
+        let got = chat(&client, addr, FULL, &hello("gpt-4o"), &[]).await;
+        assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_envelope(&got);
+    }
+    let down = counts.lock().unwrap()["gpt-4o"];
+    // Now gpt-4o requests are answered by gpt-4o-mini, marked, without touching gpt-4o.
+    for _ in 0..5 {
+        let got = chat(&client, addr, FULL, &hello("gpt-4o"), &[]).await;
+        assert_eq!(got.status, StatusCode::OK, "{got:?}");
+        assert_eq!(got.header("x-llm-layers-fallback"), Some("gpt-4o-mini"));
+        assert_eq!(got.json()["model"], "gpt-4o-mini");
+    }
+    assert_eq!(counts.lock().unwrap()["gpt-4o"], down);
+    assert_eq!(counts.lock().unwrap()["gpt-4o-mini"], 5);
+    assert_eq!(stub.calls(), down + 5);
+    let metrics = stack.breaker().handle().metrics("gpt-4o").unwrap();
+    assert!(metrics.openings >= 1, "{metrics:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_request_is_lost_when_1000_concurrent_requests_meet_a_failing_upstream() {
+    // One call in five answers; the others fail in every way an upstream fails.
+    let stub = Stub::start(|call| match call.index % 5 {
+        0 => completion(call.json),
+        1 => answer(500, "text/plain", ""),
+        2 => answer(
+            503,
+            "application/json",
+            r#"{"error":{"message":"overloaded","type":"server_error","param":null,"code":null}}"#,
+        ),
+        3 => answer(
+            403,
+            "text/html",
+            "<html><title>Attention Required! | Cloudflare</title></html>",
+        ),
+        _ => answer(
+            529,
+            "application/json",
+            r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+        ),
+    })
+    .await;
+    let (addr, _) = gateway(
+        &config("[rate_limit.defaults]\nrpm = 100000\n\n[breaker]\nwindow = 50\nminimum_calls = 20\nfallback_model = \"gpt-4o-mini\"\n"),
+        &stub.base(),
+    )
+    .await;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1000)
+        .build()
+        .unwrap();
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..1000 {
+        let client = client.clone();
+        let model = if i % 2 == 0 { "gpt-4o" } else { "gpt-4o-mini" };
+        tasks.spawn(async move { chat(&client, addr, FULL, &hello(model), &[]).await });
+    }
+    let mut by_outcome = BTreeMap::<String, u32>::new();
+    while let Some(got) = tasks.join_next().await {
+        let got = got.expect("no task panicked");
+        let outcome = if got.status.is_success() {
+            assert!(got.json()["choices"].is_array(), "{got:?}");
+            "ok".to_owned()
+        } else {
+            assert_envelope(&got);
+            format!("{} {}", got.status.as_u16(), got.code())
+        };
+        *by_outcome.entry(outcome).or_default() += 1;
+    }
+    eprintln!(
+        "outcomes of 1000 requests: {by_outcome:?}; upstream calls: {}",
+        stub.calls()
+    );
+    let total: u32 = by_outcome.values().sum();
+    assert_eq!(total, 1000, "{by_outcome:?}");
+    assert!(
+        by_outcome.get("ok").copied().unwrap_or(0) > 0,
+        "{by_outcome:?}"
+    );
+    assert!(by_outcome.len() > 1, "{by_outcome:?}");
+    // Every call the stub received was answered to someone; the breaker may have spared it some.
+    assert!(stub.calls() <= 1000, "{}", stub.calls());
+}
