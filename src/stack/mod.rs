@@ -19,8 +19,9 @@
 //!
 //! The layers stay independent: [`Stack`] only hands out clones of them (they share their
 //! state through an `Arc`, so every clone counts against the same circuits and buckets), and
-//! you stack them where you want, router-wide or per route with
-//! [`tower::ServiceBuilder::option_layer`](https://docs.rs/tower/latest/tower/builder/struct.ServiceBuilder.html#method.option_layer).
+//! you stack them where you want: router-wide, or per route with `MethodRouter::layer` as in
+//! the example below (one `.layer` per present layer, so routes with and without a layer
+//! need no common service type), or around a client with `tower::ServiceBuilder`.
 //!
 //! # Errors
 //!
@@ -31,10 +32,14 @@
 //! # Example
 //!
 //! ```
-//! use axum::{routing::{get, post}, Router};
+//! use axum::routing::{get, post, MethodRouter};
+//! use axum::Router;
+//! use axum::body::Body;
 //! use llm_layers::stack::Stack;
-//! use tower::ServiceBuilder;
+//! use tower::ServiceExt;
 //!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let stack = Stack::from_toml_str(r#"
 //!     [[keys]]
 //!     id = "team-a"
@@ -55,22 +60,39 @@
 //!     validate = false
 //! "#)?;
 //!
-//! // Per route: the layers the route's policy asks for, outermost first.
-//! let guarded = |path: &str| {
-//!     ServiceBuilder::new()
-//!         .option_layer(stack.auth_for(path))
-//!         .option_layer(stack.validate_for(path))
+//! // Per route: the layers the route's policy asks for. `MethodRouter::layer` wraps what is
+//! // already there, so the innermost layer comes first: auth ends up outermost.
+//! let guarded = |path: &str, mut route: MethodRouter| {
+//!     if let Some(layer) = stack.rate_limit_for(path) {
+//!         route = route.layer(layer);
+//!     }
+//!     if let Some(layer) = stack.validate_for(path) {
+//!         route = route.layer(layer);
+//!     }
+//!     if let Some(layer) = stack.auth_for(path) {
+//!         route = route.layer(layer);
+//!     }
+//!     route
 //! };
 //! let app: Router = Router::new()
-//!     .route("/v1/chat/completions", post(|| async { "{}" }).layer(guarded("/v1/chat/completions")))
-//!     .route("/v1/models", get(|| async { "{}" }).layer(guarded("/v1/models")))
-//!     .route("/healthz", get(|| async { "ok" }).layer(guarded("/healthz")));
-//! # let _ = app;
+//!     .route("/v1/chat/completions", guarded("/v1/chat/completions", post(|| async { "{}" })))
+//!     .route("/v1/models", guarded("/v1/models", get(|| async { "{}" })))
+//!     .route("/healthz", guarded("/healthz", get(|| async { "ok" })));
+//!
+//! // No key: /healthz answers, the chat route refuses with the envelope.
+//! let call = |path: &str| {
+//!     let method = if path == "/healthz" { "GET" } else { "POST" };
+//!     let req = http::Request::builder().method(method).uri(path).body(Body::empty()).unwrap();
+//!     app.clone().oneshot(req)
+//! };
+//! assert_eq!(call("/healthz").await?.status(), 200);
+//! assert_eq!(call("/v1/chat/completions").await?.status(), 401);
 //!
 //! // A wrong value is refused, naming the field.
 //! let err = Stack::from_toml_str("[breaker]\nfailure_rate = 120.0").unwrap_err();
 //! assert_eq!(err.field(), "breaker.failure_rate");
-//! # Ok::<(), llm_layers::stack::ConfigError>(())
+//! # Ok(())
+//! # }
 //! ```
 
 use std::borrow::Cow;
