@@ -7,5 +7,6 @@ pub mod classify;
 pub mod error;
 pub mod ext;
 pub mod request;
+pub mod retry;
 
 pub use error::{ApiError, ErrorCode};
