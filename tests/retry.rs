@@ -155,6 +155,29 @@ async fn gateway_answers_502_envelope_when_every_connection_resets() {
 }
 
 #[tokio::test]
+async fn gateway_can_tell_sdk_clients_not_to_retry_again() {
+    let stub = Stub::start(vec![
+        Action::Reply(503, vec![("x-should-retry", "true")], "busy"),
+        Action::Reply(503, vec![("x-should-retry", "true")], "busy"),
+    ])
+    .await;
+    let gw = gateway(
+        stub.addr,
+        fast().max_attempts(2).mark_exhausted(true).build().unwrap(),
+    )
+    .await;
+    let res = post(gw, CHAT).await;
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.headers()["x-should-retry"], "false");
+    assert_eq!(
+        res.headers()["x-llm-layers-retry-stop"],
+        "attempts-exhausted"
+    );
+    assert_eq!(res.text().await.unwrap(), "busy");
+    assert_eq!(stub.count(), 2);
+}
+
+#[tokio::test]
 async fn gateway_retries_an_attempt_past_the_per_attempt_timeout() {
     let stub = Stub::start(vec![Action::Slow(ms(2000))]).await;
     let layer = fast().attempt_timeout(ms(200)).build().unwrap();

@@ -141,6 +141,7 @@ pub(crate) struct Shared {
     pub(crate) attempt_timeout: Option<Duration>,
     pub(crate) body_limit: usize,
     pub(crate) attempts_header: bool,
+    pub(crate) mark_exhausted: bool,
     pub(crate) transport_errors: TransportErrors,
     pub(crate) budget: Option<Budget>,
     pub(crate) seed: Option<u64>,
@@ -160,6 +161,7 @@ impl fmt::Debug for Shared {
             .field("attempt_timeout", &self.attempt_timeout)
             .field("body_limit", &self.body_limit)
             .field("attempts_header", &self.attempts_header)
+            .field("mark_exhausted", &self.mark_exhausted)
             .field("transport_errors", &self.transport_errors)
             .field("budget", &self.budget.is_some())
             .field("seeded", &self.seed.is_some())
@@ -212,6 +214,7 @@ pub struct RetryLayerBuilder {
     attempt_timeout: Option<Duration>,
     body_limit: usize,
     attempts_header: bool,
+    mark_exhausted: bool,
     transport_errors: TransportErrors,
     budget: Option<RetryBudget>,
     seed: Option<u64>,
@@ -240,6 +243,7 @@ impl Default for RetryLayerBuilder {
             attempt_timeout: None,
             body_limit: DEFAULT_BODY_LIMIT,
             attempts_header: true,
+            mark_exhausted: false,
             transport_errors: TransportErrors::Envelope,
             budget: Some(RetryBudget::default()),
             seed: None,
@@ -306,6 +310,15 @@ impl RetryLayerBuilder {
     /// headers (default true). The [`crate::ext::Attempts`] extension is always set.
     pub fn attempts_header(mut self, on: bool) -> Self {
         self.attempts_header = on;
+        self
+    }
+
+    /// When the layer gave up on an error it would otherwise have retried (attempts, budget or
+    /// deadline used up, a server wait over `max_retry_after`), overwrite `x-should-retry` on
+    /// the response with `false`, so the official SDKs calling a gateway do not retry what the
+    /// gateway already retried (default false: the upstream's answer is handed on as it was).
+    pub fn mark_exhausted(mut self, on: bool) -> Self {
+        self.mark_exhausted = on;
         self
     }
 
@@ -388,6 +401,7 @@ impl RetryLayerBuilder {
             attempt_timeout: self.attempt_timeout,
             body_limit: self.body_limit,
             attempts_header: self.attempts_header,
+            mark_exhausted: self.mark_exhausted,
             transport_errors: self.transport_errors,
             budget: self.budget.as_ref().map(Budget::new),
             seed: self.seed,

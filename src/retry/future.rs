@@ -18,7 +18,7 @@ use tower_service::Service;
 
 use crate::body::BufferError;
 use crate::classify::{classify_head, classify_transport_error};
-use crate::error::{ApiError, ErrorCode};
+use crate::error::{ApiError, ErrorCode, X_SHOULD_RETRY};
 use crate::ext::Attempts;
 
 use super::backoff::uniform;
@@ -453,6 +453,20 @@ fn finish<R>(
     res.extensions_mut().insert(Attempts(attempts));
     if let Some(stop) = stop {
         res.extensions_mut().insert(stop);
+    }
+    if shared.mark_exhausted
+        && matches!(
+            stop,
+            Some(
+                RetryStop::AttemptsExhausted
+                    | RetryStop::BudgetExhausted
+                    | RetryStop::Deadline
+                    | RetryStop::HintTooLong
+            )
+        )
+    {
+        res.headers_mut()
+            .insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
     }
     if shared.attempts_header {
         let headers = res.headers_mut();
