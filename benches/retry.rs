@@ -21,12 +21,11 @@ use tower::{Layer, Service};
 
 type StreamedBody = axum::body::Body;
 
-fn bare<B: 'static>() -> impl Service<
-    Request<B>,
-    Response = Response<Full<Bytes>>,
-    Error = Infallible,
-    Future = std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>,
-> + Clone {
+type Answer = std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>;
+
+fn bare<B: 'static>(
+) -> impl Service<Request<B>, Response = Response<Full<Bytes>>, Error = Infallible, Future = Answer>
+       + Clone {
     tower::service_fn(|_req: Request<B>| std::future::ready(Ok(Response::new(Full::default()))))
 }
 
