@@ -99,16 +99,24 @@ where
             deadline = shared.deadline.map(|d| now + d);
         }
         let limit = shared.body_limit as u64;
+        let mut skipped = None;
+        if shared.max_attempts == 1 {
+            return Self::with(
+                State::Start { req: Some(req) },
+                None,
+                service,
+                shared,
+                deadline,
+                None,
+            );
+        }
         let announced = req
             .headers()
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
         let hint = req.body().size_hint();
-        let mut skipped = None;
-        let (state, parts) = if shared.max_attempts == 1 {
-            (State::Start { req: Some(req) }, None)
-        } else if announced.is_some_and(|n| n > limit) || hint.lower() > limit {
+        let (state, parts) = if announced.is_some_and(|n| n > limit) || hint.lower() > limit {
             tracing::debug!(
                 target: "llm_layers::retry",
                 limit,
@@ -126,6 +134,17 @@ where
                 (State::Buffering { body }, Some(parts))
             }
         };
+        Self::with(state, parts, service, shared, deadline, skipped)
+    }
+
+    fn with(
+        state: State<S::Future, B>,
+        parts: Option<Parts>,
+        service: S,
+        shared: Arc<Shared>,
+        deadline: Option<Instant>,
+        skipped: Option<RetryStop>,
+    ) -> Self {
         ResponseFuture {
             state,
             timer: None,
