@@ -254,6 +254,35 @@ async fn client_stack_over_hyper_util_can_propagate_transport_errors() {
     assert_eq!(res.extensions().get::<Attempts>(), Some(&Attempts(1)));
 }
 
+#[tokio::test]
+async fn client_stack_over_a_reqwest_service_fn() {
+    let stub = Stub::start(vec![
+        Action::Reply(429, vec![("retry-after-ms", "20")], "slow down"),
+        Action::Reply(503, vec![], "busy"),
+    ])
+    .await;
+    let http = reqwest::Client::new();
+    let upstream = tower::service_fn(move |req: Request<Body>| {
+        let http = http.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+            let req = reqwest::Request::try_from(Request::from_parts(parts, bytes))?;
+            let res = http.execute(req).await?;
+            Ok::<_, reqwest::Error>(Response::from(res).map(Body::new))
+        }
+    });
+    let client = fast().build().unwrap().layer(upstream);
+    let req = Request::post(format!("http://{}/v1/chat/completions", stub.addr))
+        .body(Body::from(CHAT))
+        .unwrap();
+    let res = client.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.extensions().get::<Attempts>(), Some(&Attempts(3)));
+    assert_eq!(stub.count(), 3);
+    assert!(stub.bodies().iter().all(|b| b == CHAT.as_bytes()));
+}
+
 // ---------- in-process upstream: classification, bodies, streams ----------
 
 fn call(
