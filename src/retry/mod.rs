@@ -39,7 +39,11 @@
 //! and a tracing event records it. A chunked body that turns out larger than the limit while
 //! it is read has been partly consumed and cannot be handed on intact, so it is answered with
 //! `413 request_too_large` (and a body that fails to read with `400 invalid_value`); the
-//! upstream is not called and the attempts header says `0`.
+//! upstream is not called and the attempts header says `0`. Request trailers are not replayed
+//! (LLM APIs do not use them).
+//!
+//! The future is a state machine (no boxing); its timers are tokio's, so the layer needs a
+//! tokio runtime with time enabled only when it has to wait (retries, deadline, attempt timeout).
 //!
 //! # What it answers with
 //!
