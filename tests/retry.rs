@@ -391,6 +391,28 @@ async fn a_chunked_body_past_the_limit_is_413_and_never_sent() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_chunked_body_exactly_at_the_limit_is_accepted() {
+    let layer = fast().body_limit(14).build().unwrap();
+    let rec = Recorder::default();
+    let chunks = futures_util::stream::iter(
+        ["012345", "6789ab", "cd"]
+            .map(|s| Ok::<_, std::io::Error>(Bytes::from_static(s.as_bytes()))),
+    );
+    let res = call(
+        &layer,
+        &rec,
+        Arc::new(|n| Ok(status(if n == 0 { 503 } else { 200 }))),
+        Body::from_stream(chunks),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 200);
+    let bodies = rec.bodies.lock().unwrap();
+    assert_eq!(bodies.len(), 2);
+    assert!(bodies.iter().all(|b| &b[..] == b"0123456789abcd"));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_chunked_body_within_the_limit_is_replayed_whole() {
     let layer = fast().build().unwrap();
     let rec = Recorder::default();

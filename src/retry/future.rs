@@ -193,7 +193,13 @@ where
                                     continue;
                                 };
                                 let n = data.remaining();
-                                if this.bytes.len() + this.acc.len() + n > limit {
+                                // Once `acc` is in use it holds everything read so far.
+                                let read = if this.acc.is_empty() {
+                                    this.bytes.len()
+                                } else {
+                                    this.acc.len()
+                                };
+                                if read + n > limit {
                                     // Part of the body is consumed and cannot be handed on:
                                     // the honest answer is 413.
                                     tracing::debug!(
