@@ -68,6 +68,14 @@ fn a_bad_config_is_refused_naming_the_field() {
             "upstream.attempt_timout_ms",
         ),
         (
+            CONFIG.replace("max_attempts = 3", "max_attempts = 30"),
+            "retry.max_attempts",
+        ),
+        (
+            CONFIG.replace("budget_ratio = 0.2", "budget_ratio = -1.0"),
+            "retry.budget_ratio",
+        ),
+        (
             CONFIG.replace("body_limit = 1048576", "body_limit = 0"),
             "validation.body_limit",
         ),

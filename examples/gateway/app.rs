@@ -66,12 +66,13 @@ pub fn http_client(
     })
 }
 
-/// Everything around the upstream call, outermost first: circuit breaker (with its fallback
-/// model), normalizer, per-attempt timeout, HTTP client. The normalizer sits closest to the
+/// Everything around the upstream call, outermost first: retry (deadline and budget), circuit
+/// breaker (with its fallback model), normalizer, per-attempt timeout, HTTP client. The normalizer sits closest to the
 /// upstream, so each raw answer is classified once and the outer layers read the `ApiError`
 /// it leaves in the response extensions.
 pub fn upstream(stack: &Stack, base: Uri, key: Option<HeaderValue>) -> Upstream {
     let svc = ServiceBuilder::new()
+        .layer(stack.retry())
         .layer(stack.breaker())
         .map_response(IntoResponse::into_response)
         .layer(NormalizeErrorsLayer::new())

@@ -13,6 +13,7 @@
 //! | `[[keys]]` | the key store of [`ApiKeyAuthLayer`] (the auth layer's own `[[keys]]` format) |
 //! | `[validation]` | [`ValidateRequestLayer`] |
 //! | `[rate_limit]` | [`RateLimitLayer`] (defaults and tiers; each key's own `rpm`/`tpm`/`concurrency` override them) |
+//! | `[retry]` | [`RetryLayer`]: attempts, backoff, deadline and budget |
 //! | `[breaker]` | [`CircuitBreakerLayer`] with its fallback model |
 //! | `[upstream]` | the per-attempt timeout |
 //! | `[routes."/path"]` | a [`RoutePolicy`]: which edge layers guard that route |
@@ -106,6 +107,7 @@ use serde::Deserialize;
 use crate::auth::{ApiKeyAuthLayer, InMemoryKeyStore};
 use crate::breaker::{CircuitBreakerLayer, KeyBy as BreakerKeyBy};
 use crate::rate_limit::{Limits, Mode as RateMode, Quota, RateLimitLayer};
+use crate::retry::{Backoff, Jitter, RetryBudget, RetryLayer};
 use crate::validate::ValidateRequestLayer;
 
 /// A configuration that cannot be built; [`field`](ConfigError::field) names the TOML path.
@@ -157,6 +159,9 @@ pub struct StackConfig {
     /// Rate limits per key.
     #[serde(default)]
     pub rate_limit: RateLimitConfig,
+    /// Retries around the upstream call.
+    #[serde(default)]
+    pub retry: RetryConfig,
     /// The circuit breaker around the upstream.
     #[serde(default)]
     pub breaker: BreakerConfig,
@@ -258,6 +263,34 @@ impl LimitsConfig {
     }
 }
 
+/// `[retry]`: settings of [`RetryLayer`].
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts in total, the first one included (default 3; 1 turns retries off).
+    pub max_attempts: Option<u32>,
+    /// The first backoff's upper bound, in milliseconds (default 500).
+    pub backoff_base_ms: Option<u64>,
+    /// The largest backoff, in milliseconds (default 8 000).
+    pub backoff_cap_ms: Option<u64>,
+    /// `"full"` (default), `"equal"`, `"decorrelated"` or `"none"`.
+    pub jitter: Option<String>,
+    /// The time all attempts and waits may take together, in milliseconds (default: none).
+    pub deadline_ms: Option<u64>,
+    /// A server's `retry-after` longer than this ends the retries, in milliseconds
+    /// (default 60 000).
+    pub max_retry_after_ms: Option<u64>,
+    /// Retries allowed per request, on top of the floor (default 0.2). `0` with a floor of `0`
+    /// turns retries off under load.
+    pub budget_ratio: Option<f32>,
+    /// Retries per second always allowed (default 10).
+    pub budget_min_per_sec: Option<u32>,
+    /// The budget's window, in milliseconds (default 10 000).
+    pub budget_ttl_ms: Option<u64>,
+    /// Seed of the backoff jitter.
+    pub seed: Option<u64>,
+}
+
 /// `[breaker]`: settings of [`CircuitBreakerLayer`].
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -325,6 +358,7 @@ pub struct Stack {
     auth: ApiKeyAuthLayer<InMemoryKeyStore>,
     validate: ValidateRequestLayer,
     rate_limit: RateLimitLayer,
+    retry: RetryLayer,
     breaker: CircuitBreakerLayer,
     attempt_timeout: Duration,
     routes: BTreeMap<String, RoutePolicy>,
@@ -390,6 +424,8 @@ impl Stack {
         let rate_limit = b
             .build()
             .map_err(|e| ConfigError::new("rate_limit", e.message().to_owned()))?;
+
+        let retry = retry_layer(&config.retry)?;
 
         let c = &config.breaker;
         let mut b = CircuitBreakerLayer::builder().name(c.name.as_deref().unwrap_or("upstream"));
@@ -460,6 +496,7 @@ impl Stack {
             auth,
             validate,
             rate_limit,
+            retry,
             breaker,
             attempt_timeout,
             routes: config.routes.clone(),
@@ -485,6 +522,11 @@ impl Stack {
     /// The rate limiter (buckets shared with every clone).
     pub fn rate_limit(&self) -> RateLimitLayer {
         self.rate_limit.clone()
+    }
+
+    /// The retry layer (budget shared with every clone).
+    pub fn retry(&self) -> RetryLayer {
+        self.retry.clone()
     }
 
     /// The circuit breaker (state shared with every clone).
@@ -521,6 +563,66 @@ impl Stack {
     pub fn validate_for(&self, path: &str) -> Option<ValidateRequestLayer> {
         self.policy(path).validate.then(|| self.validate())
     }
+}
+
+fn retry_layer(r: &RetryConfig) -> Result<RetryLayer, ConfigError> {
+    let ms = Duration::from_millis;
+    // The retry layer names its builder's settings; map them to the file's keys.
+    let err = |e: crate::retry::ConfigError| {
+        let field = match e.field() {
+            "backoff.base" => "backoff_base_ms",
+            "backoff.cap" => "backoff_cap_ms",
+            "deadline" => "deadline_ms",
+            "max_retry_after" => "max_retry_after_ms",
+            "budget.ttl" => "budget_ttl_ms",
+            "budget.ratio" => "budget_ratio",
+            "budget.min_per_sec" => "budget_min_per_sec",
+            other => other,
+        };
+        ConfigError::new(format!("retry.{field}"), e.to_string())
+    };
+    let mut b = RetryLayer::builder();
+    if let Some(n) = r.max_attempts {
+        b = b.max_attempts(n);
+    }
+    let jitter = match r.jitter.as_deref() {
+        None | Some("full") => Jitter::Full,
+        Some("equal") => Jitter::Equal,
+        Some("decorrelated") => Jitter::Decorrelated,
+        Some("none") => Jitter::None,
+        Some(other) => {
+            return Err(ConfigError::new(
+                "retry.jitter",
+                format!(
+                    "expected \"full\", \"equal\", \"decorrelated\" or \"none\", got {other:?}"
+                ),
+            ))
+        }
+    };
+    let base = ms(r.backoff_base_ms.unwrap_or(500));
+    let cap = ms(r
+        .backoff_cap_ms
+        .unwrap_or(8_000u64.max(r.backoff_base_ms.unwrap_or(0))));
+    b = b.backoff(Backoff::new(base, cap, jitter).map_err(err)?);
+    if let Some(d) = r.deadline_ms {
+        b = b.deadline(ms(d));
+    }
+    if let Some(d) = r.max_retry_after_ms {
+        b = b.max_retry_after(ms(d));
+    }
+    if r.budget_ratio.is_some() || r.budget_min_per_sec.is_some() || r.budget_ttl_ms.is_some() {
+        let budget = RetryBudget::new(
+            ms(r.budget_ttl_ms.unwrap_or(10_000)),
+            r.budget_min_per_sec.unwrap_or(10),
+            r.budget_ratio.unwrap_or(0.2),
+        )
+        .map_err(err)?;
+        b = b.budget(budget);
+    }
+    if let Some(seed) = r.seed {
+        b = b.seed(seed);
+    }
+    b.build().map_err(err)
 }
 
 /// The auth layer owns the `[[keys]]` format and reads it from a document of its own: each
@@ -647,6 +749,12 @@ mod tests {
         assert_eq!(err.field(), "breaker.key_by", "{err}");
         let err = Stack::from_toml_str("[rate_limit.tiers.free]\nrpm = 0\n").unwrap_err();
         assert_eq!(err.field(), "rate_limit.tiers.free.rpm", "{err}");
+        let err = Stack::from_toml_str("[retry]\nmax_attempts = 50\n").unwrap_err();
+        assert_eq!(err.field(), "retry.max_attempts", "{err}");
+        let err = Stack::from_toml_str("[retry]\nbackoff_base_ms = 0\n").unwrap_err();
+        assert_eq!(err.field(), "retry.backoff_base_ms", "{err}");
+        let err = Stack::from_toml_str("[retry]\nbudget_ratio = -1.0\n").unwrap_err();
+        assert_eq!(err.field(), "retry.budget_ratio", "{err}");
         let err = Stack::from_toml_str("[upstream]\nattempt_timeout_ms = 0\n").unwrap_err();
         assert_eq!(err.field(), "upstream.attempt_timeout_ms", "{err}");
         let err = Stack::from_toml_str("[routes.\"v1\"]\nauth = false\n").unwrap_err();
