@@ -259,3 +259,45 @@ async fn streams_pass_through_with_in_band_errors() {
     let last: serde_json::Value = serde_json::from_str(last).unwrap();
     assert_eq!(last["error"]["code"], "service_unavailable", "{text}");
 }
+
+#[tokio::test]
+async fn faults_are_retried_and_exhaustion_is_marked() {
+    let (addr, client) = demo().await;
+    // 503 twice for the same request id, then an answer: the client only sees the answer.
+    let got = chat(
+        &client,
+        addr,
+        FULL,
+        &hello("gpt-4o-mini"),
+        &[("x-mock-fault", "flaky")],
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK, "{got:?}");
+    assert_eq!(got.header("x-llm-layers-attempts"), Some("3"));
+
+    // Always 503: three attempts, then the envelope tells the SDK not to retry again.
+    let got = chat(
+        &client,
+        addr,
+        FULL,
+        &hello("gpt-4o-mini"),
+        &[("x-mock-fault", "503")],
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_envelope(&got);
+    assert_eq!(got.code(), "service_unavailable");
+    assert_eq!(got.header("x-llm-layers-attempts"), Some("3"));
+    assert_eq!(got.header("x-should-retry"), Some("false"));
+
+    // Not retryable: one attempt.
+    let got = chat(
+        &client,
+        addr,
+        FULL,
+        &hello("gpt-4o-mini"),
+        &[("x-mock-fault", "html403")],
+    )
+    .await;
+    assert_eq!(got.header("x-llm-layers-attempts"), Some("1"));
+}

@@ -135,6 +135,14 @@ fn print_demo(config: &str, addr: SocketAddr) {
         )
     );
     println!(
+        "  {}   # 200 after 3 attempts",
+        chat(
+            "sk-demo-full-0123456789abcdef",
+            " -i -H 'x-mock-fault: flaky'",
+            hello
+        )
+    );
+    println!(
         "  {}   # SSE",
         chat(
             "sk-demo-full-0123456789abcdef",
@@ -142,7 +150,7 @@ fn print_demo(config: &str, addr: SocketAddr) {
             r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#
         )
     );
-    println!("  faults: -H 'x-mock-fault: 429|500|503|529|html403|timeout|reset|stream-cut|stream-error'");
+    println!("  faults: -H 'x-mock-fault: flaky|429|500|503|529|html403|timeout|reset|stream-cut|stream-error'");
 }
 
 #[tokio::main]

@@ -1,5 +1,6 @@
 //! An OpenAI-compatible mock upstream with fault injection, so the gateway runs with no
-//! account and no network: `x-mock-fault: 429|500|503|529|html403|timeout|reset|stream-cut|stream-error`.
+//! account and no network: `x-mock-fault: 429|500|503|529|html403|timeout|reset|stream-cut|stream-error`,
+//! or `flaky` (503 twice for the same `x-request-id`, then an answer).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -75,6 +76,27 @@ fn json_response(status: StatusCode, body: Value) -> Response<Body> {
 /// The answer for an injected fault, if any (`stream-*` faults are handled by the stream).
 async fn injected(headers: &HeaderMap) -> Option<Response<Body>> {
     let fault = fault(headers)?;
+    if fault == "flaky" {
+        static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        let id = headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let mut seen = SEEN.lock().unwrap();
+        if seen.len() > 10_000 {
+            seen.clear();
+        }
+        let tries = seen.iter().filter(|s| **s == id).count();
+        if tries >= 2 {
+            return None;
+        }
+        seen.push(id);
+        return Some(json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error":{"message":"The engine is currently overloaded, please try again later","type":"server_error","param":null,"code":null}}),
+        ));
+    }
     Some(match fault.as_str() {
         "429" => Response::builder()
             .status(429)

@@ -287,6 +287,10 @@ pub struct RetryConfig {
     pub budget_min_per_sec: Option<u32>,
     /// The budget's window, in milliseconds (default 10 000).
     pub budget_ttl_ms: Option<u64>,
+    /// Once retries are exhausted, answer `x-should-retry: false`, so that clients (the
+    /// official SDKs retry on their own) do not multiply the attempts (default `false`).
+    #[serde(default)]
+    pub mark_exhausted: bool,
     /// Seed of the backoff jitter.
     pub seed: Option<u64>,
 }
@@ -622,7 +626,7 @@ fn retry_layer(r: &RetryConfig) -> Result<RetryLayer, ConfigError> {
     if let Some(seed) = r.seed {
         b = b.seed(seed);
     }
-    b.build().map_err(err)
+    b.mark_exhausted(r.mark_exhausted).build().map_err(err)
 }
 
 /// The auth layer owns the `[[keys]]` format and reads it from a document of its own: each
