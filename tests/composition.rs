@@ -1,5 +1,6 @@
 //! The layers stacked together, as the gateway stacks them, over real HTTP against a scripted
 //! upstream stub: what a client sees when several layers have a say in one answer.
+#![cfg(all(feature = "config", feature = "rate-limit"))]
 
 mod common_gateway;
 

@@ -1,5 +1,6 @@
 //! The example gateway as shipped: its own configuration file, its router and its embedded mock
 //! upstream, over real HTTP. Each test is one of the `curl` lines of `docs/gateway.md`.
+#![cfg(all(feature = "config", feature = "rate-limit"))]
 
 mod common_gateway;
 
