@@ -55,6 +55,7 @@ pub mod auth;
 pub mod body;
 pub mod breaker;
 pub mod classify;
+pub mod config;
 pub mod error;
 pub mod ext;
 pub mod normalize;
