@@ -45,6 +45,9 @@ pub mod auth;
 pub mod body;
 pub mod breaker;
 pub mod classify;
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub mod client;
 pub mod error;
 pub mod ext;
 pub mod normalize;
