@@ -1,0 +1,279 @@
+//! reqwest-middleware clients built from the crate's layers, against a real upstream on a
+//! real socket.
+#![cfg(feature = "reqwest")]
+
+mod common_client;
+
+use std::time::Duration;
+
+use common_client::{refused_addr, Answer, Stub};
+use llm_layers::auth::{ApiKey, InjectApiKeyLayer};
+use llm_layers::breaker::{CircuitBreakerLayer, CircuitState, SINGLE_KEY};
+use llm_layers::client::{ApiErrorExt, ApiErrorMiddleware, TowerMiddleware};
+use llm_layers::normalize::NormalizeErrorsLayer;
+use llm_layers::{ApiError, ErrorCode};
+use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
+
+const SECRET: &str = "sk-upstream-secret-5f3c9a7e1d2b";
+
+fn builder() -> ClientBuilder {
+    ClientBuilder::new(reqwest::Client::new())
+}
+
+const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+
+async fn post(
+    client: &ClientWithMiddleware,
+    url: &str,
+) -> reqwest_middleware::Result<reqwest::Response> {
+    client.post(url).body(CHAT).send().await
+}
+
+#[tokio::test]
+async fn html_403_is_upstream_blocked_and_not_retried() {
+    let stub = Stub::start(vec![Answer::html_403()]).await;
+    let client = builder()
+        .with(ApiErrorMiddleware::new())
+        .with(TowerMiddleware::new(NormalizeErrorsLayer::new()))
+        .build();
+    let err = post(&client, &stub.url("/v1/chat/completions"))
+        .await
+        .unwrap_err();
+    let api = err.api_error().expect("an ApiError");
+    assert_eq!(api.code(), ErrorCode::UpstreamBlocked);
+    assert_eq!(api.status(), 502);
+    assert_eq!(api.upstream_status(), Some(http::StatusCode::FORBIDDEN));
+    assert!(!api.is_retryable());
+    assert_eq!(stub.calls(), 1);
+}
+
+#[tokio::test]
+async fn html_403_is_classified_without_a_normalizer() {
+    let stub = Stub::start(vec![Answer::html_403()]).await;
+    let client = builder().with(ApiErrorMiddleware::new()).build();
+    let err = post(&client, &stub.url("/v1/chat/completions"))
+        .await
+        .unwrap_err();
+    assert!(err.is_middleware());
+    assert_eq!(
+        err.api_error().map(ApiError::code),
+        Some(ErrorCode::UpstreamBlocked)
+    );
+    assert!(
+        err.to_string().starts_with("upstream_blocked (502)"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn provider_json_error_keeps_its_code() {
+    let stub = Stub::start(vec![Answer::json(
+        401,
+        r#"{"error":{"message":"Incorrect API key provided: sk-abc***xyz.","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#,
+    )])
+    .await;
+    let client = builder().with(ApiErrorMiddleware::new()).build();
+    let err = post(&client, &stub.url("/v1/chat/completions"))
+        .await
+        .unwrap_err();
+    let api = err.into_api_error();
+    assert_eq!(api.code(), ErrorCode::InvalidApiKey);
+    assert_eq!(api.status(), 401);
+}
+
+#[tokio::test]
+async fn refused_connection_is_service_unavailable() {
+    let url = format!("http://{}/v1/chat/completions", refused_addr().await);
+    let client = builder().with(ApiErrorMiddleware::new()).build();
+    let err = post(&client, &url).await.unwrap_err();
+    let api = err.api_error().expect("an ApiError").clone();
+    assert_eq!(api.code(), ErrorCode::ServiceUnavailable);
+    assert!(api.is_retryable());
+    // The reqwest error stays reachable as the source.
+    let source = std::error::Error::source(&err).expect("a source");
+    let reqwest_err = source
+        .downcast_ref::<reqwest::Error>()
+        .expect("the reqwest error");
+    assert!(reqwest_err.is_connect());
+    // The message names the failure, not the address.
+    assert!(!api.message().contains("127.0.0.1"), "{}", api.message());
+}
+
+#[tokio::test]
+async fn refused_connection_through_the_normalizer_is_service_unavailable() {
+    let url = format!("http://{}/v1/chat/completions", refused_addr().await);
+    let client = builder()
+        .with(ApiErrorMiddleware::new())
+        .with(TowerMiddleware::new(NormalizeErrorsLayer::new()))
+        .build();
+    let err = post(&client, &url).await.unwrap_err();
+    let api = err.api_error().expect("an ApiError");
+    assert_eq!(api.code(), ErrorCode::ServiceUnavailable);
+    assert_eq!(api.status(), 502);
+    assert_eq!(api.provider(), Some("transport"));
+}
+
+#[tokio::test]
+async fn invalid_url_is_invalid_value() {
+    let client = builder().with(ApiErrorMiddleware::new()).build();
+    let err = client.post("http://").body(CHAT).send().await.unwrap_err();
+    // reqwest-middleware builds the request before any middleware runs; the helper still
+    // classifies what it returns.
+    assert_eq!(err.into_api_error().code(), ErrorCode::InvalidValue);
+}
+
+#[tokio::test]
+async fn injected_key_is_sent_and_never_in_debug() {
+    let stub = Stub::start(vec![Answer::ok()]).await;
+    let inject = TowerMiddleware::new(InjectApiKeyLayer::bearer(ApiKey::new(SECRET).unwrap()));
+    let shown = format!("{inject:?}");
+    let client = builder()
+        .with(ApiErrorMiddleware::new())
+        .with(inject)
+        .build();
+    let res = client
+        .post(stub.url("/v1/chat/completions"))
+        .bearer_auth("sk-caller-key-that-must-not-leak")
+        .body(CHAT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    // The caller's own key is replaced, not sent next to the injected one.
+    assert_eq!(stub.keys(), vec![Some(format!("Bearer {SECRET}"))]);
+    assert!(shown.contains("redacted"), "{shown}");
+    for text in [shown, format!("{client:?}"), format!("{:#?}", res)] {
+        assert!(!text.contains(SECRET), "{text}");
+        assert!(!text.contains("5f3c9a7e1d2b"), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn success_passes_through_with_its_url_and_body() {
+    let stub = Stub::start(vec![Answer::ok().header("x-request-id", "req_123")]).await;
+    let client = builder()
+        .with(ApiErrorMiddleware::new())
+        .with(TowerMiddleware::new(NormalizeErrorsLayer::new()))
+        .build();
+    let url = stub.url("/v1/chat/completions");
+    let res = post(&client, &url).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.url().as_str(), url);
+    assert_eq!(res.headers()["x-request-id"], "req_123");
+    assert_eq!(
+        res.text().await.unwrap(),
+        r#"{"id":"chatcmpl-1","choices":[]}"#
+    );
+    assert_eq!(stub.bodies(), vec![CHAT.as_bytes().to_vec()]);
+}
+
+#[tokio::test]
+async fn stream_passes_through_chunk_by_chunk() {
+    let stub = Stub::start(vec![]).await;
+    let chunks = stub.stream_chunks();
+    let client = builder()
+        .with(ApiErrorMiddleware::new())
+        .with(TowerMiddleware::new(InjectApiKeyLayer::bearer(
+            ApiKey::new(SECRET).unwrap(),
+        )))
+        .with(TowerMiddleware::new(NormalizeErrorsLayer::new()))
+        .build();
+    let first = "data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\n";
+    let second = "data: {\"choices\":[{\"delta\":{\"content\":\"lo\"}}]}\n\n";
+    // The first chunk is sent before the request; the second only after the client has read
+    // the first, so the client cannot have waited for the whole body.
+    chunks.send(first.into()).unwrap();
+    let mut res = post(&client, &stub.url("/stream")).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let got = res.chunk().await.unwrap().expect("the first chunk");
+    assert_eq!(got, first.as_bytes());
+    chunks.send(second.into()).unwrap();
+    chunks.send("data: [DONE]\n\n".into()).unwrap();
+    drop(chunks);
+    let mut rest = Vec::new();
+    while let Some(c) = res.chunk().await.unwrap() {
+        rest.extend_from_slice(&c);
+    }
+    assert_eq!(rest, format!("{second}data: [DONE]\n\n").as_bytes());
+}
+
+#[tokio::test]
+async fn breaker_opens_and_stops_calling_the_upstream() {
+    let stub = Stub::start(vec![Answer::overloaded()]).await;
+    let breaker = CircuitBreakerLayer::builder()
+        .name("upstream")
+        .count_window(10)
+        .minimum_calls(3)
+        .failure_rate(50.0)
+        .open_duration(Duration::from_secs(60))
+        .seed(7)
+        .build()
+        .unwrap();
+    let handle = breaker.handle();
+    let client = builder()
+        .with(ApiErrorMiddleware::new())
+        .with(TowerMiddleware::new(breaker))
+        .with(TowerMiddleware::new(NormalizeErrorsLayer::new()))
+        .build();
+    let url = stub.url("/v1/chat/completions");
+    for _ in 0..3 {
+        let err = post(&client, &url).await.unwrap_err();
+        assert_eq!(
+            err.api_error().unwrap().code(),
+            ErrorCode::ServiceUnavailable
+        );
+    }
+    assert_eq!(stub.calls(), 3);
+    assert_eq!(handle.state(SINGLE_KEY), Some(CircuitState::Open));
+    for _ in 0..3 {
+        let err = post(&client, &url).await.unwrap_err();
+        let api = err.api_error().unwrap();
+        assert_eq!(api.code(), ErrorCode::ServiceUnavailable);
+        assert!(
+            api.message().contains("Circuit breaker 'upstream' is open"),
+            "{}",
+            api.message()
+        );
+        assert!(api.retry_after().is_some());
+    }
+    assert_eq!(
+        stub.calls(),
+        3,
+        "an open circuit does not call the upstream"
+    );
+    assert_eq!(handle.metrics(SINGLE_KEY).unwrap().rejections, 3);
+}
+
+#[tokio::test]
+async fn layer_timer_cuts_a_hanging_call() {
+    // The layer's own timer runs while the rest of the chain is waiting for the upstream.
+    let stub = Stub::start(vec![Answer::ok().after(Duration::from_secs(30))]).await;
+    let client = builder()
+        .with(ApiErrorMiddleware::new())
+        .with(TowerMiddleware::new(tower::timeout::TimeoutLayer::new(
+            Duration::from_millis(50),
+        )))
+        .build();
+    let err = post(&client, &stub.url("/v1/chat/completions"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.api_error().unwrap().code(), ErrorCode::Timeout);
+    assert_eq!(stub.calls(), 1);
+}
+
+#[tokio::test]
+async fn errors_from_a_layer_without_api_error_middleware_pass_through() {
+    let url = format!("http://{}/v1/chat/completions", refused_addr().await);
+    let client = builder()
+        .with(TowerMiddleware::new(InjectApiKeyLayer::bearer(
+            ApiKey::new(SECRET).unwrap(),
+        )))
+        .build();
+    let err = post(&client, &url).await.unwrap_err();
+    // The chain's own reqwest error comes back unchanged.
+    match err {
+        reqwest_middleware::Error::Reqwest(e) => assert!(e.is_connect()),
+        other => panic!("expected the reqwest error, got {other:?}"),
+    }
+}
