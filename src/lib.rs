@@ -14,6 +14,10 @@
 //! | [`error`] | the taxonomy: [`ErrorCode`], [`ApiError`], the envelope |
 //! | [`classify`] | any upstream answer (15+ provider formats, HTML, empty, SSE) → [`ApiError`] |
 //! | [`normalize`] | `NormalizeErrorsLayer`: upstream failures become envelopes |
+//! | [`auth`] | `ApiKeyAuthLayer`: Bearer / `x-api-key` / `api-key`, hashed keys, invalid / expired / revoked answers, model allow-lists; `InjectApiKeyLayer` for clients |
+//! | [`validate`] | `ValidateRequestLayer`: clear 400s before a request costs money |
+//! | `rate_limit` | `RateLimitLayer` (feature `rate-limit`, on by default): keyed GCRA buckets by requests and tokens, concurrency caps, exact `retry-after` |
+//! | [`breaker`] | `CircuitBreakerLayer`: failure and slow-call rates, half-open probes, fallback to a backup model or upstream |
 //! | [`request`] | the parsed view of an LLM request, shared by the layers |
 //! | [`body`] | bounded buffering |
 //! | [`ext`] | values layers leave in extensions for each other |
@@ -21,6 +25,11 @@
 //! Every layer answers its own rejections with an envelope *response*, so its error type stays
 //! the inner service's and it fits an axum router. Layers never depend on each other; they meet
 //! through [`ApiError`] in the response extensions and the values in [`ext`] and [`request`].
+//!
+//! Recommended order in a gateway, outermost first: request id and tracing → auth → validation
+//! → rate limit → retry → breaker → normalizer → per-attempt timeout → HTTP client. The
+//! normalizer sits closest to the upstream so each raw answer is classified once; the layers
+//! outside it read the [`ApiError`] from the response extensions.
 //!
 //! # Example
 //!
@@ -51,6 +60,8 @@ pub mod client;
 pub mod error;
 pub mod ext;
 pub mod normalize;
+#[cfg(feature = "rate-limit")]
+pub mod rate_limit;
 pub mod request;
 pub mod validate;
 

@@ -1,0 +1,538 @@
+//! Quotas, limits, keys and the validated builder.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Extensions, HeaderMap, HeaderName, Method, Uri};
+
+use crate::body::DEFAULT_BODY_LIMIT;
+use crate::request::{CharEstimator, TokenEstimator};
+
+use super::layer::RateLimitLayer;
+use super::shared::Shared;
+
+/// A rate and a burst: `count` cells every `period`, at most `burst` at once.
+///
+/// Cells are requests or LLM tokens, depending on where the quota is used. The rate and the
+/// burst are separate on purpose: `Quota::per_minute(600).burst(20)` admits 20 at once and then
+/// one every 100 ms. The burst must be set; [`RateLimitLayerBuilder::build`] says so otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Quota {
+    count: u64,
+    period: Duration,
+    burst: u32,
+}
+
+impl Quota {
+    /// `n` cells per second.
+    pub const fn per_second(n: u64) -> Quota {
+        Quota::new(n, Duration::from_secs(1))
+    }
+
+    /// `n` cells per minute.
+    pub const fn per_minute(n: u64) -> Quota {
+        Quota::new(n, Duration::from_secs(60))
+    }
+
+    /// `n` cells per hour.
+    pub const fn per_hour(n: u64) -> Quota {
+        Quota::new(n, Duration::from_secs(3600))
+    }
+
+    /// `count` cells per `period`.
+    pub const fn new(count: u64, period: Duration) -> Quota {
+        Quota {
+            count,
+            period,
+            burst: 0,
+        }
+    }
+
+    /// The most cells admitted at once (the bucket's size).
+    pub const fn burst(mut self, burst: u32) -> Quota {
+        self.burst = burst;
+        self
+    }
+
+    /// The cells per period.
+    pub const fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The period.
+    pub const fn period(&self) -> Duration {
+        self.period
+    }
+
+    /// The bucket's size.
+    pub const fn burst_size(&self) -> u32 {
+        self.burst
+    }
+
+    /// The time one cell takes to come back, in nanoseconds (at least 1).
+    pub(crate) fn replenish_nanos(&self) -> u64 {
+        let ns = self.period.as_nanos() / u128::from(self.count.max(1));
+        u64::try_from(ns).unwrap_or(u64::MAX).max(1)
+    }
+
+    pub(crate) fn to_governor(self) -> governor::Quota {
+        let burst = std::num::NonZeroU32::new(self.burst).unwrap_or(std::num::NonZeroU32::MIN);
+        governor::Quota::with_period(Duration::from_nanos(self.replenish_nanos()))
+            .unwrap_or_else(|| governor::Quota::per_second(burst))
+            .allow_burst(burst)
+    }
+
+    fn validate(&self, field: &str) -> Result<(), ConfigError> {
+        if self.count == 0 {
+            return Err(ConfigError::new(format!(
+                "{field}: the rate must be positive"
+            )));
+        }
+        if self.period.is_zero() {
+            return Err(ConfigError::new(format!(
+                "{field}: the period must be positive"
+            )));
+        }
+        if self.burst == 0 {
+            return Err(ConfigError::new(format!(
+                "{field}: the burst is not set or zero; call .burst(n) with n >= 1"
+            )));
+        }
+        if self.period.as_nanos() / u128::from(self.count) == 0 {
+            return Err(ConfigError::new(format!(
+                "{field}: the rate is more than one cell per nanosecond"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The limits of one tier (or the defaults, or the global limits): requests, tokens, and
+/// requests in flight. Each is optional.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Limits {
+    pub(crate) requests: Option<Quota>,
+    pub(crate) tokens: Option<Quota>,
+    pub(crate) concurrency: Option<u32>,
+}
+
+impl Limits {
+    /// No limits.
+    pub const fn new() -> Limits {
+        Limits {
+            requests: None,
+            tokens: None,
+            concurrency: None,
+        }
+    }
+
+    /// Limits requests.
+    pub const fn requests(mut self, quota: Quota) -> Limits {
+        self.requests = Some(quota);
+        self
+    }
+
+    /// Limits LLM tokens: each request is charged its estimated prompt tokens plus its
+    /// `max_tokens`, corrected from the response's `usage`.
+    pub const fn tokens(mut self, quota: Quota) -> Limits {
+        self.tokens = Some(quota);
+        self
+    }
+
+    /// Limits requests in flight at once.
+    pub const fn concurrency(mut self, n: u32) -> Limits {
+        self.concurrency = Some(n);
+        self
+    }
+
+    /// The request quota.
+    pub const fn request_quota(&self) -> Option<Quota> {
+        self.requests
+    }
+
+    /// The token quota.
+    pub const fn token_quota(&self) -> Option<Quota> {
+        self.tokens
+    }
+
+    /// The cap on requests in flight.
+    pub const fn max_concurrency(&self) -> Option<u32> {
+        self.concurrency
+    }
+
+    fn validate(&self, field: &str) -> Result<(), ConfigError> {
+        if let Some(q) = &self.requests {
+            q.validate(&format!("{field}.requests"))?;
+        }
+        if let Some(q) = &self.tokens {
+            q.validate(&format!("{field}.tokens"))?;
+        }
+        if self.concurrency == Some(0) {
+            return Err(ConfigError::new(format!(
+                "{field}.concurrency: must be at least 1"
+            )));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.requests.is_none() && self.tokens.is_none() && self.concurrency.is_none()
+    }
+}
+
+/// A configuration the layer refuses; the message names the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    message: String,
+}
+
+impl ConfigError {
+    fn new(message: String) -> Self {
+        ConfigError { message }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid rate limit configuration: {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// What a rejected request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Answer `429` at once (servers).
+    #[default]
+    Reject,
+    /// Sleep until the request conforms, if that is at most this long; otherwise answer `429`
+    /// (clients pacing themselves).
+    Wait(Duration),
+}
+
+/// The borrowed head of a request, handed to a custom key function.
+#[derive(Debug, Clone, Copy)]
+pub struct KeySource<'a> {
+    pub(crate) method: &'a Method,
+    pub(crate) uri: &'a Uri,
+    pub(crate) headers: &'a HeaderMap,
+    pub(crate) extensions: &'a Extensions,
+}
+
+impl<'a> KeySource<'a> {
+    /// The method.
+    pub fn method(&self) -> &'a Method {
+        self.method
+    }
+    /// The URI.
+    pub fn uri(&self) -> &'a Uri {
+        self.uri
+    }
+    /// The headers.
+    pub fn headers(&self) -> &'a HeaderMap {
+        self.headers
+    }
+    /// The extensions.
+    pub fn extensions(&self) -> &'a Extensions {
+        self.extensions
+    }
+}
+
+type KeyFn = dyn Fn(&KeySource<'_>) -> Option<Arc<str>> + Send + Sync;
+type IpFn = fn(&Extensions) -> Option<IpAddr>;
+
+/// Which bucket a request falls into. Requests without a key share one anonymous bucket.
+#[derive(Clone)]
+pub struct KeyBy(pub(crate) KeyKind);
+
+#[derive(Clone)]
+pub(crate) enum KeyKind {
+    ApiKey,
+    Header(HeaderName),
+    Ip { peer: IpFn, trusted: Vec<String> },
+    Route,
+    Model,
+    Custom(Arc<KeyFn>),
+}
+
+impl fmt::Debug for KeyBy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            KeyKind::ApiKey => f.write_str("KeyBy::api_key"),
+            KeyKind::Header(h) => write!(f, "KeyBy::header({h})"),
+            KeyKind::Ip { trusted, .. } => write!(f, "KeyBy::client_ip(trusted: {trusted:?})"),
+            KeyKind::Route => f.write_str("KeyBy::route"),
+            KeyKind::Model => f.write_str("KeyBy::model"),
+            KeyKind::Custom(_) => f.write_str("KeyBy::custom"),
+        }
+    }
+}
+
+fn socket_addr(ext: &Extensions) -> Option<IpAddr> {
+    ext.get::<std::net::SocketAddr>().map(|a| a.ip())
+}
+
+impl KeyBy {
+    /// The id of the [`KeyIdentity`](crate::ext::KeyIdentity) an authentication layer put in
+    /// the request extensions.
+    pub fn api_key() -> KeyBy {
+        KeyBy(KeyKind::ApiKey)
+    }
+
+    /// The value of a header (an `x-user-id` set by a trusted gateway, say).
+    pub fn header(name: HeaderName) -> KeyBy {
+        KeyBy(KeyKind::Header(name))
+    }
+
+    /// The client's IP address, read from a `std::net::SocketAddr` in the request extensions.
+    pub fn client_ip() -> KeyBy {
+        KeyBy::client_ip_from(socket_addr)
+    }
+
+    /// The client's IP address, read from the extensions by `peer`. With axum's
+    /// `into_make_service_with_connect_info::<SocketAddr>()`, pass
+    /// `|ext| ext.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip())`.
+    pub fn client_ip_from(peer: fn(&Extensions) -> Option<IpAddr>) -> KeyBy {
+        KeyBy(KeyKind::Ip {
+            peer,
+            trusted: Vec::new(),
+        })
+    }
+
+    /// For [`KeyBy::client_ip`]: proxies (addresses or CIDR blocks such as `10.0.0.0/8`) whose
+    /// `x-forwarded-for` is believed. When the peer is trusted, the key is the right-most hop of
+    /// `x-forwarded-for` that is not trusted. Invalid entries are reported by `build`.
+    pub fn trusted_proxies<I, S>(mut self, proxies: I) -> KeyBy
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        if let KeyKind::Ip { trusted, .. } = &mut self.0 {
+            trusted.extend(proxies.into_iter().map(Into::into));
+        }
+        self
+    }
+
+    /// The request path (one bucket per route).
+    pub fn route() -> KeyBy {
+        KeyBy(KeyKind::Route)
+    }
+
+    /// The `model` of the request body (the body is buffered once to read it).
+    pub fn model() -> KeyBy {
+        KeyBy(KeyKind::Model)
+    }
+
+    /// A key computed by `f`; `None` falls into the anonymous bucket.
+    pub fn custom<F>(f: F) -> KeyBy
+    where
+        F: Fn(&KeySource<'_>) -> Option<Arc<str>> + Send + Sync + 'static,
+    {
+        KeyBy(KeyKind::Custom(Arc::new(f)))
+    }
+}
+
+/// An IP block: an address and a prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub(crate) fn parse(s: &str) -> Option<Cidr> {
+        let (addr, prefix) = match s.trim().split_once('/') {
+            Some((a, p)) => (a.parse::<IpAddr>().ok()?, Some(p.parse::<u8>().ok()?)),
+            None => (s.trim().parse::<IpAddr>().ok()?, None),
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        (prefix <= max).then_some(Cidr { addr, prefix })
+    }
+
+    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match (self.addr, ip) {
+            (IpAddr::V4(_), IpAddr::V6(v6)) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            _ => ip,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(a) & mask == u32::from(b) & mask
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(a) & mask == u128::from(b) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Builds a [`RateLimitLayer`]; [`build`](Self::build) validates everything.
+pub struct RateLimitLayerBuilder {
+    pub(crate) key_by: KeyBy,
+    pub(crate) defaults: Limits,
+    pub(crate) tiers: Vec<(Arc<str>, Limits)>,
+    pub(crate) global: Limits,
+    pub(crate) mode: Mode,
+    pub(crate) sweep_every: u64,
+    pub(crate) sweep_interval: Duration,
+    pub(crate) key_limits: bool,
+    pub(crate) body_limit: usize,
+    pub(crate) estimator: Arc<dyn TokenEstimator>,
+}
+
+impl fmt::Debug for RateLimitLayerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitLayerBuilder")
+            .field("key_by", &self.key_by)
+            .field("defaults", &self.defaults)
+            .field("tiers", &self.tiers)
+            .field("global", &self.global)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for RateLimitLayerBuilder {
+    fn default() -> Self {
+        RateLimitLayerBuilder {
+            key_by: KeyBy::api_key(),
+            defaults: Limits::new(),
+            tiers: Vec::new(),
+            global: Limits::new(),
+            mode: Mode::Reject,
+            sweep_every: 1024,
+            sweep_interval: Duration::from_secs(10),
+            key_limits: true,
+            body_limit: DEFAULT_BODY_LIMIT,
+            estimator: Arc::new(CharEstimator),
+        }
+    }
+}
+
+impl RateLimitLayerBuilder {
+    /// How requests are keyed (default: [`KeyBy::api_key`]).
+    pub fn key_by(mut self, key_by: KeyBy) -> Self {
+        self.key_by = key_by;
+        self
+    }
+
+    /// The limits of keys with no tier, or a tier not configured here.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.defaults = limits;
+        self
+    }
+
+    /// The limits of keys whose [`KeyIdentity`](crate::ext::KeyIdentity) has this tier.
+    pub fn tier(mut self, name: impl Into<Arc<str>>, limits: Limits) -> Self {
+        self.tiers.push((name.into(), limits));
+        self
+    }
+
+    /// Limits shared by all keys together.
+    pub fn global(mut self, limits: Limits) -> Self {
+        self.global = limits;
+        self
+    }
+
+    /// Reject (default) or wait.
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Whether a key's own [`KeyLimits`](crate::ext::KeyLimits) override its tier (default
+    /// `true`). A key's `rpm` of `n` becomes `Quota::per_minute(n).burst(n)`, its `tpm`
+    /// likewise, its `concurrency` the cap on requests in flight.
+    pub fn key_limits(mut self, on: bool) -> Self {
+        self.key_limits = on;
+        self
+    }
+
+    /// Idle keys are swept from memory at most once per `interval` (default 10 s), checked
+    /// every `every` admissions (default 1024). A key is idle when its bucket is full again, so
+    /// forgetting it changes no decision.
+    pub fn sweep(mut self, every: u64, interval: Duration) -> Self {
+        self.sweep_every = every;
+        self.sweep_interval = interval;
+        self
+    }
+
+    /// The most request-body bytes read to estimate tokens (default
+    /// [`DEFAULT_BODY_LIMIT`]).
+    pub fn body_limit(mut self, limit: usize) -> Self {
+        self.body_limit = limit;
+        self
+    }
+
+    /// The token estimator (default [`CharEstimator`]).
+    pub fn estimator(mut self, estimator: impl TokenEstimator) -> Self {
+        self.estimator = Arc::new(estimator);
+        self
+    }
+
+    /// Validates the configuration and builds the layer.
+    pub fn build(self) -> Result<RateLimitLayer, ConfigError> {
+        self.defaults.validate("limits")?;
+        self.global.validate("global")?;
+        let mut tiers = HashMap::new();
+        for (name, limits) in &self.tiers {
+            if name.is_empty() {
+                return Err(ConfigError::new("tier: the name is empty".into()));
+            }
+            limits.validate(&format!("tier[{name:?}]"))?;
+            if tiers.insert(name.clone(), *limits).is_some() {
+                return Err(ConfigError::new(format!(
+                    "tier[{name:?}]: configured twice"
+                )));
+            }
+        }
+        if self.defaults.is_empty()
+            && self.global.is_empty()
+            && tiers.values().all(Limits::is_empty)
+            && !self.key_limits
+        {
+            return Err(ConfigError::new(
+                "limits: no quota is configured anywhere".into(),
+            ));
+        }
+        if self.sweep_every == 0 {
+            return Err(ConfigError::new("sweep.every: must be at least 1".into()));
+        }
+        if let Mode::Wait(d) = self.mode {
+            if d.is_zero() {
+                return Err(ConfigError::new(
+                    "mode: Wait needs a positive maximum wait; use Mode::Reject".into(),
+                ));
+            }
+        }
+        let mut trusted = Vec::new();
+        if let KeyKind::Ip { trusted: list, .. } = &self.key_by.0 {
+            for s in list {
+                trusted.push(Cidr::parse(s).ok_or_else(|| {
+                    ConfigError::new(format!(
+                        "key_by.trusted_proxies: {s:?} is not an IP address or CIDR block"
+                    ))
+                })?);
+            }
+        }
+        Ok(RateLimitLayer::from_shared(Arc::new(Shared::new(
+            self, tiers, trusted,
+        ))))
+    }
+}

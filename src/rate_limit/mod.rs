@@ -1,0 +1,236 @@
+//! Rate limiting per API key, client, route or model: requests, LLM tokens, and requests in
+//! flight.
+//!
+//! # Why
+//!
+//! An LLM gateway has to share a provider's quota fairly between its callers, and a client has
+//! to stay under the quota it was given. Counting requests is not enough: one request may ask
+//! for 30 tokens or for 30 000. This layer keeps a GCRA token bucket (governor's) per key for
+//! requests and one for tokens, charges each request its estimated prompt tokens plus its
+//! `max_tokens` on admission, and corrects the charge from the `usage` the upstream reports
+//! (in the JSON body, or in the final chunk of an SSE stream) when the response body ends.
+//!
+//! # What it answers
+//!
+//! | situation | status | `code` | `x-should-retry` |
+//! |---|---|---|---|
+//! | a request or token bucket is empty | 429 | `rate_limit_exceeded`, with `retry-after` and `retry-after-ms` | `true` |
+//! | the request's token cost is larger than the bucket | 429 | `rate_limit_exceeded` (`param: max_tokens`) | `false` |
+//! | too many of the key's requests in flight | 429 | `concurrent_limit_exceeded` | `true` |
+//! | the body could not be read to estimate tokens | 413 / 400 | `request_too_large` / `invalid_value` | `false` |
+//!
+//! Every response, admitted or not, carries `x-ratelimit-limit-requests`,
+//! `x-ratelimit-remaining-requests` and `x-ratelimit-reset-requests`, and the `-tokens`
+//! equivalents when a token quota applies, as OpenAI sends them: the limit is the bucket's
+//! burst, the remaining count is what could be admitted right now, and the reset is the time
+//! until the bucket is full again (`1s`, `6m0s`, `20ms`). When no quota of the key's own
+//! applies, the global bucket is reported.
+//!
+//! Retrying after `retry-after-ms` succeeds if nothing else was admitted in between.
+//!
+//! # Keys, tiers and quotas
+//!
+//! Requests are keyed by [`KeyBy`]: the [`KeyIdentity`](crate::ext::KeyIdentity) an
+//! authentication layer left in the extensions (default), a header, the client IP (with
+//! trusted proxies and `x-forwarded-for`), the route, the model, or a closure. Requests without
+//! a key share one anonymous bucket. A key's [`Limits`] are those of its tier
+//! ([`RateLimitLayerBuilder::tier`]), else the defaults ([`RateLimitLayerBuilder::limits`]);
+//! the key's own [`KeyLimits`](crate::ext::KeyLimits) override them. Optional
+//! [global limits](RateLimitLayerBuilder::global) apply to all keys together.
+//!
+//! A [`Quota`] says what it means: `Quota::per_minute(600).burst(20)` is 600 per minute, at
+//! most 20 at once. A builder with a zero rate, a missing or zero burst, a zero concurrency or
+//! an invalid proxy address fails with a [`ConfigError`] that names the field.
+//!
+//! # Token charging and its correction
+//!
+//! A request under a token quota is charged [`RequestView::token_cost`](crate::request::RequestView::token_cost)
+//! at admission (the body is read once with [`ensure_view`](crate::request::ensure_view), only
+//! when a token quota applies). When the response body ends, the `usage` it reported replaces
+//! the estimate. governor's buckets cannot give cells back, so the layer keeps each bucket's
+//! state (its theoretical arrival time, TAT) in its own store and corrects it directly: an
+//! overrun of `d` tokens moves the TAT `d` emission intervals later (later requests wait
+//! longer; the bucket may go below empty), unused tokens `u` move it `u` intervals earlier, but
+//! never before now (a bucket is never fuller than full). The correction is therefore exact:
+//! after it, the bucket is as if the request had been charged its real usage at admission,
+//! except that a refund cannot raise a bucket that has meanwhile refilled above full. Until a
+//! response ends, its estimate stands: at any moment, admitted tokens exceed
+//! `burst + rate·T` over any window `T` by at most the overruns of the responses still
+//! streaming. A response without `usage` keeps its charge; an error response (non-2xx, not
+//! streaming) without `usage` is refunded in full. The same cells are given back when a request
+//! passes one bucket and is then refused by another.
+//!
+//! # Concurrency
+//!
+//! With a concurrency cap, the slot is held by the response body and released when the body
+//! ends or is dropped (or when the response future is dropped), not when the response head
+//! arrives: a stream counts as in flight while it streams.
+//!
+//! # Modes
+//!
+//! [`Mode::Reject`] answers at once. [`Mode::Wait`] sleeps (`tokio::time::sleep`, inside the
+//! response future) until the request conforms if that takes at most the given time, and
+//! answers `429` otherwise. Concurrency refusals are never waited for.
+//!
+//! # Time and memory
+//!
+//! The buckets read `tokio::time::Instant`, so `tokio::time::pause` and `advance` drive them
+//! exactly in tests. A key whose buckets are full again is indistinguishable from a new key;
+//! such keys are swept from memory by the layer itself, at most once per sweep interval and
+//! checked every N admissions on the request path ([`RateLimitLayerBuilder::sweep`]), or on
+//! demand with [`RateLimitHandle::sweep`]. [`RateLimitHandle::tracked_keys`] counts the
+//! entries held.
+//!
+//! # Example
+//!
+//! ```
+//! use axum::{body::Body, routing::post, Router};
+//! use http::{Request, StatusCode};
+//! use llm_layers::ext::{KeyIdentity, KeyLimits};
+//! use llm_layers::rate_limit::{KeyBy, Limits, Quota, RateLimitLayer};
+//! use tower::ServiceExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let limit = RateLimitLayer::builder()
+//!     .key_by(KeyBy::api_key())
+//!     .tier("free", Limits::new().requests(Quota::per_minute(2).burst(2)))
+//!     .tier("pro", Limits::new().requests(Quota::per_minute(600).burst(60)).concurrency(8))
+//!     .limits(Limits::new().requests(Quota::per_minute(1).burst(1)))
+//!     .build()?;
+//! let handle = limit.handle();
+//!
+//! let app = Router::new()
+//!     .route("/v1/chat/completions", post(|| async { "{}" }))
+//!     .layer(limit);
+//!
+//! let call = |tier: &'static str| {
+//!     let mut req = Request::post("/v1/chat/completions").body(Body::empty()).unwrap();
+//!     // An authentication layer would insert this.
+//!     req.extensions_mut().insert(KeyIdentity::new(format!("key-{tier}")).with_tier(tier));
+//!     app.clone().oneshot(req)
+//! };
+//! assert_eq!(call("free").await?.status(), StatusCode::OK);
+//! let res = call("free").await?;
+//! assert_eq!(res.headers()["x-ratelimit-remaining-requests"], "0");
+//! let res = call("free").await?;
+//! assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+//! assert_eq!(res.headers()["retry-after"], "30");
+//! assert_eq!(call("pro").await?.status(), StatusCode::OK);
+//! assert_eq!(handle.tracked_keys(), 2);
+//! # Ok(())
+//! # }
+//! ```
+
+mod body;
+mod config;
+mod future;
+mod layer;
+mod service;
+mod shared;
+mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderName;
+
+pub use body::RateLimitBody;
+pub use config::{ConfigError, KeyBy, KeySource, Limits, Mode, Quota, RateLimitLayerBuilder};
+pub use future::ResponseFuture;
+pub use layer::RateLimitLayer;
+pub use service::RateLimit;
+
+/// `x-ratelimit-limit-requests`: the request bucket's size.
+pub const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+/// `x-ratelimit-remaining-requests`: requests that would be admitted now.
+pub const REMAINING_REQUESTS: HeaderName =
+    HeaderName::from_static("x-ratelimit-remaining-requests");
+/// `x-ratelimit-reset-requests`: the time until the request bucket is full.
+pub const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+/// `x-ratelimit-limit-tokens`: the token bucket's size.
+pub const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+/// `x-ratelimit-remaining-tokens`: tokens that could be charged now.
+pub const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+/// `x-ratelimit-reset-tokens`: the time until the token bucket is full.
+pub const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+
+/// Observes and maintains a layer's shared state.
+#[derive(Clone)]
+pub struct RateLimitHandle {
+    shared: Arc<shared::Shared>,
+}
+
+impl RateLimitHandle {
+    /// The bucket entries held: one per key and quota it is under (a key with both a request
+    /// and a token quota counts twice), plus the global buckets' single entries once used.
+    pub fn tracked_keys(&self) -> usize {
+        self.shared.tracked_keys()
+    }
+
+    /// Forgets every key whose buckets are full again now, and gives the memory back. The
+    /// layer also does this by itself on its sweep schedule.
+    pub fn sweep(&self) {
+        self.shared.sweep();
+    }
+}
+
+impl std::fmt::Debug for RateLimitHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimitHandle")
+            .field("tracked_keys", &self.tracked_keys())
+            .finish()
+    }
+}
+
+/// A duration the way OpenAI writes it in `x-ratelimit-reset-*`: `20ms`, `1s`, `1.5s`,
+/// `6m0s`, `1h2m3s`. Rounded up to the millisecond.
+pub fn fmt_duration(d: Duration) -> String {
+    use std::fmt::Write;
+    let ms = d.as_nanos().div_ceil(1_000_000);
+    let mut out = String::with_capacity(16);
+    if ms == 0 {
+        out.push_str("0s");
+        return out;
+    }
+    if ms < 1000 {
+        let _ = write!(out, "{ms}ms");
+        return out;
+    }
+    let (h, rest) = (ms / 3_600_000, ms % 3_600_000);
+    let (m, rest) = (rest / 60_000, rest % 60_000);
+    let (s, frac) = (rest / 1000, rest % 1000);
+    if h > 0 {
+        let _ = write!(out, "{h}h{m}m");
+    } else if m > 0 {
+        let _ = write!(out, "{m}m");
+    }
+    let _ = write!(out, "{s}");
+    if frac > 0 {
+        let (mut frac, mut digits) = (frac, 3);
+        while frac % 10 == 0 {
+            frac /= 10;
+            digits -= 1;
+        }
+        let _ = write!(out, ".{frac:0digits$}");
+    }
+    out.push('s');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openai_durations() {
+        assert_eq!(fmt_duration(Duration::ZERO), "0s");
+        assert_eq!(fmt_duration(Duration::from_micros(1)), "1ms");
+        assert_eq!(fmt_duration(Duration::from_millis(20)), "20ms");
+        assert_eq!(fmt_duration(Duration::from_secs(1)), "1s");
+        assert_eq!(fmt_duration(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(fmt_duration(Duration::from_secs(360)), "6m0s");
+        assert_eq!(fmt_duration(Duration::from_millis(90_250)), "1m30.25s");
+        assert_eq!(fmt_duration(Duration::from_secs(3723)), "1h2m3s");
+    }
+}

@@ -1,0 +1,696 @@
+//! The state every clone of the layer shares, and the admission decision.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use governor::clock::Clock;
+use http::HeaderMap;
+
+use crate::error::{ApiError, ErrorCode};
+use crate::ext::KeyIdentity;
+use crate::request::{RequestView, TokenEstimator};
+
+use super::config::{Cidr, KeyKind, KeySource, Limits, Mode, Quota, RateLimitLayerBuilder};
+use super::fmt_duration;
+use super::store::{Bucket, Inflight, RateKey, Status, Take, TokioClock};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Unit {
+    Requests,
+    Tokens,
+}
+
+/// Limits with their buckets.
+#[derive(Clone, Default)]
+pub(crate) struct Resolved {
+    requests: Option<Arc<Bucket>>,
+    tokens: Option<Arc<Bucket>>,
+    concurrency: Option<u32>,
+}
+
+/// A bucket borrowed from the configuration, or one looked up for a key's own limits.
+enum BucketRef<'a> {
+    Borrowed(&'a Arc<Bucket>),
+    Owned(Arc<Bucket>),
+}
+
+impl Deref for BucketRef<'_> {
+    type Target = Arc<Bucket>;
+    fn deref(&self) -> &Arc<Bucket> {
+        match self {
+            BucketRef::Borrowed(b) => b,
+            BucketRef::Owned(b) => b,
+        }
+    }
+}
+
+struct Plan<'a> {
+    requests: Option<BucketRef<'a>>,
+    tokens: Option<BucketRef<'a>>,
+    concurrency: Option<u32>,
+}
+
+/// The `x-ratelimit-*` figures for a response.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct RateHeaders {
+    pub(crate) requests: Option<Status>,
+    pub(crate) tokens: Option<Status>,
+}
+
+impl RateHeaders {
+    pub(crate) fn write(&self, headers: &mut HeaderMap) {
+        use http::HeaderValue;
+        if let Some(s) = &self.requests {
+            headers.insert(super::LIMIT_REQUESTS, HeaderValue::from(s.limit));
+            headers.insert(super::REMAINING_REQUESTS, HeaderValue::from(s.remaining));
+            if let Ok(v) =
+                HeaderValue::from_maybe_shared(bytes::Bytes::from(fmt_duration(s.reset())))
+            {
+                headers.insert(super::RESET_REQUESTS, v);
+            }
+        }
+        if let Some(s) = &self.tokens {
+            headers.insert(super::LIMIT_TOKENS, HeaderValue::from(s.limit));
+            headers.insert(super::REMAINING_TOKENS, HeaderValue::from(s.remaining));
+            if let Ok(v) =
+                HeaderValue::from_maybe_shared(bytes::Bytes::from(fmt_duration(s.reset())))
+            {
+                headers.insert(super::RESET_TOKENS, v);
+            }
+        }
+    }
+}
+
+/// Releases the request's concurrency slots when dropped.
+pub(crate) struct InflightGuard {
+    shared: Arc<Shared>,
+    key: Option<RateKey>,
+    global: bool,
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        if let Some(key) = &self.key {
+            self.shared.inflight.release(key);
+        }
+        if self.global {
+            self.shared.inflight.release(&RateKey::Global);
+        }
+    }
+}
+
+/// The tokens charged at admission, to be corrected from the response's `usage`.
+pub(crate) struct TokenCharge {
+    key: RateKey,
+    bucket: Option<Arc<Bucket>>,
+    global: Option<Arc<Bucket>>,
+    charged: u64,
+}
+
+impl TokenCharge {
+    /// Charges an overrun, or credits unused tokens back.
+    pub(crate) fn settle(&self, actual: u64) {
+        let apply = |b: &Bucket, k: &RateKey| {
+            if actual > self.charged {
+                b.charge(k, actual - self.charged);
+            } else if actual < self.charged {
+                b.refund(k, self.charged - actual);
+            }
+        };
+        if let Some(b) = &self.bucket {
+            apply(b, &self.key);
+        }
+        if let Some(b) = &self.global {
+            apply(b, &RateKey::Global);
+        }
+    }
+
+    /// The tokens charged at admission.
+    pub(crate) fn charged(&self) -> u64 {
+        self.charged
+    }
+}
+
+/// What an admitted request carries until its response body ends.
+pub(crate) struct Admitted {
+    pub(crate) guard: Option<InflightGuard>,
+    pub(crate) charge: Option<Box<TokenCharge>>,
+    pub(crate) headers: RateHeaders,
+}
+
+/// A refusal, with the wait after which the same request would be admitted, when known.
+pub(crate) struct Rejected {
+    pub(crate) error: ApiError,
+    pub(crate) headers: RateHeaders,
+    pub(crate) wait: Option<Duration>,
+}
+
+impl Rejected {
+    pub(crate) fn into_response<B: From<bytes::Bytes>>(self) -> http::Response<B> {
+        let mut res = self.error.to_response::<B>();
+        self.headers.write(res.headers_mut());
+        res
+    }
+}
+
+pub(crate) struct Shared {
+    key_kind: KeyKind,
+    trusted: Vec<Cidr>,
+    defaults: Resolved,
+    tiers: HashMap<Arc<str>, Resolved>,
+    global: Resolved,
+    key_limits: bool,
+    pub(crate) mode: Mode,
+    sweep_every: u64,
+    sweep_interval: u64,
+    last_sweep: AtomicU64,
+    pub(crate) body_limit: usize,
+    pub(crate) estimator: Arc<dyn TokenEstimator>,
+    clock: TokioClock,
+    registry: RwLock<HashMap<(Unit, Quota), Arc<Bucket>>>,
+    inflight: Inflight,
+    /// Whether any request can be under a token quota.
+    any_tokens: bool,
+    /// Whether the defaults or a tier have a token quota.
+    tier_tokens: bool,
+}
+
+thread_local! {
+    static ADMISSIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+impl Shared {
+    pub(crate) fn new(
+        b: RateLimitLayerBuilder,
+        tiers: HashMap<Arc<str>, Limits>,
+        trusted: Vec<Cidr>,
+    ) -> Shared {
+        let clock = TokioClock::new();
+        let mut registry = HashMap::new();
+        let mut resolve = |l: &Limits| Resolved {
+            requests: l.requests.map(|q| {
+                registry
+                    .entry((Unit::Requests, q))
+                    .or_insert_with(|| Arc::new(Bucket::new(q, clock)))
+                    .clone()
+            }),
+            tokens: l.tokens.map(|q| {
+                registry
+                    .entry((Unit::Tokens, q))
+                    .or_insert_with(|| Arc::new(Bucket::new(q, clock)))
+                    .clone()
+            }),
+            concurrency: l.concurrency,
+        };
+        let defaults = resolve(&b.defaults);
+        let tiers: HashMap<_, _> = tiers.iter().map(|(k, v)| (k.clone(), resolve(v))).collect();
+        // The global buckets are not shared with any key's.
+        let global = Resolved {
+            requests: b.global.requests.map(|q| Arc::new(Bucket::new(q, clock))),
+            tokens: b.global.tokens.map(|q| Arc::new(Bucket::new(q, clock))),
+            concurrency: b.global.concurrency,
+        };
+        let tier_tokens = defaults.tokens.is_some() || tiers.values().any(|t| t.tokens.is_some());
+        let any_tokens = b.key_limits || global.tokens.is_some() || tier_tokens;
+        Shared {
+            key_kind: b.key_by.0,
+            trusted,
+            defaults,
+            tiers,
+            global,
+            key_limits: b.key_limits,
+            mode: b.mode,
+            sweep_every: b.sweep_every,
+            sweep_interval: u64::try_from(b.sweep_interval.as_nanos()).unwrap_or(u64::MAX),
+            last_sweep: AtomicU64::new(0),
+            body_limit: b.body_limit,
+            estimator: b.estimator,
+            clock,
+            registry: RwLock::new(registry),
+            inflight: Inflight::new(),
+            any_tokens,
+            tier_tokens,
+        }
+    }
+
+    fn override_bucket(&self, unit: Unit, q: Quota) -> Arc<Bucket> {
+        if let Some(b) = self
+            .registry
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(unit, q))
+        {
+            return b.clone();
+        }
+        self.registry
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((unit, q))
+            .or_insert_with(|| Arc::new(Bucket::new(q, self.clock)))
+            .clone()
+    }
+
+    fn plan<'a>(&'a self, ident: Option<&KeyIdentity>) -> Plan<'a> {
+        let tier = ident
+            .and_then(KeyIdentity::tier)
+            .and_then(|t| self.tiers.get(t))
+            .unwrap_or(&self.defaults);
+        let mut plan = Plan {
+            requests: tier.requests.as_ref().map(BucketRef::Borrowed),
+            tokens: tier.tokens.as_ref().map(BucketRef::Borrowed),
+            concurrency: tier.concurrency,
+        };
+        if let (true, Some(ident)) = (self.key_limits, ident) {
+            let own = ident.limits();
+            if let Some(rpm) = own.rpm().filter(|n| *n > 0) {
+                let q = Quota::per_minute(u64::from(rpm)).burst(rpm);
+                plan.requests = Some(BucketRef::Owned(self.override_bucket(Unit::Requests, q)));
+            }
+            if let Some(tpm) = own.tpm().filter(|n| *n > 0) {
+                let burst = u32::try_from(tpm).unwrap_or(u32::MAX);
+                let q = Quota::per_minute(tpm).burst(burst);
+                plan.tokens = Some(BucketRef::Owned(self.override_bucket(Unit::Tokens, q)));
+            }
+            if let Some(c) = own.max_concurrency() {
+                plan.concurrency = Some(c);
+            }
+        }
+        plan
+    }
+
+    /// Whether this request may be charged tokens or keyed by model, so its body must be read.
+    pub(crate) fn needs_view(&self, ext: &http::Extensions) -> bool {
+        if matches!(self.key_kind, KeyKind::Model) {
+            return true;
+        }
+        if !self.any_tokens || ext.get::<RequestView>().is_some() {
+            return false;
+        }
+        if self.global.tokens.is_some() {
+            return true;
+        }
+        let ident = ext.get::<KeyIdentity>();
+        if self.key_limits && ident.is_some_and(|i| i.limits().tpm().is_some_and(|n| n > 0)) {
+            return true;
+        }
+        self.tier_tokens
+            && ident
+                .and_then(KeyIdentity::tier)
+                .and_then(|t| self.tiers.get(t))
+                .unwrap_or(&self.defaults)
+                .tokens
+                .is_some()
+    }
+
+    fn key(&self, src: &KeySource<'_>) -> RateKey {
+        let key = match &self.key_kind {
+            KeyKind::ApiKey => src
+                .extensions
+                .get::<KeyIdentity>()
+                .map(|k| RateKey::Str(k.id_arc().clone())),
+            KeyKind::Header(name) => src
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| RateKey::Str(Arc::from(v))),
+            KeyKind::Ip { peer, .. } => peer(src.extensions).map(|ip| {
+                RateKey::Ip(if self.trusted.is_empty() {
+                    ip
+                } else {
+                    client_ip(ip, src.headers, &self.trusted)
+                })
+            }),
+            KeyKind::Route => Some(RateKey::Str(Arc::from(src.uri.path()))),
+            KeyKind::Model => RequestView::from_extensions(src.extensions)
+                .and_then(RequestView::model)
+                .map(|m| RateKey::Str(Arc::from(m))),
+            KeyKind::Custom(f) => f(src).map(RateKey::Str),
+        };
+        key.unwrap_or(RateKey::Anonymous)
+    }
+
+    /// Decides on one request: concurrency first (it costs nothing), then the token buckets,
+    /// then the request buckets. Cells taken before a later refusal are given back.
+    pub(crate) fn admit(self: &Arc<Self>, src: &KeySource<'_>) -> Result<Admitted, Box<Rejected>> {
+        self.maybe_sweep();
+        let key = self.key(src);
+        let ident = src.extensions.get::<KeyIdentity>();
+        let plan = self.plan(ident);
+        let headers = |plan: &Plan<'_>, key: &RateKey| RateHeaders {
+            requests: plan.requests.as_ref().map(|b| b.status(key)).or_else(|| {
+                self.global
+                    .requests
+                    .as_ref()
+                    .map(|b| b.status(&RateKey::Global))
+            }),
+            tokens: plan.tokens.as_ref().map(|b| b.status(key)).or_else(|| {
+                self.global
+                    .tokens
+                    .as_ref()
+                    .map(|b| b.status(&RateKey::Global))
+            }),
+        };
+        let reject = |error: ApiError, wait: Option<Duration>, plan: &Plan<'_>| {
+            Box::new(Rejected {
+                error,
+                headers: headers(plan, &key),
+                wait,
+            })
+        };
+
+        // Concurrency.
+        let mut guard = None;
+        if plan.concurrency.is_some() || self.global.concurrency.is_some() {
+            let mut g = InflightGuard {
+                shared: self.clone(),
+                key: None,
+                global: false,
+            };
+            if let Some(cap) = plan.concurrency {
+                if !self.inflight.acquire(&key, cap) {
+                    return Err(reject(concurrent(cap, false), None, &plan));
+                }
+                g.key = Some(key.clone());
+            }
+            if let Some(cap) = self.global.concurrency {
+                if !self.inflight.acquire(&RateKey::Global, cap) {
+                    drop(g);
+                    return Err(reject(concurrent(cap, true), None, &plan));
+                }
+                g.global = true;
+            }
+            guard = Some(g);
+        }
+
+        // Tokens.
+        let view = RequestView::from_extensions(src.extensions);
+        let token_quota = plan.tokens.is_some() || self.global.tokens.is_some();
+        let cost = if token_quota {
+            view.map_or(0, RequestView::token_cost)
+        } else {
+            0
+        };
+        for (bucket, global) in [
+            (plan.tokens.as_deref(), false),
+            (self.global.tokens.as_ref(), true),
+        ] {
+            if let Some(b) = bucket {
+                let burst = b.quota().burst_size();
+                if cost > u64::from(burst) {
+                    return Err(reject(never_fits(cost, burst, view, global), None, &plan));
+                }
+            }
+        }
+        let cost32 = u32::try_from(cost).unwrap_or(u32::MAX);
+        let (mut token_status, mut request_status) = (None, None);
+        if let Some(b) = plan.tokens.as_deref() {
+            match b.take(&key, cost32) {
+                Take::Ok(s) => token_status = Some(s),
+                Take::Wait(w) => {
+                    let w = w.max(self.longest_wait(&plan, &key, cost32));
+                    return Err(reject(limited("tokens", false, w), Some(w), &plan));
+                }
+                Take::NeverFits => {
+                    let burst = b.quota().burst_size();
+                    return Err(reject(never_fits(cost, burst, view, false), None, &plan));
+                }
+            }
+        }
+        let undo_tokens = |plan: &Plan<'_>, global: bool| {
+            if let Some(b) = plan.tokens.as_deref() {
+                b.refund(&key, cost);
+            }
+            if let (true, Some(b)) = (global, self.global.tokens.as_ref()) {
+                b.refund(&RateKey::Global, cost);
+            }
+        };
+        if let Some(b) = self.global.tokens.as_ref() {
+            if let Take::Wait(w) = b.take(&RateKey::Global, cost32) {
+                undo_tokens(&plan, false);
+                let w = w.max(self.longest_wait(&plan, &key, cost32));
+                return Err(reject(limited("tokens", true, w), Some(w), &plan));
+            }
+        }
+
+        // Requests.
+        if let Some(b) = self.global.requests.as_ref() {
+            if let Take::Wait(w) = b.take(&RateKey::Global, 1) {
+                undo_tokens(&plan, true);
+                let w = w.max(self.longest_wait(&plan, &key, cost32));
+                return Err(reject(limited("requests", true, w), Some(w), &plan));
+            }
+        }
+        if let Some(b) = plan.requests.as_deref() {
+            match b.take(&key, 1) {
+                Take::Ok(s) => request_status = Some(s),
+                Take::Wait(w) => {
+                    undo_tokens(&plan, true);
+                    if let Some(g) = self.global.requests.as_ref() {
+                        g.refund(&RateKey::Global, 1);
+                    }
+                    let w = w.max(self.longest_wait(&plan, &key, cost32));
+                    return Err(reject(limited("requests", false, w), Some(w), &plan));
+                }
+                Take::NeverFits => unreachable!("one cell always fits a bucket"),
+            }
+        }
+
+        let headers = RateHeaders {
+            requests: request_status.or_else(|| {
+                self.global
+                    .requests
+                    .as_ref()
+                    .map(|b| b.status(&RateKey::Global))
+            }),
+            tokens: token_status.or_else(|| {
+                self.global
+                    .tokens
+                    .as_ref()
+                    .map(|b| b.status(&RateKey::Global))
+            }),
+        };
+        let charge = token_quota.then(|| {
+            Box::new(TokenCharge {
+                bucket: plan.tokens.as_deref().cloned(),
+                global: self.global.tokens.clone(),
+                key,
+                charged: cost,
+            })
+        });
+        Ok(Admitted {
+            guard,
+            charge,
+            headers,
+        })
+    }
+
+    /// The wait until every bucket this request needs has room, so that a retry after it is
+    /// admitted (when nothing else was).
+    fn longest_wait(&self, plan: &Plan<'_>, key: &RateKey, cost: u32) -> Duration {
+        let fits = |b: &Bucket, n: u32| n <= b.quota().burst_size();
+        let mut wait = Duration::ZERO;
+        for (bucket, k, n) in [
+            (plan.requests.as_deref(), key, 1),
+            (plan.tokens.as_deref(), key, cost),
+            (self.global.requests.as_ref(), &RateKey::Global, 1),
+            (self.global.tokens.as_ref(), &RateKey::Global, cost),
+        ] {
+            if let Some(b) = bucket.filter(|b| fits(b, n)) {
+                wait = wait.max(b.wait_for(k, n));
+            }
+        }
+        wait
+    }
+
+    fn now_nanos(&self) -> u64 {
+        self.clock.now().into()
+    }
+
+    fn maybe_sweep(&self) {
+        let n = ADMISSIONS.with(|c| {
+            let n = c.get().wrapping_add(1);
+            c.set(n);
+            n
+        });
+        if n % self.sweep_every != 0 {
+            return;
+        }
+        let now = self.now_nanos();
+        let last = self.last_sweep.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < self.sweep_interval {
+            return;
+        }
+        if self
+            .last_sweep
+            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.sweep();
+        }
+    }
+
+    fn buckets(&self) -> Vec<Arc<Bucket>> {
+        let mut all: Vec<Arc<Bucket>> = self
+            .registry
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        all.extend(self.global.requests.iter().cloned());
+        all.extend(self.global.tokens.iter().cloned());
+        all
+    }
+
+    /// Forgets every key whose buckets are full again, and buckets of keys' own limits that
+    /// no key uses any more.
+    pub(crate) fn sweep(&self) {
+        for b in self.buckets() {
+            b.sweep();
+        }
+        self.inflight.shrink_to_fit();
+        let mut registry = self.registry.write().unwrap_or_else(|e| e.into_inner());
+        registry.retain(|_, b| Arc::strong_count(b) > 1 || b.len() > 0);
+        registry.shrink_to_fit();
+    }
+
+    pub(crate) fn tracked_keys(&self) -> usize {
+        self.buckets().iter().map(|b| b.len()).sum()
+    }
+}
+
+/// The right-most hop of `x-forwarded-for` that is not a trusted proxy, when the peer is one.
+fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
+    if !is_trusted(peer) {
+        return peer;
+    }
+    let mut last = peer;
+    for value in headers.get_all("x-forwarded-for").iter().rev() {
+        let Ok(value) = value.to_str() else {
+            return last;
+        };
+        for hop in value.rsplit(',') {
+            let Some(ip) = parse_hop(hop.trim()) else {
+                return last;
+            };
+            if !is_trusted(ip) {
+                return ip;
+            }
+            last = ip;
+        }
+    }
+    last
+}
+
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    if let Ok(ip) = hop.parse() {
+        return Some(ip);
+    }
+    // `[v6]:port` or `v4:port`.
+    if let Ok(sa) = hop.parse::<std::net::SocketAddr>() {
+        return Some(sa.ip());
+    }
+    None
+}
+
+fn concurrent(cap: u32, global: bool) -> ApiError {
+    let scope = if global { "in total" } else { "for this key" };
+    ApiError::new(
+        ErrorCode::ConcurrentLimitExceeded,
+        format!(
+            "Too many requests in flight {scope}: at most {cap} at once. Retry when one of them has finished."
+        ),
+    )
+}
+
+fn limited(unit: &str, global: bool, wait: Duration) -> ApiError {
+    let scope = if global { " across all keys" } else { "" };
+    ApiError::new(
+        ErrorCode::RateLimitExceeded,
+        format!(
+            "Rate limit reached for {unit}{scope}. Please try again in {}.",
+            fmt_duration(wait)
+        ),
+    )
+    .with_retry_after(wait)
+}
+
+fn never_fits(cost: u64, burst: u32, view: Option<&RequestView>, global: bool) -> ApiError {
+    let scope = if global {
+        "the global token limit"
+    } else {
+        "this key's token limit"
+    };
+    let detail = view.map_or(String::new(), |v| {
+        format!(
+            " (about {} prompt tokens + max_tokens {})",
+            v.prompt_tokens(),
+            v.max_tokens().unwrap_or(0)
+        )
+    });
+    ApiError::new(
+        ErrorCode::RateLimitExceeded,
+        format!(
+            "This request needs {cost} tokens{detail}, more than {scope} allows at once ({burst} tokens); it can never be admitted. Lower max_tokens or shorten the prompt."
+        ),
+    )
+    .with_param("max_tokens")
+    .never_fits()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_takes_the_right_most_untrusted_hop() {
+        let trusted = vec![
+            Cidr::parse("10.0.0.0/8").unwrap(),
+            Cidr::parse("::1").unwrap(),
+        ];
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            "1.1.1.1, 2.2.2.2, 10.0.0.5".parse().unwrap(),
+        );
+        let peer: IpAddr = "10.1.1.1".parse().unwrap();
+        assert_eq!(
+            client_ip(peer, &h, &trusted),
+            "2.2.2.2".parse::<IpAddr>().unwrap()
+        );
+        // An untrusted peer is the client, whatever it claims.
+        let peer: IpAddr = "3.3.3.3".parse().unwrap();
+        assert_eq!(client_ip(peer, &h, &trusted), peer);
+        // All hops trusted: the left-most one.
+        h.insert("x-forwarded-for", "10.0.0.9, 10.0.0.5".parse().unwrap());
+        assert_eq!(
+            client_ip("::1".parse().unwrap(), &h, &trusted),
+            "10.0.0.9".parse::<IpAddr>().unwrap()
+        );
+        // Garbage stops the walk at the last trusted hop.
+        h.insert("x-forwarded-for", "evil, 10.0.0.5".parse().unwrap());
+        assert_eq!(
+            client_ip("10.1.1.1".parse().unwrap(), &h, &trusted),
+            "10.0.0.5".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn cidr_blocks() {
+        let c = Cidr::parse("192.168.0.0/16").unwrap();
+        assert!(c.contains("192.168.3.4".parse().unwrap()));
+        assert!(!c.contains("192.169.0.1".parse().unwrap()));
+        assert!(c.contains("::ffff:192.168.1.1".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap()));
+        assert!(Cidr::parse("1.2.3.4/33").is_none());
+        assert!(Cidr::parse("nope").is_none());
+    }
+}

@@ -1,0 +1,486 @@
+//! The per-key GCRA state: a sharded map from key to theoretical arrival time, plugged into
+//! governor as its state store, plus the tokio-backed clock.
+
+use std::borrow::Borrow;
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher, RandomState};
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use governor::clock::{Clock, Reference};
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::state::keyed::{KeyedStateStore, ShrinkableKeyedStateStore};
+use governor::state::StateStore;
+use governor::RateLimiter;
+
+use super::Quota;
+
+/// What a bucket is keyed by. Cheap to clone: addresses are inline, strings are shared.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum RateKey {
+    /// A client address.
+    Ip(IpAddr),
+    /// An API key id, a header value, a route, a model or a custom key.
+    Str(Arc<str>),
+    /// Requests for which no key could be found share this one.
+    Anonymous,
+    /// The single key of the global quota.
+    Global,
+}
+
+/// A governor [`Clock`] reading `tokio::time::Instant`, so limits follow tokio's paused and
+/// advanced time in tests. Instants are nanoseconds since the clock's epoch.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TokioClock {
+    epoch: tokio::time::Instant,
+}
+
+impl TokioClock {
+    pub(crate) fn new() -> Self {
+        TokioClock {
+            epoch: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    type Instant = Nanos;
+
+    fn now(&self) -> Nanos {
+        let d = tokio::time::Instant::now().saturating_duration_since(self.epoch);
+        let now = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        LAST_NOW.with(|c| c.set(now));
+        Nanos::from(now)
+    }
+}
+
+const SHARDS: usize = 32;
+
+/// A key with its hash, computed once per request by the store's random hasher.
+struct Hashed {
+    hash: u64,
+    key: RateKey,
+}
+
+/// What a shard is probed with: an owned [`Hashed`] or a borrowed key with its hash, so a
+/// lookup neither clones the key nor hashes it twice.
+trait Probe {
+    fn hash64(&self) -> u64;
+    fn key(&self) -> &RateKey;
+}
+
+impl Probe for Hashed {
+    fn hash64(&self) -> u64 {
+        self.hash
+    }
+    fn key(&self) -> &RateKey {
+        &self.key
+    }
+}
+
+impl Probe for (u64, &RateKey) {
+    fn hash64(&self) -> u64 {
+        self.0
+    }
+    fn key(&self) -> &RateKey {
+        self.1
+    }
+}
+
+impl<'a> Borrow<dyn Probe + 'a> for Hashed {
+    fn borrow(&self) -> &(dyn Probe + 'a) {
+        self
+    }
+}
+
+impl Hash for dyn Probe + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash64());
+    }
+}
+
+impl PartialEq for dyn Probe + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash64() == other.hash64() && self.key() == other.key()
+    }
+}
+
+impl Eq for dyn Probe + '_ {}
+
+impl Hash for Hashed {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (self as &dyn Probe).hash(state);
+    }
+}
+
+impl PartialEq for Hashed {
+    fn eq(&self, other: &Self) -> bool {
+        (self as &dyn Probe) == (other as &dyn Probe)
+    }
+}
+
+impl Eq for Hashed {}
+
+/// Passes the precomputed hash through.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used; fold anything else in.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type Shard = HashMap<Hashed, AtomicU64, BuildHasherDefault<PassThrough>>;
+
+/// A sharded `RwLock<HashMap>` of theoretical arrival times. Existing keys are measured under a
+/// read lock with a compare-and-swap; only new keys take a shard's write lock.
+pub(crate) struct KeyStore {
+    hasher: RandomState,
+    shards: Box<[RwLock<Shard>]>,
+}
+
+impl KeyStore {
+    fn new() -> Self {
+        KeyStore {
+            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+        }
+    }
+
+    fn locate(&self, key: &RateKey) -> (u64, &RwLock<Shard>) {
+        let h = self.hasher.hash_one(key);
+        // The low bits pick the bucket inside a shard; the high bits pick the shard.
+        (h, &self.shards[(h >> 58) as usize % SHARDS])
+    }
+
+    fn get(&self, key: &RateKey) -> Option<u64> {
+        let (h, lock) = self.locate(key);
+        let shard = lock.read().unwrap_or_else(|e| e.into_inner());
+        shard
+            .get(&(h, key) as &dyn Probe)
+            .map(|a| a.load(Ordering::Acquire))
+    }
+
+    /// Applies `f` to the stored arrival time (if the key is present).
+    fn update(&self, key: &RateKey, f: impl Fn(u64) -> u64) {
+        let (h, lock) = self.locate(key);
+        let shard = lock.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(a) = shard.get(&(h, key) as &dyn Probe) {
+            let _ = a.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some(f(v)));
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+}
+
+thread_local! {
+    /// The arrival time this thread last wrote, read back right after a successful check so
+    /// the headers need no second lookup.
+    static LAST_TAT: Cell<u64> = const { Cell::new(0) };
+    /// The clock reading this thread last took (the time governor decided at).
+    static LAST_NOW: Cell<u64> = const { Cell::new(0) };
+}
+
+fn measure<T, E, F>(a: &AtomicU64, f: F) -> Result<T, E>
+where
+    F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+{
+    let mut prev = a.load(Ordering::Acquire);
+    loop {
+        let (out, next) = f((prev != 0).then(|| Nanos::from(prev)))?;
+        let next: u64 = next.into();
+        match a.compare_exchange_weak(prev, next, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                LAST_TAT.with(|c| c.set(next));
+                return Ok(out);
+            }
+            Err(p) => prev = p,
+        }
+    }
+}
+
+/// The handle governor owns; the bucket keeps another one to read and adjust the state.
+#[derive(Clone)]
+pub(crate) struct SharedStore(Arc<KeyStore>);
+
+impl StateStore for SharedStore {
+    type Key = RateKey;
+
+    fn measure_and_replace<T, F, E>(&self, key: &RateKey, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let (h, lock) = self.0.locate(key);
+        {
+            let shard = lock.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(a) = shard.get(&(h, key) as &dyn Probe) {
+                return measure(a, f);
+            }
+        }
+        let mut shard = lock.write().unwrap_or_else(|e| e.into_inner());
+        let a = shard
+            .entry(Hashed {
+                hash: h,
+                key: key.clone(),
+            })
+            .or_insert_with(|| AtomicU64::new(0));
+        measure(a, f)
+    }
+}
+
+impl ShrinkableKeyedStateStore<RateKey> for SharedStore {
+    fn retain_recent(&self, drop_below: Nanos) {
+        let drop_below: u64 = drop_below.into();
+        for s in self.0.shards.iter() {
+            s.write()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|_, v| v.load(Ordering::Relaxed) > drop_below);
+        }
+    }
+
+    fn shrink_to_fit(&self) {
+        for s in self.0.shards.iter() {
+            s.write().unwrap_or_else(|e| e.into_inner()).shrink_to_fit();
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.len() == 0
+    }
+}
+
+// `KeyedStateStore` is blanket-implemented for `StateStore`s with hashable keys.
+const _: fn() = || {
+    fn assert<S: KeyedStateStore<RateKey>>() {}
+    assert::<SharedStore>();
+};
+
+type Limiter = RateLimiter<RateKey, SharedStore, TokioClock, NoOpMiddleware<Nanos>>;
+
+/// The outcome of taking cells from a bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Take {
+    /// Admitted; the bucket's state after it.
+    Ok(Status),
+    /// Not now: conforming after this wait.
+    Wait(Duration),
+    /// More cells than the bucket holds.
+    NeverFits,
+}
+
+/// The state of one key's bucket, for the `x-ratelimit-*` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Status {
+    pub(crate) limit: u32,
+    pub(crate) remaining: u32,
+    reset_ns: u64,
+}
+
+impl Status {
+    /// The time until the bucket is full again.
+    pub(crate) fn reset(&self) -> Duration {
+        Duration::from_nanos(self.reset_ns)
+    }
+}
+
+/// One quota: a governor keyed limiter over its own key store.
+pub(crate) struct Bucket {
+    quota: Quota,
+    limiter: Limiter,
+    store: SharedStore,
+    clock: TokioClock,
+    /// Our reading of the limiter's start, taken just before governor takes its own: "now" as
+    /// computed here is never earlier than governor's, so refunds never overshoot.
+    start: Nanos,
+    t: u64,
+}
+
+impl Bucket {
+    pub(crate) fn new(quota: Quota, clock: TokioClock) -> Self {
+        let store = SharedStore(Arc::new(KeyStore::new()));
+        let start = clock.now();
+        let limiter = RateLimiter::new(quota.to_governor(), store.clone(), clock);
+        Bucket {
+            quota,
+            limiter,
+            store,
+            clock,
+            start,
+            t: quota.replenish_nanos(),
+        }
+    }
+
+    pub(crate) fn quota(&self) -> Quota {
+        self.quota
+    }
+
+    fn now(&self) -> u64 {
+        self.clock.now().duration_since(self.start).into()
+    }
+
+    /// Takes `n` cells for `key`, all or none.
+    pub(crate) fn take(&self, key: &RateKey, n: u32) -> Take {
+        let Some(n) = NonZeroU32::new(n) else {
+            return Take::Ok(self.status(key));
+        };
+        // A refusal with nothing to wait for comes from a stale reading of the clock (the
+        // thread was preempted between reading it and deciding): decide again.
+        for _ in 0..3 {
+            match self.limiter.check_key_n(key, n) {
+                Ok(Ok(())) => {
+                    let tat = LAST_TAT.with(Cell::get);
+                    let now = Nanos::from(LAST_NOW.with(Cell::get));
+                    return Take::Ok(
+                        self.status_at(Some(tat), now.duration_since(self.start).into()),
+                    );
+                }
+                Ok(Err(not_until)) => {
+                    let wait = not_until.wait_time_from(self.limiter.clock().now());
+                    if !wait.is_zero() {
+                        return Take::Wait(wait);
+                    }
+                }
+                Err(_) => return Take::NeverFits,
+            }
+        }
+        Take::Wait(Duration::from_nanos(1))
+    }
+
+    /// Charges `n` more cells (a usage overrun) without asking: later requests wait longer.
+    pub(crate) fn charge(&self, key: &RateKey, n: u64) {
+        let now = self.now();
+        let add = n.saturating_mul(self.t);
+        self.store
+            .0
+            .update(key, |tat| tat.max(now).saturating_add(add));
+    }
+
+    /// Gives `n` cells back (unused tokens, or an admission undone), never making the bucket
+    /// fuller than full.
+    pub(crate) fn refund(&self, key: &RateKey, n: u64) {
+        let now = self.now();
+        let sub = n.saturating_mul(self.t);
+        self.store
+            .0
+            .update(key, |tat| tat.saturating_sub(sub).max(now).max(1));
+    }
+
+    /// How long until `n` cells (at most the burst) would be admitted for `key`.
+    pub(crate) fn wait_for(&self, key: &RateKey, n: u32) -> Duration {
+        let Some(tat) = self.store.0.get(key) else {
+            return Duration::ZERO;
+        };
+        let room = u64::from(self.quota.burst_size().saturating_sub(n)) * self.t;
+        Duration::from_nanos(tat.saturating_sub(self.now()).saturating_sub(room))
+    }
+
+    /// The key's remaining cells and the time until its bucket is full again.
+    pub(crate) fn status(&self, key: &RateKey) -> Status {
+        self.status_at(self.store.0.get(key), self.now())
+    }
+
+    fn status_at(&self, tat: Option<u64>, now: u64) -> Status {
+        let burst = self.quota.burst_size();
+        let (remaining, reset_ns) = match tat {
+            Some(tat) if tat > now => {
+                let capacity = u64::from(burst) * self.t;
+                let free = capacity.saturating_sub(tat - now);
+                let remaining = u32::try_from(free / self.t).unwrap_or(burst);
+                (remaining, tat - now)
+            }
+            _ => (burst, 0),
+        };
+        Status {
+            limit: burst,
+            remaining,
+            reset_ns,
+        }
+    }
+
+    /// Forgets keys whose bucket is full again, and returns memory to the allocator.
+    pub(crate) fn sweep(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.store.0.len()
+    }
+}
+
+/// Requests in flight per key, for the concurrency cap. Only keys with requests in flight
+/// have an entry.
+pub(crate) struct Inflight {
+    hasher: RandomState,
+    shards: Box<[Mutex<HashMap<RateKey, u32>>]>,
+}
+
+impl Inflight {
+    pub(crate) fn new() -> Self {
+        Inflight {
+            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    fn shard(&self, key: &RateKey) -> std::sync::MutexGuard<'_, HashMap<RateKey, u32>> {
+        let h = self.hasher.hash_one(key) as usize;
+        self.shards[(h >> 7) % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a slot if fewer than `cap` are taken.
+    pub(crate) fn acquire(&self, key: &RateKey, cap: u32) -> bool {
+        let mut shard = self.shard(key);
+        let n = shard.entry(key.clone()).or_insert(0);
+        if *n >= cap {
+            if *n == 0 {
+                shard.remove(key);
+            }
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    pub(crate) fn release(&self, key: &RateKey) {
+        let mut shard = self.shard(key);
+        if let Some(n) = shard.get_mut(key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                shard.remove(key);
+            }
+        }
+    }
+
+    pub(crate) fn shrink_to_fit(&self) {
+        for s in self.shards.iter() {
+            s.lock().unwrap_or_else(|e| e.into_inner()).shrink_to_fit();
+        }
+    }
+}

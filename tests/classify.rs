@@ -1,0 +1,551 @@
+//! The classifier against the error corpus (`tests/fixtures/errors.jsonl`, documented in its
+//! README) and our own additions (`tests/fixtures/extra.jsonl`, same format), plus properties.
+//!
+//! Every fixture is checked for `expect.code`, `expect.retryable` and `expect.retry_after_ms`.
+//! Mismatches are collected and reported together, with ids.
+//!
+//! Entries whose note starts with `ambiguous:` may be read either way: the expected code, or a
+//! code the note names as the other reading (any of the 18 wire codes appearing in the note).
+//! With the alternative code, `retryable` must follow that code's rule and the wait must still
+//! match. The test prints how many ambiguous entries took the expected reading.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use llm_layers::classify::{
+    classify_response, classify_response_at, classify_sse_event, classify_sse_stream,
+    MAX_MESSAGE_CHARS,
+};
+use llm_layers::error::ErrorCode;
+use proptest::prelude::*;
+use serde_json::Value;
+
+/// "Now" for date-based waits in fixtures: 2026-11-23T10:00:00Z.
+fn fixed_now() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_795_428_000)
+}
+
+struct Fixture {
+    id: String,
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Vec<u8>,
+    stream: bool,
+    code: ErrorCode,
+    retryable: bool,
+    wait_ms: Option<u64>,
+    ambiguous: bool,
+    alternatives: Vec<ErrorCode>,
+}
+
+fn load(path: &str) -> Vec<Fixture> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let v: Value = serde_json::from_str(line).unwrap();
+            let mut headers = HeaderMap::new();
+            for (k, val) in v["headers"].as_object().unwrap() {
+                headers.insert(
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(val.as_str().unwrap()).unwrap(),
+                );
+            }
+            let note = v["note"].as_str().unwrap_or("");
+            let alternatives = if note.starts_with("ambiguous:") {
+                ErrorCode::ALL
+                    .into_iter()
+                    .filter(|c| note.contains(c.as_str()))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let e = &v["expect"];
+            Fixture {
+                id: v["id"].as_str().unwrap().to_owned(),
+                status: StatusCode::from_u16(v["status"].as_u64().unwrap() as u16).unwrap(),
+                headers,
+                body: v["body"].as_str().unwrap().as_bytes().to_vec(),
+                stream: v["stream"].as_bool().unwrap(),
+                code: e["code"].as_str().unwrap().parse().unwrap(),
+                retryable: e["retryable"].as_bool().unwrap(),
+                wait_ms: e["retry_after_ms"].as_u64(),
+                ambiguous: note.starts_with("ambiguous:"),
+                alternatives,
+            }
+        })
+        .collect()
+}
+
+fn classify(f: &Fixture) -> Option<llm_layers::ApiError> {
+    if f.stream {
+        classify_sse_stream(&f.body)
+    } else {
+        classify_response_at(f.status, &f.headers, &f.body, fixed_now())
+    }
+}
+
+/// Checks every fixture of a file; returns (mismatches, ambiguous entries read the expected way,
+/// ambiguous entries).
+fn check_file(path: &str) -> (Vec<String>, usize, usize) {
+    let fixtures = load(path);
+    assert!(!fixtures.is_empty());
+    let mut bad = Vec::new();
+    let (mut amb_primary, mut amb) = (0, 0);
+    for f in &fixtures {
+        let Some(err) = classify(f) else {
+            bad.push(format!("{}: not classified as an error", f.id));
+            continue;
+        };
+        let got = err.code();
+        let wait = err.retry_after().map(|d| d.as_millis() as u64);
+        let expected_retryable = if got == f.code {
+            f.retryable
+        } else {
+            got.is_retryable()
+        };
+        if f.ambiguous {
+            amb += 1;
+            amb_primary += usize::from(got == f.code);
+        }
+        let code_ok = got == f.code || f.alternatives.contains(&got);
+        if !code_ok || err.is_retryable() != expected_retryable || wait != f.wait_ms {
+            bad.push(format!(
+                "{}: got {} retryable={} wait={:?}; want {} retryable={} wait={:?}; message {:?}",
+                f.id,
+                got,
+                err.is_retryable(),
+                wait,
+                f.code,
+                f.retryable,
+                f.wait_ms,
+                err.message()
+            ));
+        }
+        if err.message().is_empty() || err.message().chars().count() > MAX_MESSAGE_CHARS {
+            bad.push(format!("{}: message length {}", f.id, err.message().len()));
+        }
+        if err.upstream_status().is_none() && !f.stream {
+            bad.push(format!("{}: no upstream status", f.id));
+        }
+        if err.provider().is_none() {
+            bad.push(format!("{}: no provider family", f.id));
+        }
+        // A stream body handed to classify_response as a whole 200 answer gives the same code.
+        if f.stream {
+            let whole = classify_response(f.status, &f.headers, &f.body).map(|e| e.code());
+            if whole != Some(got) {
+                bad.push(format!("{}: classify_response gave {whole:?}", f.id));
+            }
+        }
+    }
+    (bad, amb_primary, amb)
+}
+
+#[test]
+fn corpus_fixtures_all_classify_as_expected() {
+    let (bad, amb_primary, amb) = check_file("tests/fixtures/errors.jsonl");
+    println!("ambiguous entries read the expected way: {amb_primary}/{amb}");
+    assert!(
+        bad.is_empty(),
+        "{} mismatches:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+    assert_eq!(load("tests/fixtures/errors.jsonl").len(), 126);
+}
+
+#[test]
+fn extra_fixtures_all_classify_as_expected() {
+    let (bad, _, _) = check_file("tests/fixtures/extra.jsonl");
+    assert!(
+        bad.is_empty(),
+        "{} mismatches:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+}
+
+/// Key-like strings in any fixture body (`sk-`, `sk-ant-`, `AIza` followed by a long token)
+/// never reach the message.
+#[test]
+fn no_fixture_key_reaches_a_message() {
+    let mut checked = 0;
+    for path in ["tests/fixtures/errors.jsonl", "tests/fixtures/extra.jsonl"] {
+        for f in load(path) {
+            let body = String::from_utf8_lossy(&f.body).into_owned();
+            let msg = classify(&f).unwrap().message().to_owned();
+            for prefix in ["sk-", "AIza"] {
+                let mut from = 0;
+                while let Some(i) = body[from..].find(prefix) {
+                    let start = from + i;
+                    let token: String = body[start..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '*'))
+                        .collect();
+                    from = start + prefix.len();
+                    if token.len() >= prefix.len() + 8 {
+                        checked += 1;
+                        let secret = &token[prefix.len()..token.len() - 4];
+                        assert!(!msg.contains(secret), "{}: {msg}", f.id);
+                    }
+                }
+            }
+        }
+    }
+    // OAI-01 (pre-masked by OpenAI), EX-02 and EX-17 carry keys.
+    assert!(checked >= 3, "only {checked} keys found");
+}
+
+#[test]
+fn extras_carry_the_details() {
+    let fx = load("tests/fixtures/extra.jsonl");
+    let by_id = |id: &str| fx.iter().find(|f| f.id == id).unwrap();
+
+    let e = classify(by_id("EX-02")).unwrap();
+    assert_eq!(
+        e.message(),
+        "Incorrect API key provided: sk-proj-...2eR4. You can find your API key at https://platform.openai.com/account/api-keys."
+    );
+    assert_eq!(e.provider(), Some("openai"));
+
+    let e = classify(by_id("EX-03")).unwrap();
+    assert_eq!(e.upstream_status(), Some(StatusCode::OK));
+    assert!(e.message().starts_with("Rate limit reached for gpt-4o"));
+
+    let e = classify(by_id("EX-01")).unwrap();
+    assert_eq!(e.provider(), Some("anthropic"));
+    assert_eq!(e.upstream_status(), Some(StatusCode::BAD_GATEWAY));
+
+    let e = classify(by_id("EX-20")).unwrap();
+    assert_eq!(e.param(), Some("messages"));
+
+    let e = classify(by_id("EX-17")).unwrap();
+    assert_eq!(
+        e.message(),
+        "upstream returned an HTML page (status 401); title: Invalid token sk-ant-...-123"
+    );
+}
+
+#[test]
+fn request_ids_params_and_families_from_the_corpus() {
+    let fx = load("tests/fixtures/errors.jsonl");
+    let get = |id: &str| classify(fx.iter().find(|f| f.id == id).unwrap()).unwrap();
+
+    assert_eq!(
+        get("ANT-02").request_id(),
+        Some("req_011CZAY8xEUqbHSEE3BdFtMh")
+    );
+    assert_eq!(
+        get("ANT-03").request_id(),
+        Some("req_01RCc7MbLyQNtGKzBTv8VCep")
+    );
+    assert_eq!(
+        get("OAI-02").request_id(),
+        Some("7b966b36ddd38909e4767811c768ed99")
+    );
+    assert_eq!(
+        get("BR-01").request_id(),
+        Some("ca47a5ce-e260-4824-aa0e-2e62669d5d6e")
+    );
+    assert_eq!(
+        get("GW-07").request_id(),
+        Some("914a39d68c290da3e187f827f7e1b771")
+    );
+    assert_eq!(get("OAI-17").param(), Some("model"));
+    assert_eq!(get("AZ-01").param(), Some("prompt"));
+    assert_eq!(get("MIS-09").param(), Some("max_completion_tokens"));
+    assert_eq!(
+        get("GW-02").param(),
+        None,
+        "the string \"None\" is no parameter"
+    );
+    assert_eq!(get("ANT-01").provider(), Some("anthropic"));
+    assert_eq!(get("GEM-05").provider(), Some("google"));
+    assert_eq!(get("GEM-08b").provider(), Some("google"));
+    assert_eq!(get("ZP-01").provider(), Some("zhipu"));
+    assert_eq!(get("MS-02").provider(), Some("moonshot"));
+    assert_eq!(get("DSC-03").provider(), Some("dashscope"));
+    assert_eq!(get("BR-01").provider(), Some("bedrock"));
+    assert_eq!(get("OL-01").provider(), Some("ollama"));
+    assert_eq!(
+        get("OR-02").upstream_status(),
+        Some(StatusCode::BAD_GATEWAY)
+    );
+    assert_eq!(get("CDN-13").provider(), Some("html"));
+    assert_eq!(
+        get("CDN-13").message(),
+        "upstream returned an HTML page (status 403, likely a CDN/WAF or geo block); title: Attention Required! | Cloudflare"
+    );
+    assert_eq!(
+        get("CDN-16").message(),
+        "upstream returned a plain-text answer (status 503, likely a gateway or load balancer error); first line: upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+    );
+    assert_eq!(
+        get("GEM-08b").message(),
+        "API key expired. Please renew the API key."
+    );
+    assert_eq!(
+        get("MIS-03").message(),
+        "upstream answered with status 401 and an empty body"
+    );
+    assert!(get("OAI-10").retry_after().is_none());
+}
+
+#[test]
+fn normal_answers_are_not_errors() {
+    let h = HeaderMap::new();
+    let ok = br#"{"id":"chatcmpl-1","object":"chat.completion","choices":[{"message":{"content":"{\"error\": 1}"}}]}"#;
+    assert!(classify_response(StatusCode::OK, &h, ok).is_none());
+    assert!(classify_response(StatusCode::NO_CONTENT, &h, b"").is_none());
+    assert!(classify_response(StatusCode::MOVED_PERMANENTLY, &h, b"<html>").is_none());
+    let mut sse = HeaderMap::new();
+    sse.insert(
+        "content-type",
+        HeaderValue::from_static("text/event-stream"),
+    );
+    let stream = b"data: {\"choices\":[{\"delta\":{\"content\":\"error\"}}]}\n\ndata: [DONE]\n\n";
+    assert!(classify_response(StatusCode::OK, &sse, stream).is_none());
+    assert!(classify_sse_stream(stream).is_none());
+    let mut mixed = HeaderMap::new();
+    mixed.insert(
+        "content-type",
+        HeaderValue::from_static("Text/Event-Stream; charset=utf-8"),
+    );
+    let failing = b": keep-alive\n\nevent: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"api_error\",\"message\":\"x\"}}\n\n";
+    let e = classify_response(StatusCode::OK, &mixed, &failing[..]).unwrap();
+    assert_eq!(e.code(), ErrorCode::InternalError);
+    assert_eq!(e.upstream_status(), Some(StatusCode::OK));
+    assert!(classify_sse_event(b"[DONE]").is_none());
+    assert!(classify_sse_event(b"{\"type\":\"ping\"}").is_none());
+    assert!(classify_sse_event(b"not json").is_none());
+    // A 200 whose JSON opens with an error is one.
+    let e = classify_response(
+        StatusCode::OK,
+        &h,
+        br#"[ {"error":{"code":503,"message":"x"}}]"#,
+    );
+    assert_eq!(e.unwrap().code(), ErrorCode::ServiceUnavailable);
+}
+
+#[test]
+fn event_error_without_a_known_body_is_an_internal_error() {
+    let e = classify_sse_stream(b"event: error\ndata: something broke\n\n").unwrap();
+    assert_eq!(e.code(), ErrorCode::InternalError);
+    assert_eq!(e.message(), "upstream sent an error event: something broke");
+    // A last event without the closing blank line still counts.
+    let e = classify_sse_stream(b"data: {\"error\":{\"message\":\"boom\"}}").unwrap();
+    assert_eq!(e.message(), "boom");
+}
+
+#[test]
+fn huge_and_broken_bodies() {
+    let h = HeaderMap::new();
+    let huge = format!(
+        "{{\"error\":{{\"message\":\"{}\"}}}}",
+        "x".repeat(2 * 1024 * 1024)
+    );
+    let e = classify_response(StatusCode::BAD_REQUEST, &h, huge.as_bytes()).unwrap();
+    assert_eq!(e.code(), ErrorCode::InvalidValue);
+    assert!(e.message().chars().count() <= MAX_MESSAGE_CHARS);
+    let e = classify_response(StatusCode::SERVICE_UNAVAILABLE, &h, &[0xff, 0xfe, b'{']).unwrap();
+    assert_eq!(e.code(), ErrorCode::ServiceUnavailable);
+    let e = classify_response(StatusCode::TOO_MANY_REQUESTS, &h, b"{\"error\":").unwrap();
+    assert_eq!(e.code(), ErrorCode::RateLimitExceeded);
+    // JSON with no error in it: the status decides, the message says so.
+    let e = classify_response(StatusCode::INTERNAL_SERVER_ERROR, &h, b"{\"ok\":false}").unwrap();
+    assert_eq!(e.code(), ErrorCode::InternalError);
+    assert_eq!(
+        e.message(),
+        "upstream answered with status 500 (internal_error)"
+    );
+    let e = classify_response(StatusCode::BAD_GATEWAY, &h, b"null").unwrap();
+    assert_eq!(e.code(), ErrorCode::ServiceUnavailable);
+}
+
+fn header_strategy() -> impl Strategy<Value = Vec<(&'static str, String)>> {
+    let names = prop::sample::select(vec![
+        "content-type",
+        "retry-after",
+        "retry-after-ms",
+        "x-ratelimit-reset-tokens",
+        "x-ratelimit-remaining-tokens",
+        "anthropic-ratelimit-tokens-reset",
+        "x-request-id",
+        "x-amzn-errortype",
+    ]);
+    prop::collection::vec((names, "[ -~]{0,40}"), 0..4)
+}
+
+fn build_headers(pairs: &[(&'static str, String)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in pairs {
+        if let Ok(v) = HeaderValue::from_str(v) {
+            h.insert(*k, v);
+        }
+    }
+    h
+}
+
+/// Bodies that reach the interesting paths: JSON-ish fragments, HTML, SSE, raw bytes.
+fn body_strategy() -> impl Strategy<Value = Vec<u8>> {
+    let pieces = prop::sample::select(vec![
+        "{",
+        "}",
+        "[",
+        "]",
+        "\"error\"",
+        ":",
+        ",",
+        "\"message\"",
+        "\"code\"",
+        "429",
+        "\"1113\"",
+        "\"type\"",
+        "\"status\"",
+        "\"RESOURCE_EXHAUSTED\"",
+        "\"details\"",
+        "\"retryDelay\"",
+        "\"3.5s\"",
+        "\"metadata\"",
+        "\"raw\"",
+        "\\\"",
+        "{\\\"error\\\":",
+        "try again in 1.5s",
+        "<title>",
+        "</title>",
+        "data: ",
+        "event: error",
+        "\n\n",
+        "\r\n",
+        "sk-",
+        "é",
+        "null",
+    ]);
+    prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..512),
+        prop::collection::vec(pieces, 0..40).prop_map(|v| v.concat().into_bytes()),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn never_panics_and_bounds_messages(
+        status in 100u16..600,
+        headers in header_strategy(),
+        body in body_strategy(),
+    ) {
+        let status = StatusCode::from_u16(status).unwrap();
+        let headers = build_headers(&headers);
+        if let Some(e) = classify_response(status, &headers, &body) {
+            prop_assert!(e.message().chars().count() <= MAX_MESSAGE_CHARS);
+            prop_assert!(!e.message().is_empty());
+        }
+        if let Some(e) = classify_sse_stream(&body) {
+            prop_assert!(e.message().chars().count() <= MAX_MESSAGE_CHARS);
+        }
+        let _ = classify_sse_event(&body);
+    }
+
+    #[test]
+    fn planted_keys_never_reach_the_message(
+        prefix in prop::sample::select(vec!["sk-", "sk-ant-api03-", "sk-proj-", "AIza", "gsk_"]),
+        secret in "[A-Za-z0-9]{16,48}",
+        before in prop::sample::select(vec![" ", ": ", "(", "=", "\n", "key:", "Bearer "]),
+        template in 0usize..6,
+        status in prop::sample::select(vec![200u16, 400, 401, 403, 429, 500, 502]),
+    ) {
+        let key = format!("{prefix}{secret}");
+        let text = format!("Incorrect API key provided{before}{key}. Try again in 2s.");
+        let json_str = serde_json::to_string(&text).unwrap();
+        let body = match template {
+            0 => format!("{{\"error\":{{\"message\":{json_str},\"code\":\"invalid_api_key\"}}}}"),
+            1 => {
+                let inner = format!("{{\"error\":{{\"message\":{json_str}}}}}");
+                format!("{{\"error\":{{\"message\":{}}}}}", serde_json::to_string(&inner).unwrap())
+            }
+            2 => format!("<html><head><title>{text}</title></head></html>"),
+            3 => text.clone(),
+            4 => format!("{{\"error\":{{\"message\":\"x\",\"param\":{json_str}}}}}"),
+            _ => format!("{{\"message\":{json_str}}}"),
+        };
+        let status = StatusCode::from_u16(status).unwrap();
+        let hidden = &key[prefix.len()..key.len() - 4];
+        if let Some(e) = classify_response(status, &HeaderMap::new(), body.as_bytes()) {
+            prop_assert!(!e.message().contains(hidden), "{}", e.message());
+            prop_assert!(!e.param().unwrap_or("").contains(hidden));
+        }
+        let sse = format!("data: {body}\n\n");
+        if let Some(e) = classify_sse_stream(sse.as_bytes()) {
+            prop_assert!(!e.message().contains(hidden), "{}", e.message());
+        }
+    }
+}
+
+#[test]
+fn head_only_classification() {
+    use llm_layers::classify::classify_head_at;
+    let mut h = HeaderMap::new();
+    h.insert(
+        "x-ratelimit-remaining-requests",
+        HeaderValue::from_static("0"),
+    );
+    h.insert(
+        "x-ratelimit-reset-requests",
+        HeaderValue::from_static("1.5s"),
+    );
+    h.insert("x-request-id", HeaderValue::from_static("req_123"));
+    let e = classify_head_at(StatusCode::TOO_MANY_REQUESTS, &h, fixed_now()).unwrap();
+    assert_eq!(e.code(), ErrorCode::RateLimitExceeded);
+    assert_eq!(e.retry_after(), Some(Duration::from_millis(1500)));
+    assert_eq!(e.request_id(), Some("req_123"));
+    // Reset headers ride along on every answer; they are no wait for other errors.
+    let e = classify_head_at(StatusCode::BAD_REQUEST, &h, fixed_now()).unwrap();
+    assert_eq!(e.retry_after(), None);
+    h.insert(
+        "retry-after",
+        HeaderValue::from_static("Mon, 23 Nov 2026 10:01:00 GMT"),
+    );
+    let e = classify_head_at(StatusCode::SERVICE_UNAVAILABLE, &h, fixed_now()).unwrap();
+    assert_eq!(e.retry_after(), Some(Duration::from_secs(60)));
+    assert!(classify_head_at(StatusCode::OK, &h, fixed_now()).is_none());
+}
+
+#[derive(Debug)]
+struct Wrapper(Box<dyn std::error::Error + Send + Sync>);
+
+impl std::fmt::Display for Wrapper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("error sending request")
+    }
+}
+
+impl std::error::Error for Wrapper {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+#[test]
+fn transport_errors_walk_the_source_chain() {
+    use llm_layers::classify::classify_transport_error;
+    use std::io::{Error, ErrorKind};
+    let refused = Wrapper(Box::new(Error::from(ErrorKind::ConnectionRefused)));
+    let e = classify_transport_error(&refused);
+    assert_eq!(e.code(), ErrorCode::ServiceUnavailable);
+    assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
+    let timed_out = Wrapper(Box::new(Wrapper(Box::new(Error::from(
+        ErrorKind::TimedOut,
+    )))));
+    assert_eq!(
+        classify_transport_error(&timed_out).code(),
+        ErrorCode::Timeout
+    );
+    let reset = Wrapper(Box::new(Error::from(ErrorKind::ConnectionReset)));
+    assert_eq!(
+        classify_transport_error(&reset).message(),
+        "The connection to the upstream was closed before it answered."
+    );
+}
