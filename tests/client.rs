@@ -277,3 +277,54 @@ async fn errors_from_a_layer_without_api_error_middleware_pass_through() {
         other => panic!("expected the reqwest error, got {other:?}"),
     }
 }
+
+#[cfg(feature = "rate-limit")]
+mod rate_limit {
+    use super::*;
+    use llm_layers::rate_limit::{Limits, Mode, Quota, RateLimitLayer};
+
+    fn limit(mode: Mode) -> RateLimitLayer {
+        RateLimitLayer::builder()
+            .limits(Limits::new().requests(Quota::per_second(20).burst(1)))
+            .mode(mode)
+            .build()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn wait_mode_paces_requests_instead_of_rejecting() {
+        let stub = Stub::start(vec![Answer::ok()]).await;
+        let client = builder()
+            .with(ApiErrorMiddleware::new())
+            .with(TowerMiddleware::new(limit(Mode::Wait(
+                Duration::from_secs(5),
+            ))))
+            .with(TowerMiddleware::new(NormalizeErrorsLayer::new()))
+            .build();
+        let url = stub.url("/v1/chat/completions");
+        for _ in 0..3 {
+            let res = post(&client, &url).await.unwrap();
+            assert_eq!(res.status(), 200);
+            assert_eq!(res.headers()["x-ratelimit-limit-requests"], "1");
+        }
+        assert_eq!(stub.calls(), 3);
+    }
+
+    #[tokio::test]
+    async fn reject_mode_answers_rate_limit_exceeded_without_calling() {
+        let stub = Stub::start(vec![Answer::ok()]).await;
+        let client = builder()
+            .with(ApiErrorMiddleware::new())
+            .with(TowerMiddleware::new(limit(Mode::Reject)))
+            .build();
+        let url = stub.url("/v1/chat/completions");
+        assert_eq!(post(&client, &url).await.unwrap().status(), 200);
+        let err = post(&client, &url).await.unwrap_err();
+        let api = err.api_error().expect("an ApiError");
+        assert_eq!(api.code(), ErrorCode::RateLimitExceeded);
+        assert!(api
+            .retry_after()
+            .is_some_and(|w| w <= Duration::from_millis(50)));
+        assert_eq!(stub.calls(), 1);
+    }
+}
