@@ -17,6 +17,7 @@
 //! | [`auth`] | `ApiKeyAuthLayer`: Bearer / `x-api-key` / `api-key`, hashed keys, invalid / expired / revoked answers, model allow-lists; `InjectApiKeyLayer` for clients |
 //! | [`validate`] | `ValidateRequestLayer`: clear 400s before a request costs money |
 //! | `rate_limit` | `RateLimitLayer` (feature `rate-limit`, on by default): keyed GCRA buckets by requests and tokens, concurrency caps, exact `retry-after` |
+//! | [`retry`] | `RetryLayer`: class-driven retries, jittered backoff, server wait hints, deadline, retry budget, replayable bodies |
 //! | [`breaker`] | `CircuitBreakerLayer`: failure and slow-call rates, half-open probes, fallback to a backup model or upstream |
 //! | [`request`] | the parsed view of an LLM request, shared by the layers |
 //! | [`body`] | bounded buffering |
@@ -63,6 +64,7 @@ pub mod normalize;
 #[cfg(feature = "rate-limit")]
 pub mod rate_limit;
 pub mod request;
+pub mod retry;
 pub mod validate;
 
 pub use error::{ApiError, ErrorCode};

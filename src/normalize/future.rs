@@ -84,20 +84,32 @@ where
                         }
                     };
                     let status = res.status();
-                    if !(status.is_client_error() || status.is_server_error())
-                        || res.extensions().get::<ApiError>().is_some()
-                    {
-                        // Success, or an envelope an inner layer already produced.
-                        let sse = this.options.rewrites_sse()
-                            && status.is_success()
-                            && is_sse(res.headers());
-                        return Poll::Ready(Ok(res.map(|b| {
-                            if sse {
-                                NormalizeBody::sse(b)
-                            } else {
-                                NormalizeBody::passthrough(b)
+                    if res.extensions().get::<ApiError>().is_some() {
+                        // An envelope an inner layer already produced.
+                        return Poll::Ready(Ok(res.map(NormalizeBody::passthrough)));
+                    }
+                    if status.is_success() {
+                        if this.options.rewrites_sse() && is_sse(res.headers()) {
+                            let mut res = res;
+                            // A rewritten event changes the length of the stream.
+                            res.headers_mut().remove(http::header::CONTENT_LENGTH);
+                            return Poll::Ready(Ok(res.map(NormalizeBody::sse)));
+                        }
+                        if status == StatusCode::OK && res.body().size_hint().exact() == Some(0) {
+                            // An empty 200 where an answer was due: some providers send it
+                            // under overload. The classifier decides.
+                            if let Some(err) = classify_response(status, res.headers(), b"") {
+                                return Poll::Ready(Ok(envelope(
+                                    &err,
+                                    Some(res.headers()),
+                                    this.options,
+                                )));
                             }
-                        })));
+                        }
+                        return Poll::Ready(Ok(res.map(NormalizeBody::passthrough)));
+                    }
+                    if !(status.is_client_error() || status.is_server_error()) {
+                        return Poll::Ready(Ok(res.map(NormalizeBody::passthrough)));
                     }
                     let (parts, body) = res.into_parts();
                     let hint = body.size_hint().exact().unwrap_or(0) as usize;

@@ -1,0 +1,414 @@
+//! Configuration of the retry layer, validated when built.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::body::DEFAULT_BODY_LIMIT;
+use crate::error::{ApiError, ErrorCode};
+
+use super::backoff::Backoff;
+use super::budget::{Budget, RetryBudget};
+use super::layer::RetryLayer;
+
+/// A configuration value was out of range. The message names the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    field: &'static str,
+    message: Cow<'static, str>,
+}
+
+impl ConfigError {
+    pub(crate) fn new(field: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        ConfigError {
+            field,
+            message: message.into(),
+        }
+    }
+
+    /// The setting whose value was refused.
+    pub fn field(&self) -> &'static str {
+        self.field
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid retry setting `{}`: {}",
+            self.field, self.message
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The largest number of attempts (first try included) a layer may be configured with.
+pub const MAX_ATTEMPTS_LIMIT: u32 = 10;
+
+/// What the layer answers when the inner service's last attempt failed with an `Err`
+/// (connection refused or reset, a broken body).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportErrors {
+    /// Answer with the envelope from [`crate::classify::classify_transport_error`]
+    /// (`502 service_unavailable` or `504 timeout`). The default: a gateway answers its
+    /// callers, and the service never fails.
+    #[default]
+    Envelope,
+    /// Return the inner service's last `Err` unchanged, for client stacks that want to see
+    /// transport errors as errors.
+    Propagate,
+}
+
+/// Why the layer did not (or did no longer) retry a request. Put in the response extensions
+/// (and the `x-llm-layers-retry-stop` header) whenever the final answer is an error, or the
+/// request was never replayable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryStop {
+    /// The request body was larger than the buffering limit (announced by `content-length`
+    /// or the size hint): it was sent once, without retries.
+    BodyTooLarge,
+    /// The error is not one a retry can fix (or the predicate refused it).
+    NotRetryable,
+    /// All attempts were used.
+    AttemptsExhausted,
+    /// The shared retry budget was empty.
+    BudgetExhausted,
+    /// The server asked for a wait longer than `max_retry_after`.
+    HintTooLong,
+    /// The next attempt could not start before the overall deadline.
+    Deadline,
+}
+
+impl RetryStop {
+    /// The reason as written in the `x-llm-layers-retry-stop` header.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RetryStop::BodyTooLarge => "body-too-large",
+            RetryStop::NotRetryable => "not-retryable",
+            RetryStop::AttemptsExhausted => "attempts-exhausted",
+            RetryStop::BudgetExhausted => "budget-exhausted",
+            RetryStop::HintTooLong => "retry-after-too-long",
+            RetryStop::Deadline => "deadline",
+        }
+    }
+}
+
+impl fmt::Display for RetryStop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One retry about to happen, as shown to the [`RetryLayerBuilder::on_retry`] hook.
+#[derive(Debug)]
+pub struct RetryEvent<'a> {
+    pub(crate) attempt: u32,
+    pub(crate) delay: Duration,
+    pub(crate) error: &'a ApiError,
+}
+
+impl RetryEvent<'_> {
+    /// The attempt that failed (1 for the first try).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The wait before the next attempt.
+    pub fn delay(&self) -> Duration {
+        self.delay
+    }
+
+    /// Why the attempt failed.
+    pub fn error(&self) -> &ApiError {
+        self.error
+    }
+}
+
+type Predicate = Box<dyn Fn(&ApiError) -> bool + Send + Sync>;
+type Hook = Box<dyn Fn(&RetryEvent<'_>) + Send + Sync>;
+
+/// Settings shared by every clone of one layer and its services.
+pub(crate) struct Shared {
+    pub(crate) max_attempts: u32,
+    pub(crate) backoff: Backoff,
+    pub(crate) max_retry_after: Duration,
+    pub(crate) hint_jitter: Duration,
+    pub(crate) deadline: Option<Duration>,
+    pub(crate) attempt_timeout: Option<Duration>,
+    pub(crate) body_limit: usize,
+    pub(crate) attempts_header: bool,
+    pub(crate) mark_exhausted: bool,
+    pub(crate) transport_errors: TransportErrors,
+    pub(crate) budget: Option<Budget>,
+    pub(crate) seed: Option<u64>,
+    pub(crate) seq: AtomicU64,
+    pub(crate) predicate: Option<Predicate>,
+    pub(crate) on_retry: Option<Hook>,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryConfig")
+            .field("max_attempts", &self.max_attempts)
+            .field("backoff", &self.backoff)
+            .field("max_retry_after", &self.max_retry_after)
+            .field("hint_jitter", &self.hint_jitter)
+            .field("deadline", &self.deadline)
+            .field("attempt_timeout", &self.attempt_timeout)
+            .field("body_limit", &self.body_limit)
+            .field("attempts_header", &self.attempts_header)
+            .field("mark_exhausted", &self.mark_exhausted)
+            .field("transport_errors", &self.transport_errors)
+            .field("budget", &self.budget.is_some())
+            .field("seeded", &self.seed.is_some())
+            .field("predicate", &self.predicate.is_some())
+            .field("on_retry", &self.on_retry.is_some())
+            .finish()
+    }
+}
+
+/// Codes a retry can never fix, whatever the predicate says: bad keys, missing permission,
+/// no quota, invalid or oversized requests, refused content, a blocked upstream.
+pub(crate) const fn never_retried(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::InvalidApiKey
+            | ErrorCode::ExpiredApiKey
+            | ErrorCode::RevokedApiKey
+            | ErrorCode::PermissionDenied
+            | ErrorCode::InsufficientQuota
+            | ErrorCode::MissingRequiredField
+            | ErrorCode::InvalidValue
+            | ErrorCode::ModelNotSupported
+            | ErrorCode::ContextLengthExceeded
+            | ErrorCode::ContentPolicyViolation
+            | ErrorCode::UpstreamBlocked
+            | ErrorCode::RequestTooLarge
+    )
+}
+
+impl Shared {
+    pub(crate) fn wants_retry(&self, err: &ApiError) -> bool {
+        if never_retried(err.code()) {
+            return false;
+        }
+        match &self.predicate {
+            Some(p) => p(err),
+            None => err.is_retryable(),
+        }
+    }
+}
+
+/// Builds a [`RetryLayer`]. Every setting has a default; [`RetryLayerBuilder::build`] checks
+/// them all and names the first one out of range.
+pub struct RetryLayerBuilder {
+    max_attempts: u32,
+    backoff: Backoff,
+    max_retry_after: Duration,
+    hint_jitter: Duration,
+    deadline: Option<Duration>,
+    attempt_timeout: Option<Duration>,
+    body_limit: usize,
+    attempts_header: bool,
+    mark_exhausted: bool,
+    transport_errors: TransportErrors,
+    budget: Option<RetryBudget>,
+    seed: Option<u64>,
+    predicate: Option<Predicate>,
+    on_retry: Option<Hook>,
+}
+
+impl fmt::Debug for RetryLayerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryLayerBuilder")
+            .field("max_attempts", &self.max_attempts)
+            .field("backoff", &self.backoff)
+            .field("budget", &self.budget)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for RetryLayerBuilder {
+    fn default() -> Self {
+        RetryLayerBuilder {
+            max_attempts: 3,
+            backoff: Backoff::default(),
+            max_retry_after: Duration::from_secs(60),
+            hint_jitter: Duration::from_millis(100),
+            deadline: None,
+            attempt_timeout: None,
+            body_limit: DEFAULT_BODY_LIMIT,
+            attempts_header: true,
+            mark_exhausted: false,
+            transport_errors: TransportErrors::Envelope,
+            budget: Some(RetryBudget::default()),
+            seed: None,
+            predicate: None,
+            on_retry: None,
+        }
+    }
+}
+
+impl RetryLayerBuilder {
+    /// Attempts in total, the first try included (default 3, at most
+    /// [`MAX_ATTEMPTS_LIMIT`]). `1` turns retries off (and body buffering with them).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n;
+        self
+    }
+
+    /// The backoff between attempts when the server gives no hint (default: 0.5 s base, 8 s
+    /// cap, full jitter).
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// The longest server-requested wait (`retry-after-ms`, `retry-after`, ...) the layer
+    /// honours (default 60 s). A longer hint ends the retries at once with the upstream's
+    /// answer.
+    pub fn max_retry_after(mut self, wait: Duration) -> Self {
+        self.max_retry_after = wait;
+        self
+    }
+
+    /// The jitter added on top of a server-requested wait: the next attempt starts in
+    /// `[hint, hint + jitter]` (default 100 ms, at most 5 s).
+    pub fn hint_jitter(mut self, jitter: Duration) -> Self {
+        self.hint_jitter = jitter;
+        self
+    }
+
+    /// An overall deadline for all attempts and the waits between them, counted from the
+    /// call (default none). No wait is scheduled that would end past it, and an attempt still
+    /// running at the deadline is answered with `504 timeout`. It covers the wait for the
+    /// response head only; a streamed body is not cut.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// A timeout for each attempt's response head (default none). An attempt that takes
+    /// longer is dropped and counts as a retryable `timeout`.
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = Some(timeout);
+        self
+    }
+
+    /// The largest request body buffered for replay (default
+    /// [`DEFAULT_BODY_LIMIT`], 4 MiB).
+    pub fn body_limit(mut self, limit: usize) -> Self {
+        self.body_limit = limit;
+        self
+    }
+
+    /// Whether to write the `x-llm-layers-attempts` (and `x-llm-layers-retry-stop`) response
+    /// headers (default true). The [`crate::ext::Attempts`] extension is always set.
+    pub fn attempts_header(mut self, on: bool) -> Self {
+        self.attempts_header = on;
+        self
+    }
+
+    /// When the layer gave up on an error it would otherwise have retried (attempts, budget or
+    /// deadline used up, a server wait over `max_retry_after`), overwrite `x-should-retry` on
+    /// the response with `false`, so the official SDKs calling a gateway do not retry what the
+    /// gateway already retried (default false: the upstream's answer is handed on as it was).
+    pub fn mark_exhausted(mut self, on: bool) -> Self {
+        self.mark_exhausted = on;
+        self
+    }
+
+    /// What to answer when the last attempt failed with a transport error (default
+    /// [`TransportErrors::Envelope`]).
+    pub fn transport_errors(mut self, mode: TransportErrors) -> Self {
+        self.transport_errors = mode;
+        self
+    }
+
+    /// The retry budget shared by every clone of the layer (default
+    /// [`RetryBudget::default`]: 10 s window, 10 per second floor, 20 %).
+    pub fn budget(mut self, budget: RetryBudget) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// No shared budget: every request may use all its attempts.
+    pub fn no_budget(mut self) -> Self {
+        self.budget = None;
+        self
+    }
+
+    /// Seeds the jitter: request number `n` to retry draws from
+    /// `fastrand::Rng::with_seed(seed + n)`, so delays are reproducible in tests.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Replaces the default decision ([`ApiError::is_retryable`]) with `predicate`. Codes a
+    /// retry can never fix (auth, permission, quota, invalid or oversized requests, content
+    /// policy, `upstream_blocked`) are never retried, whatever it answers.
+    pub fn retry_if<F>(mut self, predicate: F) -> Self
+    where
+        F: Fn(&ApiError) -> bool + Send + Sync + 'static,
+    {
+        self.predicate = Some(Box::new(predicate));
+        self
+    }
+
+    /// Calls `hook` before each retry with the failed attempt's number, the wait and the error.
+    pub fn on_retry<F>(mut self, hook: F) -> Self
+    where
+        F: Fn(&RetryEvent<'_>) + Send + Sync + 'static,
+    {
+        self.on_retry = Some(Box::new(hook));
+        self
+    }
+
+    /// Checks the settings and builds the layer.
+    pub fn build(self) -> Result<RetryLayer, ConfigError> {
+        if self.max_attempts == 0 || self.max_attempts > MAX_ATTEMPTS_LIMIT {
+            return Err(ConfigError::new(
+                "max_attempts",
+                format!(
+                    "must be between 1 and {MAX_ATTEMPTS_LIMIT}, got {}",
+                    self.max_attempts
+                ),
+            ));
+        }
+        if self.hint_jitter > Duration::from_secs(5) {
+            return Err(ConfigError::new("hint_jitter", "must be at most 5 s"));
+        }
+        if self.deadline.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::new("deadline", "must be positive"));
+        }
+        if self.attempt_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::new("attempt_timeout", "must be positive"));
+        }
+        if self.body_limit == 0 {
+            return Err(ConfigError::new("body_limit", "must be positive"));
+        }
+        let shared = Shared {
+            max_attempts: self.max_attempts,
+            backoff: self.backoff,
+            max_retry_after: self.max_retry_after,
+            hint_jitter: self.hint_jitter,
+            deadline: self.deadline,
+            attempt_timeout: self.attempt_timeout,
+            body_limit: self.body_limit,
+            attempts_header: self.attempts_header,
+            mark_exhausted: self.mark_exhausted,
+            transport_errors: self.transport_errors,
+            budget: self.budget.as_ref().map(Budget::new),
+            seed: self.seed,
+            seq: AtomicU64::new(0),
+            predicate: self.predicate,
+            on_retry: self.on_retry,
+        };
+        Ok(RetryLayer::from_shared(Arc::new(shared)))
+    }
+}
