@@ -328,3 +328,163 @@ mod rate_limit {
         assert_eq!(stub.calls(), 1);
     }
 }
+
+mod retry {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use llm_layers::ext::Attempts;
+    use llm_layers::retry::{Backoff, Jitter, RetryLayer, RetryLayerBuilder};
+
+    /// Retries with short backoff, recording each scheduled wait.
+    fn retry() -> (RetryLayerBuilder, Arc<Mutex<Vec<Duration>>>) {
+        let waits = Arc::new(Mutex::new(Vec::new()));
+        let seen = waits.clone();
+        let builder = RetryLayer::builder()
+            .max_attempts(3)
+            .backoff(
+                Backoff::new(
+                    Duration::from_millis(1),
+                    Duration::from_millis(5),
+                    Jitter::Full,
+                )
+                .unwrap(),
+            )
+            .seed(11)
+            .on_retry(move |e| seen.lock().unwrap().push(e.delay()));
+        (builder, waits)
+    }
+
+    fn client(retry: RetryLayer) -> ClientWithMiddleware {
+        builder()
+            .with(ApiErrorMiddleware::new())
+            .with(TowerMiddleware::new(retry))
+            .with(TowerMiddleware::new(NormalizeErrorsLayer::new()))
+            .build()
+    }
+
+    #[tokio::test]
+    async fn two_503s_then_200_is_retried_to_success() {
+        let stub = Stub::start(vec![
+            Answer::overloaded(),
+            Answer::overloaded(),
+            Answer::ok(),
+        ])
+        .await;
+        let (retry, waits) = retry();
+        let client = client(retry.build().unwrap());
+        let url = stub.url("/v1/chat/completions");
+        let res = post(&client, &url).await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.extensions().get::<Attempts>(), Some(&Attempts(3)));
+        assert_eq!(res.headers()["x-llm-layers-attempts"], "3");
+        assert_eq!(res.url().as_str(), url);
+        assert_eq!(stub.calls(), 3);
+        assert_eq!(waits.lock().unwrap().len(), 2);
+        // The body was replayed intact on every attempt.
+        assert_eq!(stub.bodies(), vec![CHAT.as_bytes().to_vec(); 3]);
+    }
+
+    #[tokio::test]
+    async fn retry_after_ms_hint_is_honoured() {
+        let limited = Answer::json(
+            429,
+            r#"{"error":{"message":"Rate limit reached for requests","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#,
+        )
+        .header("retry-after-ms", "50");
+        let stub = Stub::start(vec![limited, Answer::ok()]).await;
+        let (retry, waits) = retry();
+        let client = client(retry.hint_jitter(Duration::from_millis(5)).build().unwrap());
+        let res = post(&client, &stub.url("/v1/chat/completions"))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.extensions().get::<Attempts>(), Some(&Attempts(2)));
+        assert_eq!(stub.calls(), 2);
+        // The wait scheduled is the server's (plus at most the hint jitter), not the 1-5 ms
+        // backoff.
+        let waits = waits.lock().unwrap().clone();
+        assert_eq!(waits.len(), 1);
+        assert!(
+            waits[0] >= Duration::from_millis(50) && waits[0] <= Duration::from_millis(55),
+            "{waits:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn rate_limit_with_long_hint_is_not_retried() {
+        let limited = Answer::json(
+            429,
+            r#"{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#,
+        )
+        .header("retry-after", "3600");
+        let stub = Stub::start(vec![limited]).await;
+        let (retry, waits) = retry();
+        let client = client(retry.build().unwrap());
+        let err = post(&client, &stub.url("/v1/chat/completions"))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.api_error().unwrap().code(),
+            ErrorCode::RateLimitExceeded
+        );
+        assert_eq!(stub.calls(), 1);
+        assert!(waits.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn html_403_is_upstream_blocked_and_not_retried() {
+        let stub = Stub::start(vec![Answer::html_403(), Answer::ok()]).await;
+        let (retry, waits) = retry();
+        let client = client(retry.build().unwrap());
+        let err = post(&client, &stub.url("/v1/chat/completions"))
+            .await
+            .unwrap_err();
+        let api = err.api_error().expect("an ApiError");
+        assert_eq!(api.code(), ErrorCode::UpstreamBlocked);
+        assert_eq!(stub.calls(), 1);
+        assert!(waits.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn refused_connection_is_retried_then_service_unavailable() {
+        let url = format!("http://{}/v1/chat/completions", refused_addr().await);
+        let (retry, waits) = retry();
+        let client = client(retry.build().unwrap());
+        let err = post(&client, &url).await.unwrap_err();
+        let api = err.api_error().expect("an ApiError");
+        assert_eq!(api.code(), ErrorCode::ServiceUnavailable);
+        assert_eq!(waits.lock().unwrap().len(), 2, "three attempts were made");
+    }
+
+    #[tokio::test]
+    async fn open_breaker_inside_retry_stops_the_calls() {
+        let stub = Stub::start(vec![Answer::overloaded()]).await;
+        let breaker = CircuitBreakerLayer::builder()
+            .count_window(10)
+            .minimum_calls(2)
+            .failure_rate(50.0)
+            .open_duration(Duration::from_secs(120))
+            .seed(3)
+            .build()
+            .unwrap();
+        let (retry, _) = retry();
+        let client = builder()
+            .with(ApiErrorMiddleware::new())
+            .with(TowerMiddleware::new(retry.build().unwrap()))
+            .with(TowerMiddleware::new(breaker))
+            .with(TowerMiddleware::new(NormalizeErrorsLayer::new()))
+            .build();
+        let url = stub.url("/v1/chat/completions");
+        let err = post(&client, &url).await.unwrap_err();
+        assert_eq!(
+            err.api_error().unwrap().code(),
+            ErrorCode::ServiceUnavailable
+        );
+        // Two attempts opened the circuit; the third was answered by the breaker.
+        assert_eq!(stub.calls(), 2);
+        let err = post(&client, &url).await.unwrap_err();
+        assert!(err.api_error().unwrap().message().contains("is open"));
+        assert_eq!(stub.calls(), 2);
+    }
+}
