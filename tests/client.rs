@@ -311,6 +311,42 @@ mod rate_limit {
     }
 
     #[tokio::test]
+    async fn chain_extensions_reach_the_layer() {
+        use llm_layers::ext::KeyIdentity;
+        use llm_layers::rate_limit::KeyBy;
+
+        let stub = Stub::start(vec![Answer::ok()]).await;
+        let limit = RateLimitLayer::builder()
+            .key_by(KeyBy::api_key())
+            .limits(Limits::new().requests(Quota::per_minute(1).burst(1)))
+            .build()
+            .unwrap();
+        let handle = limit.handle();
+        let client = builder()
+            .with(ApiErrorMiddleware::new())
+            .with(TowerMiddleware::new(limit))
+            .build();
+        let url = stub.url("/v1/chat/completions");
+        let call = |key: &'static str| {
+            client
+                .post(&url)
+                .with_extension(KeyIdentity::new(key))
+                .body(CHAT)
+                .send()
+        };
+        assert_eq!(call("team-a").await.unwrap().status(), 200);
+        // Each key has its own bucket: team-b is not limited by team-a's request.
+        assert_eq!(call("team-b").await.unwrap().status(), 200);
+        let err = call("team-a").await.unwrap_err();
+        assert_eq!(
+            err.api_error().unwrap().code(),
+            ErrorCode::RateLimitExceeded
+        );
+        assert_eq!(handle.tracked_keys(), 2);
+        assert_eq!(stub.calls(), 2);
+    }
+
+    #[tokio::test]
     async fn reject_mode_answers_rate_limit_exceeded_without_calling() {
         let stub = Stub::start(vec![Answer::ok()]).await;
         let client = builder()
@@ -487,4 +523,21 @@ mod retry {
         assert!(err.api_error().unwrap().message().contains("is open"));
         assert_eq!(stub.calls(), 2);
     }
+}
+
+#[tokio::test]
+async fn layer_errors_become_middleware_errors() {
+    let stub = Stub::start(vec![Answer::ok().after(Duration::from_secs(30))]).await;
+    let client = builder()
+        .with(TowerMiddleware::new(tower::timeout::TimeoutLayer::new(
+            Duration::from_millis(20),
+        )))
+        .build();
+    let err = post(&client, &stub.url("/v1/chat/completions"))
+        .await
+        .unwrap_err();
+    assert!(err.is_middleware());
+    assert!(err.api_error().is_none());
+    assert_eq!(err.to_string(), "request timed out");
+    assert_eq!(err.into_api_error().code(), ErrorCode::Timeout);
 }

@@ -50,6 +50,13 @@ struct HasUrl;
 /// timers keep running: a per-attempt timeout or a deadline cuts an attempt that hangs. An
 /// attempt the layer gives up on is dropped, which cancels it.
 ///
+/// # Extensions
+///
+/// The layer sees the request's own extensions and, under them, a copy of the chain's
+/// extensions (what callers set with `reqwest_middleware::RequestBuilder::with_extension`,
+/// such as a [`KeyIdentity`](crate::ext::KeyIdentity) for the rate limiter to key on). The
+/// layer's response extensions come back on the `reqwest::Response`.
+///
 /// # Bodies
 ///
 /// A request body built from bytes (`.body(String)`, `.json(..)`) is handed to the layer as
@@ -227,7 +234,13 @@ where
         extensions: &mut Extensions,
         next: Next<'_>,
     ) -> reqwest_middleware::Result<reqwest::Response> {
-        let req = http::Request::<reqwest::Body>::try_from(req)?;
+        let mut req = http::Request::<reqwest::Body>::try_from(req)?;
+        if !extensions.is_empty() {
+            // What callers set with `RequestBuilder::with_extension` (a `KeyIdentity` for the
+            // rate limiter, say) is visible to the layer; the request's own values win.
+            let own = std::mem::replace(req.extensions_mut(), extensions.clone());
+            req.extensions_mut().extend(own);
+        }
         let uri = req.uri().clone();
         let (tx, rx) = mpsc::unbounded_channel();
         let mut svc = self.layer.layer(NextService { tx });
