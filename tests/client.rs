@@ -422,6 +422,46 @@ mod retry {
     }
 
     #[tokio::test]
+    async fn one_middleware_runs_a_whole_stack() {
+        let stub = Stub::start(vec![Answer::overloaded(), Answer::ok()]).await;
+        let (retry, waits) = retry();
+        let stack = (
+            retry.build().unwrap(),
+            CircuitBreakerLayer::builder().build().unwrap(),
+            InjectApiKeyLayer::bearer(ApiKey::new(SECRET).unwrap()),
+            NormalizeErrorsLayer::new(),
+        );
+        let client = builder()
+            .with(ApiErrorMiddleware::new())
+            .with(TowerMiddleware::new(stack))
+            .build();
+        let res = post(&client, &stub.url("/v1/chat/completions"))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.extensions().get::<Attempts>(), Some(&Attempts(2)));
+        assert_eq!(waits.lock().unwrap().len(), 1);
+        let sent = Some(format!("Bearer {SECRET}"));
+        assert_eq!(stub.keys(), vec![sent.clone(), sent]);
+    }
+
+    #[tokio::test]
+    async fn service_builder_stack_works_too() {
+        let stub = Stub::start(vec![Answer::overloaded(), Answer::ok()]).await;
+        let (retry, _) = retry();
+        let stack = tower::ServiceBuilder::new()
+            .layer(retry.build().unwrap())
+            .layer(NormalizeErrorsLayer::new())
+            .into_inner();
+        let client = builder().with(TowerMiddleware::new(stack)).build();
+        let res = post(&client, &stub.url("/v1/chat/completions"))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(stub.calls(), 2);
+    }
+
+    #[tokio::test]
     async fn retry_after_ms_hint_is_honoured() {
         let limited = Answer::json(
             429,

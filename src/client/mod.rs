@@ -35,8 +35,9 @@
 //! Middleware runs in the order it is added: put [`ApiErrorMiddleware`] first, so the layers
 //! after it (retry, breaker) see answers rather than errors, then the layers from the outside
 //! in, as in a `tower::ServiceBuilder`: rate limit, retry, breaker, key injection,
-//! normalizer. Several layers can also share one [`TowerMiddleware`] as a tuple of layers or
-//! a `tower::ServiceBuilder`'s stack.
+//! normalizer. Several layers can also share one [`TowerMiddleware`] as a tuple of layers
+//! (outermost first) or a `tower::ServiceBuilder`'s stack: one hop through the chain instead
+//! of one per layer.
 //!
 //! # Example
 //!
