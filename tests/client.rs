@@ -462,6 +462,27 @@ mod retry {
     }
 
     #[tokio::test]
+    async fn attempt_timeout_cancels_a_hanging_attempt_and_retries() {
+        let hang = Answer::ok().after(Duration::from_secs(30));
+        let stub = Stub::start(vec![hang, Answer::ok()]).await;
+        let (retry, waits) = retry();
+        let retry = retry
+            .attempt_timeout(Duration::from_millis(100))
+            .build()
+            .unwrap();
+        let res = client(retry)
+            .post(stub.url("/v1/chat/completions"))
+            .body(CHAT)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.extensions().get::<Attempts>(), Some(&Attempts(2)));
+        assert_eq!(stub.calls(), 2);
+        assert_eq!(waits.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
     async fn retry_after_ms_hint_is_honoured() {
         let limited = Answer::json(
             429,
