@@ -28,7 +28,7 @@
 //! | `4xx` / `5xx` from the upstream, or an envelope from a layer | `Err`, `api_error()` = the layer's `ApiError`, else the classified body (`upstream_blocked` for an HTML block page, the provider's code for JSON errors) |
 //! | connection refused or reset | `Err`, `service_unavailable` (status 502), the `reqwest::Error` as source |
 //! | timeout | `Err`, `timeout` (504) |
-//! | a request reqwest cannot build (invalid URL) | `Err`, `invalid_value` |
+//! | a request reqwest cannot build (invalid URL) | `Err(Error::Reqwest)` from `send()` before any middleware runs; [`ApiErrorExt::into_api_error`] gives `invalid_value` |
 //!
 //! # Order
 //!
