@@ -602,3 +602,29 @@ async fn layer_errors_become_middleware_errors() {
     assert_eq!(err.to_string(), "request timed out");
     assert_eq!(err.into_api_error().code(), ErrorCode::Timeout);
 }
+
+#[tokio::test]
+async fn envelopes_of_an_llm_layers_gateway_keep_their_code() {
+    // A client in front of a gateway built from this crate gets the gateway's own code back,
+    // whichever of the 18 it is.
+    for code in ErrorCode::ALL {
+        let envelope = ApiError::new(code, "from the gateway").to_response::<bytes::Bytes>();
+        let (parts, body) = envelope.into_parts();
+        let answer = Answer::json(parts.status.as_u16(), std::str::from_utf8(&body).unwrap())
+            .header(
+                "x-should-retry",
+                parts.headers["x-should-retry"].to_str().unwrap(),
+            );
+        let stub = Stub::start(vec![answer]).await;
+        let client = builder()
+            .with(ApiErrorMiddleware::new())
+            .with(TowerMiddleware::new(NormalizeErrorsLayer::new()))
+            .build();
+        let err = post(&client, &stub.url("/v1/chat/completions"))
+            .await
+            .unwrap_err();
+        let api = err.api_error().expect("an ApiError");
+        assert_eq!(api.code(), code, "{code}");
+        assert_eq!(api.status(), code.status(), "{code}");
+    }
+}
