@@ -187,7 +187,7 @@ async fn exactly_n_probes_under_1000_racing_callers() {
         // Wait until every caller has either been rejected or reached the upstream.
         let rejected = loop {
             let m = h.metrics(SINGLE_KEY).unwrap();
-            if m.rejections as usize + up.calls() - 1 >= 1000 {
+            if m.rejections as usize + up.calls() > 1000 {
                 break m.rejections;
             }
             tokio::task::yield_now().await;

@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 
 /// What the scripted upstream does for one call.
 #[derive(Debug, Clone)]
+
 pub enum Answer {
     /// Answer at once with this status.
     Status(u16),
@@ -96,7 +97,7 @@ impl Upstream {
         Request<Body>,
         Response = Response<Body>,
         Error = std::io::Error,
-        Future = Pin<Box<dyn Future<Output = Result<Response<Body>, std::io::Error>> + Send>>,
+        Future = UpstreamFuture,
     > + Clone
            + Send
            + 'static {
@@ -258,3 +259,7 @@ pub fn proxy_router(upstream: String) -> axum::Router {
         }),
     )
 }
+
+/// The future of the scripted upstream service.
+pub type UpstreamFuture =
+    Pin<Box<dyn Future<Output = Result<Response<Body>, std::io::Error>> + Send>>;
