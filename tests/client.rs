@@ -117,7 +117,7 @@ async fn refused_connection_through_the_normalizer_is_service_unavailable() {
 async fn invalid_url_is_invalid_value() {
     let client = builder().with(ApiErrorMiddleware::new()).build();
     let err = client.post("http://").body(CHAT).send().await.unwrap_err();
-    // reqwest-middleware builds the request before any middleware runs; the helper still
+    // reqwest-middleware builds the request before any middleware runs; `into_api_error` still
     // classifies what it returns.
     assert_eq!(err.into_api_error().code(), ErrorCode::InvalidValue);
 }
