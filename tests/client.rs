@@ -628,3 +628,40 @@ async fn envelopes_of_an_llm_layers_gateway_keep_their_code() {
         assert_eq!(api.status(), code.status(), "{code}");
     }
 }
+
+#[tokio::test]
+async fn concurrent_calls_of_a_layer_are_all_answered() {
+    // A layer that sends two calls at once (as a hedging layer would): both reach the
+    // upstream, one after the other, and neither waits forever.
+    use tower::{Service, ServiceExt};
+    type Req = http::Request<reqwest::Body>;
+
+    let stub = Stub::start(vec![Answer::ok()]).await;
+    let both = tower::layer::layer_fn(|inner: llm_layers::client::NextService| {
+        tower::service_fn(move |req: http::Request<reqwest::Body>| {
+            let mut a = inner.clone();
+            let mut b = inner.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let bytes = http_body_util::BodyExt::collect(body).await?.to_bytes();
+                let first =
+                    http::Request::from_parts(parts.clone(), reqwest::Body::from(bytes.clone()));
+                let second = http::Request::from_parts(parts, reqwest::Body::from(bytes));
+                let (x, y) = futures_util::future::join(
+                    ServiceExt::<Req>::ready(&mut a).await.unwrap().call(first),
+                    ServiceExt::<Req>::ready(&mut b).await.unwrap().call(second),
+                )
+                .await;
+                assert_eq!(x?.status(), 200);
+                y.map_err(Box::<dyn std::error::Error + Send + Sync>::from)
+            }
+        })
+    });
+    let client = builder().with(TowerMiddleware::new(both)).build();
+    let res = post(&client, &stub.url("/v1/chat/completions"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(stub.calls(), 2);
+    assert_eq!(stub.bodies(), vec![CHAT.as_bytes().to_vec(); 2]);
+}
