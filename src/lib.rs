@@ -18,6 +18,8 @@
 //! | [`validate`] | `ValidateRequestLayer`: clear 400s before a request costs money |
 //! | `rate_limit` | `RateLimitLayer` (feature `rate-limit`, on by default): keyed GCRA buckets by requests and tokens, concurrency caps, exact `retry-after` |
 //! | [`retry`] | `RetryLayer`: class-driven retries, jittered backoff, server wait hints, deadline, retry budget, replayable bodies |
+//! | `client` | reqwest-middleware adapters (feature `reqwest`): any layer as a `Middleware`, and `ApiErrorMiddleware` for typed errors |
+//! | [`config`] | the `ConfigError` every builder returns |
 //! | [`breaker`] | `CircuitBreakerLayer`: failure and slow-call rates, half-open probes, fallback to a backup model or upstream |
 //! | [`request`] | the parsed view of an LLM request, shared by the layers |
 //! | [`body`] | bounded buffering |
@@ -55,6 +57,10 @@ pub mod auth;
 pub mod body;
 pub mod breaker;
 pub mod classify;
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub mod client;
+pub mod config;
 pub mod error;
 pub mod ext;
 pub mod normalize;

@@ -304,6 +304,10 @@ async fn a_reset_connection_is_a_502_service_unavailable_envelope() {
     assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
     let body = json_of(res).await;
     assert_eq!(body["error"]["code"], "service_unavailable");
+    assert_eq!(
+        body["error"]["message"],
+        "The connection to the upstream was closed before it answered."
+    );
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::store::{InMemoryKeyStore, KeyRecord};
 use super::time::parse_rfc3339;
-use super::ConfigError;
+use super::{config_error, ConfigError};
 use crate::ext::KeyLimits;
 
 #[derive(Deserialize)]
@@ -59,24 +59,24 @@ impl RawKey {
         let mut b = KeyRecord::builder(self.id.as_str());
         b = match (self.secret, self.sha256) {
             (Some(_), Some(_)) => {
-                return Err(ConfigError::new(
+                return Err(config_error(
                     field("secret"),
                     "give either `secret` or `sha256`, not both",
                 ))
             }
             (None, None) => {
-                return Err(ConfigError::new(
+                return Err(config_error(
                     field("secret"),
                     "give the key's `secret` or its `sha256` digest",
                 ))
             }
             (Some(secret), None) if secret.is_empty() => {
-                return Err(ConfigError::new(field("secret"), "the secret is empty"))
+                return Err(config_error(field("secret"), "the secret is empty"))
             }
             (Some(secret), None) => b.secret(secret),
             (None, Some(hex)) => {
                 if super::store::KeyHash::from_hex(hex.trim()).is_none() {
-                    return Err(ConfigError::new(
+                    return Err(config_error(
                         field("sha256"),
                         "expected 64 hex characters (the SHA-256 digest of the secret)",
                     ));
@@ -85,7 +85,7 @@ impl RawKey {
             }
         };
         if let Some(at) = &self.expires_at {
-            b = b.expires_at(expiry(at).map_err(|e| ConfigError::new(field("expires_at"), e))?);
+            b = b.expires_at(expiry(at).map_err(|e| config_error(field("expires_at"), e))?);
         }
         if let Some(tier) = self.tier {
             b = b.tier(tier);
@@ -107,7 +107,7 @@ impl RawKey {
             .revoked(self.revoked)
             .allow_models(self.models)
             .build()
-            .map_err(|e| ConfigError::new(field(e.field()), e.message().to_owned()))
+            .map_err(|e| config_error(field(e.field()), e.message().to_owned()))
     }
 }
 
@@ -139,7 +139,7 @@ impl InMemoryKeyStore {
                 Some(line) => format!("line {line}"),
                 None => "toml".to_owned(),
             };
-            ConfigError::new(field, e.message().trim().to_owned())
+            config_error(field, e.message().trim().to_owned())
         })?;
         let records = raw
             .keys
@@ -153,11 +153,10 @@ impl InMemoryKeyStore {
     /// A store from a TOML file; see [`InMemoryKeyStore::from_toml_str`].
     pub fn from_toml_file(path: impl AsRef<Path>) -> Result<InMemoryKeyStore, ConfigError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new("path", format!("cannot read {}: {e}", path.display()))
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| config_error("path", format!("cannot read {}: {e}", path.display())))?;
         InMemoryKeyStore::from_toml_str(&text).map_err(|e| {
-            ConfigError::new(
+            config_error(
                 format!("{}: {}", path.display(), e.field()),
                 e.message().to_owned(),
             )

@@ -9,7 +9,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::credentials::{API_KEY, X_API_KEY};
-use super::ConfigError;
+use super::{config_error, ConfigError};
 
 /// Which header carries a key upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -47,10 +47,10 @@ impl ApiKey {
     pub fn new(secret: impl Into<String>) -> Result<ApiKey, ConfigError> {
         let secret: String = secret.into();
         if secret.is_empty() {
-            return Err(ConfigError::new("api_key", "the key is empty"));
+            return Err(config_error("api_key", "the key is empty"));
         }
         if !secret.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
-            return Err(ConfigError::new(
+            return Err(config_error(
                 "api_key",
                 "the key holds characters other than visible ASCII (spaces, control characters \
                  or non-ASCII)",

@@ -9,7 +9,7 @@ use super::credentials::AcceptedHeaders;
 use super::inject::{ApiKey, KeyHeader};
 use super::service::ApiKeyAuth;
 use super::store::KeyStore;
-use super::ConfigError;
+use super::{config_error, ConfigError};
 use crate::body::DEFAULT_BODY_LIMIT;
 use crate::request::{CharEstimator, TokenEstimator};
 
@@ -221,13 +221,13 @@ impl<K: KeyStore> ApiKeyAuthBuilder<K> {
     /// must be positive.
     pub fn build(self) -> Result<ApiKeyAuthLayer<K>, ConfigError> {
         if self.accepted.is_empty() {
-            return Err(ConfigError::new(
+            return Err(config_error(
                 "accepted_headers",
                 "no header is accepted, so no request could ever authenticate",
             ));
         }
         if self.body_limit == 0 {
-            return Err(ConfigError::new(
+            return Err(config_error(
                 "body_limit",
                 "must be at least 1 byte to read the model of a request",
             ));

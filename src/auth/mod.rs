@@ -105,9 +105,6 @@
 //! On the client side, [`InjectApiKeyLayer`] sets the upstream key (Bearer, `x-api-key` or
 //! `api-key`) on outgoing requests, as a sensitive header value.
 
-use std::borrow::Cow;
-use std::fmt;
-
 #[cfg(feature = "config")]
 mod config;
 mod credentials;
@@ -130,39 +127,11 @@ pub use store::{
     KeyStoreError, LookupResult, ModelPattern,
 };
 
-/// A configuration value was refused. The message names the field and never quotes a secret.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    field: Cow<'static, str>,
-    message: Cow<'static, str>,
+pub use crate::config::ConfigError;
+
+pub(crate) fn config_error(
+    field: impl Into<std::borrow::Cow<'static, str>>,
+    message: impl Into<std::borrow::Cow<'static, str>>,
+) -> ConfigError {
+    ConfigError::new("auth", field, message)
 }
-
-impl ConfigError {
-    pub(crate) fn new(
-        field: impl Into<Cow<'static, str>>,
-        message: impl Into<Cow<'static, str>>,
-    ) -> Self {
-        ConfigError {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
-
-    /// The field that was refused (`body_limit`, `keys[2].sha256`, `line 7`).
-    pub fn field(&self) -> &str {
-        &self.field
-    }
-
-    /// What is wrong with it.
-    pub fn message(&self) -> &str {
-        &self.message
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.message)
-    }
-}
-
-impl std::error::Error for ConfigError {}

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::time::{format_rfc3339, parse_rfc3339};
-use super::ConfigError;
+use super::{config_error, ConfigError};
 use crate::ext::{KeyIdentity, KeyLimits};
 
 /// The SHA-256 digest of a key. Stores are keyed by it, so the secret itself is never kept.
@@ -84,7 +84,7 @@ impl ModelPattern {
     pub fn new(pattern: impl Into<String>) -> Result<ModelPattern, ConfigError> {
         let pattern: String = pattern.into();
         if pattern.trim().is_empty() {
-            return Err(ConfigError::new("models", "a model pattern is empty"));
+            return Err(config_error("models", "a model pattern is empty"));
         }
         Ok(ModelPattern(pattern.into_boxed_str()))
     }
@@ -356,19 +356,19 @@ impl KeyRecordBuilder {
     /// be given, the digest must be 64 hex characters, and model patterns must be non-empty.
     pub fn build(self) -> Result<KeyRecord, ConfigError> {
         if self.id.trim().is_empty() {
-            return Err(ConfigError::new("id", "the key id is empty"));
+            return Err(config_error("id", "the key id is empty"));
         }
         if self.bad_hash {
-            return Err(ConfigError::new(
+            return Err(config_error(
                 "secret",
                 "the secret is empty, or the sha256 digest is not 64 hex characters",
             ));
         }
         if let Some(e) = self.bad_expiry {
-            return Err(ConfigError::new("expires_at", e));
+            return Err(config_error("expires_at", e));
         }
         let Some(hash) = self.hash else {
-            return Err(ConfigError::new(
+            return Err(config_error(
                 "secret",
                 "give the key's secret or its sha256 digest",
             ));
@@ -539,7 +539,7 @@ impl InMemoryKeyStore {
         for (i, record) in records.enumerate() {
             let id = record.id().to_owned();
             if let Some(other) = keys.insert(record.hash, Arc::new(record)) {
-                return Err(ConfigError::new(
+                return Err(config_error(
                     format!("keys[{i}].secret"),
                     format!(
                         "key `{id}` has the same secret as key `{}`; every secret must be unique",

@@ -1,7 +1,6 @@
 //! Configuration: the builder, its validation, and the knobs' types.
 
 use std::any::Any;
-use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,38 +17,14 @@ use super::registry::Shared;
 use super::BoxError;
 use crate::error::ApiError;
 
-/// A configuration value was out of range. The message names the field.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
+pub use crate::config::ConfigError;
+
+fn config_error(
     field: &'static str,
-    message: Cow<'static, str>,
+    message: impl Into<std::borrow::Cow<'static, str>>,
+) -> ConfigError {
+    ConfigError::new("circuit breaker", field, message)
 }
-
-impl ConfigError {
-    fn new(field: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
-        ConfigError {
-            field,
-            message: message.into(),
-        }
-    }
-
-    /// The builder method whose value was refused.
-    pub fn field(&self) -> &'static str {
-        self.field
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid circuit breaker setting `{}`: {}",
-            self.field, self.message
-        )
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 /// What the circuit remembers to decide when to open.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -564,7 +539,7 @@ impl Builder {
             if v.is_finite() && v > 0.0 && v <= 100.0 {
                 Ok(v)
             } else {
-                Err(ConfigError::new(
+                Err(config_error(
                     field,
                     format!("a percentage must be within (0, 100], got {v}"),
                 ))
@@ -572,14 +547,14 @@ impl Builder {
         };
         pct("failure_rate", self.failure_rate)?;
         if self.name.is_empty() {
-            return Err(ConfigError::new("name", "must not be empty"));
+            return Err(config_error("name", "must not be empty"));
         }
         match self.window {
             WindowKind::Count(0) => {
-                return Err(ConfigError::new("count_window", "must hold at least 1 call"))
+                return Err(config_error("count_window", "must hold at least 1 call"))
             }
             WindowKind::Count(n) if (self.minimum_calls as u128) > n as u128 => {
-                return Err(ConfigError::new(
+                return Err(config_error(
                     "minimum_calls",
                     format!(
                         "{} is more than the count window of {n} calls, so the circuit could never open",
@@ -588,19 +563,19 @@ impl Builder {
                 ))
             }
             WindowKind::Time(d, _) if d.is_zero() => {
-                return Err(ConfigError::new("time_window", "duration must not be zero"))
+                return Err(config_error("time_window", "duration must not be zero"))
             }
             WindowKind::Time(_, 0) => {
-                return Err(ConfigError::new("time_window", "needs at least 1 bucket"))
+                return Err(config_error("time_window", "needs at least 1 bucket"))
             }
             WindowKind::Time(d, b) if d.as_nanos() < b as u128 => {
-                return Err(ConfigError::new(
+                return Err(config_error(
                     "time_window",
                     "more buckets than nanoseconds in the window",
                 ))
             }
             WindowKind::Consecutive(0) => {
-                return Err(ConfigError::new(
+                return Err(config_error(
                     "consecutive_failures",
                     "must be at least 1",
                 ))
@@ -608,28 +583,28 @@ impl Builder {
             _ => {}
         }
         if self.minimum_calls == 0 {
-            return Err(ConfigError::new("minimum_calls", "must be at least 1"));
+            return Err(config_error("minimum_calls", "must be at least 1"));
         }
         if let Some((d, rate)) = self.slow_call {
             if d.is_zero() {
-                return Err(ConfigError::new("slow_calls", "duration must not be zero"));
+                return Err(config_error("slow_calls", "duration must not be zero"));
             }
             pct("slow_calls", rate)?;
         }
         if self.probes == 0 || self.probes > u16::MAX as u32 {
-            return Err(ConfigError::new(
+            return Err(config_error(
                 "half_open_probes",
                 format!("must be within 1..=65535, got {}", self.probes),
             ));
         }
         if self.probe_timeout.is_zero() {
-            return Err(ConfigError::new("probe_timeout", "must not be zero"));
+            return Err(config_error("probe_timeout", "must not be zero"));
         }
         if self.open_duration.is_zero() {
-            return Err(ConfigError::new("open_duration", "must not be zero"));
+            return Err(config_error("open_duration", "must not be zero"));
         }
         if !(self.backoff_multiplier.is_finite() && self.backoff_multiplier >= 1.0) {
-            return Err(ConfigError::new(
+            return Err(config_error(
                 "open_backoff",
                 format!(
                     "the multiplier must be at least 1, got {}",
@@ -638,32 +613,32 @@ impl Builder {
             ));
         }
         if self.max_open_duration < self.open_duration {
-            return Err(ConfigError::new(
+            return Err(config_error(
                 "open_backoff",
                 "the maximum open duration is shorter than open_duration",
             ));
         }
         if !(self.jitter.is_finite() && (0.0..=1.0).contains(&self.jitter)) {
-            return Err(ConfigError::new(
+            return Err(config_error(
                 "jitter",
                 format!("must be within [0, 1], got {}", self.jitter),
             ));
         }
         if self.max_keys == 0 {
-            return Err(ConfigError::new("max_keys", "must be at least 1"));
+            return Err(config_error("max_keys", "must be at least 1"));
         }
         if self.body_limit == 0 {
-            return Err(ConfigError::new("body_limit", "must be at least 1 byte"));
+            return Err(config_error("body_limit", "must be at least 1 byte"));
         }
         for step in &self.fallbacks {
             if step.name().is_empty() {
-                return Err(ConfigError::new(
+                return Err(config_error(
                     "fallback",
                     "a fallback needs a non-empty name or model",
                 ));
             }
             if HeaderValue::from_str(step.name()).is_err() {
-                return Err(ConfigError::new(
+                return Err(config_error(
                     "fallback",
                     "a fallback name must be a valid header value",
                 ));

@@ -514,6 +514,20 @@ pub fn classify_transport_error(err: &(dyn std::error::Error + 'static)) -> ApiE
             kind = Some(std::io::ErrorKind::TimedOut);
             break;
         }
+        // Clients such as hyper report a connection closed mid-exchange without an io error
+        // in the chain ("connection closed before message completed").
+        if text.contains("connection closed")
+            || text.contains("connection reset")
+            || text.contains("broken pipe")
+            || text.contains("incomplete message")
+        {
+            kind = Some(std::io::ErrorKind::ConnectionReset);
+            break;
+        }
+        if text.contains("connection refused") {
+            kind = Some(std::io::ErrorKind::ConnectionRefused);
+            break;
+        }
         cur = e.source();
     }
     use std::io::ErrorKind as K;

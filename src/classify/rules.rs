@@ -9,6 +9,7 @@
 //!    a request too large, a concurrency limit, or a daily / zero quota (never worth a retry).
 
 use crate::error::ErrorCode::{self, *};
+use crate::error::TypeStyle;
 
 use super::envelope::Fields;
 use super::{anthropic, cn, google, openai, others};
@@ -111,12 +112,25 @@ fn structured(f: &Fields) -> Option<ErrorCode> {
         cn::DASHSCOPE,
         others::GATEWAYS,
     ];
-    [f.code.as_deref(), f.kind.as_deref()]
-        .into_iter()
-        .flatten()
-        .find_map(|id| tables.iter().find_map(|t| lookup(t, id)))
+    let known = |id: &str| tables.iter().find_map(|t| lookup(t, id));
+    f.code
+        .as_deref()
+        .and_then(known)
+        .or_else(|| own_envelope(f))
+        .or_else(|| f.kind.as_deref().and_then(known))
         .or_else(|| others::bedrock_code(f))
         .or_else(|| google::code(f))
+}
+
+/// The code of this crate's own envelope (an llm-layers gateway upstream): a wire `code` with
+/// the `type` this crate writes for it, in either style.
+fn own_envelope(f: &Fields) -> Option<ErrorCode> {
+    let code = f.code.as_deref()?.parse::<ErrorCode>().ok()?;
+    let kind = f.kind.as_deref()?;
+    [TypeStyle::OpenAi, TypeStyle::Descriptive]
+        .into_iter()
+        .any(|style| code.error_type(style) == kind)
+        .then_some(code)
 }
 
 /// Message rules for statuses that do not decide alone, in order.

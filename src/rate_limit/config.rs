@@ -87,22 +87,20 @@ impl Quota {
 
     fn validate(&self, field: &str) -> Result<(), ConfigError> {
         if self.count == 0 {
-            return Err(ConfigError::new(format!(
-                "{field}: the rate must be positive"
-            )));
+            return Err(config_error(format!("{field}: the rate must be positive")));
         }
         if self.period.is_zero() {
-            return Err(ConfigError::new(format!(
+            return Err(config_error(format!(
                 "{field}: the period must be positive"
             )));
         }
         if self.burst == 0 {
-            return Err(ConfigError::new(format!(
+            return Err(config_error(format!(
                 "{field}: the burst is not set or zero; call .burst(n) with n >= 1"
             )));
         }
         if self.period.as_nanos() / u128::from(self.count) == 0 {
-            return Err(ConfigError::new(format!(
+            return Err(config_error(format!(
                 "{field}: the rate is more than one cell per nanosecond"
             )));
         }
@@ -171,7 +169,7 @@ impl Limits {
             q.validate(&format!("{field}.tokens"))?;
         }
         if self.concurrency == Some(0) {
-            return Err(ConfigError::new(format!(
+            return Err(config_error(format!(
                 "{field}.concurrency: must be at least 1"
             )));
         }
@@ -183,30 +181,17 @@ impl Limits {
     }
 }
 
-/// A configuration the layer refuses; the message names the field.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    message: String,
-}
+pub use crate::config::ConfigError;
 
-impl ConfigError {
-    fn new(message: String) -> Self {
-        ConfigError { message }
-    }
-
-    /// The message.
-    pub fn message(&self) -> &str {
-        &self.message
+/// Splits a `field: message` text into the shared error.
+fn config_error(text: String) -> ConfigError {
+    match text.split_once(": ") {
+        Some((field, message)) => {
+            ConfigError::new("rate limit", field.to_owned(), message.to_owned())
+        }
+        None => ConfigError::new("rate limit", "", text),
     }
 }
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid rate limit configuration: {}", self.message)
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 /// What a rejected request does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -493,13 +478,11 @@ impl RateLimitLayerBuilder {
         let mut tiers = HashMap::new();
         for (name, limits) in &self.tiers {
             if name.is_empty() {
-                return Err(ConfigError::new("tier: the name is empty".into()));
+                return Err(config_error("tier: the name is empty".into()));
             }
             limits.validate(&format!("tier[{name:?}]"))?;
             if tiers.insert(name.clone(), *limits).is_some() {
-                return Err(ConfigError::new(format!(
-                    "tier[{name:?}]: configured twice"
-                )));
+                return Err(config_error(format!("tier[{name:?}]: configured twice")));
             }
         }
         if self.defaults.is_empty()
@@ -507,16 +490,16 @@ impl RateLimitLayerBuilder {
             && tiers.values().all(Limits::is_empty)
             && !self.key_limits
         {
-            return Err(ConfigError::new(
+            return Err(config_error(
                 "limits: no quota is configured anywhere".into(),
             ));
         }
         if self.sweep_every == 0 {
-            return Err(ConfigError::new("sweep.every: must be at least 1".into()));
+            return Err(config_error("sweep.every: must be at least 1".into()));
         }
         if let Mode::Wait(d) = self.mode {
             if d.is_zero() {
-                return Err(ConfigError::new(
+                return Err(config_error(
                     "mode: Wait needs a positive maximum wait; use Mode::Reject".into(),
                 ));
             }
@@ -525,7 +508,7 @@ impl RateLimitLayerBuilder {
         if let KeyKind::Ip { trusted: list, .. } = &self.key_by.0 {
             for s in list {
                 trusted.push(Cidr::parse(s).ok_or_else(|| {
-                    ConfigError::new(format!(
+                    config_error(format!(
                         "key_by.trusted_proxies: {s:?} is not an IP address or CIDR block"
                     ))
                 })?);

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use super::config::config_error;
 use super::ConfigError;
 
 /// How the exponential delay is randomized.
@@ -43,10 +44,10 @@ impl Backoff {
     /// positive and `cap` at least `base`.
     pub fn new(base: Duration, cap: Duration, jitter: Jitter) -> Result<Self, ConfigError> {
         if base.is_zero() {
-            return Err(ConfigError::new("backoff.base", "must be positive"));
+            return Err(config_error("backoff.base", "must be positive"));
         }
         if cap < base {
-            return Err(ConfigError::new("backoff.cap", "must be at least the base"));
+            return Err(config_error("backoff.cap", "must be at least the base"));
         }
         Ok(Backoff { base, cap, jitter })
     }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::config::config_error;
 use super::ConfigError;
 
 const UNIT: u64 = 1000;
@@ -43,13 +44,10 @@ impl RetryBudget {
     /// (0 to 1000) plus a floor of `min_per_sec` retries per second.
     pub fn new(ttl: Duration, min_per_sec: u32, ratio: f32) -> Result<Self, ConfigError> {
         if ttl < Duration::from_secs(1) || ttl > Duration::from_secs(60) {
-            return Err(ConfigError::new(
-                "budget.ttl",
-                "must be between 1 s and 60 s",
-            ));
+            return Err(config_error("budget.ttl", "must be between 1 s and 60 s"));
         }
         if !(0.0..=1000.0).contains(&ratio) {
-            return Err(ConfigError::new(
+            return Err(config_error(
                 "budget.ratio",
                 "must be between 0 and 1000 retries per request",
             ));

@@ -1,6 +1,5 @@
 //! Configuration of the retry layer, validated when built.
 
-use std::borrow::Cow;
 use std::fmt;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -13,38 +12,14 @@ use super::backoff::Backoff;
 use super::budget::{Budget, RetryBudget};
 use super::layer::RetryLayer;
 
-/// A configuration value was out of range. The message names the field.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
+pub use crate::config::ConfigError;
+
+pub(crate) fn config_error(
     field: &'static str,
-    message: Cow<'static, str>,
+    message: impl Into<std::borrow::Cow<'static, str>>,
+) -> ConfigError {
+    ConfigError::new("retry", field, message)
 }
-
-impl ConfigError {
-    pub(crate) fn new(field: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
-        ConfigError {
-            field,
-            message: message.into(),
-        }
-    }
-
-    /// The setting whose value was refused.
-    pub fn field(&self) -> &'static str {
-        self.field
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid retry setting `{}`: {}",
-            self.field, self.message
-        )
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 /// The largest number of attempts (first try included) a layer may be configured with.
 pub const MAX_ATTEMPTS_LIMIT: u32 = 10;
@@ -372,7 +347,7 @@ impl RetryLayerBuilder {
     /// Checks the settings and builds the layer.
     pub fn build(self) -> Result<RetryLayer, ConfigError> {
         if self.max_attempts == 0 || self.max_attempts > MAX_ATTEMPTS_LIMIT {
-            return Err(ConfigError::new(
+            return Err(config_error(
                 "max_attempts",
                 format!(
                     "must be between 1 and {MAX_ATTEMPTS_LIMIT}, got {}",
@@ -381,16 +356,16 @@ impl RetryLayerBuilder {
             ));
         }
         if self.hint_jitter > Duration::from_secs(5) {
-            return Err(ConfigError::new("hint_jitter", "must be at most 5 s"));
+            return Err(config_error("hint_jitter", "must be at most 5 s"));
         }
         if self.deadline.is_some_and(|d| d.is_zero()) {
-            return Err(ConfigError::new("deadline", "must be positive"));
+            return Err(config_error("deadline", "must be positive"));
         }
         if self.attempt_timeout.is_some_and(|d| d.is_zero()) {
-            return Err(ConfigError::new("attempt_timeout", "must be positive"));
+            return Err(config_error("attempt_timeout", "must be positive"));
         }
         if self.body_limit == 0 {
-            return Err(ConfigError::new("body_limit", "must be positive"));
+            return Err(config_error("body_limit", "must be positive"));
         }
         let shared = Shared {
             max_attempts: self.max_attempts,

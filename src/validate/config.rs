@@ -50,38 +50,11 @@ pub const DEFAULT_CONTEXT_WINDOWS: &[(&str, u64)] = &[
 /// How many model names a `model_not_supported` message lists at most, by default.
 pub const DEFAULT_MAX_LISTED_MODELS: usize = 16;
 
-/// A configuration value was invalid; the message names the field.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    field: &'static str,
-    message: String,
+pub use crate::config::ConfigError;
+
+fn config_error(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::new("validation", field, message.into())
 }
-
-impl ConfigError {
-    fn new(field: &'static str, message: impl Into<String>) -> Self {
-        ConfigError {
-            field,
-            message: message.into(),
-        }
-    }
-
-    /// The builder field that was invalid (`"body_limit"`, `"context_window"`, ...).
-    pub fn field(&self) -> &'static str {
-        self.field
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid validation config: {}: {}",
-            self.field, self.message
-        )
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 /// Which checks run. Every check is on by default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -320,17 +293,14 @@ impl ValidateBuilder {
     /// list is empty or holds an empty name.
     pub fn build(self) -> Result<ValidateRequestLayer, ConfigError> {
         if self.body_limit == 0 {
-            return Err(ConfigError::new("body_limit", "must be at least 1 byte"));
+            return Err(config_error("body_limit", "must be at least 1 byte"));
         }
         for (name, tokens) in &self.windows {
             if name.is_empty() {
-                return Err(ConfigError::new(
-                    "context_window",
-                    "the model name is empty",
-                ));
+                return Err(config_error("context_window", "the model name is empty"));
             }
             if *tokens == 0 {
-                return Err(ConfigError::new(
+                return Err(config_error(
                     "context_window",
                     format!("the window of {name:?} must be at least 1 token"),
                 ));
@@ -340,13 +310,13 @@ impl ValidateBuilder {
             None => None,
             Some(list) => {
                 if list.is_empty() {
-                    return Err(ConfigError::new(
+                    return Err(config_error(
                         "allowed_models",
                         "the list is empty, so every request would be refused",
                     ));
                 }
                 if list.iter().any(String::is_empty) {
-                    return Err(ConfigError::new("allowed_models", "a model name is empty"));
+                    return Err(config_error("allowed_models", "a model name is empty"));
                 }
                 let mut order: Vec<Box<str>> = Vec::with_capacity(list.len());
                 let mut set = HashSet::with_capacity(list.len());
