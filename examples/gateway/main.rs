@@ -163,8 +163,8 @@ async fn main() {
     };
     let stack = Stack::from_toml_str(&config).unwrap_or_else(|e| {
         fail(format_args!(
-            "invalid configuration {}: {e}",
-            args.config.as_deref().unwrap_or("(built in)")
+            "{}: {e}",
+            args.config.as_deref().unwrap_or("built-in configuration")
         ))
     });
     let (base, mocked): (Uri, bool) = match &args.upstream {

@@ -26,9 +26,9 @@
 //!
 //! # Errors
 //!
-//! Every error is a [`ConfigError`] whose [`field`](ConfigError::field) is the TOML path of
-//! the refused value (`breaker.failure_rate`, `keys[2].sha256`, `routes."/v1/models".auth`)
-//! and whose message never quotes a secret.
+//! Every error is the crate's [`ConfigError`] (layer `"configuration"`) whose
+//! [`field`](ConfigError::field) is the TOML path of the refused value (`breaker.failure_rate`,
+//! `keys[2].sha256`, `routes."/v1/models".auth`) and whose message never quotes a secret.
 //!
 //! # Example
 //!
@@ -98,7 +98,6 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -110,39 +109,15 @@ use crate::rate_limit::{Limits, Mode as RateMode, Quota, RateLimitLayer};
 use crate::retry::{Backoff, Jitter, RetryBudget, RetryLayer};
 use crate::validate::ValidateRequestLayer;
 
-/// A configuration that cannot be built; [`field`](ConfigError::field) names the TOML path.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    field: Cow<'static, str>,
-    message: Cow<'static, str>,
+pub use crate::config::ConfigError;
+
+/// A refused value at a TOML path.
+fn refuse(
+    field: impl Into<Cow<'static, str>>,
+    message: impl Into<Cow<'static, str>>,
+) -> ConfigError {
+    ConfigError::new("configuration", field, message)
 }
-
-impl ConfigError {
-    fn new(field: impl Into<Cow<'static, str>>, message: impl Into<Cow<'static, str>>) -> Self {
-        ConfigError {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
-
-    /// The refused field, as a TOML path (`retry.max_attempts`, `keys[1].expires_at`).
-    pub fn field(&self) -> &str {
-        &self.field
-    }
-
-    /// What is wrong with it.
-    pub fn message(&self) -> &str {
-        &self.message
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.message)
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 /// The whole configuration file. Every section is optional; an empty document is valid (no
 /// keys: every authenticated route answers `401`).
@@ -222,28 +197,22 @@ impl LimitsConfig {
         let too_big = |n: u64| u32::try_from(n).is_err();
         if let Some(rpm) = self.rpm {
             if rpm == 0 || too_big(rpm) {
-                return Err(ConfigError::new(
+                return Err(refuse(
                     format!("{path}.rpm"),
                     "must be within 1..=4294967295",
                 ));
             }
             let burst = self.burst.unwrap_or(rpm as u32);
             if burst == 0 {
-                return Err(ConfigError::new(
-                    format!("{path}.burst"),
-                    "must be at least 1",
-                ));
+                return Err(refuse(format!("{path}.burst"), "must be at least 1"));
             }
             limits = limits.requests(Quota::per_minute(rpm).burst(burst));
         } else if self.burst.is_some() {
-            return Err(ConfigError::new(
-                format!("{path}.burst"),
-                "a burst needs an `rpm`",
-            ));
+            return Err(refuse(format!("{path}.burst"), "a burst needs an `rpm`"));
         }
         if let Some(tpm) = self.tpm {
             if tpm == 0 || too_big(tpm) {
-                return Err(ConfigError::new(
+                return Err(refuse(
                     format!("{path}.tpm"),
                     "must be within 1..=4294967295",
                 ));
@@ -252,10 +221,7 @@ impl LimitsConfig {
         }
         if let Some(n) = self.concurrency {
             if n == 0 {
-                return Err(ConfigError::new(
-                    format!("{path}.concurrency"),
-                    "must be at least 1",
-                ));
+                return Err(refuse(format!("{path}.concurrency"), "must be at least 1"));
             }
             limits = limits.concurrency(n);
         }
@@ -379,9 +345,8 @@ impl Stack {
     /// Reads, parses and builds a TOML file.
     pub fn from_toml_file(path: impl AsRef<Path>) -> Result<Stack, ConfigError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new("path", format!("cannot read {}: {e}", path.display()))
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| refuse("path", format!("cannot read {}: {e}", path.display())))?;
         Stack::from_toml_str(&text)
     }
 
@@ -390,7 +355,7 @@ impl Stack {
         let store = key_store(&config.keys)?;
         let auth = ApiKeyAuthLayer::builder(store)
             .build()
-            .map_err(|e| ConfigError::new(format!("auth.{}", e.field()), e.message().to_owned()))?;
+            .map_err(|e| refuse(format!("auth.{}", e.field()), e.message().to_owned()))?;
 
         let v = &config.validation;
         let mut b = ValidateRequestLayer::builder();
@@ -405,7 +370,7 @@ impl Stack {
         }
         let validate = b
             .build()
-            .map_err(|e| ConfigError::new(format!("validation.{}", e.field()), e.to_string()))?;
+            .map_err(|e| refuse(format!("validation.{}", e.field()), e.message().to_owned()))?;
 
         let r = &config.rate_limit;
         let mut b = RateLimitLayer::builder().limits(r.defaults.to_limits("rate_limit.defaults")?);
@@ -417,7 +382,7 @@ impl Stack {
         }
         match r.wait_ms {
             Some(0) => {
-                return Err(ConfigError::new(
+                return Err(refuse(
                     "rate_limit.wait_ms",
                     "must be at least 1 ms; leave it out to answer 429 at once",
                 ))
@@ -427,7 +392,7 @@ impl Stack {
         }
         let rate_limit = b
             .build()
-            .map_err(|e| ConfigError::new("rate_limit", e.message().to_owned()))?;
+            .map_err(|e| refuse(format!("rate_limit.{}", e.field()), e.message().to_owned()))?;
 
         let retry = retry_layer(&config.retry)?;
 
@@ -440,7 +405,7 @@ impl Stack {
                 "upstream" => BreakerKeyBy::Upstream,
                 "upstream_and_model" => BreakerKeyBy::UpstreamAndModel,
                 other => {
-                    return Err(ConfigError::new(
+                    return Err(refuse(
                         "breaker.key_by",
                         format!("expected \"single\", \"model\", \"upstream\" or \"upstream_and_model\", got {other:?}"),
                     ))
@@ -475,12 +440,12 @@ impl Stack {
                 "open_duration" => "open_ms",
                 other => other,
             };
-            ConfigError::new(format!("breaker.{field}"), e.to_string())
+            refuse(format!("breaker.{field}"), e.message().to_owned())
         })?;
 
         let attempt_timeout = match config.upstream.attempt_timeout_ms {
             Some(0) => {
-                return Err(ConfigError::new(
+                return Err(refuse(
                     "upstream.attempt_timeout_ms",
                     "must be at least 1 ms",
                 ))
@@ -490,7 +455,7 @@ impl Stack {
         };
         for path in config.routes.keys() {
             if !path.starts_with('/') {
-                return Err(ConfigError::new(
+                return Err(refuse(
                     format!("routes.{path:?}"),
                     "a route is a path starting with `/`",
                 ));
@@ -572,7 +537,7 @@ impl Stack {
 fn retry_layer(r: &RetryConfig) -> Result<RetryLayer, ConfigError> {
     let ms = Duration::from_millis;
     // The retry layer names its builder's settings; map them to the file's keys.
-    let err = |e: crate::retry::ConfigError| {
+    let err = |e: ConfigError| {
         let field = match e.field() {
             "backoff.base" => "backoff_base_ms",
             "backoff.cap" => "backoff_cap_ms",
@@ -583,7 +548,7 @@ fn retry_layer(r: &RetryConfig) -> Result<RetryLayer, ConfigError> {
             "budget.min_per_sec" => "budget_min_per_sec",
             other => other,
         };
-        ConfigError::new(format!("retry.{field}"), e.to_string())
+        refuse(format!("retry.{field}"), e.message().to_owned())
     };
     let mut b = RetryLayer::builder();
     if let Some(n) = r.max_attempts {
@@ -595,7 +560,7 @@ fn retry_layer(r: &RetryConfig) -> Result<RetryLayer, ConfigError> {
         Some("decorrelated") => Jitter::Decorrelated,
         Some("none") => Jitter::None,
         Some(other) => {
-            return Err(ConfigError::new(
+            return Err(refuse(
                 "retry.jitter",
                 format!(
                     "expected \"full\", \"equal\", \"decorrelated\" or \"none\", got {other:?}"
@@ -638,8 +603,7 @@ fn key_store(keys: &[toml::Table]) -> Result<InMemoryKeyStore, ConfigError> {
             "keys".to_owned(),
             toml::Value::Array(keys.iter().cloned().map(toml::Value::Table).collect()),
         );
-        toml::to_string(&doc)
-            .map_err(|e| ConfigError::new("keys", format!("cannot re-encode the keys: {e}")))
+        toml::to_string(&doc).map_err(|e| refuse("keys", format!("cannot re-encode the keys: {e}")))
     };
     for (i, key) in keys.iter().enumerate() {
         let doc = encode(std::slice::from_ref(key))?;
@@ -662,18 +626,18 @@ fn key_store(keys: &[toml::Table]) -> Result<InMemoryKeyStore, ConfigError> {
                     None => format!("keys[{i}]"),
                 },
             };
-            return Err(ConfigError::new(field, e.message().to_owned()));
+            return Err(refuse(field, e.message().to_owned()));
         }
     }
     InMemoryKeyStore::from_toml_str(&encode(keys)?)
-        .map_err(|e| ConfigError::new(e.field().to_owned(), e.message().to_owned()))
+        .map_err(|e| refuse(e.field().to_owned(), e.message().to_owned()))
 }
 
 /// Turns a TOML syntax or type error into a [`ConfigError`] naming the TOML path of the value.
 fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
     let message = e.message().trim().to_owned();
     let Some(span) = e.span() else {
-        return ConfigError::new("toml", message);
+        return refuse("toml", message);
     };
     let start = span.start.min(text.len());
     let line_no = text[..start].matches('\n').count() + 1;
@@ -709,7 +673,7 @@ fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
         (Some(t), None) => t,
         (None, None) => format!("line {line_no}"),
     };
-    ConfigError::new(field, format!("{message} (line {line_no})"))
+    refuse(field, format!("{message} (line {line_no})"))
 }
 
 #[cfg(test)]
