@@ -302,3 +302,77 @@ async fn faults_are_retried_and_exhaustion_is_marked() {
     .await;
     assert_eq!(got.header("x-llm-layers-attempts"), Some("1"));
 }
+
+/// The example binary that `cargo test` builds next to the test binaries, if it was built
+/// (a focused `cargo test --test gateway` does not build examples).
+fn example_binary() -> Option<std::path::PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let bin = exe.parent()?.parent()?.join("examples").join("gateway");
+    bin.exists().then_some(bin)
+}
+
+#[tokio::test]
+async fn the_binary_starts_answers_and_refuses_a_bad_config() {
+    let Some(bin) = example_binary() else {
+        eprintln!(
+            "skipped: target/*/examples/gateway is not built (run `cargo test --all-features`)"
+        );
+        return;
+    };
+    // A bad configuration: exit code 2, the field named on stderr, nothing on stdout.
+    let dir = std::env::temp_dir().join(format!("llm-layers-gateway-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        CONFIG.replace("open_ms = 15000", "open_ms = \"soon\""),
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(&bin)
+        .args(["--listen", "127.0.0.1:0", "--config"])
+        .arg(&bad)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("`breaker.open_ms`"), "{stderr}");
+    assert!(out.stdout.is_empty());
+
+    // No arguments but a free port: the startup line first, then the demo keys; it answers.
+    let mut child = tokio::process::Command::new(&bin)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next_line().await.unwrap().unwrap();
+    let addr = first
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("{first}"))
+        .parse::<SocketAddr>()
+        .unwrap();
+    let mut printed = String::new();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        printed.push_str(&line);
+        printed.push('\n');
+        if line.trim_start().starts_with("faults:") {
+            break;
+        }
+    }
+    for key in [FULL, MINI, EXPIRED, REVOKED, FREE] {
+        assert!(printed.contains(key), "{printed}");
+    }
+    let client = reqwest::Client::new();
+    assert_eq!(
+        get(&client, addr, "/healthz", None).await.status,
+        StatusCode::OK
+    );
+    let got = chat(&client, addr, FULL, &hello("gpt-4o-mini"), &[]).await;
+    assert_eq!(got.status, StatusCode::OK);
+    child.kill().await.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
