@@ -53,6 +53,8 @@ pub fn http_client(
         parts.headers.remove(axum::http::header::AUTHORIZATION);
         parts.headers.remove("x-api-key");
         parts.headers.remove("api-key");
+        // The breaker's fallback rewrites the body's `model`; hyper sets the length from the
+        // body itself.
         parts.headers.remove(axum::http::header::CONTENT_LENGTH);
         if let Some(key) = &key {
             parts
