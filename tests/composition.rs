@@ -397,3 +397,71 @@ async fn no_request_is_lost_when_1000_concurrent_requests_meet_a_failing_upstrea
     // keeps the upstream far below that.
     assert!((1000..=3000).contains(&stub.calls()), "{}", stub.calls());
 }
+
+#[tokio::test]
+async fn a_stream_is_not_buffered_and_its_in_band_error_reaches_the_client() {
+    type Chunk = Result<bytes::Bytes, std::io::Error>;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(4);
+    let rx = std::sync::Mutex::new(Some(rx));
+    let stub = Stub::start(move |_| {
+        let rx = rx.lock().unwrap().take().expect("one stream");
+        let events = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|chunk| (chunk, rx))
+        });
+        Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(axum::body::Body::from_stream(events))
+            .unwrap()
+    })
+    .await;
+    let (addr, _) = gateway(
+        &config("[rate_limit.defaults]\nrpm = 100\ntpm = 100000\n\n[retry]\nmax_attempts = 3\n"),
+        &stub.base(),
+    )
+    .await;
+    let body = serde_json::json!({"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]});
+    let chunk = r#"data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hel"}}]}"#;
+    tx.send(Ok(format!("{chunk}\n\n").into())).await.unwrap();
+
+    let mut res = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .header("authorization", format!("Bearer {FULL}"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    // The first event arrives while the upstream has not finished: nothing buffers the stream
+    // (auth, validation, rate limit, retry, breaker and normalizer are all in the way).
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), res.chunk())
+        .await
+        .expect("the first event is not held back")
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("Hel"));
+
+    // Then the upstream reports an error inside the 200 stream and ends it.
+    tx.send(Ok(bytes::Bytes::from_static(
+        b"data: {\"error\":{\"message\":\"The server had an error while processing your request.\",\"type\":\"server_error\",\"param\":null,\"code\":null}}\n\n",
+    )))
+    .await
+    .unwrap();
+    drop(tx);
+    let mut rest = Vec::new();
+    while let Some(chunk) = res.chunk().await.unwrap() {
+        rest.extend_from_slice(&chunk);
+    }
+    let rest = String::from_utf8(rest).unwrap();
+    let last = rest
+        .split("\n\n")
+        .filter_map(|e| e.trim().strip_prefix("data: "))
+        .last()
+        .unwrap_or_else(|| panic!("{rest}"));
+    let last: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(last["error"]["code"], "internal_error", "{rest}");
+    assert_eq!(last["error"]["type"], "server_error", "{rest}");
+    // Committed once the head arrived: never retried.
+    assert_eq!(stub.calls(), 1);
+}
