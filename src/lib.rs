@@ -20,6 +20,7 @@
 //! | [`retry`] | `RetryLayer`: class-driven retries, jittered backoff, server wait hints, deadline, retry budget, replayable bodies |
 //! | `client` | reqwest-middleware adapters (feature `reqwest`): any layer as a `Middleware`, and `ApiErrorMiddleware` for typed errors |
 //! | [`config`] | the `ConfigError` every builder returns |
+//! | `stack` | `Stack` (feature `config`, on by default): one TOML file → every layer above, validated, with per-route policies; what `examples/gateway` runs on |
 //! | [`breaker`] | `CircuitBreakerLayer`: failure and slow-call rates, half-open probes, fallback to a backup model or upstream |
 //! | [`request`] | the parsed view of an LLM request, shared by the layers |
 //! | [`body`] | bounded buffering |
