@@ -376,3 +376,45 @@ async fn the_binary_starts_answers_and_refuses_a_bad_config() {
     child.kill().await.unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+mod never_panics {
+    use super::CONFIG;
+    use llm_layers::stack::Stack;
+    use proptest::prelude::*;
+
+    fn check(text: &str) -> Result<(), TestCaseError> {
+        if let Err(e) = Stack::from_toml_str(text) {
+            prop_assert!(!e.field().is_empty(), "{e}");
+            prop_assert!(!e.message().is_empty(), "{e}");
+            prop_assert!(!e.to_string().contains("sk-demo-"), "a secret in {e}");
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any document is built or refused with a field and a message, never a panic.
+        #[test]
+        fn any_document(text in "[\\[\\]a-z_.=\" 0-9#\n-]{0,300}") {
+            check(&text)?;
+        }
+
+        /// The shipped file with one line's value replaced by junk.
+        #[test]
+        fn the_shipped_file_with_one_value_broken(
+            line in 0usize..140,
+            junk in "[a-z0-9\"\\[\\]{}.,:= -]{0,16}",
+        ) {
+            let text: Vec<String> = CONFIG
+                .lines()
+                .enumerate()
+                .map(|(i, l)| match (i == line, l.split_once('=')) {
+                    (true, Some((key, _))) => format!("{key}= {junk}"),
+                    _ => l.to_owned(),
+                })
+                .collect();
+            check(&text.join("\n"))?;
+        }
+    }
+}

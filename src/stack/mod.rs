@@ -667,6 +667,7 @@ fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
         .split_once('=')
         .map(|(k, _)| k.trim())
         .filter(|k| !k.is_empty() && !k.starts_with('['));
+    let table = table.filter(|t| !t.is_empty());
     let field = match (table, key) {
         (Some(t), Some(k)) => format!("{t}.{k}"),
         (None, Some(k)) => k.to_owned(),
