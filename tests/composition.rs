@@ -269,11 +269,11 @@ async fn retries_and_the_breaker_open_together_then_fall_back() {
     let client = reqwest::Client::new();
 
     // The first request is tried three times, all overloaded: the client gets the last 503
-    // with the number of attempts.
+    // with the number of attempts, and is told not to retry what the gateway already retried.
     let got = chat(&client, addr, FULL, &hello("gpt-4o"), &[]).await;
     assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE, "{got:?}");
     assert_envelope(&got);
-    assert_eq!(got.header("x-should-retry"), Some("true"));
+    assert_eq!(got.header("x-should-retry"), Some("false"));
     assert_eq!(got.header("x-llm-layers-attempts"), Some("3"));
     assert_eq!(counts.lock().unwrap()["gpt-4o"], 3);
 

@@ -199,7 +199,12 @@ async fn gateway_answers_504_timeout_when_every_attempt_is_slow() {
     let gw = gateway(stub.addr, layer).await;
     let res = post(gw, CHAT).await;
     assert_eq!(res.status(), 504);
-    assert_eq!(res.headers()["x-should-retry"], "true");
+    // Both attempts were used: the caller is told not to retry them again.
+    assert_eq!(res.headers()["x-should-retry"], "false");
+    assert_eq!(
+        res.headers()["x-llm-layers-retry-stop"],
+        "attempts-exhausted"
+    );
     let body: serde_json::Value = res.json().await.unwrap();
     assert_eq!(body["error"]["code"], "timeout");
     assert_eq!(stub.count(), 2);

@@ -479,17 +479,14 @@ fn finish<R>(
     if let Some(stop) = stop {
         res.extensions_mut().insert(stop);
     }
-    if shared.mark_exhausted
-        && matches!(
-            stop,
-            Some(
-                RetryStop::AttemptsExhausted
-                    | RetryStop::BudgetExhausted
-                    | RetryStop::Deadline
-                    | RetryStop::HintTooLong
-            )
-        )
-    {
+    // Attempts used up only count when the layer did retry: with `max_attempts(1)` it is off,
+    // and the caller's own retries are all there is.
+    let gave_up = match stop {
+        Some(RetryStop::AttemptsExhausted) => attempts > 1,
+        Some(RetryStop::BudgetExhausted | RetryStop::Deadline | RetryStop::HintTooLong) => true,
+        _ => false,
+    };
+    if shared.mark_exhausted && gave_up {
         res.headers_mut()
             .insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
     }

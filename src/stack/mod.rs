@@ -254,9 +254,9 @@ pub struct RetryConfig {
     /// The budget's window, in milliseconds (default 10 000).
     pub budget_ttl_ms: Option<u64>,
     /// Once retries are exhausted, answer `x-should-retry: false`, so that clients (the
-    /// official SDKs retry on their own) do not multiply the attempts (default `false`).
+    /// official SDKs retry on their own) do not multiply the attempts (default `true`).
     #[serde(default)]
-    pub mark_exhausted: bool,
+    pub mark_exhausted: Option<bool>,
     /// Seed of the backoff jitter.
     pub seed: Option<u64>,
 }
@@ -591,7 +591,9 @@ fn retry_layer(r: &RetryConfig) -> Result<RetryLayer, ConfigError> {
     if let Some(seed) = r.seed {
         b = b.seed(seed);
     }
-    b.mark_exhausted(r.mark_exhausted).build().map_err(err)
+    b.mark_exhausted(r.mark_exhausted.unwrap_or(true))
+        .build()
+        .map_err(err)
 }
 
 /// The auth layer owns the `[[keys]]` format and reads it from a document of its own: each
