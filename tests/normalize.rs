@@ -24,18 +24,17 @@ async fn json_of(res: reqwest::Response) -> Value {
 #[tokio::test]
 async fn every_fixture_becomes_the_expected_envelope_through_http() {
     let upstream = start_upstream().await;
-    let gateway = start_gateway(upstream, normalized_client()).await;
+    // Errors inside a 200 (OpenRouter style) need the opt-in inspection of 200 JSON answers.
+    let inspecting = NormalizeOptions::new().inspect_ok_json(true);
+    let gateway = start_gateway(
+        upstream,
+        NormalizeErrorsLayer::with_options(inspecting).layer(hyper_client()),
+    )
+    .await;
     let http = reqwest::Client::new();
     let mut mismatches = Vec::new();
     let fixtures = load_fixtures();
-    let mut handed_on = Vec::new();
     for f in &fixtures {
-        if !f.stream && (200..300).contains(&f.status) && !f.body.is_empty() {
-            // A non-empty, non-streaming 2xx is handed on unread (documented): telling an
-            // error object apart would mean holding back every success answer.
-            handed_on.push(f.id.clone());
-            continue;
-        }
         let res = http
             .post(format!("http://{gateway}/fixture/{}", f.id))
             .send()
@@ -111,8 +110,6 @@ async fn every_fixture_becomes_the_expected_envelope_through_http() {
             ));
         }
     }
-    println!("handed on unread (non-empty 2xx JSON): {handed_on:?}");
-    assert!(handed_on.len() <= 3, "{handed_on:?}");
     assert!(
         mismatches.is_empty(),
         "{} of {} fixtures differ:\n{}",
@@ -429,4 +426,82 @@ async fn an_envelope_from_an_inner_layer_is_not_classified_twice() {
     let body = res.into_body().collect().await.unwrap().to_bytes();
     let json: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(json["error"]["message"], "The key expired.");
+}
+
+type FrameStream = StreamBody<
+    futures_util::stream::Iter<std::vec::IntoIter<Result<http_body::Frame<Bytes>, std::io::Error>>>,
+>;
+
+fn json_200(
+    frames: Vec<&'static str>,
+) -> impl tower::Service<
+    Request<Full<Bytes>>,
+    Response = Response<FrameStream>,
+    Error = std::io::Error,
+> + Clone {
+    tower::service_fn(move |_req: Request<Full<Bytes>>| {
+        let frames: Vec<_> = frames
+            .iter()
+            .map(|f| Ok(http_body::Frame::data(Bytes::from_static(f.as_bytes()))))
+            .collect();
+        std::future::ready(Ok(Response::builder()
+            .header("content-type", "application/json")
+            .body(StreamBody::new(futures_util::stream::iter(frames)))
+            .unwrap()))
+    })
+}
+
+#[tokio::test]
+async fn inspection_hands_a_normal_200_on_frame_for_frame() {
+    let frames = vec![
+        "{\"id\":\"chatcmpl-1\",",
+        "\"choices\":[{\"message\":{\"content\":\"an error\"}}]}",
+    ];
+    let layer = NormalizeErrorsLayer::with_options(NormalizeOptions::new().inspect_ok_json(true));
+    let res = layer
+        .layer(json_200(frames.clone()))
+        .oneshot(Request::new(Full::default()))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let mut body = res.into_body();
+    let mut got = Vec::new();
+    while let Some(frame) = body.frame().await {
+        got.push(frame.unwrap().into_data().unwrap());
+    }
+    let want: Vec<Bytes> = frames
+        .iter()
+        .map(|f| Bytes::from_static(f.as_bytes()))
+        .collect();
+    assert_eq!(got, want);
+}
+
+#[tokio::test]
+async fn inspection_turns_an_error_object_in_a_200_into_its_envelope() {
+    // The error object arrives in two frames; the envelope carries its code and status.
+    let frames = vec![
+        "  {\"error\":{\"message\":\"Rate limit reached. Please try",
+        " again in 2s.\",\"type\":\"requests\",\"code\":\"rate_limit_exceeded\"}}",
+    ];
+    let layer = NormalizeErrorsLayer::with_options(NormalizeOptions::new().inspect_ok_json(true));
+    let res = layer
+        .layer(json_200(frames.clone()))
+        .oneshot(Request::new(Full::default()))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(res.headers()["retry-after"], "2");
+    assert_eq!(
+        res.extensions().get::<ApiError>().unwrap().code(),
+        ErrorCode::RateLimitExceeded
+    );
+
+    // Without the option, the same answer is handed on as it came.
+    let res = NormalizeErrorsLayer::new()
+        .layer(json_200(frames))
+        .oneshot(Request::new(Full::default()))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.extensions().get::<ApiError>().is_none());
 }

@@ -35,6 +35,11 @@ pin_project! {
         Full {
             data: Option<Bytes>,
         },
+        // A body whose first frame was looked at before the head went out.
+        Prefixed {
+            first: Option<Frame<Bytes>>,
+            inner: Pin<Box<B>>,
+        },
     }
 }
 
@@ -52,6 +57,12 @@ impl<B> NormalizeBody<B> {
                 partial: BytesMut::new(),
                 done: false,
             },
+        }
+    }
+
+    pub(super) fn prefixed(first: Option<Frame<Bytes>>, inner: Pin<Box<B>>) -> Self {
+        NormalizeBody {
+            kind: Kind::Prefixed { first, inner },
         }
     }
 
@@ -77,6 +88,7 @@ impl<B> std::fmt::Debug for NormalizeBody<B> {
             Kind::Passthrough { .. } => "passthrough",
             Kind::Sse { .. } => "sse",
             Kind::Full { .. } => "full",
+            Kind::Prefixed { .. } => "prefixed",
         };
         f.debug_struct("NormalizeBody")
             .field("kind", &kind)
@@ -98,6 +110,10 @@ where
         match self.project().kind.project() {
             KindProj::Passthrough { inner } => inner.poll_frame(cx),
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            KindProj::Prefixed { first, inner } => match first.take() {
+                Some(frame) => Poll::Ready(Some(Ok(frame))),
+                None => inner.as_mut().poll_frame(cx),
+            },
             KindProj::Sse {
                 mut inner,
                 partial,
@@ -158,6 +174,7 @@ where
                 done,
             } => *done || (partial.is_empty() && inner.is_end_stream()),
             Kind::Full { data } => data.is_none(),
+            Kind::Prefixed { first, inner } => first.is_none() && inner.is_end_stream(),
         }
     }
 
@@ -167,6 +184,20 @@ where
             Kind::Sse { .. } => SizeHint::default(),
             Kind::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Kind::Prefixed { first, inner } => {
+                let held = first
+                    .as_ref()
+                    .and_then(Frame::data_ref)
+                    .map_or(0, |d| d.len() as u64);
+                let inner = inner.size_hint();
+                let mut hint = SizeHint::new();
+                // Upper first: a lower bound above the upper one panics.
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper.saturating_add(held));
+                }
+                hint.set_lower(inner.lower().saturating_add(held));
+                hint
             }
         }
     }

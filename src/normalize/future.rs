@@ -39,6 +39,13 @@ pin_project! {
             body: B,
             buf: BytesMut,
         },
+        Inspecting {
+            parts: Option<http::response::Parts>,
+            body: Option<Pin<Box<B>>>,
+            buf: BytesMut,
+            // The first frame opened like an error object: read on (bounded) and classify.
+            suspect: bool,
+        },
         Failed {
             err: Option<ApiError>,
         },
@@ -94,6 +101,20 @@ where
                             // A rewritten event changes the length of the stream.
                             res.headers_mut().remove(http::header::CONTENT_LENGTH);
                             return Poll::Ready(Ok(res.map(NormalizeBody::sse)));
+                        }
+                        if status == StatusCode::OK
+                            && this.options.inspects_ok_json()
+                            && may_be_json(res.headers())
+                            && res.body().size_hint().exact() != Some(0)
+                        {
+                            let (parts, body) = res.into_parts();
+                            this.state.set(State::Inspecting {
+                                parts: Some(parts),
+                                body: Some(Box::pin(body)),
+                                buf: BytesMut::new(),
+                                suspect: false,
+                            });
+                            continue;
                         }
                         if status == StatusCode::OK && res.body().size_hint().exact() == Some(0) {
                             // An empty 200 where an answer was due: some providers send it
@@ -156,6 +177,69 @@ where
                     let res = envelope(&err, Some(headers), this.options);
                     return Poll::Ready(Ok(res));
                 }
+                StateProj::Inspecting {
+                    parts,
+                    body,
+                    buf,
+                    suspect,
+                } => {
+                    let limit = this.options.limit();
+                    let inner = body
+                        .as_mut()
+                        .expect("ResponseFuture polled after completion");
+                    let first = loop {
+                        if *suspect && buf.len() >= limit {
+                            break None;
+                        }
+                        match ready!(inner.as_mut().poll_frame(cx)) {
+                            Some(Ok(frame)) if *suspect => {
+                                if let Ok(data) = frame.into_data() {
+                                    let room = limit - buf.len();
+                                    buf.extend_from_slice(&data[..data.len().min(room)]);
+                                }
+                            }
+                            Some(Ok(frame)) => match frame.into_data() {
+                                Ok(data) if data.is_empty() => {}
+                                Ok(data) if opens_like_error(&data) => {
+                                    *suspect = true;
+                                    buf.extend_from_slice(&data[..data.len().min(limit)]);
+                                }
+                                Ok(data) => break Some(http_body::Frame::data(data)),
+                                Err(trailers) => break Some(trailers),
+                            },
+                            Some(Err(_)) if !*suspect => {
+                                // Nothing was handed on yet, so the caller still gets a status.
+                                let err = ApiError::new(
+                                    crate::error::ErrorCode::ServiceUnavailable,
+                                    "The upstream's answer broke off before its first byte.",
+                                )
+                                .with_status(StatusCode::BAD_GATEWAY);
+                                return Poll::Ready(Ok(envelope(&err, None, this.options)));
+                            }
+                            Some(Err(_)) | None => break None,
+                        }
+                    };
+                    let parts = parts
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    let body = body.take().expect("ResponseFuture polled after completion");
+                    if *suspect || first.is_none() {
+                        let held = std::mem::take(buf).freeze();
+                        if let Some(err) = classify_response(parts.status, &parts.headers, &held) {
+                            tracing::debug!(code = %err.code(), "normalized an error inside a 200");
+                            return Poll::Ready(Ok(envelope(
+                                &err,
+                                Some(&parts.headers),
+                                this.options,
+                            )));
+                        }
+                        let first = (!held.is_empty()).then(|| http_body::Frame::data(held));
+                        let body = NormalizeBody::prefixed(first, body);
+                        return Poll::Ready(Ok(Response::from_parts(parts, body)));
+                    }
+                    let body = NormalizeBody::prefixed(first, body);
+                    return Poll::Ready(Ok(Response::from_parts(parts, body)));
+                }
                 StateProj::Failed { err } => {
                     let err = err.take().expect("ResponseFuture polled after completion");
                     return Poll::Ready(Ok(envelope(&err, None, this.options)));
@@ -190,6 +274,29 @@ fn envelope<B>(
         }
     }
     res
+}
+
+/// A JSON content type, or none at all.
+fn may_be_json(headers: &HeaderMap) -> bool {
+    match headers.get(http::header::CONTENT_TYPE) {
+        None => true,
+        Some(v) => v
+            .as_bytes()
+            .get(..16)
+            .is_some_and(|p| p.eq_ignore_ascii_case(b"application/json")),
+    }
+}
+
+/// Whether a body's first bytes open like an error object: `{` and, close by, `"error"`.
+/// The classifier has the last word; a false alarm only costs reading the body (bounded).
+fn opens_like_error(data: &[u8]) -> bool {
+    let start = data.iter().position(|b| !b.is_ascii_whitespace());
+    match start {
+        Some(i) if data[i] == b'{' => data[i..]
+            .get(..data.len().min(i + 160) - i)
+            .is_some_and(|head| head.windows(7).any(|w| w == b"\"error\"")),
+        _ => false,
+    }
 }
 
 fn is_sse(headers: &HeaderMap) -> bool {

@@ -13,7 +13,9 @@
 //! - **2xx**: handed on without buffering; an SSE stream stays a stream, chunk for chunk, and an
 //!   in-band error event (`data: {"error":...}`, Anthropic's `event: error`) is rewritten to the
 //!   envelope form in-band. A stream that breaks off ends with an in-band
-//!   `service_unavailable` event instead of a cut connection.
+//!   `service_unavailable` event instead of a cut connection. An empty `200` where an answer was
+//!   due is classified; so, with [`NormalizeOptions::inspect_ok_json`], is a `200` whose JSON
+//!   body is an error object.
 //! - **4xx / 5xx**: the body is read (up to a limit, 1 MiB by default; beyond it the classifier
 //!   works on what was read), classified by [`crate::classify::classify_response`] and replaced
 //!   by the envelope `{"error":{"message","type","code","param"}}` with the code's canonical
@@ -85,6 +87,7 @@ pub struct NormalizeOptions {
     body_limit: usize,
     envelope: EnvelopeOptions,
     rewrite_sse: bool,
+    inspect_ok_json: bool,
 }
 
 impl Default for NormalizeOptions {
@@ -100,6 +103,7 @@ impl NormalizeOptions {
             body_limit: DEFAULT_ERROR_BODY_LIMIT,
             envelope: EnvelopeOptions::new(),
             rewrite_sse: true,
+            inspect_ok_json: false,
         }
     }
 
@@ -125,6 +129,22 @@ impl NormalizeOptions {
     pub const fn rewrite_sse(mut self, rewrite: bool) -> Self {
         self.rewrite_sse = rewrite;
         self
+    }
+
+    /// Whether a `200` JSON answer is looked at for an error object before its head is handed
+    /// on (off by default). Some gateways (OpenRouter among them) answer failures with a `200`
+    /// whose body is `{"error":{...}}`; with this on, such an answer becomes the envelope with
+    /// the error's own status. The cost, only for `200` answers with a JSON (or no) content
+    /// type: one allocation to hold the body, and the head waits for the first body frame. A
+    /// body that does not open like an error object is handed on as it came, first frame
+    /// included.
+    pub const fn inspect_ok_json(mut self, inspect: bool) -> Self {
+        self.inspect_ok_json = inspect;
+        self
+    }
+
+    pub(crate) const fn inspects_ok_json(&self) -> bool {
+        self.inspect_ok_json
     }
 
     pub(crate) const fn limit(&self) -> usize {
