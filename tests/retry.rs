@@ -803,3 +803,61 @@ proptest! {
         });
     }
 }
+
+/// Answers 503 once, then never becomes ready again.
+#[derive(Clone, Default)]
+struct StuckAfterOne {
+    calls: Arc<AtomicUsize>,
+}
+
+impl Service<Request<Body>> for StuckAfterOne {
+    type Response = Response<Body>;
+    type Error = std::io::Error;
+    type Future = std::future::Ready<Result<Response<Body>, std::io::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        if self.calls.load(Ordering::SeqCst) == 0 {
+            std::task::Poll::Ready(Ok(()))
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+
+    fn call(&mut self, _req: Request<Body>) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let mut res = Response::new(Body::empty());
+        *res.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+        std::future::ready(Ok(res))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_for_the_inner_service_to_be_ready_ends_at_the_deadline() {
+    let upstream = StuckAfterOne::default();
+    let layer = fast().deadline(ms(2000)).seed(7).build().unwrap();
+    let start = Instant::now();
+    let call = layer.layer(upstream.clone()).oneshot(
+        Request::post("/v1/chat/completions")
+            .body(Body::from(CHAT))
+            .unwrap(),
+    );
+    // A layer that ignored the deadline would wait forever: fail instead of hanging.
+    let res = tokio::time::timeout(ms(10_000), call)
+        .await
+        .expect("answered by the deadline")
+        .unwrap();
+    assert_eq!(start.elapsed(), ms(2000));
+    assert_eq!(res.status(), 504);
+    assert_eq!(
+        res.extensions().get::<RetryStop>(),
+        Some(&RetryStop::Deadline)
+    );
+    assert_eq!(
+        res.extensions().get::<ApiError>().unwrap().code(),
+        ErrorCode::Timeout
+    );
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
+}

@@ -271,7 +271,27 @@ where
                     continue;
                 }
                 StateProj::Ready => match this.service.poll_ready(cx) {
-                    Poll::Pending => return Poll::Pending,
+                    Poll::Pending => {
+                        // Waiting for the inner service to take the next attempt counts
+                        // against the deadline too.
+                        let Some(deadline) = *this.deadline else {
+                            return Poll::Pending;
+                        };
+                        if !*this.timer_armed {
+                            set_timer(this.timer.as_mut(), deadline);
+                            *this.timer_armed = true;
+                        }
+                        let fired = this
+                            .timer
+                            .as_mut()
+                            .as_pin_mut()
+                            .is_some_and(|t| t.poll(cx).is_ready());
+                        if !fired {
+                            return Poll::Pending;
+                        }
+                        *this.timer_armed = false;
+                        Outcome::TimedOut
+                    }
                     Poll::Ready(Ok(())) => {
                         let req = replay(this.parts.as_ref(), this.bytes);
                         this.state.set(State::Start { req: Some(req) });
