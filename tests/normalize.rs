@@ -21,6 +21,15 @@ async fn json_of(res: reqwest::Response) -> Value {
     res.json().await.unwrap()
 }
 
+/// A GET of `path` on the stub upstream, through a gateway whose client is normalized.
+async fn through_gateway(path: &str) -> reqwest::Response {
+    let upstream = start_upstream().await;
+    let gateway = start_gateway(upstream, normalized_client()).await;
+    reqwest::get(format!("http://{gateway}/{path}"))
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn every_fixture_becomes_the_expected_envelope_through_http() {
     let upstream = start_upstream().await;
@@ -155,11 +164,7 @@ async fn html_403_from_a_cdn_becomes_502_upstream_blocked_on_an_axum_router() {
 
 #[tokio::test]
 async fn a_429_with_retry_after_ms_1500_announces_2_seconds_and_1500_ms() {
-    let upstream = start_upstream().await;
-    let gateway = start_gateway(upstream, normalized_client()).await;
-    let res = reqwest::get(format!("http://{gateway}/rate-limited"))
-        .await
-        .unwrap();
+    let res = through_gateway("rate-limited").await;
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(res.headers()["retry-after"], "2");
     assert_eq!(res.headers()["retry-after-ms"], "1500");
@@ -174,11 +179,7 @@ async fn a_429_with_retry_after_ms_1500_announces_2_seconds_and_1500_ms() {
 
 #[tokio::test]
 async fn a_200_sse_stream_passes_byte_for_byte() {
-    let upstream = start_upstream().await;
-    let gateway = start_gateway(upstream, normalized_client()).await;
-    let res = reqwest::get(format!("http://{gateway}/sse-ok"))
-        .await
-        .unwrap();
+    let res = through_gateway("sse-ok").await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["content-type"], "text/event-stream");
     let mut got = Vec::new();
@@ -226,11 +227,7 @@ async fn sse_frames_are_handed_on_chunk_for_chunk() {
 
 #[tokio::test]
 async fn an_in_band_stream_error_is_rewritten_to_the_envelope() {
-    let upstream = start_upstream().await;
-    let gateway = start_gateway(upstream, normalized_client()).await;
-    let res = reqwest::get(format!("http://{gateway}/sse-error"))
-        .await
-        .unwrap();
+    let res = through_gateway("sse-error").await;
     assert_eq!(res.status(), 200);
     let text = res.text().await.unwrap();
     let mut events = text.split("\n\n").filter(|e| !e.is_empty());
@@ -244,11 +241,7 @@ async fn an_in_band_stream_error_is_rewritten_to_the_envelope() {
 
 #[tokio::test]
 async fn a_stream_that_breaks_off_ends_with_an_error_event() {
-    let upstream = start_upstream().await;
-    let gateway = start_gateway(upstream, normalized_client()).await;
-    let res = reqwest::get(format!("http://{gateway}/sse-cut"))
-        .await
-        .unwrap();
+    let res = through_gateway("sse-cut").await;
     assert_eq!(res.status(), 200);
     // The stream ends cleanly (no transport error for the caller) with an envelope event.
     let text = res.text().await.unwrap();
@@ -261,11 +254,7 @@ async fn a_stream_that_breaks_off_ends_with_an_error_event() {
 
 #[tokio::test]
 async fn success_answers_are_untouched() {
-    let upstream = start_upstream().await;
-    let gateway = start_gateway(upstream, normalized_client()).await;
-    let res = reqwest::get(format!("http://{gateway}/ok-json"))
-        .await
-        .unwrap();
+    let res = through_gateway("ok-json").await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["x-request-id"], "req_ok");
     assert!(res.headers().get("x-should-retry").is_none());
