@@ -124,3 +124,24 @@ impl KeyLimits {
 /// How many attempts a retry layer made for this response (1 when the first one answered).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Attempts(pub u32);
+
+/// Left in a response's extensions, beside its [`crate::error::ApiError`], by a layer that
+/// refused the call itself because of its own state (an open or probing circuit), before the
+/// call reached the upstream.
+///
+/// A wait such a response reports (`retry-after`) is how long that local state lasts, not a hint
+/// from the upstream. A retry layer outside it must not sleep on it: it answers at once, so an
+/// open circuit fails fast through the whole stack and parked requests do not hold slots of the
+/// layers further out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefusedLocally {
+    /// What refused, for logs and stop reasons (`"circuit_breaker"`).
+    pub by: &'static str,
+}
+
+impl RefusedLocally {
+    /// A refusal by a circuit breaker.
+    pub const CIRCUIT_BREAKER: RefusedLocally = RefusedLocally {
+        by: "circuit_breaker",
+    };
+}
