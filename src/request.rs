@@ -22,6 +22,7 @@
 //! assert_eq!(view.token_cost(), view.prompt_tokens() + 100);
 //! ```
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -50,8 +51,13 @@ pub enum Endpoint {
 impl Endpoint {
     /// The endpoint for a request path (matching on the path's end, so `/openai/v1/...` and
     /// Azure-style `/deployments/x/chat/completions` work too).
+    ///
+    /// The path is matched as an upstream that decodes paths would route it
+    /// ([`normalize_path`]): `/v1/chat/%63ompletions` and `/v1/x/../chat/completions` are chat
+    /// completions too.
     pub fn from_path(path: &str) -> Endpoint {
-        let path = path.trim_end_matches('/');
+        let normalized = normalize_path(path);
+        let path = normalized.trim_end_matches('/');
         if path.ends_with("/chat/completions") {
             Endpoint::ChatCompletions
         } else if path.ends_with("/completions") {
@@ -75,6 +81,92 @@ impl Endpoint {
             Endpoint::Other => "",
         }
     }
+}
+
+/// A request path as an upstream that decodes paths would see it, for every match on a path:
+/// percent-encoded bytes decoded (invalid UTF-8 replaced), `.` and `..` segments resolved and
+/// repeated slashes collapsed. The query is not part of the path. Borrows when there is nothing
+/// to change.
+///
+/// ```
+/// use llm_layers::request::normalize_path;
+///
+/// assert_eq!(normalize_path("/v1/chat/%63ompletions"), "/v1/chat/completions");
+/// assert_eq!(normalize_path("/v1/models/../chat//completions"), "/v1/chat/completions");
+/// assert_eq!(normalize_path("/v1/./embeddings"), "/v1/embeddings");
+/// assert!(matches!(normalize_path("/v1/responses"), std::borrow::Cow::Borrowed(_)));
+/// ```
+pub fn normalize_path(path: &str) -> Cow<'_, str> {
+    let clean = !path.contains('%') && !path.contains("//") && {
+        let mut segments = path.split('/');
+        segments.all(|s| s != "." && s != "..")
+    };
+    if clean {
+        return Cow::Borrowed(path);
+    }
+    let decoded = percent_decode(path);
+    let mut out: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let mut path = String::with_capacity(decoded.len());
+    for s in &out {
+        path.push('/');
+        path.push_str(s);
+    }
+    if path.is_empty() || (decoded.ends_with('/') && !out.is_empty()) {
+        path.push('/');
+    }
+    Cow::Owned(path)
+}
+
+fn percent_decode(s: &str) -> Cow<'_, str> {
+    if !s.contains('%') {
+        return Cow::Borrowed(s);
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// The Azure-style deployment a path names: `{name}` in `/openai/deployments/{name}/...`,
+/// decoded. The upstream serves that deployment whatever the body's `model` says.
+///
+/// ```
+/// use llm_layers::request::deployment_from_path;
+///
+/// let path = "/openai/deployments/gpt-4o-prod/chat/completions";
+/// assert_eq!(deployment_from_path(path).as_deref(), Some("gpt-4o-prod"));
+/// assert_eq!(deployment_from_path("/v1/chat/completions"), None);
+/// ```
+pub fn deployment_from_path(path: &str) -> Option<String> {
+    let path = normalize_path(path);
+    let mut segments = path.split('/').filter(|s| !s.is_empty());
+    while let Some(s) = segments.next() {
+        if s == "deployments" {
+            return segments.next().map(str::to_owned);
+        }
+    }
+    None
 }
 
 /// Counts the tokens of a text, for limits and context checks.
@@ -198,6 +290,8 @@ const PER_MESSAGE_OVERHEAD: u64 = 4;
 pub struct RequestView {
     endpoint: Endpoint,
     model: Option<Arc<str>>,
+    deployment: Option<Arc<str>>,
+    fallback_models: Box<[Arc<str>]>,
     stream: bool,
     max_tokens: Option<u64>,
     message_count: Option<usize>,
@@ -275,12 +369,14 @@ impl RequestView {
         // One pass over the top-level fields and one over each message's fields: cheaper than
         // a map lookup per field of interest.
         let (mut model, mut stream, mut messages) = (None, false, None);
+        let mut fallbacks: Option<&Vec<Value>> = None;
         let mut max = [None; 3]; // max_completion_tokens, max_tokens, max_output_tokens
         let mut texts: [Option<&Value>; 4] = [None; 4]; // prompt, input, instructions, system
         if let Some(obj) = json.as_object() {
             for (key, value) in obj {
                 match key.as_str() {
                     "model" => model = value.as_str(),
+                    "models" => fallbacks = value.as_array(),
                     "stream" => stream = value.as_bool().unwrap_or(false),
                     "messages" => messages = value.as_array(),
                     "max_completion_tokens" => max[0] = value.as_u64(),
@@ -317,15 +413,31 @@ impl RequestView {
         }
         let model = model.map(Arc::<str>::from);
         tokens += PER_MESSAGE_OVERHEAD * message_count.unwrap_or(0) as u64;
+        let fallback_models = fallbacks
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(Arc::<str>::from)
+            .collect();
         RequestView {
             endpoint,
             model,
+            deployment: None,
+            fallback_models,
             stream,
             max_tokens,
             message_count,
             prompt_tokens: tokens,
             json: Some(json),
         }
+    }
+
+    /// Sets the deployment from the request path ([`deployment_from_path`]); every layer that
+    /// builds a view from a request calls it, so Azure-style routes are keyed and checked by the
+    /// deployment the upstream serves.
+    pub fn with_path(mut self, path: &str) -> RequestView {
+        self.deployment = deployment_from_path(path).map(Arc::from);
+        self
     }
 
     /// The view stored in `extensions` by an earlier layer, if any.
@@ -337,9 +449,49 @@ impl RequestView {
     pub fn endpoint(&self) -> Endpoint {
         self.endpoint
     }
-    /// The `model` field.
+    /// The body's `model` field.
     pub fn model(&self) -> Option<&str> {
         self.model.as_deref()
+    }
+    /// The Azure-style deployment named in the path ([`deployment_from_path`]), set by
+    /// [`RequestView::with_path`].
+    pub fn deployment(&self) -> Option<&str> {
+        self.deployment.as_deref()
+    }
+    /// The models of the body's `models` array (OpenRouter-style routing: the upstream may
+    /// answer with any of them).
+    pub fn fallback_models(&self) -> &[Arc<str>] {
+        &self.fallback_models
+    }
+    /// The model the upstream serves first: the path's deployment when there is one, else the
+    /// body's `model`. Layers that key state by model (circuits, rate-limit buckets) key on it.
+    pub fn routed_model(&self) -> Option<&str> {
+        self.deployment().or(self.model())
+    }
+    /// Every model the upstream may use for this request, each once: the deployment, the body's
+    /// `model`, then the `models` array. Allow-lists check every one of them.
+    ///
+    /// ```
+    /// use llm_layers::request::{CharEstimator, Endpoint, RequestView};
+    ///
+    /// let body = br#"{"model":"gpt-4o","models":["gpt-4o","claude-3-5-sonnet"]}"#;
+    /// let view = RequestView::parse(Endpoint::ChatCompletions, body, &CharEstimator).unwrap()
+    ///     .with_path("/openai/deployments/prod/chat/completions");
+    /// let models: Vec<&str> = view.models().collect();
+    /// assert_eq!(models, ["prod", "gpt-4o", "claude-3-5-sonnet"]);
+    /// assert_eq!(view.routed_model(), Some("prod"));
+    /// ```
+    pub fn models(&self) -> impl Iterator<Item = &str> + '_ {
+        let all = move || {
+            self.deployment()
+                .into_iter()
+                .chain(self.model())
+                .chain(self.fallback_models.iter().map(|m| &**m))
+        };
+        all()
+            .enumerate()
+            .filter(move |&(i, m)| !all().take(i).any(|earlier| earlier == m))
+            .map(|(_, m)| m)
     }
     /// The `stream` field (false when absent).
     pub fn stream(&self) -> bool {
@@ -452,6 +604,7 @@ where
             }
             match RequestView::parse(endpoint, &bytes, estimator) {
                 Ok(view) => {
+                    let view = view.with_path(req.uri().path());
                     req.extensions_mut().insert(view);
                     Ok(req)
                 }
@@ -521,6 +674,33 @@ mod tests {
             Endpoint::Embeddings
         );
         assert_eq!(Endpoint::from_path("/v1/models"), Endpoint::Other);
+    }
+
+    #[test]
+    fn paths_are_matched_as_an_upstream_decodes_them() {
+        for path in [
+            "/v1/chat/%63ompletions",
+            "/v1/chat/%63%6F%6Dpletions",
+            "/v1/chat%2Fcompletions",
+            "/v1/models/../chat/completions",
+            "/v1/./chat//completions/",
+            "//v1/chat/completions",
+        ] {
+            assert_eq!(
+                Endpoint::from_path(path),
+                Endpoint::ChatCompletions,
+                "{path}"
+            );
+        }
+        assert_eq!(normalize_path("/a/../../b"), "/b");
+        assert_eq!(normalize_path("/%zz/%4"), "/%zz/%4");
+        assert_eq!(normalize_path("/x/%ff"), "/x/\u{fffd}");
+        assert_eq!(normalize_path(".."), "/");
+        assert_eq!(
+            deployment_from_path("/openai/deployments/my%2Dgpt/chat/completions").as_deref(),
+            Some("my-gpt")
+        );
+        assert_eq!(deployment_from_path("/openai/deployments"), None);
     }
 
     #[test]
