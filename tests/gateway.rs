@@ -4,11 +4,16 @@
 
 mod common_gateway;
 
-use common_gateway::{app, assert_envelope, chat, get, hello, mock, serve};
+use common_gateway::{
+    app, assert_envelope, chat, completion, gateway, gateway_with_key, get, hello, mock, serve,
+    Stub, TestCa,
+};
 use llm_layers::stack::Stack;
 use reqwest::StatusCode;
 use serde_json::json;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 const CONFIG: &str = include_str!("../examples/gateway.toml");
 const FULL: &str = "sk-demo-full-0123456789abcdef";
@@ -17,18 +22,24 @@ const EXPIRED: &str = "sk-demo-expired-0123456789ab";
 const REVOKED: &str = "sk-demo-revoked-0123456789ab";
 const FREE: &str = "sk-demo-free-0123456789abcdef";
 
-/// The example's gateway in front of its embedded mock, as `cargo run --example gateway` runs.
+/// The example's gateway in front of its embedded mock, as `cargo run --example gateway` runs
+/// (which forwards `x-mock-fault` too).
 async fn demo() -> (SocketAddr, reqwest::Client) {
-    let stack = Stack::from_toml_str(CONFIG).unwrap();
+    let (stack, mut gw) = app::load(CONFIG).unwrap();
+    gw.forward_header("--forward-header", "x-mock-fault")
+        .unwrap();
     let mock = mock::start().await.unwrap();
     let base = format!("http://{mock}/v1").parse().unwrap();
-    let addr = serve(app::router(&stack, app::upstream(&stack, base, None))).await;
+    let upstream = app::upstream_with(&stack, &gw.forward_headers, gw.tls().unwrap(), base, None);
+    let addr = serve(app::router(&stack, upstream)).await;
     (addr, reqwest::Client::new())
 }
 
 #[test]
 fn the_shipped_config_parses_and_builds() {
-    let stack = Stack::from_toml_str(CONFIG).unwrap_or_else(|e| panic!("{e}"));
+    let (stack, gw) = app::load(CONFIG).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(gw.forward_headers, app::DEFAULT_FORWARD_HEADERS);
+    assert_eq!(gw.upstream_ca, None);
     assert_eq!(stack.key_count(), 5);
     let models = stack.policy("/v1/models");
     assert!(models.auth && !models.validate && !models.rate_limit);
@@ -38,7 +49,8 @@ fn the_shipped_config_parses_and_builds() {
     assert!(chat.auth && chat.validate && chat.rate_limit);
     // Also through the file API, as `--config examples/gateway.toml` reads it.
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gateway.toml");
-    assert_eq!(Stack::from_toml_file(path).unwrap().key_count(), 5);
+    let (stack, _) = app::load(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!(stack.key_count(), 5);
 }
 
 #[test]
@@ -83,7 +95,9 @@ fn a_bad_config_is_refused_naming_the_field() {
     ];
     for (text, field) in cases {
         assert_ne!(text, CONFIG, "the case for {field} changes the file");
-        let err = Stack::from_toml_str(&text).unwrap_err();
+        let err = app::load(&text)
+            .err()
+            .unwrap_or_else(|| panic!("{field} accepted"));
         assert_eq!(err.field(), field, "{err}");
         assert!(!err.to_string().contains("sk-demo"), "{err}");
     }
@@ -303,6 +317,230 @@ async fn faults_are_retried_and_exhaustion_is_marked() {
     assert_eq!(got.header("x-llm-layers-attempts"), Some("1"));
 }
 
+/// One key, everything else at its defaults, plus `extra`.
+fn small_config(extra: &str) -> String {
+    format!(
+        "[[keys]]\nid = \"full\"\nsecret = \"{}\"\n\n{extra}\n",
+        common_gateway::FULL
+    )
+}
+
+/// A stub that records the headers of each call and answers with a completion.
+async fn recording_stub() -> (Stub, Arc<Mutex<Vec<axum::http::HeaderMap>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let stub = Stub::start(move |call| {
+        log.lock().unwrap().push(call.headers.clone());
+        completion(call.json)
+    })
+    .await;
+    (stub, seen)
+}
+
+/// Headers a client may send that choose the operator's account, billing or features upstream.
+const CLIENT_HEADERS: [(&str, &str); 9] = [
+    ("OpenAI-Organization", "org-attacker"),
+    ("OpenAI-Project", "proj_attacker"),
+    ("anthropic-beta", "max-tokens-3-5-sonnet-2024-07-15"),
+    ("openai-beta", "assistants=v2"),
+    ("idempotency-key", "someone-elses-key"),
+    ("cookie", "session=1"),
+    ("x-custom", "1"),
+    ("accept", "application/json"),
+    ("x-request-id", "req-from-client"),
+];
+
+#[tokio::test]
+async fn only_allowed_client_headers_reach_the_upstream() {
+    let (stub, seen) = recording_stub().await;
+    let (addr, _) = gateway_with_key(
+        &small_config(""),
+        &stub.base(),
+        Some("sk-operator-0123456789abcdef"),
+    )
+    .await;
+    let client = reqwest::Client::builder()
+        .user_agent("OpenAI/Python 1.50.0")
+        .build()
+        .unwrap();
+    let got = chat(
+        &client,
+        addr,
+        common_gateway::FULL,
+        &hello("gpt-4o-mini"),
+        &CLIENT_HEADERS,
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK, "{got:?}");
+    let headers = seen.lock().unwrap().pop().unwrap();
+    for name in [
+        "openai-organization",
+        "openai-project",
+        "anthropic-beta",
+        "openai-beta",
+        "idempotency-key",
+        "cookie",
+        "x-custom",
+    ] {
+        assert!(headers.get(name).is_none(), "{name} reached the upstream");
+    }
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(headers["accept"], "application/json");
+    assert_eq!(headers["user-agent"], "OpenAI/Python 1.50.0");
+    assert_eq!(headers["x-request-id"], "req-from-client");
+    assert_eq!(
+        headers["authorization"],
+        "Bearer sk-operator-0123456789abcdef"
+    );
+    // Nothing else but what the HTTP client sets from the URL and the body.
+    let mut names: Vec<&str> = headers.keys().map(|n| n.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "accept",
+            "authorization",
+            "content-length",
+            "content-type",
+            "host",
+            "user-agent",
+            "x-request-id"
+        ]
+    );
+
+    // The list is the operator's: here the beta header goes through and the user agent not.
+    let (addr, _) = gateway(
+        &small_config("[gateway]\nforward_headers = [\"content-type\", \"OpenAI-Beta\"]\n"),
+        &stub.base(),
+    )
+    .await;
+    let got = chat(
+        &client,
+        addr,
+        common_gateway::FULL,
+        &hello("gpt-4o-mini"),
+        &CLIENT_HEADERS,
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK, "{got:?}");
+    let headers = seen.lock().unwrap().pop().unwrap();
+    assert_eq!(headers["openai-beta"], "assistants=v2");
+    assert!(headers.get("user-agent").is_none());
+    assert!(headers.get("openai-organization").is_none());
+    // The id the gateway answers with is the one the client sent.
+    assert_eq!(got.header("x-request-id"), Some("req-from-client"));
+}
+
+#[test]
+fn the_gateway_table_is_checked_at_start() {
+    let cases = [
+        (
+            "forward_headers = [\"connection\"]",
+            "gateway.forward_headers[0]",
+        ),
+        (
+            "forward_headers = [\"accept\", \"Authorization\"]",
+            "gateway.forward_headers[1]",
+        ),
+        (
+            "forward_headers = [\"bad header\"]",
+            "gateway.forward_headers[0]",
+        ),
+        (
+            "forward_headers = [\"transfer-encoding\"]",
+            "gateway.forward_headers[0]",
+        ),
+        ("forward_headers = \"accept\"", "gateway"),
+        ("forward = []", "gateway.forward"),
+    ];
+    for (line, field) in cases {
+        let err = app::load(&small_config(&format!("[gateway]\n{line}")))
+            .err()
+            .unwrap_or_else(|| panic!("{line} accepted"));
+        assert_eq!(err.field(), field, "{line}: {err}");
+    }
+    // The stack's own errors still name their line, with the `[gateway]` table above them.
+    let err = app::load("[gateway]\nforward_headers = []\n\n[breaker]\nwindow = \"x\"\n")
+        .err()
+        .unwrap();
+    assert_eq!(err.field(), "breaker.window", "{err}");
+    assert!(err.to_string().contains("line 5"), "{err}");
+    // A `gateway` key that is not a `[gateway]` table is refused, not ignored.
+    let err = app::load("gateway.forward_headers = []\n").err().unwrap();
+    assert_eq!(err.field(), "gateway", "{err}");
+
+    // A CA file that is missing or holds no certificate.
+    let (_, gw) = app::load("[gateway]\nupstream_ca = \"/nonexistent/ca.pem\"\n").unwrap();
+    let err = gw.tls().unwrap_err();
+    assert_eq!(err.field(), "gateway.upstream_ca");
+    assert!(err.message().contains("/nonexistent/ca.pem"), "{err}");
+    let ca = TestCa::new("empty");
+    std::fs::write(&ca.pem_file, "not a certificate\n").unwrap();
+    let err = app::tls_config(Some(&ca.pem_file), "--upstream-ca").unwrap_err();
+    assert_eq!(err.field(), "--upstream-ca");
+    assert!(err.message().contains("no PEM certificate"), "{err}");
+}
+
+#[tokio::test]
+async fn an_https_upstream_with_a_private_ca_answers_200() {
+    let ca = TestCa::new("llm-layers test CA");
+    let stub = Stub::start_tls(&ca, |call| completion(call.json)).await;
+    let config = small_config(&format!(
+        "[gateway]\nupstream_ca = {:?}\n",
+        ca.pem_file.to_str().unwrap()
+    ));
+    let client = reqwest::Client::new();
+    // By IP address and by name: the certificate holds both.
+    for host in ["127.0.0.1", "localhost"] {
+        let base = format!("https://{host}:{}/v1", stub.addr.port());
+        let (addr, _) = gateway(&config, &base).await;
+        let got = chat(
+            &client,
+            addr,
+            common_gateway::FULL,
+            &hello("gpt-4o-mini"),
+            &[],
+        )
+        .await;
+        assert_eq!(got.status, StatusCode::OK, "{host}: {got:?}");
+        assert_eq!(got.json()["model"], "gpt-4o-mini");
+    }
+    assert_eq!(stub.calls(), 2);
+}
+
+#[tokio::test]
+async fn an_untrusted_certificate_is_a_clear_envelope_error() {
+    let ca = TestCa::new("a CA the gateway does not know");
+    let stub = Stub::start_tls(&ca, |call| completion(call.json)).await;
+    let base = format!("https://127.0.0.1:{}/v1", stub.addr.port());
+    let (addr, _) = gateway(&small_config(""), &base).await;
+    let client = reqwest::Client::new();
+    let got = tokio::time::timeout(
+        Duration::from_secs(10),
+        chat(
+            &client,
+            addr,
+            common_gateway::FULL,
+            &hello("gpt-4o-mini"),
+            &[],
+        ),
+    )
+    .await
+    .expect("answered, not hung");
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{got:?}");
+    assert_envelope(&got);
+    assert_eq!(got.code(), "service_unavailable");
+    let message = got.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.contains("TLS") && message.contains("certificate"),
+        "{message}"
+    );
+    // The same certificate would be refused again: not retried, and the SDK is told so.
+    assert_eq!(got.header("x-should-retry"), Some("false"));
+    assert_eq!(got.header("x-llm-layers-attempts"), Some("1"));
+    assert_eq!(stub.calls(), 0);
+}
+
 /// The example binary that `cargo test` builds next to the test binaries, if it was built
 /// (a focused `cargo test --test gateway` does not build examples).
 fn example_binary() -> Option<std::path::PathBuf> {
@@ -379,11 +617,10 @@ async fn the_binary_starts_answers_and_refuses_a_bad_config() {
 
 mod never_panics {
     use super::CONFIG;
-    use llm_layers::stack::Stack;
     use proptest::prelude::*;
 
     fn check(text: &str) -> Result<(), TestCaseError> {
-        if let Err(e) = Stack::from_toml_str(text) {
+        if let Err(e) = super::app::load(text) {
             prop_assert!(!e.field().is_empty(), "{e}");
             prop_assert!(!e.message().is_empty(), "{e}");
             prop_assert!(!e.to_string().contains("sk-demo-"), "a secret in {e}");

@@ -1,30 +1,279 @@
-//! The gateway's router and upstream client, built from a [`Stack`]. Shared with the tests.
+//! The gateway's router, upstream client and configuration file, built from a [`Stack`].
+//! Shared with the tests.
+//!
+//! # The `[gateway]` table
+//!
+//! The configuration file is a [`Stack`] document plus one table the example reads itself
+//! (see [`load`]):
+//!
+//! ```toml
+//! [gateway]
+//! forward_headers = ["content-type", "accept", "user-agent", "x-request-id"]
+//! upstream_ca = "private-ca.pem"
+//! ```
+//!
+//! # Which client headers reach the upstream
+//!
+//! Only an allow-list: the upstream answers under the operator's key, so a header that chooses
+//! an organization, a project, billing or beta features (`OpenAI-Organization`,
+//! `OpenAI-Project`, `anthropic-beta`, `openai-beta`) must not be the client's choice. The
+//! default list, [`DEFAULT_FORWARD_HEADERS`], and why:
+//!
+//! | header | forwarded | why |
+//! |---|---|---|
+//! | `content-type` | yes | describes the body that is forwarded |
+//! | `accept` | yes | content negotiation (JSON or `text/event-stream`) |
+//! | `user-agent` | yes | names the SDK; upstreams log it, it selects nothing |
+//! | `x-request-id` | yes | the id the gateway answers with (the client's or a new one), for correlating logs |
+//! | `openai-organization`, `openai-project` | no | choose the account billed under the operator's key |
+//! | `openai-beta`, `anthropic-beta` | no | opt the operator's key into beta behaviour; add them when your clients need a beta API |
+//! | `idempotency-key` | no | every client shares the operator's account upstream, so one client could replay another's key and read its cached answer |
+//! | `accept-encoding` | no | the gateway reads error bodies to classify them; the upstream answers uncompressed |
+//! | `authorization`, `x-api-key`, `api-key` | never | replaced by the upstream key |
+//! | `host`, `content-length` and hop-by-hop headers (`connection`, `keep-alive`, `proxy-connection`, `te`, `trailer`, `transfer-encoding`, `upgrade`, `proxy-authorization`, `proxy-authenticate`) | never | they belong to one connection, or the client sets them from the URL and body; listing one is refused at start |
+//!
+//! `[gateway] forward_headers` replaces the list; `--forward-header NAME` adds one. With the
+//! embedded mock, `x-mock-fault` is forwarded too, so faults can be injected.
+//!
+//! # TLS to the upstream
+//!
+//! `https://` upstreams go through rustls (`hyper-rustls`, the `ring` provider: no cmake or
+//! nasm to build) and trust the Mozilla root store compiled in by `webpki-roots`, not the
+//! host's: the gateway then trusts the same CAs on every machine and in minimal containers
+//! that ship no CA bundle, and a changed host store cannot widen what it trusts. A private
+//! CA is added with `[gateway] upstream_ca = "ca.pem"` or `--upstream-ca ca.pem` (PEM, one or
+//! more certificates, trusted next to the Mozilla roots). A certificate that is not trusted
+//! answers `502 service_unavailable` with a message naming TLS and the certificate, and
+//! `x-should-retry: false` (the next attempt would be refused the same way).
 
 use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, Uri};
+use axum::http::header::{self, HeaderName};
+use axum::http::{HeaderMap, HeaderValue, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, MethodRouter};
 use axum::Router;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use llm_layers::normalize::NormalizeErrorsLayer;
-use llm_layers::stack::Stack;
+use llm_layers::stack::{ConfigError, Stack};
+use llm_layers::{ApiError, ErrorCode};
+use serde::Deserialize;
 use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+/// The client headers forwarded upstream when `[gateway] forward_headers` is not set.
+pub const DEFAULT_FORWARD_HEADERS: [&str; 4] =
+    ["content-type", "accept", "user-agent", "x-request-id"];
+
+/// Headers that are never forwarded: credentials (replaced by the upstream key), the ones the
+/// HTTP client sets from the URL and the body, and hop-by-hop headers (RFC 9110 §7.6.1).
+const NEVER_FORWARDED: [&str; 14] = [
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "host",
+    "content-length",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
+/// A refused value of the `[gateway]` table or of a flag.
+fn refuse(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::new("gateway", field.into(), message.into())
+}
+
+/// The `[gateway]` table as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GatewayToml {
+    forward_headers: Option<Vec<String>>,
+    upstream_ca: Option<PathBuf>,
+}
+
+/// What the example reads from the `[gateway]` table (and its flags), next to the [`Stack`].
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// The client headers forwarded upstream (see the module docs).
+    pub forward_headers: Vec<HeaderName>,
+    /// A PEM file of CA certificates trusted for an `https://` upstream, next to the
+    /// Mozilla roots.
+    pub upstream_ca: Option<PathBuf>,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            forward_headers: DEFAULT_FORWARD_HEADERS
+                .iter()
+                .map(|h| HeaderName::from_static(h))
+                .collect(),
+            upstream_ca: None,
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// The TLS settings of its `upstream_ca` (see [`tls_config`]).
+    pub fn tls(&self) -> Result<rustls::ClientConfig, ConfigError> {
+        tls_config(self.upstream_ca.as_deref(), "gateway.upstream_ca")
+    }
+
+    /// Adds a forwarded header (`--forward-header NAME`); `field` names where it came from.
+    pub fn forward_header(&mut self, field: &str, name: &str) -> Result<(), ConfigError> {
+        let name = forwardable(field, name)?;
+        if !self.forward_headers.contains(&name) {
+            self.forward_headers.push(name);
+        }
+        Ok(())
+    }
+}
+
+/// A header name that may be forwarded, or the refusal naming `field`.
+fn forwardable(field: &str, name: &str) -> Result<HeaderName, ConfigError> {
+    let parsed = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| refuse(field, format!("{name:?} is not a header name")))?;
+    if NEVER_FORWARDED.contains(&parsed.as_str()) {
+        return Err(refuse(
+            field,
+            format!(
+                "{:?} is never forwarded (a credential, set by the client, or hop-by-hop)",
+                parsed.as_str()
+            ),
+        ));
+    }
+    Ok(parsed)
+}
+
+/// Parses a configuration file: the [`Stack`] document and the example's own `[gateway]`
+/// table. The table is written as a `[gateway]` section; errors name the field
+/// (`gateway.forward_headers[2]`), and the stack's errors keep their line numbers.
+pub fn load(text: &str) -> Result<(Stack, GatewayConfig), ConfigError> {
+    let Ok(mut table) = text.parse::<toml::Table>() else {
+        // Not TOML: the stack's own parser names the line.
+        return Stack::from_toml_str(text).map(|stack| (stack, GatewayConfig::default()));
+    };
+    let Some(raw) = table.remove("gateway") else {
+        return Ok((Stack::from_toml_str(text)?, GatewayConfig::default()));
+    };
+    let raw: GatewayToml = raw.try_into().map_err(|e: toml::de::Error| {
+        let message = e.message().trim().to_owned();
+        let field = message
+            .split('`')
+            .nth(1)
+            .filter(|_| message.starts_with("unknown field"))
+            .map_or("gateway".to_owned(), |f| format!("gateway.{f}"));
+        refuse(field, message)
+    })?;
+    let mut gateway = GatewayConfig {
+        upstream_ca: raw.upstream_ca,
+        ..GatewayConfig::default()
+    };
+    if let Some(names) = raw.forward_headers {
+        gateway.forward_headers = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| forwardable(&format!("gateway.forward_headers[{i}]"), name))
+            .collect::<Result<_, _>>()?;
+    }
+    // The rest goes to the stack with the `[gateway]` lines blanked, so its errors keep
+    // their line numbers.
+    let rest = without_section(text, "gateway");
+    if rest.parse::<toml::Table>().ok() != Some(table) {
+        return Err(refuse(
+            "gateway",
+            "write it as one `[gateway]` table (no inline or dotted `gateway` keys elsewhere)",
+        ));
+    }
+    Ok((Stack::from_toml_str(&rest)?, gateway))
+}
+
+/// `text` with the lines of the `[name]` table blanked (its header up to the next header).
+fn without_section(text: &str, name: &str) -> String {
+    let header = |line: &str| {
+        let line = line.split('#').next().unwrap_or("").trim();
+        (line.starts_with('[') && line.ends_with(']')).then(|| {
+            line.trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_owned()
+        })
+    };
+    let mut inside = false;
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        if let Some(h) = header(line) {
+            inside = h == name;
+        }
+        if inside {
+            out.push_str(if line.ends_with('\n') { "\n" } else { "" });
+        } else {
+            out.push_str(line);
+        }
+    }
+    out
+}
+
+/// The TLS settings for `https://` upstreams: the Mozilla roots of `webpki-roots`, plus the
+/// certificates of the PEM file `ca` when given. `field` names the flag or key of `ca` in
+/// errors.
+pub fn tls_config(ca: Option<&Path>, field: &str) -> Result<rustls::ClientConfig, ConfigError> {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(path) = ca {
+        use rustls::pki_types::{pem::PemObject, CertificateDer};
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| refuse(field, format!("cannot read {}: {e}", path.display())))?;
+        if certs.is_empty() {
+            return Err(refuse(
+                field,
+                format!("{} holds no PEM certificate", path.display()),
+            ));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| {
+                refuse(
+                    field,
+                    format!("{}: not a CA certificate: {e}", path.display()),
+                )
+            })?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| refuse(field, e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// The service that answers one proxied request: every layer around the upstream call.
 pub type Upstream = BoxCloneSyncService<Request, Response, Infallible>;
 
 /// The HTTP client that sends one attempt: `/v1/x` on the gateway is `{base}/x` upstream, the
-/// caller's credentials are replaced by the upstream key.
+/// headers in `forward` are the only client headers sent on, and the upstream key is set.
+/// `https://` upstreams use `tls`; a TLS failure is answered with a `502` envelope that says
+/// so.
 pub fn http_client(
     base: Uri,
     key: Option<HeaderValue>,
+    forward: Arc<[HeaderName]>,
+    tls: rustls::ClientConfig,
 ) -> impl tower::Service<
     Request,
     Response = Response,
@@ -34,7 +283,12 @@ pub fn http_client(
        + Send
        + Sync
        + 'static {
-    let client: Client<HttpConnector, Body> = Client::builder(TokioExecutor::new()).build_http();
+    let connector: HttpsConnector<HttpConnector> = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    let client: Client<_, Body> = Client::builder(TokioExecutor::new()).build(connector);
     let base_path = base.path().trim_end_matches('/').to_owned();
     tower::service_fn(move |req: Request| {
         let client = client.clone();
@@ -49,37 +303,101 @@ pub fn http_client(
         let mut uri = base.clone().into_parts();
         uri.path_and_query = format!("{base_path}{path}{query}").parse().ok();
         parts.uri = Uri::from_parts(uri).expect("a valid upstream URI");
-        parts.headers.remove(axum::http::header::HOST);
-        parts.headers.remove(axum::http::header::AUTHORIZATION);
-        parts.headers.remove("x-api-key");
-        parts.headers.remove("api-key");
+        parts.headers = forwarded(&parts.headers, &forward);
         // The breaker's fallback rewrites the body's `model`; hyper sets the length from the
-        // body itself.
-        parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+        // body itself, and `host` from the URI.
         if let Some(key) = &key {
-            parts
-                .headers
-                .insert(axum::http::header::AUTHORIZATION, key.clone());
+            parts.headers.insert(header::AUTHORIZATION, key.clone());
         }
         async move {
-            let res = client.request(Request::from_parts(parts, body)).await?;
-            Ok(res.map(Body::new))
+            match client.request(Request::from_parts(parts, body)).await {
+                Ok(res) => Ok(res.map(Body::new)),
+                Err(e) => match tls_failure(&e) {
+                    Some(tls) => Ok(tls_envelope(tls)),
+                    None => Err(e),
+                },
+            }
         }
     })
 }
 
+/// The headers of `headers` named in `forward`, every value of each.
+fn forwarded(headers: &HeaderMap, forward: &[HeaderName]) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(forward.len() + 1);
+    for name in forward {
+        for value in headers.get_all(name) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+/// The rustls error in a client error's chain, if the failure was TLS.
+fn tls_failure<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        // `io::Error::source` skips the error it wraps: step into it instead.
+        cur = match e.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    None
+}
+
+/// The envelope for a failed TLS handshake: `502 service_unavailable`, not retryable (the
+/// next attempt would meet the same certificate).
+fn tls_envelope(err: &rustls::Error) -> Response {
+    let what = match err {
+        rustls::Error::InvalidCertificate(_) => "the upstream's certificate was refused",
+        _ => "the TLS handshake with the upstream failed",
+    };
+    tracing::warn!(
+        error = ?err,
+        "TLS to the upstream failed; a private CA is added with --upstream-ca or [gateway] upstream_ca"
+    );
+    ApiError::new(
+        ErrorCode::ServiceUnavailable,
+        format!("TLS error: {what} ({err})."),
+    )
+    .with_status(axum::http::StatusCode::BAD_GATEWAY)
+    .with_provider("transport")
+    .never_fits()
+    .to_response()
+}
+
 /// Everything around the upstream call, outermost first: retry (deadline and budget), circuit
-/// breaker (with its fallback model), normalizer, per-attempt timeout, HTTP client. The normalizer sits closest to the
-/// upstream, so each raw answer is classified once and the outer layers read the `ApiError`
-/// it leaves in the response extensions.
+/// breaker (with its fallback model), normalizer, per-attempt timeout, HTTP client. The
+/// normalizer sits closest to the upstream, so each raw answer is classified once and the
+/// outer layers read the `ApiError` it leaves in the response extensions. The default
+/// [`GatewayConfig`]: the default forwarded headers, the Mozilla roots.
+#[allow(dead_code)] // the tests' shortcut
 pub fn upstream(stack: &Stack, base: Uri, key: Option<HeaderValue>) -> Upstream {
+    let gateway = GatewayConfig::default();
+    let tls = tls_config(None, "gateway.upstream_ca").expect("no file to read");
+    upstream_with(stack, &gateway.forward_headers, tls, base, key)
+}
+
+/// [`upstream`] with these forwarded headers and TLS settings (from [`tls_config`]).
+pub fn upstream_with(
+    stack: &Stack,
+    forward_headers: &[HeaderName],
+    tls: rustls::ClientConfig,
+    base: Uri,
+    key: Option<HeaderValue>,
+) -> Upstream {
     let svc = ServiceBuilder::new()
         .layer(stack.retry())
         .layer(stack.breaker())
         .map_response(IntoResponse::into_response)
         .layer(NormalizeErrorsLayer::new())
         .timeout(stack.attempt_timeout())
-        .service(http_client(base, key));
+        .service(http_client(base, key, forward_headers.into(), tls));
     BoxCloneSyncService::new(svc)
 }
 

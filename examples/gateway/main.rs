@@ -8,7 +8,9 @@
 //!
 //! Without `--upstream` the gateway starts an embedded mock upstream (OpenAI-compatible, with
 //! fault injection through the `x-mock-fault` request header) and prints commands to try.
-//! Without `--config` it uses `examples/gateway.toml`, compiled in.
+//! Without `--config` it uses `examples/gateway.toml`, compiled in. `--upstream-ca FILE` trusts
+//! a private CA (PEM) for an `https://` upstream; `--forward-header NAME` forwards one more
+//! client header (see `app.rs` for the default list and why).
 
 mod app;
 mod mock;
@@ -16,7 +18,6 @@ mod mock;
 use std::net::SocketAddr;
 
 use axum::http::{HeaderValue, Uri};
-use llm_layers::stack::Stack;
 
 /// The configuration used without `--config`.
 const DEFAULT_CONFIG: &str = include_str!("../gateway.toml");
@@ -26,6 +27,8 @@ struct Args {
     listen: SocketAddr,
     upstream: Option<String>,
     config: Option<String>,
+    upstream_ca: Option<String>,
+    forward_headers: Vec<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -33,6 +36,8 @@ fn parse_args() -> Result<Args, String> {
         listen: "127.0.0.1:8080".parse().unwrap(),
         upstream: None,
         config: None,
+        upstream_ca: None,
+        forward_headers: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -44,8 +49,13 @@ fn parse_args() -> Result<Args, String> {
             }
             "--upstream" => args.upstream = Some(value("--upstream")?),
             "--config" => args.config = Some(value("--config")?),
+            "--upstream-ca" => args.upstream_ca = Some(value("--upstream-ca")?),
+            "--forward-header" => args.forward_headers.push(value("--forward-header")?),
             "-h" | "--help" => {
-                println!("usage: gateway [--listen ADDR] [--upstream URL] [--config FILE]");
+                println!(
+                    "usage: gateway [--listen ADDR] [--upstream URL] [--config FILE] \
+                     [--upstream-ca PEM] [--forward-header NAME]..."
+                );
                 println!("  the upstream key is read from UPSTREAM_API_KEY");
                 std::process::exit(0);
             }
@@ -161,22 +171,38 @@ async fn main() {
             .unwrap_or_else(|e| fail(format_args!("cannot read --config {path:?}: {e}"))),
         None => DEFAULT_CONFIG.to_owned(),
     };
-    let stack = Stack::from_toml_str(&config).unwrap_or_else(|e| {
-        fail(format_args!(
-            "{}: {e}",
-            args.config.as_deref().unwrap_or("built-in configuration")
-        ))
-    });
+    let source = args.config.as_deref().unwrap_or("built-in configuration");
+    let (stack, mut gateway) =
+        app::load(&config).unwrap_or_else(|e| fail(format_args!("{source}: {e}")));
+    for name in &args.forward_headers {
+        gateway
+            .forward_header("--forward-header", name)
+            .unwrap_or_else(|e| fail(e));
+    }
+    let tls = match &args.upstream_ca {
+        Some(path) => app::tls_config(Some(path.as_ref()), "--upstream-ca"),
+        None => gateway.tls(),
+    }
+    .unwrap_or_else(|e| fail(format_args!("{source}: {e}")));
     let (base, mocked): (Uri, bool) = match &args.upstream {
         Some(u) => match u.parse::<Uri>() {
-            Ok(uri) if uri.scheme().is_some() && uri.authority().is_some() => (uri, false),
+            Ok(uri)
+                if matches!(uri.scheme_str(), Some("http" | "https"))
+                    && uri.authority().is_some() =>
+            {
+                (uri, false)
+            }
             Ok(_) => fail(format_args!(
-                "--upstream {u:?}: expected an absolute URL such as http://127.0.0.1:9000/v1"
+                "--upstream {u:?}: expected an http:// or https:// URL such as http://127.0.0.1:9000/v1"
             )),
             Err(e) => fail(format_args!("--upstream {u:?}: {e}")),
         },
         None => {
             let addr = mock::start().await.expect("the mock upstream starts");
+            // The mock's faults are chosen with a header of their own.
+            gateway
+                .forward_header("--forward-header", "x-mock-fault")
+                .expect("a valid header name");
             (format!("http://{addr}/v1").parse().unwrap(), true)
         }
     };
@@ -210,6 +236,7 @@ async fn main() {
     } else {
         println!("upstream: {base}");
     }
-    let app = app::router(&stack, app::upstream(&stack, base, key));
+    let upstream = app::upstream_with(&stack, &gateway.forward_headers, tls, base, key);
+    let app = app::router(&stack, upstream);
     axum::serve(listener, app).await.unwrap();
 }

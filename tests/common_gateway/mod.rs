@@ -24,6 +24,96 @@ pub const FULL: &str = "sk-test-full-0123456789abcdef";
 /// A second key, for per-key limits.
 pub const OTHER: &str = "sk-test-other-0123456789abcd";
 
+/// A certificate authority made for one test, and the PEM file of its certificate.
+pub struct TestCa {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+    /// A PEM file holding the CA's certificate (removed on drop).
+    pub pem_file: std::path::PathBuf,
+}
+
+impl TestCa {
+    /// A new CA named `name`, its certificate written to a temporary PEM file.
+    pub fn new(name: &str) -> TestCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let cert = params.self_signed(&key).unwrap();
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let pem_file = std::env::temp_dir().join(format!(
+            "llm-layers-ca-{}-{}.pem",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::write(&pem_file, cert.pem()).unwrap();
+        TestCa {
+            cert,
+            key,
+            pem_file,
+        }
+    }
+
+    /// A server configuration with a certificate for `localhost` and `127.0.0.1` signed by
+    /// this CA.
+    pub fn server_config(&self) -> rustls::ServerConfig {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                .unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key)
+            .unwrap()
+    }
+}
+
+impl Drop for TestCa {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.pem_file);
+    }
+}
+
+/// Serves a router over TLS on 127.0.0.1 (any free port), with a certificate from `ca`.
+pub async fn serve_tls(app: Router, ca: &TestCa) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(ca.server_config()));
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                // A client that refuses the certificate ends the handshake here.
+                let Ok(tls) = acceptor.accept(sock).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    use tower::ServiceExt;
+                    app.clone().oneshot(req.map(Body::new))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
 /// Serves a router on 127.0.0.1 (any free port).
 pub async fn serve(app: Router) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -56,6 +146,28 @@ pub struct Stub {
 impl Stub {
     /// Starts a stub whose answers the script decides.
     pub async fn start(script: impl Fn(Call<'_>) -> Response + Send + Sync + 'static) -> Stub {
+        let (app, calls) = Stub::router(script);
+        Stub {
+            addr: serve(app).await,
+            calls,
+        }
+    }
+
+    /// Starts a stub over TLS, with a certificate for `localhost` and `127.0.0.1` from `ca`.
+    pub async fn start_tls(
+        ca: &TestCa,
+        script: impl Fn(Call<'_>) -> Response + Send + Sync + 'static,
+    ) -> Stub {
+        let (app, calls) = Stub::router(script);
+        Stub {
+            addr: serve_tls(app, ca).await,
+            calls,
+        }
+    }
+
+    fn router(
+        script: impl Fn(Call<'_>) -> Response + Send + Sync + 'static,
+    ) -> (Router, Arc<AtomicU64>) {
         let calls = Arc::new(AtomicU64::new(0));
         let state = (calls.clone(), Arc::new(script) as Script);
         let app = Router::new()
@@ -74,10 +186,7 @@ impl Stub {
                 },
             )
             .with_state(state);
-        Stub {
-            addr: serve(app).await,
-            calls,
-        }
+        (app, calls)
     }
 
     /// The base URL to give the gateway.
@@ -110,14 +219,36 @@ pub fn completion(json: &Value) -> Response {
     answer(200, "application/json", body.to_string())
 }
 
-/// Builds the gateway from a TOML configuration, in front of `upstream`, and serves it.
+/// Headers that choose a stub's answer; [`gateway`] forwards them next to the configured
+/// `[gateway] forward_headers`.
+pub const SCRIPT_HEADERS: [&str; 2] = ["x-case", "x-mock-fault"];
+
+/// Builds the gateway from a TOML configuration (with its `[gateway]` table), in front of
+/// `upstream`, and serves it. The headers of [`SCRIPT_HEADERS`] are forwarded too.
 pub async fn gateway(config: &str, upstream: &str) -> (SocketAddr, Stack) {
-    let stack = Stack::from_toml_str(config).unwrap_or_else(|e| panic!("config: {e}"));
-    let app = app::router(
+    gateway_with_key(config, upstream, None).await
+}
+
+/// [`gateway`], sending `key` upstream (`Authorization: Bearer <key>`).
+pub async fn gateway_with_key(
+    config: &str,
+    upstream: &str,
+    key: Option<&str>,
+) -> (SocketAddr, Stack) {
+    let (stack, mut gw) = app::load(config).unwrap_or_else(|e| panic!("config: {e}"));
+    for name in SCRIPT_HEADERS {
+        gw.forward_header("test", name).unwrap();
+    }
+    let tls = gw.tls().unwrap_or_else(|e| panic!("config: {e}"));
+    let key = key.map(|k| axum::http::HeaderValue::try_from(format!("Bearer {k}")).unwrap());
+    let upstream = app::upstream_with(
         &stack,
-        app::upstream(&stack, upstream.parse().unwrap(), None),
+        &gw.forward_headers,
+        tls,
+        upstream.parse().unwrap(),
+        key,
     );
-    (serve(app).await, stack)
+    (serve(app::router(&stack, upstream)).await, stack)
 }
 
 /// What a client got.
