@@ -65,7 +65,11 @@ fn client(key: ApiKey) -> Result<ClientWithMiddleware, BoxError> {
         .failure_rate(50.0)
         .open_duration(Duration::from_secs(30))
         .build()?;
-    Ok(ClientBuilder::new(reqwest::Client::new())
+    // Redirects to another origin are refused, so the key never goes there.
+    let http = reqwest::Client::builder()
+        .redirect(llm_layers::client::redirect_policy())
+        .build()?;
+    Ok(ClientBuilder::new(http)
         .with(ApiErrorMiddleware::new())
         .with(TowerMiddleware::new(rate_limit))
         .with(TowerMiddleware::new(retry))

@@ -665,3 +665,203 @@ async fn concurrent_calls_of_a_layer_are_all_answered() {
     assert_eq!(stub.calls(), 2);
     assert_eq!(stub.bodies(), vec![CHAT.as_bytes().to_vec(); 2]);
 }
+
+/// Redirects: the key must never reach another origin. reqwest follows redirects inside the
+/// client and keeps every header but `Authorization` on a cross-host redirect.
+mod redirects {
+    use super::*;
+    use llm_layers::client::redirect_policy;
+    use llm_layers::retry::{Backoff, Jitter, RetryLayer};
+
+    /// A second upstream, and a first one that redirects every call to it with `status`.
+    /// The second is reached as `localhost`, the first as `127.0.0.1`: two origins.
+    async fn two_origins(status: u16) -> (Stub, Stub) {
+        let second = Stub::start(vec![Answer::ok()]).await;
+        let target = second.url_on("localhost", "/v1/messages");
+        let first = Stub::start(vec![Answer::json(status, "").header("location", &target)]).await;
+        (first, second)
+    }
+
+    /// A retry layer with no waits to speak of.
+    fn retry() -> RetryLayer {
+        RetryLayer::builder()
+            .max_attempts(3)
+            .backoff(
+                Backoff::new(
+                    Duration::from_millis(1),
+                    Duration::from_millis(2),
+                    Jitter::Full,
+                )
+                .unwrap(),
+            )
+            .build()
+            .unwrap()
+    }
+
+    fn layers() -> [(InjectApiKeyLayer, &'static str); 3] {
+        let key = || ApiKey::new(SECRET).unwrap();
+        [
+            (InjectApiKeyLayer::x_api_key(key()), "x-api-key"),
+            (InjectApiKeyLayer::api_key(key()), "api-key"),
+            (InjectApiKeyLayer::bearer(key()), "authorization"),
+        ]
+    }
+
+    /// No header of `stub`'s requests holds the key.
+    fn assert_no_key(stub: &Stub) {
+        for headers in stub.headers() {
+            for (name, value) in &headers {
+                let value = value.to_str().unwrap_or("");
+                assert!(!value.contains(SECRET), "{name}: {value}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cross_origin_redirect_is_refused_and_the_key_stays_home() {
+        for status in [307, 308, 302] {
+            for (layer, header) in layers() {
+                let (first, second) = two_origins(status).await;
+                let http = reqwest::Client::builder()
+                    .redirect(redirect_policy())
+                    .build()
+                    .unwrap();
+                let client = ClientBuilder::new(http)
+                    .with(ApiErrorMiddleware::new())
+                    .with(TowerMiddleware::new(retry()))
+                    .with(TowerMiddleware::new(layer))
+                    .build();
+                let err = post(&client, &first.url("/v1/messages")).await.unwrap_err();
+                let api = err.api_error().unwrap_or_else(|| panic!("{err:?}"));
+                assert_eq!(api.code(), ErrorCode::UpstreamBlocked, "{api:?}");
+                assert_eq!(api.status(), 502);
+                assert!(!api.is_retryable());
+                let origin = format!(
+                    "http://localhost:{}",
+                    second.url("").rsplit(':').next().unwrap()
+                );
+                assert!(api.message().contains(&origin), "{}", api.message());
+                assert!(!api.message().contains(SECRET));
+                assert_eq!(second.calls(), 0, "{status} {header}");
+                assert_no_key(&second);
+                // The first upstream got the key, once: a refused redirect is not retried.
+                assert_eq!(first.calls(), 1, "{status} {header}");
+                let sent = first.headers()[0][header].to_str().unwrap().to_owned();
+                assert!(sent.ends_with(SECRET), "{sent}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_redirect_on_the_same_origin_is_followed_with_the_key() {
+        let stub = Stub::start(vec![
+            Answer::json(307, "").header("location", "/v1/other"),
+            Answer::ok(),
+        ])
+        .await;
+        let http = reqwest::Client::builder()
+            .redirect(redirect_policy())
+            .build()
+            .unwrap();
+        let client = ClientBuilder::new(http)
+            .with(ApiErrorMiddleware::new())
+            .with(TowerMiddleware::new(InjectApiKeyLayer::x_api_key(
+                ApiKey::new(SECRET).unwrap(),
+            )))
+            .build();
+        let res = post(&client, &stub.url("/v1/messages")).await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.url().path(), "/v1/other");
+        let headers = stub.headers();
+        assert_eq!(headers.len(), 2);
+        for h in &headers {
+            assert_eq!(h["x-api-key"], SECRET);
+        }
+        // With 307 the body went along too.
+        assert_eq!(stub.bodies()[1], CHAT.as_bytes());
+    }
+
+    #[tokio::test]
+    async fn too_many_redirects_on_the_same_origin_stop() {
+        let stub = Stub::start(vec![Answer::json(302, "").header("location", "/v1/again")]).await;
+        let http = reqwest::Client::builder()
+            .redirect(redirect_policy())
+            .build()
+            .unwrap();
+        let err = http.get(stub.url("/v1/models")).send().await.unwrap_err();
+        assert!(err.is_redirect(), "{err:?}");
+        assert_eq!(stub.calls(), llm_layers::client::MAX_REDIRECTS + 1);
+    }
+
+    #[tokio::test]
+    async fn a_key_set_by_the_caller_is_covered_too() {
+        // No inject layer: the caller sets the header, the error middleware reads the refusal.
+        let (first, second) = two_origins(307).await;
+        let http = reqwest::Client::builder()
+            .redirect(redirect_policy())
+            .build()
+            .unwrap();
+        let client = ClientBuilder::new(http)
+            .with(ApiErrorMiddleware::new())
+            .build();
+        let err = client
+            .post(first.url("/v1/messages"))
+            .header("x-api-key", SECRET)
+            .body(CHAT)
+            .send()
+            .await
+            .unwrap_err();
+        assert_eq!(err.into_api_error().code(), ErrorCode::UpstreamBlocked);
+        assert_eq!(second.calls(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_client_without_the_policy_is_caught_and_its_answer_refused() {
+        // reqwest's default policy follows the redirect and sends `x-api-key` along, before
+        // any middleware can see it: the answer from the other origin is refused, loudly.
+        for (layer, header) in layers().into_iter().take(2) {
+            let (first, second) = two_origins(307).await;
+            let client = builder()
+                .with(ApiErrorMiddleware::new())
+                .with(TowerMiddleware::new(retry()))
+                .with(TowerMiddleware::new(layer))
+                .build();
+            let err = post(&client, &first.url("/v1/messages")).await.unwrap_err();
+            let api = err.api_error().unwrap_or_else(|| panic!("{err:?}"));
+            assert_eq!(api.code(), ErrorCode::UpstreamBlocked, "{api:?}");
+            assert!(
+                api.message().contains("redirect_policy()"),
+                "{}",
+                api.message()
+            );
+            assert!(api.message().contains(header), "{}", api.message());
+            assert!(!api.message().contains(SECRET));
+            // Not retried: the key is not sent there again.
+            assert_eq!(second.calls(), 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_tower_layer_over_hyper_util_does_not_follow_redirects() {
+        use http_body_util::Full;
+        use hyper_util::client::legacy::Client;
+        use tower::{Layer, ServiceExt};
+
+        let (first, second) = two_origins(307).await;
+        let http: Client<_, Full<bytes::Bytes>> =
+            Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        let client = InjectApiKeyLayer::x_api_key(ApiKey::new(SECRET).unwrap()).layer(http);
+        let req = http::Request::post(first.url("/v1/messages"))
+            .body(Full::new(bytes::Bytes::from_static(CHAT.as_bytes())))
+            .unwrap();
+        let res = client.oneshot(req).await.unwrap();
+        // hyper-util hands the redirect back; nothing follows it.
+        assert_eq!(res.status(), 307);
+        assert!(res.headers()["location"]
+            .to_str()
+            .unwrap()
+            .starts_with("http://localhost:"));
+        assert_eq!(first.headers()[0]["x-api-key"], SECRET);
+        assert_eq!(second.calls(), 0);
+    }
+}

@@ -107,6 +107,22 @@ pub(crate) fn set_credential(headers: &mut HeaderMap, header: KeyHeader, value: 
 /// Sets the upstream API key on every outgoing request, replacing any credential header
 /// (`authorization`, `x-api-key`, `api-key`) the request already had.
 ///
+/// # Redirects
+///
+/// The key goes wherever the client below sends the request, and a redirect can send it to
+/// another origin:
+///
+/// - **hyper-util's `Client`** (and hyper's connections) follow no redirects: a `3xx` is handed
+///   back as the answer, and nothing is sent to its `Location`.
+/// - **reqwest** (through [`TowerMiddleware`](crate::client::TowerMiddleware), feature
+///   `reqwest`) follows them inside the client and keeps `x-api-key` and `api-key` on a
+///   cross-host redirect: build it with
+///   [`redirect_policy`](crate::client::redirect_policy) (see
+///   [the client module](crate::client#redirects-and-the-api-key)).
+/// - **tower-http's `FollowRedirect`** keeps these headers too (its `FilterCredentials` removes
+///   `authorization`, `cookie` and `proxy-authorization` only), and with this layer inside it
+///   every hop gets the key again: give it the `policy::SameOrigin` policy.
+///
 /// ```
 /// use http::Request;
 /// use llm_layers::auth::{ApiKey, InjectApiKeyLayer};

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tower_layer::Layer;
 use tower_service::Service;
 
+use super::redirect::{api_error_in, followed, origin_hash, API_KEY, X_API_KEY};
 use super::BoxError;
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -72,6 +73,15 @@ struct HasUrl;
 /// A request whose URL or body cannot be converted is answered with the `reqwest::Error` of
 /// the conversion.
 ///
+/// # Redirects
+///
+/// Two answers of the rest of the chain reach the layer as an envelope response holding an
+/// `upstream_blocked` [`ApiError`](crate::ApiError) (`502`, not retryable, so a retry layer
+/// stops): a redirect to another origin refused by [`redirect_policy`](super::redirect_policy),
+/// and an answer from another origin than the one an `x-api-key` or `api-key` header was sent
+/// to, which means the `reqwest::Client` followed a redirect without that policy and the key
+/// has left (logged at `error` level). See [the module docs](super#redirects-and-the-api-key).
+///
 /// # Example
 ///
 /// ```
@@ -80,7 +90,10 @@ struct HasUrl;
 ///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let auth = InjectApiKeyLayer::bearer(ApiKey::new("sk-upstream-0123456789")?);
-/// let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+/// let http = reqwest::Client::builder()
+///     .redirect(llm_layers::client::redirect_policy())
+///     .build()?;
+/// let client = reqwest_middleware::ClientBuilder::new(http)
 ///     .with(TowerMiddleware::new(auth))
 ///     .build();
 /// # let _ = client;
@@ -306,6 +319,8 @@ fn forward<'a>(
 ) -> BoxFuture<'a, &'a mut Extensions> {
     Box::pin(async move {
         let Call { req, mut reply } = job;
+        // A credential header that reqwest keeps on a cross-host redirect, and where it went.
+        let sent = sent_credential(req.headers()).map(|header| (header, origin_hash(req.url())));
         let outcome = {
             let mut run = next.run(req, &mut *extensions);
             poll_fn(|cx| {
@@ -320,10 +335,50 @@ fn forward<'a>(
             .await
         };
         if let Some(res) = outcome {
-            let _ = reply.send(res.map(into_http));
+            let _ = reply.send(checked(res, sent));
         }
         extensions
     })
+}
+
+/// The name of a credential header in `headers` that reqwest does not remove on a cross-host
+/// redirect (it removes `Authorization` only).
+pub(crate) fn sent_credential(headers: &http::HeaderMap) -> Option<&'static str> {
+    if headers.contains_key(X_API_KEY) {
+        Some("x-api-key")
+    } else if headers.contains_key(API_KEY) {
+        Some("api-key")
+    } else {
+        None
+    }
+}
+
+/// The chain's answer for the layer: a redirect refused by [`redirect_policy`](super::redirect_policy)
+/// becomes its envelope, and so does an answer from another origin than the one a credential
+/// was sent to (the client followed a redirect without that policy).
+fn checked(
+    res: reqwest_middleware::Result<reqwest::Response>,
+    sent: Option<(&'static str, u64)>,
+) -> Reply {
+    match res {
+        Ok(res) => match sent {
+            Some((header, origin)) if origin_hash(res.url()) != origin => {
+                let err = followed(res.url(), header);
+                tracing::error!(
+                    origin = ?res.url().origin().ascii_serialization(),
+                    header,
+                    "the HTTP client followed a redirect to another origin with an API key"
+                );
+                Ok(err.to_response())
+            }
+            _ => Ok(into_http(res)),
+        },
+        Err(reqwest_middleware::Error::Reqwest(e)) => match api_error_in(&e) {
+            Some(api) => Ok(api.to_response()),
+            None => Err(reqwest_middleware::Error::Reqwest(e)),
+        },
+        Err(e) => Err(e),
+    }
 }
 
 /// `reqwest::Response` to `http::Response`, keeping the response's URL for the way back.

@@ -3,6 +3,8 @@
 use http::{Extensions, StatusCode};
 use reqwest_middleware::{Middleware, Next};
 
+use super::adapter::sent_credential;
+use super::redirect::{api_error_in, followed, origin_hash};
 use crate::classify::{classify_response, classify_transport_error, code_for_status};
 use crate::error::{ApiError, ErrorCode};
 use crate::normalize::DEFAULT_ERROR_BODY_LIMIT;
@@ -122,7 +124,21 @@ impl Middleware for ApiErrorMiddleware {
         extensions: &mut Extensions,
         next: Next<'_>,
     ) -> reqwest_middleware::Result<reqwest::Response> {
+        // A credential header that reqwest keeps on a cross-host redirect, and where it went.
+        let sent = sent_credential(req.headers()).map(|header| (header, origin_hash(req.url())));
         match next.run(req, extensions).await {
+            Ok(res) if sent.is_some_and(|(_, origin)| origin_hash(res.url()) != origin) => {
+                let header = sent.map_or("", |(header, _)| header);
+                tracing::error!(
+                    origin = ?res.url().origin().ascii_serialization(),
+                    header,
+                    "the HTTP client followed a redirect to another origin with an API key"
+                );
+                Err(reqwest_middleware::Error::middleware(followed(
+                    res.url(),
+                    header,
+                )))
+            }
             Ok(res) if is_error(res.status()) => Err(reqwest_middleware::Error::middleware(
                 self.classify(res).await,
             )),
@@ -190,7 +206,8 @@ impl ApiErrorExt for reqwest_middleware::Error {
     fn api_error(&self) -> Option<&ApiError> {
         match self {
             reqwest_middleware::Error::Middleware(any) => any.downcast_ref::<ApiError>(),
-            reqwest_middleware::Error::Reqwest(_) => None,
+            // A redirect refused by `redirect_policy` holds its `ApiError` as the source.
+            reqwest_middleware::Error::Reqwest(e) => api_error_in(e),
         }
     }
 

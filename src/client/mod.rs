@@ -29,6 +29,28 @@
 //! | connection refused or reset | `Err`, `service_unavailable` (status 502), the `reqwest::Error` as source |
 //! | timeout | `Err`, `timeout` (504) |
 //! | a request reqwest cannot build (invalid URL) | `Err(Error::Reqwest)` from `send()` before any middleware runs; [`ApiErrorExt::into_api_error`] gives `invalid_value` |
+//! | a redirect to another origin refused by [`redirect_policy`] | `Err`, `upstream_blocked` (502, not retryable), naming the other origin |
+//! | an answer from another origin than the one an `x-api-key` / `api-key` header was sent to (a client without [`redirect_policy`] followed a redirect) | `Err`, `upstream_blocked` (502, not retryable), naming the header and the fix |
+//!
+//! # Redirects and the API key
+//!
+//! reqwest follows redirects inside the `Client`, below every middleware, and on a cross-host
+//! redirect it removes only `Authorization` (and cookies): an `x-api-key` (Anthropic) or
+//! `api-key` (Azure OpenAI) header, injected by [`InjectApiKeyLayer`](crate::auth::InjectApiKeyLayer)
+//! or set by the caller, goes on to the new host, and after a `307`/`308` the body (the prompt)
+//! with it. A middleware cannot change headers between the hops, so the rule is:
+//!
+//! - **Build the client with [`redirect_policy`]**:
+//!   `reqwest::Client::builder().redirect(llm_layers::client::redirect_policy())`. It follows
+//!   redirects on the request's own origin (scheme, host, port) and refuses any other, so the
+//!   key is never sent there; the refusal is an `upstream_blocked` error that a retry layer
+//!   does not retry. (`reqwest::redirect::Policy::none()` is safe too: the `3xx` is handed
+//!   back.)
+//! - **A client built without it is caught after the fact**: [`TowerMiddleware`] and
+//!   [`ApiErrorMiddleware`] compare the origin of the answer with the origin the request was
+//!   sent to; when they differ and the request carried `x-api-key` or `api-key`, the key has
+//!   left, and the answer (from a server nobody chose) is refused with an `upstream_blocked`
+//!   error that names the header and this fix, and logged at `error` level. Rotate that key.
 //!
 //! # Order
 //!
@@ -67,7 +89,10 @@
 //! let url = format!("http://{}/v1/chat/completions", listener.local_addr()?);
 //! tokio::spawn(async move { axum::serve(listener, upstream).await });
 //!
-//! let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+//! let http = reqwest::Client::builder()
+//!     .redirect(llm_layers::client::redirect_policy())
+//!     .build()?;
+//! let client = reqwest_middleware::ClientBuilder::new(http)
 //!     .with(ApiErrorMiddleware::new())
 //!     .with(TowerMiddleware::new(InjectApiKeyLayer::bearer(ApiKey::new(
 //!         "sk-upstream-0123456789",
@@ -89,8 +114,10 @@
 
 mod adapter;
 mod api_error;
+mod redirect;
 
 pub use adapter::{NextFuture, NextService, TowerMiddleware};
 pub use api_error::{ApiErrorExt, ApiErrorMiddleware};
+pub use redirect::{redirect_policy, MAX_REDIRECTS};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

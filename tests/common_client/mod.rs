@@ -75,6 +75,7 @@ struct State {
     last: Mutex<Option<Answer>>,
     calls: AtomicUsize,
     keys: Mutex<Vec<Option<String>>>,
+    headers: Mutex<Vec<HeaderMap>>,
     bodies: Mutex<Vec<Bytes>>,
     stream: Mutex<Option<mpsc::UnboundedReceiver<Bytes>>>,
 }
@@ -113,6 +114,12 @@ impl Stub {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The URL of `path` on the upstream, reached through `host` (`localhost` is another
+    /// origin than `127.0.0.1`).
+    pub fn url_on(&self, host: &str, path: &str) -> String {
+        format!("http://{host}:{}{path}", self.addr.port())
+    }
+
     /// How many requests reached the upstream.
     pub fn calls(&self) -> usize {
         self.state.calls.load(Ordering::SeqCst)
@@ -121,6 +128,11 @@ impl Stub {
     /// The `authorization` header of each request, in order.
     pub fn keys(&self) -> Vec<Option<String>> {
         self.state.keys.lock().unwrap().clone()
+    }
+
+    /// The headers of each request, in order.
+    pub fn headers(&self) -> Vec<HeaderMap> {
+        self.state.headers.lock().unwrap().clone()
     }
 
     /// The body of each request, in order.
@@ -143,6 +155,7 @@ async fn answer(state: Arc<State>, headers: HeaderMap, body: Bytes) -> Response<
             .get("authorization")
             .map(|v| v.to_str().unwrap().to_owned()),
     );
+    state.headers.lock().unwrap().push(headers);
     state.bodies.lock().unwrap().push(body);
     let next = {
         let mut script = state.script.lock().unwrap();
