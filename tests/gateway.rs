@@ -576,6 +576,23 @@ async fn the_binary_starts_answers_and_refuses_a_bad_config() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("`breaker.open_ms`"), "{stderr}");
     assert!(out.stdout.is_empty());
+    // Bad flags of the gateway itself, the same way.
+    for (args, named) in [
+        (["--upstream-ca", "/nonexistent/ca.pem"], "`--upstream-ca`"),
+        (["--forward-header", "connection"], "`--forward-header`"),
+        (["--upstream", "ftp://example.com/v1"], "--upstream"),
+    ] {
+        let out = tokio::process::Command::new(&bin)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(named), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
 
     // No arguments but a free port: the startup line first, then the demo keys; it answers.
     let mut child = tokio::process::Command::new(&bin)

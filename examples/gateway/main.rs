@@ -180,10 +180,13 @@ async fn main() {
             .unwrap_or_else(|e| fail(e));
     }
     let tls = match &args.upstream_ca {
-        Some(path) => app::tls_config(Some(path.as_ref()), "--upstream-ca"),
-        None => gateway.tls(),
-    }
-    .unwrap_or_else(|e| fail(format_args!("{source}: {e}")));
+        Some(path) => {
+            app::tls_config(Some(path.as_ref()), "--upstream-ca").unwrap_or_else(|e| fail(e))
+        }
+        None => gateway
+            .tls()
+            .unwrap_or_else(|e| fail(format_args!("{source}: {e}"))),
+    };
     let (base, mocked): (Uri, bool) = match &args.upstream {
         Some(u) => match u.parse::<Uri>() {
             Ok(uri)
