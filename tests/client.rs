@@ -865,3 +865,55 @@ mod redirects {
         assert_eq!(second.calls(), 0);
     }
 }
+
+/// tower-http's `FollowRedirect` over the tower `InjectApiKeyLayer`: the layer sets the key on
+/// every hop, so only a same-origin policy keeps it home.
+mod follow_redirect {
+    use super::*;
+    use http_body_util::Full;
+    use hyper_util::client::legacy::Client;
+    use tower::{ServiceBuilder, ServiceExt};
+    use tower_http::follow_redirect::policy::SameOrigin;
+    use tower_http::follow_redirect::FollowRedirectLayer;
+
+    async fn get<S>(svc: S, url: String) -> u16
+    where
+        S: tower::Service<
+            http::Request<Full<bytes::Bytes>>,
+            Response = http::Response<hyper::body::Incoming>,
+        >,
+        S::Error: std::fmt::Debug,
+    {
+        let req = http::Request::get(url).body(Full::default()).unwrap();
+        svc.oneshot(req).await.unwrap().status().as_u16()
+    }
+
+    #[tokio::test]
+    async fn only_the_same_origin_policy_keeps_the_key_home() {
+        let http: Client<_, Full<bytes::Bytes>> =
+            Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        let inject = || InjectApiKeyLayer::x_api_key(ApiKey::new(SECRET).unwrap());
+
+        // The default policy follows, and the key is set again for the other origin.
+        let second = Stub::start(vec![Answer::ok()]).await;
+        let to = second.url_on("localhost", "/v1/models");
+        let first = Stub::start(vec![Answer::json(302, "").header("location", &to)]).await;
+        let svc = ServiceBuilder::new()
+            .layer(FollowRedirectLayer::new())
+            .layer(inject())
+            .service(http.clone());
+        assert_eq!(get(svc, first.url("/v1/models")).await, 200);
+        assert_eq!(second.headers()[0]["x-api-key"], SECRET);
+
+        // `SameOrigin` hands the redirect back.
+        let second = Stub::start(vec![Answer::ok()]).await;
+        let to = second.url_on("localhost", "/v1/models");
+        let first = Stub::start(vec![Answer::json(302, "").header("location", &to)]).await;
+        let svc = ServiceBuilder::new()
+            .layer(FollowRedirectLayer::with_policy(SameOrigin::new()))
+            .layer(inject())
+            .service(http);
+        assert_eq!(get(svc, first.url("/v1/models")).await, 302);
+        assert_eq!(second.calls(), 0);
+    }
+}
