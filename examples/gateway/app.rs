@@ -33,7 +33,10 @@
 //! | `host`, `content-length` and hop-by-hop headers (`connection`, `keep-alive`, `proxy-connection`, `te`, `trailer`, `transfer-encoding`, `upgrade`, `proxy-authorization`, `proxy-authenticate`) | never | they belong to one connection, or the client sets them from the URL and body; listing one is refused at start |
 //!
 //! `[gateway] forward_headers` replaces the list; `--forward-header NAME` adds one. With the
-//! embedded mock, `x-mock-fault` is forwarded too, so faults can be injected.
+//! embedded mock, `x-mock-fault` is forwarded too, so faults can be injected. The filter runs
+//! on the client's request before the upstream layers (retry, breaker, normalizer), so a
+//! header one of them adds for the upstream is sent; the HTTP client still removes
+//! credentials, `host`, `content-length` and hop-by-hop headers, whoever set them.
 //!
 //! # TLS to the upstream
 //!
@@ -265,14 +268,13 @@ pub fn tls_config(ca: Option<&Path>, field: &str) -> Result<rustls::ClientConfig
 /// The service that answers one proxied request: every layer around the upstream call.
 pub type Upstream = BoxCloneSyncService<Request, Response, Infallible>;
 
-/// The HTTP client that sends one attempt: `/v1/x` on the gateway is `{base}/x` upstream, the
-/// headers in `forward` are the only client headers sent on, and the upstream key is set.
-/// `https://` upstreams use `tls`; a TLS failure is answered with a `502` envelope that says
-/// so.
+/// The HTTP client that sends one attempt: `/v1/x` on the gateway is `{base}/x` upstream,
+/// credentials, `host`, `content-length` and hop-by-hop headers are removed and the upstream
+/// key is set. `https://` upstreams use `tls`; a TLS failure is answered with a `502`
+/// envelope that says so.
 pub fn http_client(
     base: Uri,
     key: Option<HeaderValue>,
-    forward: Arc<[HeaderName]>,
     tls: rustls::ClientConfig,
 ) -> impl tower::Service<
     Request,
@@ -303,9 +305,12 @@ pub fn http_client(
         let mut uri = base.clone().into_parts();
         uri.path_and_query = format!("{base_path}{path}{query}").parse().ok();
         parts.uri = Uri::from_parts(uri).expect("a valid upstream URI");
-        parts.headers = forwarded(&parts.headers, &forward);
-        // The breaker's fallback rewrites the body's `model`; hyper sets the length from the
-        // body itself, and `host` from the URI.
+        // Credentials, `host` and hop-by-hop headers never leave, whoever set them. The
+        // breaker's fallback rewrites the body's `model`; hyper sets the length from the body
+        // itself, and `host` from the URI.
+        for name in NEVER_FORWARDED {
+            parts.headers.remove(name);
+        }
         if let Some(key) = &key {
             parts.headers.insert(header::AUTHORIZATION, key.clone());
         }
@@ -321,15 +326,17 @@ pub fn http_client(
     })
 }
 
-/// The headers of `headers` named in `forward`, every value of each.
-fn forwarded(headers: &HeaderMap, forward: &[HeaderName]) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(forward.len() + 1);
+/// Keeps only the client headers named in `forward` (every value of each).
+fn forward_only(mut req: Request, forward: &[HeaderName]) -> Request {
+    let headers = req.headers_mut();
+    let mut kept = HeaderMap::with_capacity(forward.len());
     for name in forward {
         for value in headers.get_all(name) {
-            out.append(name.clone(), value.clone());
+            kept.append(name.clone(), value.clone());
         }
     }
-    out
+    *headers = kept;
+    req
 }
 
 /// The rustls error in a client error's chain, if the failure was TLS.
@@ -371,8 +378,9 @@ fn tls_envelope(err: &rustls::Error) -> Response {
     .to_response()
 }
 
-/// Everything around the upstream call, outermost first: retry (deadline and budget), circuit
-/// breaker (with its fallback model), normalizer, per-attempt timeout, HTTP client. The
+/// Everything around the upstream call, outermost first: the forwarded-headers filter, retry
+/// (deadline and budget), circuit breaker (with its fallback model), normalizer, per-attempt
+/// timeout, HTTP client. The
 /// normalizer sits closest to the upstream, so each raw answer is classified once and the
 /// outer layers read the `ApiError` it leaves in the response extensions. The default
 /// [`GatewayConfig`]: the default forwarded headers, the Mozilla roots.
@@ -391,13 +399,17 @@ pub fn upstream_with(
     base: Uri,
     key: Option<HeaderValue>,
 ) -> Upstream {
+    let forward: Arc<[HeaderName]> = forward_headers.into();
     let svc = ServiceBuilder::new()
+        // The client's headers are filtered before the layers, so headers a layer adds for
+        // the upstream reach it.
+        .map_request(move |req| forward_only(req, &forward))
         .layer(stack.retry())
         .layer(stack.breaker())
         .map_response(IntoResponse::into_response)
         .layer(NormalizeErrorsLayer::new())
         .timeout(stack.attempt_timeout())
-        .service(http_client(base, key, forward_headers.into(), tls));
+        .service(http_client(base, key, tls));
     BoxCloneSyncService::new(svc)
 }
 
