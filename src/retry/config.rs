@@ -5,8 +5,11 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::Method;
+
 use crate::body::DEFAULT_BODY_LIMIT;
 use crate::error::{ApiError, ErrorCode};
+use crate::request::normalize_path;
 
 use super::backoff::Backoff;
 use super::budget::{Budget, RetryBudget};
@@ -42,18 +45,30 @@ pub enum TransportErrors {
 /// (and the `x-llm-layers-retry-stop` header) whenever the final answer is an error, or the
 /// request was never replayable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RetryStop {
     /// The request body was larger than the buffering limit (announced by `content-length`
     /// or the size hint): it was sent once, without retries.
     BodyTooLarge,
-    /// The error is not one a retry can fix (or the predicate refused it).
+    /// The request is not safe to send twice (a `POST` that creates something, without an
+    /// `Idempotency-Key`; see [`RetryLayerBuilder::retry_requests`]): it was sent once,
+    /// without retries.
+    NotIdempotent,
+    /// The error is not one a retry can fix (or the predicate refused it, or the upstream
+    /// answered `x-should-retry: false`).
     NotRetryable,
+    /// A layer of this crate refused the call because of its own state (an open circuit
+    /// breaker, marked with [`crate::ext::RefusedLocally`]): answered at once, never waited
+    /// on.
+    RefusedLocally,
     /// All attempts were used.
     AttemptsExhausted,
     /// The shared retry budget was empty.
     BudgetExhausted,
     /// The server asked for a wait longer than `max_retry_after`.
     HintTooLong,
+    /// The server asked for a wait that ends past the overall deadline.
+    HintPastDeadline,
     /// The next attempt could not start before the overall deadline.
     Deadline,
 }
@@ -63,10 +78,13 @@ impl RetryStop {
     pub const fn as_str(self) -> &'static str {
         match self {
             RetryStop::BodyTooLarge => "body-too-large",
+            RetryStop::NotIdempotent => "not-idempotent",
             RetryStop::NotRetryable => "not-retryable",
+            RetryStop::RefusedLocally => "refused-locally",
             RetryStop::AttemptsExhausted => "attempts-exhausted",
             RetryStop::BudgetExhausted => "budget-exhausted",
             RetryStop::HintTooLong => "retry-after-too-long",
+            RetryStop::HintPastDeadline => "retry-after-past-deadline",
             RetryStop::Deadline => "deadline",
         }
     }
@@ -104,6 +122,7 @@ impl RetryEvent<'_> {
 }
 
 type Predicate = Box<dyn Fn(&ApiError) -> bool + Send + Sync>;
+type RequestPredicate = Box<dyn Fn(&Method, &str) -> bool + Send + Sync>;
 type Hook = Box<dyn Fn(&RetryEvent<'_>) + Send + Sync>;
 
 /// Settings shared by every clone of one layer and its services.
@@ -122,6 +141,8 @@ pub(crate) struct Shared {
     pub(crate) seed: Option<u64>,
     pub(crate) seq: AtomicU64,
     pub(crate) predicate: Option<Predicate>,
+    pub(crate) requests: Option<RequestPredicate>,
+    pub(crate) idempotency_keys: bool,
     pub(crate) on_retry: Option<Hook>,
 }
 
@@ -141,6 +162,8 @@ impl fmt::Debug for Shared {
             .field("budget", &self.budget.is_some())
             .field("seeded", &self.seed.is_some())
             .field("predicate", &self.predicate.is_some())
+            .field("requests", &self.requests.is_some())
+            .field("idempotency_keys", &self.idempotency_keys)
             .field("on_retry", &self.on_retry.is_some())
             .finish()
     }
@@ -167,14 +190,44 @@ pub(crate) const fn never_retried(code: ErrorCode) -> bool {
 }
 
 impl Shared {
-    pub(crate) fn wants_retry(&self, err: &ApiError) -> bool {
-        if never_retried(err.code()) {
-            return false;
+    /// Whether to retry after `err`. `said` is the upstream's own `x-should-retry` on a raw
+    /// answer: `false` is never retried; `true` is retried whatever the code (as the official
+    /// SDKs do), unless the predicate refuses; without it the code and the predicate decide.
+    pub(crate) fn wants_retry(&self, err: &ApiError, said: Option<bool>) -> bool {
+        match said {
+            Some(false) => false,
+            Some(true) => self.predicate.as_ref().is_none_or(|p| p(err)),
+            None => {
+                if never_retried(err.code()) {
+                    return false;
+                }
+                match &self.predicate {
+                    Some(p) => p(err),
+                    None => err.is_retryable(),
+                }
+            }
         }
-        match &self.predicate {
-            Some(p) => p(err),
-            None => err.is_retryable(),
-        }
+    }
+
+    /// Whether the request may be sent more than once: it carries an `Idempotency-Key`, or the
+    /// request rule accepts its method and path. No allocation unless the path needs
+    /// normalizing.
+    pub(crate) fn replayable<B>(&self, req: &http::Request<B>) -> bool {
+        let method = req.method();
+        let path = req.uri().path();
+        let by_rule = match &self.requests {
+            None => {
+                super::safety::idempotent(method)
+                    || (*method == Method::POST
+                        && super::safety::generation_path(&normalize_path(path)))
+            }
+            Some(p) => p(method, &normalize_path(path)),
+        };
+        by_rule
+            || req
+                .headers()
+                .get(super::safety::IDEMPOTENCY_KEY)
+                .is_some_and(|v| !v.is_empty())
     }
 }
 
@@ -194,6 +247,8 @@ pub struct RetryLayerBuilder {
     budget: Option<RetryBudget>,
     seed: Option<u64>,
     predicate: Option<Predicate>,
+    requests: Option<RequestPredicate>,
+    idempotency_keys: bool,
     on_retry: Option<Hook>,
 }
 
@@ -223,6 +278,8 @@ impl Default for RetryLayerBuilder {
             budget: Some(RetryBudget::default()),
             seed: None,
             predicate: None,
+            requests: None,
+            idempotency_keys: false,
             on_retry: None,
         }
     }
@@ -337,6 +394,31 @@ impl RetryLayerBuilder {
         self
     }
 
+    /// Chooses which requests may be sent more than once, by method and path (default
+    /// [`safe_to_retry`](super::safe_to_retry): idempotent methods, and `POST`s to generation
+    /// endpoints). The path reaches `predicate` as an upstream that decodes paths routes it
+    /// ([`normalize_path`](crate::request::normalize_path)), without the query. A request
+    /// carrying an `Idempotency-Key` is always retryable, whatever `predicate` answers; any
+    /// other request it refuses is sent once, untouched and unbuffered
+    /// ([`RetryStop::NotIdempotent`]).
+    pub fn retry_requests<F>(mut self, predicate: F) -> Self
+    where
+        F: Fn(&Method, &str) -> bool + Send + Sync + 'static,
+    {
+        self.requests = Some(Box::new(predicate));
+        self
+    }
+
+    /// Adds a generated `Idempotency-Key` (a random UUID, the same on every attempt) to each
+    /// request with a non-idempotent method (`POST`, `PATCH`) that has none, so that every
+    /// such request becomes retryable and an upstream that honours the header does the work
+    /// once (default false). The key is drawn from a process-wide random source, never from
+    /// [`seed`](Self::seed).
+    pub fn idempotency_keys(mut self, on: bool) -> Self {
+        self.idempotency_keys = on;
+        self
+    }
+
     /// Calls `hook` before each retry with the failed attempt's number, the wait and the error.
     pub fn on_retry<F>(mut self, hook: F) -> Self
     where
@@ -384,6 +466,8 @@ impl RetryLayerBuilder {
             seed: self.seed,
             seq: AtomicU64::new(0),
             predicate: self.predicate,
+            requests: self.requests,
+            idempotency_keys: self.idempotency_keys,
             on_retry: self.on_retry,
         };
         Ok(RetryLayer::from_shared(Arc::new(shared)))

@@ -111,6 +111,7 @@ mod budget;
 mod config;
 mod future;
 mod layer;
+mod safety;
 mod service;
 
 pub use backoff::{Backoff, Jitter};
@@ -120,6 +121,7 @@ pub use config::{
 };
 pub use future::ResponseFuture;
 pub use layer::RetryLayer;
+pub use safety::safe_to_retry;
 pub use service::Retry;
 
 #[allow(unused_imports)]
