@@ -1582,3 +1582,39 @@ async fn toml_retry_keys_at_their_largest_never_panic() {
     assert_eq!(res.status(), 200);
     assert_eq!(rec.count(), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn toml_idempotency_keys_make_an_upload_retryable() {
+    let layer = llm_layers::stack::Stack::from_toml_str(
+        "[retry]\nidempotency_keys = true\nbackoff_base_ms = 1\nbackoff_cap_ms = 5\n",
+    )
+    .unwrap()
+    .retry();
+    let rec = Recorder::default();
+    let res = send(
+        &layer,
+        &rec,
+        Arc::new(|n| Ok(status(if n == 0 { 503 } else { 200 }))),
+        request(Method::POST, "/v1/files"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 200);
+    let keys = rec.header_values("idempotency-key");
+    assert_eq!(keys.len(), 2);
+    assert!(keys[0].is_some() && keys[0] == keys[1], "{keys:?}");
+    // Off by default.
+    let layer = llm_layers::stack::Stack::from_toml_str("[retry]\nbackoff_base_ms = 1\n")
+        .unwrap()
+        .retry();
+    let rec = Recorder::default();
+    send(
+        &layer,
+        &rec,
+        Arc::new(|_| Ok(status(503))),
+        request(Method::POST, "/v1/files"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rec.header_values("idempotency-key"), vec![None]);
+}

@@ -318,14 +318,16 @@ impl RetryLayerBuilder {
     /// An overall deadline for all attempts and the waits between them, counted from the
     /// call (default none). No wait is scheduled that would end past it, and an attempt still
     /// running at the deadline is answered with `504 timeout`. It covers the wait for the
-    /// response head only; a streamed body is not cut.
+    /// response head only; a streamed body is not cut. A value too large for the clock
+    /// (`Duration::MAX`) saturates: no deadline in practice.
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = Some(deadline);
         self
     }
 
     /// A timeout for each attempt's response head (default none). An attempt that takes
-    /// longer is dropped and counts as a retryable `timeout`.
+    /// longer is dropped and counts as a retryable `timeout`. A value too large for the clock
+    /// saturates.
     pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
         self.attempt_timeout = Some(timeout);
         self
@@ -345,12 +347,16 @@ impl RetryLayerBuilder {
         self
     }
 
-    /// When the layer gave up on an error it would otherwise have retried (attempts, budget or
-    /// deadline used up, a server wait over `max_retry_after`), overwrite `x-should-retry` on
-    /// the response with `false`, so the official SDKs calling a gateway do not retry what the
-    /// gateway already retried: without it, an SDK with `max_retries = 2` in front of a
-    /// gateway with `max_attempts = 3` sends up to 9 upstream requests. Default true; `false`
-    /// hands the upstream's `x-should-retry` on as it was.
+    /// When the layer retried (two attempts or more) and then gave up on an error it would
+    /// otherwise have retried (attempts, budget or deadline used up, a server wait over
+    /// `max_retry_after` or past the deadline), overwrite `x-should-retry` on the response with
+    /// `false`, so the official SDKs calling a gateway do not retry what the gateway already
+    /// retried: without it, an SDK with `max_retries = 2` in front of a gateway with
+    /// `max_attempts = 3` sends up to 9 upstream requests. A stop on the first attempt, or a
+    /// refusal by a local layer, is never marked: the upstream's (or that layer's)
+    /// `x-should-retry` and `retry-after` stand (see the
+    /// [module docs](crate::retry#x-should-retry-retry-after-and-the-stop-reason-on-the-answer)).
+    /// Default true; `false` hands the upstream's `x-should-retry` on as it was.
     pub fn mark_exhausted(mut self, on: bool) -> Self {
         self.mark_exhausted = on;
         self
@@ -385,7 +391,9 @@ impl RetryLayerBuilder {
 
     /// Replaces the default decision ([`ApiError::is_retryable`]) with `predicate`. Codes a
     /// retry can never fix (auth, permission, quota, invalid or oversized requests, content
-    /// policy, `upstream_blocked`) are never retried, whatever it answers.
+    /// policy, `upstream_blocked`) are never retried, whatever it answers, unless the upstream
+    /// answered `x-should-retry: true`; an upstream `x-should-retry: false` is never retried.
+    /// `predicate` is still asked (and may refuse) when the upstream said `true`.
     pub fn retry_if<F>(mut self, predicate: F) -> Self
     where
         F: Fn(&ApiError) -> bool + Send + Sync + 'static,
