@@ -421,7 +421,8 @@ impl RetryLayerBuilder {
     /// request with a non-idempotent method (`POST`, `PATCH`) that has none, so that every
     /// such request becomes retryable and an upstream that honours the header does the work
     /// once (default false). The key is drawn from a process-wide random source, never from
-    /// [`seed`](Self::seed).
+    /// [`seed`](Self::seed), so that keys never repeat across restarts. With
+    /// `max_attempts(1)` the layer is off and adds nothing.
     pub fn idempotency_keys(mut self, on: bool) -> Self {
         self.idempotency_keys = on;
         self
