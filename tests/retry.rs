@@ -9,11 +9,13 @@ use std::time::Duration;
 use axum::body::Body;
 use bytes::Bytes;
 use common_retry::*;
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 use llm_layers::error::{ApiError, ErrorCode};
-use llm_layers::ext::Attempts;
-use llm_layers::retry::{Backoff, Jitter, RetryBudget, RetryLayer, RetryStop, TransportErrors};
+use llm_layers::ext::{Attempts, RefusedLocally};
+use llm_layers::retry::{
+    safe_to_retry, Backoff, Jitter, RetryBudget, RetryLayer, RetryStop, TransportErrors,
+};
 use proptest::prelude::*;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
@@ -661,7 +663,7 @@ async fn a_hint_past_the_deadline_ends_retries_at_once() {
     assert_eq!(res.status(), 429);
     assert_eq!(
         res.extensions().get::<RetryStop>(),
-        Some(&RetryStop::Deadline)
+        Some(&RetryStop::HintPastDeadline)
     );
     assert_eq!(rec.count(), 1);
 }
@@ -685,7 +687,11 @@ async fn the_deadline_cuts_a_hanging_attempt_with_504() {
     }));
     let t0 = Instant::now();
     let res = svc
-        .oneshot(Request::post("/").body(Body::from(CHAT)).unwrap())
+        .oneshot(
+            Request::post("/v1/chat/completions")
+                .body(Body::from(CHAT))
+                .unwrap(),
+        )
         .await
         .unwrap();
     let elapsed = Instant::now() - t0;
@@ -722,7 +728,11 @@ async fn outage(requests: usize, layer: RetryLayer) -> usize {
         let svc = svc.clone();
         tasks.push(tokio::spawn(async move {
             let res = svc
-                .oneshot(Request::post("/").body(Body::from(CHAT)).unwrap())
+                .oneshot(
+                    Request::post("/v1/chat/completions")
+                        .body(Body::from(CHAT))
+                        .unwrap(),
+                )
                 .await
                 .unwrap();
             assert_eq!(res.status(), 503);
@@ -860,4 +870,751 @@ async fn waiting_for_the_inner_service_to_be_ready_ends_at_the_deadline() {
         ErrorCode::Timeout
     );
     assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
+}
+
+// ---------- a refusal by a local layer (the breaker) is never slept on ----------
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// What an open circuit breaker answers: a 503 envelope with the remaining open time as
+/// `retry-after`, marked as refused locally.
+fn breaker_refusal(wait: Duration) -> Response<Body> {
+    let mut res = ApiError::new(
+        ErrorCode::ServiceUnavailable,
+        "Circuit breaker 'upstream' is open after repeated upstream failures; calls resume in 30 s.",
+    )
+    .with_retry_after(wait)
+    .to_response::<Body>();
+    res.extensions_mut().insert(RefusedLocally::CIRCUIT_BREAKER);
+    res
+}
+
+fn request(method: Method, path: &str) -> Request<Body> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .body(Body::from(CHAT))
+        .unwrap()
+}
+
+fn send(
+    layer: &RetryLayer,
+    rec: &Recorder,
+    script: ScriptFn,
+    req: Request<Body>,
+) -> impl std::future::Future<Output = Result<Response<Body>, std::io::Error>> {
+    layer.layer(scripted(rec.clone(), script)).oneshot(req)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_by_the_local_breaker_is_answered_at_once() {
+    let layer = fast().build().unwrap();
+    let rec = Recorder::default();
+    let t0 = Instant::now();
+    let res = call(
+        &layer,
+        &rec,
+        Arc::new(|_| Ok(breaker_refusal(secs(30)))),
+        Body::from(CHAT),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        Instant::now() - t0,
+        Duration::ZERO,
+        "no sleep on an open circuit"
+    );
+    assert_eq!(rec.count(), 1);
+    assert_eq!(res.status(), 503);
+    assert_eq!(
+        res.extensions().get::<RetryStop>(),
+        Some(&RetryStop::RefusedLocally)
+    );
+    assert_eq!(res.headers()["x-llm-layers-retry-stop"], "refused-locally");
+    assert_eq!(res.headers()["x-llm-layers-attempts"], "1");
+    // The breaker's word stands: come back once the circuit may close.
+    assert_eq!(res.headers()["x-should-retry"], "true");
+    assert_eq!(res.headers()["retry-after"], "30");
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["code"], "service_unavailable");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("Circuit breaker"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_local_refusal_after_a_retry_is_answered_at_once() {
+    // An upstream 503, then the breaker (tripped by it) refuses the retry.
+    let layer = fast().build().unwrap();
+    let rec = Recorder::default();
+    let t0 = Instant::now();
+    let res = call(
+        &layer,
+        &rec,
+        Arc::new(|n| {
+            Ok(if n == 0 {
+                status(503)
+            } else {
+                breaker_refusal(secs(30))
+            })
+        }),
+        Body::from(CHAT),
+    )
+    .await
+    .unwrap();
+    assert!(
+        Instant::now() - t0 <= ms(5),
+        "only the backoff, no 30 s sleep"
+    );
+    assert_eq!(rec.count(), 2);
+    assert_eq!(res.status(), 503);
+    assert_eq!(
+        res.extensions().get::<RetryStop>(),
+        Some(&RetryStop::RefusedLocally)
+    );
+    assert_eq!(res.headers()["x-llm-layers-attempts"], "2");
+    assert_eq!(res.headers()["x-llm-layers-retry-stop"], "refused-locally");
+    // Not "exhausted": the refusal is the breaker's, and it says when to come back.
+    assert_eq!(res.headers()["x-should-retry"], "true");
+    assert_eq!(res.headers()["retry-after"], "30");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_local_refusal_spends_nothing_from_the_retry_budget() {
+    // One retry per request, no floor. The refused request leaves its deposit; the next one
+    // fails twice and needs two retries: its own deposit and the one left.
+    let layer = fast()
+        .budget(RetryBudget::new(secs(60), 0, 1.0).unwrap())
+        .build()
+        .unwrap();
+    let rec = Recorder::default();
+    let refused = call(
+        &layer,
+        &rec,
+        Arc::new(|_| Ok(breaker_refusal(secs(30)))),
+        Body::from(CHAT),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rec.count(), 1);
+    assert_eq!(
+        refused.extensions().get::<RetryStop>(),
+        Some(&RetryStop::RefusedLocally)
+    );
+    let rec = Recorder::default();
+    let res = call(
+        &layer.clone(),
+        &rec,
+        Arc::new(|n| Ok(status(if n < 2 { 503 } else { 200 }))),
+        Body::from(CHAT),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(rec.count(), 3);
+}
+
+// ---------- x-should-retry, retry-after and the stop reason agree ----------
+
+#[tokio::test]
+async fn gateway_keeps_the_upstreams_word_when_one_attempt_stops_on_a_long_hint() {
+    // Hint 42 s, deadline 30 s: no retry fits, none was made. The caller may come back in
+    // 42 s; nothing tells it otherwise.
+    let stub = Stub::start(vec![
+        Action::Reply(429, vec![("retry-after", "42")], "slow down"),
+        Action::Reply(
+            429,
+            vec![("retry-after", "42"), ("x-should-retry", "true")],
+            "slow down",
+        ),
+    ])
+    .await;
+    let gw = gateway(stub.addr, fast().deadline(secs(30)).build().unwrap()).await;
+    let res = post(gw, CHAT).await;
+    assert_eq!(res.status(), 429);
+    assert_eq!(res.headers()["retry-after"], "42");
+    assert_eq!(
+        res.headers()["x-llm-layers-retry-stop"],
+        "retry-after-past-deadline"
+    );
+    assert_eq!(res.headers()["x-llm-layers-attempts"], "1");
+    assert!(
+        res.headers().get("x-should-retry").is_none(),
+        "{:?}",
+        res.headers().get("x-should-retry")
+    );
+    let res = post(gw, CHAT).await;
+    assert_eq!(res.headers()["x-should-retry"], "true");
+    assert_eq!(res.headers()["retry-after"], "42");
+    assert_eq!(stub.count(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn first_attempt_stops_are_not_marked_exhausted() {
+    // A hint over max_retry_after on the first attempt: the upstream's header stands.
+    let layer = fast().build().unwrap();
+    let rec = Recorder::default();
+    let res = call(
+        &layer,
+        &rec,
+        Arc::new(|_| {
+            Ok(with_header(
+                with_header(status(429), "retry-after", "90"),
+                "x-should-retry",
+                "true",
+            ))
+        }),
+        Body::from(CHAT),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rec.count(), 1);
+    assert_eq!(
+        res.extensions().get::<RetryStop>(),
+        Some(&RetryStop::HintTooLong)
+    );
+    assert_eq!(res.headers()["x-should-retry"], "true");
+
+    // An empty budget on the first attempt: no retry was made, nothing is marked.
+    let layer = fast()
+        .budget(RetryBudget::new(secs(1), 0, 0.0).unwrap())
+        .build()
+        .unwrap();
+    let rec = Recorder::default();
+    let res = call(
+        &layer,
+        &rec,
+        Arc::new(|_| Ok(status(503))),
+        Body::from(CHAT),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rec.count(), 1);
+    assert_eq!(
+        res.extensions().get::<RetryStop>(),
+        Some(&RetryStop::BudgetExhausted)
+    );
+    assert!(res.headers().get("x-should-retry").is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_hint_after_a_retry_is_marked_exhausted() {
+    let layer = fast().deadline(secs(30)).build().unwrap();
+    let rec = Recorder::default();
+    let res = call(
+        &layer,
+        &rec,
+        Arc::new(|n| {
+            Ok(if n == 0 {
+                status(503)
+            } else {
+                with_header(status(429), "retry-after", "42")
+            })
+        }),
+        Body::from(CHAT),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rec.count(), 2);
+    assert_eq!(
+        res.extensions().get::<RetryStop>(),
+        Some(&RetryStop::HintPastDeadline)
+    );
+    assert_eq!(res.headers()["x-should-retry"], "false");
+    assert_eq!(res.headers()["retry-after"], "42");
+}
+
+// ---------- only what is safe to send twice is retried ----------
+
+async fn post_path(
+    gw: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut req = reqwest::Client::new()
+        .post(format!("http://{gw}{path}"))
+        .header("content-type", "application/json")
+        .body(CHAT);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn gateway_sends_a_file_upload_once() {
+    let stub = Stub::start(vec![
+        Action::Reply(503, vec![], "busy"),
+        Action::Reply(503, vec![], "busy"),
+    ])
+    .await;
+    let gw = gateway(stub.addr, fast().build().unwrap()).await;
+    let res = post_path(gw, "/v1/files", &[]).await;
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.headers()["x-llm-layers-attempts"], "1");
+    assert_eq!(res.headers()["x-llm-layers-retry-stop"], "not-idempotent");
+    assert_eq!(stub.count(), 1, "a duplicated upload is worse than a 503");
+    // With the caller's Idempotency-Key it is retried, the key sent each time.
+    let res = post_path(gw, "/v1/files", &[("idempotency-key", "upload-7")]).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-llm-layers-attempts"], "2");
+    let received = stub.received.lock().unwrap();
+    assert_eq!(received.len(), 3);
+    for r in &received[1..] {
+        assert!(
+            r.head
+                .to_ascii_lowercase()
+                .contains("idempotency-key: upload-7"),
+            "{}",
+            r.head
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_idempotent_methods_and_generation_posts_are_retried_by_default() {
+    let cases: &[(Method, &str, usize)] = &[
+        (Method::POST, "/v1/chat/completions", 2),
+        (Method::POST, "/v1/completions", 2),
+        (Method::POST, "/v1/embeddings", 2),
+        (Method::POST, "/v1/responses", 2),
+        (Method::POST, "/v1/moderations", 2),
+        (
+            Method::POST,
+            "/openai/deployments/gpt-4o/chat/completions?api-version=1",
+            2,
+        ),
+        (Method::POST, "/v1/chat/%63ompletions", 2),
+        (Method::POST, "/v1/messages", 2),
+        (Method::POST, "/anthropic/v1/messages/", 2),
+        (
+            Method::POST,
+            "/v1beta/models/gemini-2.0-flash:generateContent",
+            2,
+        ),
+        (
+            Method::POST,
+            "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
+            2,
+        ),
+        (Method::GET, "/v1/models", 2),
+        (Method::HEAD, "/v1/models", 2),
+        (Method::DELETE, "/v1/files/file-1", 2),
+        (Method::PUT, "/v1/anything", 2),
+        (Method::OPTIONS, "/v1/chat/completions", 2),
+        (Method::POST, "/v1/files", 1),
+        (Method::POST, "/v1/uploads", 1),
+        (Method::POST, "/v1/fine_tuning/jobs", 1),
+        (Method::POST, "/v1/batches", 1),
+        (Method::POST, "/v1/messages/batches", 1),
+        (Method::POST, "/v1/assistants", 1),
+        (Method::POST, "/v1/threads", 1),
+        (Method::POST, "/v1/threads/thread_1/messages", 1),
+        (Method::POST, "/v1/threads/thread_1/runs", 1),
+        (Method::POST, "/v1/vector_stores", 1),
+        (Method::POST, "/v1/images/edits", 1),
+        (
+            Method::POST,
+            "/v1beta/models/gemini-2.0-flash:batchGenerateContent",
+            1,
+        ),
+        (Method::POST, "/v1/chat/completions/chatcmpl-1", 1),
+        (Method::POST, "/v1/chat/completions/../../files", 1),
+        (Method::PATCH, "/v1/chat/completions", 1),
+        (Method::POST, "/", 1),
+    ];
+    for (method, path, want) in cases {
+        let layer = fast().build().unwrap();
+        let rec = Recorder::default();
+        let res = send(
+            &layer,
+            &rec,
+            Arc::new(|n| Ok(status(if n == 0 { 503 } else { 200 }))),
+            request(method.clone(), path),
+        )
+        .await
+        .unwrap();
+        assert_eq!(rec.count(), *want, "{method} {path}");
+        if *want == 1 {
+            assert_eq!(res.status(), 503, "{method} {path}");
+            assert_eq!(
+                res.extensions().get::<RetryStop>(),
+                Some(&RetryStop::NotIdempotent),
+                "{method} {path}"
+            );
+            assert_eq!(res.headers()["x-llm-layers-retry-stop"], "not-idempotent");
+        } else {
+            assert_eq!(res.status(), 200, "{method} {path}");
+        }
+        let parts = rec.heads.lock().unwrap();
+        assert!(
+            parts
+                .iter()
+                .all(|p| !p.headers.contains_key("idempotency-key")),
+            "no key is added unless asked"
+        );
+    }
+}
+
+#[test]
+fn safe_to_retry_is_the_default_rule() {
+    assert!(safe_to_retry(&Method::POST, "/v1/chat/completions"));
+    assert!(safe_to_retry(&Method::POST, "/v1/messages/count_tokens"));
+    assert!(safe_to_retry(&Method::GET, "/v1/files"));
+    assert!(!safe_to_retry(&Method::POST, "/v1/files"));
+    assert!(!safe_to_retry(&Method::PATCH, "/v1/chat/completions"));
+    assert!(!safe_to_retry(
+        &Method::POST,
+        "/v1beta/models/x:batchGenerateContent"
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn generated_idempotency_keys_are_the_same_on_every_attempt_and_unique() {
+    let layer = fast().idempotency_keys(true).build().unwrap();
+    let mut keys = Vec::new();
+    for _ in 0..2 {
+        let rec = Recorder::default();
+        let res = send(
+            &layer,
+            &rec,
+            Arc::new(|n| Ok(status(if n < 2 { 503 } else { 200 }))),
+            request(Method::POST, "/v1/files"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(rec.count(), 3, "the key makes the upload retryable");
+        let seen = rec.header_values("idempotency-key");
+        let key = seen[0].clone().expect("a generated key");
+        assert!(
+            seen.iter().all(|k| k.as_deref() == Some(key.as_str())),
+            "{seen:?}"
+        );
+        assert_eq!(key.len(), 36, "a UUID: {key}");
+        assert!(
+            key.chars().all(|c| c.is_ascii_hexdigit() || c == '-'),
+            "{key}"
+        );
+        keys.push(key);
+    }
+    assert_ne!(keys[0], keys[1], "each request has its own key");
+
+    // The caller's own key is kept; an idempotent method gets none.
+    let rec = Recorder::default();
+    let mut req = request(Method::POST, "/v1/batches");
+    req.headers_mut()
+        .insert("idempotency-key", "mine".parse().unwrap());
+    send(&layer, &rec, Arc::new(|_| Ok(status(200))), req)
+        .await
+        .unwrap();
+    assert_eq!(
+        rec.header_values("idempotency-key"),
+        vec![Some("mine".into())]
+    );
+    let rec = Recorder::default();
+    send(
+        &layer,
+        &rec,
+        Arc::new(|_| Ok(status(200))),
+        request(Method::GET, "/v1/models"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rec.header_values("idempotency-key"), vec![None]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_requests_chooses_what_is_retried() {
+    let layer = fast()
+        .retry_requests(|method, path| {
+            path.ends_with("/images/generations") || safe_to_retry(method, path)
+        })
+        .build()
+        .unwrap();
+    for (path, want) in [
+        ("/v1/images/generations", 2),
+        // The path reaches the predicate as the upstream routes it.
+        ("/v1/images/%67enerations", 2),
+        ("/v1/chat/completions", 2),
+        ("/v1/files", 1),
+    ] {
+        let rec = Recorder::default();
+        send(
+            &layer,
+            &rec,
+            Arc::new(|n| Ok(status(if n == 0 { 503 } else { 200 }))),
+            request(Method::POST, path),
+        )
+        .await
+        .unwrap();
+        assert_eq!(rec.count(), want, "{path}");
+    }
+    // Nothing at all: every request is sent once.
+    let layer = fast().retry_requests(|_, _| false).build().unwrap();
+    let rec = Recorder::default();
+    let res = send(
+        &layer,
+        &rec,
+        Arc::new(|_| Ok(status(503))),
+        request(Method::GET, "/v1/models"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rec.count(), 1);
+    assert_eq!(
+        res.extensions().get::<RetryStop>(),
+        Some(&RetryStop::NotIdempotent)
+    );
+}
+
+// ---------- the upstream's x-should-retry ----------
+
+#[tokio::test]
+async fn gateway_obeys_the_upstreams_x_should_retry_false() {
+    let stub = Stub::start(vec![Action::Reply(
+        503,
+        vec![("x-should-retry", "false")],
+        "do not",
+    )])
+    .await;
+    let gw = gateway(stub.addr, fast().build().unwrap()).await;
+    let res = post(gw, CHAT).await;
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.headers()["x-should-retry"], "false");
+    assert_eq!(res.headers()["x-llm-layers-retry-stop"], "not-retryable");
+    assert_eq!(stub.count(), 1);
+}
+
+#[tokio::test]
+async fn gateway_obeys_the_upstreams_x_should_retry_true() {
+    // A 409 is an invalid request by its status; the upstream says this one is worth another
+    // try (as the official SDKs obey).
+    let stub = Stub::start(vec![Action::Reply(
+        409,
+        vec![("x-should-retry", "true")],
+        "conflict",
+    )])
+    .await;
+    let gw = gateway(stub.addr, fast().build().unwrap()).await;
+    let res = post(gw, CHAT).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-llm-layers-attempts"], "2");
+    assert_eq!(stub.count(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn x_should_retry_true_still_yields_to_the_predicate_and_to_the_request_rule() {
+    let should: ScriptFn = Arc::new(|_| Ok(with_header(status(400), "x-should-retry", "true")));
+    // The predicate refuses: not retried.
+    let layer = fast()
+        .retry_if(|e| e.code() != ErrorCode::InvalidValue)
+        .build()
+        .unwrap();
+    let rec = Recorder::default();
+    call(&layer, &rec, should.clone(), Body::from(CHAT))
+        .await
+        .unwrap();
+    assert_eq!(rec.count(), 1);
+    // A file upload stays sent once.
+    let layer = fast().build().unwrap();
+    let rec = Recorder::default();
+    send(
+        &layer,
+        &rec,
+        should.clone(),
+        request(Method::POST, "/v1/files"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rec.count(), 1);
+    // Without either: every attempt is used.
+    let rec = Recorder::default();
+    let res = call(&layer, &rec, should, Body::from(CHAT)).await.unwrap();
+    assert_eq!(rec.count(), 3);
+    assert_eq!(res.headers()["x-should-retry"], "false", "exhausted");
+    // An inner layer's ApiError is its whole classification: its own header is not re-read.
+    let rec = Recorder::default();
+    let res = call(
+        &layer,
+        &rec,
+        Arc::new(|n| {
+            Ok(if n == 0 {
+                let mut res = ApiError::new(ErrorCode::ServiceUnavailable, "busy").to_response();
+                res.headers_mut()
+                    .insert("x-should-retry", "false".parse().unwrap());
+                res
+            } else {
+                status(200)
+            })
+        }),
+        Body::from(CHAT),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(rec.count(), 2);
+}
+
+// ---------- configuration extremes never panic per request ----------
+
+#[tokio::test(start_paused = true)]
+async fn duration_max_in_every_duration_setter_never_panics() {
+    let huge = Duration::MAX;
+    let script: ScriptFn = Arc::new(|n| {
+        Ok(match n {
+            0 => status(503),
+            1 => with_header(status(429), "retry-after-ms", "5"),
+            _ => status(200),
+        })
+    });
+    let builders = [
+        fast().deadline(huge),
+        fast().attempt_timeout(huge),
+        fast().max_retry_after(huge),
+        fast()
+            .deadline(huge)
+            .attempt_timeout(huge)
+            .max_retry_after(huge),
+        fast().backoff(Backoff::new(ms(1), huge, Jitter::Decorrelated).unwrap()),
+    ];
+    for b in builders {
+        let layer = b.max_attempts(3).build().unwrap();
+        let rec = Recorder::default();
+        let res = call(&layer, &rec, script.clone(), Body::from(CHAT))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(rec.count(), 3);
+    }
+    // A backoff that can never fit a deadline ends at once.
+    for jitter in [
+        Jitter::None,
+        Jitter::Full,
+        Jitter::Equal,
+        Jitter::Decorrelated,
+    ] {
+        let layer = fast()
+            .backoff(Backoff::new(huge, huge, jitter).unwrap())
+            .deadline(secs(10))
+            .build()
+            .unwrap();
+        let rec = Recorder::default();
+        let t0 = Instant::now();
+        let res = call(&layer, &rec, script.clone(), Body::from(CHAT))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 503, "{jitter:?}");
+        assert_eq!(Instant::now() - t0, Duration::ZERO);
+        assert_eq!(
+            res.extensions().get::<RetryStop>(),
+            Some(&RetryStop::Deadline),
+            "{jitter:?}"
+        );
+    }
+    // A wait as long as a Duration can be (an inner layer's classification), no cap on
+    // honoured waits, a predicate that retries everything, and an endless deadline.
+    let layer = fast()
+        .max_retry_after(huge)
+        .hint_jitter(secs(5))
+        .deadline(huge)
+        .retry_if(|_| true)
+        .build()
+        .unwrap();
+    let rec = Recorder::default();
+    let res = call(
+        &layer,
+        &rec,
+        Arc::new(move |_| {
+            Ok(ApiError::new(ErrorCode::ServiceUnavailable, "later")
+                .with_retry_after(huge)
+                .to_response())
+        }),
+        Body::from(CHAT),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(rec.count(), 1);
+    assert_eq!(
+        res.extensions().get::<RetryStop>(),
+        Some(&RetryStop::HintPastDeadline)
+    );
+    // What cannot be honoured is refused when built, naming the field.
+    assert_eq!(
+        RetryLayer::builder()
+            .hint_jitter(huge)
+            .build()
+            .unwrap_err()
+            .field(),
+        "hint_jitter"
+    );
+    assert_eq!(
+        RetryBudget::new(huge, 1, 0.2).unwrap_err().field(),
+        "budget.ttl"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn toml_retry_keys_at_their_largest_never_panic() {
+    let max = u64::MAX;
+    let text = format!(
+        "[retry]\nmax_attempts = 3\ndeadline_ms = {max}\nmax_retry_after_ms = {max}\n\
+         backoff_base_ms = 1\nbackoff_cap_ms = {max}\nbudget_min_per_sec = {}\nseed = {max}\n",
+        u32::MAX
+    );
+    let layer = llm_layers::stack::Stack::from_toml_str(&text)
+        .unwrap()
+        .retry();
+    let rec = Recorder::default();
+    let res = call(
+        &layer,
+        &rec,
+        Arc::new(|n| Ok(status(if n == 0 { 503 } else { 200 }))),
+        Body::from(CHAT),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(rec.count(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn toml_idempotency_keys_make_an_upload_retryable() {
+    let layer = llm_layers::stack::Stack::from_toml_str(
+        "[retry]\nidempotency_keys = true\nbackoff_base_ms = 1\nbackoff_cap_ms = 5\n",
+    )
+    .unwrap()
+    .retry();
+    let rec = Recorder::default();
+    let res = send(
+        &layer,
+        &rec,
+        Arc::new(|n| Ok(status(if n == 0 { 503 } else { 200 }))),
+        request(Method::POST, "/v1/files"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 200);
+    let keys = rec.header_values("idempotency-key");
+    assert_eq!(keys.len(), 2);
+    assert!(keys[0].is_some() && keys[0] == keys[1], "{keys:?}");
+    // Off by default.
+    let layer = llm_layers::stack::Stack::from_toml_str("[retry]\nbackoff_base_ms = 1\n")
+        .unwrap()
+        .retry();
+    let rec = Recorder::default();
+    send(
+        &layer,
+        &rec,
+        Arc::new(|_| Ok(status(503))),
+        request(Method::POST, "/v1/files"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rec.header_values("idempotency-key"), vec![None]);
 }

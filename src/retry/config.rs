@@ -5,8 +5,11 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::Method;
+
 use crate::body::DEFAULT_BODY_LIMIT;
 use crate::error::{ApiError, ErrorCode};
+use crate::request::normalize_path;
 
 use super::backoff::Backoff;
 use super::budget::{Budget, RetryBudget};
@@ -42,18 +45,30 @@ pub enum TransportErrors {
 /// (and the `x-llm-layers-retry-stop` header) whenever the final answer is an error, or the
 /// request was never replayable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RetryStop {
     /// The request body was larger than the buffering limit (announced by `content-length`
     /// or the size hint): it was sent once, without retries.
     BodyTooLarge,
-    /// The error is not one a retry can fix (or the predicate refused it).
+    /// The request is not safe to send twice (a `POST` that creates something, without an
+    /// `Idempotency-Key`; see [`RetryLayerBuilder::retry_requests`]): it was sent once,
+    /// without retries.
+    NotIdempotent,
+    /// The error is not one a retry can fix (or the predicate refused it, or the upstream
+    /// answered `x-should-retry: false`).
     NotRetryable,
+    /// A layer of this crate refused the call because of its own state (an open circuit
+    /// breaker, marked with [`crate::ext::RefusedLocally`]): answered at once, never waited
+    /// on.
+    RefusedLocally,
     /// All attempts were used.
     AttemptsExhausted,
     /// The shared retry budget was empty.
     BudgetExhausted,
     /// The server asked for a wait longer than `max_retry_after`.
     HintTooLong,
+    /// The server asked for a wait that ends past the overall deadline.
+    HintPastDeadline,
     /// The next attempt could not start before the overall deadline.
     Deadline,
 }
@@ -63,10 +78,13 @@ impl RetryStop {
     pub const fn as_str(self) -> &'static str {
         match self {
             RetryStop::BodyTooLarge => "body-too-large",
+            RetryStop::NotIdempotent => "not-idempotent",
             RetryStop::NotRetryable => "not-retryable",
+            RetryStop::RefusedLocally => "refused-locally",
             RetryStop::AttemptsExhausted => "attempts-exhausted",
             RetryStop::BudgetExhausted => "budget-exhausted",
             RetryStop::HintTooLong => "retry-after-too-long",
+            RetryStop::HintPastDeadline => "retry-after-past-deadline",
             RetryStop::Deadline => "deadline",
         }
     }
@@ -104,6 +122,7 @@ impl RetryEvent<'_> {
 }
 
 type Predicate = Box<dyn Fn(&ApiError) -> bool + Send + Sync>;
+type RequestPredicate = Box<dyn Fn(&Method, &str) -> bool + Send + Sync>;
 type Hook = Box<dyn Fn(&RetryEvent<'_>) + Send + Sync>;
 
 /// Settings shared by every clone of one layer and its services.
@@ -122,6 +141,8 @@ pub(crate) struct Shared {
     pub(crate) seed: Option<u64>,
     pub(crate) seq: AtomicU64,
     pub(crate) predicate: Option<Predicate>,
+    pub(crate) requests: Option<RequestPredicate>,
+    pub(crate) idempotency_keys: bool,
     pub(crate) on_retry: Option<Hook>,
 }
 
@@ -141,6 +162,8 @@ impl fmt::Debug for Shared {
             .field("budget", &self.budget.is_some())
             .field("seeded", &self.seed.is_some())
             .field("predicate", &self.predicate.is_some())
+            .field("requests", &self.requests.is_some())
+            .field("idempotency_keys", &self.idempotency_keys)
             .field("on_retry", &self.on_retry.is_some())
             .finish()
     }
@@ -167,14 +190,44 @@ pub(crate) const fn never_retried(code: ErrorCode) -> bool {
 }
 
 impl Shared {
-    pub(crate) fn wants_retry(&self, err: &ApiError) -> bool {
-        if never_retried(err.code()) {
-            return false;
+    /// Whether to retry after `err`. `said` is the upstream's own `x-should-retry` on a raw
+    /// answer: `false` is never retried; `true` is retried whatever the code (as the official
+    /// SDKs do), unless the predicate refuses; without it the code and the predicate decide.
+    pub(crate) fn wants_retry(&self, err: &ApiError, said: Option<bool>) -> bool {
+        match said {
+            Some(false) => false,
+            Some(true) => self.predicate.as_ref().is_none_or(|p| p(err)),
+            None => {
+                if never_retried(err.code()) {
+                    return false;
+                }
+                match &self.predicate {
+                    Some(p) => p(err),
+                    None => err.is_retryable(),
+                }
+            }
         }
-        match &self.predicate {
-            Some(p) => p(err),
-            None => err.is_retryable(),
-        }
+    }
+
+    /// Whether the request may be sent more than once: it carries an `Idempotency-Key`, or the
+    /// request rule accepts its method and path. No allocation unless the path needs
+    /// normalizing.
+    pub(crate) fn replayable<B>(&self, req: &http::Request<B>) -> bool {
+        let method = req.method();
+        let path = req.uri().path();
+        let by_rule = match &self.requests {
+            None => {
+                super::safety::idempotent(method)
+                    || (*method == Method::POST
+                        && super::safety::generation_path(&normalize_path(path)))
+            }
+            Some(p) => p(method, &normalize_path(path)),
+        };
+        by_rule
+            || req
+                .headers()
+                .get(super::safety::IDEMPOTENCY_KEY)
+                .is_some_and(|v| !v.is_empty())
     }
 }
 
@@ -194,6 +247,8 @@ pub struct RetryLayerBuilder {
     budget: Option<RetryBudget>,
     seed: Option<u64>,
     predicate: Option<Predicate>,
+    requests: Option<RequestPredicate>,
+    idempotency_keys: bool,
     on_retry: Option<Hook>,
 }
 
@@ -223,6 +278,8 @@ impl Default for RetryLayerBuilder {
             budget: Some(RetryBudget::default()),
             seed: None,
             predicate: None,
+            requests: None,
+            idempotency_keys: false,
             on_retry: None,
         }
     }
@@ -261,14 +318,16 @@ impl RetryLayerBuilder {
     /// An overall deadline for all attempts and the waits between them, counted from the
     /// call (default none). No wait is scheduled that would end past it, and an attempt still
     /// running at the deadline is answered with `504 timeout`. It covers the wait for the
-    /// response head only; a streamed body is not cut.
+    /// response head only; a streamed body is not cut. A value too large for the clock
+    /// (`Duration::MAX`) saturates: no deadline in practice.
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = Some(deadline);
         self
     }
 
     /// A timeout for each attempt's response head (default none). An attempt that takes
-    /// longer is dropped and counts as a retryable `timeout`.
+    /// longer is dropped and counts as a retryable `timeout`. A value too large for the clock
+    /// saturates.
     pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
         self.attempt_timeout = Some(timeout);
         self
@@ -288,12 +347,16 @@ impl RetryLayerBuilder {
         self
     }
 
-    /// When the layer gave up on an error it would otherwise have retried (attempts, budget or
-    /// deadline used up, a server wait over `max_retry_after`), overwrite `x-should-retry` on
-    /// the response with `false`, so the official SDKs calling a gateway do not retry what the
-    /// gateway already retried: without it, an SDK with `max_retries = 2` in front of a
-    /// gateway with `max_attempts = 3` sends up to 9 upstream requests. Default true; `false`
-    /// hands the upstream's `x-should-retry` on as it was.
+    /// When the layer retried (two attempts or more) and then gave up on an error it would
+    /// otherwise have retried (attempts, budget or deadline used up, a server wait over
+    /// `max_retry_after` or past the deadline), overwrite `x-should-retry` on the response with
+    /// `false`, so the official SDKs calling a gateway do not retry what the gateway already
+    /// retried: without it, an SDK with `max_retries = 2` in front of a gateway with
+    /// `max_attempts = 3` sends up to 9 upstream requests. A stop on the first attempt, or a
+    /// refusal by a local layer, is never marked: the upstream's (or that layer's)
+    /// `x-should-retry` and `retry-after` stand (see the
+    /// [module docs](crate::retry#x-should-retry-retry-after-and-the-stop-reason-on-the-answer)).
+    /// Default true; `false` hands the upstream's `x-should-retry` on as it was.
     pub fn mark_exhausted(mut self, on: bool) -> Self {
         self.mark_exhausted = on;
         self
@@ -328,12 +391,40 @@ impl RetryLayerBuilder {
 
     /// Replaces the default decision ([`ApiError::is_retryable`]) with `predicate`. Codes a
     /// retry can never fix (auth, permission, quota, invalid or oversized requests, content
-    /// policy, `upstream_blocked`) are never retried, whatever it answers.
+    /// policy, `upstream_blocked`) are never retried, whatever it answers, unless the upstream
+    /// answered `x-should-retry: true`; an upstream `x-should-retry: false` is never retried.
+    /// `predicate` is still asked (and may refuse) when the upstream said `true`.
     pub fn retry_if<F>(mut self, predicate: F) -> Self
     where
         F: Fn(&ApiError) -> bool + Send + Sync + 'static,
     {
         self.predicate = Some(Box::new(predicate));
+        self
+    }
+
+    /// Chooses which requests may be sent more than once, by method and path (default
+    /// [`safe_to_retry`](super::safe_to_retry): idempotent methods, and `POST`s to generation
+    /// endpoints). The path reaches `predicate` as an upstream that decodes paths routes it
+    /// ([`normalize_path`](crate::request::normalize_path)), without the query. A request
+    /// carrying an `Idempotency-Key` is always retryable, whatever `predicate` answers; any
+    /// other request it refuses is sent once, untouched and unbuffered
+    /// ([`RetryStop::NotIdempotent`]).
+    pub fn retry_requests<F>(mut self, predicate: F) -> Self
+    where
+        F: Fn(&Method, &str) -> bool + Send + Sync + 'static,
+    {
+        self.requests = Some(Box::new(predicate));
+        self
+    }
+
+    /// Adds a generated `Idempotency-Key` (a random UUID, the same on every attempt) to each
+    /// request with a non-idempotent method (`POST`, `PATCH`) that has none, so that every
+    /// such request becomes retryable and an upstream that honours the header does the work
+    /// once (default false). The key is drawn from a process-wide random source, never from
+    /// [`seed`](Self::seed), so that keys never repeat across restarts. With
+    /// `max_attempts(1)` the layer is off and adds nothing.
+    pub fn idempotency_keys(mut self, on: bool) -> Self {
+        self.idempotency_keys = on;
         self
     }
 
@@ -384,6 +475,8 @@ impl RetryLayerBuilder {
             seed: self.seed,
             seq: AtomicU64::new(0),
             predicate: self.predicate,
+            requests: self.requests,
+            idempotency_keys: self.idempotency_keys,
             on_retry: self.on_retry,
         };
         Ok(RetryLayer::from_shared(Arc::new(shared)))

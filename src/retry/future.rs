@@ -19,13 +19,37 @@ use tower_service::Service;
 use crate::body::BufferError;
 use crate::classify::{classify_head, classify_transport_error};
 use crate::error::{ApiError, ErrorCode, X_SHOULD_RETRY};
-use crate::ext::Attempts;
+use crate::ext::{Attempts, RefusedLocally};
 
 use super::backoff::uniform;
 use super::config::{RetryEvent, RetryStop, Shared, TransportErrors};
+use super::safety::{generate_key, idempotent, IDEMPOTENCY_KEY};
 use super::{BoxError, X_ATTEMPTS, X_RETRY_STOP};
 
 const ATTEMPT_VALUES: [&str; 11] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10"];
+
+/// How far ahead a wait or deadline that does not fit an `Instant` is put: 30 years, as tokio
+/// does for `sleep(Duration::MAX)`.
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+
+/// `now + d`, saturated: a configured `Duration::MAX` never overflows the clock.
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(FAR_FUTURE))
+        .unwrap_or(now)
+}
+
+/// The upstream's own `x-should-retry`, when it sent one.
+fn said_should_retry(headers: &http::HeaderMap) -> Option<bool> {
+    let v = headers.get(X_SHOULD_RETRY)?.as_bytes().trim_ascii();
+    if v.eq_ignore_ascii_case(b"true") {
+        Some(true)
+    } else if v.eq_ignore_ascii_case(b"false") {
+        Some(false)
+    } else {
+        None
+    }
+}
 
 pin_project! {
     #[project = StateProj]
@@ -88,7 +112,7 @@ where
     B::Error: Into<BoxError>,
     ResB: From<Bytes>,
 {
-    pub(crate) fn new(service: S, shared: Arc<Shared>, req: Request<B>) -> Self {
+    pub(crate) fn new(service: S, shared: Arc<Shared>, mut req: Request<B>) -> Self {
         let needs_now = shared.budget.is_some() || shared.deadline.is_some();
         let mut deadline = None;
         if needs_now {
@@ -96,7 +120,7 @@ where
             if let Some(budget) = &shared.budget {
                 budget.deposit(now);
             }
-            deadline = shared.deadline.map(|d| now + d);
+            deadline = shared.deadline.map(|d| later(now, d));
         }
         let limit = shared.body_limit as u64;
         let mut skipped = None;
@@ -108,6 +132,23 @@ where
                 shared,
                 deadline,
                 None,
+            );
+        }
+        if shared.idempotency_keys
+            && !idempotent(req.method())
+            && !req.headers().contains_key(IDEMPOTENCY_KEY)
+        {
+            req.headers_mut().insert(IDEMPOTENCY_KEY, generate_key());
+        }
+        if !shared.replayable(&req) {
+            // Sent once, untouched and unbuffered: a second copy could do the work twice.
+            return Self::with(
+                State::Start { req: Some(req) },
+                None,
+                service,
+                shared,
+                deadline,
+                Some(RetryStop::NotIdempotent),
             );
         }
         let announced = req
@@ -306,15 +347,34 @@ where
             let attempt = *this.attempt;
             match outcome {
                 Outcome::Response(res) => {
-                    let err = match res.extensions().get::<ApiError>() {
-                        Some(e) => Some(e.clone()),
-                        None => classify_head(res.status(), res.headers()),
+                    // An inner layer's `ApiError` is its whole classification (its own
+                    // `x-should-retry` is derived from it); on a raw answer the upstream's
+                    // `x-should-retry` is read too.
+                    let (err, said) = match res.extensions().get::<ApiError>() {
+                        Some(e) => (Some(e.clone()), None),
+                        None => (
+                            classify_head(res.status(), res.headers()),
+                            said_should_retry(res.headers()),
+                        ),
                     };
                     let Some(err) = err else {
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(finish(res, attempt, *this.skipped, this.shared)));
                     };
-                    match this.decide(&err) {
+                    if let Some(refused) = res.extensions().get::<RefusedLocally>() {
+                        // The wait it reports is how long a local state lasts: answered at
+                        // once, with no budget spent.
+                        tracing::debug!(
+                            target: "llm_layers::retry",
+                            attempt,
+                            by = refused.by,
+                            "refused locally: not waiting"
+                        );
+                        this.state.set(State::Done);
+                        let stop = Some(RetryStop::RefusedLocally);
+                        return Poll::Ready(Ok(finish(res, attempt, stop, this.shared)));
+                    }
+                    match this.decide(&err, said) {
                         Ok(delay) => {
                             drop(res);
                             this.schedule(delay, &err);
@@ -329,7 +389,7 @@ where
                 }
                 Outcome::Transport(e) => {
                     let err = classify_transport_error(&e);
-                    match this.decide(&err) {
+                    match this.decide(&err, None) {
                         Ok(delay) => {
                             drop(e);
                             this.schedule(delay, &err);
@@ -359,7 +419,7 @@ where
                     let decision = if past_deadline {
                         Err(RetryStop::Deadline)
                     } else {
-                        this.decide(&err)
+                        this.decide(&err, None)
                     };
                     match decision {
                         Ok(delay) => this.schedule(delay, &err),
@@ -381,10 +441,11 @@ impl<S, B> FutProj<'_, S, B>
 where
     S: Service<Request<B>>,
 {
-    /// Whether (and after which wait) to try again after `err`.
-    fn decide(&mut self, err: &ApiError) -> Result<Duration, RetryStop> {
+    /// Whether (and after which wait) to try again after `err`; `said` is the upstream's
+    /// `x-should-retry`.
+    fn decide(&mut self, err: &ApiError, said: Option<bool>) -> Result<Duration, RetryStop> {
         let shared = &**self.shared;
-        if !shared.wants_retry(err) {
+        if !shared.wants_retry(err, said) {
             return Err(RetryStop::NotRetryable);
         }
         if self.parts.is_none() {
@@ -400,16 +461,22 @@ where
             ),
             None => fastrand::Rng::new(),
         });
-        let delay = match err.retry_after() {
+        let (delay, past_deadline) = match err.retry_after() {
             Some(hint) if hint > shared.max_retry_after => return Err(RetryStop::HintTooLong),
-            Some(hint) => hint + uniform(rng, Duration::ZERO, shared.hint_jitter),
-            None => shared.backoff.delay(attempt, *self.prev_delay, rng),
+            Some(hint) => (
+                hint.saturating_add(uniform(rng, Duration::ZERO, shared.hint_jitter)),
+                RetryStop::HintPastDeadline,
+            ),
+            None => (
+                shared.backoff.delay(attempt, *self.prev_delay, rng),
+                RetryStop::Deadline,
+            ),
         };
         let needs_now = self.deadline.is_some() || shared.budget.is_some();
         if needs_now {
             let now = Instant::now();
-            if self.deadline.is_some_and(|d| now + delay >= d) {
-                return Err(RetryStop::Deadline);
+            if self.deadline.is_some_and(|d| later(now, delay) >= d) {
+                return Err(past_deadline);
             }
             if let Some(budget) = &shared.budget {
                 if !budget.withdraw(now) {
@@ -439,7 +506,7 @@ where
             });
         }
         *self.prev_delay = delay;
-        set_timer(self.timer.as_mut(), Instant::now() + delay);
+        set_timer(self.timer.as_mut(), later(Instant::now(), delay));
         *self.timer_armed = true;
         self.state.set(State::Waiting);
     }
@@ -464,7 +531,7 @@ fn arm_attempt_timer(
             return;
         }
         (Some(t), d) => {
-            let at = Instant::now() + t;
+            let at = later(Instant::now(), t);
             d.map_or(at, |d| d.min(at))
         }
         (None, Some(d)) => d,
@@ -499,13 +566,20 @@ fn finish<R>(
     if let Some(stop) = stop {
         res.extensions_mut().insert(stop);
     }
-    // Attempts used up only count when the layer did retry: with `max_attempts(1)` it is off,
-    // and the caller's own retries are all there is.
-    let gave_up = match stop {
-        Some(RetryStop::AttemptsExhausted) => attempts > 1,
-        Some(RetryStop::BudgetExhausted | RetryStop::Deadline | RetryStop::HintTooLong) => true,
-        _ => false,
-    };
+    // `x-should-retry: false` says "this was retried already": only when the layer did retry
+    // and then gave up on an error it would otherwise have retried. A stop on the first
+    // attempt leaves the upstream's (or the refusing layer's) word, `retry-after` included.
+    let gave_up = attempts > 1
+        && matches!(
+            stop,
+            Some(
+                RetryStop::AttemptsExhausted
+                    | RetryStop::BudgetExhausted
+                    | RetryStop::Deadline
+                    | RetryStop::HintTooLong
+                    | RetryStop::HintPastDeadline
+            )
+        );
     if shared.mark_exhausted && gave_up {
         res.headers_mut()
             .insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));

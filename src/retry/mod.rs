@@ -7,6 +7,10 @@
 //! upstream that is already down. This layer retries the way the official SDKs do, and adds
 //! what a shared gateway needs:
 //!
+//! - **Only requests that are safe to send twice** are retried: idempotent methods, `POST`s
+//!   to generation endpoints, and any request with an `Idempotency-Key` (see
+//!   [Which requests](#which-requests-are-retried)). A file upload or a fine-tuning job is
+//!   sent once.
 //! - **What is retried** is decided by the crate's classification: the [`ApiError`] an inner
 //!   normalizer left in the response extensions, else
 //!   [`classify_head`](crate::classify::classify_head) on the status and headers. Only
@@ -15,11 +19,21 @@
 //!   ([`classify_transport_error`](crate::classify::classify_transport_error)) are retried.
 //!   A [predicate](RetryLayerBuilder::retry_if) can change the decision, but auth and
 //!   permission codes, `insufficient_quota`, invalid or oversized requests,
-//!   `content_policy_violation` and `upstream_blocked` are never retried.
+//!   `content_policy_violation` and `upstream_blocked` are never retried, unless the upstream
+//!   itself says so ([below](#the-upstreams-x-should-retry)).
+//! - **A refusal by a layer of this crate is never waited on.** An open circuit breaker
+//!   answers `503` with `retry-after` set to the time until it half-opens, and marks the
+//!   answer [`RefusedLocally`](crate::ext::RefusedLocally). That wait is how long a local
+//!   state lasts, not a hint from the upstream: the layer answers at once with it
+//!   ([`RetryStop::RefusedLocally`], `x-llm-layers-retry-stop: refused-locally`), spends
+//!   nothing from the budget, and leaves the breaker's envelope, `x-should-retry` and
+//!   `retry-after` as they are. The open circuit fails fast through the whole stack, and
+//!   parked requests hold no slots of the layers further out.
 //! - **Server hints win.** A wait from `retry-after-ms`, `retry-after` (or whatever the
 //!   classifier found) is honoured: the next attempt starts in `[hint, hint + hint_jitter]`.
 //!   A hint longer than [`max_retry_after`](RetryLayerBuilder::max_retry_after) (60 s) or
-//!   than what is left of the deadline ends the retries at once with the upstream's answer.
+//!   than what is left of the deadline ends the retries at once with the upstream's answer
+//!   (`retry-after-too-long`, `retry-after-past-deadline`).
 //! - **Otherwise exponential backoff** with full jitter (0.5 s base, 8 s cap; equal and
 //!   decorrelated jitter available), at most 3 attempts by default and never more than 10.
 //! - **A retry budget** shared by all clones of the layer ([`RetryBudget`]): under a total
@@ -28,6 +42,67 @@
 //!   that would end past the deadline.
 //! - **Streams are committed** once the response head arrives: the body is handed on
 //!   untouched, and a stream that fails midway is never retried.
+//! - **No setting can overflow the clock**: deadlines, attempt timeouts and waits are added to
+//!   the current instant saturated (at 30 years, as tokio does), so `Duration::MAX` means
+//!   "never" and is never a panic.
+//!
+//! # Which requests are retried
+//!
+//! A retry sends the request again; for a request that creates something, that can do the
+//! work twice. A request is retried only when one of these holds:
+//!
+//! 1. it carries an `Idempotency-Key` header (the caller's own, or one the layer added with
+//!    [`idempotency_keys(true)`](RetryLayerBuilder::idempotency_keys): a random UUID, the same
+//!    on every attempt, on each `POST` or `PATCH` without one);
+//! 2. the request rule accepts its method and path: by default [`safe_to_retry`], that is
+//!    idempotent methods (`GET`, `HEAD`, `OPTIONS`, `TRACE`, `PUT`, `DELETE`) and `POST`s to
+//!    the endpoints that generate an answer — OpenAI-style `/chat/completions`,
+//!    `/completions`, `/embeddings`, `/responses`, `/moderations` (Azure deployments
+//!    included), Anthropic `/v1/messages` (and `count_tokens`), Gemini `:generateContent`,
+//!    `:streamGenerateContent`, `:countTokens`, `:embedContent`, `:batchEmbedContents`.
+//!    [`retry_requests`](RetryLayerBuilder::retry_requests) replaces the rule with any
+//!    predicate over method and path.
+//!
+//! The path is matched as an upstream that decodes paths routes it
+//! ([`normalize_path`](crate::request::normalize_path)), so `/v1/chat/%63ompletions` is a chat
+//! completion and `/v1/chat/completions/../../files` is a file upload. Anything else — file
+//! uploads, fine-tuning jobs, batches, assistants, threads and runs, vector stores, `PATCH` —
+//! is sent once, untouched and unbuffered, and its answer says
+//! `x-llm-layers-retry-stop: not-idempotent` ([`RetryStop::NotIdempotent`]).
+//!
+//! # The upstream's `x-should-retry`
+//!
+//! OpenAI (and gateways built from this crate) send `x-should-retry`, and the official SDKs
+//! read it before they look at the status. On a raw upstream answer the layer does the same:
+//!
+//! - `x-should-retry: false`: never retried ([`RetryStop::NotRetryable`]);
+//! - `x-should-retry: true`: retried whatever the code (a `409`, a `400`), as the SDKs do;
+//!   a [`retry_if`](RetryLayerBuilder::retry_if) predicate may still refuse, and the request
+//!   must still be safe to send twice;
+//! - no header (or another value): the classification and the predicate decide.
+//!
+//! An [`ApiError`] an inner layer left in the extensions is that layer's whole
+//! classification (the `x-should-retry` on its envelope is derived from it), so the header is
+//! not read again there.
+//!
+//! # `x-should-retry`, `retry-after` and the stop reason on the answer
+//!
+//! `x-should-retry` on the answer tells the caller whether sending the request again is
+//! worthwhile; `retry-after` tells it when the upstream will take it; the
+//! `x-llm-layers-retry-stop` header tells why this layer stopped. They never contradict:
+//!
+//! - the layer writes `x-should-retry: false` (with
+//!   [`mark_exhausted`](RetryLayerBuilder::mark_exhausted), on by default) only when it **did
+//!   retry** (two attempts or more) and then gave up on an error it would otherwise have
+//!   retried: `attempts-exhausted`, `budget-exhausted`, `deadline`, `retry-after-too-long`,
+//!   `retry-after-past-deadline`. The caller's own retries would only repeat the gateway's.
+//! - A stop on the first attempt leaves the answer's `x-should-retry` and `retry-after` as the
+//!   upstream (or the refusing layer) sent them: a hint of 42 s past a 30 s deadline is
+//!   answered with the upstream's `retry-after: 42`, its own `x-should-retry` (if any) and
+//!   `x-llm-layers-retry-stop: retry-after-past-deadline`: no retry was made, and the caller
+//!   may come back in 42 s.
+//! - A local refusal ([`RetryStop::RefusedLocally`]) is never marked: the refusing layer
+//!   says when to come back.
 //!
 //! # Replaying the body
 //!
@@ -47,8 +122,9 @@
 //!
 //! # What it answers with
 //!
-//! The last upstream response, as it was, when retries end on an upstream error (the
-//! [`RetryStop`] reason is in the extensions and the `x-llm-layers-retry-stop` header). When
+//! The last upstream response, as it was (but for `x-should-retry`, see above), when retries
+//! end on an upstream error (the [`RetryStop`] reason is in the extensions and the
+//! `x-llm-layers-retry-stop` header). When
 //! the last attempt failed with a transport error: by default the envelope from
 //! `classify_transport_error` (`502 service_unavailable` or `504 timeout`), so the service
 //! fits an axum router; with [`TransportErrors::Propagate`] the inner service's own `Err`.
@@ -111,6 +187,7 @@ mod budget;
 mod config;
 mod future;
 mod layer;
+mod safety;
 mod service;
 
 pub use backoff::{Backoff, Jitter};
@@ -120,6 +197,7 @@ pub use config::{
 };
 pub use future::ResponseFuture;
 pub use layer::RetryLayer;
+pub use safety::safe_to_retry;
 pub use service::Retry;
 
 #[allow(unused_imports)]

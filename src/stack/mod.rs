@@ -257,6 +257,10 @@ pub struct RetryConfig {
     /// official SDKs retry on their own) do not multiply the attempts (default `true`).
     #[serde(default)]
     pub mark_exhausted: Option<bool>,
+    /// Add a generated `Idempotency-Key` to each `POST`/`PATCH` without one, so that every
+    /// request becomes retryable (default `false`: only idempotent methods and `POST`s to
+    /// generation endpoints are retried).
+    pub idempotency_keys: Option<bool>,
     /// Seed of the backoff jitter.
     pub seed: Option<u64>,
 }
@@ -592,6 +596,7 @@ fn retry_layer(r: &RetryConfig) -> Result<RetryLayer, ConfigError> {
         b = b.seed(seed);
     }
     b.mark_exhausted(r.mark_exhausted.unwrap_or(true))
+        .idempotency_keys(r.idempotency_keys.unwrap_or(false))
         .build()
         .map_err(err)
 }

@@ -190,6 +190,7 @@ pub async fn gateway(upstream: SocketAddr, layer: RetryLayer) -> SocketAddr {
 pub struct Recorder {
     pub arrivals: Arc<Mutex<Vec<tokio::time::Instant>>>,
     pub bodies: Arc<Mutex<Vec<Bytes>>>,
+    pub heads: Arc<Mutex<Vec<http::request::Parts>>>,
 }
 
 impl Recorder {
@@ -200,6 +201,16 @@ impl Recorder {
     pub fn gaps(&self) -> Vec<Duration> {
         let a = self.arrivals.lock().unwrap();
         a.windows(2).map(|w| w[1] - w[0]).collect()
+    }
+
+    /// The value of header `name` on each attempt, in order.
+    pub fn header_values(&self, name: &str) -> Vec<Option<String>> {
+        self.heads
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|p| p.headers.get(name).map(|v| v.to_str().unwrap().to_owned()))
+            .collect()
     }
 }
 
@@ -221,7 +232,9 @@ pub fn scripted(
                 a.push(tokio::time::Instant::now());
                 a.len() - 1
             };
-            let body = axum::body::to_bytes(req.into_body(), usize::MAX)
+            let (parts, body) = req.into_parts();
+            rec.heads.lock().unwrap().push(parts);
+            let body = axum::body::to_bytes(body, usize::MAX)
                 .await
                 .map_err(std::io::Error::other)?;
             rec.bodies.lock().unwrap().push(body);
