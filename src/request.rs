@@ -297,6 +297,7 @@ pub struct RequestView {
     message_count: Option<usize>,
     prompt_tokens: u64,
     json: Option<Arc<Value>>,
+    body_len: Option<usize>,
 }
 
 /// The body was not a JSON object.
@@ -357,7 +358,7 @@ impl RequestView {
                 column: 0,
             });
         }
-        Ok(RequestView::from_json(endpoint, Arc::new(value), estimator))
+        Ok(RequestView::from_json(endpoint, Arc::new(value), estimator).with_body_len(body.len()))
     }
 
     /// The view of an already parsed JSON object.
@@ -429,7 +430,23 @@ impl RequestView {
             message_count,
             prompt_tokens: tokens,
             json: Some(json),
+            body_len: None,
         }
+    }
+
+    /// Records the length in bytes of the body the view was parsed from ([`RequestView::parse`]
+    /// does it), so a later layer with a smaller body limit can hold to it without reading the
+    /// body again.
+    pub fn with_body_len(mut self, bytes: usize) -> RequestView {
+        self.body_len = Some(bytes);
+        self
+    }
+
+    /// The length in bytes of the body the view was parsed from, when known (set by
+    /// [`RequestView::parse`] and [`RequestView::with_body_len`]; `None` for a view built with
+    /// [`RequestView::from_json`] alone).
+    pub fn body_len(&self) -> Option<usize> {
+        self.body_len
     }
 
     /// Sets the deployment from the request path ([`deployment_from_path`]); every layer that
@@ -481,17 +498,29 @@ impl RequestView {
     /// assert_eq!(models, ["prod", "gpt-4o", "claude-3-5-sonnet"]);
     /// assert_eq!(view.routed_model(), Some("prod"));
     /// ```
+    ///
+    /// Linear in the number of models: a long `models` array (the client chooses its length) is
+    /// de-duplicated through a set, a short one by comparison.
     pub fn models(&self) -> impl Iterator<Item = &str> + '_ {
-        let all = move || {
-            self.deployment()
-                .into_iter()
-                .chain(self.model())
-                .chain(self.fallback_models.iter().map(|m| &**m))
-        };
-        all()
-            .enumerate()
-            .filter(move |&(i, m)| !all().take(i).any(|earlier| earlier == m))
-            .map(|(_, m)| m)
+        /// Up to this many fallbacks are de-duplicated by comparing with the earlier ones.
+        const SCAN: usize = 8;
+        let head = self.deployment();
+        let model = self.model().filter(|m| Some(*m) != head);
+        let fallbacks = &self.fallback_models;
+        let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        let tail = fallbacks.iter().enumerate().filter_map(move |(i, m)| {
+            let m: &str = m;
+            if Some(m) == head || Some(m) == model {
+                return None;
+            }
+            let repeat = if fallbacks.len() <= SCAN {
+                fallbacks[..i].iter().any(|earlier| &**earlier == m)
+            } else {
+                !seen.insert(m)
+            };
+            (!repeat).then_some(m)
+        });
+        head.into_iter().chain(model).chain(tail)
     }
     /// The `stream` field (false when absent).
     pub fn stream(&self) -> bool {
@@ -701,6 +730,33 @@ mod tests {
             Some("my-gpt")
         );
         assert_eq!(deployment_from_path("/openai/deployments"), None);
+    }
+
+    #[test]
+    fn models_are_listed_once_in_order_for_short_and_long_arrays() {
+        let list = |n: usize| {
+            let mut models: Vec<String> =
+                (0..n).map(|i| format!("m{}", i % (n / 2).max(1))).collect();
+            models.push("gpt-4o".to_owned());
+            serde_json::json!({"model": "gpt-4o", "models": models}).to_string()
+        };
+        for n in [4usize, 40, 200_000] {
+            let view = RequestView::parse(
+                Endpoint::ChatCompletions,
+                list(n).as_bytes(),
+                &CharEstimator,
+            )
+            .unwrap()
+            .with_path("/openai/deployments/m1/chat/completions");
+            let models: Vec<&str> = view.models().collect();
+            let mut expected = vec!["m1".to_owned(), "gpt-4o".to_owned()];
+            expected.extend(
+                (0..(n / 2).max(1))
+                    .filter(|i| *i != 1)
+                    .map(|i| format!("m{i}")),
+            );
+            assert_eq!(models, expected, "{n}");
+        }
     }
 
     #[test]
