@@ -752,3 +752,27 @@ fn every_wait_source_is_capped_at_a_year_and_extremes_never_panic() {
         Some(Duration::from_secs(31_622_400))
     );
 }
+
+proptest! {
+    /// Zhipu-style `id.secret` keys and unprefixed keys of 20 characters or more that mix
+    /// letters and digits never survive, wherever they sit in a sentence.
+    #[test]
+    fn dotted_and_unprefixed_keys_never_survive(
+        id in "[0-9a-f]{32}",
+        secret in "[A-Za-z0-9]{16}",
+        bare in "[A-Za-z]{1,12}[0-9][A-Za-z0-9]{18,30}",
+        before in prop::sample::select(vec![" ", ": ", "=", "(", "\"", "key:", "\n"]),
+        after in prop::sample::select(vec!["", ".", ")", ". Retry.", "/", "\","]),
+    ) {
+        use llm_layers::classify::scrub_secrets;
+        for key in [format!("{id}.{secret}"), bare.clone()] {
+            let text = format!("Invalid API key{before}{key}{after} Check it.");
+            let scrubbed = scrub_secrets(&text);
+            for w in key.as_bytes()[..key.len() - 4].windows(8) {
+                let w = std::str::from_utf8(w).unwrap();
+                prop_assert!(!scrubbed.contains(w), "{} survived: {}", key, scrubbed);
+            }
+            prop_assert!(scrubbed.ends_with(&format!("{after} Check it.")), "{}", scrubbed);
+        }
+    }
+}
