@@ -97,11 +97,7 @@ impl Endpoint {
 /// assert!(matches!(normalize_path("/v1/responses"), std::borrow::Cow::Borrowed(_)));
 /// ```
 pub fn normalize_path(path: &str) -> Cow<'_, str> {
-    let clean = !path.contains('%') && !path.contains("//") && {
-        let mut segments = path.split('/');
-        segments.all(|s| s != "." && s != "..")
-    };
-    if clean {
+    if is_normal(path.as_bytes()) {
         return Cow::Borrowed(path);
     }
     let decoded = percent_decode(path);
@@ -124,6 +120,27 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
         path.push('/');
     }
     Cow::Owned(path)
+}
+
+/// Whether `path` is already normal: no `%`, no `//`, no `.` or `..` segment. One pass over
+/// the bytes, no searcher: every request's path goes through it.
+fn is_normal(path: &[u8]) -> bool {
+    let mut prev = b'/';
+    for (i, &b) in path.iter().enumerate() {
+        match b {
+            b'%' => return false,
+            b'/' if prev == b'/' && i > 0 => return false,
+            b'.' if prev == b'/' => {
+                let rest = &path[i + 1..];
+                if matches!(rest, [] | [b'/', ..] | [b'.'] | [b'.', b'/', ..]) {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+        prev = b;
+    }
+    true
 }
 
 fn percent_decode(s: &str) -> Cow<'_, str> {
@@ -159,6 +176,12 @@ fn percent_decode(s: &str) -> Cow<'_, str> {
 /// assert_eq!(deployment_from_path("/v1/chat/completions"), None);
 /// ```
 pub fn deployment_from_path(path: &str) -> Option<String> {
+    // Most paths name no deployment: say so without normalizing. Only a `%` can spell the
+    // word differently.
+    let bytes = path.as_bytes();
+    if !bytes.contains(&b'%') && !bytes.windows(11).any(|w| w == b"deployments") {
+        return None;
+    }
     let path = normalize_path(path);
     let mut segments = path.split('/').filter(|s| !s.is_empty());
     while let Some(s) = segments.next() {
@@ -756,6 +779,22 @@ mod tests {
                     .map(|i| format!("m{i}")),
             );
             assert_eq!(models, expected, "{n}");
+        }
+    }
+
+    #[test]
+    fn the_fast_normality_check_agrees_with_the_segment_rule() {
+        let by_segments = |p: &str| {
+            !p.contains('%') && !p.contains("//") && p.split('/').all(|s| s != "." && s != "..")
+        };
+        let mut rng = fastrand::Rng::with_seed(7);
+        let alphabet = [b'/', b'.', b'%', b'a', b'2'];
+        for _ in 0..20_000 {
+            let len = rng.usize(0..9);
+            let p: String = (0..len)
+                .map(|_| alphabet[rng.usize(..alphabet.len())] as char)
+                .collect();
+            assert_eq!(is_normal(p.as_bytes()), by_segments(&p), "{p:?}");
         }
     }
 

@@ -66,8 +66,11 @@ pub(crate) fn check(shared: &Shared, view: &RequestView) -> Result<(), ApiError>
     if checks.params {
         check_params(obj)?;
     }
-    if checks.params || shared.models.is_some() {
-        check_models_field(obj)?;
+    if !checks.params && shared.models.is_some() {
+        // The parameter checks look at `models` in their own pass.
+        if let Some(models) = obj.get("models") {
+            check_models_field(models)?;
+        }
     }
     if checks.messages && endpoint == Endpoint::ChatCompletions {
         check_messages(obj)?;
@@ -211,6 +214,7 @@ fn check_params(obj: &Map<String, Value>) -> Result<(), ApiError> {
             "max_tokens" => integer_at_least("max_tokens", value, 1)?,
             "max_completion_tokens" => integer_at_least("max_completion_tokens", value, 1)?,
             "max_output_tokens" => integer_at_least("max_output_tokens", value, 1)?,
+            "models" => check_models_field(value)?,
             "stream" if !matches!(value, Value::Null | Value::Bool(_)) => {
                 return Err(wrong_type("stream", "a boolean (true or false)", value));
             }
@@ -377,7 +381,7 @@ fn check_messages(obj: &Map<String, Value>) -> Result<(), ApiError> {
 }
 
 /// `models` (OpenRouter-style fallbacks), when present, is a list of model names.
-fn check_models_field(obj: &Map<String, Value>) -> Result<(), ApiError> {
+fn check_models_field(models: &Value) -> Result<(), ApiError> {
     let invalid = |what: &str| {
         Err(ApiError::new(
             ErrorCode::InvalidValue,
@@ -385,9 +389,9 @@ fn check_models_field(obj: &Map<String, Value>) -> Result<(), ApiError> {
         )
         .with_param("models"))
     };
-    match obj.get("models") {
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::Array(items)) => {
+    match models {
+        Value::Null => Ok(()),
+        Value::Array(items) => {
             for (i, item) in items.iter().enumerate() {
                 match item {
                     Value::String(s) if !s.is_empty() => {}
@@ -399,7 +403,7 @@ fn check_models_field(obj: &Map<String, Value>) -> Result<(), ApiError> {
             }
             Ok(())
         }
-        Some(other) => invalid(&format!("got {}", kind(other))),
+        other => invalid(&format!("got {}", kind(other))),
     }
 }
 
