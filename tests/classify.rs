@@ -776,3 +776,22 @@ proptest! {
         }
     }
 }
+
+/// A message cut before scrubbing (huge input) does not leave the head of a key at the cut,
+/// even when folding whitespace brings the cut inside the bound.
+#[test]
+fn a_key_cut_by_the_input_bound_leaves_no_fragment() {
+    let key = "q8Zk3LmP0xYv7RtB2nWc9HsD";
+    for pad in 3_980..4_000 {
+        let text = format!("Bad key:{}{key} and more", " ".repeat(pad));
+        let body = serde_json::json!({"error": {"message": text}});
+        let e = classify_response(
+            StatusCode::UNAUTHORIZED,
+            &HeaderMap::new(),
+            body.to_string().as_bytes(),
+        )
+        .unwrap();
+        assert!(!e.message().contains("q8Zk3"), "{pad}: {}", e.message());
+        assert!(e.message().chars().count() <= MAX_MESSAGE_CHARS);
+    }
+}

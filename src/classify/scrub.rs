@@ -209,7 +209,8 @@ fn mask_token(token: &str, bearer: bool, out: &mut String) {
 }
 
 /// Scrubs `text`, folds runs of whitespace (newlines included) into one space, trims, and cuts
-/// it to [`MAX_MESSAGE_CHARS`] characters, ending a cut message with `…`.
+/// it to [`MAX_MESSAGE_CHARS`] characters, ending a cut message with `…`. A huge input is cut
+/// first, before a token, so the head of a key is never left at the cut.
 pub fn finish(text: &str) -> String {
     // Cut the input first so a huge message costs no more than a bounded one.
     let mut cut = text;
@@ -219,6 +220,11 @@ pub fn finish(text: &str) -> String {
             i -= 1;
         }
         cut = &cut[..i];
+        // A token the cut went through may be the head of a key too short to be told from a
+        // word: drop it.
+        if text[i..].starts_with(is_token_char) {
+            cut = cut.trim_end_matches(is_token_char);
+        }
     }
     let scrubbed = scrub(cut);
     let mut out = String::with_capacity(scrubbed.len().min(MAX_MESSAGE_CHARS * 4));
