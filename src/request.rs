@@ -97,11 +97,7 @@ impl Endpoint {
 /// assert!(matches!(normalize_path("/v1/responses"), std::borrow::Cow::Borrowed(_)));
 /// ```
 pub fn normalize_path(path: &str) -> Cow<'_, str> {
-    let clean = !path.contains('%') && !path.contains("//") && {
-        let mut segments = path.split('/');
-        segments.all(|s| s != "." && s != "..")
-    };
-    if clean {
+    if is_normal(path.as_bytes()) {
         return Cow::Borrowed(path);
     }
     let decoded = percent_decode(path);
@@ -124,6 +120,27 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
         path.push('/');
     }
     Cow::Owned(path)
+}
+
+/// Whether `path` is already normal: no `%`, no `//`, no `.` or `..` segment. One pass over
+/// the bytes, no searcher: every request's path goes through it.
+fn is_normal(path: &[u8]) -> bool {
+    let mut prev = b'/';
+    for (i, &b) in path.iter().enumerate() {
+        match b {
+            b'%' => return false,
+            b'/' if prev == b'/' && i > 0 => return false,
+            b'.' if prev == b'/' => {
+                let rest = &path[i + 1..];
+                if matches!(rest, [] | [b'/', ..] | [b'.'] | [b'.', b'/', ..]) {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+        prev = b;
+    }
+    true
 }
 
 fn percent_decode(s: &str) -> Cow<'_, str> {
@@ -159,6 +176,12 @@ fn percent_decode(s: &str) -> Cow<'_, str> {
 /// assert_eq!(deployment_from_path("/v1/chat/completions"), None);
 /// ```
 pub fn deployment_from_path(path: &str) -> Option<String> {
+    // Most paths name no deployment: say so without normalizing. Only a `%` can spell the
+    // word differently.
+    let bytes = path.as_bytes();
+    if !bytes.contains(&b'%') && !bytes.windows(11).any(|w| w == b"deployments") {
+        return None;
+    }
     let path = normalize_path(path);
     let mut segments = path.split('/').filter(|s| !s.is_empty());
     while let Some(s) = segments.next() {
@@ -297,6 +320,7 @@ pub struct RequestView {
     message_count: Option<usize>,
     prompt_tokens: u64,
     json: Option<Arc<Value>>,
+    body_len: Option<usize>,
 }
 
 /// The body was not a JSON object.
@@ -357,7 +381,7 @@ impl RequestView {
                 column: 0,
             });
         }
-        Ok(RequestView::from_json(endpoint, Arc::new(value), estimator))
+        Ok(RequestView::from_json(endpoint, Arc::new(value), estimator).with_body_len(body.len()))
     }
 
     /// The view of an already parsed JSON object.
@@ -429,7 +453,23 @@ impl RequestView {
             message_count,
             prompt_tokens: tokens,
             json: Some(json),
+            body_len: None,
         }
+    }
+
+    /// Records the length in bytes of the body the view was parsed from ([`RequestView::parse`]
+    /// does it), so a later layer with a smaller body limit can hold to it without reading the
+    /// body again.
+    pub fn with_body_len(mut self, bytes: usize) -> RequestView {
+        self.body_len = Some(bytes);
+        self
+    }
+
+    /// The length in bytes of the body the view was parsed from, when known (set by
+    /// [`RequestView::parse`] and [`RequestView::with_body_len`]; `None` for a view built with
+    /// [`RequestView::from_json`] alone).
+    pub fn body_len(&self) -> Option<usize> {
+        self.body_len
     }
 
     /// Sets the deployment from the request path ([`deployment_from_path`]); every layer that
@@ -481,17 +521,29 @@ impl RequestView {
     /// assert_eq!(models, ["prod", "gpt-4o", "claude-3-5-sonnet"]);
     /// assert_eq!(view.routed_model(), Some("prod"));
     /// ```
+    ///
+    /// Linear in the number of models: a long `models` array (the client chooses its length) is
+    /// de-duplicated through a set, a short one by comparison.
     pub fn models(&self) -> impl Iterator<Item = &str> + '_ {
-        let all = move || {
-            self.deployment()
-                .into_iter()
-                .chain(self.model())
-                .chain(self.fallback_models.iter().map(|m| &**m))
-        };
-        all()
-            .enumerate()
-            .filter(move |&(i, m)| !all().take(i).any(|earlier| earlier == m))
-            .map(|(_, m)| m)
+        /// Up to this many fallbacks are de-duplicated by comparing with the earlier ones.
+        const SCAN: usize = 8;
+        let head = self.deployment();
+        let model = self.model().filter(|m| Some(*m) != head);
+        let fallbacks = &self.fallback_models;
+        let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        let tail = fallbacks.iter().enumerate().filter_map(move |(i, m)| {
+            let m: &str = m;
+            if Some(m) == head || Some(m) == model {
+                return None;
+            }
+            let repeat = if fallbacks.len() <= SCAN {
+                fallbacks[..i].iter().any(|earlier| &**earlier == m)
+            } else {
+                !seen.insert(m)
+            };
+            (!repeat).then_some(m)
+        });
+        head.into_iter().chain(model).chain(tail)
     }
     /// The `stream` field (false when absent).
     pub fn stream(&self) -> bool {
@@ -701,6 +753,49 @@ mod tests {
             Some("my-gpt")
         );
         assert_eq!(deployment_from_path("/openai/deployments"), None);
+    }
+
+    #[test]
+    fn models_are_listed_once_in_order_for_short_and_long_arrays() {
+        let list = |n: usize| {
+            let mut models: Vec<String> =
+                (0..n).map(|i| format!("m{}", i % (n / 2).max(1))).collect();
+            models.push("gpt-4o".to_owned());
+            serde_json::json!({"model": "gpt-4o", "models": models}).to_string()
+        };
+        for n in [4usize, 40, 200_000] {
+            let view = RequestView::parse(
+                Endpoint::ChatCompletions,
+                list(n).as_bytes(),
+                &CharEstimator,
+            )
+            .unwrap()
+            .with_path("/openai/deployments/m1/chat/completions");
+            let models: Vec<&str> = view.models().collect();
+            let mut expected = vec!["m1".to_owned(), "gpt-4o".to_owned()];
+            expected.extend(
+                (0..(n / 2).max(1))
+                    .filter(|i| *i != 1)
+                    .map(|i| format!("m{i}")),
+            );
+            assert_eq!(models, expected, "{n}");
+        }
+    }
+
+    #[test]
+    fn the_fast_normality_check_agrees_with_the_segment_rule() {
+        let by_segments = |p: &str| {
+            !p.contains('%') && !p.contains("//") && p.split('/').all(|s| s != "." && s != "..")
+        };
+        let mut rng = fastrand::Rng::with_seed(7);
+        let alphabet = [b'/', b'.', b'%', b'a', b'2'];
+        for _ in 0..20_000 {
+            let len = rng.usize(0..9);
+            let p: String = (0..len)
+                .map(|_| alphabet[rng.usize(..alphabet.len())] as char)
+                .collect();
+            assert_eq!(is_normal(p.as_bytes()), by_segments(&p), "{p:?}");
+        }
     }
 
     #[test]

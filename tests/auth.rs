@@ -766,12 +766,12 @@ async fn a_view_left_by_an_earlier_layer_is_used_without_reading_the_body() {
     assert!(err.message().contains("`gpt-4o`"), "{}", err.message());
 }
 
-#[tokio::test]
-async fn secrets_never_reach_logs_or_debug_output() {
-    // A global subscriber: a thread-local one races with callsite registration by the tests
-    // running beside this one. It also means every test's traffic is checked.
+/// Everything this test binary logs. A global subscriber: a thread-local one races with
+/// callsite registration by the tests running beside it. It also means every test's traffic is
+/// checked.
+fn global_logs() -> &'static Capture {
     static CAPTURE: std::sync::OnceLock<Capture> = std::sync::OnceLock::new();
-    let capture = CAPTURE.get_or_init(|| {
+    CAPTURE.get_or_init(|| {
         let capture = Capture::default();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(capture.clone())
@@ -780,7 +780,12 @@ async fn secrets_never_reach_logs_or_debug_output() {
             .finish();
         tracing::subscriber::set_global_default(subscriber).unwrap();
         capture
-    });
+    })
+}
+
+#[tokio::test]
+async fn secrets_never_reach_logs_or_debug_output() {
+    let capture = global_logs();
 
     let upstream_key = "sk-upstream-secret-0123456789abcdef";
     let layer = ApiKeyAuthLayer::builder(store())
@@ -945,4 +950,163 @@ proptest! {
             Err(e) => prop_assert_eq!(e.field(), "expires_at"),
         }
     }
+}
+
+#[tokio::test]
+async fn a_restricted_key_is_checked_against_every_model_the_upstream_may_use() {
+    let base = default_server().await;
+    let messages = serde_json::json!([{"role": "user", "content": "hi"}]);
+    let refused = |status: u16, body: &Value, model: &str, param: &str| {
+        assert_eq!(status, 403, "{body}");
+        assert_eq!(body["error"]["code"], "permission_denied", "{body}");
+        assert_eq!(body["error"]["param"], param, "{body}");
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(&format!("`{model}`")), "{msg}");
+        assert!(msg.contains("gpt-4o-mini*"), "{msg}");
+    };
+    // Azure-style: the path names the deployment the upstream serves.
+    for path in [
+        "/openai/deployments/gpt-4o/chat/completions",
+        "/openai/deployments/gpt%2D4o/chat/completions",
+        "/openai/deployments/gpt-4o-mini/../gpt-4o/chat/completions",
+        "/openai/deployments/gpt-4o-mini/%2e%2e/gpt-4o/chat/completions",
+        "/openai//deployments/./gpt-4o/chat/completions",
+    ] {
+        let (status, body) = post_raw(&base, path, MINI, chat("gpt-4o-mini")).await;
+        refused(status, &body, "gpt-4o", "model");
+    }
+    // An allowed deployment needs no body `model`; a body `model` is checked as well.
+    let no_model = serde_json::json!({"messages": messages}).to_string();
+    for path in [
+        "/openai/deployments/gpt-4o-mini/chat/completions",
+        "/openai/deployments/text-embedding-3-small/embeddings",
+    ] {
+        let (status, body) = post_raw(&base, path, MINI, no_model.clone()).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        assert_eq!(body["id"], "mini");
+    }
+    let (status, body) = post_raw(
+        &base,
+        "/openai/deployments/gpt-4o-mini/chat/completions",
+        MINI,
+        chat("gpt-4o"),
+    )
+    .await;
+    refused(status, &body, "gpt-4o", "model");
+    // OpenRouter-style: each model of `models` may answer.
+    let routed = |models: Value| {
+        serde_json::json!({"model": "gpt-4o-mini", "models": models, "messages": messages})
+            .to_string()
+    };
+    let (status, body) = post_raw(
+        &base,
+        "/v1/chat/completions",
+        MINI,
+        routed(serde_json::json!([
+            "gpt-4o-mini-2024-07-18",
+            "claude-3-opus"
+        ])),
+    )
+    .await;
+    refused(status, &body, "claude-3-opus", "models");
+    let (status, body) = post_raw(
+        &base,
+        "/v1/chat/completions",
+        MINI,
+        routed(serde_json::json!(["gpt-4o-mini-2024-07-18", "gpt-4o-mini"])),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    // Unrestricted keys are not read at all.
+    let (status, body) = post_raw(
+        &base,
+        "/openai/deployments/gpt-4o/chat/completions",
+        ACTIVE,
+        chat("gpt-4o"),
+    )
+    .await;
+    assert_eq!((status, &body["id"]), (200, &Value::from("active")));
+}
+
+#[tokio::test]
+async fn a_stored_view_does_not_hide_the_deployment_of_the_path() {
+    let svc = ServiceBuilder::new()
+        .map_request(|mut req: Request<Body>| {
+            // An earlier layer parsed the body but never looked at the path.
+            let view = RequestView::parse(
+                Endpoint::ChatCompletions,
+                br#"{"model":"gpt-4o-mini"}"#,
+                &CharEstimator,
+            )
+            .unwrap();
+            req.extensions_mut().insert(view);
+            req
+        })
+        .layer(ApiKeyAuthLayer::new(store()))
+        .service(service_fn(|_req: Request<Body>| async {
+            Ok::<_, Infallible>(Response::new(Body::from("upstream")))
+        }));
+    let call = |path: &'static str| {
+        Request::post(path)
+            .header("authorization", format!("Bearer {MINI}"))
+            .body(Body::from("not read"))
+            .unwrap()
+    };
+    let res = svc
+        .clone()
+        .oneshot(call("/openai/deployments/gpt-4o/chat/completions"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    let err = res.extensions().get::<llm_layers::ApiError>().unwrap();
+    assert!(err.message().contains("`gpt-4o`"), "{}", err.message());
+    let res = svc
+        .oneshot(call("/openai/deployments/gpt-4o-mini/chat/completions"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+}
+
+#[tokio::test]
+async fn client_chosen_strings_reach_logs_escaped() {
+    let capture = global_logs();
+    // A log line forged inside a model name, and one inside a key id.
+    const FORGED: &str = "1999-01-01T00:00:00.000000Z  INFO llm_layers::auth: forged";
+    let key = "sk-newline-id-0123456789abcdefghij";
+    let store = InMemoryKeyStore::new([
+        KeyRecord::builder(format!("team\n{FORGED} key_id=root"))
+            .secret(key)
+            .build()
+            .unwrap(),
+        KeyRecord::builder("mini")
+            .secret(MINI)
+            .allow_model("gpt-4o-mini*")
+            .build()
+            .unwrap(),
+    ])
+    .unwrap();
+    let base = serve(app(ApiKeyAuthLayer::new(store))).await;
+    let model = format!("gpt-4o\n{FORGED} model\r\u{1b}[2K");
+    let res = post(&base, "/v1/chat/completions")
+        .bearer_auth(MINI)
+        .body(chat(&model))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    let res = post(&base, "/v1/chat/completions")
+        .bearer_auth(key)
+        .body(chat("gpt-4o"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let logs = capture.text();
+    for line in logs.lines() {
+        assert!(!line.starts_with("1999-01-01"), "a forged line:\n{logs}");
+        assert!(!line.contains('\u{1b}'), "a raw escape: {line:?}");
+    }
+    // The strings are there, escaped.
+    assert!(logs.contains(r"gpt-4o\n1999-01-01"), "{logs}");
+    assert!(logs.contains(r"team\n1999-01-01"), "{logs}");
 }

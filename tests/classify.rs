@@ -549,3 +549,249 @@ fn transport_errors_walk_the_source_chain() {
         "The connection to the upstream was closed before it answered."
     );
 }
+
+/// The key shapes the scrubber catches, each inside a provider message that reaches the
+/// envelope: Zhipu-style `id.secret`, base64 with `/` and `+`, JWTs, and unprefixed keys
+/// shorter than 32 characters.
+#[test]
+fn dotted_slashed_and_short_unprefixed_keys_never_reach_a_message() {
+    use llm_layers::classify::scrub_secrets;
+    let keys = [
+        // Zhipu / GLM: a 32-hex id, a dot, a 16-character secret.
+        "c3a2b1d4e5f60718293a4b5c6d7e8f90.AbCdEfGh1jKlMnOp",
+        "0f1e2d3c4b5a69788796a5b4c3d2e1f0.xVfQgRbZrWTqMPJh",
+        // base64 secrets with `/` and `+`.
+        "u7Hk/9sLq+Wd3pXz0aB1cD2eF3gH4iJ5kL6mN7oP8qR9==",
+        "wJalrXUtnFEMI/K7MDENG/bPxRfiCY9XAMPLEKEY",
+        "Qk3/hZ8+xT2/pL9mWv4/Nc7rYs1/Ud6eBf0g",
+        // A JWT (MiniMax and others).
+        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dBjftJeZ4CVPmB92K27uhbUJU1p1r",
+        // Unprefixed keys shorter than 32 characters (Baidu-style 24, a bare 16-char secret).
+        "q8Zk3LmP0xYv7RtB2nWc9HsD",
+        "xVfQ8bZr7TqMPJh2",
+        "a8f3K2m9X7q1W5e6r4T0",
+    ];
+    for key in keys {
+        let hidden = &key[..key.len() - 4];
+        for text in [
+            format!("Invalid API key: {key}. Check your key."),
+            format!("api_key={key}"),
+            format!("(key {key})"),
+            format!("Authorization failed for token \"{key}\""),
+        ] {
+            let scrubbed = scrub_secrets(&text);
+            // No 8 characters of the key in a row survive, bar the last four.
+            for w in hidden.as_bytes().windows(8) {
+                let w = std::str::from_utf8(w).unwrap();
+                assert!(!scrubbed.contains(w), "{key} survived: {scrubbed}");
+            }
+            assert!(
+                scrubbed.contains(&key[key.len() - 4..]),
+                "the last four stay to tell keys apart: {scrubbed}"
+            );
+            let body = serde_json::json!({"error": {"message": text, "code": "1000"}});
+            let e = classify_response(
+                StatusCode::UNAUTHORIZED,
+                &HeaderMap::new(),
+                body.to_string().as_bytes(),
+            )
+            .unwrap();
+            for w in hidden.as_bytes().windows(8) {
+                let w = std::str::from_utf8(w).unwrap();
+                assert!(!e.message().contains(w), "{key}: {}", e.message());
+            }
+        }
+    }
+}
+
+/// What the scrubber leaves alone: words, identifiers, model names (with or without an
+/// organisation), URLs and paths, request and object ids, durations, numbers.
+#[test]
+fn words_model_names_urls_and_request_ids_are_left_intact() {
+    use llm_layers::classify::scrub_secrets;
+    let intact = [
+        "The model `gpt-4o-2024-08-06` does not exist or you do not have access to it.",
+        "The model `meta-llama/Meta-Llama-3.1-70B-Instruct` does not exist.",
+        "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B is overloaded; Qwen2.5-72B-Instruct is not.",
+        "mistralai/Mixtral-8x7B-Instruct-v0.1 and claude-3-5-sonnet-20241022 and Baichuan4-Turbo",
+        "ft:gpt-4o-mini-2024-07-18:my-org:custom:9sQ2xYzA failed",
+        "You can find your API key at https://platform.openai.com/account/api-keys.",
+        "See https://us-central1-aiplatform.googleapis.com/v1/projects/my-project-123/locations/us-central1/publishers/google/models/gemini-1.5-pro-002:generateContent",
+        "projects/123456789012/locations/us-central1/endpoints/1234567890123456789 not found",
+        "Request id: req_011CTy8ZpGxRfL2mNqAbCdEf (chatcmpl-AbC123xYz456QwE789, gen-1700000000-Xy9Zq2Lm8NpR4sTu)",
+        "quota metric generate_content_free_tier_input_token_count, method GenerateContentRequest",
+        "HTTPStatusCodeBadRequest: AttentionRequired. Please try again in 9m38.016s.",
+        "Limit 30000, Used 29000, Requested 1500, version 1.2.3, at 2025-01-01T00:00:30.25Z.",
+        "Rate limit reached for gpt-4o in organization org-Ab12Cd34Ef56Gh78Ij90 on tokens.",
+        "/v1/chat/completions and /openai/deployments/gpt-4o-prod/chat/completions",
+    ];
+    for text in intact {
+        assert_eq!(scrub_secrets(text), text);
+    }
+    // A 32-hex request id cannot be told from a 32-hex key (Azure keys look like that): masked.
+    assert_eq!(
+        scrub_secrets("request e5c949c8ec2c86be225544e5eefcbe4d failed"),
+        "request ...be4d failed"
+    );
+    // Only the key goes: the sentence, its punctuation and a URL around it stay.
+    assert_eq!(
+        scrub_secrets("Key q8Zk3LmP0xYv7RtB2nWc9HsD. See https://example.com/docs."),
+        "Key ...9HsD. See https://example.com/docs."
+    );
+    assert_eq!(
+        scrub_secrets("GET https://example.com/v1/keys/c3a2b1d4e5f60718293a4b5c6d7e8f90/usage"),
+        "GET https://example.com/v1/keys/...8f90/usage"
+    );
+}
+
+/// Every wait source is held to the same one-year cap, and extreme values (year 9999, negative,
+/// huge numbers) are refused without a panic or a wrap.
+#[test]
+fn every_wait_source_is_capped_at_a_year_and_extremes_never_panic() {
+    use llm_layers::classify::wait;
+    let now = fixed_now();
+    let headers = |pairs: &[(&'static str, &str)]| {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    };
+    // HTTP-dates: a year from now is the most; year 9999 is garbage, not an 8,000-year wait.
+    assert_eq!(
+        wait::parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now),
+        None
+    );
+    assert_eq!(
+        wait::parse_retry_after("Wed, 23 Nov 2050 10:00:00 GMT", now),
+        None
+    );
+    assert_eq!(
+        wait::parse_retry_after("Mon, 23 Nov 2026 10:00:30 GMT", now),
+        Some(Duration::from_secs(30))
+    );
+    assert_eq!(
+        wait::from_headers_at(
+            &headers(&[("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT")]),
+            now
+        ),
+        None
+    );
+    // RFC 3339 reset dates, the same cap.
+    let far = headers(&[
+        ("anthropic-ratelimit-requests-reset", "9999-12-31T23:59:59Z"),
+        ("anthropic-ratelimit-requests-remaining", "0"),
+    ]);
+    assert_eq!(wait::rate_limit_reset_at(&far, now), None);
+    let near = headers(&[("anthropic-ratelimit-tokens-reset", "2026-11-23T10:00:30Z")]);
+    assert_eq!(
+        wait::rate_limit_reset_at(&near, now),
+        Some(Duration::from_secs(30))
+    );
+    // A far date on one limit does not hide a sane one on another.
+    let mixed = headers(&[
+        ("anthropic-ratelimit-requests-reset", "9999-12-31T23:59:59Z"),
+        ("anthropic-ratelimit-tokens-reset", "2026-11-23T10:00:30Z"),
+    ]);
+    assert_eq!(
+        wait::rate_limit_reset_at(&mixed, now),
+        Some(Duration::from_secs(30))
+    );
+    // Through the classifier: a 429 whose only hints are absurd has no wait.
+    let e = classify_response_at(
+        StatusCode::TOO_MANY_REQUESTS,
+        &headers(&[
+            ("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT"),
+            ("anthropic-ratelimit-requests-reset", "9999-12-31T23:59:59Z"),
+        ]),
+        br#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
+        now,
+    )
+    .unwrap();
+    assert_eq!(e.code(), ErrorCode::RateLimitExceeded);
+    assert_eq!(e.retry_after(), None);
+    // Numbers: negative, huge, not finite, overlong; none panics, none is accepted.
+    for v in [
+        "-1",
+        "-0.5",
+        "1e300",
+        "inf",
+        "NaN",
+        "31622401",
+        "18446744073709551616",
+        "99999999999999999999999999999999999999",
+    ] {
+        assert_eq!(wait::parse_retry_after(v, now), None, "{v}");
+    }
+    for v in [
+        "99999999999999999999h",
+        "9223372036854775807h9223372036854775807m",
+        "8784h1s",
+        "1e9s",
+        "-5s",
+    ] {
+        assert_eq!(wait::parse_duration(v), None, "{v}");
+    }
+    assert_eq!(wait::parse_retry_delay("1e300s"), None);
+    assert_eq!(wait::parse_retry_delay("-1s"), None);
+    assert_eq!(
+        wait::from_text("Please try again in 99999999999999999999999 hours."),
+        None
+    );
+    assert_eq!(
+        wait::from_headers_at(&headers(&[("retry-after-ms", "1e30")]), now),
+        None
+    );
+    // The last instant RFC 3339 can write, and the first, parse without overflow.
+    assert!(wait::parse_rfc3339("9999-12-31T23:59:60.999999999+00:00").is_some());
+    assert!(wait::parse_rfc3339("9999-12-31T00:00:00-23:59").is_some());
+    assert_eq!(wait::parse_rfc3339("0000-01-01T00:00:00Z"), None);
+    // Exactly a year is still a wait.
+    assert_eq!(
+        wait::parse_retry_after("31622400", now),
+        Some(Duration::from_secs(31_622_400))
+    );
+}
+
+proptest! {
+    /// Zhipu-style `id.secret` keys and unprefixed keys of 20 characters or more that mix
+    /// letters and digits never survive, wherever they sit in a sentence.
+    #[test]
+    fn dotted_and_unprefixed_keys_never_survive(
+        id in "[0-9a-f]{32}",
+        secret in "[A-Za-z0-9]{16}",
+        bare in "[A-Za-z]{1,12}[0-9][A-Za-z0-9]{18,30}",
+        before in prop::sample::select(vec![" ", ": ", "=", "(", "\"", "key:", "\n"]),
+        after in prop::sample::select(vec!["", ".", ")", ". Retry.", "/", "\","]),
+    ) {
+        use llm_layers::classify::scrub_secrets;
+        for key in [format!("{id}.{secret}"), bare.clone()] {
+            let text = format!("Invalid API key{before}{key}{after} Check it.");
+            let scrubbed = scrub_secrets(&text);
+            for w in key.as_bytes()[..key.len() - 4].windows(8) {
+                let w = std::str::from_utf8(w).unwrap();
+                prop_assert!(!scrubbed.contains(w), "{} survived: {}", key, scrubbed);
+            }
+            prop_assert!(scrubbed.ends_with(&format!("{after} Check it.")), "{}", scrubbed);
+        }
+    }
+}
+
+/// A message cut before scrubbing (huge input) does not leave the head of a key at the cut,
+/// even when folding whitespace brings the cut inside the bound.
+#[test]
+fn a_key_cut_by_the_input_bound_leaves_no_fragment() {
+    let key = "q8Zk3LmP0xYv7RtB2nWc9HsD";
+    for pad in 3_980..4_000 {
+        let text = format!("Bad key:{}{key} and more", " ".repeat(pad));
+        let body = serde_json::json!({"error": {"message": text}});
+        let e = classify_response(
+            StatusCode::UNAUTHORIZED,
+            &HeaderMap::new(),
+            body.to_string().as_bytes(),
+        )
+        .unwrap();
+        assert!(!e.message().contains("q8Zk3"), "{pad}: {}", e.message());
+        assert!(e.message().chars().count() <= MAX_MESSAGE_CHARS);
+    }
+}

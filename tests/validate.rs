@@ -9,7 +9,7 @@ use axum::extract::Request;
 use axum::routing::{get, post};
 use axum::Router;
 use bytes::Bytes;
-use common_validate::{chat, post_json, post_with, serve};
+use common_validate::{chat, post_json, post_raw, post_with, serve};
 use futures_util::StreamExt;
 use llm_layers::request::{CharEstimator, Endpoint, RequestView};
 use llm_layers::validate::ValidateRequestLayer;
@@ -917,4 +917,249 @@ async fn responses_requests_count_input_instructions_and_max_output_tokens() {
     assert_eq!(a.code(), "context_length_exceeded", "{}", a.text);
     assert_eq!(a.param(), Some("input"));
     assert!(a.message().contains("110"), "{}", a.message());
+}
+
+/// The upstream for any path: what `upstream` answers, on every route.
+fn any_path_app(layer: ValidateRequestLayer) -> Router {
+    Router::new().fallback(upstream).layer(layer)
+}
+
+#[tokio::test]
+async fn allowed_models_checks_the_deployment_in_the_path_and_the_models_array() {
+    let layer = ValidateRequestLayer::builder()
+        .allowed_models(["gpt-4o-mini", "mini-prod"])
+        .build()
+        .unwrap();
+    let base = serve(any_path_app(layer)).await;
+    // The path names the deployment the upstream serves, whatever the body says.
+    for path in [
+        "/openai/deployments/gpt-4o/chat/completions",
+        "/openai/deployments/gpt%2D4o/chat/completions",
+    ] {
+        let a = post_raw(&base, path, chat("gpt-4o-mini", "hi")).await;
+        assert_eq!((a.status, a.code()), (400, "model_not_supported"), "{path}");
+        assert_eq!(a.param(), Some("model"));
+        assert!(a.message().contains("\"gpt-4o\""), "{}", a.message());
+        assert!(a.message().contains("mini-prod"), "{}", a.message());
+    }
+    // An allowed deployment needs no body `model`.
+    let body = json!({"messages": [{"role": "user", "content": "hi"}]}).to_string();
+    let a = post_json(
+        &base,
+        "/openai/deployments/mini-prod/chat/completions",
+        body,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.body["view"], true);
+    // ... but the body `model`, when sent, is checked too.
+    let a = post_json(
+        &base,
+        "/openai/deployments/mini-prod/chat/completions",
+        chat("gpt-4o", "hi"),
+    )
+    .await;
+    assert_eq!((a.status, a.param()), (400, Some("model")), "{}", a.text);
+    // Without a deployment, `model` is still required.
+    let body = json!({"messages": [{"role": "user", "content": "hi"}]}).to_string();
+    let a = post_json(&base, "/v1/chat/completions", body).await;
+    assert_eq!(a.code(), "missing_required_field");
+    // OpenRouter-style routing: every model of `models` may answer, so each one is checked.
+    let body = json!({"model": "gpt-4o-mini", "models": ["gpt-4o-mini", "claude-3-opus"],
+        "messages": [{"role": "user", "content": "hi"}]});
+    let a = post_json(&base, "/v1/chat/completions", body.to_string()).await;
+    assert_eq!(
+        (a.status, a.code()),
+        (400, "model_not_supported"),
+        "{}",
+        a.text
+    );
+    assert_eq!(a.param(), Some("models"));
+    assert!(a.message().contains("\"claude-3-opus\""), "{}", a.message());
+    let body = json!({"model": "gpt-4o-mini", "models": ["mini-prod", "gpt-4o-mini"],
+        "messages": [{"role": "user", "content": "hi"}]});
+    let a = post_json(&base, "/v1/chat/completions", body.to_string()).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    // A `models` that is not a list of model names is refused, not skipped.
+    for models in [
+        json!("claude-3-opus"),
+        json!(["gpt-4o-mini", 7]),
+        json!([""]),
+    ] {
+        let body = json!({"model": "gpt-4o-mini", "models": models,
+            "messages": [{"role": "user", "content": "hi"}]});
+        let a = post_json(&base, "/v1/chat/completions", body.to_string()).await;
+        assert_eq!(
+            (a.status, a.code()),
+            (400, "invalid_value"),
+            "{models}: {}",
+            a.text
+        );
+        assert_eq!(a.param(), Some("models"));
+    }
+}
+
+#[tokio::test]
+async fn a_stored_view_is_checked_against_the_deployment_of_the_path() {
+    // An earlier layer stored a view without the deployment; validation reads the path itself.
+    let layer = ValidateRequestLayer::builder()
+        .allowed_models(["gpt-4o-mini"])
+        .build()
+        .unwrap();
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(tower::service_fn(|req: Request| async move {
+            let routed = RequestView::from_extensions(req.extensions())
+                .and_then(|v| v.routed_model().map(str::to_owned));
+            Ok::<_, std::convert::Infallible>(axum::response::Response::new(Body::from(
+                routed.unwrap_or_default(),
+            )))
+        }));
+    let request = |path: &str| {
+        let body = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+        let view = RequestView::parse(Endpoint::ChatCompletions, body, &CharEstimator).unwrap();
+        let mut req = http::Request::post(path)
+            .header("content-type", "application/json")
+            .body(Body::from(&body[..]))
+            .unwrap();
+        req.extensions_mut().insert(view);
+        req
+    };
+    let res = svc
+        .clone()
+        .oneshot(request("/openai/deployments/gpt-4o/chat/completions"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let err = res.extensions().get::<llm_layers::ApiError>().unwrap();
+    assert!(err.message().contains("\"gpt-4o\""), "{}", err.message());
+    let res = svc
+        .oneshot(request("/openai/deployments/gpt-4o-mini/chat/completions"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let got = axum::body::to_bytes(res.into_body(), 1024).await.unwrap();
+    assert_eq!(got, "gpt-4o-mini", "later layers see the deployment too");
+}
+
+#[tokio::test]
+async fn the_body_limit_holds_when_an_earlier_layer_parsed_the_body() {
+    use llm_layers::auth::{ApiKeyAuthLayer, InMemoryKeyStore, KeyRecord};
+    const RESTRICTED: &str = "sk-restricted-0123456789abcdefgh";
+    const OPEN: &str = "sk-open-0123456789abcdefghijklmn";
+    let store = InMemoryKeyStore::new([
+        KeyRecord::builder("restricted")
+            .secret(RESTRICTED)
+            .allow_model("gpt-4o-mini*")
+            .build()
+            .unwrap(),
+        KeyRecord::builder("open").secret(OPEN).build().unwrap(),
+    ])
+    .unwrap();
+    // Auth (4 MiB limit) parses the body for the restricted key's model check, before
+    // validation (1 MiB limit) sees the request.
+    let validate = ValidateRequestLayer::builder()
+        .body_limit(1024 * 1024)
+        .check_context_length(false)
+        .build()
+        .unwrap();
+    let app = Router::new()
+        .fallback(upstream)
+        .layer(validate)
+        .layer(ApiKeyAuthLayer::new(store));
+    let base = serve(app).await;
+    let big = chat("gpt-4o-mini", &"a".repeat(3 * 1024 * 1024));
+    let client = reqwest::Client::new();
+    for key in [RESTRICTED, OPEN] {
+        // With a content-length...
+        let res = client
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(key)
+            .header("content-type", "application/json")
+            .body(big.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 413, "{key}");
+        let env: Value = res.json().await.unwrap();
+        assert_eq!(env["error"]["code"], "request_too_large");
+        assert!(
+            env["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("1048576"),
+            "{env}"
+        );
+        // ...and streamed without one.
+        let chunks: Vec<Result<Bytes, std::io::Error>> = big
+            .clone()
+            .into_bytes()
+            .chunks(64 * 1024)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        let res = client
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(key)
+            .header("content-type", "application/json")
+            .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+                chunks,
+            )))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 413, "{key}, streamed");
+    }
+    // A body within both limits passes, parsed once.
+    let res = client
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(RESTRICTED)
+        .header("content-type", "application/json")
+        .body(chat("gpt-4o-mini", &"a".repeat(512 * 1024)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+}
+
+#[tokio::test]
+async fn encoded_and_dot_segment_paths_are_validated_like_the_plain_path() {
+    let base = serve(any_path_app(ValidateRequestLayer::new())).await;
+    let bad = json!({"model": "gpt-4o", "temperature": 9,
+        "messages": [{"role": "user", "content": "hi"}]})
+    .to_string();
+    let good = chat("gpt-4o", "hi");
+    for path in [
+        "/v1/chat/completions",
+        "/v1/chat/%63ompletions",
+        "/v1/chat/%63%6F%6Dpletions",
+        "/v1/chat%2Fcompletions",
+        "/v1/models/../chat/completions",
+        "/v1/models/%2e%2e/chat/completions",
+        "/v1/./chat//completions",
+        "//v1/chat/completions/",
+        "/openai/deployments/gpt-4o/chat/%63ompletions",
+    ] {
+        let a = post_raw(&base, path, bad.clone()).await;
+        assert_eq!(
+            (a.status, a.param()),
+            (400, Some("temperature")),
+            "{path}: {}",
+            a.text
+        );
+        let a = post_raw(&base, path, good.clone()).await;
+        assert_eq!(a.status, 200, "{path}: {}", a.text);
+        assert_eq!(a.body["view"], true, "{path}");
+    }
+    // The other endpoints too: the legacy endpoint refuses chat bodies however it is spelt.
+    for path in ["/v1/%63ompletions", "/v1/chat/../completions"] {
+        let a = post_raw(&base, path, good.clone()).await;
+        assert_eq!(
+            (a.status, a.param()),
+            (400, Some("messages")),
+            "{path}: {}",
+            a.text
+        );
+    }
+    let a = post_raw(&base, "/v1/%65mbeddings", json!({"model": "x"}).to_string()).await;
+    assert_eq!((a.status, a.param()), (400, Some("input")), "{}", a.text);
 }

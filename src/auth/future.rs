@@ -16,7 +16,7 @@ use super::layer::{Forward, Shared};
 use super::store::{AuthenticatedKey, KeyHash, KeyRecord, KeyStore, LookupResult};
 use super::time::format_rfc3339;
 use crate::error::{ApiError, ErrorCode};
-use crate::request::{ensure_view, RequestView, ViewError};
+use crate::request::{deployment_from_path, ensure_view, RequestView, ViewError};
 
 type ViewFuture<B> =
     Pin<Box<dyn Future<Output = Result<Request<B>, (Request<B>, ViewError)>> + Send>>;
@@ -147,7 +147,7 @@ fn respond<B: From<Bytes>>(err: ApiError, challenge: HeaderValue) -> Response<B>
     tracing::debug!(
         target: "llm_layers::auth",
         code = err.code().as_str(),
-        message = err.message(),
+        error_message = ?err.message(),
         "request rejected"
     );
     let mut res = err.to_response::<B>();
@@ -190,38 +190,82 @@ fn allowed_list(record: &KeyRecord) -> String {
         .join(", ")
 }
 
-/// The answer when a restricted key's request names a model it may not use, or none.
+/// Where a model the upstream may use comes from.
+#[derive(Clone, Copy)]
+enum Source {
+    /// The Azure-style deployment in the path.
+    Deployment,
+    /// The body's `model`.
+    Model,
+    /// The body's `models` array (OpenRouter-style fallbacks).
+    Models,
+}
+
+/// The answer when a restricted key's request may reach a model the key may not use, or names
+/// none. Every model the upstream may serve is checked: the deployment the path names (read
+/// from the path itself, as the upstream will route it, so a view built without the path does
+/// not hide it), the body's `model` and each of its `models`.
 fn check_model<B: From<Bytes>>(
     record: &KeyRecord,
     view: Option<&RequestView>,
+    path: &str,
 ) -> Option<Response<B>> {
-    match view.and_then(RequestView::model) {
-        Some(model) if record.allows_model(model) => None,
-        Some(model) => Some(respond(
+    let from_path = deployment_from_path(path);
+    let sources = from_path
+        .as_deref()
+        .map(|m| (m, Source::Deployment))
+        .into_iter()
+        .chain(
+            view.and_then(RequestView::deployment)
+                .map(|m| (m, Source::Deployment)),
+        )
+        .chain(
+            view.and_then(RequestView::model)
+                .map(|m| (m, Source::Model)),
+        )
+        .chain(
+            view.into_iter()
+                .flat_map(|v| v.fallback_models().iter().map(|m| (&**m, Source::Models))),
+        );
+    let mut named = false;
+    for (model, source) in sources {
+        named = true;
+        if record.allows_model(model) {
+            continue;
+        }
+        let (whence, param) = match source {
+            Source::Deployment => (" (the deployment named in the path)", "model"),
+            Source::Model => ("", "model"),
+            Source::Models => (" (in `models`)", "models"),
+        };
+        return Some(respond(
             ApiError::new(
                 ErrorCode::PermissionDenied,
                 format!(
-                    "This API key may not use the model `{}`. It may use: {}.",
+                    "This API key may not use the model `{}`{whence}. It may use: {}.",
                     shown_model(model),
                     allowed_list(record)
                 ),
             )
-            .with_param("model"),
+            .with_param(param),
             INSUFFICIENT_SCOPE,
-        )),
-        None => Some(respond(
-            ApiError::new(
-                ErrorCode::PermissionDenied,
-                format!(
-                    "This API key may only use some models ({}), and the request names no model; \
-                     send `model` in the JSON body.",
-                    allowed_list(record)
-                ),
-            )
-            .with_param("model"),
-            INSUFFICIENT_SCOPE,
-        )),
+        ));
     }
+    if named {
+        return None;
+    }
+    Some(respond(
+        ApiError::new(
+            ErrorCode::PermissionDenied,
+            format!(
+                "This API key may only use some models ({}), and the request names no model; \
+                 send `model` in the JSON body.",
+                allowed_list(record)
+            ),
+        )
+        .with_param("model"),
+        INSUFFICIENT_SCOPE,
+    ))
 }
 
 pub(crate) fn admit<S, K, B>(
@@ -233,7 +277,7 @@ pub(crate) fn admit<S, K, B>(
 where
     S: Service<Request<B>>,
 {
-    tracing::trace!(target: "llm_layers::auth", key_id = record.id(), "API key accepted");
+    tracing::trace!(target: "llm_layers::auth", key_id = ?record.id(), "API key accepted");
     match &shared.forward {
         Forward::Strip => strip_credentials(req.headers_mut()),
         Forward::Keep => {}
@@ -272,7 +316,7 @@ where
             ));
         }
         Err(e) => {
-            tracing::warn!(target: "llm_layers::auth", error = %e, "key store lookup failed");
+            tracing::warn!(target: "llm_layers::auth", error = ?e.to_string(), "key store lookup failed");
             return Decision::Reject(
                 ApiError::new(
                     ErrorCode::ServiceUnavailable,
@@ -287,7 +331,7 @@ where
             "The API key {} has been revoked; a new key is needed.",
             masked(req, shared)
         );
-        tracing::debug!(target: "llm_layers::auth", key_id = record.id(), "revoked key");
+        tracing::debug!(target: "llm_layers::auth", key_id = ?record.id(), "revoked key");
         return Decision::Reject(respond(
             ApiError::new(ErrorCode::RevokedApiKey, msg),
             INVALID_TOKEN,
@@ -301,7 +345,7 @@ where
                 masked(req, shared),
                 format_rfc3339(at)
             );
-            tracing::debug!(target: "llm_layers::auth", key_id = record.id(), "expired key");
+            tracing::debug!(target: "llm_layers::auth", key_id = ?record.id(), "expired key");
             return Decision::Reject(respond(
                 ApiError::new(ErrorCode::ExpiredApiKey, msg),
                 INVALID_TOKEN,
@@ -312,7 +356,7 @@ where
         return Decision::Admit(record);
     }
     match RequestView::from_extensions(req.extensions()) {
-        Some(view) => match check_model(&record, Some(view)) {
+        Some(view) => match check_model(&record, Some(view), req.uri().path()) {
             Some(res) => Decision::Reject(res),
             None => Decision::Admit(record),
         },
@@ -421,6 +465,7 @@ where
                             match check_model(
                                 &record,
                                 RequestView::from_extensions(req.extensions()),
+                                req.uri().path(),
                             ) {
                                 Some(res) => State::Rejected {
                                     response: Some(res),
@@ -435,7 +480,7 @@ where
                             tracing::debug!(
                                 target: "llm_layers::auth",
                                 code = err.code().as_str(),
-                                message = err.message(),
+                                error_message = ?err.message(),
                                 "request rejected"
                             );
                             State::Rejected {

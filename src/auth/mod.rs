@@ -35,7 +35,7 @@
 //! | unknown key | 401 | `invalid_api_key` | `Bearer error="invalid_token"` |
 //! | revoked key | 401 | `revoked_api_key` | `Bearer error="invalid_token"` |
 //! | expired key (the message says when) | 401 | `expired_api_key` | `Bearer error="invalid_token"` |
-//! | model not allowed for the key, or no model in the request of a restricted key | 403 | `permission_denied` (names the model and the allowed ones) | `Bearer error="insufficient_scope"` |
+//! | a model not allowed for the key (the path's deployment, `model`, or one of `models`), or no model in the request of a restricted key | 403 | `permission_denied` (names the model and the allowed ones; `param` `model` or `models`) | `Bearer error="insufficient_scope"` |
 //! | restricted key, body over the limit | 413 | `request_too_large` | |
 //! | restricted key, body not a JSON object | 400 | `invalid_value` | |
 //! | the store failed (`KeyStoreError`) | 503 | `service_unavailable` (retryable) | |
@@ -43,7 +43,33 @@
 //! The body is read only for keys restricted to some models, and only when no earlier layer
 //! left a [`RequestView`](crate::request::RequestView): it is buffered up to the body limit
 //! with [`ensure_view`](crate::request::ensure_view) and handed on intact, with the view in
-//! the extensions for later layers. Other requests stream through untouched.
+//! the extensions for later layers. Other requests stream through untouched. The body limit
+//! bounds what this layer reads; a later validation layer holds its own limit over the view
+//! (see [`crate::validate`]).
+//!
+//! # Which models a restricted key's request uses
+//!
+//! Every model the upstream may serve is checked against the key's allow-list, and the first
+//! one not allowed is refused:
+//!
+//! * the Azure-style deployment the path names (`/openai/deployments/{name}/...`), read from
+//!   the path as the upstream routes it ([`deployment_from_path`](crate::request::deployment_from_path):
+//!   percent-encoding decoded, dot segments resolved), also when an earlier layer's view was
+//!   built without the path; `param` is `model`;
+//! * the body's `model` (`param` `model`);
+//! * each name of an OpenRouter-style `models` array, any of which may answer (`param`
+//!   `models`).
+//!
+//! A request to an allowed deployment needs no body `model` (and no body at all); a request
+//! that names no model in any of these places is refused.
+//!
+//! # Logs
+//!
+//! Events go to the `llm_layers::auth` target: `API key accepted` (trace), `revoked key`,
+//! `expired key` and `request rejected` (debug), `key store lookup failed` (warn). Key ids and
+//! messages, which carry client-chosen model names, are recorded with `Debug` formatting, so a
+//! newline or an escape sequence in them is escaped and cannot forge a log line. No event holds
+//! a key or its digest.
 //!
 //! Put CORS handling outside this layer: a browser's preflight `OPTIONS` request carries no
 //! key and would be answered `401`.

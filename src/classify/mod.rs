@@ -32,12 +32,28 @@
 //! with their `<title>` or first line. Messages are scrubbed of anything key-like and bounded
 //! to [`MAX_MESSAGE_CHARS`].
 //!
+//! # Scrubbing
+//!
+//! [`scrub_secrets`] masks a key as `prefix...last4` or `...last4` and keeps what is around it.
+//! A key is a run of letters, digits and `_ - * + = . /` (so a Zhipu `id.secret`, a JWT and a
+//! base64 secret with `/` or `+` are one run; a trailing `.` or `/` is not part of it) that
+//! holds a known key prefix (`sk-`, `sk-ant-`, `AIza`, `gsk_`, `eyJ`, ...), follows `Bearer `,
+//! is at least 32 characters long mixing letters and digits and looks random, or holds a
+//! random-looking run of 16 or more letters and digits (unprefixed keys shorter than 32). The
+//! rule leaves words, identifiers, model names (`gpt-4o-2024-08-06`,
+//! `meta-llama/Meta-Llama-3.1-70B-Instruct`), URLs and paths (judged piece by piece between
+//! slashes), durations and request ids with a known prefix (`req_`, `chatcmpl-`, `org-`, ...)
+//! as they are; a bare 32-hex request id looks like an Azure key and is masked. The exact rule
+//! is on [`scrub_secrets`].
+//!
 //! # Waits
 //!
 //! In this order: `retry-after-ms`, `retry-after` (seconds or HTTP-date), Google
 //! `RetryInfo.retryDelay`, a hint in the message ("try again in 1.574s", "retry after 20
 //! seconds", only for retryable classes), then for rate limits the reset headers
-//! (`x-ratelimit-reset-*`, `anthropic-ratelimit-*-reset`). See [`wait`].
+//! (`x-ratelimit-reset-*`, `anthropic-ratelimit-*-reset`). Every source, dates included, is
+//! held to one cap: a wait beyond a year is no wait at all, and no value, however extreme
+//! (year 9999, negative, a number of any length), panics or wraps. See [`wait`].
 //!
 //! # Example
 //!

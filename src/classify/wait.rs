@@ -1,7 +1,10 @@
 //! Waits: how long the upstream asks the caller to wait before trying again.
 //!
 //! Every parser here rounds fractions of a millisecond up, so a wait is never shortened, and
-//! answers `None` for input it does not understand rather than guessing.
+//! answers `None` for input it does not understand rather than guessing. Every source, dates
+//! included, is held to one cap: a wait beyond one year (366 days) is garbage and read as no
+//! wait at all (`None`), as are negative, non-finite and overflowing numbers; a date in the
+//! past is a zero wait. No input panics or wraps, whatever its size.
 //!
 //! | source | example | parser |
 //! |---|---|---|
@@ -87,7 +90,7 @@ pub fn rate_limit_reset_at(headers: &HeaderMap, now: SystemTime) -> Option<Durat
             continue;
         };
         let wait = if is_date {
-            parse_rfc3339(v).map(|at| at.duration_since(now).unwrap_or(Duration::ZERO))
+            parse_rfc3339(v).and_then(|at| until(at, now))
         } else {
             parse_duration(v).or_else(|| parse_retry_after(v, now))
         };
@@ -131,14 +134,21 @@ fn ceil_ms(d: Duration) -> Duration {
 }
 
 /// Parses a `retry-after` value: delta-seconds (fractions allowed) or an HTTP-date relative to
-/// `now` (a date in the past is a zero wait).
+/// `now` (a date in the past is a zero wait, one more than a year ahead is `None`).
 pub fn parse_retry_after(v: &str, now: SystemTime) -> Option<Duration> {
     let v = v.trim();
     if let Ok(secs) = v.parse::<f64>() {
         return from_secs_f64(secs);
     }
     let at = httpdate::parse_http_date(v).ok()?;
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+    until(at, now)
+}
+
+/// The wait until a date: zero for a date in the past, `None` beyond the one-year cap, rounded
+/// up to the millisecond like every other wait.
+fn until(at: SystemTime, now: SystemTime) -> Option<Duration> {
+    let wait = at.duration_since(now).unwrap_or(Duration::ZERO);
+    (wait <= MAX_WAIT).then(|| ceil_ms(wait))
 }
 
 /// Parses a Go-style duration as sent in `x-ratelimit-reset-*` headers and rate-limit

@@ -244,6 +244,8 @@ impl ValidateBuilder {
 
     /// Accepts only these models; others are refused with `400 model_not_supported`, whose
     /// message lists the accepted ones (at most [`max_listed_models`](Self::max_listed_models)).
+    /// Every model the upstream may use is checked: the deployment in an Azure-style path, the
+    /// body's `model` and each of its `models` (see the [module docs](super)).
     pub fn allowed_models<I, M>(mut self, models: I) -> Self
     where
         I: IntoIterator<Item = M>,
@@ -275,7 +277,8 @@ impl ValidateBuilder {
     }
 
     /// The most body bytes read; a longer body is refused with `413 request_too_large`
-    /// (default [`DEFAULT_BODY_LIMIT`], 4 MiB).
+    /// (default [`DEFAULT_BODY_LIMIT`], 4 MiB). The limit holds when an earlier layer already
+    /// read the body, by its `content-length` or the length its view recorded.
     pub fn body_limit(mut self, bytes: usize) -> Self {
         self.body_limit = bytes;
         self

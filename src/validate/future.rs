@@ -144,7 +144,9 @@ where
                             continue;
                         }
                     };
+                    let path = parts.as_ref().map_or("", |p| p.uri.path());
                     let verdict = RequestView::parse(*endpoint, &bytes, &*shared.estimator)
+                        .map(|view| view.with_path(path))
                         .map_err(|e| crate::request::ViewError::Parse(e).to_api_error())
                         .and_then(|view| rules::check(shared, &view).map(|()| view));
                     let next = match verdict {

@@ -9,12 +9,35 @@
 //!
 //! [`ValidateRequestLayer`] checks `POST` requests to `/v1/chat/completions`,
 //! `/v1/completions`, `/v1/embeddings` and `/v1/responses` (matched on the end of the path, so
-//! prefixes and Azure-style deployment paths work). Every other request (`GET /v1/models`,
-//! say) passes through untouched and unbuffered. The body is read once, at most
-//! [`body_limit`](ValidateBuilder::body_limit) bytes, parsed into a [`RequestView`](crate::request::RequestView) that is
-//! stored in the request extensions for later layers, and handed on byte for byte. A view an
-//! earlier layer stored is reused, parsed JSON included, without reading the body again.
-//! Unknown fields pass untouched.
+//! prefixes and Azure-style deployment paths work). The path is matched as an upstream that
+//! decodes paths routes it ([`normalize_path`](crate::request::normalize_path)):
+//! `/v1/chat/%63ompletions` and `/v1/models/../chat/completions` are validated as chat
+//! completions. Every other request (`GET /v1/models`, say) passes through untouched and
+//! unbuffered. The body is read once, at most [`body_limit`](ValidateBuilder::body_limit)
+//! bytes, parsed into a [`RequestView`](crate::request::RequestView) that is stored in the
+//! request extensions for later layers, and handed on byte for byte. Unknown fields pass
+//! untouched.
+//!
+//! # Rules
+//!
+//! * **The body limit holds whoever parsed first.** A view an earlier layer stored (the auth
+//!   layer, for a key restricted to some models) is reused, parsed JSON included, without
+//!   reading the body again; the request is still refused `413` when its `content-length`, the
+//!   body's known size, or the length the view recorded
+//!   ([`RequestView::body_len`](crate::request::RequestView::body_len), set by
+//!   [`RequestView::parse`](crate::request::RequestView::parse) and
+//!   [`ensure_view`](crate::request::ensure_view)) is over this layer's limit. (A view built
+//!   with `from_json` alone and a body of unknown length cannot be measured: record the length
+//!   with [`with_body_len`](crate::request::RequestView::with_body_len).)
+//! * **Every model the upstream may use is checked** against
+//!   [`allowed_models`](ValidateBuilder::allowed_models): the Azure-style deployment the path
+//!   names (`/openai/deployments/{name}/...`, which the upstream serves whatever the body says),
+//!   the body's `model`, and each of an OpenRouter-style `models` array
+//!   ([`RequestView::models`](crate::request::RequestView::models)). The first one not allowed
+//!   is refused, with `param` `model` (deployment or `model`) or `models`. A stored view built
+//!   without the path is checked (and handed on) with the path's deployment. A request to a
+//!   deployment path needs no body `model`; the context window is the routed model's
+//!   ([`routed_model`](crate::request::RequestView::routed_model)).
 //!
 //! | failure | status | `code` | `param` |
 //! |---|---|---|---|
@@ -22,10 +45,11 @@
 //! | body longer than the limit | 413 | `request_too_large` | null |
 //! | body not JSON, or not an object (message gives line and column) | 400 | `invalid_value` | null |
 //! | `messages` sent to `/v1/completions`, `prompt` to `/v1/chat/completions` | 400 | `invalid_value` | `messages` / `prompt` |
-//! | no `model`; no `messages` (chat), `prompt` (completions), `input` (embeddings, responses) | 400 | `missing_required_field` | the field |
+//! | no `model` (unless the path names a deployment); no `messages` (chat), `prompt` (completions), `input` (embeddings, responses) | 400 | `missing_required_field` | the field |
 //! | `temperature` ∉ [0, 2], `top_p` ∉ [0, 1], `presence_penalty`/`frequency_penalty` ∉ [−2, 2], `n` < 1, `max_tokens`/`max_completion_tokens`/`max_output_tokens` < 1, a wrong JSON type (`"stream":"yes"`, `messages` not an array) | 400 | `invalid_value` | the field |
 //! | a chat message that is not an object, has a role outside `system`, `user`, `assistant`, `tool`, `developer`, `function`, lacks `content` (an assistant message may omit it when it has `tool_calls`), or a `tool` message without `tool_call_id` | 400 | `invalid_value` | `messages[3].role`, `messages[3].content`, ... |
-//! | a model outside [`allowed_models`](ValidateBuilder::allowed_models) (the message lists the accepted ones) | 400 | `model_not_supported` | `model` |
+//! | `models` not a list of non-empty strings (with the parameter checks or an allow-list) | 400 | `invalid_value` | `models` |
+//! | a model outside [`allowed_models`](ValidateBuilder::allowed_models): the path's deployment, `model`, or one of `models` (the message lists the accepted ones) | 400 | `model_not_supported` | `model` / `models` |
 //! | estimated prompt tokens plus `max_tokens` beyond the model's context window | 400 | `context_length_exceeded` | `messages` / `prompt` / `input` |
 //!
 //! Each check can be switched off on the [`ValidateBuilder`]. The prompt size is an estimate

@@ -61,18 +61,41 @@ pub(crate) fn check(shared: &Shared, view: &RequestView) -> Result<(), ApiError>
         check_endpoint(endpoint, obj)?;
     }
     if checks.required_fields {
-        check_required(endpoint, obj)?;
+        check_required(endpoint, obj, view.deployment().is_some())?;
     }
     if checks.params {
         check_params(obj)?;
+    }
+    if !checks.params && shared.models.is_some() {
+        // The parameter checks look at `models` in their own pass.
+        if let Some(models) = obj.get("models") {
+            check_models_field(models)?;
+        }
     }
     if checks.messages && endpoint == Endpoint::ChatCompletions {
         check_messages(obj)?;
     }
     if let Some((list, set)) = &shared.models {
-        if let Some(model) = obj.get("model").and_then(Value::as_str) {
+        // Every model the upstream may use: the deployment in the path, the body's `model`,
+        // and each of `models` (a repeat is looked up again, which costs less than a set).
+        let sources = view
+            .deployment()
+            .map(|m| (m, Source::Deployment))
+            .into_iter()
+            .chain(view.model().map(|m| (m, Source::Model)))
+            .chain(
+                view.fallback_models()
+                    .iter()
+                    .map(|m| (&**m, Source::Models)),
+            );
+        for (model, source) in sources {
             if !set.contains(model) {
-                return Err(model_not_supported(model, list, shared.max_listed_models));
+                return Err(model_not_supported(
+                    model,
+                    source,
+                    list,
+                    shared.max_listed_models,
+                ));
             }
         }
     }
@@ -114,8 +137,14 @@ fn missing(field: &'static str, what: &str) -> ApiError {
     .with_param(field)
 }
 
-fn check_required(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<(), ApiError> {
+fn check_required(
+    endpoint: Endpoint,
+    obj: &Map<String, Value>,
+    deployment: bool,
+) -> Result<(), ApiError> {
     match obj.get("model") {
+        // The deployment in the path names the model.
+        None | Some(Value::Null) if deployment => {}
         None | Some(Value::Null) => return Err(missing("model", "the model to use")),
         Some(Value::String(s)) if s.is_empty() => {
             return Err(missing("model", "the model to use, here empty"))
@@ -185,6 +214,7 @@ fn check_params(obj: &Map<String, Value>) -> Result<(), ApiError> {
             "max_tokens" => integer_at_least("max_tokens", value, 1)?,
             "max_completion_tokens" => integer_at_least("max_completion_tokens", value, 1)?,
             "max_output_tokens" => integer_at_least("max_output_tokens", value, 1)?,
+            "models" => check_models_field(value)?,
             "stream" if !matches!(value, Value::Null | Value::Bool(_)) => {
                 return Err(wrong_type("stream", "a boolean (true or false)", value));
             }
@@ -350,9 +380,52 @@ fn check_messages(obj: &Map<String, Value>) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn model_not_supported(model: &str, list: &[Box<str>], max: usize) -> ApiError {
+/// `models` (OpenRouter-style fallbacks), when present, is a list of model names.
+fn check_models_field(models: &Value) -> Result<(), ApiError> {
+    let invalid = |what: &str| {
+        Err(ApiError::new(
+            ErrorCode::InvalidValue,
+            format!("Invalid `models`: {what}; it must be a list of model names."),
+        )
+        .with_param("models"))
+    };
+    match models {
+        Value::Null => Ok(()),
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                match item {
+                    Value::String(s) if !s.is_empty() => {}
+                    Value::String(_) => return invalid(&format!("`models[{i}]` is empty")),
+                    other => {
+                        return invalid(&format!("`models[{i}]` is {}, not a string", kind(other)))
+                    }
+                }
+            }
+            Ok(())
+        }
+        other => invalid(&format!("got {}", kind(other))),
+    }
+}
+
+/// Where a model a request may use comes from.
+#[derive(Clone, Copy)]
+enum Source {
+    /// The Azure-style deployment in the path.
+    Deployment,
+    /// The body's `model`.
+    Model,
+    /// The body's `models` array.
+    Models,
+}
+
+fn model_not_supported(model: &str, source: Source, list: &[Box<str>], max: usize) -> ApiError {
+    let (whence, param) = match source {
+        Source::Deployment => (" (the deployment named in the path)", "model"),
+        Source::Model => ("", "model"),
+        Source::Models => (" (in `models`)", "models"),
+    };
     let mut msg = format!(
-        "The model {:?} is not supported here. Available models: ",
+        "The model {:?}{whence} is not supported here. Available models: ",
         truncate(model, 128)
     );
     for (i, m) in list.iter().take(max).enumerate() {
@@ -365,11 +438,12 @@ fn model_not_supported(model: &str, list: &[Box<str>], max: usize) -> ApiError {
         let _ = write!(msg, " and {} more", list.len() - max);
     }
     msg.push('.');
-    ApiError::new(ErrorCode::ModelNotSupported, msg).with_param("model")
+    ApiError::new(ErrorCode::ModelNotSupported, msg).with_param(param)
 }
 
 fn check_context(shared: &Shared, endpoint: Endpoint, view: &RequestView) -> Result<(), ApiError> {
-    let Some(model) = view.model() else {
+    // The model that serves: the deployment when the path names one.
+    let Some(model) = view.routed_model() else {
         return Ok(());
     };
     let Some(window) = shared.context_window(model) else {

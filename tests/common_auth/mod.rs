@@ -190,3 +190,28 @@ impl<'a> MakeWriter<'a> for Capture {
         CaptureWriter(Arc::clone(&self.0))
     }
 }
+
+/// POSTs `body` to `base` + `path` with `Authorization: Bearer {key}` through a hyper client,
+/// which sends the path exactly as written (reqwest resolves `..` and `%2e` segments first).
+/// Returns the status and the body as JSON (`Value::Null` when not JSON).
+pub async fn post_raw(base: &str, path: &str, key: &str, body: String) -> (u16, Value) {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let client: Client<_, Full<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let uri: http::Uri = format!("{base}{path}").parse().unwrap();
+    assert_eq!(uri.path(), path, "the client must send the path as written");
+    let req = Request::post(uri)
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let res = client.request(req).await.unwrap();
+    let status = res.status().as_u16();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}

@@ -75,3 +75,34 @@ pub fn chat(model: &str, content: &str) -> String {
     serde_json::json!({"model": model, "messages": [{"role": "user", "content": content}]})
         .to_string()
 }
+
+/// POSTs `body` as `application/json` to `base` + `path` with a hyper client, which sends the
+/// path exactly as written (reqwest, through `url`, would resolve `..` and `%2e` segments).
+pub async fn post_raw(base: &str, path: &str, body: impl Into<bytes::Bytes>) -> Answer {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let client: Client<_, Full<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let uri: http::Uri = format!("{base}{path}").parse().unwrap();
+    assert_eq!(uri.path(), path, "the client must send the path as written");
+    let req = http::Request::post(uri)
+        .header("content-type", "application/json")
+        .body(Full::new(body.into()))
+        .unwrap();
+    let res = client.request(req).await.unwrap();
+    let status = res.status().as_u16();
+    let mut headers = reqwest::header::HeaderMap::new();
+    for (k, v) in res.headers() {
+        headers.append(k.clone(), v.clone());
+    }
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Answer {
+        status,
+        headers,
+        body,
+        text,
+    }
+}
