@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
-use common_breaker::{chat, json, proxy_router, serve, Answer, Stub, Upstream};
+use common_breaker::{chat, chat_at, json, proxy_router, serve, Answer, Logs, Stub, Upstream};
 use http::{Request, Response, StatusCode};
 use llm_layers::breaker::{
     BreakerEvent, CircuitBreakerLayer, CircuitState, KeyBy, Mode, Outcome, TransitionReason,
@@ -1028,4 +1028,311 @@ async fn rejections_and_transitions_reach_the_hook() {
         seen.lock().unwrap()[..],
         ["open Some(4s)", "rejected Some(3s)"]
     );
+}
+
+// ---- Refusals are marked as local (issue 11, item 1) ----
+
+#[tokio::test(start_paused = true)]
+async fn every_refusal_of_its_own_is_marked_refused_locally_and_a_fallback_is_not() {
+    use llm_layers::ext::RefusedLocally;
+    let marked = |res: &Response<Body>| {
+        assert_eq!(res.status(), 503);
+        assert!(res.extensions().get::<ApiError>().is_some());
+        res.extensions().get::<RefusedLocally>().copied()
+    };
+    let layer = base()
+        .consecutive_failures(1)
+        .half_open_probes(1)
+        .open_duration(Duration::from_secs(10))
+        .probe_timeout(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Status(500));
+    let svc = guard(&layer, &up);
+    status(&svc, "m").await;
+    // Open.
+    let res = send(&svc, chat("m")).await;
+    assert_eq!(marked(&res), Some(RefusedLocally::CIRCUIT_BREAKER));
+    // Half-open with the only probe out.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    up.set_default(Answer::Gate);
+    let probe = tokio::spawn(send(&svc, chat("m")));
+    while up.calls() < 2 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::HalfOpen));
+    let res = send(&svc, chat("m")).await;
+    assert_eq!(marked(&res), Some(RefusedLocally::CIRCUIT_BREAKER));
+    up.release();
+    assert_eq!(probe.await.unwrap().status(), 200);
+    // Forced open.
+    h.set_mode(Mode::ForcedOpen);
+    let res = send(&svc, chat("m")).await;
+    assert_eq!(marked(&res), Some(RefusedLocally::CIRCUIT_BREAKER));
+    // The upstream's own 503 is not a local refusal.
+    h.set_mode(Mode::Disabled);
+    up.set_default(Answer::Status(503));
+    let res = send(&svc, chat("m")).await;
+    assert_eq!(res.status(), 503);
+    assert!(res.extensions().get::<RefusedLocally>().is_none());
+
+    // With a fallback chain: a fallback's answer is no refusal; a chain that fails entirely is.
+    let layer = base()
+        .consecutive_failures(1)
+        .fallback_response("canned", StatusCode::OK, "application/json", "{}")
+        .build()
+        .unwrap();
+    let up = Upstream::new(Answer::Status(500));
+    let svc = guard(&layer, &up);
+    status(&svc, "m").await;
+    let res = send(&svc, chat("m")).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-llm-layers-fallback"], "canned");
+    assert!(res.extensions().get::<RefusedLocally>().is_none());
+    let layer = base()
+        .consecutive_failures(1)
+        .fallback_response("down", StatusCode::BAD_GATEWAY, "application/json", "{}")
+        .build()
+        .unwrap();
+    let svc = guard(&layer, &up);
+    status(&svc, "m").await;
+    let res = send(&svc, chat("m")).await;
+    assert_eq!(marked(&res), Some(RefusedLocally::CIRCUIT_BREAKER));
+    // Keyed by model, through the path that parses the body.
+    let layer = base()
+        .key_by(KeyBy::Model)
+        .consecutive_failures(1)
+        .build()
+        .unwrap();
+    let svc = guard(&layer, &up);
+    status(&svc, "gpt-4o").await;
+    let res = send(&svc, chat("gpt-4o")).await;
+    assert_eq!(marked(&res), Some(RefusedLocally::CIRCUIT_BREAKER));
+}
+
+// ---- Model keys use the model the upstream serves (issue 11, item 14) ----
+
+#[tokio::test(start_paused = true)]
+async fn model_keys_use_the_azure_deployment_in_the_path() {
+    use llm_layers::request::{CharEstimator, Endpoint, RequestView};
+    let layer = base()
+        .key_by(KeyBy::Model)
+        .consecutive_failures(1)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Status(500));
+    let svc = guard(&layer, &up);
+    let path = "/openai/deployments/prod-east/chat/completions";
+    // The breaker parses the body itself; the body's `model` is not what Azure serves.
+    let res = send(&svc, chat_at(path, "gpt-4o")).await;
+    assert_eq!(res.status(), 500);
+    assert_eq!(h.state("prod-east"), Some(CircuitState::Open));
+    assert_eq!(h.state("gpt-4o"), None);
+    // A different body model on the same deployment is refused: same upstream model.
+    let res = send(&svc, chat_at(path, "anything-else")).await;
+    assert_eq!(res.status(), 503);
+    let body = json(res).await;
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("'prod-east'"),
+        "{body}"
+    );
+    // A view left by an earlier layer is read the same way.
+    let mut req = chat_at(path, "gpt-4o-mini");
+    let view = RequestView::parse(
+        Endpoint::ChatCompletions,
+        br#"{"model":"gpt-4o-mini","messages":[]}"#,
+        &CharEstimator,
+    )
+    .unwrap()
+    .with_path(path);
+    req.extensions_mut().insert(view);
+    assert_eq!(send(&svc, req).await.status(), 503);
+    // A body-less request to the deployment is keyed on the path too.
+    let req = Request::get(format!("http://api.example.test{path}"))
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&svc, req).await.status(), 503);
+    // Another deployment has its own circuit.
+    let other = "/openai/deployments/prod-west/chat/completions";
+    up.set_default(Answer::Status(200));
+    assert_eq!(send(&svc, chat_at(other, "gpt-4o")).await.status(), 200);
+    assert_eq!(h.state("prod-west"), Some(CircuitState::Closed));
+    assert_eq!(up.calls(), 2);
+}
+
+// ---- Client-chosen strings reach logs escaped (issue 11, item 21) ----
+
+#[tokio::test(start_paused = true)]
+async fn a_model_name_cannot_forge_log_lines() {
+    const FORGED: &str = "2026-12-01T00:00:00.000000Z  WARN forged: admin login";
+    let logs = Logs::capture();
+    let layer = base()
+        .key_by(KeyBy::Model)
+        .consecutive_failures(1)
+        .fallback_response("canned", StatusCode::OK, "application/json", "{}")
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Status(500));
+    let svc = guard(&layer, &up);
+    let evil = format!("gpt-4o\n{FORGED}\r\u{1b}[31m");
+    assert_eq!(
+        send(&svc, chat_at("/v1/chat/completions", &evil))
+            .await
+            .status(),
+        500
+    );
+    let res = send(&svc, chat_at("/v1/chat/completions", &evil)).await;
+    assert_eq!(res.headers()["x-llm-layers-fallback"], "canned");
+    h.set_mode_for(&evil, Mode::ForcedOpen);
+    // Without a hook, the rejection is logged by the service itself.
+    let layer = base()
+        .key_by(KeyBy::Model)
+        .consecutive_failures(1)
+        .build()
+        .unwrap();
+    let svc = guard(&layer, &up);
+    send(&svc, chat_at("/v1/chat/completions", &evil)).await;
+    send(&svc, chat_at("/v1/chat/completions", &evil)).await;
+    let out = logs.text();
+    for needle in [
+        "circuit opened",
+        "call degraded to fallback",
+        "call rejected by open circuit",
+        "circuit mode set",
+    ] {
+        assert!(out.contains(needle), "{needle} missing from {out}");
+    }
+    assert!(
+        !out.lines().any(|l| l.starts_with(FORGED)),
+        "a forged line: {out}"
+    );
+    assert!(!out.contains('\u{1b}') && !out.contains('\r'), "{out:?}");
+    assert!(out.contains(r"gpt-4o\n2026-12-01"), "escaped key: {out}");
+}
+
+// ---- Configuration extremes (issue 11, item 22) ----
+
+#[tokio::test(start_paused = true)]
+async fn builder_extremes_are_refused_naming_the_field_or_never_panic() {
+    let b = || base().consecutive_failures(2).half_open_probes(1);
+    let cases: Vec<(&str, llm_layers::breaker::Builder)> = vec![
+        (
+            "open_duration",
+            b().open_duration(Duration::MAX)
+                .open_backoff(2.0, Duration::MAX),
+        ),
+        (
+            "open_backoff",
+            b().open_backoff(f64::MAX, Duration::MAX).jitter(1.0),
+        ),
+        ("open_duration", b().open_duration(Duration::from_nanos(1))),
+        (
+            "open_backoff",
+            b().open_backoff(f64::INFINITY, Duration::MAX),
+        ),
+        ("open_backoff", b().open_backoff(f64::NAN, Duration::MAX)),
+        ("probe_timeout", b().probe_timeout(Duration::MAX)),
+        ("probe_timeout", b().probe_timeout(Duration::from_nanos(1))),
+        (
+            "slow_calls",
+            b().slow_calls(Duration::MAX, f64::MIN_POSITIVE),
+        ),
+        ("slow_calls", b().slow_calls(Duration::from_nanos(1), 100.0)),
+        (
+            "slow_calls",
+            b().slow_calls(Duration::from_secs(1), f64::MAX),
+        ),
+        ("slow_calls", b().slow_calls(Duration::from_secs(1), -0.0)),
+        (
+            "time_window",
+            b().time_window(Duration::MAX, 1).minimum_calls(1),
+        ),
+        ("time_window", b().time_window(Duration::MAX, usize::MAX)),
+        ("time_window", b().time_window(Duration::from_nanos(1), 1)),
+        ("count_window", b().count_window(usize::MAX)),
+        ("count_window", b().count_window(1).minimum_calls(1)),
+        ("failure_rate", b().failure_rate(f64::MIN_POSITIVE)),
+        ("failure_rate", b().failure_rate(f64::MAX)),
+        ("failure_rate", b().failure_rate(f64::INFINITY)),
+        ("failure_rate", b().failure_rate(f64::NEG_INFINITY)),
+        ("failure_rate", b().failure_rate(-0.0)),
+        ("jitter", b().jitter(f64::MIN_POSITIVE)),
+        ("jitter", b().jitter(-f64::MIN_POSITIVE)),
+        ("jitter", b().jitter(f64::INFINITY)),
+        (
+            "minimum_calls",
+            b().time_window(Duration::from_secs(1), 1)
+                .minimum_calls(u64::MAX),
+        ),
+        ("consecutive_failures", b().consecutive_failures(u32::MAX)),
+        ("half_open_probes", b().half_open_probes(u16::MAX as u32)),
+        ("half_open_probes", b().half_open_probes(u32::MAX)),
+        ("max_keys", base().key_by(KeyBy::Model).max_keys(usize::MAX)),
+        ("max_keys", base().key_by(KeyBy::Model).max_keys(1)),
+        (
+            "body_limit",
+            base().key_by(KeyBy::Model).body_limit(usize::MAX),
+        ),
+        ("body_limit", base().key_by(KeyBy::Model).body_limit(1)),
+    ];
+    let mut built = 0;
+    for (field, builder) in cases {
+        let layer = match builder.build() {
+            Ok(layer) => layer,
+            Err(e) => {
+                assert_eq!(e.field(), field, "{e}");
+                assert!(e.to_string().contains(&format!("`{field}`")), "{e}");
+                continue;
+            }
+        };
+        built += 1;
+        // Whatever passed the builder serves requests without panicking: closed, open,
+        // half-open, re-opened, with time moving far ahead.
+        let up = Upstream::new(Answer::Status(500));
+        let svc = guard(&layer, &up);
+        let model = "m".repeat(300);
+        for round in 0..6 {
+            for _ in 0..3 {
+                let s = status(&svc, &model).await;
+                assert!([200, 413, 500, 503, 504].contains(&s), "{field}: {s}");
+            }
+            if round == 3 {
+                up.set_default(Answer::Status(200));
+            }
+            tokio::time::advance(Duration::from_secs(86_400 * 365 * 10)).await;
+        }
+        let _ = layer.handle().all_metrics();
+    }
+    assert!(
+        built >= 18,
+        "most extremes are accepted and saturate: {built}"
+    );
+}
+
+#[test]
+fn the_toml_stack_sets_the_maximum_open_time_and_names_real_keys() {
+    use llm_layers::stack::Stack;
+    // An open time above the default 5 min maximum is accepted: the maximum follows it.
+    assert!(Stack::from_toml_str("[breaker]\nopen_ms = 600000\n").is_ok());
+    // The maximum has a key of its own.
+    assert!(Stack::from_toml_str("[breaker]\nopen_ms = 60000\nmax_open_ms = 3600000\n").is_ok());
+    let err =
+        Stack::from_toml_str("[breaker]\nopen_ms = 600000\nmax_open_ms = 300000\n").unwrap_err();
+    assert_eq!(err.field(), "breaker.max_open_ms", "{err}");
+    let err = Stack::from_toml_str("[breaker]\nopen_ms = 0\n").unwrap_err();
+    assert_eq!(err.field(), "breaker.open_ms", "{err}");
+    let err = Stack::from_toml_str("[breaker]\nwindow = 0\n").unwrap_err();
+    assert_eq!(err.field(), "breaker.window", "{err}");
+    let err = Stack::from_toml_str("[breaker]\nhalf_open_probes = 0\n").unwrap_err();
+    assert_eq!(err.field(), "breaker.half_open_probes", "{err}");
+    // Durations beyond what a clock can hold saturate instead of panicking.
+    let max = u64::MAX;
+    let toml = format!("[breaker]\nopen_ms = {max}\nmax_open_ms = {max}\n");
+    assert!(Stack::from_toml_str(&toml).is_ok());
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::classify::Outcome;
-use super::config::{Config, Mode, WindowKind};
+use super::config::{nanos, Config, Mode, WindowKind};
 use super::events::{emit, BreakerEvent, CircuitState, TransitionReason};
 use super::window::{Consecutive, CountWindow, TimeWindow, Totals, Window};
 
@@ -60,19 +60,19 @@ impl Common {
 
     /// Nanoseconds since the layer was built, on tokio's clock (so paused time applies).
     pub(crate) fn now(&self) -> u64 {
-        Instant::now()
-            .saturating_duration_since(self.base)
-            .as_nanos() as u64
+        nanos(Instant::now().saturating_duration_since(self.base))
     }
 
     fn open_duration(&self, reopenings: u32, rng: &mut fastrand::Rng) -> Duration {
+        // In nanoseconds as f64: a product that overflows becomes infinite and is capped by
+        // the maximum; `as u64` saturates, so no value the builder accepted can panic here.
         let c = &self.config;
-        let base = c.open_duration.as_secs_f64();
-        let max = c.max_open_duration.as_secs_f64();
+        let base = nanos(c.open_duration) as f64;
+        let max = nanos(c.max_open_duration) as f64;
         let grown = (base * c.backoff_multiplier.powi(reopenings.min(1024) as i32)).min(max);
         let factor = 1.0 + c.jitter * (2.0 * rng.f64() - 1.0);
-        let secs = (grown * factor).clamp(0.001_f64.min(base), max);
-        Duration::from_secs_f64(secs)
+        let ns = (grown * factor).clamp(1e6_f64.min(base), max);
+        Duration::from_nanos(ns as u64)
     }
 }
 
@@ -295,7 +295,7 @@ impl Circuit {
                             let epoch = epoch_of(w) + 1;
                             inner.probe_successes = 0;
                             self.probe_deadline.store(
-                                now + self.common.config.probe_timeout.as_nanos() as u64,
+                                now.saturating_add(nanos(self.common.config.probe_timeout)),
                                 Ordering::Release,
                             );
                             self.word
@@ -334,7 +334,7 @@ impl Circuit {
                                 let now = self.common.now();
                                 // Every probe gets the full timeout from its own admission.
                                 self.probe_deadline.fetch_max(
-                                    now + self.common.config.probe_timeout.as_nanos() as u64,
+                                    now.saturating_add(nanos(self.common.config.probe_timeout)),
                                     Ordering::AcqRel,
                                 );
                                 return Ok(Permit {
@@ -419,7 +419,7 @@ impl Circuit {
         inner.window.reset();
         inner.probe_successes = 0;
         self.open_until
-            .store(now.saturating_add(d.as_nanos() as u64), Ordering::Release);
+            .store(now.saturating_add(nanos(d)), Ordering::Release);
         self.word
             .store(pack(epoch_of(w) + 1, 0, OPEN), Ordering::Release);
         self.counters.openings.fetch_add(1, Ordering::Relaxed);
@@ -503,7 +503,7 @@ impl Circuit {
         let needs_now = self.common.needs_start || matches!(cfg.window, WindowKind::Time(..));
         let now = if needs_now { self.common.now() } else { 0 };
         let slow = match cfg.slow_call {
-            Some((d, _)) => now.saturating_sub(start) > d.as_nanos() as u64,
+            Some((d, _)) => now.saturating_sub(start) > nanos(d),
             None => false,
         };
         self.counters.calls.fetch_add(1, Ordering::Relaxed);

@@ -26,6 +26,22 @@ fn config_error(
     ConfigError::new("circuit breaker", field, message)
 }
 
+/// `d` in nanoseconds, saturated at `u64::MAX` (about 584 years): every duration the breaker
+/// computes with goes through this, so no configured value can overflow per request.
+pub(crate) fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// `d` in milliseconds, saturated at `u64::MAX`, for log fields.
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The most calls a count window holds.
+pub(crate) const MAX_COUNT_WINDOW: usize = 1_000_000;
+/// The most buckets a time window has.
+pub(crate) const MAX_BUCKETS: usize = 10_000;
+
 /// What the circuit remembers to decide when to open.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum WindowKind {
@@ -234,6 +250,13 @@ impl fmt::Debug for Config {
 /// any decision, no slow-call rule, 3 half-open probes with a 30 s probe timeout, 30 s open
 /// growing ×2 per re-opening up to 5 min with ±10 % jitter, 429s not counted, one circuit
 /// ([`KeyBy::Single`]), at most 1,024 keys, no fallback.
+///
+/// Extremes: a value that can never work is refused by [`Builder::build`] with a
+/// [`ConfigError`] naming the method (`open_duration`, `count_window`, ...). Durations are
+/// saturated instead: anything longer than `u64::MAX` nanoseconds (about 584 years, so
+/// `Duration::MAX` too) is taken as that, and a wait that far ahead is simply never reached;
+/// an open duration grown past the maximum by the multiplier is capped. No accepted value
+/// panics or wraps while serving requests.
 #[must_use]
 pub struct Builder {
     name: Arc<str>,
@@ -364,6 +387,14 @@ impl Builder {
     /// `multiplier` (≥ 1), up to `max`.
     pub fn open_backoff(mut self, multiplier: f64, max: Duration) -> Self {
         self.backoff_multiplier = multiplier;
+        self.max_open_duration = max;
+        self
+    }
+
+    /// The longest the circuit stays open, however often it re-opens (default 5 min), keeping
+    /// the multiplier of [`Builder::open_backoff`]. Must not be shorter than the open duration
+    /// (refused as `open_backoff`).
+    pub fn max_open_duration(mut self, max: Duration) -> Self {
         self.max_open_duration = max;
         self
     }
@@ -553,6 +584,12 @@ impl Builder {
             WindowKind::Count(0) => {
                 return Err(config_error("count_window", "must hold at least 1 call"))
             }
+            WindowKind::Count(n) if n > MAX_COUNT_WINDOW => {
+                return Err(config_error(
+                    "count_window",
+                    format!("must hold at most {MAX_COUNT_WINDOW} calls, got {n}"),
+                ))
+            }
             WindowKind::Count(n) if (self.minimum_calls as u128) > n as u128 => {
                 return Err(config_error(
                     "minimum_calls",
@@ -567,6 +604,12 @@ impl Builder {
             }
             WindowKind::Time(_, 0) => {
                 return Err(config_error("time_window", "needs at least 1 bucket"))
+            }
+            WindowKind::Time(_, b) if b > MAX_BUCKETS => {
+                return Err(config_error(
+                    "time_window",
+                    format!("at most {MAX_BUCKETS} buckets, got {b}"),
+                ))
             }
             WindowKind::Time(d, b) if d.as_nanos() < b as u128 => {
                 return Err(config_error(

@@ -20,6 +20,12 @@
 //! | open, with a fallback chain | the first fallback that answers, marked `x-llm-layers-fallback: <name or model>`; if every step fails, `503` naming the open circuit and each fallback's failure |
 //! | keyed by model, body over [`Builder::body_limit`] | `413 request_too_large` |
 //!
+//! Every refusal of the breaker's own (open, probing, forced open, a fallback chain that failed
+//! entirely) carries [`RefusedLocally::CIRCUIT_BREAKER`](crate::ext::RefusedLocally) in its
+//! extensions beside its [`ApiError`](crate::ApiError): its `retry-after` is how long the local
+//! state lasts, not an upstream's hint, so a retry layer outside answers at once instead of
+//! sleeping on it. An answer from a fallback is no refusal and carries no marker.
+//!
 //! # What counts
 //!
 //! Outcomes go through the crate's error taxonomy: the [`ApiError`](crate::ApiError) an inner
@@ -73,9 +79,13 @@
 //! # }
 //! ```
 //!
-//! Keys ([`KeyBy`]): one circuit for everything, per upstream, per model (read from the
-//! [`RequestView`](crate::request::RequestView), parsing the body only when no earlier layer
-//! did), per upstream and model, or your own. Fallbacks ([`Builder::fallback_model`],
+//! Keys ([`KeyBy`]): one circuit for everything, per upstream, per model, per upstream and
+//! model, or your own. The model is the one the upstream serves,
+//! [`RequestView::routed_model`](crate::request::RequestView::routed_model): an Azure-style
+//! deployment in the path (`/openai/deployments/{name}/...`) wins over the body's `model`. It is
+//! read from the [`RequestView`](crate::request::RequestView) an earlier layer left, else from
+//! the path, else by parsing the body. Client-chosen strings (keys, model names) reach
+//! `tracing` fields escaped (`Debug`), so they cannot forge log lines. Fallbacks ([`Builder::fallback_model`],
 //! [`Builder::fallback_service`], [`Builder::fallback_response`]) degrade instead of
 //! rejecting. A [`BreakerHandle`] reads state and counters per key and forces [`Mode`]s at
 //! runtime; [`Builder::on_event`] and `tracing` report transitions, rejections and fallbacks.

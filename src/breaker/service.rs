@@ -16,7 +16,8 @@ use super::future::ResponseFuture;
 use super::registry::{Shared, SINGLE_KEY};
 use super::{BoxError, X_LLM_LAYERS_FALLBACK};
 use crate::error::{ApiError, ErrorCode};
-use crate::request::{ensure_view, CharEstimator, RequestView};
+use crate::ext::RefusedLocally;
+use crate::request::{deployment_from_path, ensure_view, CharEstimator, RequestView};
 
 /// A service guarded by circuit breakers. Built by [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
 ///
@@ -97,19 +98,31 @@ fn upstream_of<B>(req: &Request<B>) -> &str {
         .unwrap_or("<unknown>")
 }
 
+/// The key of a model's circuit: the model alone, or behind the upstream.
+fn model_key<'a, B>(key_by: &KeyBy, req: &Request<B>, model: &'a str) -> Cow<'a, str> {
+    if matches!(key_by, KeyBy::Model) {
+        Cow::Borrowed(model)
+    } else {
+        Cow::Owned(format!("{}/{model}", upstream_of(req)))
+    }
+}
+
 fn key_of<'a, B>(key_by: &KeyBy, req: &'a Request<B>) -> Key<'a> {
     match key_by {
         KeyBy::Single => Key::Single,
         KeyBy::Upstream => Key::Named(Cow::Borrowed(upstream_of(req))),
         KeyBy::Model | KeyBy::UpstreamAndModel => {
             match RequestView::from_extensions(req.extensions()) {
-                None => Key::NeedView,
-                Some(view) => match view.model() {
+                // The model the upstream serves: an Azure deployment in the path wins over
+                // the body's `model`.
+                Some(view) => match view.routed_model() {
                     None => Key::Unguarded,
-                    Some(model) if matches!(key_by, KeyBy::Model) => {
-                        Key::Named(Cow::Borrowed(model))
-                    }
-                    Some(model) => Key::Named(Cow::Owned(format!("{}/{model}", upstream_of(req)))),
+                    Some(model) => Key::Named(model_key(key_by, req, model)),
+                },
+                None => match deployment_from_path(req.uri().path()) {
+                    // The path names the model: no need to read the body.
+                    Some(d) => Key::Named(Cow::Owned(model_key(key_by, req, &d).into_owned())),
+                    None => Key::NeedView,
                 },
             }
         }
@@ -170,6 +183,15 @@ fn refusal_error(cfg: &Config, key: &str, refusal: Refusal) -> ApiError {
     }
 }
 
+/// The response to a refusal of the breaker's own: the envelope, with
+/// [`RefusedLocally::CIRCUIT_BREAKER`] beside its [`ApiError`] so that a retry layer outside
+/// answers at once instead of sleeping on the `retry-after` of a local state.
+fn refusal_response<B: From<Bytes>>(err: &ApiError) -> Response<B> {
+    let mut res = err.to_response();
+    res.extensions_mut().insert(RefusedLocally::CIRCUIT_BREAKER);
+    res
+}
+
 fn note_rejection(cfg: &Config, circuit: &Circuit, refusal: Refusal) {
     let retry_after = match refusal {
         Refusal::Open(d) | Refusal::Probing(d) => Some(d),
@@ -185,7 +207,7 @@ fn note_rejection(cfg: &Config, circuit: &Circuit, refusal: Refusal) {
             },
         );
     } else {
-        tracing::debug!(breaker = %cfg.name, key = %circuit.key, retry_after_ms = retry_after.map(|d| d.as_millis() as u64), "call rejected by open circuit");
+        tracing::debug!(breaker = ?cfg.name, key = ?circuit.key, retry_after_ms = retry_after.map(super::config::millis), "call rejected by open circuit");
     }
 }
 
@@ -235,7 +257,11 @@ where
                 let cfg = self.shared.config();
                 note_rejection(cfg, circuit, refusal);
                 if cfg.fallbacks.is_empty() {
-                    ResponseFuture::ready(refusal_error(cfg, &circuit.key, refusal).to_response())
+                    ResponseFuture::ready(refusal_response(&refusal_error(
+                        cfg,
+                        &circuit.key,
+                        refusal,
+                    )))
                 } else {
                     ResponseFuture::boxed(Box::pin(degrade(
                         self.shared.clone(),
@@ -290,7 +316,7 @@ where
         Err(refusal) => {
             note_rejection(cfg, &circuit, refusal);
             if cfg.fallbacks.is_empty() {
-                Ok(refusal_error(cfg, &circuit.key, refusal).to_response())
+                Ok(refusal_response(&refusal_error(cfg, &circuit.key, refusal)))
             } else {
                 degrade(shared.clone(), circuit, refusal, inner, req).await
             }
@@ -385,7 +411,7 @@ where
             }
             FallbackStep::Service { name, call } => {
                 let Some(call) = call.downcast_ref::<DynCall<ReqBody, ResBody>>() else {
-                    tracing::warn!(breaker = %cfg.name, fallback = %name, "fallback service skipped: its body types differ from the guarded service's");
+                    tracing::warn!(breaker = ?cfg.name, fallback = ?name, "fallback service skipped: its body types differ from the guarded service's");
                     causes.push(format!(
                         "fallback '{name}' does not accept this request type"
                     ));
@@ -486,5 +512,5 @@ where
         format!("{} {}.", base.message(), causes.join("; ")),
     );
     err.set_retry_after(base.retry_after());
-    Ok(err.to_response())
+    Ok(refusal_response(&err))
 }

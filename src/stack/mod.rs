@@ -277,6 +277,9 @@ pub struct BreakerConfig {
     pub failure_rate: Option<f64>,
     /// How long the circuit stays open at first, in milliseconds (default 30 000).
     pub open_ms: Option<u64>,
+    /// The longest the circuit stays open as re-openings double the open time, in
+    /// milliseconds (default 300 000, or `open_ms` when that is longer).
+    pub max_open_ms: Option<u64>,
     /// Probe calls admitted when half-open (default 3).
     pub half_open_probes: Option<u32>,
     /// The model to degrade to while the circuit is open.
@@ -424,6 +427,14 @@ impl Stack {
         if let Some(ms) = c.open_ms {
             b = b.open_duration(Duration::from_millis(ms));
         }
+        match (c.max_open_ms, c.open_ms) {
+            (Some(max), _) => b = b.max_open_duration(Duration::from_millis(max)),
+            // The default maximum (5 min) follows a longer first open time.
+            (None, Some(open)) if open > 300_000 => {
+                b = b.max_open_duration(Duration::from_millis(open))
+            }
+            _ => {}
+        }
         if let Some(n) = c.half_open_probes {
             b = b.half_open_probes(n);
         }
@@ -438,6 +449,8 @@ impl Stack {
             let field = match e.field() {
                 "count_window" => "window",
                 "open_duration" => "open_ms",
+                // The multiplier has no key: only the maximum can be wrong here.
+                "open_backoff" => "max_open_ms",
                 other => other,
             };
             refuse(format!("breaker.{field}"), e.message().to_owned())
