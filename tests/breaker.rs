@@ -352,11 +352,18 @@ async fn a_hanging_probe_never_leaves_the_circuit_stuck() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_cancelled_probe_gives_its_slot_back_and_records_nothing() {
+async fn a_dropped_probe_counts_as_failed_and_reopens_the_circuit() {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let ev = events.clone();
     let layer = base()
         .consecutive_failures(1)
         .half_open_probes(1)
         .open_duration(Duration::from_secs(1))
+        .on_event(move |e| {
+            if let BreakerEvent::StateChanged { to, reason, .. } = e {
+                ev.lock().unwrap().push((*to, *reason));
+            }
+        })
         .build()
         .unwrap();
     let h = layer.handle();
@@ -365,21 +372,170 @@ async fn a_cancelled_probe_gives_its_slot_back_and_records_nothing() {
     let svc = guard(&layer, &up);
     status(&svc, "m").await;
     tokio::time::advance(Duration::from_secs(1)).await;
-    let calls_before = h.metrics(SINGLE_KEY).unwrap().calls;
-    // The probe is started, then dropped (the client went away).
+    // The probe is started, then dropped (a timeout outside, or the client went away).
     let probe = svc.clone().oneshot(chat("m"));
     let cancelled = tokio::time::timeout(Duration::from_millis(10), probe).await;
     assert!(cancelled.is_err());
     assert_eq!(up.calls(), 2);
-    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::HalfOpen));
+    // Nothing says the upstream is back: open again, and the next call is refused at once.
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::Open));
+    let m = h.metrics(SINGLE_KEY).unwrap();
+    assert_eq!((m.dropped, m.failures, m.openings), (1, 2, 2));
+    let res = send(&svc, chat("m")).await;
+    assert_eq!(res.status(), 503);
+    assert_eq!(up.calls(), 2);
     assert_eq!(
-        h.metrics(SINGLE_KEY).unwrap().calls,
-        calls_before,
-        "nothing recorded"
+        events.lock().unwrap().last(),
+        Some(&(CircuitState::Open, TransitionReason::ProbeDropped))
     );
-    // Its slot is free at once: the next call is admitted as the probe.
-    assert_eq!(status(&svc, "m").await, 200);
-    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::Closed));
+}
+
+#[tokio::test(start_paused = true)]
+async fn hung_calls_dropped_by_an_outer_timeout_open_the_circuit() {
+    let layer = base()
+        .count_window(10)
+        .minimum_calls(4)
+        .slow_calls(Duration::from_secs(2), 50.0)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Hang);
+    let svc = guard(&layer, &up);
+    // A call dropped before the slow-call duration says nothing: it is not recorded.
+    let early = tokio::time::timeout(Duration::from_secs(1), send(&svc, chat("m"))).await;
+    assert!(early.is_err());
+    let m = h.metrics(SINGLE_KEY).unwrap();
+    assert_eq!((m.calls, m.dropped), (0, 1));
+    // Hung calls given up on by a timeout outside the breaker (a retry deadline, the client).
+    for i in 0..4 {
+        let out = tokio::time::timeout(Duration::from_secs(5), send(&svc, chat("m"))).await;
+        assert!(out.is_err(), "call {i} hangs");
+    }
+    let m = h.metrics(SINGLE_KEY).unwrap();
+    assert_eq!((m.calls, m.slow_calls, m.dropped), (4, 4, 5));
+    assert_eq!(m.state, CircuitState::Open);
+    // The next call is refused at once, without reaching the upstream.
+    let calls = up.calls();
+    let start = tokio::time::Instant::now();
+    let res = send(&svc, chat("m")).await;
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(res.status(), 503);
+    assert_eq!(up.calls(), calls);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_call_timeout_answers_504_and_counts_as_a_failure() {
+    let layer = base()
+        .consecutive_failures(3)
+        .call_timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Hang);
+    let svc = guard(&layer, &up);
+    for _ in 0..3 {
+        let start = tokio::time::Instant::now();
+        let res = send(&svc, chat("m")).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(3));
+        assert_eq!(res.status(), 504);
+        assert!(res
+            .extensions()
+            .get::<llm_layers::ext::RefusedLocally>()
+            .is_none());
+        let body = json(res).await;
+        assert_eq!(body["error"]["code"], "timeout", "{body}");
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("'openai'") && msg.contains("3000 ms"), "{msg}");
+    }
+    let m = h.metrics(SINGLE_KEY).unwrap();
+    assert_eq!((m.calls, m.failures, m.timeouts), (3, 3, 3));
+    assert_eq!(m.state, CircuitState::Open);
+    let start = tokio::time::Instant::now();
+    assert_eq!(status(&svc, "m").await, 503);
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(up.calls(), 3);
+    // A call that answers in time is untouched; keyed by model (the body-parsing path) too.
+    let layer = base()
+        .key_by(KeyBy::Model)
+        .consecutive_failures(1)
+        .call_timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let up = Upstream::new(Answer::After(Duration::from_millis(2999), 200));
+    let svc = guard(&layer, &up);
+    assert_eq!(status(&svc, "gpt-4o").await, 200);
+    up.set_default(Answer::Hang);
+    assert_eq!(status(&svc, "gpt-4o").await, 504);
+    assert_eq!(layer.handle().state("gpt-4o"), Some(CircuitState::Open));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hanging_probe_fails_by_its_own_timer() {
+    let layer = base()
+        .consecutive_failures(1)
+        .half_open_probes(1)
+        .open_duration(Duration::from_secs(10))
+        .open_backoff(1.0, Duration::from_secs(10))
+        .probe_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Hang);
+    up.script([Answer::Status(500)]);
+    let svc = guard(&layer, &up);
+    status(&svc, "m").await;
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let hung = tokio::spawn(send(&svc, chat("m")));
+    while up.calls() < 2 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::HalfOpen));
+    // No other call arrives: the probe's own timer fails it at the probe timeout.
+    tokio::time::sleep(Duration::from_millis(4999)).await;
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::HalfOpen));
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::Open));
+    assert_eq!(h.metrics(SINGLE_KEY).unwrap().timeouts, 1);
+    // The call itself goes on (no call timeout is set); its late answer would be ignored.
+    assert!(!hung.is_finished());
+    hung.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn probes_to_a_dead_upstream_do_not_go_on_forever() {
+    let layer = base()
+        .consecutive_failures(1)
+        .half_open_probes(1)
+        .open_duration(Duration::from_secs(10))
+        .open_backoff(2.0, Duration::from_secs(80))
+        .probe_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Hang);
+    up.script([Answer::Status(500)]);
+    let svc = guard(&layer, &up);
+    status(&svc, "m").await;
+    // Ten minutes of callers, one a second, each giving up after 2 s.
+    let start = tokio::time::Instant::now();
+    let mut refused_at_once = 0;
+    while start.elapsed() < Duration::from_secs(600) {
+        let t = tokio::time::Instant::now();
+        match tokio::time::timeout(Duration::from_secs(2), send(&svc, chat("m"))).await {
+            Ok(res) => {
+                assert_eq!(res.status(), 503);
+                assert_eq!(t.elapsed(), Duration::ZERO);
+                refused_at_once += 1;
+            }
+            Err(_) => assert_eq!(t.elapsed(), Duration::from_secs(2)),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // One probe per open period (10, 20, 40, then 80 s): a handful, not one per caller.
+    let probes = up.calls() - 1;
+    assert!((5..=12).contains(&probes), "{probes} probes");
+    assert!(refused_at_once > 500, "{refused_at_once}");
+    assert_eq!(h.metrics(SINGLE_KEY).unwrap().openings as usize, probes + 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -1280,6 +1436,9 @@ async fn builder_extremes_are_refused_naming_the_field_or_never_panic() {
             base().key_by(KeyBy::Model).body_limit(usize::MAX),
         ),
         ("body_limit", base().key_by(KeyBy::Model).body_limit(1)),
+        ("call_timeout", b().call_timeout(Duration::MAX)),
+        ("call_timeout", b().call_timeout(Duration::ZERO)),
+        ("call_timeout", b().call_timeout(Duration::from_nanos(1))),
     ];
     let mut built = 0;
     for (field, builder) in cases {
@@ -1334,5 +1493,9 @@ fn the_toml_stack_sets_the_maximum_open_time_and_names_real_keys() {
     // Durations beyond what a clock can hold saturate instead of panicking.
     let max = u64::MAX;
     let toml = format!("[breaker]\nopen_ms = {max}\nmax_open_ms = {max}\n");
+    assert!(Stack::from_toml_str(&toml).is_ok());
+    let err = Stack::from_toml_str("[breaker]\ncall_timeout_ms = 0\n").unwrap_err();
+    assert_eq!(err.field(), "breaker.call_timeout_ms", "{err}");
+    let toml = format!("[breaker]\ncall_timeout_ms = {max}\n");
     assert!(Stack::from_toml_str(&toml).is_ok());
 }

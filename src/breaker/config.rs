@@ -210,6 +210,7 @@ pub(crate) struct Config {
     pub(crate) minimum_calls: u64,
     pub(crate) probes: u16,
     pub(crate) probe_timeout: Duration,
+    pub(crate) call_timeout: Option<Duration>,
     pub(crate) open_duration: Duration,
     pub(crate) backoff_multiplier: f64,
     pub(crate) max_open_duration: Duration,
@@ -233,6 +234,7 @@ impl fmt::Debug for Config {
             .field("minimum_calls", &self.minimum_calls)
             .field("probes", &self.probes)
             .field("probe_timeout", &self.probe_timeout)
+            .field("call_timeout", &self.call_timeout)
             .field("open_duration", &self.open_duration)
             .field("backoff_multiplier", &self.backoff_multiplier)
             .field("max_open_duration", &self.max_open_duration)
@@ -266,6 +268,7 @@ pub struct Builder {
     minimum_calls: u64,
     probes: u32,
     probe_timeout: Duration,
+    call_timeout: Option<Duration>,
     open_duration: Duration,
     backoff_multiplier: f64,
     max_open_duration: Duration,
@@ -298,6 +301,7 @@ impl Default for Builder {
             minimum_calls: 10,
             probes: 3,
             probe_timeout: Duration::from_secs(30),
+            call_timeout: None,
             open_duration: Duration::from_secs(30),
             backoff_multiplier: 2.0,
             max_open_duration: Duration::from_secs(300),
@@ -366,14 +370,29 @@ impl Builder {
         self
     }
 
-    /// A probe that has not answered after `timeout` counts as failed and frees its slot.
+    /// A probe that has not answered after `timeout` counts as failed and opens the circuit
+    /// again.
     ///
-    /// No timer runs for this: once every probe slot is taken, the first call that arrives
-    /// after the newest probe's timeout finds them overdue, counts them as failed and opens the
-    /// circuit again (so [`BreakerHandle::state`](super::BreakerHandle::state) may read
-    /// half-open until then). A late answer from an overdue probe is ignored.
+    /// A timer in the probe's response future enforces it: when it fires, the probe is
+    /// failed at once (the call itself goes on, unless the [call
+    /// timeout](Builder::call_timeout) ends it; its late answer is ignored). A call that
+    /// finds every probe slot taken past the newest probe's timeout also counts them as failed
+    /// (for futures nobody polls).
     pub fn probe_timeout(mut self, timeout: Duration) -> Self {
         self.probe_timeout = timeout;
+        self
+    }
+
+    /// The breaker's own timeout of each call it guards (off by default): an upstream that has
+    /// not answered (the response head) after `timeout` is given up on, the caller is answered
+    /// `504 timeout`, and the call counts as a failure. A timer in the response future
+    /// enforces it, so it needs a tokio runtime with time enabled (without a runtime, no timer
+    /// is set).
+    ///
+    /// It also lets the breaker learn from calls dropped by a timeout outside it: a call
+    /// dropped after running at least `timeout` counts as a timed-out failure.
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = Some(timeout);
         self
     }
 
@@ -643,6 +662,9 @@ impl Builder {
         if self.probe_timeout.is_zero() {
             return Err(config_error("probe_timeout", "must not be zero"));
         }
+        if self.call_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(config_error("call_timeout", "must not be zero"));
+        }
         if self.open_duration.is_zero() {
             return Err(config_error("open_duration", "must not be zero"));
         }
@@ -695,6 +717,7 @@ impl Builder {
             minimum_calls: self.minimum_calls,
             probes: self.probes as u16,
             probe_timeout: self.probe_timeout,
+            call_timeout: self.call_timeout,
             open_duration: self.open_duration,
             backoff_multiplier: self.backoff_multiplier,
             max_open_duration: self.max_open_duration,

@@ -43,8 +43,11 @@ pub enum TransitionReason {
     OpenElapsed,
     /// A probe failed (or was slow).
     ProbeFailed,
-    /// A probe did not answer within the probe timeout.
+    /// A probe did not answer within the probe timeout (or the call timeout).
     ProbeTimedOut,
+    /// A probe was dropped by its caller before it answered (a timeout outside the breaker,
+    /// a client that went away): nothing says the upstream is back, so it counts as failed.
+    ProbeDropped,
     /// Every probe succeeded.
     ProbesSucceeded,
     /// [`BreakerHandle::reset`](super::BreakerHandle::reset) was called.

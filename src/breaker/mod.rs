@@ -34,9 +34,25 @@
 //! (`Err` from the inner service) are failures. What the caller caused (invalid request, bad
 //! key, content policy, not found) is ignored. `429` throttling is ignored unless
 //! [`Builder::trip_on_rate_limit`]. A call is slow when its response head (for a stream: the
-//! first byte) takes longer than the slow-call duration. A cancelled call (its future dropped)
-//! records nothing and gives its probe slot back. Classification ([`Outcome`]), windows, state
-//! transitions and admission are kept apart.
+//! first byte) takes longer than the slow-call duration. Classification ([`Outcome`]), windows,
+//! state transitions and admission are kept apart.
+//!
+//! # Calls that hang, and calls dropped by their caller
+//!
+//! A timeout enforced outside the breaker (a retry deadline, a client that goes away) drops
+//! the breaker's response future before any answer. The breaker learns from that too:
+//!
+//! | the call | counts as |
+//! |---|---|
+//! | ran past [`Builder::call_timeout`] (when set) | answered `504 timeout` by the breaker itself, a failure (`timeouts` in the metrics) |
+//! | a half-open probe, past [`Builder::probe_timeout`] | a failed probe at once, by a timer in its future: the circuit opens again (`ProbeTimedOut`); the call goes on and its late answer is ignored |
+//! | a half-open probe, dropped before its answer | a failed probe (`ProbeDropped`): the circuit opens again, the slot is not handed back and the probe deadline is not pushed forward, so probes to a dead upstream stay one per open period |
+//! | dropped after running at least the call timeout | a failure (a timeout) |
+//! | dropped after running longer than the slow-call duration | a slow call (not a failure), so the slow-call rate decides; not counted with [`Builder::consecutive_failures`] |
+//! | dropped earlier, or when neither a slow-call rule nor a call timeout is set | nothing: a cancelled call says nothing of the upstream |
+//!
+//! Every drop is counted in `dropped`. The timers exist only for probes and, with a call
+//! timeout, for every guarded call; the closed path without them reads no clock.
 //!
 //! # Example
 //!

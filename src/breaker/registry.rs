@@ -144,6 +144,12 @@ pub struct CircuitMetrics {
     pub fallbacks: u64,
     /// How many times the circuit opened.
     pub openings: u64,
+    /// Calls counted as failed because they did not answer in time: the call timeout fired,
+    /// a probe passed its probe timeout, or a call was dropped after the call timeout.
+    pub timeouts: u64,
+    /// Calls dropped by their caller before the answer (counted or not, see the module
+    /// documentation).
+    pub dropped: u64,
     /// Calls in the current window.
     pub window_calls: u64,
     /// Failures in the current window.
@@ -166,6 +172,8 @@ fn metrics(c: &Circuit) -> CircuitMetrics {
         rejections: n.rejections.load(Ordering::Relaxed),
         fallbacks: n.fallbacks.load(Ordering::Relaxed),
         openings: n.openings.load(Ordering::Relaxed),
+        timeouts: n.timeouts.load(Ordering::Relaxed),
+        dropped: n.dropped.load(Ordering::Relaxed),
         window_calls,
         window_failures,
         window_slow_calls,

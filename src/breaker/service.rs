@@ -303,16 +303,8 @@ where
         _ => return inner.call(req).await,
     };
     match circuit.admit() {
-        Ok(permit) => {
-            // Dropping this future drops the permit with it: nothing recorded, slot given back.
-            let out = inner.call(req).await;
-            let outcome = match &out {
-                Ok(res) => permit.classify(res),
-                Err(_) => Outcome::Failure,
-            };
-            permit.complete(outcome);
-            out
-        }
+        // The same timers and drop rules as the direct path.
+        Ok(permit) => ResponseFuture::called(inner.call(req), permit).await,
         Err(refusal) => {
             note_rejection(cfg, &circuit, refusal);
             if cfg.fallbacks.is_empty() {

@@ -282,6 +282,9 @@ pub struct BreakerConfig {
     pub max_open_ms: Option<u64>,
     /// Probe calls admitted when half-open (default 3).
     pub half_open_probes: Option<u32>,
+    /// The breaker's own timeout of each call, in milliseconds: an upstream that has not
+    /// answered by then gets the caller a `504 timeout` and counts as a failure (default: none).
+    pub call_timeout_ms: Option<u64>,
     /// The model to degrade to while the circuit is open.
     pub fallback_model: Option<String>,
     /// Seed of the open-duration jitter.
@@ -438,6 +441,9 @@ impl Stack {
         if let Some(n) = c.half_open_probes {
             b = b.half_open_probes(n);
         }
+        if let Some(ms) = c.call_timeout_ms {
+            b = b.call_timeout(Duration::from_millis(ms));
+        }
         if let Some(m) = &c.fallback_model {
             b = b.fallback_model(m.as_str());
         }
@@ -449,6 +455,7 @@ impl Stack {
             let field = match e.field() {
                 "count_window" => "window",
                 "open_duration" => "open_ms",
+                "call_timeout" => "call_timeout_ms",
                 // The multiplier has no key: only the maximum can be wrong here.
                 "open_backoff" => "max_open_ms",
                 other => other,
