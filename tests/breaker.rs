@@ -1439,6 +1439,17 @@ async fn builder_extremes_are_refused_naming_the_field_or_never_panic() {
         ("call_timeout", b().call_timeout(Duration::MAX)),
         ("call_timeout", b().call_timeout(Duration::ZERO)),
         ("call_timeout", b().call_timeout(Duration::from_nanos(1))),
+        (
+            "max_key_len",
+            base().key_by(KeyBy::Model).max_key_len(usize::MAX),
+        ),
+        ("max_key_len", base().key_by(KeyBy::Model).max_key_len(0)),
+        ("max_key_len", base().key_by(KeyBy::Model).max_key_len(64)),
+        ("upstream", b().key_by(KeyBy::Upstream).upstream("")),
+        (
+            "upstream",
+            b().key_by(KeyBy::UpstreamAndModel).upstream("u"),
+        ),
     ];
     let mut built = 0;
     for (field, builder) in cases {
@@ -1498,4 +1509,151 @@ fn the_toml_stack_sets_the_maximum_open_time_and_names_real_keys() {
     assert_eq!(err.field(), "breaker.call_timeout_ms", "{err}");
     let toml = format!("[breaker]\ncall_timeout_ms = {max}\n");
     assert!(Stack::from_toml_str(&toml).is_ok());
+}
+
+// ---- Keyed state an attacker controls (issue 11, item 10) ----
+
+#[tokio::test(start_paused = true)]
+async fn long_keys_are_stored_bounded_and_stay_distinct() {
+    let layer = base()
+        .key_by(KeyBy::Model)
+        .consecutive_failures(2)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Status(500));
+    let svc = guard(&layer, &up);
+    let long = |i: usize| format!("{i:03}{}", "é".repeat(50_000));
+    for i in 0..10 {
+        assert_eq!(
+            send(&svc, chat_at("/v1/chat/completions", &long(i)))
+                .await
+                .status(),
+            500
+        );
+    }
+    let keys: Vec<String> = h.all_metrics().iter().map(|m| m.key.to_string()).collect();
+    assert_eq!(keys.len(), 10, "distinct long names keep distinct circuits");
+    for k in &keys {
+        assert!(k.len() <= 256, "{} bytes", k.len());
+        assert!(k.contains("~sha256:"), "{k}");
+    }
+    // The same long name is the same circuit: its second failure opens it.
+    assert_eq!(
+        send(&svc, chat_at("/v1/chat/completions", &long(3)))
+            .await
+            .status(),
+        500
+    );
+    assert_eq!(h.state(&long(3)), Some(CircuitState::Open));
+    assert_eq!(h.state(&long(4)), Some(CircuitState::Closed));
+    let res = send(&svc, chat_at("/v1/chat/completions", &long(3))).await;
+    assert_eq!(res.status(), 503);
+    let body = json(res).await;
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.len() < 600, "the message quotes the bounded key: {msg}");
+    // A key at the bound is kept as it is.
+    let exact = "m".repeat(256);
+    send(&svc, chat_at("/v1/chat/completions", &exact)).await;
+    assert!(h.metrics(&exact).is_some_and(|m| &*m.key == exact));
+    // A smaller bound of your own.
+    let layer = base().key_by(KeyBy::Model).max_key_len(64).build().unwrap();
+    let svc = guard(&layer, &up);
+    send(&svc, chat_at("/v1/chat/completions", &long(0))).await;
+    assert!(layer.handle().all_metrics()[0].key.len() <= 64);
+}
+
+#[tokio::test(start_paused = true)]
+async fn churn_of_new_keys_never_resets_a_failing_circuit() {
+    let layer = base()
+        .key_by(KeyBy::Model)
+        .consecutive_failures(3)
+        .max_keys(4)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Status(200));
+    let svc = guard(&layer, &up);
+    up.script([Answer::Status(500), Answer::Status(500)]);
+    status(&svc, "failing").await;
+    status(&svc, "failing").await;
+    // An attacker (or plain traffic) sends 200 models never seen before.
+    for i in 0..200 {
+        assert_eq!(status(&svc, &format!("churn-{i}")).await, 200);
+    }
+    // The failing circuit kept its two failures: the third opens it.
+    up.script([Answer::Status(500)]);
+    status(&svc, "failing").await;
+    assert_eq!(h.state("failing"), Some(CircuitState::Open));
+    assert_eq!(status(&svc, "failing").await, 503);
+    // Healthy idle circuits made room: the newest key has a circuit of its own.
+    assert_eq!(h.state("churn-199"), Some(CircuitState::Closed));
+    assert!(h.all_metrics().len() <= 5);
+}
+
+async fn get_with_host(url: &str, host: &str) -> u16 {
+    client()
+        .post(format!("{url}/v1/chat/completions"))
+        .header("host", host)
+        .body("{}")
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn http_a_changed_host_header_does_not_step_around_an_open_circuit() {
+    for named in [true, false] {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let mut b = base().key_by(KeyBy::Upstream).consecutive_failures(2);
+        if named {
+            b = b.upstream("api.openai.com");
+        }
+        let layer = b.build().unwrap();
+        let h = layer.handle();
+        let app = axum::Router::new()
+            .route(
+                "/v1/chat/completions",
+                axum::routing::post(move || {
+                    c.fetch_add(1, Ordering::SeqCst);
+                    async { StatusCode::BAD_GATEWAY }
+                }),
+            )
+            .layer(layer);
+        let url = serve(app).await;
+        assert_eq!(get_with_host(&url, "a.example").await, 502);
+        assert_eq!(get_with_host(&url, "a.example").await, 502);
+        for host in ["a.example", "b.example", "api.openai.com", "127.0.0.1:1"] {
+            assert_eq!(get_with_host(&url, host).await, 503, "Host: {host}");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        let keys: Vec<String> = h.all_metrics().iter().map(|m| m.key.to_string()).collect();
+        let want = if named { "api.openai.com" } else { "<unknown>" };
+        assert_eq!(keys, [want]);
+    }
+}
+
+#[test]
+fn the_toml_stack_keys_upstreams_by_name_only() {
+    use llm_layers::stack::Stack;
+    let err = Stack::from_toml_str("[breaker]\nkey_by = \"upstream\"\n").unwrap_err();
+    assert_eq!(err.field(), "breaker.upstream", "{err}");
+    let err = Stack::from_toml_str("[breaker]\nkey_by = \"upstream_and_model\"\n").unwrap_err();
+    assert_eq!(err.field(), "breaker.upstream", "{err}");
+    let stack =
+        Stack::from_toml_str("[breaker]\nkey_by = \"upstream\"\nupstream = \"api.openai.com\"\n")
+            .unwrap();
+    stack
+        .breaker()
+        .handle()
+        .set_mode_for("api.openai.com", Mode::ForcedOpen);
+    assert_eq!(
+        stack.breaker().handle().state("api.openai.com"),
+        Some(CircuitState::Closed)
+    );
+    let err = Stack::from_toml_str("[breaker]\nupstream = \"\"\n").unwrap_err();
+    assert_eq!(err.field(), "breaker.upstream", "{err}");
 }

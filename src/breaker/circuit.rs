@@ -115,6 +115,8 @@ pub(crate) struct Circuit {
     probe_deadline: AtomicU64,
     pub(crate) mode: AtomicU8,
     pub(crate) last_used: AtomicU64,
+    /// When the registry last looked at this circuit for eviction (a `last_used` tick).
+    pub(crate) seen: AtomicU64,
     pub(crate) counters: Counters,
     inner: Mutex<Inner>,
 }
@@ -275,6 +277,7 @@ impl Circuit {
             probe_deadline: AtomicU64::new(0),
             mode: AtomicU8::new(Mode::Auto.to_u8()),
             last_used: AtomicU64::new(0),
+            seen: AtomicU64::new(0),
             counters: Counters::default(),
             inner: Mutex::new(Inner {
                 window,

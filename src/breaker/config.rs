@@ -62,8 +62,9 @@ pub enum KeyBy {
     /// layer wraps one upstream client).
     #[default]
     Single,
-    /// One circuit per upstream: the request URI's authority (`api.openai.com`), else its
-    /// `host` header.
+    /// One circuit per upstream: the name given to [`Builder::upstream`] (set it on a
+    /// server), else the request URI's authority (`api.openai.com`, what a client sends to),
+    /// else `"<unknown>"`. The client's `Host` header is never read.
     Upstream,
     /// One circuit per model, read from the [`RequestView`](crate::request::RequestView) in
     /// the extensions or, when no earlier layer stored one, by buffering and parsing the body
@@ -218,7 +219,9 @@ pub(crate) struct Config {
     pub(crate) seed: u64,
     pub(crate) classifier: Classifier,
     pub(crate) key_by: KeyBy,
+    pub(crate) upstream: Option<Arc<str>>,
     pub(crate) max_keys: usize,
+    pub(crate) max_key_len: usize,
     pub(crate) body_limit: usize,
     pub(crate) fallbacks: Vec<FallbackStep>,
     pub(crate) on_event: Option<EventHook>,
@@ -240,7 +243,9 @@ impl fmt::Debug for Config {
             .field("max_open_duration", &self.max_open_duration)
             .field("jitter", &self.jitter)
             .field("key_by", &self.key_by)
+            .field("upstream", &self.upstream)
             .field("max_keys", &self.max_keys)
+            .field("max_key_len", &self.max_key_len)
             .field("fallbacks", &self.fallbacks)
             .finish_non_exhaustive()
     }
@@ -276,7 +281,9 @@ pub struct Builder {
     seed: Option<u64>,
     classifier: Classifier,
     key_by: KeyBy,
+    upstream: Option<Arc<str>>,
     max_keys: usize,
+    max_key_len: usize,
     body_limit: usize,
     fallbacks: Vec<FallbackStep>,
     on_event: Option<EventHook>,
@@ -309,7 +316,9 @@ impl Default for Builder {
             seed: None,
             classifier: Classifier::default(),
             key_by: KeyBy::Single,
+            upstream: None,
             max_keys: 1024,
+            max_key_len: 256,
             body_limit: crate::body::DEFAULT_BODY_LIMIT,
             fallbacks: Vec::new(),
             on_event: None,
@@ -455,11 +464,40 @@ impl Builder {
         self
     }
 
-    /// At most `keys` circuits. When a new key arrives at the bound, the least recently used
-    /// closed circuit is forgotten; if every circuit is open or half-open, the new key shares
-    /// one overflow circuit (key `"<overflow>"`) until room frees up.
+    /// The upstream this breaker guards (`"api.openai.com"`): with [`KeyBy::Upstream`] and
+    /// [`KeyBy::UpstreamAndModel`], requests are keyed on this name, whatever they say.
+    ///
+    /// Set it on a server-side breaker (on an axum `Router`, a gateway): there the request's
+    /// URI authority comes from the client (an absolute-form request line, HTTP/2
+    /// `:authority`), and a client that could choose its key could step around an open
+    /// circuit. Without it, the upstream is the request URI's authority (what a client-side
+    /// breaker sees: the URL its application chose), else `"<unknown>"`; the `Host` header is
+    /// never read.
+    pub fn upstream(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.upstream = Some(name.into());
+        self
+    }
+
+    /// At most `keys` circuits (default 1,024). When a new key arrives at the bound, a
+    /// circuit is forgotten to make room: one that is closed, automatic, idle and without a
+    /// failure in its window, not used since the registry last looked at it (a clock with a
+    /// second chance, at most 16 circuits looked at per new key, so the cost does not grow
+    /// with the number of keys). Open, half-open and failing circuits are kept, so churn of
+    /// new keys cannot reset a circuit on its way to opening. When none of those looked at
+    /// can go, the new key shares one overflow circuit (key `"<overflow>"`).
     pub fn max_keys(mut self, keys: usize) -> Self {
         self.max_keys = keys;
+        self
+    }
+
+    /// The longest key stored, in bytes (default 256, at least 64). A longer key (a model
+    /// name of 600 KB) is stored as its first bytes followed by `~sha256:` and 128 bits of its
+    /// SHA-256 in hex, `bytes` long at most: distinct long keys keep distinct circuits, and
+    /// the memory of keyed state stays bounded by `max_keys × max_key_len`. The request itself
+    /// goes on unchanged (the upstream decides what the name is worth).
+    /// [`BreakerHandle`](super::BreakerHandle) lookups map a long key the same way.
+    pub fn max_key_len(mut self, bytes: usize) -> Self {
+        self.max_key_len = bytes;
         self
     }
 
@@ -692,6 +730,19 @@ impl Builder {
         if self.max_keys == 0 {
             return Err(config_error("max_keys", "must be at least 1"));
         }
+        if self.max_key_len < super::registry::MIN_KEY_LEN {
+            return Err(config_error(
+                "max_key_len",
+                format!(
+                    "must be at least {} bytes, got {}",
+                    super::registry::MIN_KEY_LEN,
+                    self.max_key_len
+                ),
+            ));
+        }
+        if self.upstream.as_deref().is_some_and(str::is_empty) {
+            return Err(config_error("upstream", "must not be empty"));
+        }
         if self.body_limit == 0 {
             return Err(config_error("body_limit", "must be at least 1 byte"));
         }
@@ -725,7 +776,9 @@ impl Builder {
             seed: self.seed.unwrap_or_else(|| fastrand::u64(..)),
             classifier: self.classifier,
             key_by: self.key_by,
+            upstream: self.upstream,
             max_keys: self.max_keys,
+            max_key_len: self.max_key_len,
             body_limit: self.body_limit,
             fallbacks: self.fallbacks,
             on_event: self.on_event,

@@ -101,7 +101,22 @@
 //! deployment in the path (`/openai/deployments/{name}/...`) wins over the body's `model`. It is
 //! read from the [`RequestView`](crate::request::RequestView) an earlier layer left, else from
 //! the path, else by parsing the body. Client-chosen strings (keys, model names) reach
-//! `tracing` fields escaped (`Debug`), so they cannot forge log lines. Fallbacks ([`Builder::fallback_model`],
+//! `tracing` fields escaped (`Debug`), so they cannot forge log lines.
+//!
+//! # Keyed state a client controls
+//!
+//! - **Upstream keys** come from [`Builder::upstream`] when set (do set it on a server: there
+//!   a request's URI authority is the client's choice), else from the request URI's authority
+//!   (what a client-side breaker sends to), else `"<unknown>"`. The `Host` header is never
+//!   read, so a changed `Host` cannot step around an open circuit.
+//! - **Long keys** are bounded ([`Builder::max_key_len`], 256 bytes by default): a longer key
+//!   is stored as its prefix and a SHA-256 digest, so memory stays within `max_keys × max_key_len`
+//!   while distinct keys keep distinct circuits. The request itself passes unchanged.
+//! - **Eviction** at [`Builder::max_keys`] looks at no more than 16 circuits per new key (a
+//!   clock with a second chance), and forgets only a closed, automatic, idle circuit with no
+//!   failure in its window. Open, half-open and failing circuits are kept, so a flood of new
+//!   keys cannot reset a circuit on its way to opening; when nothing looked at can go, the new
+//!   key shares the `"<overflow>"` circuit. Fallbacks ([`Builder::fallback_model`],
 //! [`Builder::fallback_service`], [`Builder::fallback_response`]) degrade instead of
 //! rejecting. A [`BreakerHandle`] reads state and counters per key and forces [`Mode`]s at
 //! runtime; [`Builder::on_event`] and `tracing` report transitions, rejections and fallbacks.

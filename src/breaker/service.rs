@@ -81,47 +81,47 @@ enum Key<'a> {
     Unguarded,
 }
 
-/// `host[:port]` of the request URI (never its user info, which may hold a password), else
-/// the `host` header.
-fn upstream_of<B>(req: &Request<B>) -> &str {
+/// The upstream of a request: the configured name, else `host[:port]` of the request URI
+/// (never its user info, which may hold a password), else `"<unknown>"`. Never the `Host`
+/// header, which a client may set to anything.
+fn upstream_of<'a, B>(cfg: &'a Config, req: &'a Request<B>) -> &'a str {
+    if let Some(name) = &cfg.upstream {
+        return name;
+    }
     req.uri()
         .authority()
         .map(|a| {
             let a = a.as_str();
             a.rsplit_once('@').map_or(a, |(_, host)| host)
         })
-        .or_else(|| {
-            req.headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
         .unwrap_or("<unknown>")
 }
 
 /// The key of a model's circuit: the model alone, or behind the upstream.
-fn model_key<'a, B>(key_by: &KeyBy, req: &Request<B>, model: &'a str) -> Cow<'a, str> {
-    if matches!(key_by, KeyBy::Model) {
+fn model_key<'a, B>(cfg: &Config, req: &Request<B>, model: &'a str) -> Cow<'a, str> {
+    if matches!(cfg.key_by, KeyBy::Model) {
         Cow::Borrowed(model)
     } else {
-        Cow::Owned(format!("{}/{model}", upstream_of(req)))
+        Cow::Owned(format!("{}/{model}", upstream_of(cfg, req)))
     }
 }
 
-fn key_of<'a, B>(key_by: &KeyBy, req: &'a Request<B>) -> Key<'a> {
+fn key_of<'a, B>(cfg: &'a Config, req: &'a Request<B>) -> Key<'a> {
+    let key_by = &cfg.key_by;
     match key_by {
         KeyBy::Single => Key::Single,
-        KeyBy::Upstream => Key::Named(Cow::Borrowed(upstream_of(req))),
+        KeyBy::Upstream => Key::Named(Cow::Borrowed(upstream_of(cfg, req))),
         KeyBy::Model | KeyBy::UpstreamAndModel => {
             match RequestView::from_extensions(req.extensions()) {
                 // The model the upstream serves: an Azure deployment in the path wins over
                 // the body's `model`.
                 Some(view) => match view.routed_model() {
                     None => Key::Unguarded,
-                    Some(model) => Key::Named(model_key(key_by, req, model)),
+                    Some(model) => Key::Named(model_key(cfg, req, model)),
                 },
                 None => match deployment_from_path(req.uri().path()) {
                     // The path names the model: no need to read the body.
-                    Some(d) => Key::Named(Cow::Owned(model_key(key_by, req, &d).into_owned())),
+                    Some(d) => Key::Named(Cow::Owned(model_key(cfg, req, &d).into_owned())),
                     None => Key::NeedView,
                 },
             }
@@ -143,7 +143,7 @@ fn key_of<'a, B>(key_by: &KeyBy, req: &'a Request<B>) -> Key<'a> {
 
 /// The circuit for a request whose key is known, or `None` when it goes unguarded.
 fn circuit_for<B>(shared: &Shared, req: &Request<B>) -> Option<Result<Arc<Circuit>, ()>> {
-    match key_of(&shared.config().key_by, req) {
+    match key_of(shared.config(), req) {
         Key::Single => Some(Ok(shared.single.clone())),
         Key::Named(k) => Some(Ok(shared.circuit(&k))),
         Key::Unguarded => None,
@@ -231,7 +231,7 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let keyed;
-        let circuit = match key_of(&self.shared.config().key_by, &req) {
+        let circuit = match key_of(self.shared.config(), &req) {
             Key::Single => &self.shared.single,
             Key::Named(k) => {
                 keyed = self.shared.circuit(&k);
@@ -434,7 +434,7 @@ where
                     KeyBy::Model => Some(model.to_string()),
                     KeyBy::UpstreamAndModel => {
                         let r = copy_request(parts, ());
-                        Some(format!("{}/{model}", upstream_of(&r)))
+                        Some(format!("{}/{model}", upstream_of(cfg, &r)))
                     }
                     _ => None,
                 };

@@ -267,8 +267,12 @@ pub struct RetryConfig {
 pub struct BreakerConfig {
     /// The breaker's name in messages and logs (default `"upstream"`).
     pub name: Option<String>,
-    /// `"single"` (default), `"model"`, `"upstream"` or `"upstream_and_model"`.
+    /// `"single"` (default), `"model"`, `"upstream"` or `"upstream_and_model"`. The last two
+    /// need `upstream`.
     pub key_by: Option<String>,
+    /// The name of the upstream the breaker guards (`"api.openai.com"`), the key of its
+    /// circuit with `key_by = "upstream"` (never the client's `Host`).
+    pub upstream: Option<String>,
     /// Calls in the sliding window (default 100).
     pub window: Option<usize>,
     /// Calls before any decision (default 10).
@@ -417,6 +421,15 @@ impl Stack {
                     ))
                 }
             });
+        }
+        if let Some(name) = &c.upstream {
+            b = b.upstream(name.as_str());
+        } else if matches!(c.key_by.as_deref(), Some("upstream" | "upstream_and_model")) {
+            // A gateway's requests name no upstream the breaker could trust.
+            return Err(refuse(
+                "breaker.upstream",
+                "key_by = \"upstream\" needs the upstream's name (`upstream = \"api.openai.com\"`)",
+            ));
         }
         if let Some(n) = c.window {
             b = b.count_window(n);
