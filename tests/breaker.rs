@@ -1555,7 +1555,7 @@ async fn long_keys_are_stored_bounded_and_stay_distinct() {
     // A key at the bound is kept as it is.
     let exact = "m".repeat(256);
     send(&svc, chat_at("/v1/chat/completions", &exact)).await;
-    assert!(h.metrics(&exact).is_some_and(|m| &*m.key == exact));
+    assert!(h.metrics(&exact).is_some_and(|m| *m.key == exact));
     // A smaller bound of your own.
     let layer = base().key_by(KeyBy::Model).max_key_len(64).build().unwrap();
     let svc = guard(&layer, &up);

@@ -103,6 +103,11 @@
 //! the path, else by parsing the body. Client-chosen strings (keys, model names) reach
 //! `tracing` fields escaped (`Debug`), so they cannot forge log lines.
 //!
+//! Fallbacks ([`Builder::fallback_model`], [`Builder::fallback_service`],
+//! [`Builder::fallback_response`]) degrade instead of rejecting. A [`BreakerHandle`] reads
+//! state and counters per key and forces [`Mode`]s at runtime; [`Builder::on_event`] and
+//! `tracing` report transitions, rejections and fallbacks.
+//!
 //! # Keyed state a client controls
 //!
 //! - **Upstream keys** come from [`Builder::upstream`] when set (do set it on a server: there
@@ -116,10 +121,7 @@
 //!   clock with a second chance), and forgets only a closed, automatic, idle circuit with no
 //!   failure in its window. Open, half-open and failing circuits are kept, so a flood of new
 //!   keys cannot reset a circuit on its way to opening; when nothing looked at can go, the new
-//!   key shares the `"<overflow>"` circuit. Fallbacks ([`Builder::fallback_model`],
-//! [`Builder::fallback_service`], [`Builder::fallback_response`]) degrade instead of
-//! rejecting. A [`BreakerHandle`] reads state and counters per key and forces [`Mode`]s at
-//! runtime; [`Builder::on_event`] and `tracing` report transitions, rejections and fallbacks.
+//!   key shares the `"<overflow>"` circuit.
 
 mod circuit;
 mod classify;
