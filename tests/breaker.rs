@@ -1657,3 +1657,144 @@ fn the_toml_stack_keys_upstreams_by_name_only() {
     let err = Stack::from_toml_str("[breaker]\nupstream = \"\"\n").unwrap_err();
     assert_eq!(err.field(), "breaker.upstream", "{err}");
 }
+
+/// Mostly values at the edges of what is valid, now and then one that is not.
+fn edge<T: Clone + std::fmt::Debug + 'static>(
+    valid: Vec<T>,
+    invalid: Vec<T>,
+) -> impl proptest::strategy::Strategy<Value = T> {
+    use proptest::strategy::Strategy;
+    proptest::prop_oneof![
+        24 => proptest::sample::select(valid),
+        1 => proptest::sample::select(invalid),
+    ]
+    .boxed()
+}
+
+fn extreme_duration() -> impl proptest::strategy::Strategy<Value = Duration> {
+    edge(
+        vec![
+            Duration::from_nanos(1),
+            Duration::from_millis(1),
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+            Duration::from_nanos(u64::MAX),
+            Duration::from_secs(u64::MAX / 2),
+            Duration::MAX,
+        ],
+        vec![Duration::ZERO],
+    )
+}
+
+fn extreme_rate() -> impl proptest::strategy::Strategy<Value = f64> {
+    edge(
+        vec![f64::MIN_POSITIVE, 1e-300, 0.5, 50.0, 99.999_999, 100.0],
+        vec![
+            0.0,
+            -0.0,
+            100.000_000_1,
+            f64::MAX,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::NAN,
+        ],
+    )
+}
+
+static EXTREMES_BUILT: AtomicUsize = AtomicUsize::new(0);
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+    /// Any mix of extreme settings either builds or is refused naming the field; what builds
+    /// serves closed, open, half-open, hung and dropped calls without panicking.
+    #[test]
+    fn configuration_extremes_never_panic_per_request(
+        open in extreme_duration(),
+        max_open in edge(vec![Duration::from_secs(1), Duration::MAX, Duration::from_nanos(u64::MAX)], vec![Duration::from_nanos(1)]),
+        probe_timeout in extreme_duration(),
+        time_window in extreme_duration(),
+        slow in extreme_duration(),
+        call_timeout in extreme_duration(),
+        failure_rate in extreme_rate(),
+        slow_rate in extreme_rate(),
+        multiplier in edge(vec![1.0, 2.0, 1e300, f64::MAX], vec![0.5, f64::INFINITY, f64::NAN]),
+        jitter in edge(vec![0.0, f64::MIN_POSITIVE, 0.5, 1.0], vec![1.000_000_1, -0.1, f64::NAN]),
+        window in 0u8..3,
+        size in edge(vec![1usize, 2, 100, 10_000], vec![0, 1_000_001, usize::MAX]),
+        minimum in edge(vec![1u64, 2], vec![0, u64::MAX]),
+        probes in edge(vec![1u32, 2, 65_535], vec![0, 65_536, u32::MAX]),
+        max_keys in edge(vec![1usize, 3, usize::MAX], vec![0]),
+        max_key_len in edge(vec![64usize, 256, usize::MAX], vec![0, 63]),
+        options in proptest::collection::vec(proptest::bool::ANY, 2),
+        script in proptest::collection::vec((0u8..4, 0u64..100_000), 1..16),
+    ) {
+        let mut b = base()
+            .key_by(KeyBy::Model)
+            .failure_rate(failure_rate)
+            .minimum_calls(minimum)
+            .half_open_probes(probes)
+            .open_duration(open)
+            .open_backoff(multiplier, max_open)
+            .probe_timeout(probe_timeout)
+            .jitter(jitter)
+            .max_keys(max_keys)
+            .max_key_len(max_key_len);
+        b = match window {
+            0 => b.count_window(size.max(minimum.min(usize::MAX as u64) as usize)),
+            1 => b.time_window(time_window, size),
+            _ => b.consecutive_failures(u32::try_from(size).unwrap_or(u32::MAX)),
+        };
+        if options[0] {
+            b = b.slow_calls(slow, slow_rate);
+        }
+        if options[1] {
+            b = b.call_timeout(call_timeout);
+        }
+        let layer = match b.build() {
+            Ok(layer) => layer,
+            Err(e) => {
+                proptest::prop_assert!(!e.field().is_empty());
+                proptest::prop_assert!(e.to_string().contains(&format!("`{}`", e.field())), "{}", e);
+                return Ok(());
+            }
+        };
+        EXTREMES_BUILT.fetch_add(1, Ordering::Relaxed);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+        rt.block_on(async move {
+            let h = layer.handle();
+            let up = Upstream::new(Answer::Status(200));
+            let svc = guard(&layer, &up);
+            for (i, (kind, secs)) in script.into_iter().enumerate() {
+                up.script([match kind {
+                    0 => Answer::Status(200),
+                    1 => Answer::Status(500),
+                    2 => Answer::Hang,
+                    _ => Answer::Refused,
+                }]);
+                let model = if i % 3 == 0 { "m".repeat(400) } else { format!("m{}", i % 4) };
+                let call = svc.clone().oneshot(chat_at("/v1/chat/completions", &model));
+                // Hung calls are given up on from outside after 30 s.
+                if let Ok(Ok(res)) = tokio::time::timeout(Duration::from_secs(30), call).await {
+                    assert!([200, 500, 503, 504].contains(&res.status().as_u16()), "{}", res.status());
+                }
+                up.clear_script();
+                tokio::time::advance(Duration::from_secs(secs * 3_600)).await;
+            }
+            for m in h.all_metrics() {
+                assert!(m.failures <= m.calls);
+            }
+        });
+    }
+}
+
+#[test]
+fn configuration_extremes_mostly_build() {
+    // Runs after (or beside) the property above in the same binary; only a floor, so the
+    // property cannot pass by refusing everything.
+    configuration_extremes_never_panic_per_request();
+    assert!(
+        EXTREMES_BUILT.load(Ordering::Relaxed) >= 64,
+        "{}",
+        EXTREMES_BUILT.load(Ordering::Relaxed)
+    );
+}

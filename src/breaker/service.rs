@@ -21,8 +21,10 @@ use crate::request::{deployment_from_path, ensure_view, CharEstimator, RequestVi
 
 /// A service guarded by circuit breakers. Built by [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
 ///
-/// Rejections are `503 service_unavailable` envelope responses, so `Error` stays the inner
-/// service's. The inner service's own `Err` passes through unchanged (and counts as a failure).
+/// Rejections are `503 service_unavailable` envelope responses (marked
+/// [`RefusedLocally`]) and a call past the [call timeout](super::Builder::call_timeout) is
+/// answered `504 timeout`, so `Error` stays the inner service's. The inner service's own `Err`
+/// passes through unchanged (and counts as a failure).
 pub struct CircuitBreaker<S> {
     inner: S,
     shared: Arc<Shared>,
