@@ -1505,6 +1505,14 @@ fn the_toml_stack_sets_the_maximum_open_time_and_names_real_keys() {
     let max = u64::MAX;
     let toml = format!("[breaker]\nopen_ms = {max}\nmax_open_ms = {max}\n");
     assert!(Stack::from_toml_str(&toml).is_ok());
+    let err = Stack::from_toml_str("[breaker]\nslow_call_ms = 0\n").unwrap_err();
+    assert_eq!(err.field(), "breaker.slow_call_ms", "{err}");
+    let err = Stack::from_toml_str("[breaker]\nslow_call_rate = 50.0\n").unwrap_err();
+    assert_eq!(err.field(), "breaker.slow_call_rate", "{err}");
+    let err = Stack::from_toml_str("[breaker]\nslow_call_ms = 100\nslow_call_rate = 120.0\n")
+        .unwrap_err();
+    assert_eq!(err.field(), "breaker.slow_call_rate", "{err}");
+    assert!(Stack::from_toml_str("[breaker]\nslow_call_ms = 20000\n").is_ok());
     let err = Stack::from_toml_str("[breaker]\ncall_timeout_ms = 0\n").unwrap_err();
     assert_eq!(err.field(), "breaker.call_timeout_ms", "{err}");
     let toml = format!("[breaker]\ncall_timeout_ms = {max}\n");

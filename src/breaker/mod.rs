@@ -19,6 +19,7 @@
 //! | forced open by the operator | `503 service_unavailable`, no `retry-after` |
 //! | open, with a fallback chain | the first fallback that answers, marked `x-llm-layers-fallback: <name or model>`; if every step fails, `503` naming the open circuit and each fallback's failure |
 //! | keyed by model, body over [`Builder::body_limit`] | `413 request_too_large` |
+//! | no answer within [`Builder::call_timeout`] (when set) | `504 timeout` naming the breaker; the call counts as a failure |
 //!
 //! Every refusal of the breaker's own (open, probing, forced open, a fallback chain that failed
 //! entirely) carries [`RefusedLocally::CIRCUIT_BREAKER`](crate::ext::RefusedLocally) in its

@@ -286,6 +286,12 @@ pub struct BreakerConfig {
     pub max_open_ms: Option<u64>,
     /// Probe calls admitted when half-open (default 3).
     pub half_open_probes: Option<u32>,
+    /// A call is slow when its response head takes longer than this, in milliseconds (no
+    /// slow-call rule by default). Calls dropped by their caller after this long count as slow
+    /// too, so a hanging upstream opens the circuit even when clients give up first.
+    pub slow_call_ms: Option<u64>,
+    /// The percentage of slow calls that opens the circuit (default 80; needs `slow_call_ms`).
+    pub slow_call_rate: Option<f64>,
     /// The breaker's own timeout of each call, in milliseconds: an upstream that has not
     /// answered by then gets the caller a `504 timeout` and counts as a failure (default: none).
     pub call_timeout_ms: Option<u64>,
@@ -454,6 +460,19 @@ impl Stack {
         if let Some(n) = c.half_open_probes {
             b = b.half_open_probes(n);
         }
+        match (c.slow_call_ms, c.slow_call_rate) {
+            (Some(0), _) => return Err(refuse("breaker.slow_call_ms", "must be at least 1 ms")),
+            (Some(ms), rate) => {
+                b = b.slow_calls(Duration::from_millis(ms), rate.unwrap_or(80.0));
+            }
+            (None, Some(_)) => {
+                return Err(refuse(
+                    "breaker.slow_call_rate",
+                    "needs `slow_call_ms`, the duration that makes a call slow",
+                ))
+            }
+            (None, None) => {}
+        }
         if let Some(ms) = c.call_timeout_ms {
             b = b.call_timeout(Duration::from_millis(ms));
         }
@@ -469,6 +488,8 @@ impl Stack {
                 "count_window" => "window",
                 "open_duration" => "open_ms",
                 "call_timeout" => "call_timeout_ms",
+                // A zero duration is refused above: only the rate can be wrong here.
+                "slow_calls" => "slow_call_rate",
                 // The multiplier has no key: only the maximum can be wrong here.
                 "open_backoff" => "max_open_ms",
                 other => other,
