@@ -387,6 +387,11 @@ impl Builder {
     /// timeout](Builder::call_timeout) ends it; its late answer is ignored). A call that
     /// finds every probe slot taken past the newest probe's timeout also counts them as failed
     /// (for futures nobody polls).
+    ///
+    /// The timer needs a tokio runtime with time enabled (as `#[tokio::main]` and every axum
+    /// or hyper server have; a runtime built without `enable_time` panics on it, like
+    /// `tokio::time::timeout`). Called outside any tokio runtime, no timer is set and only the
+    /// next call finds an overdue probe.
     pub fn probe_timeout(mut self, timeout: Duration) -> Self {
         self.probe_timeout = timeout;
         self
