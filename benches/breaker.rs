@@ -1,4 +1,5 @@
-//! The breaker's cost: the closed-state path against the bare service, the open-state
+//! The breaker's cost: the closed-state path against the bare service (plain, timing calls
+//! for the slow-call rule, with the breaker's own call timeout), the open-state
 //! rejection (including building the envelope), and tower-resilience-circuitbreaker 0.14 doing
 //! the same in the same run.
 //!
@@ -80,6 +81,15 @@ fn benches(c: &mut Criterion) {
         .unwrap();
     let mut svc = layer.layer(bare());
     g.bench_function("llm-layers breaker + slow-call timing", |b| {
+        b.iter(|| black_box(once(&mut svc)))
+    });
+
+    let layer = CircuitBreakerLayer::builder()
+        .call_timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(bare());
+    g.bench_function("llm-layers breaker + call timeout", |b| {
         b.iter(|| black_box(once(&mut svc)))
     });
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
-use common_breaker::{chat, json, proxy_router, serve, Answer, Stub, Upstream};
+use common_breaker::{chat, chat_at, json, proxy_router, serve, Answer, Logs, Stub, Upstream};
 use http::{Request, Response, StatusCode};
 use llm_layers::breaker::{
     BreakerEvent, CircuitBreakerLayer, CircuitState, KeyBy, Mode, Outcome, TransitionReason,
@@ -352,11 +352,18 @@ async fn a_hanging_probe_never_leaves_the_circuit_stuck() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_cancelled_probe_gives_its_slot_back_and_records_nothing() {
+async fn a_dropped_probe_counts_as_failed_and_reopens_the_circuit() {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let ev = events.clone();
     let layer = base()
         .consecutive_failures(1)
         .half_open_probes(1)
         .open_duration(Duration::from_secs(1))
+        .on_event(move |e| {
+            if let BreakerEvent::StateChanged { to, reason, .. } = e {
+                ev.lock().unwrap().push((*to, *reason));
+            }
+        })
         .build()
         .unwrap();
     let h = layer.handle();
@@ -365,21 +372,170 @@ async fn a_cancelled_probe_gives_its_slot_back_and_records_nothing() {
     let svc = guard(&layer, &up);
     status(&svc, "m").await;
     tokio::time::advance(Duration::from_secs(1)).await;
-    let calls_before = h.metrics(SINGLE_KEY).unwrap().calls;
-    // The probe is started, then dropped (the client went away).
+    // The probe is started, then dropped (a timeout outside, or the client went away).
     let probe = svc.clone().oneshot(chat("m"));
     let cancelled = tokio::time::timeout(Duration::from_millis(10), probe).await;
     assert!(cancelled.is_err());
     assert_eq!(up.calls(), 2);
-    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::HalfOpen));
+    // Nothing says the upstream is back: open again, and the next call is refused at once.
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::Open));
+    let m = h.metrics(SINGLE_KEY).unwrap();
+    assert_eq!((m.dropped, m.failures, m.openings), (1, 2, 2));
+    let res = send(&svc, chat("m")).await;
+    assert_eq!(res.status(), 503);
+    assert_eq!(up.calls(), 2);
     assert_eq!(
-        h.metrics(SINGLE_KEY).unwrap().calls,
-        calls_before,
-        "nothing recorded"
+        events.lock().unwrap().last(),
+        Some(&(CircuitState::Open, TransitionReason::ProbeDropped))
     );
-    // Its slot is free at once: the next call is admitted as the probe.
-    assert_eq!(status(&svc, "m").await, 200);
-    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::Closed));
+}
+
+#[tokio::test(start_paused = true)]
+async fn hung_calls_dropped_by_an_outer_timeout_open_the_circuit() {
+    let layer = base()
+        .count_window(10)
+        .minimum_calls(4)
+        .slow_calls(Duration::from_secs(2), 50.0)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Hang);
+    let svc = guard(&layer, &up);
+    // A call dropped before the slow-call duration says nothing: it is not recorded.
+    let early = tokio::time::timeout(Duration::from_secs(1), send(&svc, chat("m"))).await;
+    assert!(early.is_err());
+    let m = h.metrics(SINGLE_KEY).unwrap();
+    assert_eq!((m.calls, m.dropped), (0, 1));
+    // Hung calls given up on by a timeout outside the breaker (a retry deadline, the client).
+    for i in 0..4 {
+        let out = tokio::time::timeout(Duration::from_secs(5), send(&svc, chat("m"))).await;
+        assert!(out.is_err(), "call {i} hangs");
+    }
+    let m = h.metrics(SINGLE_KEY).unwrap();
+    assert_eq!((m.calls, m.slow_calls, m.dropped), (4, 4, 5));
+    assert_eq!(m.state, CircuitState::Open);
+    // The next call is refused at once, without reaching the upstream.
+    let calls = up.calls();
+    let start = tokio::time::Instant::now();
+    let res = send(&svc, chat("m")).await;
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(res.status(), 503);
+    assert_eq!(up.calls(), calls);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_call_timeout_answers_504_and_counts_as_a_failure() {
+    let layer = base()
+        .consecutive_failures(3)
+        .call_timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Hang);
+    let svc = guard(&layer, &up);
+    for _ in 0..3 {
+        let start = tokio::time::Instant::now();
+        let res = send(&svc, chat("m")).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(3));
+        assert_eq!(res.status(), 504);
+        assert!(res
+            .extensions()
+            .get::<llm_layers::ext::RefusedLocally>()
+            .is_none());
+        let body = json(res).await;
+        assert_eq!(body["error"]["code"], "timeout", "{body}");
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("'openai'") && msg.contains("3000 ms"), "{msg}");
+    }
+    let m = h.metrics(SINGLE_KEY).unwrap();
+    assert_eq!((m.calls, m.failures, m.timeouts), (3, 3, 3));
+    assert_eq!(m.state, CircuitState::Open);
+    let start = tokio::time::Instant::now();
+    assert_eq!(status(&svc, "m").await, 503);
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(up.calls(), 3);
+    // A call that answers in time is untouched; keyed by model (the body-parsing path) too.
+    let layer = base()
+        .key_by(KeyBy::Model)
+        .consecutive_failures(1)
+        .call_timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let up = Upstream::new(Answer::After(Duration::from_millis(2999), 200));
+    let svc = guard(&layer, &up);
+    assert_eq!(status(&svc, "gpt-4o").await, 200);
+    up.set_default(Answer::Hang);
+    assert_eq!(status(&svc, "gpt-4o").await, 504);
+    assert_eq!(layer.handle().state("gpt-4o"), Some(CircuitState::Open));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hanging_probe_fails_by_its_own_timer() {
+    let layer = base()
+        .consecutive_failures(1)
+        .half_open_probes(1)
+        .open_duration(Duration::from_secs(10))
+        .open_backoff(1.0, Duration::from_secs(10))
+        .probe_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Hang);
+    up.script([Answer::Status(500)]);
+    let svc = guard(&layer, &up);
+    status(&svc, "m").await;
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let hung = tokio::spawn(send(&svc, chat("m")));
+    while up.calls() < 2 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::HalfOpen));
+    // No other call arrives: the probe's own timer fails it at the probe timeout.
+    tokio::time::sleep(Duration::from_millis(4999)).await;
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::HalfOpen));
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::Open));
+    assert_eq!(h.metrics(SINGLE_KEY).unwrap().timeouts, 1);
+    // The call itself goes on (no call timeout is set); its late answer would be ignored.
+    assert!(!hung.is_finished());
+    hung.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn probes_to_a_dead_upstream_do_not_go_on_forever() {
+    let layer = base()
+        .consecutive_failures(1)
+        .half_open_probes(1)
+        .open_duration(Duration::from_secs(10))
+        .open_backoff(2.0, Duration::from_secs(80))
+        .probe_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Hang);
+    up.script([Answer::Status(500)]);
+    let svc = guard(&layer, &up);
+    status(&svc, "m").await;
+    // Ten minutes of callers, one a second, each giving up after 2 s.
+    let start = tokio::time::Instant::now();
+    let mut refused_at_once = 0;
+    while start.elapsed() < Duration::from_secs(600) {
+        let t = tokio::time::Instant::now();
+        match tokio::time::timeout(Duration::from_secs(2), send(&svc, chat("m"))).await {
+            Ok(res) => {
+                assert_eq!(res.status(), 503);
+                assert_eq!(t.elapsed(), Duration::ZERO);
+                refused_at_once += 1;
+            }
+            Err(_) => assert_eq!(t.elapsed(), Duration::from_secs(2)),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // One probe per open period (10, 20, 40, then 80 s): a handful, not one per caller.
+    let probes = up.calls() - 1;
+    assert!((5..=12).contains(&probes), "{probes} probes");
+    assert!(refused_at_once > 500, "{refused_at_once}");
+    assert_eq!(h.metrics(SINGLE_KEY).unwrap().openings as usize, probes + 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -1027,5 +1183,626 @@ async fn rejections_and_transitions_reach_the_hook() {
     assert_eq!(
         seen.lock().unwrap()[..],
         ["open Some(4s)", "rejected Some(3s)"]
+    );
+}
+
+// ---- Refusals are marked as local (issue 11, item 1) ----
+
+#[tokio::test(start_paused = true)]
+async fn every_refusal_of_its_own_is_marked_refused_locally_and_a_fallback_is_not() {
+    use llm_layers::ext::RefusedLocally;
+    let marked = |res: &Response<Body>| {
+        assert_eq!(res.status(), 503);
+        assert!(res.extensions().get::<ApiError>().is_some());
+        res.extensions().get::<RefusedLocally>().copied()
+    };
+    let layer = base()
+        .consecutive_failures(1)
+        .half_open_probes(1)
+        .open_duration(Duration::from_secs(10))
+        .probe_timeout(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Status(500));
+    let svc = guard(&layer, &up);
+    status(&svc, "m").await;
+    // Open.
+    let res = send(&svc, chat("m")).await;
+    assert_eq!(marked(&res), Some(RefusedLocally::CIRCUIT_BREAKER));
+    // Half-open with the only probe out.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    up.set_default(Answer::Gate);
+    let probe = tokio::spawn(send(&svc, chat("m")));
+    while up.calls() < 2 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::HalfOpen));
+    let res = send(&svc, chat("m")).await;
+    assert_eq!(marked(&res), Some(RefusedLocally::CIRCUIT_BREAKER));
+    up.release();
+    assert_eq!(probe.await.unwrap().status(), 200);
+    // Forced open.
+    h.set_mode(Mode::ForcedOpen);
+    let res = send(&svc, chat("m")).await;
+    assert_eq!(marked(&res), Some(RefusedLocally::CIRCUIT_BREAKER));
+    // The upstream's own 503 is not a local refusal.
+    h.set_mode(Mode::Disabled);
+    up.set_default(Answer::Status(503));
+    let res = send(&svc, chat("m")).await;
+    assert_eq!(res.status(), 503);
+    assert!(res.extensions().get::<RefusedLocally>().is_none());
+
+    // With a fallback chain: a fallback's answer is no refusal; a chain that fails entirely is.
+    let layer = base()
+        .consecutive_failures(1)
+        .fallback_response("canned", StatusCode::OK, "application/json", "{}")
+        .build()
+        .unwrap();
+    let up = Upstream::new(Answer::Status(500));
+    let svc = guard(&layer, &up);
+    status(&svc, "m").await;
+    let res = send(&svc, chat("m")).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-llm-layers-fallback"], "canned");
+    assert!(res.extensions().get::<RefusedLocally>().is_none());
+    let layer = base()
+        .consecutive_failures(1)
+        .fallback_response("down", StatusCode::BAD_GATEWAY, "application/json", "{}")
+        .build()
+        .unwrap();
+    let svc = guard(&layer, &up);
+    status(&svc, "m").await;
+    let res = send(&svc, chat("m")).await;
+    assert_eq!(marked(&res), Some(RefusedLocally::CIRCUIT_BREAKER));
+    // Keyed by model, through the path that parses the body.
+    let layer = base()
+        .key_by(KeyBy::Model)
+        .consecutive_failures(1)
+        .build()
+        .unwrap();
+    let svc = guard(&layer, &up);
+    status(&svc, "gpt-4o").await;
+    let res = send(&svc, chat("gpt-4o")).await;
+    assert_eq!(marked(&res), Some(RefusedLocally::CIRCUIT_BREAKER));
+}
+
+// ---- Model keys use the model the upstream serves (issue 11, item 14) ----
+
+#[tokio::test(start_paused = true)]
+async fn model_keys_use_the_azure_deployment_in_the_path() {
+    use llm_layers::request::{CharEstimator, Endpoint, RequestView};
+    let layer = base()
+        .key_by(KeyBy::Model)
+        .consecutive_failures(1)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Status(500));
+    let svc = guard(&layer, &up);
+    let path = "/openai/deployments/prod-east/chat/completions";
+    // The breaker parses the body itself; the body's `model` is not what Azure serves.
+    let res = send(&svc, chat_at(path, "gpt-4o")).await;
+    assert_eq!(res.status(), 500);
+    assert_eq!(h.state("prod-east"), Some(CircuitState::Open));
+    assert_eq!(h.state("gpt-4o"), None);
+    // A different body model on the same deployment is refused: same upstream model.
+    let res = send(&svc, chat_at(path, "anything-else")).await;
+    assert_eq!(res.status(), 503);
+    let body = json(res).await;
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("'prod-east'"),
+        "{body}"
+    );
+    // A view left by an earlier layer is read the same way.
+    let mut req = chat_at(path, "gpt-4o-mini");
+    let view = RequestView::parse(
+        Endpoint::ChatCompletions,
+        br#"{"model":"gpt-4o-mini","messages":[]}"#,
+        &CharEstimator,
+    )
+    .unwrap()
+    .with_path(path);
+    req.extensions_mut().insert(view);
+    assert_eq!(send(&svc, req).await.status(), 503);
+    // A body-less request to the deployment is keyed on the path too.
+    let req = Request::get(format!("http://api.example.test{path}"))
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&svc, req).await.status(), 503);
+    // Another deployment has its own circuit.
+    let other = "/openai/deployments/prod-west/chat/completions";
+    up.set_default(Answer::Status(200));
+    assert_eq!(send(&svc, chat_at(other, "gpt-4o")).await.status(), 200);
+    assert_eq!(h.state("prod-west"), Some(CircuitState::Closed));
+    assert_eq!(up.calls(), 2);
+}
+
+// ---- Client-chosen strings reach logs escaped (issue 11, item 21) ----
+
+#[tokio::test(start_paused = true)]
+async fn a_model_name_cannot_forge_log_lines() {
+    const FORGED: &str = "2026-12-01T00:00:00.000000Z  WARN forged: admin login";
+    let logs = Logs::capture();
+    let layer = base()
+        .key_by(KeyBy::Model)
+        .consecutive_failures(1)
+        .fallback_response("canned", StatusCode::OK, "application/json", "{}")
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Status(500));
+    let svc = guard(&layer, &up);
+    let evil = format!("gpt-4o\n{FORGED}\r\u{1b}[31m");
+    assert_eq!(
+        send(&svc, chat_at("/v1/chat/completions", &evil))
+            .await
+            .status(),
+        500
+    );
+    let res = send(&svc, chat_at("/v1/chat/completions", &evil)).await;
+    assert_eq!(res.headers()["x-llm-layers-fallback"], "canned");
+    h.set_mode_for(&evil, Mode::ForcedOpen);
+    // Without a hook, the rejection is logged by the service itself.
+    let layer = base()
+        .key_by(KeyBy::Model)
+        .consecutive_failures(1)
+        .build()
+        .unwrap();
+    let svc = guard(&layer, &up);
+    send(&svc, chat_at("/v1/chat/completions", &evil)).await;
+    send(&svc, chat_at("/v1/chat/completions", &evil)).await;
+    let out = logs.text();
+    for needle in [
+        "circuit opened",
+        "call degraded to fallback",
+        "call rejected by open circuit",
+        "circuit mode set",
+    ] {
+        assert!(out.contains(needle), "{needle} missing from {out}");
+    }
+    assert!(
+        !out.lines().any(|l| l.starts_with(FORGED)),
+        "a forged line: {out}"
+    );
+    assert!(!out.contains('\u{1b}') && !out.contains('\r'), "{out:?}");
+    assert!(out.contains(r"gpt-4o\n2026-12-01"), "escaped key: {out}");
+}
+
+// ---- Configuration extremes (issue 11, item 22) ----
+
+#[tokio::test(start_paused = true)]
+async fn builder_extremes_are_refused_naming_the_field_or_never_panic() {
+    let b = || base().consecutive_failures(2).half_open_probes(1);
+    let cases: Vec<(&str, llm_layers::breaker::Builder)> = vec![
+        (
+            "open_duration",
+            b().open_duration(Duration::MAX)
+                .open_backoff(2.0, Duration::MAX),
+        ),
+        (
+            "open_backoff",
+            b().open_backoff(f64::MAX, Duration::MAX).jitter(1.0),
+        ),
+        ("open_duration", b().open_duration(Duration::from_nanos(1))),
+        (
+            "open_backoff",
+            b().open_backoff(f64::INFINITY, Duration::MAX),
+        ),
+        ("open_backoff", b().open_backoff(f64::NAN, Duration::MAX)),
+        ("probe_timeout", b().probe_timeout(Duration::MAX)),
+        ("probe_timeout", b().probe_timeout(Duration::from_nanos(1))),
+        (
+            "slow_calls",
+            b().slow_calls(Duration::MAX, f64::MIN_POSITIVE),
+        ),
+        ("slow_calls", b().slow_calls(Duration::from_nanos(1), 100.0)),
+        (
+            "slow_calls",
+            b().slow_calls(Duration::from_secs(1), f64::MAX),
+        ),
+        ("slow_calls", b().slow_calls(Duration::from_secs(1), -0.0)),
+        (
+            "time_window",
+            b().time_window(Duration::MAX, 1).minimum_calls(1),
+        ),
+        ("time_window", b().time_window(Duration::MAX, usize::MAX)),
+        ("time_window", b().time_window(Duration::from_nanos(1), 1)),
+        ("count_window", b().count_window(usize::MAX)),
+        ("count_window", b().count_window(1).minimum_calls(1)),
+        ("failure_rate", b().failure_rate(f64::MIN_POSITIVE)),
+        ("failure_rate", b().failure_rate(f64::MAX)),
+        ("failure_rate", b().failure_rate(f64::INFINITY)),
+        ("failure_rate", b().failure_rate(f64::NEG_INFINITY)),
+        ("failure_rate", b().failure_rate(-0.0)),
+        ("jitter", b().jitter(f64::MIN_POSITIVE)),
+        ("jitter", b().jitter(-f64::MIN_POSITIVE)),
+        ("jitter", b().jitter(f64::INFINITY)),
+        (
+            "minimum_calls",
+            b().time_window(Duration::from_secs(1), 1)
+                .minimum_calls(u64::MAX),
+        ),
+        ("consecutive_failures", b().consecutive_failures(u32::MAX)),
+        ("half_open_probes", b().half_open_probes(u16::MAX as u32)),
+        ("half_open_probes", b().half_open_probes(u32::MAX)),
+        ("max_keys", base().key_by(KeyBy::Model).max_keys(usize::MAX)),
+        ("max_keys", base().key_by(KeyBy::Model).max_keys(1)),
+        (
+            "body_limit",
+            base().key_by(KeyBy::Model).body_limit(usize::MAX),
+        ),
+        ("body_limit", base().key_by(KeyBy::Model).body_limit(1)),
+        ("call_timeout", b().call_timeout(Duration::MAX)),
+        ("call_timeout", b().call_timeout(Duration::ZERO)),
+        ("call_timeout", b().call_timeout(Duration::from_nanos(1))),
+        (
+            "max_key_len",
+            base().key_by(KeyBy::Model).max_key_len(usize::MAX),
+        ),
+        ("max_key_len", base().key_by(KeyBy::Model).max_key_len(0)),
+        ("max_key_len", base().key_by(KeyBy::Model).max_key_len(64)),
+        ("upstream", b().key_by(KeyBy::Upstream).upstream("")),
+        (
+            "upstream",
+            b().key_by(KeyBy::UpstreamAndModel).upstream("u"),
+        ),
+    ];
+    let mut built = 0;
+    for (field, builder) in cases {
+        let layer = match builder.build() {
+            Ok(layer) => layer,
+            Err(e) => {
+                assert_eq!(e.field(), field, "{e}");
+                assert!(e.to_string().contains(&format!("`{field}`")), "{e}");
+                continue;
+            }
+        };
+        built += 1;
+        // Whatever passed the builder serves requests without panicking: closed, open,
+        // half-open, re-opened, with time moving far ahead.
+        let up = Upstream::new(Answer::Status(500));
+        let svc = guard(&layer, &up);
+        let model = "m".repeat(300);
+        for round in 0..6 {
+            for _ in 0..3 {
+                let s = status(&svc, &model).await;
+                assert!([200, 413, 500, 503, 504].contains(&s), "{field}: {s}");
+            }
+            if round == 3 {
+                up.set_default(Answer::Status(200));
+            }
+            tokio::time::advance(Duration::from_secs(86_400 * 365 * 10)).await;
+        }
+        let _ = layer.handle().all_metrics();
+    }
+    assert!(
+        built >= 18,
+        "most extremes are accepted and saturate: {built}"
+    );
+}
+
+#[test]
+fn the_toml_stack_sets_the_maximum_open_time_and_names_real_keys() {
+    use llm_layers::stack::Stack;
+    // An open time above the default 5 min maximum is accepted: the maximum follows it.
+    assert!(Stack::from_toml_str("[breaker]\nopen_ms = 600000\n").is_ok());
+    // The maximum has a key of its own.
+    assert!(Stack::from_toml_str("[breaker]\nopen_ms = 60000\nmax_open_ms = 3600000\n").is_ok());
+    let err =
+        Stack::from_toml_str("[breaker]\nopen_ms = 600000\nmax_open_ms = 300000\n").unwrap_err();
+    assert_eq!(err.field(), "breaker.max_open_ms", "{err}");
+    let err = Stack::from_toml_str("[breaker]\nopen_ms = 0\n").unwrap_err();
+    assert_eq!(err.field(), "breaker.open_ms", "{err}");
+    let err = Stack::from_toml_str("[breaker]\nwindow = 0\n").unwrap_err();
+    assert_eq!(err.field(), "breaker.window", "{err}");
+    let err = Stack::from_toml_str("[breaker]\nhalf_open_probes = 0\n").unwrap_err();
+    assert_eq!(err.field(), "breaker.half_open_probes", "{err}");
+    // Durations beyond what a clock can hold saturate instead of panicking.
+    let max = u64::MAX;
+    let toml = format!("[breaker]\nopen_ms = {max}\nmax_open_ms = {max}\n");
+    assert!(Stack::from_toml_str(&toml).is_ok());
+    let err = Stack::from_toml_str("[breaker]\nslow_call_ms = 0\n").unwrap_err();
+    assert_eq!(err.field(), "breaker.slow_call_ms", "{err}");
+    let err = Stack::from_toml_str("[breaker]\nslow_call_rate = 50.0\n").unwrap_err();
+    assert_eq!(err.field(), "breaker.slow_call_rate", "{err}");
+    let err = Stack::from_toml_str("[breaker]\nslow_call_ms = 100\nslow_call_rate = 120.0\n")
+        .unwrap_err();
+    assert_eq!(err.field(), "breaker.slow_call_rate", "{err}");
+    assert!(Stack::from_toml_str("[breaker]\nslow_call_ms = 20000\n").is_ok());
+    let err = Stack::from_toml_str("[breaker]\ncall_timeout_ms = 0\n").unwrap_err();
+    assert_eq!(err.field(), "breaker.call_timeout_ms", "{err}");
+    let toml = format!("[breaker]\ncall_timeout_ms = {max}\n");
+    assert!(Stack::from_toml_str(&toml).is_ok());
+}
+
+// ---- Keyed state an attacker controls (issue 11, item 10) ----
+
+#[tokio::test(start_paused = true)]
+async fn long_keys_are_stored_bounded_and_stay_distinct() {
+    let layer = base()
+        .key_by(KeyBy::Model)
+        .consecutive_failures(2)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Status(500));
+    let svc = guard(&layer, &up);
+    let long = |i: usize| format!("{i:03}{}", "é".repeat(50_000));
+    for i in 0..10 {
+        assert_eq!(
+            send(&svc, chat_at("/v1/chat/completions", &long(i)))
+                .await
+                .status(),
+            500
+        );
+    }
+    let keys: Vec<String> = h.all_metrics().iter().map(|m| m.key.to_string()).collect();
+    assert_eq!(keys.len(), 10, "distinct long names keep distinct circuits");
+    for k in &keys {
+        assert!(k.len() <= 256, "{} bytes", k.len());
+        assert!(k.contains("~sha256:"), "{k}");
+    }
+    // The same long name is the same circuit: its second failure opens it.
+    assert_eq!(
+        send(&svc, chat_at("/v1/chat/completions", &long(3)))
+            .await
+            .status(),
+        500
+    );
+    assert_eq!(h.state(&long(3)), Some(CircuitState::Open));
+    assert_eq!(h.state(&long(4)), Some(CircuitState::Closed));
+    let res = send(&svc, chat_at("/v1/chat/completions", &long(3))).await;
+    assert_eq!(res.status(), 503);
+    let body = json(res).await;
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.len() < 600, "the message quotes the bounded key: {msg}");
+    // A key at the bound is kept as it is.
+    let exact = "m".repeat(256);
+    send(&svc, chat_at("/v1/chat/completions", &exact)).await;
+    assert!(h.metrics(&exact).is_some_and(|m| *m.key == exact));
+    // A smaller bound of your own.
+    let layer = base().key_by(KeyBy::Model).max_key_len(64).build().unwrap();
+    let svc = guard(&layer, &up);
+    send(&svc, chat_at("/v1/chat/completions", &long(0))).await;
+    assert!(layer.handle().all_metrics()[0].key.len() <= 64);
+}
+
+#[tokio::test(start_paused = true)]
+async fn churn_of_new_keys_never_resets_a_failing_circuit() {
+    let layer = base()
+        .key_by(KeyBy::Model)
+        .consecutive_failures(3)
+        .max_keys(4)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Status(200));
+    let svc = guard(&layer, &up);
+    up.script([Answer::Status(500), Answer::Status(500)]);
+    status(&svc, "failing").await;
+    status(&svc, "failing").await;
+    // An attacker (or plain traffic) sends 200 models never seen before.
+    for i in 0..200 {
+        assert_eq!(status(&svc, &format!("churn-{i}")).await, 200);
+    }
+    // The failing circuit kept its two failures: the third opens it.
+    up.script([Answer::Status(500)]);
+    status(&svc, "failing").await;
+    assert_eq!(h.state("failing"), Some(CircuitState::Open));
+    assert_eq!(status(&svc, "failing").await, 503);
+    // Healthy idle circuits made room: the newest key has a circuit of its own.
+    assert_eq!(h.state("churn-199"), Some(CircuitState::Closed));
+    assert!(h.all_metrics().len() <= 5);
+}
+
+async fn get_with_host(url: &str, host: &str) -> u16 {
+    client()
+        .post(format!("{url}/v1/chat/completions"))
+        .header("host", host)
+        .body("{}")
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn http_a_changed_host_header_does_not_step_around_an_open_circuit() {
+    for named in [true, false] {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let mut b = base().key_by(KeyBy::Upstream).consecutive_failures(2);
+        if named {
+            b = b.upstream("api.openai.com");
+        }
+        let layer = b.build().unwrap();
+        let h = layer.handle();
+        let app = axum::Router::new()
+            .route(
+                "/v1/chat/completions",
+                axum::routing::post(move || {
+                    c.fetch_add(1, Ordering::SeqCst);
+                    async { StatusCode::BAD_GATEWAY }
+                }),
+            )
+            .layer(layer);
+        let url = serve(app).await;
+        assert_eq!(get_with_host(&url, "a.example").await, 502);
+        assert_eq!(get_with_host(&url, "a.example").await, 502);
+        for host in ["a.example", "b.example", "api.openai.com", "127.0.0.1:1"] {
+            assert_eq!(get_with_host(&url, host).await, 503, "Host: {host}");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        let keys: Vec<String> = h.all_metrics().iter().map(|m| m.key.to_string()).collect();
+        let want = if named { "api.openai.com" } else { "<unknown>" };
+        assert_eq!(keys, [want]);
+    }
+}
+
+#[test]
+fn the_toml_stack_keys_upstreams_by_name_only() {
+    use llm_layers::stack::Stack;
+    let err = Stack::from_toml_str("[breaker]\nkey_by = \"upstream\"\n").unwrap_err();
+    assert_eq!(err.field(), "breaker.upstream", "{err}");
+    let err = Stack::from_toml_str("[breaker]\nkey_by = \"upstream_and_model\"\n").unwrap_err();
+    assert_eq!(err.field(), "breaker.upstream", "{err}");
+    let stack =
+        Stack::from_toml_str("[breaker]\nkey_by = \"upstream\"\nupstream = \"api.openai.com\"\n")
+            .unwrap();
+    stack
+        .breaker()
+        .handle()
+        .set_mode_for("api.openai.com", Mode::ForcedOpen);
+    assert_eq!(
+        stack.breaker().handle().state("api.openai.com"),
+        Some(CircuitState::Closed)
+    );
+    let err = Stack::from_toml_str("[breaker]\nupstream = \"\"\n").unwrap_err();
+    assert_eq!(err.field(), "breaker.upstream", "{err}");
+}
+
+/// Mostly values at the edges of what is valid, now and then one that is not.
+fn edge<T: Clone + std::fmt::Debug + 'static>(
+    valid: Vec<T>,
+    invalid: Vec<T>,
+) -> impl proptest::strategy::Strategy<Value = T> {
+    use proptest::strategy::Strategy;
+    proptest::prop_oneof![
+        24 => proptest::sample::select(valid),
+        1 => proptest::sample::select(invalid),
+    ]
+    .boxed()
+}
+
+fn extreme_duration() -> impl proptest::strategy::Strategy<Value = Duration> {
+    edge(
+        vec![
+            Duration::from_nanos(1),
+            Duration::from_millis(1),
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+            Duration::from_nanos(u64::MAX),
+            Duration::from_secs(u64::MAX / 2),
+            Duration::MAX,
+        ],
+        vec![Duration::ZERO],
+    )
+}
+
+fn extreme_rate() -> impl proptest::strategy::Strategy<Value = f64> {
+    edge(
+        vec![f64::MIN_POSITIVE, 1e-300, 0.5, 50.0, 99.999_999, 100.0],
+        vec![
+            0.0,
+            -0.0,
+            100.000_000_1,
+            f64::MAX,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::NAN,
+        ],
+    )
+}
+
+static EXTREMES_BUILT: AtomicUsize = AtomicUsize::new(0);
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+    /// Any mix of extreme settings either builds or is refused naming the field; what builds
+    /// serves closed, open, half-open, hung and dropped calls without panicking.
+    #[test]
+    fn configuration_extremes_never_panic_per_request(
+        open in extreme_duration(),
+        max_open in edge(vec![Duration::from_secs(1), Duration::MAX, Duration::from_nanos(u64::MAX)], vec![Duration::from_nanos(1)]),
+        probe_timeout in extreme_duration(),
+        time_window in extreme_duration(),
+        slow in extreme_duration(),
+        call_timeout in extreme_duration(),
+        failure_rate in extreme_rate(),
+        slow_rate in extreme_rate(),
+        multiplier in edge(vec![1.0, 2.0, 1e300, f64::MAX], vec![0.5, f64::INFINITY, f64::NAN]),
+        jitter in edge(vec![0.0, f64::MIN_POSITIVE, 0.5, 1.0], vec![1.000_000_1, -0.1, f64::NAN]),
+        window in 0u8..3,
+        size in edge(vec![1usize, 2, 100, 10_000], vec![0, 1_000_001, usize::MAX]),
+        minimum in edge(vec![1u64, 2], vec![0, u64::MAX]),
+        probes in edge(vec![1u32, 2, 65_535], vec![0, 65_536, u32::MAX]),
+        max_keys in edge(vec![1usize, 3, usize::MAX], vec![0]),
+        max_key_len in edge(vec![64usize, 256, usize::MAX], vec![0, 63]),
+        options in proptest::collection::vec(proptest::bool::ANY, 2),
+        script in proptest::collection::vec((0u8..4, 0u64..100_000), 1..16),
+    ) {
+        let mut b = base()
+            .key_by(KeyBy::Model)
+            .failure_rate(failure_rate)
+            .minimum_calls(minimum)
+            .half_open_probes(probes)
+            .open_duration(open)
+            .open_backoff(multiplier, max_open)
+            .probe_timeout(probe_timeout)
+            .jitter(jitter)
+            .max_keys(max_keys)
+            .max_key_len(max_key_len);
+        b = match window {
+            0 => b.count_window(size.max(minimum.min(usize::MAX as u64) as usize)),
+            1 => b.time_window(time_window, size),
+            _ => b.consecutive_failures(u32::try_from(size).unwrap_or(u32::MAX)),
+        };
+        if options[0] {
+            b = b.slow_calls(slow, slow_rate);
+        }
+        if options[1] {
+            b = b.call_timeout(call_timeout);
+        }
+        let layer = match b.build() {
+            Ok(layer) => layer,
+            Err(e) => {
+                proptest::prop_assert!(!e.field().is_empty());
+                proptest::prop_assert!(e.to_string().contains(&format!("`{}`", e.field())), "{}", e);
+                return Ok(());
+            }
+        };
+        EXTREMES_BUILT.fetch_add(1, Ordering::Relaxed);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+        rt.block_on(async move {
+            let h = layer.handle();
+            let up = Upstream::new(Answer::Status(200));
+            let svc = guard(&layer, &up);
+            for (i, (kind, secs)) in script.into_iter().enumerate() {
+                up.script([match kind {
+                    0 => Answer::Status(200),
+                    1 => Answer::Status(500),
+                    2 => Answer::Hang,
+                    _ => Answer::Refused,
+                }]);
+                let model = if i % 3 == 0 { "m".repeat(400) } else { format!("m{}", i % 4) };
+                let call = svc.clone().oneshot(chat_at("/v1/chat/completions", &model));
+                // Hung calls are given up on from outside after 30 s.
+                if let Ok(Ok(res)) = tokio::time::timeout(Duration::from_secs(30), call).await {
+                    assert!([200, 500, 503, 504].contains(&res.status().as_u16()), "{}", res.status());
+                }
+                up.clear_script();
+                tokio::time::advance(Duration::from_secs(secs * 3_600)).await;
+            }
+            for m in h.all_metrics() {
+                assert!(m.failures <= m.calls);
+            }
+        });
+    }
+}
+
+#[test]
+fn configuration_extremes_mostly_build() {
+    // Runs after (or beside) the property above in the same binary; only a floor, so the
+    // property cannot pass by refusing everything.
+    configuration_extremes_never_panic_per_request();
+    assert!(
+        EXTREMES_BUILT.load(Ordering::Relaxed) >= 64,
+        "{}",
+        EXTREMES_BUILT.load(Ordering::Relaxed)
     );
 }

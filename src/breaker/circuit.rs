@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::classify::Outcome;
-use super::config::{Config, Mode, WindowKind};
+use super::config::{nanos, Config, Mode, WindowKind};
 use super::events::{emit, BreakerEvent, CircuitState, TransitionReason};
 use super::window::{Consecutive, CountWindow, TimeWindow, Totals, Window};
 
@@ -49,7 +49,7 @@ pub(crate) struct Common {
 
 impl Common {
     pub(crate) fn new(config: Config) -> Self {
-        let needs_start = config.slow_call.is_some();
+        let needs_start = config.slow_call.is_some() || config.call_timeout.is_some();
         Common {
             config,
             base: Instant::now(),
@@ -60,19 +60,28 @@ impl Common {
 
     /// Nanoseconds since the layer was built, on tokio's clock (so paused time applies).
     pub(crate) fn now(&self) -> u64 {
-        Instant::now()
-            .saturating_duration_since(self.base)
-            .as_nanos() as u64
+        nanos(Instant::now().saturating_duration_since(self.base))
+    }
+
+    /// The instant `at` nanoseconds after the layer was built; `None` when it cannot be
+    /// represented (a saturated duration: a deadline that is never reached).
+    fn instant(&self, at: u64) -> Option<Instant> {
+        if at == u64::MAX {
+            return None;
+        }
+        self.base.checked_add(Duration::from_nanos(at))
     }
 
     fn open_duration(&self, reopenings: u32, rng: &mut fastrand::Rng) -> Duration {
+        // In nanoseconds as f64: a product that overflows becomes infinite and is capped by
+        // the maximum; `as u64` saturates, so no value the builder accepted can panic here.
         let c = &self.config;
-        let base = c.open_duration.as_secs_f64();
-        let max = c.max_open_duration.as_secs_f64();
+        let base = nanos(c.open_duration) as f64;
+        let max = nanos(c.max_open_duration) as f64;
         let grown = (base * c.backoff_multiplier.powi(reopenings.min(1024) as i32)).min(max);
         let factor = 1.0 + c.jitter * (2.0 * rng.f64() - 1.0);
-        let secs = (grown * factor).clamp(0.001_f64.min(base), max);
-        Duration::from_secs_f64(secs)
+        let ns = (grown * factor).clamp(1e6_f64.min(base), max);
+        Duration::from_nanos(ns as u64)
     }
 }
 
@@ -86,6 +95,8 @@ pub(crate) struct Counters {
     pub(crate) rejections: AtomicU64,
     pub(crate) fallbacks: AtomicU64,
     pub(crate) openings: AtomicU64,
+    pub(crate) timeouts: AtomicU64,
+    pub(crate) dropped: AtomicU64,
 }
 
 struct Inner {
@@ -104,6 +115,8 @@ pub(crate) struct Circuit {
     probe_deadline: AtomicU64,
     pub(crate) mode: AtomicU8,
     pub(crate) last_used: AtomicU64,
+    /// When the registry last looked at this circuit for eviction (a `last_used` tick).
+    pub(crate) seen: AtomicU64,
     pub(crate) counters: Counters,
     inner: Mutex<Inner>,
 }
@@ -124,10 +137,33 @@ enum Kind {
     Normal,
     Probe,
     MetricsOnly,
+    /// A probe already counted as failed by its timer: records nothing more.
+    Spent,
 }
 
-/// The right to make one call. Dropped without [`Permit::complete`] (the call was cancelled),
-/// it records nothing and gives a probe slot back.
+/// How a call ended, for the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum End {
+    /// It answered; the classified outcome.
+    Answered(Outcome),
+    /// The breaker's call timeout fired (the caller gets a `504 timeout`).
+    CallTimedOut,
+    /// A probe passed its probe timeout; the call goes on, but counts as failed now.
+    ProbeTimedOut,
+    /// The caller dropped the call before its answer (a timeout outside, a disconnect).
+    Dropped,
+}
+
+/// A timer a call in flight needs: when it fires, and what it means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Timer {
+    pub(crate) at: Instant,
+    /// `true`: the probe timeout (the call goes on); `false`: the call timeout.
+    pub(crate) probe: bool,
+}
+
+/// The right to make one call. Completed with [`Permit::end`]; dropped without it (the
+/// caller went away before the answer), it counts as [`End::Dropped`].
 pub(crate) struct Permit {
     circuit: Option<Arc<Circuit>>,
     epoch: u64,
@@ -155,20 +191,69 @@ impl Permit {
     }
 
     /// Records the call's outcome.
-    pub(crate) fn complete(mut self, outcome: Outcome) {
+    pub(crate) fn complete(self, outcome: Outcome) {
+        self.end(End::Answered(outcome));
+    }
+
+    /// Records how the call ended.
+    pub(crate) fn end(mut self, end: End) {
         let Some(c) = self.circuit.take() else {
             return;
         };
-        c.record(self.epoch, self.kind, self.start, outcome);
+        c.record(self.epoch, self.kind, self.start, end);
+    }
+
+    /// The first timer this call needs: the probe timeout for a probe, the call timeout when
+    /// one is configured, whichever comes first. `None` for a call with neither, or with
+    /// deadlines too far ahead to be reached.
+    pub(crate) fn timer(&self) -> Option<Timer> {
+        let c = self.circuit.as_ref()?;
+        let cfg = &c.common.config;
+        let call = cfg
+            .call_timeout
+            .map(|d| self.start.saturating_add(nanos(d)));
+        let probe =
+            (self.kind == Kind::Probe).then(|| self.start.saturating_add(nanos(cfg.probe_timeout)));
+        let (at, probe) = match (probe, call) {
+            (Some(p), Some(t)) if p < t => (p, true),
+            (Some(p), None) => (p, true),
+            (_, Some(t)) => (t, false),
+            (None, None) => return None,
+        };
+        Some(Timer {
+            at: c.common.instant(at)?,
+            probe,
+        })
+    }
+
+    /// The probe timer fired: the probe counts as failed now (re-opening the circuit), the
+    /// call goes on and its answer is ignored. Returns the call timeout still to come.
+    pub(crate) fn probe_overdue(&mut self) -> Option<Timer> {
+        let c = self.circuit.clone()?;
+        if self.kind != Kind::Probe {
+            return None;
+        }
+        c.record(self.epoch, Kind::Probe, self.start, End::ProbeTimedOut);
+        self.kind = Kind::Spent;
+        let at = self
+            .start
+            .saturating_add(nanos(c.common.config.call_timeout?));
+        Some(Timer {
+            at: c.common.instant(at)?,
+            probe: false,
+        })
+    }
+
+    /// The configuration of the circuit this permit belongs to.
+    pub(crate) fn config(&self) -> Option<&Config> {
+        self.circuit.as_ref().map(|c| &c.common.config)
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(c) = self.circuit.take() {
-            if self.kind == Kind::Probe {
-                c.release_probe(self.epoch);
-            }
+            c.record(self.epoch, self.kind, self.start, End::Dropped);
         }
     }
 }
@@ -192,6 +277,7 @@ impl Circuit {
             probe_deadline: AtomicU64::new(0),
             mode: AtomicU8::new(Mode::Auto.to_u8()),
             last_used: AtomicU64::new(0),
+            seen: AtomicU64::new(0),
             counters: Counters::default(),
             inner: Mutex::new(Inner {
                 window,
@@ -295,7 +381,7 @@ impl Circuit {
                             let epoch = epoch_of(w) + 1;
                             inner.probe_successes = 0;
                             self.probe_deadline.store(
-                                now + self.common.config.probe_timeout.as_nanos() as u64,
+                                now.saturating_add(nanos(self.common.config.probe_timeout)),
                                 Ordering::Release,
                             );
                             self.word
@@ -334,7 +420,7 @@ impl Circuit {
                                 let now = self.common.now();
                                 // Every probe gets the full timeout from its own admission.
                                 self.probe_deadline.fetch_max(
-                                    now + self.common.config.probe_timeout.as_nanos() as u64,
+                                    now.saturating_add(nanos(self.common.config.probe_timeout)),
                                     Ordering::AcqRel,
                                 );
                                 return Ok(Permit {
@@ -419,7 +505,7 @@ impl Circuit {
         inner.window.reset();
         inner.probe_successes = 0;
         self.open_until
-            .store(now.saturating_add(d.as_nanos() as u64), Ordering::Release);
+            .store(now.saturating_add(nanos(d)), Ordering::Release);
         self.word
             .store(pack(epoch_of(w) + 1, 0, OPEN), Ordering::Release);
         self.counters.openings.fetch_add(1, Ordering::Relaxed);
@@ -487,23 +573,52 @@ impl Circuit {
         None
     }
 
-    fn record(&self, epoch: u64, kind: Kind, start: u64, outcome: Outcome) {
-        let failure = match outcome {
-            Outcome::Ignored => {
+    fn record(&self, epoch: u64, kind: Kind, start: u64, end: End) {
+        if kind == Kind::Spent {
+            return;
+        }
+        let cfg = &self.common.config;
+        let needs_now = self.common.needs_start || matches!(cfg.window, WindowKind::Time(..));
+        let (failure, probe_reason) = match end {
+            End::Answered(Outcome::Ignored) => {
                 self.counters.ignored.fetch_add(1, Ordering::Relaxed);
                 if kind == Kind::Probe {
                     self.release_probe(epoch);
                 }
                 return;
             }
-            Outcome::Failure => true,
-            Outcome::Success => false,
+            End::Answered(Outcome::Failure) => (true, TransitionReason::ProbeFailed),
+            End::Answered(Outcome::Success) => (false, TransitionReason::ProbeFailed),
+            End::CallTimedOut | End::ProbeTimedOut => {
+                self.counters.timeouts.fetch_add(1, Ordering::Relaxed);
+                (true, TransitionReason::ProbeTimedOut)
+            }
+            End::Dropped => {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                if kind == Kind::Probe {
+                    // Nothing says the upstream is back: a dropped probe is a failed one.
+                    (true, TransitionReason::ProbeDropped)
+                } else if !self.common.needs_start {
+                    // No duration to compare with: a cancelled call says nothing.
+                    return;
+                } else {
+                    let ran = self.common.now().saturating_sub(start);
+                    let timed_out = cfg.call_timeout.is_some_and(|d| ran >= nanos(d));
+                    let slow = cfg.slow_call.is_some_and(|(d, _)| ran > nanos(d));
+                    if timed_out {
+                        self.counters.timeouts.fetch_add(1, Ordering::Relaxed);
+                    } else if !slow || matches!(cfg.window, WindowKind::Consecutive(_)) {
+                        // Dropped before any threshold (or slow, where slowness does not
+                        // count): it says nothing of the upstream.
+                        return;
+                    }
+                    (timed_out, TransitionReason::ProbeFailed)
+                }
+            }
         };
-        let cfg = &self.common.config;
-        let needs_now = self.common.needs_start || matches!(cfg.window, WindowKind::Time(..));
         let now = if needs_now { self.common.now() } else { 0 };
         let slow = match cfg.slow_call {
-            Some((d, _)) => now.saturating_sub(start) > d.as_nanos() as u64,
+            Some((d, _)) => now.saturating_sub(start) > nanos(d),
             None => false,
         };
         self.counters.calls.fetch_add(1, Ordering::Relaxed);
@@ -517,6 +632,7 @@ impl Circuit {
             let mut inner = self.lock();
             let w = self.word.load(Ordering::Acquire);
             match kind {
+                Kind::Spent => None,
                 Kind::MetricsOnly => {
                     inner.window.record(now, failure, slow);
                     None
@@ -537,13 +653,7 @@ impl Circuit {
                     }
                     if failure || slow {
                         let now = if needs_now { now } else { self.common.now() };
-                        Some(self.open(
-                            &mut inner,
-                            w,
-                            now,
-                            CircuitState::HalfOpen,
-                            TransitionReason::ProbeFailed,
-                        ))
+                        Some(self.open(&mut inner, w, now, CircuitState::HalfOpen, probe_reason))
                     } else {
                         inner.probe_successes += 1;
                         (inner.probe_successes >= cfg.probes as u32).then(|| {

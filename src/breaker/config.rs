@@ -26,6 +26,22 @@ fn config_error(
     ConfigError::new("circuit breaker", field, message)
 }
 
+/// `d` in nanoseconds, saturated at `u64::MAX` (about 584 years): every duration the breaker
+/// computes with goes through this, so no configured value can overflow per request.
+pub(crate) fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// `d` in milliseconds, saturated at `u64::MAX`, for log fields.
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The most calls a count window holds.
+pub(crate) const MAX_COUNT_WINDOW: usize = 1_000_000;
+/// The most buckets a time window has.
+pub(crate) const MAX_BUCKETS: usize = 10_000;
+
 /// What the circuit remembers to decide when to open.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum WindowKind {
@@ -46,8 +62,9 @@ pub enum KeyBy {
     /// layer wraps one upstream client).
     #[default]
     Single,
-    /// One circuit per upstream: the request URI's authority (`api.openai.com`), else its
-    /// `host` header.
+    /// One circuit per upstream: the name given to [`Builder::upstream`] (set it on a
+    /// server), else the request URI's authority (`api.openai.com`, what a client sends to),
+    /// else `"<unknown>"`. The client's `Host` header is never read.
     Upstream,
     /// One circuit per model, read from the [`RequestView`](crate::request::RequestView) in
     /// the extensions or, when no earlier layer stored one, by buffering and parsing the body
@@ -194,6 +211,7 @@ pub(crate) struct Config {
     pub(crate) minimum_calls: u64,
     pub(crate) probes: u16,
     pub(crate) probe_timeout: Duration,
+    pub(crate) call_timeout: Option<Duration>,
     pub(crate) open_duration: Duration,
     pub(crate) backoff_multiplier: f64,
     pub(crate) max_open_duration: Duration,
@@ -201,7 +219,9 @@ pub(crate) struct Config {
     pub(crate) seed: u64,
     pub(crate) classifier: Classifier,
     pub(crate) key_by: KeyBy,
+    pub(crate) upstream: Option<Arc<str>>,
     pub(crate) max_keys: usize,
+    pub(crate) max_key_len: usize,
     pub(crate) body_limit: usize,
     pub(crate) fallbacks: Vec<FallbackStep>,
     pub(crate) on_event: Option<EventHook>,
@@ -217,12 +237,15 @@ impl fmt::Debug for Config {
             .field("minimum_calls", &self.minimum_calls)
             .field("probes", &self.probes)
             .field("probe_timeout", &self.probe_timeout)
+            .field("call_timeout", &self.call_timeout)
             .field("open_duration", &self.open_duration)
             .field("backoff_multiplier", &self.backoff_multiplier)
             .field("max_open_duration", &self.max_open_duration)
             .field("jitter", &self.jitter)
             .field("key_by", &self.key_by)
+            .field("upstream", &self.upstream)
             .field("max_keys", &self.max_keys)
+            .field("max_key_len", &self.max_key_len)
             .field("fallbacks", &self.fallbacks)
             .finish_non_exhaustive()
     }
@@ -234,6 +257,13 @@ impl fmt::Debug for Config {
 /// any decision, no slow-call rule, 3 half-open probes with a 30 s probe timeout, 30 s open
 /// growing ×2 per re-opening up to 5 min with ±10 % jitter, 429s not counted, one circuit
 /// ([`KeyBy::Single`]), at most 1,024 keys, no fallback.
+///
+/// Extremes: a value that can never work is refused by [`Builder::build`] with a
+/// [`ConfigError`] naming the method (`open_duration`, `count_window`, ...). Durations are
+/// saturated instead: anything longer than `u64::MAX` nanoseconds (about 584 years, so
+/// `Duration::MAX` too) is taken as that, and a wait that far ahead is simply never reached;
+/// an open duration grown past the maximum by the multiplier is capped. No accepted value
+/// panics or wraps while serving requests.
 #[must_use]
 pub struct Builder {
     name: Arc<str>,
@@ -243,6 +273,7 @@ pub struct Builder {
     minimum_calls: u64,
     probes: u32,
     probe_timeout: Duration,
+    call_timeout: Option<Duration>,
     open_duration: Duration,
     backoff_multiplier: f64,
     max_open_duration: Duration,
@@ -250,7 +281,9 @@ pub struct Builder {
     seed: Option<u64>,
     classifier: Classifier,
     key_by: KeyBy,
+    upstream: Option<Arc<str>>,
     max_keys: usize,
+    max_key_len: usize,
     body_limit: usize,
     fallbacks: Vec<FallbackStep>,
     on_event: Option<EventHook>,
@@ -275,6 +308,7 @@ impl Default for Builder {
             minimum_calls: 10,
             probes: 3,
             probe_timeout: Duration::from_secs(30),
+            call_timeout: None,
             open_duration: Duration::from_secs(30),
             backoff_multiplier: 2.0,
             max_open_duration: Duration::from_secs(300),
@@ -282,7 +316,9 @@ impl Default for Builder {
             seed: None,
             classifier: Classifier::default(),
             key_by: KeyBy::Single,
+            upstream: None,
             max_keys: 1024,
+            max_key_len: 256,
             body_limit: crate::body::DEFAULT_BODY_LIMIT,
             fallbacks: Vec::new(),
             on_event: None,
@@ -343,14 +379,34 @@ impl Builder {
         self
     }
 
-    /// A probe that has not answered after `timeout` counts as failed and frees its slot.
+    /// A probe that has not answered after `timeout` counts as failed and opens the circuit
+    /// again.
     ///
-    /// No timer runs for this: once every probe slot is taken, the first call that arrives
-    /// after the newest probe's timeout finds them overdue, counts them as failed and opens the
-    /// circuit again (so [`BreakerHandle::state`](super::BreakerHandle::state) may read
-    /// half-open until then). A late answer from an overdue probe is ignored.
+    /// A timer in the probe's response future enforces it: when it fires, the probe is
+    /// failed at once (the call itself goes on, unless the [call
+    /// timeout](Builder::call_timeout) ends it; its late answer is ignored). A call that
+    /// finds every probe slot taken past the newest probe's timeout also counts them as failed
+    /// (for futures nobody polls).
+    ///
+    /// The timer needs a tokio runtime with time enabled (as `#[tokio::main]` and every axum
+    /// or hyper server have; a runtime built without `enable_time` panics on it, like
+    /// `tokio::time::timeout`). Called outside any tokio runtime, no timer is set and only the
+    /// next call finds an overdue probe.
     pub fn probe_timeout(mut self, timeout: Duration) -> Self {
         self.probe_timeout = timeout;
+        self
+    }
+
+    /// The breaker's own timeout of each call it guards (off by default): an upstream that has
+    /// not answered (the response head) after `timeout` is given up on, the caller is answered
+    /// `504 timeout`, and the call counts as a failure. A timer in the response future
+    /// enforces it, so it needs a tokio runtime with time enabled (without a runtime, no timer
+    /// is set).
+    ///
+    /// It also lets the breaker learn from calls dropped by a timeout outside it: a call
+    /// dropped after running at least `timeout` counts as a timed-out failure.
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = Some(timeout);
         self
     }
 
@@ -364,6 +420,14 @@ impl Builder {
     /// `multiplier` (≥ 1), up to `max`.
     pub fn open_backoff(mut self, multiplier: f64, max: Duration) -> Self {
         self.backoff_multiplier = multiplier;
+        self.max_open_duration = max;
+        self
+    }
+
+    /// The longest the circuit stays open, however often it re-opens (default 5 min), keeping
+    /// the multiplier of [`Builder::open_backoff`]. Must not be shorter than the open duration
+    /// (refused as `open_backoff`).
+    pub fn max_open_duration(mut self, max: Duration) -> Self {
         self.max_open_duration = max;
         self
     }
@@ -405,11 +469,40 @@ impl Builder {
         self
     }
 
-    /// At most `keys` circuits. When a new key arrives at the bound, the least recently used
-    /// closed circuit is forgotten; if every circuit is open or half-open, the new key shares
-    /// one overflow circuit (key `"<overflow>"`) until room frees up.
+    /// The upstream this breaker guards (`"api.openai.com"`): with [`KeyBy::Upstream`] and
+    /// [`KeyBy::UpstreamAndModel`], requests are keyed on this name, whatever they say.
+    ///
+    /// Set it on a server-side breaker (on an axum `Router`, a gateway): there the request's
+    /// URI authority comes from the client (an absolute-form request line, HTTP/2
+    /// `:authority`), and a client that could choose its key could step around an open
+    /// circuit. Without it, the upstream is the request URI's authority (what a client-side
+    /// breaker sees: the URL its application chose), else `"<unknown>"`; the `Host` header is
+    /// never read.
+    pub fn upstream(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.upstream = Some(name.into());
+        self
+    }
+
+    /// At most `keys` circuits (default 1,024). When a new key arrives at the bound, a
+    /// circuit is forgotten to make room: one that is closed, automatic, idle and without a
+    /// failure in its window, not used since the registry last looked at it (a clock with a
+    /// second chance, at most 16 circuits looked at per new key, so the cost does not grow
+    /// with the number of keys). Open, half-open and failing circuits are kept, so churn of
+    /// new keys cannot reset a circuit on its way to opening. When none of those looked at
+    /// can go, the new key shares one overflow circuit (key `"<overflow>"`).
     pub fn max_keys(mut self, keys: usize) -> Self {
         self.max_keys = keys;
+        self
+    }
+
+    /// The longest key stored, in bytes (default 256, at least 64). A longer key (a model
+    /// name of 600 KB) is stored as its first bytes followed by `~sha256:` and 128 bits of its
+    /// SHA-256 in hex, `bytes` long at most: distinct long keys keep distinct circuits, and
+    /// the memory of keyed state stays bounded by `max_keys × max_key_len`. The request itself
+    /// goes on unchanged (the upstream decides what the name is worth).
+    /// [`BreakerHandle`](super::BreakerHandle) lookups map a long key the same way.
+    pub fn max_key_len(mut self, bytes: usize) -> Self {
+        self.max_key_len = bytes;
         self
     }
 
@@ -553,6 +646,12 @@ impl Builder {
             WindowKind::Count(0) => {
                 return Err(config_error("count_window", "must hold at least 1 call"))
             }
+            WindowKind::Count(n) if n > MAX_COUNT_WINDOW => {
+                return Err(config_error(
+                    "count_window",
+                    format!("must hold at most {MAX_COUNT_WINDOW} calls, got {n}"),
+                ))
+            }
             WindowKind::Count(n) if (self.minimum_calls as u128) > n as u128 => {
                 return Err(config_error(
                     "minimum_calls",
@@ -567,6 +666,12 @@ impl Builder {
             }
             WindowKind::Time(_, 0) => {
                 return Err(config_error("time_window", "needs at least 1 bucket"))
+            }
+            WindowKind::Time(_, b) if b > MAX_BUCKETS => {
+                return Err(config_error(
+                    "time_window",
+                    format!("at most {MAX_BUCKETS} buckets, got {b}"),
+                ))
             }
             WindowKind::Time(d, b) if d.as_nanos() < b as u128 => {
                 return Err(config_error(
@@ -600,6 +705,9 @@ impl Builder {
         if self.probe_timeout.is_zero() {
             return Err(config_error("probe_timeout", "must not be zero"));
         }
+        if self.call_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(config_error("call_timeout", "must not be zero"));
+        }
         if self.open_duration.is_zero() {
             return Err(config_error("open_duration", "must not be zero"));
         }
@@ -627,6 +735,19 @@ impl Builder {
         if self.max_keys == 0 {
             return Err(config_error("max_keys", "must be at least 1"));
         }
+        if self.max_key_len < super::registry::MIN_KEY_LEN {
+            return Err(config_error(
+                "max_key_len",
+                format!(
+                    "must be at least {} bytes, got {}",
+                    super::registry::MIN_KEY_LEN,
+                    self.max_key_len
+                ),
+            ));
+        }
+        if self.upstream.as_deref().is_some_and(str::is_empty) {
+            return Err(config_error("upstream", "must not be empty"));
+        }
         if self.body_limit == 0 {
             return Err(config_error("body_limit", "must be at least 1 byte"));
         }
@@ -652,6 +773,7 @@ impl Builder {
             minimum_calls: self.minimum_calls,
             probes: self.probes as u16,
             probe_timeout: self.probe_timeout,
+            call_timeout: self.call_timeout,
             open_duration: self.open_duration,
             backoff_multiplier: self.backoff_multiplier,
             max_open_duration: self.max_open_duration,
@@ -659,7 +781,9 @@ impl Builder {
             seed: self.seed.unwrap_or_else(|| fastrand::u64(..)),
             classifier: self.classifier,
             key_by: self.key_by,
+            upstream: self.upstream,
             max_keys: self.max_keys,
+            max_key_len: self.max_key_len,
             body_limit: self.body_limit,
             fallbacks: self.fallbacks,
             on_event: self.on_event,

@@ -43,8 +43,11 @@ pub enum TransitionReason {
     OpenElapsed,
     /// A probe failed (or was slow).
     ProbeFailed,
-    /// A probe did not answer within the probe timeout.
+    /// A probe did not answer within the probe timeout (or the call timeout).
     ProbeTimedOut,
+    /// A probe was dropped by its caller before it answered (a timeout outside the breaker,
+    /// a client that went away): nothing says the upstream is back, so it counts as failed.
+    ProbeDropped,
     /// Every probe succeeded.
     ProbesSucceeded,
     /// [`BreakerHandle::reset`](super::BreakerHandle::reset) was called.
@@ -105,9 +108,9 @@ pub(crate) fn emit(hook: &Option<super::config::EventHook>, ev: BreakerEvent) {
             open_for,
         } => {
             if *to == CircuitState::Open {
-                tracing::warn!(breaker = %name, key = %key, %from, %to, ?reason, open_for_ms = open_for.map(|d| d.as_millis() as u64), "circuit opened");
+                tracing::warn!(breaker = ?name, key = ?key, %from, %to, ?reason, open_for_ms = open_for.map(super::config::millis), "circuit opened");
             } else {
-                tracing::info!(breaker = %name, key = %key, %from, %to, ?reason, "circuit state changed");
+                tracing::info!(breaker = ?name, key = ?key, %from, %to, ?reason, "circuit state changed");
             }
         }
         BreakerEvent::Rejected {
@@ -115,7 +118,7 @@ pub(crate) fn emit(hook: &Option<super::config::EventHook>, ev: BreakerEvent) {
             key,
             retry_after,
         } => {
-            tracing::debug!(breaker = %name, key = %key, retry_after_ms = retry_after.map(|d| d.as_millis() as u64), "call rejected by open circuit");
+            tracing::debug!(breaker = ?name, key = ?key, retry_after_ms = retry_after.map(super::config::millis), "call rejected by open circuit");
         }
         BreakerEvent::Fallback {
             name,
@@ -123,7 +126,7 @@ pub(crate) fn emit(hook: &Option<super::config::EventHook>, ev: BreakerEvent) {
             fallback,
             ok,
         } => {
-            tracing::debug!(breaker = %name, key = %key, fallback = %fallback, ok, "call degraded to fallback");
+            tracing::debug!(breaker = ?name, key = ?key, fallback = ?fallback, ok, "call degraded to fallback");
         }
     }
     if let Some(hook) = hook {

@@ -1,8 +1,11 @@
 //! The circuits of one layer, by key, and the handle that reads and steers them.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
+
+use sha2::{Digest, Sha256};
 
 use super::circuit::{Circuit, Common};
 use super::config::{Config, Mode};
@@ -14,13 +17,62 @@ pub const SINGLE_KEY: &str = "*";
 /// circuits exist and none can be forgotten.
 pub const OVERFLOW_KEY: &str = "<overflow>";
 
+/// How many circuits one new key looks at, at most, to find one to forget.
+const SCAN: usize = 16;
+/// What an over-long key keeps after its prefix: `~sha256:` and 32 hex digits.
+const DIGEST_LEN: usize = 8 + 32;
+/// The shortest [`max_key_len`](super::Builder::max_key_len): room for the digest and a prefix.
+pub(crate) const MIN_KEY_LEN: usize = 64;
+
+/// `key` as stored: itself when it fits in `max` bytes, else its first bytes (cut at a
+/// character boundary) followed by `~sha256:` and 128 bits of its SHA-256 in hex, `max` bytes
+/// at most. Distinct long keys keep distinct circuits; memory per key stays bounded.
+pub(crate) fn bounded_key(key: &str, max: usize) -> Cow<'_, str> {
+    if key.len() <= max {
+        return Cow::Borrowed(key);
+    }
+    let digest = Sha256::digest(key.as_bytes());
+    let mut cut = max.saturating_sub(DIGEST_LEN);
+    while !key.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut out = String::with_capacity(cut + DIGEST_LEN);
+    out.push_str(&key[..cut]);
+    out.push_str("~sha256:");
+    for b in &digest[..16] {
+        out.push_str(&format!("{b:02x}"));
+    }
+    Cow::Owned(out)
+}
+
+/// The circuits by key, and the order in which they are looked at for eviction.
+#[derive(Default)]
+struct Map {
+    by_key: HashMap<Arc<str>, Arc<Circuit>>,
+    /// Every circuit of `by_key`, oldest look first (a clock: a circuit used since it was last
+    /// looked at goes to the back, a second chance).
+    ring: VecDeque<Arc<Circuit>>,
+    #[cfg(test)]
+    inspected: u64,
+}
+
 pub(crate) struct Shared {
     pub(crate) common: Arc<Common>,
     pub(crate) single: Arc<Circuit>,
-    map: RwLock<HashMap<Arc<str>, Arc<Circuit>>>,
+    map: RwLock<Map>,
     overflow: OnceLock<Arc<Circuit>>,
     tick: AtomicU64,
     index: AtomicU64,
+}
+
+/// Whether a circuit may be forgotten to make room: closed, automatic, idle (no call holds
+/// it: only the map and the ring do) and with no failure in its window. An open, half-open or
+/// failing circuit is kept, or churn of new keys would reset it before it trips.
+fn forgettable(c: &Arc<Circuit>) -> bool {
+    c.state() == CircuitState::Closed
+        && c.mode.load(Ordering::Relaxed) == Mode::Auto.to_u8()
+        && Arc::strong_count(c) <= 2
+        && c.window_totals().1 == 0
 }
 
 impl Shared {
@@ -29,9 +81,9 @@ impl Shared {
         Shared {
             single: Arc::new(Circuit::new(common.clone(), Arc::from(SINGLE_KEY), 0)),
             common,
-            map: RwLock::new(HashMap::new()),
+            map: RwLock::new(Map::default()),
             overflow: OnceLock::new(),
-            tick: AtomicU64::new(0),
+            tick: AtomicU64::new(1),
             index: AtomicU64::new(1),
         }
     }
@@ -53,41 +105,74 @@ impl Shared {
         if key == OVERFLOW_KEY {
             return self.overflow.get().cloned();
         }
+        let key = bounded_key(key, self.config().max_key_len);
         self.map
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(key)
+            .by_key
+            .get(&*key)
             .cloned()
     }
 
     /// The circuit for `key`, created when new (see [`super::Builder::max_keys`]).
     pub(crate) fn circuit(&self, key: &str) -> Arc<Circuit> {
+        let key = bounded_key(key, self.config().max_key_len);
         let tick = self.tick.fetch_add(1, Ordering::Relaxed);
-        if let Some(c) = self.map.read().unwrap_or_else(|p| p.into_inner()).get(key) {
+        if let Some(c) = self
+            .map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_key
+            .get(&*key)
+        {
             c.last_used.store(tick, Ordering::Relaxed);
             return c.clone();
         }
-        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = map.get(key) {
+        let mut guard = self.map.write().unwrap_or_else(|p| p.into_inner());
+        let map = &mut *guard;
+        if let Some(c) = map.by_key.get(&*key) {
             c.last_used.store(tick, Ordering::Relaxed);
             return c.clone();
         }
-        if map.len() >= self.config().max_keys {
-            // Forget the least recently used circuit that is closed, automatic and idle (no
-            // call holds it); an open circuit is never forgotten, or its upstream would be
-            // hammered again.
-            let victim = map
-                .iter()
-                .filter(|(_, c)| {
-                    c.state() == CircuitState::Closed
-                        && c.effective_mode() == Mode::Auto
-                        && Arc::strong_count(c) == 1
-                })
-                .min_by_key(|(_, c)| c.last_used.load(Ordering::Relaxed))
-                .map(|(k, _)| k.clone());
+        if map.by_key.len() >= self.config().max_keys {
+            // Look at a bounded number of circuits, oldest look first. The first one that may
+            // be forgotten and was not used since it was last looked at goes; else the least
+            // recently used of those that may be forgotten; the others go to the back (a
+            // second chance). O(1) per new key, whatever the number of keys.
+            let mut looked: [Option<Arc<Circuit>>; SCAN] = Default::default();
+            let mut victim = None;
+            let mut fallback: Option<(usize, u64)> = None;
+            let n = SCAN.min(map.ring.len());
+            for (i, slot) in looked.iter_mut().enumerate().take(n) {
+                let Some(c) = map.ring.pop_front() else {
+                    break;
+                };
+                #[cfg(test)]
+                {
+                    map.inspected += 1;
+                }
+                if forgettable(&c) {
+                    let used = c.last_used.load(Ordering::Relaxed);
+                    if used <= c.seen.load(Ordering::Relaxed) {
+                        victim = Some(c);
+                        break;
+                    }
+                    if fallback.is_none_or(|(_, u)| used < u) {
+                        fallback = Some((i, used));
+                    }
+                }
+                c.seen.store(tick, Ordering::Relaxed);
+                *slot = Some(c);
+            }
+            if victim.is_none() {
+                victim = fallback.and_then(|(i, _)| looked[i].take());
+            }
+            for c in looked.into_iter().flatten() {
+                map.ring.push_back(c);
+            }
             match victim {
-                Some(k) => {
-                    map.remove(&k);
+                Some(c) => {
+                    map.by_key.remove(&c.key);
                 }
                 None => {
                     return self
@@ -97,9 +182,11 @@ impl Shared {
                 }
             }
         }
-        let c = self.new_circuit(key);
+        let c = self.new_circuit(&key);
         c.last_used.store(tick, Ordering::Relaxed);
-        map.insert(c.key.clone(), c.clone());
+        c.seen.store(tick, Ordering::Relaxed);
+        map.by_key.insert(c.key.clone(), c.clone());
+        map.ring.push_back(c.clone());
         c
     }
 
@@ -110,6 +197,7 @@ impl Shared {
             self.map
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
+                .by_key
                 .values()
                 .cloned()
                 .collect()
@@ -144,6 +232,12 @@ pub struct CircuitMetrics {
     pub fallbacks: u64,
     /// How many times the circuit opened.
     pub openings: u64,
+    /// Calls counted as failed because they did not answer in time: the call timeout fired,
+    /// a probe passed its probe timeout, or a call was dropped after the call timeout.
+    pub timeouts: u64,
+    /// Calls dropped by their caller before the answer (counted or not, see the module
+    /// documentation).
+    pub dropped: u64,
     /// Calls in the current window.
     pub window_calls: u64,
     /// Failures in the current window.
@@ -166,6 +260,8 @@ fn metrics(c: &Circuit) -> CircuitMetrics {
         rejections: n.rejections.load(Ordering::Relaxed),
         fallbacks: n.fallbacks.load(Ordering::Relaxed),
         openings: n.openings.load(Ordering::Relaxed),
+        timeouts: n.timeouts.load(Ordering::Relaxed),
+        dropped: n.dropped.load(Ordering::Relaxed),
         window_calls,
         window_failures,
         window_slow_calls,
@@ -221,7 +317,7 @@ impl BreakerHandle {
             .common
             .mode
             .store(mode.to_u8(), Ordering::Relaxed);
-        tracing::info!(breaker = %self.name(), ?mode, "breaker mode set");
+        tracing::info!(breaker = ?self.name(), ?mode, "breaker mode set");
     }
 
     /// Sets the mode of the circuit for `key`, creating the circuit if needed (so a key can be
@@ -234,7 +330,7 @@ impl BreakerHandle {
             self.shared.circuit(key)
         };
         c.mode.store(mode.to_u8(), Ordering::Relaxed);
-        tracing::info!(breaker = %self.name(), key = %c.key, ?mode, "circuit mode set");
+        tracing::info!(breaker = ?self.name(), key = ?c.key, ?mode, "circuit mode set");
     }
 
     /// Closes the circuit for `key` and forgets its window. Returns `false` when no such
@@ -247,5 +343,56 @@ impl BreakerHandle {
             }
             None => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::breaker::{CircuitBreakerLayer, KeyBy};
+
+    fn inspected(shared: &Shared) -> u64 {
+        shared.map.read().unwrap().inspected
+    }
+
+    #[test]
+    fn a_new_key_looks_at_a_bounded_number_of_circuits() {
+        let layer = CircuitBreakerLayer::builder()
+            .key_by(KeyBy::Model)
+            .max_keys(1000)
+            .build()
+            .unwrap();
+        let h = layer.handle();
+        // A full map of circuits that must all be kept.
+        for i in 0..1000 {
+            h.set_mode_for(&format!("kept-{i}"), Mode::ForcedOpen);
+        }
+        assert_eq!(inspected(&h.shared), 0);
+        for i in 0..1000 {
+            let c = h.shared.circuit(&format!("new-{i}"));
+            assert_eq!(&*c.key, OVERFLOW_KEY);
+        }
+        let looked = inspected(&h.shared);
+        assert!(looked <= 1000 * SCAN as u64, "{looked} circuits looked at");
+        // Once they may go, a new key finds room within the same bound.
+        for i in 0..1000 {
+            h.set_mode_for(&format!("kept-{i}"), Mode::Auto);
+        }
+        let before = inspected(&h.shared);
+        let c = h.shared.circuit("fresh");
+        assert_eq!(&*c.key, "fresh");
+        assert!(inspected(&h.shared) - before <= SCAN as u64);
+        assert_eq!(h.shared.map.read().unwrap().by_key.len(), 1000);
+        assert_eq!(h.shared.map.read().unwrap().ring.len(), 1000);
+    }
+
+    #[test]
+    fn long_keys_are_cut_at_a_character_boundary_and_hashed() {
+        let key = "é".repeat(1000);
+        let b = bounded_key(&key, 64);
+        assert!(b.len() <= 64, "{}", b.len());
+        assert!(b.starts_with('é') && b.contains("~sha256:"), "{b}");
+        assert_ne!(b, bounded_key(&format!("{key}x"), 64));
+        assert_eq!(bounded_key("short", 64), "short");
     }
 }

@@ -16,12 +16,15 @@ use super::future::ResponseFuture;
 use super::registry::{Shared, SINGLE_KEY};
 use super::{BoxError, X_LLM_LAYERS_FALLBACK};
 use crate::error::{ApiError, ErrorCode};
-use crate::request::{ensure_view, CharEstimator, RequestView};
+use crate::ext::RefusedLocally;
+use crate::request::{deployment_from_path, ensure_view, CharEstimator, RequestView};
 
 /// A service guarded by circuit breakers. Built by [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
 ///
-/// Rejections are `503 service_unavailable` envelope responses, so `Error` stays the inner
-/// service's. The inner service's own `Err` passes through unchanged (and counts as a failure).
+/// Rejections are `503 service_unavailable` envelope responses (marked
+/// [`RefusedLocally`]) and a call past the [call timeout](super::Builder::call_timeout) is
+/// answered `504 timeout`, so `Error` stays the inner service's. The inner service's own `Err`
+/// passes through unchanged (and counts as a failure).
 pub struct CircuitBreaker<S> {
     inner: S,
     shared: Arc<Shared>,
@@ -80,36 +83,48 @@ enum Key<'a> {
     Unguarded,
 }
 
-/// `host[:port]` of the request URI (never its user info, which may hold a password), else
-/// the `host` header.
-fn upstream_of<B>(req: &Request<B>) -> &str {
+/// The upstream of a request: the configured name, else `host[:port]` of the request URI
+/// (never its user info, which may hold a password), else `"<unknown>"`. Never the `Host`
+/// header, which a client may set to anything.
+fn upstream_of<'a, B>(cfg: &'a Config, req: &'a Request<B>) -> &'a str {
+    if let Some(name) = &cfg.upstream {
+        return name;
+    }
     req.uri()
         .authority()
         .map(|a| {
             let a = a.as_str();
             a.rsplit_once('@').map_or(a, |(_, host)| host)
         })
-        .or_else(|| {
-            req.headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
         .unwrap_or("<unknown>")
 }
 
-fn key_of<'a, B>(key_by: &KeyBy, req: &'a Request<B>) -> Key<'a> {
+/// The key of a model's circuit: the model alone, or behind the upstream.
+fn model_key<'a, B>(cfg: &Config, req: &Request<B>, model: &'a str) -> Cow<'a, str> {
+    if matches!(cfg.key_by, KeyBy::Model) {
+        Cow::Borrowed(model)
+    } else {
+        Cow::Owned(format!("{}/{model}", upstream_of(cfg, req)))
+    }
+}
+
+fn key_of<'a, B>(cfg: &'a Config, req: &'a Request<B>) -> Key<'a> {
+    let key_by = &cfg.key_by;
     match key_by {
         KeyBy::Single => Key::Single,
-        KeyBy::Upstream => Key::Named(Cow::Borrowed(upstream_of(req))),
+        KeyBy::Upstream => Key::Named(Cow::Borrowed(upstream_of(cfg, req))),
         KeyBy::Model | KeyBy::UpstreamAndModel => {
             match RequestView::from_extensions(req.extensions()) {
-                None => Key::NeedView,
-                Some(view) => match view.model() {
+                // The model the upstream serves: an Azure deployment in the path wins over
+                // the body's `model`.
+                Some(view) => match view.routed_model() {
                     None => Key::Unguarded,
-                    Some(model) if matches!(key_by, KeyBy::Model) => {
-                        Key::Named(Cow::Borrowed(model))
-                    }
-                    Some(model) => Key::Named(Cow::Owned(format!("{}/{model}", upstream_of(req)))),
+                    Some(model) => Key::Named(model_key(cfg, req, model)),
+                },
+                None => match deployment_from_path(req.uri().path()) {
+                    // The path names the model: no need to read the body.
+                    Some(d) => Key::Named(Cow::Owned(model_key(cfg, req, &d).into_owned())),
+                    None => Key::NeedView,
                 },
             }
         }
@@ -130,7 +145,7 @@ fn key_of<'a, B>(key_by: &KeyBy, req: &'a Request<B>) -> Key<'a> {
 
 /// The circuit for a request whose key is known, or `None` when it goes unguarded.
 fn circuit_for<B>(shared: &Shared, req: &Request<B>) -> Option<Result<Arc<Circuit>, ()>> {
-    match key_of(&shared.config().key_by, req) {
+    match key_of(shared.config(), req) {
         Key::Single => Some(Ok(shared.single.clone())),
         Key::Named(k) => Some(Ok(shared.circuit(&k))),
         Key::Unguarded => None,
@@ -170,6 +185,15 @@ fn refusal_error(cfg: &Config, key: &str, refusal: Refusal) -> ApiError {
     }
 }
 
+/// The response to a refusal of the breaker's own: the envelope, with
+/// [`RefusedLocally::CIRCUIT_BREAKER`] beside its [`ApiError`] so that a retry layer outside
+/// answers at once instead of sleeping on the `retry-after` of a local state.
+fn refusal_response<B: From<Bytes>>(err: &ApiError) -> Response<B> {
+    let mut res = err.to_response();
+    res.extensions_mut().insert(RefusedLocally::CIRCUIT_BREAKER);
+    res
+}
+
 fn note_rejection(cfg: &Config, circuit: &Circuit, refusal: Refusal) {
     let retry_after = match refusal {
         Refusal::Open(d) | Refusal::Probing(d) => Some(d),
@@ -185,7 +209,7 @@ fn note_rejection(cfg: &Config, circuit: &Circuit, refusal: Refusal) {
             },
         );
     } else {
-        tracing::debug!(breaker = %cfg.name, key = %circuit.key, retry_after_ms = retry_after.map(|d| d.as_millis() as u64), "call rejected by open circuit");
+        tracing::debug!(breaker = ?cfg.name, key = ?circuit.key, retry_after_ms = retry_after.map(super::config::millis), "call rejected by open circuit");
     }
 }
 
@@ -209,7 +233,7 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let keyed;
-        let circuit = match key_of(&self.shared.config().key_by, &req) {
+        let circuit = match key_of(self.shared.config(), &req) {
             Key::Single => &self.shared.single,
             Key::Named(k) => {
                 keyed = self.shared.circuit(&k);
@@ -235,7 +259,11 @@ where
                 let cfg = self.shared.config();
                 note_rejection(cfg, circuit, refusal);
                 if cfg.fallbacks.is_empty() {
-                    ResponseFuture::ready(refusal_error(cfg, &circuit.key, refusal).to_response())
+                    ResponseFuture::ready(refusal_response(&refusal_error(
+                        cfg,
+                        &circuit.key,
+                        refusal,
+                    )))
                 } else {
                     ResponseFuture::boxed(Box::pin(degrade(
                         self.shared.clone(),
@@ -277,20 +305,12 @@ where
         _ => return inner.call(req).await,
     };
     match circuit.admit() {
-        Ok(permit) => {
-            // Dropping this future drops the permit with it: nothing recorded, slot given back.
-            let out = inner.call(req).await;
-            let outcome = match &out {
-                Ok(res) => permit.classify(res),
-                Err(_) => Outcome::Failure,
-            };
-            permit.complete(outcome);
-            out
-        }
+        // The same timers and drop rules as the direct path.
+        Ok(permit) => ResponseFuture::called(inner.call(req), permit).await,
         Err(refusal) => {
             note_rejection(cfg, &circuit, refusal);
             if cfg.fallbacks.is_empty() {
-                Ok(refusal_error(cfg, &circuit.key, refusal).to_response())
+                Ok(refusal_response(&refusal_error(cfg, &circuit.key, refusal)))
             } else {
                 degrade(shared.clone(), circuit, refusal, inner, req).await
             }
@@ -385,7 +405,7 @@ where
             }
             FallbackStep::Service { name, call } => {
                 let Some(call) = call.downcast_ref::<DynCall<ReqBody, ResBody>>() else {
-                    tracing::warn!(breaker = %cfg.name, fallback = %name, "fallback service skipped: its body types differ from the guarded service's");
+                    tracing::warn!(breaker = ?cfg.name, fallback = ?name, "fallback service skipped: its body types differ from the guarded service's");
                     causes.push(format!(
                         "fallback '{name}' does not accept this request type"
                     ));
@@ -416,7 +436,7 @@ where
                     KeyBy::Model => Some(model.to_string()),
                     KeyBy::UpstreamAndModel => {
                         let r = copy_request(parts, ());
-                        Some(format!("{}/{model}", upstream_of(&r)))
+                        Some(format!("{}/{model}", upstream_of(cfg, &r)))
                     }
                     _ => None,
                 };
@@ -486,5 +506,5 @@ where
         format!("{} {}.", base.message(), causes.join("; ")),
     );
     err.set_retry_after(base.retry_after());
-    Ok(err.to_response())
+    Ok(refusal_response(&err))
 }

@@ -84,7 +84,7 @@ pub(crate) struct TimeWindow {
 
 impl TimeWindow {
     pub(crate) fn new(duration: Duration, buckets: usize) -> Self {
-        let width = (duration.as_nanos() / buckets as u128).max(1) as u64;
+        let width = (duration.as_nanos() / buckets as u128).clamp(1, u64::MAX as u128) as u64;
         TimeWindow {
             // Index u64::MAX marks a bucket never used.
             buckets: vec![

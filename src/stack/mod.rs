@@ -271,8 +271,12 @@ pub struct RetryConfig {
 pub struct BreakerConfig {
     /// The breaker's name in messages and logs (default `"upstream"`).
     pub name: Option<String>,
-    /// `"single"` (default), `"model"`, `"upstream"` or `"upstream_and_model"`.
+    /// `"single"` (default), `"model"`, `"upstream"` or `"upstream_and_model"`. The last two
+    /// need `upstream`.
     pub key_by: Option<String>,
+    /// The name of the upstream the breaker guards (`"api.openai.com"`), the key of its
+    /// circuit with `key_by = "upstream"` (never the client's `Host`).
+    pub upstream: Option<String>,
     /// Calls in the sliding window (default 100).
     pub window: Option<usize>,
     /// Calls before any decision (default 10).
@@ -281,8 +285,20 @@ pub struct BreakerConfig {
     pub failure_rate: Option<f64>,
     /// How long the circuit stays open at first, in milliseconds (default 30 000).
     pub open_ms: Option<u64>,
+    /// The longest the circuit stays open as re-openings double the open time, in
+    /// milliseconds (default 300 000, or `open_ms` when that is longer).
+    pub max_open_ms: Option<u64>,
     /// Probe calls admitted when half-open (default 3).
     pub half_open_probes: Option<u32>,
+    /// A call is slow when its response head takes longer than this, in milliseconds (no
+    /// slow-call rule by default). Calls dropped by their caller after this long count as slow
+    /// too, so a hanging upstream opens the circuit even when clients give up first.
+    pub slow_call_ms: Option<u64>,
+    /// The percentage of slow calls that opens the circuit (default 80; needs `slow_call_ms`).
+    pub slow_call_rate: Option<f64>,
+    /// The breaker's own timeout of each call, in milliseconds: an upstream that has not
+    /// answered by then gets the caller a `504 timeout` and counts as a failure (default: none).
+    pub call_timeout_ms: Option<u64>,
     /// The model to degrade to while the circuit is open.
     pub fallback_model: Option<String>,
     /// Seed of the open-duration jitter.
@@ -416,6 +432,15 @@ impl Stack {
                 }
             });
         }
+        if let Some(name) = &c.upstream {
+            b = b.upstream(name.as_str());
+        } else if matches!(c.key_by.as_deref(), Some("upstream" | "upstream_and_model")) {
+            // A gateway's requests name no upstream the breaker could trust.
+            return Err(refuse(
+                "breaker.upstream",
+                "key_by = \"upstream\" needs the upstream's name (`upstream = \"api.openai.com\"`)",
+            ));
+        }
         if let Some(n) = c.window {
             b = b.count_window(n);
         }
@@ -428,8 +453,32 @@ impl Stack {
         if let Some(ms) = c.open_ms {
             b = b.open_duration(Duration::from_millis(ms));
         }
+        match (c.max_open_ms, c.open_ms) {
+            (Some(max), _) => b = b.max_open_duration(Duration::from_millis(max)),
+            // The default maximum (5 min) follows a longer first open time.
+            (None, Some(open)) if open > 300_000 => {
+                b = b.max_open_duration(Duration::from_millis(open))
+            }
+            _ => {}
+        }
         if let Some(n) = c.half_open_probes {
             b = b.half_open_probes(n);
+        }
+        match (c.slow_call_ms, c.slow_call_rate) {
+            (Some(0), _) => return Err(refuse("breaker.slow_call_ms", "must be at least 1 ms")),
+            (Some(ms), rate) => {
+                b = b.slow_calls(Duration::from_millis(ms), rate.unwrap_or(80.0));
+            }
+            (None, Some(_)) => {
+                return Err(refuse(
+                    "breaker.slow_call_rate",
+                    "needs `slow_call_ms`, the duration that makes a call slow",
+                ))
+            }
+            (None, None) => {}
+        }
+        if let Some(ms) = c.call_timeout_ms {
+            b = b.call_timeout(Duration::from_millis(ms));
         }
         if let Some(m) = &c.fallback_model {
             b = b.fallback_model(m.as_str());
@@ -442,6 +491,11 @@ impl Stack {
             let field = match e.field() {
                 "count_window" => "window",
                 "open_duration" => "open_ms",
+                "call_timeout" => "call_timeout_ms",
+                // A zero duration is refused above: only the rate can be wrong here.
+                "slow_calls" => "slow_call_rate",
+                // The multiplier has no key: only the maximum can be wrong here.
+                "open_backoff" => "max_open_ms",
                 other => other,
             };
             refuse(format!("breaker.{field}"), e.message().to_owned())

@@ -263,3 +263,56 @@ pub fn proxy_router(upstream: String) -> axum::Router {
 /// The future of the scripted upstream service.
 pub type UpstreamFuture =
     Pin<Box<dyn Future<Output = Result<Response<Body>, std::io::Error>> + Send>>;
+
+/// Log lines captured from `tracing` (every level down to `debug`), for every test of the
+/// binary: a global subscriber, since a thread-local one races with callsite registration by
+/// the tests running beside it.
+#[derive(Clone, Default)]
+pub struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    /// The capture, installed on first use.
+    pub fn capture() -> Logs {
+        static LOGS: std::sync::OnceLock<Logs> = std::sync::OnceLock::new();
+        LOGS.get_or_init(|| {
+            let logs = Logs::default();
+            let writer = logs.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::DEBUG)
+                .with_ansi(false)
+                .with_writer(move || writer.clone())
+                .finish();
+            tracing::subscriber::set_global_default(subscriber).unwrap();
+            logs
+        })
+        .clone()
+    }
+
+    /// Everything written so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A chat request whose JSON body names `model` (escaped as JSON, so any string works), sent
+/// to `path`.
+pub fn chat_at(path: &str, model: &str) -> Request<Body> {
+    let body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+    });
+    Request::post(format!("http://api.example.test{path}"))
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
