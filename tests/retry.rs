@@ -1618,3 +1618,43 @@ async fn toml_idempotency_keys_make_an_upload_retryable() {
     .unwrap();
     assert_eq!(rec.header_values("idempotency-key"), vec![None]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_open_circuit_of_the_real_breaker_fails_fast_through_the_retry_layer() {
+    // Recommended order: retry outside the breaker. Two upstream 503s open the circuit for
+    // 30 s; the retry that meets the open circuit is answered at once.
+    let breaker = llm_layers::breaker::CircuitBreakerLayer::builder()
+        .consecutive_failures(2)
+        .open_duration(secs(30))
+        .jitter(0.0)
+        .seed(7)
+        .build()
+        .unwrap();
+    let layer = fast().max_attempts(4).build().unwrap();
+    let rec = Recorder::default();
+    let svc = layer.layer(breaker.layer(scripted(rec.clone(), Arc::new(|_| Ok(status(503))))));
+    let t0 = Instant::now();
+    let res = svc
+        .clone()
+        .oneshot(Request::post("/v1/chat/completions").body(Body::from(CHAT)).unwrap())
+        .await
+        .unwrap();
+    assert!(Instant::now() - t0 <= ms(10), "{:?}", Instant::now() - t0);
+    assert_eq!(rec.count(), 2, "the third attempt never reached the upstream");
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.headers()["x-llm-layers-retry-stop"], "refused-locally");
+    assert_eq!(res.headers()["x-llm-layers-attempts"], "3");
+    assert_eq!(res.headers()["x-should-retry"], "true");
+    assert_eq!(res.headers()["retry-after"], "30");
+    // A new request meets the open circuit on its first attempt: one call of the breaker,
+    // no upstream call, no time.
+    let t1 = Instant::now();
+    let res = svc
+        .oneshot(Request::post("/v1/chat/completions").body(Body::from(CHAT)).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(Instant::now() - t1, Duration::ZERO);
+    assert_eq!(rec.count(), 2);
+    assert_eq!(res.headers()["x-llm-layers-attempts"], "1");
+    assert_eq!(res.headers()["x-llm-layers-retry-stop"], "refused-locally");
+}
