@@ -155,6 +155,26 @@ pub const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-re
 /// `x-ratelimit-reset-tokens`: the time until the token bucket is full.
 pub const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
 
+/// `x-llm-layers-ratelimit-limit-requests`: the layer's request bucket size, on an answer
+/// whose standard `x-ratelimit-*` names belong to the upstream (see the [module docs](self)).
+pub const OWN_LIMIT_REQUESTS: HeaderName =
+    HeaderName::from_static("x-llm-layers-ratelimit-limit-requests");
+/// `x-llm-layers-ratelimit-remaining-requests`: the layer's own remaining requests.
+pub const OWN_REMAINING_REQUESTS: HeaderName =
+    HeaderName::from_static("x-llm-layers-ratelimit-remaining-requests");
+/// `x-llm-layers-ratelimit-reset-requests`: the time until the layer's request bucket is full.
+pub const OWN_RESET_REQUESTS: HeaderName =
+    HeaderName::from_static("x-llm-layers-ratelimit-reset-requests");
+/// `x-llm-layers-ratelimit-limit-tokens`: the layer's token bucket size.
+pub const OWN_LIMIT_TOKENS: HeaderName =
+    HeaderName::from_static("x-llm-layers-ratelimit-limit-tokens");
+/// `x-llm-layers-ratelimit-remaining-tokens`: the layer's own remaining tokens.
+pub const OWN_REMAINING_TOKENS: HeaderName =
+    HeaderName::from_static("x-llm-layers-ratelimit-remaining-tokens");
+/// `x-llm-layers-ratelimit-reset-tokens`: the time until the layer's token bucket is full.
+pub const OWN_RESET_TOKENS: HeaderName =
+    HeaderName::from_static("x-llm-layers-ratelimit-reset-tokens");
+
 /// Observes and maintains a layer's shared state.
 #[derive(Clone)]
 pub struct RateLimitHandle {
