@@ -671,7 +671,7 @@ impl Shared {
 /// The key of a long string: its SHA-256.
 fn digest(s: &str) -> RateKey {
     use sha2::{Digest, Sha256};
-    RateKey::Digest(Sha256::digest(s.as_bytes()).into())
+    RateKey::Digest(Arc::new(Sha256::digest(s.as_bytes()).into()))
 }
 
 /// The address a client is keyed by: an IPv4-mapped IPv6 address as IPv4, another IPv6

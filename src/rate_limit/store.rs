@@ -29,8 +29,9 @@ pub(crate) enum RateKey {
     /// An API key id, a header value, a route, a model or a custom key, at most the layer's
     /// `max_key_len` bytes long.
     Str(Arc<str>),
-    /// The SHA-256 of a longer key.
-    Digest([u8; 32]),
+    /// The SHA-256 of a longer key (behind a pointer, so that the enum stays as small as an
+    /// address).
+    Digest(Arc<[u8; 32]>),
     /// Requests for which no key could be found share this one.
     Anonymous,
     /// The single key of the global quota.
