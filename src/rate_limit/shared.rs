@@ -62,39 +62,10 @@ pub(crate) struct RateHeaders {
     pub(crate) tokens: Option<Status>,
 }
 
-/// One family of header names: `[limit, remaining, reset]` for requests, then for tokens.
-type Names = [[HeaderName; 3]; 2];
-
-const STANDARD: Names = [
-    [
-        super::LIMIT_REQUESTS,
-        super::REMAINING_REQUESTS,
-        super::RESET_REQUESTS,
-    ],
-    [
-        super::LIMIT_TOKENS,
-        super::REMAINING_TOKENS,
-        super::RESET_TOKENS,
-    ],
-];
-
-const OWN: Names = [
-    [
-        super::OWN_LIMIT_REQUESTS,
-        super::OWN_REMAINING_REQUESTS,
-        super::OWN_RESET_REQUESTS,
-    ],
-    [
-        super::OWN_LIMIT_TOKENS,
-        super::OWN_REMAINING_TOKENS,
-        super::OWN_RESET_TOKENS,
-    ],
-];
-
 impl RateHeaders {
     /// On the layer's own refusals: the standard names.
     pub(crate) fn write(&self, headers: &mut HeaderMap) {
-        self.write_names(headers, &STANDARD);
+        self.write_names(headers, false);
     }
 
     /// On an answer of the inner service: the standard names when the answer is a success
@@ -107,27 +78,40 @@ impl RateHeaders {
         let upstream_reports = headers
             .keys()
             .any(|k| k.as_str().starts_with("x-ratelimit-"));
-        let names = if status.is_success() && !upstream_reports {
-            &STANDARD
-        } else {
-            &OWN
-        };
-        self.write_names(headers, names);
+        self.write_names(headers, upstream_reports || !status.is_success());
     }
 
-    fn write_names(&self, headers: &mut HeaderMap, names: &Names) {
-        use http::HeaderValue;
-        for (status, [limit, remaining, reset]) in [self.requests, self.tokens].iter().zip(names) {
-            if let Some(s) = status {
-                headers.insert(limit.clone(), HeaderValue::from(s.limit));
-                headers.insert(remaining.clone(), HeaderValue::from(s.remaining));
-                if let Ok(v) =
-                    HeaderValue::from_maybe_shared(bytes::Bytes::from(fmt_duration(s.reset())))
-                {
-                    headers.insert(reset.clone(), v);
-                }
-            }
+    fn write_names(&self, headers: &mut HeaderMap, own: bool) {
+        use super::*;
+        if let Some(s) = &self.requests {
+            let names = if own {
+                [
+                    OWN_LIMIT_REQUESTS,
+                    OWN_REMAINING_REQUESTS,
+                    OWN_RESET_REQUESTS,
+                ]
+            } else {
+                [LIMIT_REQUESTS, REMAINING_REQUESTS, RESET_REQUESTS]
+            };
+            write_status(headers, s, names);
         }
+        if let Some(s) = &self.tokens {
+            let names = if own {
+                [OWN_LIMIT_TOKENS, OWN_REMAINING_TOKENS, OWN_RESET_TOKENS]
+            } else {
+                [LIMIT_TOKENS, REMAINING_TOKENS, RESET_TOKENS]
+            };
+            write_status(headers, s, names);
+        }
+    }
+}
+
+fn write_status(headers: &mut HeaderMap, s: &Status, [limit, remaining, reset]: [HeaderName; 3]) {
+    use http::HeaderValue;
+    headers.insert(limit, HeaderValue::from(s.limit));
+    headers.insert(remaining, HeaderValue::from(s.remaining));
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(fmt_duration(s.reset()))) {
+        headers.insert(reset, v);
     }
 }
 

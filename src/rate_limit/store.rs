@@ -38,6 +38,9 @@ pub(crate) enum RateKey {
     Global,
 }
 
+// A key is as small as before long keys were hashed: each tracked entry's size depends on it.
+const _: () = assert!(std::mem::size_of::<RateKey>() <= 24);
+
 /// A governor [`Clock`] reading `tokio::time::Instant`, so limits follow tokio's paused and
 /// advanced time in tests. Instants are nanoseconds since the clock's epoch.
 #[derive(Debug, Clone, Copy)]
