@@ -56,12 +56,19 @@ impl TokioClock {
     }
 }
 
+impl TokioClock {
+    /// Nanoseconds since the epoch, without recording the reading as governor's.
+    fn read(&self) -> u64 {
+        let d = tokio::time::Instant::now().saturating_duration_since(self.epoch);
+        u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
 impl Clock for TokioClock {
     type Instant = Nanos;
 
     fn now(&self) -> Nanos {
-        let d = tokio::time::Instant::now().saturating_duration_since(self.epoch);
-        let now = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let now = self.read();
         LAST_NOW.with(|c| c.set(now));
         Nanos::from(now)
     }
@@ -214,7 +221,9 @@ impl KeyStore {
     /// Arrival times at or below this are full buckets (governor's own rule, one cell of
     /// margin).
     fn drop_below(&self) -> u64 {
-        let now: u64 = self.clock.now().into();
+        // Not `now()`: this runs inside governor's decision, whose clock reading `take` reads
+        // back afterwards.
+        let now = self.clock.read();
         now.saturating_sub(self.start.load(Ordering::Relaxed))
             .saturating_sub(self.t)
     }
@@ -420,7 +429,7 @@ impl Bucket {
         let store = SharedStore(Arc::new(KeyStore::new(clock, quota.replenish_nanos())));
         let start = clock.now();
         let limiter = RateLimiter::new(quota.to_governor(), store.clone(), clock);
-        store.0.start.store(clock.now().into(), Ordering::Relaxed);
+        store.0.start.store(clock.read(), Ordering::Relaxed);
         Bucket {
             quota,
             limiter,
