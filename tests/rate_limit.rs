@@ -1480,6 +1480,11 @@ mod logs {
         for _ in 0..2 {
             status(&mut svc, chat_request("k", forged, 10)).await;
         }
+        // A key past `max_key_len` is logged as the start of its digest, not as itself.
+        let long = format!("long-model-{}", "q".repeat(1000));
+        for _ in 0..2 {
+            status(&mut svc, chat_request("k", &long, 10)).await;
+        }
         // A header value may be a credential: it is never logged.
         let secret = "sk-header-secret-0123456789abcdef";
         let layer = RateLimitLayer::builder()
@@ -1507,6 +1512,12 @@ mod logs {
             "{text}"
         );
         assert!(!text.contains(secret), "{text}");
+        assert!(!text.contains("long-model-"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.contains("key_by=\"model\"") && l.contains("key=sha256:")),
+            "{text}"
+        );
         assert!(text.contains("key_by=\"header\""), "{text}");
     }
 }
