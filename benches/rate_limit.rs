@@ -164,7 +164,10 @@ mod imp {
         const N: u32 = 1_000_000;
         let layer = RateLimitLayer::builder()
             .key_by(KeyBy::client_ip())
-            .limits(Limits::new().requests(Quota::per_second(1000).burst(10)))
+            // A key's bucket is full again 2 s after its request and forgotten one cell (2 s)
+            // later: all million are live while they are inserted, so eviction on insertion
+            // keeps them all.
+            .limits(Limits::new().requests(Quota::new(1, Duration::from_secs(2)).burst(10)))
             // Only the explicit sweep below.
             .sweep(u64::MAX, Duration::from_secs(3600))
             .build()
@@ -177,8 +180,8 @@ mod imp {
         }
         let full = rss_mib();
         let tracked = handle.tracked_keys();
-        // One cell comes back every millisecond: every bucket is full again after that.
-        std::thread::sleep(Duration::from_millis(20));
+        // Every bucket is full again, and a cell's time past it, after 4 s.
+        std::thread::sleep(Duration::from_millis(4100));
         handle.sweep();
         let swept = rss_mib();
         println!(

@@ -211,7 +211,7 @@ async fn token_charge_is_corrected_from_the_final_sse_chunk() {
 }
 
 #[tokio::test]
-async fn an_upstream_error_without_usage_is_refunded() {
+async fn an_upstream_server_error_keeps_its_charge() {
     let layer = RateLimitLayer::builder()
         .limits(Limits::new().tokens(Quota::per_hour(1000).burst(1000)))
         .build()
@@ -234,6 +234,9 @@ async fn an_upstream_error_without_usage_is_refunded() {
         .send()
         .await
         .unwrap();
+    // The 502 may have come after the upstream did the work: its 505 stay, and 495 are too
+    // few for the next request.
+    assert_eq!(res.status(), 429);
     assert_eq!(header(&res, "x-ratelimit-remaining-tokens"), "495");
 }
 
@@ -793,4 +796,957 @@ async fn keys_by_model_route_header_and_closure() {
         [200, 200, 429]
     );
     assert_eq!(run(KeyBy::api_key()).await, [200, 429, 429]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile traffic and broken upstreams.
+
+/// Which limits a response reports: the upstream's figures on the upstream's answers, the
+/// layer's own under the standard names only where they cannot be taken for the upstream's.
+#[tokio::test]
+async fn an_upstream_answer_keeps_its_own_rate_limit_headers() {
+    let addr = serve(per_key(Quota::per_minute(60).burst(5)), Upstream::default()).await;
+    let url = format!("http://{addr}/v1/status");
+    let c = client();
+    let send = |status: u16, upstream_limits: bool| {
+        let mut req = c
+            .post(&url)
+            .bearer_auth("h1")
+            .header("x-status", status.to_string())
+            .body("{}");
+        if upstream_limits {
+            req = req.header("x-upstream-limits", "1");
+        }
+        req.send()
+    };
+    let own = |res: &reqwest::Response| {
+        res.headers()
+            .get("x-llm-layers-ratelimit-remaining-requests")
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+
+    // The upstream's 429 with its own figures: the client reads the upstream's, not "4 left".
+    let res = send(429, true).await.unwrap();
+    assert_eq!(res.status(), 429);
+    assert_eq!(header(&res, "x-ratelimit-limit-requests"), "500");
+    assert_eq!(header(&res, "x-ratelimit-remaining-requests"), "0");
+    assert_eq!(header(&res, "x-ratelimit-reset-requests"), "6m0s");
+    assert_eq!(own(&res).as_deref(), Some("4"));
+    assert_eq!(header(&res, "x-llm-layers-ratelimit-limit-requests"), "5");
+    assert!(res
+        .headers()
+        .contains_key("x-llm-layers-ratelimit-reset-requests"));
+
+    // An upstream error without figures: nothing of the layer's under the standard names.
+    let res = send(503, false).await.unwrap();
+    assert_eq!(res.status(), 503);
+    assert!(res
+        .headers()
+        .get("x-ratelimit-remaining-requests")
+        .is_none());
+    assert!(res.headers().get("x-ratelimit-limit-requests").is_none());
+    assert_eq!(own(&res).as_deref(), Some("3"));
+
+    // A success that carries the upstream's figures keeps them.
+    let res = send(200, true).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(header(&res, "x-ratelimit-remaining-requests"), "0");
+    assert_eq!(header(&res, "x-ratelimit-limit-requests"), "500");
+    assert_eq!(own(&res).as_deref(), Some("2"));
+
+    // A success without figures of its own gets the layer's, under the standard names, once.
+    let res = send(200, false).await.unwrap();
+    assert_eq!(header(&res, "x-ratelimit-remaining-requests"), "1");
+    assert_eq!(header(&res, "x-ratelimit-limit-requests"), "5");
+    assert_eq!(own(&res), None);
+    send(200, false).await.unwrap();
+
+    // The layer's own refusal reports its own bucket under the standard names.
+    let res = send(200, true).await.unwrap();
+    assert_eq!(res.status(), 429);
+    assert_eq!(header(&res, "x-ratelimit-limit-requests"), "5");
+    assert_eq!(header(&res, "x-ratelimit-remaining-requests"), "0");
+    assert_eq!(own(&res), None);
+    let (code, _) = error_code(res).await;
+    assert_eq!(code, "rate_limit_exceeded");
+}
+
+fn tokens_1000_per_hour() -> RateLimitLayer {
+    RateLimitLayer::builder()
+        .limits(Limits::new().tokens(Quota::per_hour(1000).burst(1000)))
+        .build()
+        .unwrap()
+}
+
+/// The tokens left for `key` after its earlier requests, read from a probe that costs 105.
+async fn tokens_left(c: &reqwest::Client, addr: SocketAddr, key: &str) -> String {
+    let res = c
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .bearer_auth(key)
+        .body(chat("hi", 100))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "probe for {key}");
+    let left = header(&res, "x-ratelimit-remaining-tokens").to_owned();
+    res.bytes().await.unwrap();
+    left
+}
+
+#[tokio::test]
+async fn error_answers_keep_the_charge_when_the_upstream_may_have_worked() {
+    let addr = serve(tokens_1000_per_hour(), Upstream::default()).await;
+    let c = client();
+    // Each request costs 105 ("hi" + max_tokens 100). Kept: 1000 - 105 - 105 after the probe;
+    // refunded: 1000 - 105.
+    for (status, kept) in [
+        (500, true),
+        (502, true),
+        (503, true),
+        (504, true),
+        (529, true),
+        (408, true),
+        (400, false),
+        (401, false),
+        (403, false),
+        (404, false),
+        (413, false),
+        (422, false),
+        (429, false),
+    ] {
+        let key = format!("e{status}");
+        let res = c
+            .post(format!("http://{addr}/v1/status"))
+            .bearer_auth(&key)
+            .header("x-status", status.to_string())
+            .body(chat("hi", 100))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), status);
+        res.bytes().await.unwrap();
+        let expected = if kept { "790" } else { "895" };
+        assert_eq!(
+            tokens_left(&c, addr, &key).await,
+            expected,
+            "status {status}"
+        );
+    }
+
+    // A refusal made inside the gateway before the upstream was called is refunded, whatever
+    // its status.
+    let res = c
+        .post(format!("http://{addr}/v1/refused-locally"))
+        .bearer_auth("local")
+        .body(chat("hi", 100))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    res.bytes().await.unwrap();
+    assert_eq!(tokens_left(&c, addr, "local").await, "895");
+}
+
+#[tokio::test]
+async fn a_stream_cut_midway_keeps_its_charge_and_pays_its_overrun() {
+    let up = Upstream::default();
+    let addr = serve(tokens_1000_per_hour(), up.clone()).await;
+    let c = client();
+    for (key, usage, expected) in [
+        // 11 tokens reported before the cut: the upstream was still working; 105 stays.
+        ("cut-small", 11, "790"),
+        // 300 reported before the cut: more than the 105 charged, so 300.
+        ("cut-large", 300, "595"),
+    ] {
+        let res = c
+            .post(format!("http://{addr}/v1/cut"))
+            .bearer_auth(key)
+            .header("x-usage", usage.to_string())
+            .body(chat("hi", 100))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        up.release.notify_one();
+        assert!(res.bytes().await.is_err(), "the stream breaks off");
+        assert_eq!(tokens_left(&c, addr, key).await, expected, "{key}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_inner_service_error_keeps_the_charge() {
+    let layer = tokens_1000_per_hour();
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = calls.clone();
+    let inner = tower::service_fn(move |_req: http::Request<Full<Bytes>>| {
+        let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the upstream did not answer",
+                ))
+            } else {
+                Ok(http::Response::new(Full::new(Bytes::new())))
+            }
+        }
+    });
+    let mut svc = tower::Layer::layer(&layer, inner);
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(chat_request("t", "gpt", 100))
+        .await;
+    assert!(err.is_err());
+    let res = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(chat_request("t", "gpt", 100))
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["x-ratelimit-remaining-tokens"], "790");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+/// An inner service answering SSE: with `x-hold` it sends one event, waits for `release`, then
+/// reports `x-usage` tokens; otherwise a plain empty 200.
+fn held_sse(
+    release: std::sync::Arc<tokio::sync::Notify>,
+) -> impl Service<
+    http::Request<Full<Bytes>>,
+    Response = http::Response<axum::body::Body>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone {
+    tower::service_fn(move |req: http::Request<Full<Bytes>>| {
+        let release = release.clone();
+        async move {
+            if !req.headers().contains_key("x-hold") {
+                return Ok(http::Response::new(axum::body::Body::empty()));
+            }
+            let usage: u64 = req.headers()["x-usage"].to_str().unwrap().parse().unwrap();
+            let stream = futures_util::stream::unfold(0u8, move |step| {
+                let release = release.clone();
+                async move {
+                    let chunk = match step {
+                        0 => "data: {\"choices\":[]}\n\n".to_owned(),
+                        1 => {
+                            release.notified().await;
+                            format!("data: {{\"choices\":[],\"usage\":{{\"total_tokens\":{usage}}}}}\n\ndata: [DONE]\n\n")
+                        }
+                        _ => return None,
+                    };
+                    Some((Ok::<_, Infallible>(Bytes::from(chunk)), step + 1))
+                }
+            });
+            Ok::<_, Infallible>(
+                http::Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(axum::body::Body::from_stream(stream))
+                    .unwrap(),
+            )
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_overrun_reported_after_a_sweep_is_still_charged() {
+    let layer = RateLimitLayer::builder()
+        .limits(Limits::new().tokens(Quota::per_second(1000).burst(1000)))
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let mut svc = tower::Layer::layer(&layer, held_sse(release.clone()));
+    let mut req = chat_request("s", "gpt", 100);
+    req.headers_mut().insert("x-hold", "1".parse().unwrap());
+    req.headers_mut().insert("x-usage", "800".parse().unwrap());
+    let res = svc.ready().await.unwrap().call(req).await.unwrap();
+    assert_eq!(res.headers()["x-ratelimit-remaining-tokens"], "895");
+    let mut body = res.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.is_data());
+    // The 105 tokens come back within 105 ms: after a second the key is idle and swept, while
+    // its stream is still open.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    handle.sweep();
+    assert_eq!(handle.tracked_keys(), 0);
+    release.notify_one();
+    while let Some(frame) = body.frame().await {
+        frame.unwrap();
+    }
+    // 800 used, 105 charged: the 695 overrun is owed, then the probe's 105.
+    let res = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(chat_request("s", "gpt", 100))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-ratelimit-remaining-tokens"], "200");
+}
+
+/// An inner service answering a JSON body whose `usage.total_tokens` is `usage` verbatim.
+fn json_usage(
+    usage: &'static str,
+) -> impl Service<
+    http::Request<Full<Bytes>>,
+    Response = http::Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone {
+    tower::service_fn(move |_req: http::Request<Full<Bytes>>| async move {
+        let body = format!(r#"{{"choices":[],"usage":{{"total_tokens":{usage}}}}}"#);
+        Ok::<_, Infallible>(
+            http::Response::builder()
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .unwrap(),
+        )
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn extreme_usage_figures_are_clamped_and_never_panic() {
+    // `None`: the bucket is deep in debt, the probe is refused with a long wait.
+    for (usage, left) in [
+        ("18446744073709551615", None),
+        ("1e300", None),
+        ("123456789012345678901234567890", None),
+        ("4294967296", None),
+        ("800", Some("95")),
+        ("12.5", Some("882")),
+        ("-5", Some("790")),
+        ("-1e300", Some("790")),
+        ("null", Some("790")),
+        ("\"900\"", Some("790")),
+    ] {
+        let layer = RateLimitLayer::builder()
+            .limits(Limits::new().tokens(Quota::per_second(1000).burst(1000)))
+            .build()
+            .unwrap();
+        let mut svc = tower::Layer::layer(&layer, json_usage(usage));
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(chat_request("u", "gpt", 100))
+            .await
+            .unwrap();
+        res.into_body().collect().await.unwrap();
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(chat_request("u", "gpt", 100))
+            .await
+            .unwrap();
+        match left {
+            Some(left) => {
+                assert_eq!(res.status(), 200, "{usage}");
+                assert_eq!(
+                    res.headers()["x-ratelimit-remaining-tokens"],
+                    left,
+                    "{usage}"
+                );
+            }
+            None => {
+                assert_eq!(res.status(), 429, "{usage}");
+                assert_eq!(res.headers()["x-ratelimit-remaining-tokens"], "0");
+                let ms: u64 = res.headers()["retry-after-ms"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                // At most 2^32 tokens are owed: under 50 days at 1000 a second.
+                assert!(ms > 3_600_000 && ms <= 4_294_968_000, "{usage}: {ms}");
+                assert_eq!(res.headers()["x-should-retry"], "false");
+                // Time moves on; later requests are still decided without a panic.
+                tokio::time::advance(Duration::from_secs(3600)).await;
+                for _ in 0..3 {
+                    let res = svc
+                        .ready()
+                        .await
+                        .unwrap()
+                        .call(chat_request("u", "gpt", 1))
+                        .await
+                        .unwrap();
+                    assert_eq!(res.status(), 429);
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn ipv6_clients_are_keyed_by_prefix_and_mapped_ipv4_as_ipv4() {
+    fn connect_info(ext: &http::Extensions) -> Option<std::net::IpAddr> {
+        ext.get::<axum::extract::ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip())
+    }
+    let one = Limits::new().requests(Quota::per_hour(1).burst(1));
+    let c = client();
+    let statuses = |key_by: KeyBy, hops: &'static [&'static str]| {
+        let c = c.clone();
+        async move {
+            let layer = RateLimitLayer::builder()
+                .key_by(key_by)
+                .limits(one)
+                .build()
+                .unwrap();
+            let addr = serve(layer, Upstream::default()).await;
+            let mut out = Vec::new();
+            for hop in hops {
+                let res = c
+                    .post(format!("http://{addr}/v1/chat/completions"))
+                    .header("x-forwarded-for", *hop)
+                    .body("{}")
+                    .send()
+                    .await
+                    .unwrap();
+                out.push(res.status().as_u16());
+            }
+            out
+        }
+    };
+    let trusted = || KeyBy::client_ip_from(connect_info).trusted_proxies(["127.0.0.0/8"]);
+    // Default /64: one network is one client, whatever its interface ids.
+    assert_eq!(
+        statuses(
+            trusted(),
+            &[
+                "2001:db8:1:2::1",
+                "2001:db8:1:2:ffff:ffff:ffff:ffff",
+                "[2001:db8:1:2::7]:443",
+                "2001:db8:1:3::1",
+                "9.9.9.9",
+                "::ffff:9.9.9.9",
+                "[::ffff:9.9.9.9]:80",
+                "9.9.9.8",
+            ]
+        )
+        .await,
+        [200, 429, 429, 200, 200, 429, 429, 200]
+    );
+    assert_eq!(
+        statuses(
+            trusted().ipv6_prefix(128),
+            &["2001:db8::1", "2001:db8::2", "2001:db8::1"]
+        )
+        .await,
+        [200, 200, 429]
+    );
+    assert_eq!(
+        statuses(
+            trusted().ipv6_prefix(48),
+            &["2001:db8:1:2::1", "2001:db8:1:3::1", "2001:db8:2::1"]
+        )
+        .await,
+        [200, 429, 200]
+    );
+    let err = RateLimitLayer::builder()
+        .key_by(KeyBy::client_ip().ipv6_prefix(129))
+        .limits(one)
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "key_by.ipv6_prefix", "{err}");
+}
+
+#[tokio::test]
+async fn model_keys_use_the_deployment_the_upstream_serves() {
+    let layer = RateLimitLayer::builder()
+        .key_by(KeyBy::model())
+        .limits(Limits::new().requests(Quota::per_hour(1).burst(1)))
+        .build()
+        .unwrap();
+    let mut svc = in_process(&layer);
+    let mut out = Vec::new();
+    for (path, model) in [
+        (
+            "/openai/deployments/prod/chat/completions?api-version=2024-06-01",
+            "a",
+        ),
+        // Same deployment, another body model: the same bucket.
+        ("/openai/deployments/prod/chat/completions", "b"),
+        ("/openai/deployments/staging/chat/completions", "a"),
+        // No deployment in the path: the body's model.
+        ("/v1/chat/completions", "prod"),
+    ] {
+        let mut req = chat_request("k", model, 10);
+        *req.uri_mut() = path.parse().unwrap();
+        out.push(status(&mut svc, req).await.status().as_u16());
+    }
+    // A request without a body is keyed by its path's deployment too.
+    for path in [
+        "/openai/deployments/staging/files",
+        "/openai/deployments/other/files",
+    ] {
+        let req = http::Request::get(path)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        out.push(status(&mut svc, req).await.status().as_u16());
+    }
+    assert_eq!(out, [200, 429, 200, 429, 429, 200]);
+}
+
+mod key_memory {
+    //! Counts the bytes this thread holds, to see what keyed state costs.
+    use super::*;
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    thread_local! {
+        static COUNTING: Cell<bool> = const { Cell::new(false) };
+        static LIVE: Cell<i64> = const { Cell::new(0) };
+    }
+
+    pub struct Counting;
+
+    // SAFETY: every call is forwarded unchanged to the system allocator; the wrapper only adds
+    // up the sizes allocated and freed on the current thread while counting is on. `try_with`
+    // keeps it sound during thread teardown. Measuring memory needs a global allocator, and
+    // that trait is unsafe to implement; the crate itself forbids unsafe code.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            if COUNTING.try_with(Cell::get).unwrap_or(false) {
+                let _ = LIVE.try_with(|l| l.set(l.get() + layout.size() as i64));
+            }
+            unsafe { System.alloc(layout) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            if COUNTING.try_with(Cell::get).unwrap_or(false) {
+                let _ = LIVE.try_with(|l| l.set(l.get() - layout.size() as i64));
+            }
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static GLOBAL: Counting = Counting;
+
+    /// The bytes allocated and not freed by `f` on this thread.
+    pub async fn retained<F: Future>(f: F) -> (F::Output, i64) {
+        LIVE.with(|l| l.set(0));
+        COUNTING.with(|c| c.set(true));
+        let out = f.await;
+        COUNTING.with(|c| c.set(false));
+        (out, LIVE.with(Cell::get))
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn long_keys_cost_a_fixed_size_and_stay_distinct() {
+        let layer = RateLimitLayer::builder()
+            .key_by(KeyBy::header(http::HeaderName::from_static("x-user")))
+            .limits(Limits::new().requests(Quota::per_hour(1).burst(1)))
+            .build()
+            .unwrap();
+        let handle = layer.handle();
+        let mut svc = in_process(&layer);
+        let long = |i: usize| {
+            let mut s = format!("{i:06}");
+            s.push_str(&"m".repeat(600_000));
+            s
+        };
+        // Warm up the maps so their first allocations are not counted.
+        for i in 0..64 {
+            let mut req = keyed("w");
+            req.headers_mut()
+                .insert("x-user", format!("warm{i}").parse().unwrap());
+            status(&mut svc, req).await;
+        }
+        let (statuses, bytes) = retained(async {
+            let mut out = Vec::new();
+            for i in 0..150 {
+                let mut req = keyed("k");
+                req.headers_mut().insert("x-user", long(i).parse().unwrap());
+                out.push(status(&mut svc, req).await.status().as_u16());
+            }
+            out
+        })
+        .await;
+        // 150 keys of 600 KB: 90 MB if stored as they came.
+        assert!(bytes < 1 << 20, "{bytes} bytes retained");
+        assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+        assert_eq!(handle.tracked_keys(), 64 + 150);
+        // The same long key is the same bucket; one that differs only at its end is another.
+        let mut req = keyed("k");
+        req.headers_mut().insert("x-user", long(7).parse().unwrap());
+        assert_eq!(status(&mut svc, req).await.status(), 429);
+        let mut other = long(7);
+        other.push('x');
+        let mut req = keyed("k");
+        req.headers_mut().insert("x-user", other.parse().unwrap());
+        assert_eq!(status(&mut svc, req).await.status(), 200);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_keys_are_evicted_as_new_ones_arrive_without_a_sweep() {
+    // No scheduled sweep at all: only eviction on insertion keeps the map small.
+    let layer = RateLimitLayer::builder()
+        .limits(Limits::new().requests(Quota::per_second(1000).burst(1)))
+        .sweep(u64::MAX, Duration::MAX)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = in_process(&layer);
+    for i in 0..20_000 {
+        // Each key is full again 1 ms after its request.
+        tokio::time::advance(Duration::from_millis(2)).await;
+        assert_eq!(
+            status(&mut svc, keyed(&format!("k{i}"))).await.status(),
+            200
+        );
+    }
+    let held = handle.tracked_keys();
+    assert!(held <= 4096, "{held} keys held");
+    // Keys still in use are never evicted: a burst of 1 stays spent.
+    for i in 0..100 {
+        assert_eq!(
+            status(&mut svc, keyed(&format!("live{i}"))).await.status(),
+            200
+        );
+    }
+    for i in 0..5000 {
+        status(&mut svc, keyed(&format!("more{i}"))).await;
+    }
+    for i in 0..100 {
+        assert_eq!(
+            status(&mut svc, keyed(&format!("live{i}"))).await.status(),
+            429
+        );
+    }
+}
+
+mod logs {
+    use super::*;
+    use std::io;
+    use std::sync::{Arc, Mutex, OnceLock};
+    use tracing_subscriber::fmt::MakeWriter;
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    struct Writer(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Writer {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Capture {
+        type Writer = Writer;
+        fn make_writer(&'a self) -> Writer {
+            Writer(self.0.clone())
+        }
+    }
+
+    /// A global subscriber (a thread-local one races with callsite registration by the tests
+    /// beside this one) that keeps everything.
+    fn capture() -> &'static Capture {
+        static CAPTURE: OnceLock<Capture> = OnceLock::new();
+        CAPTURE.get_or_init(|| {
+            let capture = Capture::default();
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(capture.clone())
+                .with_max_level(tracing::Level::TRACE)
+                .with_ansi(false)
+                .finish();
+            tracing::subscriber::set_global_default(subscriber).unwrap();
+            capture
+        })
+    }
+
+    #[tokio::test]
+    async fn refusals_are_logged_with_client_strings_escaped() {
+        let capture = capture();
+        let one = Limits::new().requests(Quota::per_hour(1).burst(1));
+        let forged = "evil\n2026-01-01T00:00:00Z ERROR forged: admin logged in";
+        let layer = RateLimitLayer::builder()
+            .key_by(KeyBy::model())
+            .limits(one)
+            .build()
+            .unwrap();
+        let mut svc = in_process(&layer);
+        for _ in 0..2 {
+            status(&mut svc, chat_request("k", forged, 10)).await;
+        }
+        // A key past `max_key_len` is logged as the start of its digest, not as itself.
+        let long = format!("long-model-{}", "q".repeat(1000));
+        for _ in 0..2 {
+            status(&mut svc, chat_request("k", &long, 10)).await;
+        }
+        // A header value may be a credential: it is never logged.
+        let secret = "sk-header-secret-0123456789abcdef";
+        let layer = RateLimitLayer::builder()
+            .key_by(KeyBy::header(http::HeaderName::from_static("x-user")))
+            .limits(one)
+            .build()
+            .unwrap();
+        let mut svc = in_process(&layer);
+        let mut statuses = Vec::new();
+        for _ in 0..2 {
+            let mut req = keyed("k");
+            req.headers_mut().insert("x-user", secret.parse().unwrap());
+            statuses.push(status(&mut svc, req).await.status().as_u16());
+        }
+        assert_eq!(statuses, [200, 429]);
+        let text = String::from_utf8_lossy(&capture.0.lock().unwrap()).into_owned();
+        let refusal = text
+            .lines()
+            .find(|l| l.contains("evil"))
+            .unwrap_or_else(|| panic!("no refusal logged:\n{text}"));
+        assert!(refusal.contains(r"evil\n2026"), "{refusal}");
+        assert!(refusal.contains("rate_limit_exceeded"), "{refusal}");
+        assert!(
+            !text.lines().any(|l| l.starts_with("2026-01-01T00:00:00Z")),
+            "{text}"
+        );
+        assert!(!text.contains(secret), "{text}");
+        assert!(!text.contains("long-model-"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.contains("key_by=\"model\"") && l.contains("key=sha256:")),
+            "{text}"
+        );
+        assert!(text.contains("key_by=\"header\""), "{text}");
+    }
+}
+
+/// Every numeric setter at its extremes: the builder says Ok or names the field, and what it
+/// built decides requests (with extreme costs, key limits and usage) without a panic. Run in
+/// debug builds, where arithmetic overflow panics.
+#[tokio::test(start_paused = true)]
+async fn builder_extremes_build_or_name_the_field_and_never_panic() {
+    use llm_layers::ext::KeyLimits;
+    use llm_layers::rate_limit::RateLimitLayerBuilder;
+
+    const COUNTS: [u64; 5] = [0, 1, 60, u32::MAX as u64, u64::MAX];
+    const BURSTS: [u32; 4] = [0, 1, 1000, u32::MAX];
+    let periods = [
+        Duration::ZERO,
+        Duration::from_nanos(1),
+        Duration::from_secs(1),
+        Duration::from_secs(3600),
+        Duration::MAX,
+    ];
+    let mut quotas = Vec::new();
+    for &n in &COUNTS {
+        for &b in &BURSTS {
+            quotas.push(Quota::per_second(n).burst(b));
+            quotas.push(Quota::per_minute(n).burst(b));
+            quotas.push(Quota::per_hour(n).burst(b));
+            for &p in &periods {
+                quotas.push(Quota::new(n, p).burst(b));
+            }
+        }
+    }
+
+    let mut built = 0;
+    let mut check = |b: RateLimitLayerBuilder, field: &str| match b.build() {
+        Ok(layer) => {
+            built += 1;
+            Some(layer)
+        }
+        Err(e) => {
+            assert!(
+                e.field().starts_with(field),
+                "{e}: the field should start with {field:?}"
+            );
+            assert!(!e.message().is_empty());
+            None
+        }
+    };
+    let mut layers = Vec::new();
+    for q in &quotas {
+        for (limits, field) in [
+            (Limits::new().requests(*q), "limits.requests"),
+            (Limits::new().tokens(*q), "limits.tokens"),
+        ] {
+            layers.extend(check(RateLimitLayer::builder().limits(limits), field));
+        }
+        layers.extend(check(
+            RateLimitLayer::builder().global(Limits::new().tokens(*q).requests(*q)),
+            "global.",
+        ));
+        layers.extend(check(
+            RateLimitLayer::builder().tier("t", Limits::new().tokens(*q)),
+            "tier[\"t\"].tokens",
+        ));
+    }
+    let base = || {
+        RateLimitLayer::builder().limits(Limits::new().requests(Quota::per_second(10).burst(10)))
+    };
+    for c in [0, 1, u32::MAX] {
+        layers.extend(check(
+            base().limits(Limits::new().concurrency(c)),
+            "limits.concurrency",
+        ));
+        layers.extend(check(
+            base().global(Limits::new().concurrency(c)),
+            "global.concurrency",
+        ));
+    }
+    for every in [0, 1, u64::MAX] {
+        for interval in [Duration::ZERO, Duration::from_nanos(1), Duration::MAX] {
+            layers.extend(check(base().sweep(every, interval), "sweep."));
+        }
+    }
+    for limit in [0, 1, usize::MAX] {
+        layers.extend(check(
+            base()
+                .limits(Limits::new().tokens(Quota::per_second(10).burst(10)))
+                .body_limit(limit),
+            "body_limit",
+        ));
+    }
+    for wait in [Duration::ZERO, Duration::from_nanos(1), Duration::MAX] {
+        layers.extend(check(base().mode(Mode::Wait(wait)), "mode"));
+    }
+    for len in [0, 1, 32, usize::MAX] {
+        layers.extend(check(base().max_key_len(len), "max_key_len"));
+    }
+    for prefix in [0, 1, 64, 128, 129, u8::MAX] {
+        layers.extend(check(
+            base().key_by(KeyBy::client_ip().ipv6_prefix(prefix)),
+            "key_by.ipv6_prefix",
+        ));
+    }
+    // Keys' own limits at their extremes, on a layer that honours them.
+    layers.extend(check(
+        RateLimitLayer::builder()
+            .key_limits(true)
+            .limits(Limits::new().tokens(Quota::per_second(1000).burst(1000))),
+        "",
+    ));
+    assert!(built > 50, "only {built} configurations built");
+
+    let own_limits = [
+        KeyLimits::new(),
+        KeyLimits::new()
+            .requests_per_minute(0)
+            .tokens_per_minute(0)
+            .concurrency(0),
+        KeyLimits::new()
+            .requests_per_minute(1)
+            .tokens_per_minute(1)
+            .concurrency(1),
+        KeyLimits::new()
+            .requests_per_minute(u32::MAX)
+            .tokens_per_minute(u32::MAX as u64)
+            .concurrency(u32::MAX),
+        KeyLimits::new().tokens_per_minute(u64::MAX),
+    ];
+    for layer in &layers {
+        for usage in ["18446744073709551615", "0", "7"] {
+            let mut svc = tower::Layer::layer(layer, json_usage(usage));
+            for (i, limits) in own_limits.iter().enumerate() {
+                for max_tokens in [0, 1, u64::MAX] {
+                    let mut req = chat_request("x", "gpt", max_tokens);
+                    let ident = KeyIdentity::new(format!("x{i}")).with_limits(*limits);
+                    req.extensions_mut().insert(ident);
+                    req.extensions_mut().insert(SocketAddr::from((
+                        [0x2001, 0xdb8, 0, 0, 0, 0, 0, i as u16],
+                        1,
+                    )));
+                    let res = svc.ready().await.unwrap().call(req).await.unwrap();
+                    let status = res.status().as_u16();
+                    assert!([200, 413, 429].contains(&status), "{status} from {layer:?}");
+                    res.into_body().collect().await.unwrap();
+                }
+            }
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        layer.handle().sweep();
+    }
+}
+
+/// The TOML stack's rate-limit keys at their extremes: the stack builds, or its error names the
+/// key.
+#[cfg(feature = "config")]
+#[tokio::test(start_paused = true)]
+async fn toml_rate_limit_keys_at_their_extremes() {
+    use llm_layers::stack::Stack;
+
+    let big = [
+        "0".to_owned(),
+        "1".to_owned(),
+        u32::MAX.to_string(),
+        u64::MAX.to_string(),
+    ];
+    let mut cases = Vec::new();
+    for v in &big {
+        for section in ["defaults", "tiers.free"] {
+            cases.push((
+                format!("[rate_limit.{section}]\nrpm = {v}\n"),
+                section,
+                "rpm",
+            ));
+            cases.push((
+                format!("[rate_limit.{section}]\ntpm = {v}\n"),
+                section,
+                "tpm",
+            ));
+            cases.push((
+                format!("[rate_limit.{section}]\nconcurrency = {v}\n"),
+                section,
+                "concurrency",
+            ));
+            for rpm in ["1", "60", "4294967295"] {
+                cases.push((
+                    format!("[rate_limit.{section}]\nrpm = {rpm}\nburst = {v}\n"),
+                    section,
+                    "burst",
+                ));
+            }
+        }
+        cases.push((format!("[rate_limit]\nwait_ms = {v}\n"), "", "wait_ms"));
+    }
+    let mut built = 0;
+    for (text, section, key) in &cases {
+        match Stack::from_toml_str(text) {
+            Ok(stack) => {
+                built += 1;
+                let mut svc = tower::Layer::layer(&stack.rate_limit(), json_usage("7"));
+                for max_tokens in [1, u64::MAX] {
+                    let res = svc
+                        .ready()
+                        .await
+                        .unwrap()
+                        .call(chat_request("t", "gpt", max_tokens))
+                        .await
+                        .unwrap();
+                    assert!([200, 429].contains(&res.status().as_u16()), "{text}");
+                }
+            }
+            Err(e) => {
+                let field = if section.is_empty() {
+                    format!("rate_limit.{key}")
+                } else {
+                    format!("rate_limit.{section}.{key}")
+                };
+                // A value too large for the key's type is refused by the parser, naming the key.
+                assert!(
+                    e.field() == field || e.field().ends_with(key),
+                    "{text}: {e} (field {:?})",
+                    e.field()
+                );
+            }
+        }
+    }
+    assert!(built > 10, "{built}");
+    // The case that overflowed: one request a minute with a burst that takes millennia to
+    // refill.
+    let err =
+        Stack::from_toml_str("[rate_limit.defaults]\nrpm = 1\nburst = 4294967295\n").unwrap_err();
+    assert_eq!(err.field(), "rate_limit.defaults.burst", "{err}");
 }

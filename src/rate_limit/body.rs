@@ -9,7 +9,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use serde_json::Value;
 
-use super::shared::{InflightGuard, TokenCharge};
+use super::shared::{InflightGuard, TokenCharge, MAX_USAGE};
 
 /// The most bytes of a non-streaming JSON body copied aside to read its `usage` at the end; a
 /// larger body keeps its admission charge.
@@ -77,7 +77,8 @@ impl<B: Body> Body for RateLimitBody<B> {
                     *this.guard = None;
                 }
             }
-            Some(Err(_)) => {}
+            // Cut midway: the upstream was at work.
+            Some(Err(_)) => drop(this.meter.take()),
             None => {
                 if let Some(mut m) = this.meter.take() {
                     m.finish();
@@ -119,9 +120,8 @@ enum Kind {
     Json { frames: Vec<Bytes>, size: usize },
     /// An SSE stream: only the current line is kept.
     Sse { line: Vec<u8>, skipping: bool },
-    /// An error answer: nothing was generated; the charge is given back unless `usage` says
-    /// otherwise.
-    Failed,
+    /// A body too large to read: the charge stays.
+    Skipped,
 }
 
 #[derive(Default)]
@@ -136,7 +136,7 @@ impl Usage {
         let Some(u) = v.get("usage").filter(|u| u.is_object()) else {
             return;
         };
-        let n = |k: &str| u.get(k).and_then(Value::as_u64);
+        let n = |k: &str| u.get(k).and_then(count);
         if let Some(t) = n("total_tokens") {
             self.total = Some(t);
         }
@@ -158,13 +158,44 @@ impl Usage {
     }
 }
 
+/// A token count as an upstream reports it: a non-negative integer, or a non-negative number
+/// rounded up, at most [`MAX_USAGE`]. Anything else (negative, a string, `null`) is no count.
+fn count(v: &Value) -> Option<u64> {
+    if let Some(n) = v.as_u64() {
+        return Some(n.min(MAX_USAGE));
+    }
+    let x = v.as_f64().filter(|x| x.is_finite() && *x >= 0.0)?;
+    // `as` saturates; the clamp keeps the result within the ceiling.
+    Some((x.ceil() as u64).min(MAX_USAGE))
+}
+
+/// Whether an answer is a refusal made before any work was done: a refusal by a layer inside
+/// this one ([`RefusedLocally`](crate::ext::RefusedLocally)), a redirect, or a 4xx other than
+/// `408 Request Timeout`.
+fn refused_before_working(parts: &http::response::Parts) -> bool {
+    let s = parts.status;
+    parts
+        .extensions
+        .get::<crate::ext::RefusedLocally>()
+        .is_some()
+        || s.is_redirection()
+        || (s.is_client_error() && s != http::StatusCode::REQUEST_TIMEOUT)
+}
+
 impl Meter {
-    pub(crate) fn new(
-        charge: TokenCharge,
-        status: http::StatusCode,
-        headers: &http::HeaderMap,
-    ) -> Self {
-        let ct = headers
+    /// Settles what the head of the answer decides, and meters the rest: a refusal before
+    /// any work is refunded now; another error keeps its charge (the upstream may have
+    /// worked); a success is metered for its `usage`.
+    pub(crate) fn for_answer(charge: TokenCharge, parts: &http::response::Parts) -> Option<Self> {
+        if refused_before_working(parts) {
+            charge.settle(0);
+            return None;
+        }
+        if !parts.status.is_success() {
+            return None;
+        }
+        let ct = parts
+            .headers
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
@@ -173,20 +204,18 @@ impl Meter {
                 line: Vec::new(),
                 skipping: false,
             }
-        } else if !status.is_success() {
-            Kind::Failed
         } else {
             Kind::Json {
                 frames: Vec::new(),
                 size: 0,
             }
         };
-        Meter {
+        Some(Meter {
             charge,
             kind,
             usage: Usage::default(),
             settled: false,
-        }
+        })
     }
 
     fn feed(&mut self, data: &[u8]) {
@@ -197,7 +226,7 @@ impl Meter {
                     frames.push(Bytes::copy_from_slice(data));
                 } else {
                     // Too large to read: keep the admission charge.
-                    self.kind = Kind::Failed;
+                    self.kind = Kind::Skipped;
                     self.settled = true;
                 }
             }
@@ -226,7 +255,7 @@ impl Meter {
                     }
                 }
             }
-            Kind::Failed => {}
+            Kind::Skipped => {}
         }
     }
 
@@ -244,10 +273,8 @@ impl Meter {
                 sse_line(line, &mut self.usage);
             }
         }
-        match (self.usage.tokens(), &self.kind) {
-            (Some(actual), _) => self.charge.settle(actual),
-            (None, Kind::Failed) if !self.settled => self.charge.settle(0),
-            _ => {}
+        if let (Some(actual), false) = (self.usage.tokens(), self.settled) {
+            self.charge.settle(actual);
         }
         self.settled = true;
     }
@@ -255,10 +282,11 @@ impl Meter {
 
 impl Drop for Meter {
     fn drop(&mut self) {
-        // A body dropped before its end: settle from what the stream already reported.
+        // A body cut or dropped before its end: the upstream was at work. The charge stays,
+        // and grows to what the stream already reported if that is more.
         if !self.settled {
             if let Some(actual) = self.usage.tokens() {
-                self.charge.settle(actual);
+                self.charge.settle(actual.max(self.charge.charged()));
             }
             self.settled = true;
         }

@@ -13,6 +13,7 @@ use crate::request::{CharEstimator, TokenEstimator};
 
 use super::layer::RateLimitLayer;
 use super::shared::Shared;
+use super::store::MAX_AHEAD_NANOS;
 
 /// A rate and a burst: `count` cells every `period`, at most `burst` at once.
 ///
@@ -104,7 +105,19 @@ impl Quota {
                 "{field}: the rate is more than one cell per nanosecond"
             )));
         }
+        if !self.fill_time_fits() {
+            return Err(config_error(format!(
+                "{field}: a full bucket takes more than 73 years to refill (burst {} at {} per {:?}); lower the burst or raise the rate",
+                self.burst, self.count, self.period
+            )));
+        }
         Ok(())
+    }
+
+    /// Whether an empty bucket refills within [`MAX_AHEAD_NANOS`] (about 73 years): beyond
+    /// that, governor's arithmetic on the bucket's state could overflow.
+    pub(crate) fn fill_time_fits(&self) -> bool {
+        u128::from(self.replenish_nanos()) * u128::from(self.burst) <= u128::from(MAX_AHEAD_NANOS)
     }
 }
 
@@ -243,7 +256,11 @@ pub struct KeyBy(pub(crate) KeyKind);
 pub(crate) enum KeyKind {
     ApiKey,
     Header(HeaderName),
-    Ip { peer: IpFn, trusted: Vec<String> },
+    Ip {
+        peer: IpFn,
+        trusted: Vec<String>,
+        v6_prefix: u8,
+    },
     Route,
     Model,
     Custom(Arc<KeyFn>),
@@ -254,7 +271,12 @@ impl fmt::Debug for KeyBy {
         match &self.0 {
             KeyKind::ApiKey => f.write_str("KeyBy::api_key"),
             KeyKind::Header(h) => write!(f, "KeyBy::header({h})"),
-            KeyKind::Ip { trusted, .. } => write!(f, "KeyBy::client_ip(trusted: {trusted:?})"),
+            KeyKind::Ip {
+                trusted, v6_prefix, ..
+            } => write!(
+                f,
+                "KeyBy::client_ip(trusted: {trusted:?}, ipv6_prefix: {v6_prefix})"
+            ),
             KeyKind::Route => f.write_str("KeyBy::route"),
             KeyKind::Model => f.write_str("KeyBy::model"),
             KeyKind::Custom(_) => f.write_str("KeyBy::custom"),
@@ -279,6 +301,12 @@ impl KeyBy {
     }
 
     /// The client's IP address, read from a `std::net::SocketAddr` in the request extensions.
+    ///
+    /// An IPv6 client is keyed by its network, the first 64 bits of its address by default
+    /// ([`ipv6_prefix`](Self::ipv6_prefix)): one customer's /64 holds 2^64 addresses, one
+    /// bucket each would let it have as many buckets as it likes. An IPv4-mapped IPv6 address
+    /// (`::ffff:a.b.c.d`, as a dual-stack listener reports IPv4 peers) is keyed as the IPv4
+    /// address it maps.
     pub fn client_ip() -> KeyBy {
         KeyBy::client_ip_from(socket_addr)
     }
@@ -290,7 +318,18 @@ impl KeyBy {
         KeyBy(KeyKind::Ip {
             peer,
             trusted: Vec::new(),
+            v6_prefix: DEFAULT_IPV6_PREFIX,
         })
+    }
+
+    /// For [`KeyBy::client_ip`]: how many leading bits of an IPv6 address make the key
+    /// (default 64; 128 keys each address, 48 a site, 0 puts every IPv6 client in one bucket).
+    /// More than 128 is refused by `build`.
+    pub fn ipv6_prefix(mut self, bits: u8) -> KeyBy {
+        if let KeyKind::Ip { v6_prefix, .. } = &mut self.0 {
+            *v6_prefix = bits;
+        }
+        self
     }
 
     /// For [`KeyBy::client_ip`]: proxies (addresses or CIDR blocks such as `10.0.0.0/8`) whose
@@ -312,7 +351,9 @@ impl KeyBy {
         KeyBy(KeyKind::Route)
     }
 
-    /// The `model` of the request body (the body is buffered once to read it).
+    /// The model the upstream serves: the deployment named by an Azure-style path
+    /// (`/openai/deployments/{name}/...`), else the `model` of the request body (the body is
+    /// buffered once to read it); see [`RequestView::routed_model`](crate::request::RequestView::routed_model).
     pub fn model() -> KeyBy {
         KeyBy(KeyKind::Model)
     }
@@ -325,6 +366,12 @@ impl KeyBy {
         KeyBy(KeyKind::Custom(Arc::new(f)))
     }
 }
+
+/// The default prefix length IPv6 clients are keyed by.
+pub(crate) const DEFAULT_IPV6_PREFIX: u8 = 64;
+
+/// The default longest key stored as it is; longer keys are stored as their SHA-256.
+pub(crate) const DEFAULT_MAX_KEY_LEN: usize = 256;
 
 /// An IP block: an address and a prefix length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -379,6 +426,7 @@ pub struct RateLimitLayerBuilder {
     pub(crate) key_limits: bool,
     pub(crate) body_limit: usize,
     pub(crate) estimator: Arc<dyn TokenEstimator>,
+    pub(crate) max_key_len: usize,
 }
 
 impl fmt::Debug for RateLimitLayerBuilder {
@@ -406,6 +454,7 @@ impl Default for RateLimitLayerBuilder {
             key_limits: true,
             body_limit: DEFAULT_BODY_LIMIT,
             estimator: Arc::new(CharEstimator),
+            max_key_len: DEFAULT_MAX_KEY_LEN,
         }
     }
 }
@@ -465,6 +514,15 @@ impl RateLimitLayerBuilder {
         self
     }
 
+    /// The longest key, in bytes, kept as it is (default 256). A longer key (a header value, a
+    /// model name, a route or a custom key the client chose) is kept as its SHA-256 instead:
+    /// every key then costs at most this much memory, and distinct keys still get distinct
+    /// buckets. 0 stores every non-empty key as its digest.
+    pub fn max_key_len(mut self, bytes: usize) -> Self {
+        self.max_key_len = bytes;
+        self
+    }
+
     /// The token estimator (default [`CharEstimator`]).
     pub fn estimator(mut self, estimator: impl TokenEstimator) -> Self {
         self.estimator = Arc::new(estimator);
@@ -505,6 +563,13 @@ impl RateLimitLayerBuilder {
             }
         }
         let mut trusted = Vec::new();
+        if let KeyKind::Ip { v6_prefix, .. } = &self.key_by.0 {
+            if *v6_prefix > 128 {
+                return Err(config_error(format!(
+                    "key_by.ipv6_prefix: {v6_prefix} is more than the 128 bits of an IPv6 address"
+                )));
+            }
+        }
         if let KeyKind::Ip { trusted: list, .. } = &self.key_by.0 {
             for s in list {
                 trusted.push(Cidr::parse(s).ok_or_else(|| {

@@ -108,15 +108,25 @@ where
                     Err(res) => return Poll::Ready(Ok(res)),
                 },
                 StateProj::Called { fut, admitted } => {
-                    let res = ready!(fut.poll(cx))?;
+                    let res = match ready!(fut.poll(cx)) {
+                        Ok(res) => res,
+                        Err(e) => {
+                            // The layer cannot see whether the request reached the upstream:
+                            // the charge stays, like a timeout's.
+                            drop(admitted.take());
+                            return Poll::Ready(Err(e));
+                        }
+                    };
                     let Some(admitted) = admitted.take() else {
                         unreachable!("the response completes once");
                     };
                     let (mut parts, body) = res.into_parts();
-                    admitted.headers.write(&mut parts.headers);
+                    admitted
+                        .headers
+                        .write_on_answer(parts.status, &mut parts.headers);
                     let meter = admitted
                         .charge
-                        .map(|c| Box::new(Meter::new(*c, parts.status, &parts.headers)));
+                        .and_then(|c| Meter::for_answer(*c, &parts).map(Box::new));
                     let body = RateLimitBody::new(body, admitted.guard, meter);
                     return Poll::Ready(Ok(Response::from_parts(parts, body)));
                 }

@@ -19,12 +19,29 @@
 //! | too many of the key's requests in flight | 429 | `concurrent_limit_exceeded` | `true` |
 //! | the body could not be read to estimate tokens | 413 / 400 | `request_too_large` / `invalid_value` | `false` |
 //!
-//! Every response, admitted or not, carries `x-ratelimit-limit-requests`,
-//! `x-ratelimit-remaining-requests` and `x-ratelimit-reset-requests`, and the `-tokens`
-//! equivalents when a token quota applies, as OpenAI sends them: the limit is the bucket's
-//! burst, the remaining count is what could be admitted right now, and the reset is the time
-//! until the bucket is full again (`1s`, `6m0s`, `20ms`). When no quota of the key's own
-//! applies, the global bucket is reported.
+//! # Which limits a response reports
+//!
+//! The layer's figures are those of OpenAI's headers: `x-ratelimit-limit-requests`,
+//! `x-ratelimit-remaining-requests`, `x-ratelimit-reset-requests`, and the `-tokens`
+//! equivalents when a token quota applies. The limit is the bucket's burst, the remaining
+//! count is what could be admitted right now, and the reset is the time until the bucket is
+//! full again (`1s`, `6m0s`, `20ms`). When no quota of the key's own applies, the global
+//! bucket is reported. Whenever a request or token quota applies, a response carries the
+//! layer's figures exactly once, under one of two families of names:
+//!
+//! | response | standard `x-ratelimit-*` | `x-llm-layers-ratelimit-*` |
+//! |---|---|---|
+//! | the layer's own refusal | the layer's figures | — |
+//! | a success from the inner service without `x-ratelimit-*` of its own | the layer's figures | — |
+//! | a success from the inner service with `x-ratelimit-*` of its own | the upstream's, untouched | the layer's figures |
+//! | an error from the inner service (an upstream 429, a 503, a timeout) | the upstream's, untouched, if any | the layer's figures |
+//!
+//! The rule: the standard names describe the limit behind that answer. An upstream's 429 keeps
+//! the upstream's `x-ratelimit-remaining-requests: 0` and never reads "57 remaining" from the
+//! gateway's own bucket; its headers are never overwritten or mixed with the layer's. Where
+//! nothing else claims the standard names (a success from an upstream that sends none, such
+//! as Anthropic's), clients pacing on them read the layer's. The layer's own figures are always
+//! under [`OWN_REMAINING_REQUESTS`] and its siblings when the standard names are taken.
 //!
 //! Retrying after `retry-after-ms` succeeds if nothing else was admitted in between.
 //!
@@ -38,9 +55,20 @@
 //! the key's own [`KeyLimits`](crate::ext::KeyLimits) override them. Optional
 //! [global limits](RateLimitLayerBuilder::global) apply to all keys together.
 //!
+//! [`KeyBy::client_ip`] keys an IPv6 client by its /64 ([`KeyBy::ipv6_prefix`]) and an
+//! IPv4-mapped IPv6 address as IPv4. [`KeyBy::model`] keys by the model the upstream serves:
+//! the deployment of an Azure-style path (`/openai/deployments/{name}/...`), else the body's
+//! `model` ([`RequestView::routed_model`](crate::request::RequestView::routed_model)). A key
+//! longer than [`RateLimitLayerBuilder::max_key_len`] (256 bytes by default), such as a
+//! client's 600 KB model name, is stored as its SHA-256: each key costs at most that much, and
+//! distinct keys keep distinct buckets.
+//!
 //! A [`Quota`] says what it means: `Quota::per_minute(600).burst(20)` is 600 per minute, at
-//! most 20 at once. A builder with a zero rate, a missing or zero burst, a zero concurrency or
-//! an invalid proxy address fails with a [`ConfigError`] that names the field.
+//! most 20 at once. A builder with a zero rate, a missing or zero burst, a bucket that would
+//! take more than about 73 years to refill (`per_minute(1).burst(u32::MAX)`), a zero
+//! concurrency, an IPv6 prefix over 128 or an invalid proxy address fails with a
+//! [`ConfigError`] that names the field. Whatever passed the builder decides every request
+//! without overflow or panic.
 //!
 //! # Token charging and its correction
 //!
@@ -56,9 +84,26 @@
 //! except that a refund cannot raise a bucket that has meanwhile refilled above full. Until a
 //! response ends, its estimate stands: at any moment, admitted tokens exceed
 //! `burst + rate·T` over any window `T` by at most the overruns of the responses still
-//! streaming. A response without `usage` keeps its charge; an error response (non-2xx, not
-//! streaming) without `usage` is refunded in full. The same cells are given back when a request
-//! passes one bucket and is then refused by another.
+//! streaming. The same cells are given back when a request passes one bucket and is then
+//! refused by another.
+//!
+//! **Which answers pay.** Tokens are kept when the upstream may have worked, and given back
+//! when it refused before working:
+//!
+//! | the answer | the charge |
+//! |---|---|
+//! | a success that reports `usage` | the usage |
+//! | a success without `usage`, or too large to read (over 1 MiB of JSON) | the estimate stays |
+//! | a stream cut midway (an error frame) or dropped before its end | the estimate stays, or the `usage` already reported if that is more |
+//! | a 5xx (the upstream may have generated, then failed), `408`, a `504 timeout` after retries | the estimate stays |
+//! | an `Err` from the inner service, or the response future dropped before the head (the layer cannot see whether the request was sent) | the estimate stays |
+//! | a 4xx other than 408 (400, 401, 403, 404, 413, 422, 429 ...), a 3xx | refunded in full |
+//! | a refusal marked [`RefusedLocally`](crate::ext::RefusedLocally) (an open circuit inside this layer) | refunded in full |
+//!
+//! A `usage` figure counts when it is a non-negative number (a fraction is rounded up); one
+//! above 2^32 tokens is read as 2^32. Negative numbers, strings and `null` count as no usage.
+//! An overrun settled after a sweep forgot the key (its bucket was full) enters the key again
+//! with the debt. A bucket's debt never reaches more than about 73 years.
 //!
 //! # Concurrency
 //!
@@ -75,11 +120,21 @@
 //! # Time and memory
 //!
 //! The buckets read `tokio::time::Instant`, so `tokio::time::pause` and `advance` drive them
-//! exactly in tests. A key whose buckets are full again is indistinguishable from a new key;
-//! such keys are swept from memory by the layer itself, at most once per sweep interval and
-//! checked every N admissions on the request path ([`RateLimitLayerBuilder::sweep`]), or on
-//! demand with [`RateLimitHandle::sweep`]. [`RateLimitHandle::tracked_keys`] counts the
-//! entries held.
+//! exactly in tests. A key whose buckets are full again is indistinguishable from a new key,
+//! so forgetting it changes no decision. The map is sharded; a new key that finds its shard
+//! grown to twice the entries its last eviction kept (plus 64) first drops the shard's idle
+//! keys, so eviction costs O(1) amortized per new key and a shard holds at most about twice
+//! its live keys. Besides, idle keys are swept from every shard, and the memory given back,
+//! at most once per sweep interval and checked every N admissions on the request path
+//! ([`RateLimitLayerBuilder::sweep`]), or on demand with [`RateLimitHandle::sweep`].
+//! [`RateLimitHandle::tracked_keys`] counts the entries held.
+//!
+//! # Logs
+//!
+//! Each refusal is a `debug` event (target `llm_layers::rate_limit`) with the key kind, the
+//! code and the wait. The key itself is written with `Debug` escaping (a model name with a
+//! newline cannot forge a log line), cut to 64 bytes; header and custom keys, which may be
+//! credentials, are never written.
 //!
 //! # Example
 //!
@@ -112,6 +167,7 @@
 //! };
 //! assert_eq!(call("free").await?.status(), StatusCode::OK);
 //! let res = call("free").await?;
+//! // The handler sends no `x-ratelimit-*` of its own: the layer's figures take those names.
 //! assert_eq!(res.headers()["x-ratelimit-remaining-requests"], "0");
 //! let res = call("free").await?;
 //! assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
@@ -154,6 +210,26 @@ pub const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-
 pub const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
 /// `x-ratelimit-reset-tokens`: the time until the token bucket is full.
 pub const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+
+/// `x-llm-layers-ratelimit-limit-requests`: the layer's request bucket size, on an answer
+/// whose standard `x-ratelimit-*` names belong to the upstream (see the [module docs](self)).
+pub const OWN_LIMIT_REQUESTS: HeaderName =
+    HeaderName::from_static("x-llm-layers-ratelimit-limit-requests");
+/// `x-llm-layers-ratelimit-remaining-requests`: the layer's own remaining requests.
+pub const OWN_REMAINING_REQUESTS: HeaderName =
+    HeaderName::from_static("x-llm-layers-ratelimit-remaining-requests");
+/// `x-llm-layers-ratelimit-reset-requests`: the time until the layer's request bucket is full.
+pub const OWN_RESET_REQUESTS: HeaderName =
+    HeaderName::from_static("x-llm-layers-ratelimit-reset-requests");
+/// `x-llm-layers-ratelimit-limit-tokens`: the layer's token bucket size.
+pub const OWN_LIMIT_TOKENS: HeaderName =
+    HeaderName::from_static("x-llm-layers-ratelimit-limit-tokens");
+/// `x-llm-layers-ratelimit-remaining-tokens`: the layer's own remaining tokens.
+pub const OWN_REMAINING_TOKENS: HeaderName =
+    HeaderName::from_static("x-llm-layers-ratelimit-remaining-tokens");
+/// `x-llm-layers-ratelimit-reset-tokens`: the time until the layer's token bucket is full.
+pub const OWN_RESET_TOKENS: HeaderName =
+    HeaderName::from_static("x-llm-layers-ratelimit-reset-tokens");
 
 /// Observes and maintains a layer's shared state.
 #[derive(Clone)]

@@ -115,10 +115,10 @@ where
             match shared.admit(&source(&req)) {
                 Ok(admitted) => return Ok((req, admitted)),
                 Err(rejected) => match (shared.mode, rejected.wait) {
-                    (Mode::Wait(max), Some(w)) if waited + w <= max => {
+                    (Mode::Wait(max), Some(w)) if waited.saturating_add(w) <= max => {
                         drop(rejected);
                         tokio::time::sleep(w).await;
-                        waited += w;
+                        waited = waited.saturating_add(w);
                     }
                     _ => return Err(rejected.into_response()),
                 },

@@ -9,7 +9,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use governor::clock::Clock;
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 
 use crate::error::{ApiError, ErrorCode};
 use crate::ext::KeyIdentity;
@@ -63,26 +63,55 @@ pub(crate) struct RateHeaders {
 }
 
 impl RateHeaders {
+    /// On the layer's own refusals: the standard names.
     pub(crate) fn write(&self, headers: &mut HeaderMap) {
-        use http::HeaderValue;
+        self.write_names(headers, false);
+    }
+
+    /// On an answer of the inner service: the standard names when the answer is a success
+    /// that carries none of them, else the layer's own names, so that neither the upstream's
+    /// figures are overwritten nor the layer's taken for the upstream's.
+    pub(crate) fn write_on_answer(&self, status: http::StatusCode, headers: &mut HeaderMap) {
+        if self.requests.is_none() && self.tokens.is_none() {
+            return;
+        }
+        let upstream_reports = headers
+            .keys()
+            .any(|k| k.as_str().starts_with("x-ratelimit-"));
+        self.write_names(headers, upstream_reports || !status.is_success());
+    }
+
+    fn write_names(&self, headers: &mut HeaderMap, own: bool) {
+        use super::*;
         if let Some(s) = &self.requests {
-            headers.insert(super::LIMIT_REQUESTS, HeaderValue::from(s.limit));
-            headers.insert(super::REMAINING_REQUESTS, HeaderValue::from(s.remaining));
-            if let Ok(v) =
-                HeaderValue::from_maybe_shared(bytes::Bytes::from(fmt_duration(s.reset())))
-            {
-                headers.insert(super::RESET_REQUESTS, v);
-            }
+            let names = if own {
+                [
+                    OWN_LIMIT_REQUESTS,
+                    OWN_REMAINING_REQUESTS,
+                    OWN_RESET_REQUESTS,
+                ]
+            } else {
+                [LIMIT_REQUESTS, REMAINING_REQUESTS, RESET_REQUESTS]
+            };
+            write_status(headers, s, names);
         }
         if let Some(s) = &self.tokens {
-            headers.insert(super::LIMIT_TOKENS, HeaderValue::from(s.limit));
-            headers.insert(super::REMAINING_TOKENS, HeaderValue::from(s.remaining));
-            if let Ok(v) =
-                HeaderValue::from_maybe_shared(bytes::Bytes::from(fmt_duration(s.reset())))
-            {
-                headers.insert(super::RESET_TOKENS, v);
-            }
+            let names = if own {
+                [OWN_LIMIT_TOKENS, OWN_REMAINING_TOKENS, OWN_RESET_TOKENS]
+            } else {
+                [LIMIT_TOKENS, REMAINING_TOKENS, RESET_TOKENS]
+            };
+            write_status(headers, s, names);
         }
+    }
+}
+
+fn write_status(headers: &mut HeaderMap, s: &Status, [limit, remaining, reset]: [HeaderName; 3]) {
+    use http::HeaderValue;
+    headers.insert(limit, HeaderValue::from(s.limit));
+    headers.insert(remaining, HeaderValue::from(s.remaining));
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(fmt_duration(s.reset()))) {
+        headers.insert(reset, v);
     }
 }
 
@@ -104,7 +133,8 @@ impl Drop for InflightGuard {
     }
 }
 
-/// The tokens charged at admission, to be corrected from the response's `usage`.
+/// The tokens charged at admission, to be corrected from the response's `usage`. Dropping it
+/// unsettled keeps the charge as it is.
 pub(crate) struct TokenCharge {
     key: RateKey,
     bucket: Option<Arc<Bucket>>,
@@ -115,6 +145,7 @@ pub(crate) struct TokenCharge {
 impl TokenCharge {
     /// Charges an overrun, or credits unused tokens back.
     pub(crate) fn settle(&self, actual: u64) {
+        let actual = actual.min(MAX_USAGE);
         let apply = |b: &Bucket, k: &RateKey| {
             if actual > self.charged {
                 b.charge(k, actual - self.charged);
@@ -135,6 +166,10 @@ impl TokenCharge {
         self.charged
     }
 }
+
+/// The most tokens one response is believed to have used: 2^32, far beyond any model's
+/// context. A larger `usage` (or a nonsensical one, `1e300`) is read as this.
+pub(crate) const MAX_USAGE: u64 = 1 << 32;
 
 /// What an admitted request carries until its response body ends.
 pub(crate) struct Admitted {
@@ -161,6 +196,7 @@ impl Rejected {
 pub(crate) struct Shared {
     key_kind: KeyKind,
     trusted: Vec<Cidr>,
+    max_key_len: usize,
     defaults: Resolved,
     tiers: HashMap<Arc<str>, Resolved>,
     global: Resolved,
@@ -220,6 +256,7 @@ impl Shared {
         Shared {
             key_kind: b.key_by.0,
             trusted,
+            max_key_len: b.max_key_len,
             defaults,
             tiers,
             global,
@@ -312,26 +349,76 @@ impl Shared {
             KeyKind::ApiKey => src
                 .extensions
                 .get::<KeyIdentity>()
-                .map(|k| RateKey::Str(k.id_arc().clone())),
+                .map(|k| self.shared_key(k.id_arc())),
             KeyKind::Header(name) => src
                 .headers
                 .get(name)
                 .and_then(|v| v.to_str().ok())
-                .map(|v| RateKey::Str(Arc::from(v))),
-            KeyKind::Ip { peer, .. } => peer(src.extensions).map(|ip| {
-                RateKey::Ip(if self.trusted.is_empty() {
+                .map(|v| self.str_key(v)),
+            KeyKind::Ip {
+                peer, v6_prefix, ..
+            } => peer(src.extensions).map(|ip| {
+                let ip = if self.trusted.is_empty() {
                     ip
                 } else {
                     client_ip(ip, src.headers, &self.trusted)
-                })
+                };
+                RateKey::Ip(ip_key(ip, *v6_prefix))
             }),
-            KeyKind::Route => Some(RateKey::Str(Arc::from(src.uri.path()))),
-            KeyKind::Model => RequestView::from_extensions(src.extensions)
-                .and_then(RequestView::model)
-                .map(|m| RateKey::Str(Arc::from(m))),
-            KeyKind::Custom(f) => f(src).map(RateKey::Str),
+            KeyKind::Route => Some(self.str_key(src.uri.path())),
+            KeyKind::Model => match RequestView::from_extensions(src.extensions) {
+                Some(view) => view.routed_model().map(|m| self.str_key(m)),
+                // No body to read (a `GET`): the deployment in the path, if any.
+                None => {
+                    crate::request::deployment_from_path(src.uri.path()).map(|m| self.str_key(&m))
+                }
+            },
+            KeyKind::Custom(f) => f(src).map(|k| self.shared_key(&k)),
         };
         key.unwrap_or(RateKey::Anonymous)
+    }
+
+    /// A key from a borrowed string: copied when short enough, else its digest.
+    fn str_key(&self, s: &str) -> RateKey {
+        if s.len() <= self.max_key_len {
+            RateKey::Str(Arc::from(s))
+        } else {
+            digest(s)
+        }
+    }
+
+    /// A key from a shared string: shared when short enough, else its digest.
+    fn shared_key(&self, s: &Arc<str>) -> RateKey {
+        if s.len() <= self.max_key_len {
+            RateKey::Str(s.clone())
+        } else {
+            digest(s)
+        }
+    }
+
+    /// What a refusal logs of the key: client-chosen strings escaped and shortened, header
+    /// and custom keys (which may be credentials) not at all.
+    fn key_kind_name(&self) -> &'static str {
+        match self.key_kind {
+            KeyKind::ApiKey => "api_key",
+            KeyKind::Header(_) => "header",
+            KeyKind::Ip { .. } => "client_ip",
+            KeyKind::Route => "route",
+            KeyKind::Model => "model",
+            KeyKind::Custom(_) => "custom",
+        }
+    }
+
+    fn log_refusal(&self, key: &RateKey, error: &ApiError) {
+        let hidden = matches!(self.key_kind, KeyKind::Header(_) | KeyKind::Custom(_));
+        tracing::debug!(
+            target: "llm_layers::rate_limit",
+            key_by = self.key_kind_name(),
+            key = ?LogKey { key, hidden },
+            code = error.code().as_str(),
+            retry_after_ms = error.retry_after().map(|w| u64::try_from(w.as_millis()).unwrap_or(u64::MAX)),
+            "request refused"
+        );
     }
 
     /// Decides on one request: concurrency first (it costs nothing), then the token buckets,
@@ -356,6 +443,7 @@ impl Shared {
             }),
         };
         let reject = |error: ApiError, wait: Option<Duration>, plan: &Plan<'_>| {
+            self.log_refusal(&key, &error);
             Box::new(Rejected {
                 error,
                 headers: headers(plan, &key),
@@ -561,6 +649,63 @@ impl Shared {
 
     pub(crate) fn tracked_keys(&self) -> usize {
         self.buckets().iter().map(|b| b.len()).sum()
+    }
+}
+
+/// The key of a long string: its SHA-256.
+fn digest(s: &str) -> RateKey {
+    use sha2::{Digest, Sha256};
+    RateKey::Digest(Arc::new(Sha256::digest(s.as_bytes()).into()))
+}
+
+/// The address a client is keyed by: an IPv4-mapped IPv6 address as IPv4, another IPv6
+/// address cut to its first `prefix` bits.
+fn ip_key(ip: IpAddr, prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(prefix.min(128)))
+                    .unwrap_or(0);
+                IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & mask))
+            }
+        },
+    }
+}
+
+/// A key as a refusal logs it.
+struct LogKey<'a> {
+    key: &'a RateKey,
+    hidden: bool,
+}
+
+impl std::fmt::Debug for LogKey<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        /// The most of a client-chosen key a log line shows.
+        const SHOWN: usize = 64;
+        match self.key {
+            RateKey::Anonymous => f.write_str("anonymous"),
+            RateKey::Global => f.write_str("global"),
+            _ if self.hidden => f.write_str("hidden"),
+            RateKey::Ip(ip) => write!(f, "{ip}"),
+            RateKey::Str(s) if s.len() <= SHOWN => write!(f, "{:?}", &**s),
+            RateKey::Str(s) => {
+                let mut end = SHOWN;
+                while !s.is_char_boundary(end) {
+                    end -= 1;
+                }
+                write!(f, "{:?}... ({} bytes)", &s[..end], s.len())
+            }
+            RateKey::Digest(d) => {
+                f.write_str("sha256:")?;
+                for b in &d[..8] {
+                    write!(f, "{b:02x}")?;
+                }
+                f.write_str("...")
+            }
+        }
     }
 }
 

@@ -20,18 +20,26 @@ use governor::RateLimiter;
 
 use super::Quota;
 
-/// What a bucket is keyed by. Cheap to clone: addresses are inline, strings are shared.
+/// What a bucket is keyed by. Cheap to clone: addresses and digests are inline, strings are
+/// shared.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum RateKey {
-    /// A client address.
+    /// A client address (an IPv6 one cut to its prefix).
     Ip(IpAddr),
-    /// An API key id, a header value, a route, a model or a custom key.
+    /// An API key id, a header value, a route, a model or a custom key, at most the layer's
+    /// `max_key_len` bytes long.
     Str(Arc<str>),
+    /// The SHA-256 of a longer key (behind a pointer, so that the enum stays as small as an
+    /// address).
+    Digest(Arc<[u8; 32]>),
     /// Requests for which no key could be found share this one.
     Anonymous,
     /// The single key of the global quota.
     Global,
 }
+
+// A key is as small as before long keys were hashed: each tracked entry's size depends on it.
+const _: () = assert!(std::mem::size_of::<RateKey>() <= 24);
 
 /// A governor [`Clock`] reading `tokio::time::Instant`, so limits follow tokio's paused and
 /// advanced time in tests. Instants are nanoseconds since the clock's epoch.
@@ -48,12 +56,19 @@ impl TokioClock {
     }
 }
 
+impl TokioClock {
+    /// Nanoseconds since the epoch, without recording the reading as governor's.
+    fn read(&self) -> u64 {
+        let d = tokio::time::Instant::now().saturating_duration_since(self.epoch);
+        u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
 impl Clock for TokioClock {
     type Instant = Nanos;
 
     fn now(&self) -> Nanos {
-        let d = tokio::time::Instant::now().saturating_duration_since(self.epoch);
-        let now = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let now = self.read();
         LAST_NOW.with(|c| c.set(now));
         Nanos::from(now)
     }
@@ -145,21 +160,72 @@ impl Hasher for PassThrough {
     }
 }
 
-type Shard = HashMap<Hashed, AtomicU64, BuildHasherDefault<PassThrough>>;
+type Map = HashMap<Hashed, AtomicU64, BuildHasherDefault<PassThrough>>;
+
+/// A shard too small to be worth evicting from holds at most this many entries more than twice
+/// the live ones found by its last eviction.
+const EVICT_SLACK: usize = 64;
+
+/// One shard: its map, and the size at which inserting a new key first evicts the idle ones.
+struct Shard {
+    map: Map,
+    evict_at: usize,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard {
+            map: Map::default(),
+            evict_at: EVICT_SLACK,
+        }
+    }
+}
+
+impl Shard {
+    /// Drops the entries whose bucket is full again, and sets the next eviction point at twice
+    /// what is left (plus some slack): between two evictions at least half as many keys were
+    /// inserted as the eviction visits, so each insertion pays O(1) amortized.
+    fn evict(&mut self, drop_below: u64) {
+        self.map
+            .retain(|_, v| v.load(Ordering::Relaxed) > drop_below);
+        self.evict_at = self.map.len().saturating_mul(2).saturating_add(EVICT_SLACK);
+    }
+}
 
 /// A sharded `RwLock<HashMap>` of theoretical arrival times. Existing keys are measured under a
-/// read lock with a compare-and-swap; only new keys take a shard's write lock.
+/// read lock with a compare-and-swap; only new keys take a shard's write lock, and a new key
+/// that finds its shard grown to twice its live size evicts the idle entries first.
 pub(crate) struct KeyStore {
     hasher: RandomState,
     shards: Box<[RwLock<Shard>]>,
+    clock: TokioClock,
+    /// The clock reading taken just after governor took its own start: arrival times (which
+    /// are relative to governor's start) are compared with a "now" never later than governor's,
+    /// so an eviction never forgets a key governor still counts.
+    start: AtomicU64,
+    /// One cell's replenish time, in nanoseconds.
+    t: u64,
 }
 
 impl KeyStore {
-    fn new() -> Self {
+    fn new(clock: TokioClock, t: u64) -> Self {
         KeyStore {
             hasher: RandomState::new(),
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            clock,
+            start: AtomicU64::new(0),
+            t,
         }
+    }
+
+    /// Arrival times at or below this are full buckets (governor's own rule, one cell of
+    /// margin).
+    fn drop_below(&self) -> u64 {
+        // Not `now()`: this runs inside governor's decision, whose clock reading `take` reads
+        // back afterwards.
+        let now = self.clock.read();
+        now.saturating_sub(self.start.load(Ordering::Relaxed))
+            .saturating_sub(self.t)
     }
 
     fn locate(&self, key: &RateKey) -> (u64, &RwLock<Shard>) {
@@ -172,6 +238,7 @@ impl KeyStore {
         let (h, lock) = self.locate(key);
         let shard = lock.read().unwrap_or_else(|e| e.into_inner());
         shard
+            .map
             .get(&(h, key) as &dyn Probe)
             .map(|a| a.load(Ordering::Acquire))
     }
@@ -180,15 +247,47 @@ impl KeyStore {
     fn update(&self, key: &RateKey, f: impl Fn(u64) -> u64) {
         let (h, lock) = self.locate(key);
         let shard = lock.read().unwrap_or_else(|e| e.into_inner());
-        if let Some(a) = shard.get(&(h, key) as &dyn Probe) {
+        if let Some(a) = shard.map.get(&(h, key) as &dyn Probe) {
             let _ = a.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some(f(v)));
         }
+    }
+
+    /// Applies `f` to the stored arrival time, `0` standing for an absent key (a full bucket);
+    /// an absent key is inserted when `f` gives it a time.
+    fn upsert(&self, key: &RateKey, f: impl Fn(u64) -> u64) {
+        let (h, lock) = self.locate(key);
+        {
+            let shard = lock.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(a) = shard.map.get(&(h, key) as &dyn Probe) {
+                let _ = a.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some(f(v)));
+                return;
+            }
+        }
+        let mut shard = lock.write().unwrap_or_else(|e| e.into_inner());
+        let a = self.insert(&mut shard, h, key);
+        let _ = a.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some(f(v)));
+    }
+
+    /// The entry for a key, inserted (empty) if absent; a shard at its eviction point forgets
+    /// its idle keys first.
+    fn insert<'s>(&self, shard: &'s mut Shard, hash: u64, key: &RateKey) -> &'s AtomicU64 {
+        if shard.map.len() >= shard.evict_at && !shard.map.contains_key(&(hash, key) as &dyn Probe)
+        {
+            shard.evict(self.drop_below());
+        }
+        shard
+            .map
+            .entry(Hashed {
+                hash,
+                key: key.clone(),
+            })
+            .or_insert_with(|| AtomicU64::new(0))
     }
 
     fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.read().unwrap_or_else(|e| e.into_inner()).len())
+            .map(|s| s.read().unwrap_or_else(|e| e.into_inner()).map.len())
             .sum()
     }
 }
@@ -233,17 +332,12 @@ impl StateStore for SharedStore {
         let (h, lock) = self.0.locate(key);
         {
             let shard = lock.read().unwrap_or_else(|e| e.into_inner());
-            if let Some(a) = shard.get(&(h, key) as &dyn Probe) {
+            if let Some(a) = shard.map.get(&(h, key) as &dyn Probe) {
                 return measure(a, f);
             }
         }
         let mut shard = lock.write().unwrap_or_else(|e| e.into_inner());
-        let a = shard
-            .entry(Hashed {
-                hash: h,
-                key: key.clone(),
-            })
-            .or_insert_with(|| AtomicU64::new(0));
+        let a = self.0.insert(&mut shard, h, key);
         measure(a, f)
     }
 }
@@ -251,16 +345,22 @@ impl StateStore for SharedStore {
 impl ShrinkableKeyedStateStore<RateKey> for SharedStore {
     fn retain_recent(&self, drop_below: Nanos) {
         let drop_below: u64 = drop_below.into();
+        // governor's reading of now may be a little later than the store's own: keep the more
+        // careful of the two.
+        let drop_below = drop_below.min(self.0.drop_below());
         for s in self.0.shards.iter() {
             s.write()
                 .unwrap_or_else(|e| e.into_inner())
-                .retain(|_, v| v.load(Ordering::Relaxed) > drop_below);
+                .evict(drop_below);
         }
     }
 
     fn shrink_to_fit(&self) {
         for s in self.0.shards.iter() {
-            s.write().unwrap_or_else(|e| e.into_inner()).shrink_to_fit();
+            s.write()
+                .unwrap_or_else(|e| e.into_inner())
+                .map
+                .shrink_to_fit();
         }
     }
 
@@ -319,11 +419,17 @@ pub(crate) struct Bucket {
     t: u64,
 }
 
+/// How far ahead of now a bucket's arrival time may be pushed by overruns: about 73 years.
+/// Together with the build-time bound on a bucket's size (the same), governor's arithmetic
+/// (`tat + weight`, `start + tat`) stays far from `u64::MAX`.
+pub(crate) const MAX_AHEAD_NANOS: u64 = 1 << 61;
+
 impl Bucket {
     pub(crate) fn new(quota: Quota, clock: TokioClock) -> Self {
-        let store = SharedStore(Arc::new(KeyStore::new()));
+        let store = SharedStore(Arc::new(KeyStore::new(clock, quota.replenish_nanos())));
         let start = clock.now();
         let limiter = RateLimiter::new(quota.to_governor(), store.clone(), clock);
+        store.0.start.store(clock.read(), Ordering::Relaxed);
         Bucket {
             quota,
             limiter,
@@ -371,12 +477,18 @@ impl Bucket {
     }
 
     /// Charges `n` more cells (a usage overrun) without asking: later requests wait longer.
+    /// A key forgotten meanwhile (its bucket was full) is entered again with the debt. The
+    /// arrival time never goes more than [`MAX_AHEAD_NANOS`] past now.
     pub(crate) fn charge(&self, key: &RateKey, n: u64) {
+        if n == 0 {
+            return;
+        }
         let now = self.now();
         let add = n.saturating_mul(self.t);
-        self.store
-            .0
-            .update(key, |tat| tat.max(now).saturating_add(add));
+        let ceiling = now.saturating_add(MAX_AHEAD_NANOS);
+        self.store.0.upsert(key, |tat| {
+            tat.max(now).saturating_add(add).min(ceiling).max(tat)
+        });
     }
 
     /// Gives `n` cells back (unused tokens, or an admission undone), never making the bucket
@@ -394,7 +506,7 @@ impl Bucket {
         let Some(tat) = self.store.0.get(key) else {
             return Duration::ZERO;
         };
-        let room = u64::from(self.quota.burst_size().saturating_sub(n)) * self.t;
+        let room = u64::from(self.quota.burst_size().saturating_sub(n)).saturating_mul(self.t);
         Duration::from_nanos(tat.saturating_sub(self.now()).saturating_sub(room))
     }
 
@@ -407,7 +519,7 @@ impl Bucket {
         let burst = self.quota.burst_size();
         let (remaining, reset_ns) = match tat {
             Some(tat) if tat > now => {
-                let capacity = u64::from(burst) * self.t;
+                let capacity = u64::from(burst).saturating_mul(self.t);
                 let free = capacity.saturating_sub(tat - now);
                 let remaining = u32::try_from(free / self.t).unwrap_or(burst);
                 (remaining, tat - now)

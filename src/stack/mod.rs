@@ -206,7 +206,16 @@ impl LimitsConfig {
             if burst == 0 {
                 return Err(refuse(format!("{path}.burst"), "must be at least 1"));
             }
-            limits = limits.requests(Quota::per_minute(rpm).burst(burst));
+            let quota = Quota::per_minute(rpm).burst(burst);
+            if !quota.fill_time_fits() {
+                return Err(refuse(
+                    format!("{path}.burst"),
+                    format!(
+                        "{burst} requests at {rpm} per minute take more than 73 years to refill; lower the burst or raise `rpm`"
+                    ),
+                ));
+            }
+            limits = limits.requests(quota);
         } else if self.burst.is_some() {
             return Err(refuse(format!("{path}.burst"), "a burst needs an `rpm`"));
         }

@@ -62,7 +62,78 @@ pub fn upstream_router(up: Upstream) -> Router {
             "/v1/fail",
             post(|| async { (StatusCode::BAD_GATEWAY, "{}") }),
         )
+        .route("/v1/status", post(status_answer))
+        .route("/v1/refused-locally", post(refused_locally))
+        .route("/v1/cut", post(cut_stream))
         .with_state(up)
+}
+
+/// `POST /v1/status`: answers the status in `x-status` with an OpenAI-style error body; with
+/// `x-upstream-limits: 1` it adds the upstream's own `x-ratelimit-*` headers (limit 500, 0
+/// remaining, reset `6m0s`), as OpenAI sends them on a 429.
+async fn status_answer(headers: HeaderMap) -> Response<Body> {
+    let status = headers
+        .get("x-status")
+        .and_then(|v| v.to_str().ok()?.parse::<u16>().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::OK);
+    let mut res = Response::builder()
+        .status(status)
+        .header("content-type", "application/json");
+    if headers.contains_key("x-upstream-limits") {
+        res = res
+            .header("x-ratelimit-limit-requests", "500")
+            .header("x-ratelimit-remaining-requests", "0")
+            .header("x-ratelimit-reset-requests", "6m0s");
+    }
+    let body = if status.is_success() {
+        r#"{"id":"c1","choices":[]}"#
+    } else {
+        r#"{"error":{"message":"upstream says no","type":"server_error","param":null,"code":null}}"#
+    };
+    res.body(Body::from(body)).unwrap()
+}
+
+/// `POST /v1/refused-locally`: a 503 marked [`RefusedLocally`], as a circuit breaker inside the
+/// rate limiter answers when it refuses a call before the upstream sees it.
+async fn refused_locally() -> Response<Body> {
+    let mut res = llm_layers::error::ApiError::new(
+        llm_layers::error::ErrorCode::ServiceUnavailable,
+        "The circuit is open.",
+    )
+    .to_response::<Body>();
+    res.extensions_mut()
+        .insert(llm_layers::ext::RefusedLocally::CIRCUIT_BREAKER);
+    res
+}
+
+/// `POST /v1/cut`: an SSE stream whose first event reports `usage` (`x-usage` tokens in all:
+/// the prompt's 10 and the rest as output so far), then, once `Upstream::release` is
+/// notified, breaks off with an error: the upstream did the work, the client never saw the end.
+async fn cut_stream(State(up): State<Upstream>, headers: HeaderMap) -> Response<Body> {
+    let usage = usage_of(&headers).unwrap_or(11);
+    let first = format!(
+        "data: {{\"type\":\"message_start\",\"usage\":{{\"input_tokens\":10,\"output_tokens\":{}}}}}\n\n",
+        usage.saturating_sub(10)
+    );
+    let chunks = futures_util::stream::unfold(0u8, move |step| {
+        let (first, release) = (first.clone(), up.release.clone());
+        async move {
+            let item = match step {
+                0 => Ok(Bytes::from(first)),
+                1 => {
+                    release.notified().await;
+                    Err(std::io::Error::other("upstream connection reset"))
+                }
+                _ => return None,
+            };
+            Some((item, step + 1))
+        }
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(chunks))
+        .unwrap()
 }
 
 fn usage_of(h: &HeaderMap) -> Option<u64> {
