@@ -288,6 +288,7 @@ pub struct ApiError {
     provider: Option<Cow<'static, str>>,
     request_id: Option<String>,
     never_fits: bool,
+    upstream_should_retry: Option<bool>,
 }
 
 impl ApiError {
@@ -303,6 +304,7 @@ impl ApiError {
             provider: None,
             request_id: None,
             never_fits: false,
+            upstream_should_retry: None,
         }
     }
 
@@ -395,12 +397,33 @@ impl ApiError {
         self.retry_after
     }
 
-    /// Whether a retry can help: the code is retryable, the wait (if known) is at most
-    /// [`MAX_RETRYABLE_WAIT`], and the request is not one that can never fit.
+    /// Records the upstream's own `x-should-retry` answer. The official OpenAI and Anthropic
+    /// SDKs obey that header before anything else, and so does this crate: `false` makes the
+    /// error not retryable whatever its code, `true` makes it retryable (unless the request can
+    /// never fit).
+    pub fn with_upstream_should_retry(mut self, should_retry: bool) -> Self {
+        self.upstream_should_retry = Some(should_retry);
+        self
+    }
+
+    /// The upstream's own `x-should-retry` answer, when it sent one.
+    pub fn upstream_should_retry(&self) -> Option<bool> {
+        self.upstream_should_retry
+    }
+
+    /// Whether a retry can help. The upstream's own `x-should-retry` decides when it sent one
+    /// ([`ApiError::with_upstream_should_retry`]); otherwise the code is retryable, the wait (if
+    /// known) is at most [`MAX_RETRYABLE_WAIT`], and the request is not one that can never fit.
     pub fn is_retryable(&self) -> bool {
-        self.code.is_retryable()
-            && !self.never_fits
-            && self.retry_after.is_none_or(|w| w <= MAX_RETRYABLE_WAIT)
+        if self.never_fits {
+            return false;
+        }
+        match self.upstream_should_retry {
+            Some(said) => said,
+            None => {
+                self.code.is_retryable() && self.retry_after.is_none_or(|w| w <= MAX_RETRYABLE_WAIT)
+            }
+        }
     }
 
     /// The envelope as JSON bytes, with the `type` string in the given style.

@@ -1636,11 +1636,19 @@ async fn an_open_circuit_of_the_real_breaker_fails_fast_through_the_retry_layer(
     let t0 = Instant::now();
     let res = svc
         .clone()
-        .oneshot(Request::post("/v1/chat/completions").body(Body::from(CHAT)).unwrap())
+        .oneshot(
+            Request::post("/v1/chat/completions")
+                .body(Body::from(CHAT))
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert!(Instant::now() - t0 <= ms(10), "{:?}", Instant::now() - t0);
-    assert_eq!(rec.count(), 2, "the third attempt never reached the upstream");
+    assert_eq!(
+        rec.count(),
+        2,
+        "the third attempt never reached the upstream"
+    );
     assert_eq!(res.status(), 503);
     assert_eq!(res.headers()["x-llm-layers-retry-stop"], "refused-locally");
     assert_eq!(res.headers()["x-llm-layers-attempts"], "3");
@@ -1650,11 +1658,45 @@ async fn an_open_circuit_of_the_real_breaker_fails_fast_through_the_retry_layer(
     // no upstream call, no time.
     let t1 = Instant::now();
     let res = svc
-        .oneshot(Request::post("/v1/chat/completions").body(Body::from(CHAT)).unwrap())
+        .oneshot(
+            Request::post("/v1/chat/completions")
+                .body(Body::from(CHAT))
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(Instant::now() - t1, Duration::ZERO);
     assert_eq!(rec.count(), 2);
     assert_eq!(res.headers()["x-llm-layers-attempts"], "1");
     assert_eq!(res.headers()["x-llm-layers-retry-stop"], "refused-locally");
+}
+
+#[tokio::test]
+async fn behind_the_normalizer_the_upstreams_x_should_retry_is_obeyed_too() {
+    // The normalizer turns the raw answer into an envelope; the upstream's word travels in its
+    // ApiError, so the retry layer outside still obeys it, and the envelope says the same.
+    let stub = Stub::start(vec![Action::Reply(
+        503,
+        vec![("x-should-retry", "false")],
+        "do not",
+    )])
+    .await;
+    let gw = gateway_normalized(stub.addr, fast().build().unwrap()).await;
+    let res = post(gw, CHAT).await;
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.headers()["x-should-retry"], "false");
+    assert_eq!(res.headers()["x-llm-layers-retry-stop"], "not-retryable");
+    assert_eq!(stub.count(), 1);
+
+    let stub = Stub::start(vec![Action::Reply(
+        409,
+        vec![("x-should-retry", "true")],
+        "conflict",
+    )])
+    .await;
+    let gw = gateway_normalized(stub.addr, fast().build().unwrap()).await;
+    let res = post(gw, CHAT).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-llm-layers-attempts"], "2");
+    assert_eq!(stub.count(), 2);
 }

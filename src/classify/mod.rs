@@ -90,7 +90,7 @@ use std::time::{Duration, SystemTime};
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, StatusCode};
 
-use crate::error::{ApiError, ErrorCode};
+use crate::error::{ApiError, ErrorCode, X_SHOULD_RETRY};
 
 mod anthropic;
 mod cn;
@@ -355,6 +355,17 @@ fn finish(
     resets: bool,
 ) -> ApiError {
     err = err.with_upstream_status(status);
+    // The upstream's own word on retrying, which the official SDKs obey first.
+    if let Some(v) = headers
+        .get(X_SHOULD_RETRY)
+        .map(|v| v.as_bytes().trim_ascii())
+    {
+        if v.eq_ignore_ascii_case(b"true") {
+            err = err.with_upstream_should_retry(true);
+        } else if v.eq_ignore_ascii_case(b"false") {
+            err = err.with_upstream_should_retry(false);
+        }
+    }
     let header_id = REQUEST_ID_HEADERS.iter().find_map(|h| {
         headers
             .get(*h)

@@ -39,18 +39,6 @@ fn later(now: Instant, d: Duration) -> Instant {
         .unwrap_or(now)
 }
 
-/// The upstream's own `x-should-retry`, when it sent one.
-fn said_should_retry(headers: &http::HeaderMap) -> Option<bool> {
-    let v = headers.get(X_SHOULD_RETRY)?.as_bytes().trim_ascii();
-    if v.eq_ignore_ascii_case(b"true") {
-        Some(true)
-    } else if v.eq_ignore_ascii_case(b"false") {
-        Some(false)
-    } else {
-        None
-    }
-}
-
 pin_project! {
     #[project = StateProj]
     enum State<F, B> {
@@ -347,16 +335,13 @@ where
             let attempt = *this.attempt;
             match outcome {
                 Outcome::Response(res) => {
-                    // An inner layer's `ApiError` is its whole classification (its own
-                    // `x-should-retry` is derived from it); on a raw answer the upstream's
-                    // `x-should-retry` is read too.
-                    let (err, said) = match res.extensions().get::<ApiError>() {
-                        Some(e) => (Some(e.clone()), None),
-                        None => (
-                            classify_head(res.status(), res.headers()),
-                            said_should_retry(res.headers()),
-                        ),
+                    // An inner layer's `ApiError` is its whole classification, else the head is
+                    // classified; either way the upstream's own `x-should-retry` travels in it.
+                    let err = match res.extensions().get::<ApiError>() {
+                        Some(e) => Some(e.clone()),
+                        None => classify_head(res.status(), res.headers()),
                     };
+                    let said = err.as_ref().and_then(ApiError::upstream_should_retry);
                     let Some(err) = err else {
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(finish(res, attempt, *this.skipped, this.shared)));

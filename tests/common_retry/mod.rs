@@ -159,6 +159,30 @@ pub async fn gateway(upstream: SocketAddr, layer: RetryLayer) -> SocketAddr {
         .layer(layer)
         .map_response(|res: Response<hyper::body::Incoming>| res.map(Body::new))
         .service(upstream_client());
+    serve_proxy(upstream, svc).await
+}
+
+/// [`gateway`] with the error normalizer between the retry layer and the upstream, as the
+/// recommended order has it.
+pub async fn gateway_normalized(upstream: SocketAddr, layer: RetryLayer) -> SocketAddr {
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .map_response(|res: Response<_>| res.map(Body::new))
+        .layer(llm_layers::normalize::NormalizeErrorsLayer::new())
+        .service(upstream_client());
+    serve_proxy(upstream, svc).await
+}
+
+async fn serve_proxy<S, E>(upstream: SocketAddr, svc: S) -> SocketAddr
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = E>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send,
+    E: std::fmt::Display + std::fmt::Debug + Send,
+{
     let app = axum::Router::new().fallback(move |mut req: Request<Body>| {
         let mut svc = svc.clone();
         async move {
