@@ -16,7 +16,7 @@ use llm_layers::classify::{
     classify_response, classify_response_at, classify_sse_event, classify_sse_stream,
     MAX_MESSAGE_CHARS,
 };
-use llm_layers::error::ErrorCode;
+use llm_layers::error::{ApiError, ErrorCode};
 use proptest::prelude::*;
 use serde_json::Value;
 
@@ -548,6 +548,20 @@ fn transport_errors_walk_the_source_chain() {
         classify_transport_error(&reset).message(),
         "The connection to the upstream was closed before it answered."
     );
+}
+
+#[test]
+fn an_api_error_in_the_chain_is_its_own_classification() {
+    use llm_layers::classify::classify_transport_error;
+    let refusal = ApiError::new(
+        ErrorCode::UpstreamBlocked,
+        "A redirect to http://elsewhere:8080 was not followed.",
+    );
+    let wrapped = Wrapper(Box::new(Wrapper(Box::new(refusal.clone()))));
+    let e = classify_transport_error(&wrapped);
+    assert_eq!(e, refusal);
+    assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
+    assert!(!e.is_retryable());
 }
 
 /// The key shapes the scrubber catches, each inside a provider message that reaches the

@@ -521,10 +521,17 @@ fn code_for_status_u16(status: u16) -> ErrorCode {
 /// Classifies a transport error from the inner service (connection refused or reset, a
 /// timeout, a broken body): `504 timeout` when any error in the chain is a timeout, else
 /// `502 service_unavailable`. The message names the kind of failure, not the upstream address.
+///
+/// An [`ApiError`] anywhere in the chain (a client middleware's own refusal, such as a
+/// cross-origin redirect it would not follow) is that error's classification and is returned
+/// as it is.
 pub fn classify_transport_error(err: &(dyn std::error::Error + 'static)) -> ApiError {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     let mut kind = None;
     while let Some(e) = cur {
+        if let Some(api) = e.downcast_ref::<ApiError>() {
+            return api.clone();
+        }
         if e.is::<tokio::time::error::Elapsed>() {
             kind = Some(std::io::ErrorKind::TimedOut);
             break;
