@@ -311,6 +311,8 @@ async fn admits_at_once(gw: &Gateway, prefixes: &[u16], per_prefix: u32) -> Resu
     let want = prefixes.len() as i64 * per_prefix as i64;
     let mut tasks = JoinSet::new();
     for &p in prefixes {
+        // One address per client: one key whether the limiter keys addresses or prefixes.
+        let client = client_in(p, &mut rng);
         for _ in 0..per_prefix {
             let spec = Spec {
                 method: Method::POST,
@@ -319,7 +321,7 @@ async fn admits_at_once(gw: &Gateway, prefixes: &[u16], per_prefix: u32) -> Resu
                 model: "hold-model".into(),
                 stream: false,
                 max_tokens: 16,
-                client: client_in(p, &mut rng),
+                client,
                 hold: true,
             };
             let app = gw.app.clone();
@@ -837,4 +839,177 @@ async fn send(http: &reqwest::Client, addr: SocketAddr, spec: &Spec) -> Result<G
         body: buf.freeze(),
         body_error,
     })
+}
+
+// ---- Controls: each checker of the suite catches what it is there to catch. ----
+
+/// The mirror flags a breaker that opens before the configured thresholds: here the breaker
+/// opens after 2 failures while the mirror expects at least 10 calls.
+#[test]
+fn control_the_mirror_catches_an_early_opening() {
+    use common_chaos::observe::{CountLayer, Counter, Mirror, ObserveLayer};
+    use common_chaos::stack::THRESHOLDS;
+    use llm_layers::breaker::{CircuitBreakerLayer, KeyBy as BreakerKeyBy};
+    use llm_layers::validate::ValidateRequestLayer;
+    use tower::ServiceBuilder;
+
+    let _serial = serial();
+    paused().block_on(async {
+        let mirror = Arc::new(Mirror::new(THRESHOLDS, &[], 16));
+        let hook = mirror.clone();
+        let breaker = CircuitBreakerLayer::builder()
+            .key_by(BreakerKeyBy::Model)
+            .count_window(THRESHOLDS.window as usize)
+            .minimum_calls(2)
+            .failure_rate(THRESHOLDS.failure_rate)
+            .on_event(move |e| hook.on_event(e))
+            .build()
+            .unwrap();
+        let svc = ServiceBuilder::new()
+            .layer(ValidateRequestLayer::builder().build().unwrap())
+            .layer(CountLayer::around_breaker(Arc::new(Counter::default())))
+            .layer(breaker)
+            .layer(ObserveLayer(mirror.clone()))
+            .service(tower::service_fn(
+                |_req: http::Request<axum::body::Body>| async {
+                    Ok::<_, std::convert::Infallible>(
+                        http::Response::builder()
+                            .status(503)
+                            .body(axum::body::Body::empty())
+                            .unwrap(),
+                    )
+                },
+            ));
+        for _ in 0..3 {
+            let req = http::Request::post("/v1/chat/completions")
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(
+                    r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#,
+                ))
+                .unwrap();
+            let _ = svc.clone().oneshot(req).await;
+        }
+        let report = mirror.report();
+        assert_eq!(report.transitions.len(), 1, "{report:?}");
+        assert_eq!(report.violation_count, 1, "{report:?}");
+        assert!(
+            report.violations[0].contains("2 failures in 2 answered calls"),
+            "{report:?}"
+        );
+    });
+}
+
+/// The answer checks refuse what an SDK cannot use.
+#[test]
+fn control_the_answer_checks_refuse_broken_envelopes() {
+    let spec = Spec {
+        method: Method::POST,
+        path: "/v1/chat/completions",
+        key: Some(KEY_A),
+        model: "gpt-4o".into(),
+        stream: false,
+        max_tokens: 1,
+        client: client_in(0, &mut fastrand::Rng::with_seed(1)),
+        hold: false,
+    };
+    let got = |status: u16, headers: &[(&'static str, &str)], body: &str| {
+        let mut map = http::HeaderMap::new();
+        map.insert("content-type", "application/json".parse().unwrap());
+        for (k, v) in headers {
+            map.insert(*k, v.parse().unwrap());
+        }
+        Got {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: map,
+            api_error: None,
+            body: bytes::Bytes::from(body.to_owned()),
+            body_error: false,
+        }
+    };
+    let env = |code: &str| {
+        format!(
+            r#"{{"error":{{"message":"m","type":"server_error","code":"{code}","param":null}}}}"#
+        )
+    };
+    // A good one passes.
+    assert_eq!(
+        check(
+            &spec,
+            &got(
+                503,
+                &[("x-should-retry", "true")],
+                &env("service_unavailable")
+            )
+        ),
+        Ok("503 service_unavailable".into())
+    );
+    let bad = [
+        got(503, &[], &env("service_unavailable")),
+        got(400, &[("x-should-retry", "true")], &env("invalid_value")),
+        got(
+            429,
+            &[("x-should-retry", "true")],
+            &env("service_unavailable"),
+        ),
+        got(503, &[("x-should-retry", "true")], &env("no_such_code")),
+        got(503, &[("x-should-retry", "true")], "<html>busy</html>"),
+        got(
+            429,
+            &[
+                ("x-should-retry", "false"),
+                ("retry-after", "42"),
+                ("retry-after-ms", "42000"),
+            ],
+            &env("rate_limit_exceeded"),
+        ),
+        got(
+            429,
+            &[
+                ("x-should-retry", "true"),
+                ("retry-after", "2"),
+                ("retry-after-ms", "9000"),
+            ],
+            &env("rate_limit_exceeded"),
+        ),
+        got(200, &[], "{\"choices\":"),
+    ];
+    for b in &bad {
+        assert!(check(&spec, b).is_err(), "{:?} {:?}", b.status, b.body);
+    }
+    // A deadline overrun and a HEAD that fails on a healthy upstream are owed violations.
+    let ok = got(200, &[], "{}");
+    assert!(owed(
+        &spec,
+        &ok,
+        DEADLINE + Duration::from_secs(1),
+        Duration::ZERO
+    )
+    .is_err());
+    let head = Spec {
+        method: Method::HEAD,
+        path: "/v1/models",
+        ..spec.clone()
+    };
+    assert!(owed(&head, &got(503, &[], ""), Duration::ZERO, Duration::ZERO).is_err());
+}
+
+/// The end-of-run concurrency check fails when a client asks for more than its share.
+#[test]
+fn control_the_concurrency_check_sees_a_refusal() {
+    let _serial = serial();
+    paused().block_on(async {
+        let gw = gateway(
+            1,
+            Faults::new(1, Health::Mixed, true),
+            KeyBy::client_ip().trusted_proxies(["10.0.0.0/8"]),
+            16,
+        );
+        assert!(admits_at_once(&gw, &[1], PER_CLIENT_CONCURRENCY)
+            .await
+            .is_ok());
+        let err = admits_at_once(&gw, &[1], PER_CLIENT_CONCURRENCY + 1)
+            .await
+            .unwrap_err();
+        assert!(err.contains("ConcurrentLimitExceeded"), "{err}");
+    });
 }

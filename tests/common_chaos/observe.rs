@@ -93,16 +93,45 @@ impl http_body::Body for Guarded {
     }
 }
 
+thread_local! {
+    /// Set while the counting layer just outside the breaker is inside the breaker's `call`:
+    /// a call that reaches the [`Observed`] layer then is one the breaker admitted on its
+    /// circuit. Fallback calls are made later, from the breaker's own future.
+    static IN_BREAKER_CALL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Counts the calls that pass (see [`Counter`]).
 #[derive(Clone)]
 pub struct Counted<S> {
     inner: S,
     counter: Arc<Counter>,
+    marks_breaker_call: bool,
 }
 
 /// The layer of [`Counted`].
 #[derive(Clone)]
-pub struct CountLayer(pub Arc<Counter>);
+pub struct CountLayer {
+    counter: Arc<Counter>,
+    marks_breaker_call: bool,
+}
+
+impl CountLayer {
+    /// Counts calls into the layer below.
+    pub fn new(counter: Arc<Counter>) -> CountLayer {
+        CountLayer {
+            counter,
+            marks_breaker_call: false,
+        }
+    }
+
+    /// Counts calls into the breaker, and marks the breaker's `call` for [`Observed`].
+    pub fn around_breaker(counter: Arc<Counter>) -> CountLayer {
+        CountLayer {
+            counter,
+            marks_breaker_call: true,
+        }
+    }
+}
 
 impl<S> tower::Layer<S> for CountLayer {
     type Service = Counted<S>;
@@ -110,7 +139,8 @@ impl<S> tower::Layer<S> for CountLayer {
     fn layer(&self, inner: S) -> Counted<S> {
         Counted {
             inner,
-            counter: self.0.clone(),
+            counter: self.counter.clone(),
+            marks_breaker_call: self.marks_breaker_call,
         }
     }
 }
@@ -130,7 +160,14 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let guard = self.counter.enter();
-        let fut = self.inner.call(req);
+        let fut = if self.marks_breaker_call {
+            IN_BREAKER_CALL.with(|f| f.set(true));
+            let fut = self.inner.call(req);
+            IN_BREAKER_CALL.with(|f| f.set(false));
+            fut
+        } else {
+            self.inner.call(req)
+        };
         Box::pin(async move {
             let res = fut.await?;
             Ok(res.map(|b| {
@@ -170,6 +207,10 @@ struct KeyState {
     len: u32,
     successes: u32,
     failures: u32,
+    /// Calls of this epoch dropped before they answered (cut by a timeout outside the breaker,
+    /// or a client gone): the breaker may count them as failed or not at all.
+    drops: u32,
+    /// The last call of this epoch failed, or was dropped.
     last_failure: bool,
     opened_at: Option<Instant>,
     open_for: Duration,
@@ -256,6 +297,17 @@ impl Mirror {
         (h, epoch)
     }
 
+    /// A call admitted in `epoch` was dropped before it answered.
+    fn dropped(&self, (h, epoch): (u64, u32)) {
+        let mut st = self.lock();
+        if let Some(k) = st.keys.get_mut(&h) {
+            if k.epoch == epoch {
+                k.drops += 1;
+                k.last_failure = true;
+            }
+        }
+    }
+
     fn record(&self, (h, epoch): (u64, u32), outcome: Outcome) {
         let failure = match outcome {
             Outcome::Ignored => return,
@@ -321,13 +373,17 @@ impl Mirror {
                         (CircuitState::Closed, CircuitState::Open, TransitionReason::FailureRate) => {
                             let window_mask = if k.len >= 32 { u32::MAX } else { (1u32 << k.len) - 1 };
                             let failures = (k.bits & window_mask).count_ones();
-                            let ok = k.len >= t.minimum_calls
-                                && failures as f64 * 100.0 >= t.failure_rate * k.len as f64;
-                            (ok, format!("{shown:?} opened with {failures} failures in {} calls (minimum {}, {} %)", k.len, t.minimum_calls, t.failure_rate))
+                            // Dropped calls counted as failures, as a breaker that sees them
+                            // may: the most the window can hold.
+                            let calls = (k.len + k.drops).min(t.window);
+                            let failed = (failures + k.drops).min(calls);
+                            let ok = calls >= t.minimum_calls
+                                && failed as f64 * 100.0 >= t.failure_rate * calls as f64;
+                            (ok, format!("{shown:?} opened with {failures} failures in {} answered calls, {} dropped (minimum {}, {} %)", k.len, k.drops, t.minimum_calls, t.failure_rate))
                         }
                         (CircuitState::HalfOpen, CircuitState::Open, TransitionReason::ProbeFailed) => (
-                            k.failures > 0 && k.last_failure,
-                            format!("{shown:?} re-opened on a failed probe, but its probes recorded {} failures", k.failures),
+                            (k.failures > 0 || k.drops > 0) && k.last_failure,
+                            format!("{shown:?} re-opened on a failed probe, but its probes recorded {} failures and {} drops", k.failures, k.drops),
                         ),
                         (CircuitState::HalfOpen, CircuitState::Open, TransitionReason::ProbeTimedOut) => {
                             let waited = k.half_open_at.map(|at| now - at);
@@ -360,6 +416,7 @@ impl Mirror {
                 k.len = 0;
                 k.successes = 0;
                 k.failures = 0;
+                k.drops = 0;
                 k.last_failure = false;
                 match to {
                     CircuitState::Open => {
@@ -458,20 +515,40 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        // A call with the parsed view is one the breaker admitted on the model's circuit; a
-        // fallback call comes without it (the breaker drops the view with the rewritten model)
-        // and is recorded nowhere.
-        let tag = RequestView::from_extensions(req.extensions())
-            .and_then(|v| v.model())
-            .map(|m| self.mirror.admit(m));
-        let mirror = self.mirror.clone();
+        // Only a call made from within the breaker's `call` is one it admitted and will record
+        // (on the circuit of the model in the parsed view); a fallback call is recorded nowhere.
+        let tag = if IN_BREAKER_CALL.with(|f| f.get()) {
+            RequestView::from_extensions(req.extensions())
+                .and_then(|v| v.model())
+                .map(|m| self.mirror.admit(m))
+        } else {
+            None
+        };
+        let mut pending = Pending {
+            mirror: self.mirror.clone(),
+            tag,
+        };
         let fut = self.inner.call(req);
         Box::pin(async move {
             let res = fut.await?;
-            if let Some(tag) = tag {
-                mirror.record(tag, outcome_of(&res));
+            if let Some(tag) = pending.tag.take() {
+                pending.mirror.record(tag, outcome_of(&res));
             }
             Ok(res)
         })
+    }
+}
+
+/// A call that has not answered yet: dropped so, it tells the mirror.
+struct Pending {
+    mirror: Arc<Mirror>,
+    tag: Option<(u64, u32)>,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(tag) = self.tag.take() {
+            self.mirror.dropped(tag);
+        }
     }
 }

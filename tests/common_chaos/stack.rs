@@ -220,13 +220,13 @@ pub fn gateway(seed: u64, faults: Faults, key_by: KeyBy, mirror_capacity: usize)
 
     let svc = ServiceBuilder::new()
         .layer(retry)
-        .layer(CountLayer(attempts.clone()))
+        .layer(CountLayer::around_breaker(attempts.clone()))
         .layer(breaker.clone())
         .layer(ObserveLayer(mirror.clone()))
         .map_response(IntoResponse::into_response)
         .layer(NormalizeErrorsLayer::new())
         .timeout(ATTEMPT_TIMEOUT)
-        .layer(CountLayer(upstream.clone()))
+        .layer(CountLayer::new(upstream.clone()))
         .service(faults.clone());
     let svc: Upstream = BoxCloneSyncService::new(svc);
 
