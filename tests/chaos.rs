@@ -479,6 +479,14 @@ async fn mixed_run() {
         "breaker: {} transitions verified, {} on keys the mirror did not see, openings {:?}, {} rejections, fallbacks {} ok / {} failed, {} circuits kept",
         mirror.verified, mirror.unknown_keys, mirror.opened, mirror.rejections, mirror.fallbacks_ok, mirror.fallbacks_failed, circuits
     );
+    for model in common_chaos::stack::WATCHED {
+        if let Some(m) = gw.breaker.metrics(model) {
+            println!(
+                "circuit {model:?}: {} calls recorded, {} failed, {} ignored, {} rejected, {} openings",
+                m.calls, m.failures, m.ignored, m.rejections, m.openings
+            );
+        }
+    }
     println!(
         "memory: {:.2} MiB kept after the run (bound {:.0} MiB), peak {:.2} MiB over the start; rate-limit keys tracked at most {max_tracked} (bound {})",
         alloc::mib(kept),
