@@ -398,6 +398,7 @@ async fn mixed_run() {
     let panics_before = panics();
     let leaks_before = capture.leaks();
     let lines_before = capture.lines();
+    let bytes_before = capture.bytes();
 
     let gw = gateway(
         seed,
@@ -497,7 +498,7 @@ async fn mixed_run() {
     println!(
         "logs: {} lines ({} bytes) at TRACE, {leaks} with key bytes",
         capture.lines() - lines_before,
-        capture.bytes()
+        capture.bytes() - bytes_before
     );
 
     // Per request.

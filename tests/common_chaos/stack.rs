@@ -1,7 +1,7 @@
 //! The gateway's whole stack, in the recommended order, in front of the fault-injecting
 //! upstream, with the suite's counting points in it:
 //!
-//! request id + tracing → auth → validation → rate limit (per client IP, IPv6 by prefix) →
+//! request id + tracing → auth → validation → rate limit (per client IP, behind a trusted proxy) →
 //! retry (deadline, budget, attempt timeout) → [attempts counted] → breaker (per model, with
 //! a fallback model) → [breaker mirror] → normalizer → per-attempt timeout → [upstream calls
 //! counted] → fault-injecting upstream.
