@@ -79,7 +79,9 @@ enum Step {
 pub struct Faults {
     rng: Arc<Mutex<fastrand::Rng>>,
     health: Health,
-    /// Stalls, hangs and paced streams (virtual time only).
+    /// In-process under virtual time: stalls, hangs and paced streams, and 2xx JSON bodies cut
+    /// midway (through a real server such an answer reaches the client as a connection closed
+    /// before any response, hyper not having flushed the head: nothing the stack can change).
     timed: bool,
     held: Arc<Semaphore>,
     tally: Arc<Mutex<std::collections::BTreeMap<Fault, u64>>>,
@@ -153,10 +155,14 @@ impl Faults {
             Fault::BadRequest,
             Fault::EmptyOk,
             Fault::Reset,
-            Fault::CutJson,
         ];
         if self.timed {
-            kinds.extend([Fault::StallHead, Fault::HangHead, Fault::StallErrorBody]);
+            kinds.extend([
+                Fault::CutJson,
+                Fault::StallHead,
+                Fault::HangHead,
+                Fault::StallErrorBody,
+            ]);
         }
         if stream {
             kinds.extend([
