@@ -41,6 +41,7 @@ pub enum Fault {
     OkSse,
     LongGeneration,
     AbsurdUsage,
+    AbsurdUsageSse,
     RetryAfter,
     RetryAfterMs,
     BodyHint,
@@ -136,6 +137,7 @@ impl Faults {
         if rng.f64() >= fail_rate {
             return match (stream, rng.u32(..100)) {
                 (true, 0..=1) if self.timed => Fault::LongGeneration,
+                (true, 2) => Fault::AbsurdUsageSse,
                 (true, _) => Fault::OkSse,
                 (false, 0) => Fault::AbsurdUsage,
                 (false, _) => Fault::Ok,
@@ -229,6 +231,16 @@ impl Faults {
             Fault::Ok => json(200, &completion(&model, 7)),
             Fault::AbsurdUsage => json(200, &completion(&model, u64::MAX)),
             Fault::OkSse => sse(200, self.stream_steps(&model, 3 + (jitter() % 20) as usize, 1)),
+            Fault::AbsurdUsageSse => {
+                let mut steps = self.stream_steps(&model, 3, 1);
+                steps.pop();
+                steps.push(Step::Data(Bytes::from(format!(
+                    "data: {{\"id\":\"chatcmpl-chaos\",\"object\":\"chat.completion.chunk\",\"model\":{},\"choices\":[],\"usage\":{{\"prompt_tokens\":{max},\"completion_tokens\":{max},\"total_tokens\":{max}}}}}\n\ndata: [DONE]\n\n",
+                    Value::from(model.as_str()),
+                    max = u64::MAX
+                ))));
+                sse(200, steps)
+            }
             Fault::LongGeneration => sse(200, self.stream_steps(&model, 200, 100)),
             Fault::RetryAfter => with_headers(
                 json(429, OPENAI_429),
