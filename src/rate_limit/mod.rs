@@ -101,7 +101,7 @@
 //! | a refusal marked [`RefusedLocally`](crate::ext::RefusedLocally) (an open circuit inside this layer) | refunded in full |
 //!
 //! A `usage` figure counts when it is a non-negative number (a fraction is rounded up); one
-//! above 2^32 tokens is read as 2^32. Negative numbers, strings and `null` count as no usage.
+//! above 2^24 tokens (16,777,216, eight times the largest context windows) is read as 2^24. Negative numbers, strings and `null` count as no usage.
 //! An overrun settled after a sweep forgot the key (its bucket was full) enters the key again
 //! with the debt. A bucket's debt never reaches more than about 73 years.
 //!

@@ -167,9 +167,10 @@ impl TokenCharge {
     }
 }
 
-/// The most tokens one response is believed to have used: 2^32, far beyond any model's
-/// context. A larger `usage` (or a nonsensical one, `1e300`) is read as this.
-pub(crate) const MAX_USAGE: u64 = 1 << 32;
+/// The most tokens one response is believed to have used: 2^24 (16,777,216), eight times the
+/// largest context windows on offer (2M tokens). A larger `usage` (or a nonsensical one,
+/// `1e300`) is read as this, so one broken answer indebts a key for a bounded time.
+pub(crate) const MAX_USAGE: u64 = 1 << 24;
 
 /// What an admitted request carries until its response body ends.
 pub(crate) struct Admitted {

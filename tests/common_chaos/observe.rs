@@ -255,6 +255,7 @@ fn reason_str(r: TransitionReason) -> &'static str {
         TransitionReason::OpenElapsed => "open_elapsed",
         TransitionReason::ProbeFailed => "probe_failed",
         TransitionReason::ProbeTimedOut => "probe_timed_out",
+        TransitionReason::ProbeDropped => "probe_dropped",
         TransitionReason::ProbesSucceeded => "probes_succeeded",
         TransitionReason::Reset => "reset",
         _ => "other",
@@ -384,6 +385,11 @@ impl Mirror {
                         (CircuitState::HalfOpen, CircuitState::Open, TransitionReason::ProbeFailed) => (
                             (k.failures > 0 || k.drops > 0) && k.last_failure,
                             format!("{shown:?} re-opened on a failed probe, but its probes recorded {} failures and {} drops", k.failures, k.drops),
+                        ),
+                        // A probe its caller dropped (an outer attempt timeout) counts as failed.
+                        (CircuitState::HalfOpen, CircuitState::Open, TransitionReason::ProbeDropped) => (
+                            k.drops > 0,
+                            format!("{shown:?} re-opened on a dropped probe, but no probe was dropped"),
                         ),
                         (CircuitState::HalfOpen, CircuitState::Open, TransitionReason::ProbeTimedOut) => {
                             let waited = k.half_open_at.map(|at| now - at);
