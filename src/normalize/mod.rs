@@ -71,6 +71,8 @@ mod future;
 mod layer;
 mod service;
 
+use std::time::Duration;
+
 use crate::error::{EnvelopeOptions, TypeStyle};
 
 pub use body::NormalizeBody;
@@ -81,10 +83,18 @@ pub use service::NormalizeErrors;
 /// The default read limit for error bodies: 1 MiB.
 pub const DEFAULT_ERROR_BODY_LIMIT: usize = 1024 * 1024;
 
+/// The default time allowed for reading an error body once its head has arrived: 5 seconds.
+pub const DEFAULT_ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The default longest SSE line that is held back and inspected: 64 KiB.
+pub const DEFAULT_SSE_LINE_LIMIT: usize = 64 * 1024;
+
 /// Options of the normalizer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NormalizeOptions {
     body_limit: usize,
+    body_timeout: Option<Duration>,
+    sse_line_limit: usize,
     envelope: EnvelopeOptions,
     rewrite_sse: bool,
     inspect_ok_json: bool,
@@ -97,10 +107,13 @@ impl Default for NormalizeOptions {
 }
 
 impl NormalizeOptions {
-    /// 1 MiB read limit, canonical statuses, OpenAI type strings, SSE errors rewritten.
+    /// 1 MiB read limit and 5 s read timeout for error bodies, canonical statuses, OpenAI type
+    /// strings, SSE errors rewritten in lines up to 64 KiB.
     pub const fn new() -> Self {
         NormalizeOptions {
             body_limit: DEFAULT_ERROR_BODY_LIMIT,
+            body_timeout: Some(DEFAULT_ERROR_BODY_TIMEOUT),
+            sse_line_limit: DEFAULT_SSE_LINE_LIMIT,
             envelope: EnvelopeOptions::new(),
             rewrite_sse: true,
             inspect_ok_json: false,
@@ -110,6 +123,33 @@ impl NormalizeOptions {
     /// How much of an error body is read before classifying (the rest is dropped).
     pub const fn body_limit(mut self, bytes: usize) -> Self {
         self.body_limit = bytes;
+        self
+    }
+
+    /// How long an error body (and, with [`inspect_ok_json`](Self::inspect_ok_json), a `200`
+    /// body that is looked at) may take to arrive once its head is in: 5 s by default, `None`
+    /// for no bound.
+    ///
+    /// When the time is up, the body is dropped and the answer is classified from what arrived:
+    /// the status, the headers and the part of the body read so far. An upstream that sends an
+    /// error head and then stalls thus costs at most this long, never the upstream's own
+    /// timeout. The clock is tokio's (the layer needs a runtime with its timer enabled when a
+    /// body does not arrive at once); a duration too large to add to the current instant means
+    /// no bound.
+    pub const fn error_body_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.body_timeout = timeout;
+        self
+    }
+
+    /// The longest line of a `200` event stream that is held back to be inspected for an
+    /// in-band error (64 KiB by default; the length counts the line ending).
+    ///
+    /// The normalizer holds the start of a line until its end arrives. A line longer than this
+    /// is handed on unchanged and uninspected as its bytes arrive; inspection resumes at the
+    /// next line. The memory a stream can make the layer hold is thus bounded by this limit,
+    /// whatever the upstream sends. `0` inspects nothing.
+    pub const fn sse_line_limit(mut self, bytes: usize) -> Self {
+        self.sse_line_limit = bytes;
         self
     }
 
@@ -149,6 +189,14 @@ impl NormalizeOptions {
 
     pub(crate) const fn limit(&self) -> usize {
         self.body_limit
+    }
+
+    pub(crate) const fn timeout(&self) -> Option<Duration> {
+        self.body_timeout
+    }
+
+    pub(crate) const fn line_limit(&self) -> usize {
+        self.sse_line_limit
     }
 
     pub(crate) const fn rewrites_sse(&self) -> bool {
