@@ -497,12 +497,17 @@ async fn inspection_turns_an_error_object_in_a_200_into_its_envelope() {
 
 // ---------- bounded error-body reads ----------
 
-/// A body that sends `first` and then nothing, forever.
-fn stalling_body(
-    first: &'static str,
-) -> StreamBody<
-    impl futures_util::Stream<Item = Result<http_body::Frame<Bytes>, std::io::Error>> + Send,
-> {
+type FrameResult = Result<http_body::Frame<Bytes>, std::io::Error>;
+
+/// A body that sends one frame and then nothing, forever.
+type Stalling = StreamBody<
+    futures_util::stream::Chain<
+        futures_util::stream::Iter<std::array::IntoIter<FrameResult, 1>>,
+        futures_util::stream::Pending<FrameResult>,
+    >,
+>;
+
+fn stalling_body(first: &'static str) -> Stalling {
     let head = futures_util::stream::iter([Ok(http_body::Frame::data(Bytes::from_static(
         first.as_bytes(),
     )))]);
@@ -515,15 +520,8 @@ fn stalling_upstream(
     status: u16,
     content_type: &'static str,
     first: &'static str,
-) -> impl tower::Service<
-    Request<Full<Bytes>>,
-    Response = Response<
-        StreamBody<
-            impl futures_util::Stream<Item = Result<http_body::Frame<Bytes>, std::io::Error>> + Send,
-        >,
-    >,
-    Error = std::io::Error,
-> + Clone {
+) -> impl tower::Service<Request<Full<Bytes>>, Response = Response<Stalling>, Error = std::io::Error>
+       + Clone {
     tower::service_fn(move |_req: Request<Full<Bytes>>| {
         std::future::ready(Ok(Response::builder()
             .status(status)
@@ -785,7 +783,7 @@ async fn an_sse_stream_without_a_newline_passes_byte_for_byte() {
     assert_eq!(res.status(), 200);
     let got = res.bytes().await.unwrap();
     let line_end = SIZE + 1;
-    assert_eq!(got.len() > line_end, true);
+    assert!(got.len() > line_end);
     assert!(
         got[..line_end] == sent[..line_end],
         "the overlong line changed"
@@ -919,7 +917,7 @@ async fn a_suspect_200_over_the_limit_passes_byte_for_byte_with_its_trailers() {
 async fn inspection_keeps_trailers_and_frames_of_a_normal_200() {
     let mut trailers = http::HeaderMap::new();
     trailers.insert("x-checksum", http::HeaderValue::from_static("abc"));
-    let frames = vec![
+    let frames = [
         http_body::Frame::data(Bytes::from_static(b" ")),
         http_body::Frame::data(Bytes::from_static(b"{\"err")),
         http_body::Frame::data(Bytes::from_static(b"or\":null,\"id\":\"1\"}")),

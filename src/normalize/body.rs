@@ -271,6 +271,19 @@ impl SseFramer {
         }
     }
 
+    /// Holds `bytes` after the held start of a line (the callers keep the total within the
+    /// limit); the buffer grows by doubling but never past the limit.
+    fn hold(&mut self, bytes: &[u8]) {
+        let needed = self.partial.len() + bytes.len();
+        if needed > self.partial.capacity() {
+            let capacity = (2 * self.partial.capacity()).min(self.limit).max(needed);
+            let mut grown = BytesMut::with_capacity(capacity);
+            grown.extend_from_slice(&self.partial);
+            self.partial = grown;
+        }
+        self.partial.extend_from_slice(bytes);
+    }
+
     /// Whether nothing is held back.
     pub(super) fn is_empty(&self) -> bool {
         self.partial.is_empty()
@@ -305,7 +318,7 @@ impl SseFramer {
                     self.skipping = true;
                     return (self.partial.split().freeze(), data);
                 }
-                self.partial.extend_from_slice(&data);
+                self.hold(&data);
                 return (Bytes::new(), Bytes::new());
             };
             if self.skipping {
@@ -315,7 +328,7 @@ impl SseFramer {
                 head = self.partial.split().freeze();
                 (0, end)
             } else {
-                self.partial.extend_from_slice(&data[..end]);
+                self.hold(&data[..end]);
                 let line = self.partial.split().freeze();
                 head = rewritten(&line).unwrap_or(line);
                 (end, end)
@@ -341,7 +354,7 @@ impl SseFramer {
             }
         } else {
             if rest > 0 {
-                self.partial.extend_from_slice(&data[cut..]);
+                self.hold(&data[cut..]);
             }
             match changed {
                 None => data.slice(from..cut),
@@ -605,7 +618,7 @@ mod tests {
         for _ in 0..1000 {
             let (a, b) = framer.push(chunk.clone());
             passed += a.len() + b.len();
-            assert!(framer.partial.capacity() <= 2 * limit);
+            assert!(framer.partial.capacity() <= limit);
         }
         passed += framer.finish().len();
         assert_eq!(passed, 1500 * 1000);
