@@ -494,3 +494,474 @@ async fn inspection_turns_an_error_object_in_a_200_into_its_envelope() {
     assert_eq!(res.status(), 200);
     assert!(res.extensions().get::<ApiError>().is_none());
 }
+
+// ---------- bounded error-body reads ----------
+
+type FrameResult = Result<http_body::Frame<Bytes>, std::io::Error>;
+
+/// A body that sends one frame and then nothing, forever.
+type Stalling = StreamBody<
+    futures_util::stream::Chain<
+        futures_util::stream::Iter<std::array::IntoIter<FrameResult, 1>>,
+        futures_util::stream::Pending<FrameResult>,
+    >,
+>;
+
+fn stalling_body(first: &'static str) -> Stalling {
+    let head = futures_util::stream::iter([Ok(http_body::Frame::data(Bytes::from_static(
+        first.as_bytes(),
+    )))]);
+    StreamBody::new(head.chain(futures_util::stream::pending()))
+}
+
+/// An upstream answering `status` with a `retry-after: 7` header and a body that stalls after
+/// its first bytes.
+fn stalling_upstream(
+    status: u16,
+    content_type: &'static str,
+    first: &'static str,
+) -> impl tower::Service<Request<Full<Bytes>>, Response = Response<Stalling>, Error = std::io::Error>
+       + Clone {
+    tower::service_fn(move |_req: Request<Full<Bytes>>| {
+        std::future::ready(Ok(Response::builder()
+            .status(status)
+            .header("content-type", content_type)
+            .header("retry-after", "7")
+            .body(stalling_body(first))
+            .unwrap()))
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_error_body_is_classified_when_the_read_timeout_fires() {
+    let svc = NormalizeErrorsLayer::new().layer(stalling_upstream(
+        503,
+        "application/json",
+        r#"{"error":{"message":"The engine is currently overloaded, please try again later","type":"server_error""#,
+    ));
+    let start = tokio::time::Instant::now();
+    let res = tokio::time::timeout(
+        Duration::from_secs(600),
+        svc.oneshot(Request::new(Full::default())),
+    )
+    .await
+    .expect("the normalizer waited on a stalled error body")
+    .unwrap();
+    // The default bound, to the tick of the paused clock.
+    assert_eq!(
+        start.elapsed(),
+        llm_layers::normalize::DEFAULT_ERROR_BODY_TIMEOUT
+    );
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // The head's hint is kept.
+    assert_eq!(res.headers()["retry-after"], "7");
+    let err = res.extensions().get::<ApiError>().unwrap().clone();
+    assert_eq!(err.code(), ErrorCode::ServiceUnavailable);
+    // The part of the body that arrived was classified.
+    assert!(
+        err.message().contains("currently overloaded"),
+        "{}",
+        err.message()
+    );
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let json: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["error"]["code"], "service_unavailable");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_error_body_read_timeout_is_configurable() {
+    let options = NormalizeOptions::new().error_body_timeout(Some(Duration::from_millis(250)));
+    let svc = NormalizeErrorsLayer::with_options(options).layer(stalling_upstream(
+        429,
+        "text/plain",
+        "Too Many Requests: slow",
+    ));
+    let start = tokio::time::Instant::now();
+    let res = tokio::time::timeout(
+        Duration::from_secs(600),
+        svc.oneshot(Request::new(Full::default())),
+    )
+    .await
+    .expect("the normalizer waited on a stalled error body")
+    .unwrap();
+    assert_eq!(start.elapsed(), Duration::from_millis(250));
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(res.headers()["retry-after"], "7");
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_read_timeout_a_stalled_error_body_is_waited_for() {
+    // `None` is the documented opt-out: the read waits for the body.
+    let options = NormalizeOptions::new().error_body_timeout(None);
+    let svc = NormalizeErrorsLayer::with_options(options).layer(stalling_upstream(
+        503,
+        "text/plain",
+        "x",
+    ));
+    let waited = tokio::time::timeout(
+        Duration::from_secs(3600),
+        svc.oneshot(Request::new(Full::default())),
+    )
+    .await;
+    assert!(waited.is_err());
+}
+
+#[tokio::test]
+async fn a_503_head_followed_by_a_stalled_body_over_real_http_answers_in_time() {
+    let upstream = start_stalling_upstream(
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+          content-length: 4096\r\nretry-after: 3\r\n\r\n{\"error\":{\"message\":\"Upstream overloaded",
+    )
+    .await;
+    let options = NormalizeOptions::new().error_body_timeout(Some(Duration::from_millis(200)));
+    let gateway = start_gateway(
+        upstream,
+        NormalizeErrorsLayer::with_options(options).layer(hyper_client()),
+    )
+    .await;
+    let res = tokio::time::timeout(
+        Duration::from_secs(30),
+        reqwest::get(format!("http://{gateway}/v1/chat/completions")),
+    )
+    .await
+    .expect("the gateway hung on a stalled error body")
+    .unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers()["retry-after"], "3");
+    assert_eq!(res.headers()["x-should-retry"], "true");
+    let body = json_of(res).await;
+    assert_eq!(body["error"]["code"], "service_unavailable");
+}
+
+// ---------- HEAD and bodiless answers ----------
+
+#[tokio::test]
+async fn head_on_a_get_route_is_a_200_not_an_empty_answer() {
+    let (upstream, calls) = start_models_upstream().await;
+    for options in [
+        NormalizeOptions::new(),
+        NormalizeOptions::new().inspect_ok_json(true),
+    ] {
+        let gateway = start_gateway(
+            upstream,
+            NormalizeErrorsLayer::with_options(options).layer(hyper_client()),
+        )
+        .await;
+        let res = reqwest::Client::new()
+            .head(format!("http://{gateway}/v1/models"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{options:?}");
+        assert!(res.headers().get("x-should-retry").is_none());
+        assert_eq!(res.headers()["content-type"], "application/json");
+        assert_eq!(
+            res.headers()["content-length"],
+            MODELS.len().to_string().as_str()
+        );
+        assert!(res.bytes().await.unwrap().is_empty());
+    }
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    // GET on the same route still works, and an empty GET 200 is still an error.
+    let res = through_gateway("fixture/DS-07").await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn head_through_retry_and_breaker_is_one_upstream_call_and_a_200() {
+    use llm_layers::breaker::{CircuitBreakerLayer, CircuitState, SINGLE_KEY};
+    use llm_layers::retry::RetryLayer;
+    let (upstream, calls) = start_models_upstream().await;
+    let breaker = CircuitBreakerLayer::builder()
+        .name("upstream")
+        .count_window(4)
+        .minimum_calls(1)
+        .failure_rate(50.0)
+        .seed(3)
+        .build()
+        .unwrap();
+    let handle = breaker.handle();
+    let client = ServiceBuilder::new()
+        .layer(RetryLayer::builder().seed(3).build().unwrap())
+        .layer(breaker)
+        .layer(NormalizeErrorsLayer::new())
+        .service(hyper_client());
+    for _ in 0..3 {
+        let res = client
+            .clone()
+            .oneshot(
+                Request::head(format!("http://{upstream}/v1/models"))
+                    .body(Full::default())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert!(res.extensions().get::<ApiError>().is_none());
+    }
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_ne!(handle.state(SINGLE_KEY), Some(CircuitState::Open));
+}
+
+#[tokio::test]
+async fn bodiless_statuses_pass_untouched() {
+    for (method, status) in [
+        (http::Method::GET, 204),
+        (http::Method::GET, 304),
+        (http::Method::HEAD, 200),
+        (http::Method::HEAD, 204),
+    ] {
+        let inner = tower::service_fn(move |_req: Request<Full<Bytes>>| {
+            std::future::ready(Ok::<_, std::io::Error>(
+                Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .header("content-length", "512")
+                    .body(Full::<Bytes>::default())
+                    .unwrap(),
+            ))
+        });
+        for options in [
+            NormalizeOptions::new(),
+            NormalizeOptions::new().inspect_ok_json(true),
+        ] {
+            let res = NormalizeErrorsLayer::with_options(options)
+                .layer(inner)
+                .oneshot(
+                    Request::builder()
+                        .method(method.clone())
+                        .body(Full::default())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(res.status().as_u16(), status, "{method} {status}");
+            assert_eq!(res.headers()["content-length"], "512");
+            assert!(res.extensions().get::<ApiError>().is_none());
+        }
+    }
+}
+
+// ---------- bounded SSE lines ----------
+
+#[tokio::test]
+async fn an_sse_stream_without_a_newline_passes_byte_for_byte() {
+    const SIZE: usize = 8 * 1024 * 1024;
+    let mut sent = b"data: ".to_vec();
+    sent.resize(SIZE, b'x');
+    // An error event after the overlong line is still rewritten.
+    sent.extend_from_slice(
+        b"\ndata: {\"error\":{\"message\":\"Overloaded\",\"type\":\"server_error\"}}\n\n",
+    );
+    let sent = Bytes::from(sent);
+    let body = sent.clone();
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move || {
+            let body = body.clone();
+            async move {
+                let frames: Vec<Result<Bytes, std::io::Error>> = body
+                    .chunks(61_440)
+                    .map(|c| Ok(Bytes::copy_from_slice(c)))
+                    .collect();
+                Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(axum::body::Body::from_stream(futures_util::stream::iter(
+                        frames,
+                    )))
+                    .unwrap()
+            }
+        }),
+    );
+    let upstream = serve(app).await;
+    let gateway = start_gateway(upstream, normalized_client()).await;
+    let res = reqwest::Client::new()
+        .post(format!("http://{gateway}/v1/chat/completions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let got = res.bytes().await.unwrap();
+    let line_end = SIZE + 1;
+    assert!(got.len() > line_end);
+    assert!(
+        got[..line_end] == sent[..line_end],
+        "the overlong line changed"
+    );
+    let rest = std::str::from_utf8(&got[line_end..]).unwrap();
+    let event: Value =
+        serde_json::from_str(rest.trim_end().strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(event["error"]["code"], "service_unavailable");
+}
+
+// ---------- 200 JSON inspection ----------
+
+#[tokio::test]
+async fn a_responses_object_with_error_null_passes_byte_for_byte() {
+    for size in [2 * 1024, 3 * 1024 * 1024] {
+        let sent = responses_object(size);
+        let body = sent.clone();
+        let app = axum::Router::new().route(
+            "/v1/responses",
+            axum::routing::post(move || {
+                let body = body.clone();
+                async move {
+                    Response::builder()
+                        .header("content-type", "application/json")
+                        .body(axum::body::Body::from(body))
+                        .unwrap()
+                }
+            }),
+        );
+        let upstream = serve(app).await;
+        let gateway = start_gateway(
+            upstream,
+            NormalizeErrorsLayer::with_options(NormalizeOptions::new().inspect_ok_json(true))
+                .layer(hyper_client()),
+        )
+        .await;
+        let res = reqwest::Client::new()
+            .post(format!("http://{gateway}/v1/responses"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let got = res.bytes().await.unwrap();
+        assert_eq!(got.len(), sent.len(), "{size}");
+        assert!(got == sent.as_bytes(), "{size}: the body changed");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_responses_object_is_handed_on_at_its_first_frame() {
+    // The object's first frame is in; the rest is slow. Its head must not wait for the rest.
+    let first: &'static str = r#"{"id":"resp_1","object":"response","created_at":1741476542,"status":"in_progress","error":null,"output":["#;
+    let inner = stalling_upstream(200, "application/json", first);
+    let svc = NormalizeErrorsLayer::with_options(NormalizeOptions::new().inspect_ok_json(true))
+        .layer(inner);
+    let res = tokio::time::timeout(
+        Duration::from_millis(10),
+        svc.oneshot(Request::new(Full::default())),
+    )
+    .await
+    .expect("the head waited for the whole body")
+    .unwrap();
+    assert_eq!(res.status(), 200);
+    let mut body = res.into_body();
+    let frame = body.frame().await.unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), first.as_bytes());
+}
+
+#[tokio::test]
+async fn a_suspect_200_over_the_limit_passes_byte_for_byte_with_its_trailers() {
+    // Opens like an error object, but it is far larger than the read limit: handed on as it
+    // came, every frame and the trailers.
+    let mut frames = vec![Bytes::from_static(b"{\"error\":{\"message\":\"")];
+    for i in 0..64u8 {
+        frames.push(Bytes::from(vec![b'a' + i % 26; 32 * 1024]));
+    }
+    frames.push(Bytes::from_static(b"\"},\"id\":\"x\"}"));
+    let sent: Vec<u8> = frames.concat();
+    let app_frames = frames.clone();
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move || {
+            let frames = app_frames.clone();
+            async move {
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .header("trailer", "x-checksum")
+                    .body(with_trailer(frames, "abc123"))
+                    .unwrap()
+            }
+        }),
+    );
+    let upstream = serve(app).await;
+    let options = NormalizeOptions::new()
+        .inspect_ok_json(true)
+        .body_limit(256 * 1024);
+    let client = NormalizeErrorsLayer::with_options(options).layer(hyper_client());
+    let res = client
+        .oneshot(
+            Request::post(format!("http://{upstream}/v1/chat/completions"))
+                // The upstream sends trailers only to a client that says it takes them.
+                .header("te", "trailers")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.extensions().get::<ApiError>().is_none());
+    let mut body = res.into_body();
+    let mut got = Vec::new();
+    let mut trailers = None;
+    while let Some(frame) = body.frame().await {
+        match frame.unwrap().into_data() {
+            Ok(data) => {
+                assert!(trailers.is_none(), "data after the trailers");
+                got.extend_from_slice(&data);
+            }
+            Err(frame) => trailers = Some(frame.into_trailers().unwrap()),
+        }
+    }
+    assert_eq!(got.len(), sent.len());
+    assert!(got == sent, "the body changed");
+    assert_eq!(
+        trailers.expect("the trailers were lost")["x-checksum"],
+        "abc123"
+    );
+}
+
+#[tokio::test]
+async fn inspection_keeps_trailers_and_frames_of_a_normal_200() {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-checksum", http::HeaderValue::from_static("abc"));
+    let frames = [
+        http_body::Frame::data(Bytes::from_static(b" ")),
+        http_body::Frame::data(Bytes::from_static(b"{\"err")),
+        http_body::Frame::data(Bytes::from_static(b"or\":null,\"id\":\"1\"}")),
+        http_body::Frame::trailers(trailers),
+    ];
+    let sent = frames
+        .iter()
+        .filter_map(|f| f.data_ref().cloned())
+        .fold(Vec::new(), |mut v, d| {
+            v.extend_from_slice(&d);
+            v
+        });
+    let inner = tower::service_fn(move |_req: Request<Full<Bytes>>| {
+        let frames: Vec<Result<_, std::io::Error>> = frames
+            .iter()
+            .map(|f| {
+                Ok(match f.data_ref() {
+                    Some(d) => http_body::Frame::data(d.clone()),
+                    None => http_body::Frame::trailers(f.trailers_ref().unwrap().clone()),
+                })
+            })
+            .collect();
+        std::future::ready(Ok::<_, std::io::Error>(
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(StreamBody::new(futures_util::stream::iter(frames)))
+                .unwrap(),
+        ))
+    });
+    let res = NormalizeErrorsLayer::with_options(NormalizeOptions::new().inspect_ok_json(true))
+        .layer(inner)
+        .oneshot(Request::new(Full::default()))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let mut body = res.into_body();
+    let mut got = Vec::new();
+    let mut trailers = None;
+    while let Some(frame) = body.frame().await {
+        match frame.unwrap().into_data() {
+            Ok(data) => got.extend_from_slice(&data),
+            Err(frame) => trailers = Some(frame.into_trailers().unwrap()),
+        }
+    }
+    assert_eq!(got, sent);
+    assert_eq!(trailers.unwrap()["x-checksum"], "abc");
+}

@@ -28,16 +28,18 @@ pin_project! {
         Sse {
             #[pin]
             inner: B,
-            // The bytes of a line that has not ended yet.
-            partial: BytesMut,
+            framer: SseFramer,
+            // A frame to hand on before the next one is read.
+            queued: Option<Frame<Bytes>>,
             done: bool,
         },
         Full {
             data: Option<Bytes>,
         },
-        // A body whose first frame was looked at before the head went out.
+        // A body whose first frames were looked at before the head went out.
         Prefixed {
             first: Option<Frame<Bytes>>,
+            second: Option<Frame<Bytes>>,
             inner: Pin<Box<B>>,
         },
     }
@@ -50,19 +52,33 @@ impl<B> NormalizeBody<B> {
         }
     }
 
-    pub(super) fn sse(inner: B) -> Self {
+    pub(super) fn sse(inner: B, line_limit: usize) -> Self {
         NormalizeBody {
             kind: Kind::Sse {
                 inner,
-                partial: BytesMut::new(),
+                framer: SseFramer::new(line_limit),
+                queued: None,
                 done: false,
             },
         }
     }
 
-    pub(super) fn prefixed(first: Option<Frame<Bytes>>, inner: Pin<Box<B>>) -> Self {
+    /// `inner`, after the frames already read from it (held bytes, then possibly trailers).
+    pub(super) fn prefixed(
+        first: Option<Frame<Bytes>>,
+        second: Option<Frame<Bytes>>,
+        inner: Pin<Box<B>>,
+    ) -> Self {
+        let (first, second) = match first {
+            None => (second, None),
+            first => (first, second),
+        };
         NormalizeBody {
-            kind: Kind::Prefixed { first, inner },
+            kind: Kind::Prefixed {
+                first,
+                second,
+                inner,
+            },
         }
     }
 
@@ -110,27 +126,52 @@ where
         match self.project().kind.project() {
             KindProj::Passthrough { inner } => inner.poll_frame(cx),
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            KindProj::Prefixed { first, inner } => match first.take() {
-                Some(frame) => Poll::Ready(Some(Ok(frame))),
+            KindProj::Prefixed {
+                first,
+                second,
+                inner,
+            } => match first.take() {
+                Some(frame) => {
+                    *first = second.take();
+                    Poll::Ready(Some(Ok(frame)))
+                }
                 None => inner.as_mut().poll_frame(cx),
             },
             KindProj::Sse {
                 mut inner,
-                partial,
+                framer,
+                queued,
                 done,
             } => loop {
+                if let Some(frame) = queued.take() {
+                    return Poll::Ready(Some(Ok(frame)));
+                }
                 if *done {
                     return Poll::Ready(None);
                 }
                 match ready!(inner.as_mut().poll_frame(cx)) {
                     Some(Ok(frame)) => match frame.into_data() {
                         Ok(data) => {
-                            let out = rewrite_chunk(partial, data);
-                            if !out.is_empty() {
-                                return Poll::Ready(Some(Ok(Frame::data(out))));
+                            let (head, rest) = framer.push(data);
+                            match (head.is_empty(), rest.is_empty()) {
+                                (true, true) => {}
+                                (false, true) => return Poll::Ready(Some(Ok(Frame::data(head)))),
+                                (true, false) => return Poll::Ready(Some(Ok(Frame::data(rest)))),
+                                (false, false) => {
+                                    *queued = Some(Frame::data(rest));
+                                    return Poll::Ready(Some(Ok(Frame::data(head))));
+                                }
                             }
                         }
-                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                        Err(trailers) => {
+                            // The held end of the stream goes before the trailers.
+                            let rest = framer.finish();
+                            if rest.is_empty() {
+                                return Poll::Ready(Some(Ok(trailers)));
+                            }
+                            *queued = Some(trailers);
+                            return Poll::Ready(Some(Ok(Frame::data(rest))));
+                        }
                     },
                     Some(Err(_)) => {
                         // The stream broke off after the head was sent: the caller cannot be
@@ -142,9 +183,11 @@ where
                             "The upstream stream broke off before it finished.",
                         );
                         tracing::debug!(code = %api.code(), "upstream stream broke off");
-                        let mut out = BytesMut::from(&partial[..]);
-                        partial.clear();
-                        if !out.is_empty() && !out.ends_with(b"\n") {
+                        // What was held goes out as it came; the event starts on a line of its
+                        // own.
+                        let mid_line = framer.mid_line();
+                        let mut out = BytesMut::from(&framer.take_held()[..]);
+                        if mid_line {
                             out.extend_from_slice(b"\n\n");
                         }
                         out.extend_from_slice(b"data: ");
@@ -154,11 +197,11 @@ where
                     }
                     None => {
                         *done = true;
-                        if partial.is_empty() {
+                        let rest = framer.finish();
+                        if rest.is_empty() {
                             return Poll::Ready(None);
                         }
-                        let rest = std::mem::take(partial).freeze();
-                        return Poll::Ready(Some(Ok(Frame::data(rewrite_line(rest)))));
+                        return Poll::Ready(Some(Ok(Frame::data(rest))));
                     }
                 }
             },
@@ -170,11 +213,12 @@ where
             Kind::Passthrough { inner } => inner.is_end_stream(),
             Kind::Sse {
                 inner,
-                partial,
+                framer,
+                queued,
                 done,
-            } => *done || (partial.is_empty() && inner.is_end_stream()),
+            } => queued.is_none() && (*done || (framer.is_empty() && inner.is_end_stream())),
             Kind::Full { data } => data.is_none(),
-            Kind::Prefixed { first, inner } => first.is_none() && inner.is_end_stream(),
+            Kind::Prefixed { first, inner, .. } => first.is_none() && inner.is_end_stream(),
         }
     }
 
@@ -185,7 +229,7 @@ where
             Kind::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            Kind::Prefixed { first, inner } => {
+            Kind::Prefixed { first, inner, .. } => {
                 let held = first
                     .as_ref()
                     .and_then(Frame::data_ref)
@@ -203,68 +247,203 @@ where
     }
 }
 
-/// Hands on the complete lines of `data` (with any held-back start of a line), rewriting error
-/// events, and keeps the bytes of an unfinished last line for the next chunk.
+/// Splits a `200` event stream into lines for inspection, holding back at most `limit` bytes.
 ///
-/// A chunk that ends on a line end and holds no error is handed on as the same `Bytes`, without
-/// a copy.
-fn rewrite_chunk(partial: &mut BytesMut, data: Bytes) -> Bytes {
-    let cut = match data.iter().rposition(|&b| b == b'\n') {
-        Some(i) => i + 1,
-        None => {
-            partial.extend_from_slice(&data);
-            return Bytes::new();
-        }
-    };
-    let complete = if partial.is_empty() {
-        data.slice(..cut)
-    } else {
-        partial.extend_from_slice(&data[..cut]);
-        std::mem::take(partial).freeze()
-    };
-    if cut < data.len() {
-        partial.extend_from_slice(&data[cut..]);
-    }
-    if !might_hold_error(&complete) {
-        return complete;
-    }
-    let mut out = BytesMut::with_capacity(complete.len() + 64);
-    let mut start = 0;
-    while start < complete.len() {
-        let end = complete[start..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map_or(complete.len(), |i| start + i + 1);
-        out.extend_from_slice(&rewrite_line(complete.slice(start..end)));
-        start = end;
-    }
-    out.freeze()
+/// A line ends at `\n`, `\r\n` or `\r` (the SSE line endings); a `\r` that ends one chunk and a
+/// `\n` that opens the next are framed as two lines, which changes nothing: only `data:` lines
+/// carrying an error are rewritten, and a rewritten line keeps its own ending. A line longer
+/// than `limit` (with its ending) is handed on unchanged as its bytes arrive, and inspection
+/// resumes at the next line.
+pub(super) struct SseFramer {
+    /// The start of a line that has not ended yet, at most `limit` bytes.
+    partial: BytesMut,
+    /// Inside a line longer than the limit: its bytes pass until it ends.
+    skipping: bool,
+    limit: usize,
 }
 
-/// Rewrites one line (with its line end, if any) when it is a `data:` line carrying an error.
-fn rewrite_line(line: Bytes) -> Bytes {
-    let Some(payload) = line.strip_prefix(b"data:") else {
-        return line;
-    };
+impl SseFramer {
+    pub(super) fn new(limit: usize) -> Self {
+        SseFramer {
+            partial: BytesMut::new(),
+            skipping: false,
+            limit,
+        }
+    }
+
+    /// Holds `bytes` after the held start of a line (the callers keep the total within the
+    /// limit); the buffer grows by doubling but never past the limit.
+    fn hold(&mut self, bytes: &[u8]) {
+        let needed = self.partial.len() + bytes.len();
+        if needed > self.partial.capacity() {
+            let capacity = (2 * self.partial.capacity()).min(self.limit).max(needed);
+            let mut grown = BytesMut::with_capacity(capacity);
+            grown.extend_from_slice(&self.partial);
+            self.partial = grown;
+        }
+        self.partial.extend_from_slice(bytes);
+    }
+
+    /// Whether nothing is held back.
+    pub(super) fn is_empty(&self) -> bool {
+        self.partial.is_empty()
+    }
+
+    /// Whether the bytes handed on so far end inside a line.
+    pub(super) fn mid_line(&self) -> bool {
+        self.skipping || !self.partial.is_empty()
+    }
+
+    /// The held start of a line, as it came.
+    pub(super) fn take_held(&mut self) -> Bytes {
+        self.skipping = false;
+        self.partial.split().freeze()
+    }
+
+    /// Takes the next chunk; returns what to hand on, in order (either part may be empty).
+    ///
+    /// A chunk that ends on a line end and holds no error comes back as the same `Bytes`,
+    /// without a copy.
+    pub(super) fn push(&mut self, data: Bytes) -> (Bytes, Bytes) {
+        let limit = self.limit;
+        let mut head = Bytes::new();
+        // The output starts at `from` in `data`; lines from `inspect` on are looked at.
+        let (from, inspect) = if self.skipping || !self.partial.is_empty() {
+            let Some(end) = line_end(&data) else {
+                if self.skipping {
+                    return (data, Bytes::new());
+                }
+                if self.partial.len() + data.len() > limit {
+                    // Too long to hold: what was held and this chunk pass unchanged.
+                    self.skipping = true;
+                    return (self.partial.split().freeze(), data);
+                }
+                self.hold(&data);
+                return (Bytes::new(), Bytes::new());
+            };
+            if self.skipping {
+                self.skipping = false;
+                (0, end)
+            } else if self.partial.len() + end > limit {
+                head = self.partial.split().freeze();
+                (0, end)
+            } else {
+                self.hold(&data[..end]);
+                let line = self.partial.split().freeze();
+                head = rewritten(&line).unwrap_or(line);
+                (end, end)
+            }
+        } else {
+            (0, 0)
+        };
+        let cut = data[inspect..]
+            .iter()
+            .rposition(|&b| b == b'\n' || b == b'\r')
+            .map_or(inspect, |i| inspect + i + 1);
+        let changed = rewrite_lines(&data, from, inspect, cut, limit);
+        let rest = data.len() - cut;
+        let body = if rest > limit {
+            // The last line is already too long: it passes, and so does the rest of it.
+            self.skipping = true;
+            match changed {
+                None => data.slice(from..),
+                Some(mut out) => {
+                    out.extend_from_slice(&data[cut..]);
+                    out.freeze()
+                }
+            }
+        } else {
+            if rest > 0 {
+                self.hold(&data[cut..]);
+            }
+            match changed {
+                None => data.slice(from..cut),
+                Some(out) => out.freeze(),
+            }
+        };
+        (head, body)
+    }
+
+    /// The end of the stream: the held start of a line, inspected as a last line.
+    pub(super) fn finish(&mut self) -> Bytes {
+        self.skipping = false;
+        if self.partial.is_empty() {
+            return Bytes::new();
+        }
+        let line = self.partial.split().freeze();
+        rewritten(&line).unwrap_or(line)
+    }
+}
+
+/// The end of the first line in `data` (after its ending), if it ends there.
+fn line_end(data: &[u8]) -> Option<usize> {
+    let i = data.iter().position(|&b| b == b'\n' || b == b'\r')?;
+    Some(if data[i] == b'\r' && data.get(i + 1) == Some(&b'\n') {
+        i + 2
+    } else {
+        i + 1
+    })
+}
+
+/// Rewrites the error lines among the complete lines `data[inspect..cut]` (the lines no longer
+/// than `limit`). Returns `data[from..cut]` with them rewritten, or `None` when no line
+/// changed (then the caller hands on a slice of `data`, without a copy).
+fn rewrite_lines(
+    data: &Bytes,
+    from: usize,
+    inspect: usize,
+    cut: usize,
+    limit: usize,
+) -> Option<BytesMut> {
+    if !might_hold_error(&data[inspect..cut]) {
+        return None;
+    }
+    let mut out: Option<BytesMut> = None;
+    let mut start = inspect;
+    while start < cut {
+        let end = line_end(&data[start..cut]).map_or(cut, |n| start + n);
+        let line = &data[start..end];
+        let new = if line.len() <= limit {
+            rewritten(line)
+        } else {
+            None
+        };
+        match (new, &mut out) {
+            (Some(new), out) => {
+                let out = out.get_or_insert_with(|| {
+                    let mut out = BytesMut::with_capacity(cut - from + 64);
+                    out.extend_from_slice(&data[from..start]);
+                    out
+                });
+                out.extend_from_slice(&new);
+            }
+            (None, Some(out)) => out.extend_from_slice(line),
+            (None, None) => {}
+        }
+        start = end;
+    }
+    out
+}
+
+/// The rewritten form of one line (with its line ending, if any) when it is a `data:` line
+/// carrying an error; `None` when it stays as it is.
+fn rewritten(line: &[u8]) -> Option<Bytes> {
+    let payload = line.strip_prefix(b"data:")?;
     let trimmed_end = payload
         .iter()
         .rposition(|b| !matches!(b, b'\r' | b'\n'))
         .map_or(0, |i| i + 1);
     let (payload, ending) = payload.split_at(trimmed_end);
     if !might_hold_error(payload) {
-        return line;
+        return None;
     }
-    match classify_sse_event(payload.trim_ascii_start()) {
-        Some(err) => {
-            tracing::debug!(code = %err.code(), "rewrote an in-band stream error");
-            let mut out = BytesMut::with_capacity(payload.len() + 32);
-            out.extend_from_slice(b"data: ");
-            out.extend_from_slice(&err.envelope(TypeStyle::OpenAi));
-            out.extend_from_slice(if ending.is_empty() { b"\n" } else { ending });
-            out.freeze()
-        }
-        None => line,
-    }
+    let err = classify_sse_event(payload.trim_ascii_start())?;
+    tracing::debug!(code = %err.code(), "rewrote an in-band stream error");
+    let mut out = BytesMut::with_capacity(payload.len() + 32);
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(&err.envelope(TypeStyle::OpenAi));
+    out.extend_from_slice(if ending.is_empty() { b"\n" } else { ending });
+    Some(out.freeze())
 }
 
 /// A cheap test: every error event the classifier reads mentions `error` (as a key, a type
@@ -277,21 +456,172 @@ fn might_hold_error(data: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    const ERROR_EVENT: &[u8] =
+        b"data: {\"error\":{\"message\":\"Overloaded\",\"type\":\"server_error\"}}";
+
+    /// Frames `chunks` through a framer; returns everything handed on, and checks on the way
+    /// that the framer never holds more than its limit.
+    fn frame_all(limit: usize, chunks: &[&[u8]]) -> Vec<u8> {
+        let mut framer = SseFramer::new(limit);
+        let mut out = Vec::new();
+        for chunk in chunks {
+            let (head, rest) = framer.push(Bytes::copy_from_slice(chunk));
+            out.extend_from_slice(&head);
+            out.extend_from_slice(&rest);
+            assert!(framer.partial.len() <= limit);
+        }
+        out.extend_from_slice(&framer.finish());
+        out
+    }
+
+    fn stream(ending: &str, events: &[&str]) -> Vec<u8> {
+        let mut s = String::new();
+        for e in events {
+            s.push_str(e);
+            s.push_str(ending);
+            s.push_str(ending);
+        }
+        s.into_bytes()
+    }
+
+    const EVENTS: [&str; 4] = [
+        "event: message_start",
+        "data: {\"id\":\"c1\",\"choices\":[{\"delta\":{\"content\":\"an error\"}}]}",
+        ": a comment",
+        "data: [DONE]",
+    ];
+
     #[test]
     fn whole_lines_pass_without_copy() {
-        let mut partial = BytesMut::new();
-        let chunk = Bytes::from_static(b"data: {\"choices\":[]}\n\n");
-        let out = rewrite_chunk(&mut partial, chunk.clone());
-        assert_eq!(out, chunk);
-        assert_eq!(out.as_ptr(), chunk.as_ptr());
+        for ending in ["\n", "\r\n", "\r"] {
+            let mut framer = SseFramer::new(DEFAULT_LIMIT);
+            let chunk = Bytes::from(stream(ending, &EVENTS[1..2]));
+            let (head, out) = framer.push(chunk.clone());
+            assert!(head.is_empty());
+            assert_eq!(out, chunk);
+            assert_eq!(out.as_ptr(), chunk.as_ptr(), "{ending:?}");
+            assert!(framer.is_empty());
+        }
     }
+
+    const DEFAULT_LIMIT: usize = super::super::DEFAULT_SSE_LINE_LIMIT;
 
     #[test]
     fn split_lines_are_joined() {
-        let mut partial = BytesMut::new();
-        assert!(rewrite_chunk(&mut partial, Bytes::from_static(b"data: {\"a\"")).is_empty());
-        let out = rewrite_chunk(&mut partial, Bytes::from_static(b":1}\n\ndata: x"));
-        assert_eq!(&out[..], b"data: {\"a\":1}\n\n");
-        assert_eq!(&partial[..], b"data: x");
+        let mut framer = SseFramer::new(DEFAULT_LIMIT);
+        let (a, b) = framer.push(Bytes::from_static(b"data: {\"a\""));
+        assert!(a.is_empty() && b.is_empty());
+        let (a, b) = framer.push(Bytes::from_static(b":1}\n\ndata: x"));
+        assert_eq!(&a[..], b"data: {\"a\":1}\n");
+        assert_eq!(&b[..], b"\n");
+        assert_eq!(&framer.partial[..], b"data: x");
+    }
+
+    #[test]
+    fn a_cr_line_end_hands_the_line_on_at_once() {
+        // `\r` alone ends a line: the line is not held until the stream ends.
+        let mut framer = SseFramer::new(DEFAULT_LIMIT);
+        let (a, b) = framer.push(Bytes::from_static(b"data: {\"id\":1}\r"));
+        assert!(a.is_empty());
+        assert_eq!(&b[..], b"data: {\"id\":1}\r");
+        assert!(framer.is_empty());
+    }
+
+    #[test]
+    fn every_split_of_a_clean_stream_is_byte_identical() {
+        for ending in ["\n", "\r\n", "\r"] {
+            let sent = stream(ending, &EVENTS);
+            for i in 0..=sent.len() {
+                for j in i..=sent.len() {
+                    let got = frame_all(DEFAULT_LIMIT, &[&sent[..i], &sent[i..j], &sent[j..]]);
+                    assert_eq!(got, sent, "{ending:?} split at {i} and {j}");
+                }
+            }
+        }
+        // Mixed endings, and a stream that ends without a line end.
+        let sent = b"data: a\r\ndata: b\rdata: c\n\rdata: d".to_vec();
+        for i in 0..=sent.len() {
+            assert_eq!(frame_all(8, &[&sent[..i], &sent[i..]]), sent, "at {i}");
+        }
+    }
+
+    #[test]
+    fn error_events_are_rewritten_the_same_way_whatever_the_split() {
+        for ending in ["\n", "\r\n", "\r"] {
+            let error = std::str::from_utf8(ERROR_EVENT).unwrap();
+            let sent = stream(ending, &[EVENTS[1], error, EVENTS[3]]);
+            let whole = frame_all(DEFAULT_LIMIT, &[&sent]);
+            assert_ne!(whole, sent);
+            let text = String::from_utf8(whole.clone()).unwrap();
+            assert!(
+                text.contains("\"code\":\"service_unavailable\""),
+                "{text:?}"
+            );
+            // The rewritten line keeps its own line ending.
+            assert!(
+                text.contains(&format!("}}}}{ending}{ending}data: [DONE]")),
+                "{text:?}"
+            );
+            assert!(
+                whole.starts_with(&stream(ending, &EVENTS[1..2])),
+                "{text:?}"
+            );
+            for i in 0..=sent.len() {
+                assert_eq!(
+                    frame_all(DEFAULT_LIMIT, &[&sent[..i], &sent[i..]]),
+                    whole,
+                    "{ending:?} split at {i}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_line_over_the_limit_passes_unchanged_and_inspection_resumes_after_it() {
+        let limit = 64;
+        let long = format!("data: {}", "y".repeat(1000));
+        let error = std::str::from_utf8(ERROR_EVENT).unwrap();
+        let sent = format!("{long}\n\n{error}\n\n");
+        let whole = String::from_utf8(frame_all(limit, &[sent.as_bytes()])).unwrap();
+        assert!(whole.starts_with(&format!("{long}\n\n")));
+        assert!(whole.contains("service_unavailable"), "{whole}");
+        // Fed in small pieces, the framer never holds more than the limit (`frame_all` checks)
+        // and the output is the same.
+        let pieces: Vec<&[u8]> = sent.as_bytes().chunks(7).collect();
+        assert_eq!(frame_all(limit, &pieces), whole.as_bytes());
+        let pieces: Vec<&[u8]> = sent.as_bytes().chunks(100).collect();
+        assert_eq!(frame_all(limit, &pieces), whole.as_bytes());
+    }
+
+    #[test]
+    fn an_error_line_over_the_limit_is_not_inspected() {
+        let error = format!("{}\n\n", std::str::from_utf8(ERROR_EVENT).unwrap());
+        let sent = error.as_bytes();
+        for limit in [0, 10, ERROR_EVENT.len()] {
+            assert_eq!(frame_all(limit, &[sent]), sent, "{limit}");
+            let pieces: Vec<&[u8]> = sent.chunks(5).collect();
+            assert_eq!(frame_all(limit, &pieces), sent, "{limit}");
+        }
+        // At the limit (the line with its ending), it is.
+        let limit = ERROR_EVENT.len() + 1;
+        assert_ne!(frame_all(limit, &[sent]), sent);
+        let pieces: Vec<&[u8]> = sent.chunks(5).collect();
+        assert_ne!(frame_all(limit, &pieces), sent);
+    }
+
+    #[test]
+    fn the_held_bytes_stay_under_the_limit_for_a_line_that_never_ends() {
+        let limit = 4096;
+        let mut framer = SseFramer::new(limit);
+        let chunk = Bytes::from(vec![b'x'; 1500]);
+        let mut passed = 0;
+        for _ in 0..1000 {
+            let (a, b) = framer.push(chunk.clone());
+            passed += a.len() + b.len();
+            assert!(framer.partial.capacity() <= limit);
+        }
+        passed += framer.finish().len();
+        assert_eq!(passed, 1500 * 1000);
+        assert!(!framer.mid_line());
     }
 }

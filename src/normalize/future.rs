@@ -2,26 +2,31 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Response, StatusCode};
 use http_body::Body;
 use pin_project_lite::pin_project;
+use tokio::time::Sleep;
 
 use super::body::NormalizeBody;
 use super::NormalizeOptions;
 use crate::classify::{classify_response, classify_transport_error, code_for_status};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 
 pin_project! {
     /// The response future of [`NormalizeErrors`](super::NormalizeErrors).
     ///
     /// Success answers are handed on as soon as their head arrives; error answers are read up
-    /// to the configured limit, classified and replaced by the envelope.
+    /// to the configured limit and for at most the configured time, classified and replaced by
+    /// the envelope.
     pub struct ResponseFuture<F, B> {
         #[pin]
         state: State<F, B>,
         options: NormalizeOptions,
+        // The request was a `HEAD`: its answer has no body, whatever its headers say.
+        head: bool,
     }
 }
 
@@ -38,13 +43,16 @@ pin_project! {
             #[pin]
             body: B,
             buf: BytesMut,
+            deadline: Deadline,
         },
         Inspecting {
             parts: Option<http::response::Parts>,
             body: Option<Pin<Box<B>>>,
+            // The data frames read so far (none are handed on yet).
             buf: BytesMut,
-            // The first frame opened like an error object: read on (bounded) and classify.
+            // The body opened like an error object: read on (bounded) and classify.
             suspect: bool,
+            deadline: Deadline,
         },
         Failed {
             err: Option<ApiError>,
@@ -52,11 +60,60 @@ pin_project! {
     }
 }
 
+/// The time allowed for a body the layer waits on, started the first time it is not ready.
+struct Deadline {
+    timeout: Option<Duration>,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl Deadline {
+    const fn new(timeout: Option<Duration>) -> Self {
+        Deadline {
+            timeout,
+            sleep: None,
+        }
+    }
+
+    /// Called when the body is not ready: whether the time is up. Otherwise the task is woken
+    /// when it is.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.sleep.is_none() {
+            let Some(timeout) = self.timeout else {
+                return false;
+            };
+            // Without a runtime there is no timer to wait on: no bound (documented). A timeout
+            // too large to add to the clock is no bound either.
+            let at = tokio::time::Instant::now().checked_add(timeout);
+            let (Some(at), Ok(_)) = (at, tokio::runtime::Handle::try_current()) else {
+                self.timeout = None;
+                return false;
+            };
+            self.sleep = Some(Box::pin(tokio::time::sleep_until(at)));
+        }
+        self.sleep
+            .as_mut()
+            .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready())
+    }
+}
+
+/// How inspecting a `200` body ended.
+enum Inspected {
+    /// Hand the body on; this data frame (already read) first, else what `buf` holds.
+    Pass(Option<Bytes>),
+    /// The body ended (with these trailers, if any) before anything was handed on.
+    End(Option<http_body::Frame<Bytes>>),
+    /// The body did not arrive in time.
+    TimedOut,
+    /// The body broke off.
+    BrokeOff,
+}
+
 impl<F, B> ResponseFuture<F, B> {
-    pub(super) fn new(fut: F, options: NormalizeOptions) -> Self {
+    pub(super) fn new(fut: F, options: NormalizeOptions, head: bool) -> Self {
         ResponseFuture {
             state: State::Calling { fut },
             options,
+            head,
         }
     }
 
@@ -64,6 +121,7 @@ impl<F, B> ResponseFuture<F, B> {
         ResponseFuture {
             state: State::Failed { err: Some(err) },
             options,
+            head: false,
         }
     }
 }
@@ -96,11 +154,17 @@ where
                         return Poll::Ready(Ok(res.map(NormalizeBody::passthrough)));
                     }
                     if status.is_success() {
+                        if *this.head {
+                            // A `HEAD` answer has no body by definition: there is nothing to
+                            // inspect, and its empty body is not an empty answer.
+                            return Poll::Ready(Ok(res.map(NormalizeBody::passthrough)));
+                        }
                         if this.options.rewrites_sse() && is_sse(res.headers()) {
                             let mut res = res;
                             // A rewritten event changes the length of the stream.
                             res.headers_mut().remove(http::header::CONTENT_LENGTH);
-                            return Poll::Ready(Ok(res.map(NormalizeBody::sse)));
+                            let limit = this.options.line_limit();
+                            return Poll::Ready(Ok(res.map(|b| NormalizeBody::sse(b, limit))));
                         }
                         if status == StatusCode::OK
                             && this.options.inspects_ok_json()
@@ -113,6 +177,7 @@ where
                                 body: Some(Box::pin(body)),
                                 buf: BytesMut::new(),
                                 suspect: false,
+                                deadline: Deadline::new(this.options.timeout()),
                             });
                             continue;
                         }
@@ -133,12 +198,14 @@ where
                         return Poll::Ready(Ok(res.map(NormalizeBody::passthrough)));
                     }
                     let (parts, body) = res.into_parts();
-                    let hint = body.size_hint().exact().unwrap_or(0) as usize;
+                    let hint = body.size_hint().exact().unwrap_or(0);
+                    let hint = usize::try_from(hint).unwrap_or(usize::MAX);
                     this.state.set(State::Reading {
                         status: parts.status,
                         headers: parts.headers,
                         body,
                         buf: BytesMut::with_capacity(hint.min(this.options.limit())),
+                        deadline: Deadline::new(this.options.timeout()),
                     });
                 }
                 StateProj::Reading {
@@ -146,21 +213,32 @@ where
                     headers,
                     mut body,
                     buf,
+                    deadline,
                 } => {
                     let limit = this.options.limit();
                     loop {
                         if buf.len() >= limit {
                             break;
                         }
-                        match ready!(body.as_mut().poll_frame(cx)) {
-                            Some(Ok(frame)) => {
+                        match body.as_mut().poll_frame(cx) {
+                            Poll::Ready(Some(Ok(frame))) => {
                                 if let Ok(data) = frame.into_data() {
                                     let room = limit - buf.len();
                                     buf.extend_from_slice(&data[..data.len().min(room)]);
                                 }
                             }
                             // A body that breaks off is classified on what arrived.
-                            Some(Err(_)) | None => break,
+                            Poll::Ready(Some(Err(_)) | None) => break,
+                            Poll::Pending if deadline.expired(cx) => {
+                                // So is a body that does not arrive in time.
+                                tracing::debug!(
+                                    upstream_status = status.as_u16(),
+                                    read = buf.len(),
+                                    "upstream error body timed out"
+                                );
+                                break;
+                            }
+                            Poll::Pending => return Poll::Pending,
                         }
                     }
                     // The status is an error status, so the classifier always answers; the
@@ -182,49 +260,69 @@ where
                     body,
                     buf,
                     suspect,
+                    deadline,
                 } => {
                     let limit = this.options.limit();
                     let inner = body
                         .as_mut()
                         .expect("ResponseFuture polled after completion");
-                    let first = loop {
-                        if *suspect && buf.len() >= limit {
-                            break None;
-                        }
-                        match ready!(inner.as_mut().poll_frame(cx)) {
-                            Some(Ok(frame)) if *suspect => {
-                                if let Ok(data) = frame.into_data() {
-                                    let room = limit - buf.len();
-                                    buf.extend_from_slice(&data[..data.len().min(room)]);
-                                }
-                            }
+                    let outcome = loop {
+                        let frame = match inner.as_mut().poll_frame(cx) {
+                            Poll::Ready(frame) => frame,
+                            Poll::Pending if deadline.expired(cx) => break Inspected::TimedOut,
+                            Poll::Pending => return Poll::Pending,
+                        };
+                        let data = match frame {
                             Some(Ok(frame)) => match frame.into_data() {
-                                Ok(data) if data.is_empty() => {}
-                                Ok(data) if opens_like_error(&data) => {
-                                    *suspect = true;
-                                    buf.extend_from_slice(&data[..data.len().min(limit)]);
-                                }
-                                Ok(data) => break Some(http_body::Frame::data(data)),
-                                Err(trailers) => break Some(trailers),
+                                Ok(data) => data,
+                                Err(trailers) => break Inspected::End(Some(trailers)),
                             },
-                            Some(Err(_)) if !*suspect => {
-                                // Nothing was handed on yet, so the caller still gets a status.
-                                let err = ApiError::new(
-                                    crate::error::ErrorCode::ServiceUnavailable,
-                                    "The upstream's answer broke off before its first byte.",
-                                )
-                                .with_status(StatusCode::BAD_GATEWAY);
-                                return Poll::Ready(Ok(envelope(&err, None, this.options)));
+                            Some(Err(_)) => break Inspected::BrokeOff,
+                            None => break Inspected::End(None),
+                        };
+                        if data.is_empty() {
+                            continue;
+                        }
+                        if !*suspect {
+                            let verdict = if buf.is_empty() {
+                                // The usual case: the first frame decides, without a copy.
+                                match opening(&data) {
+                                    Opening::NotError => break Inspected::Pass(Some(data)),
+                                    verdict => verdict,
+                                }
+                            } else {
+                                buf.extend_from_slice(&data);
+                                opening(buf)
+                            };
+                            if buf.is_empty() {
+                                buf.extend_from_slice(&data);
                             }
-                            Some(Err(_)) | None => break None,
+                            match verdict {
+                                Opening::NotError => break Inspected::Pass(None),
+                                Opening::Error => *suspect = true,
+                                Opening::NeedMore => continue,
+                            }
+                        } else {
+                            buf.extend_from_slice(&data);
+                        }
+                        if buf.len() > limit {
+                            // Too large to be an error answer worth classifying: handed on
+                            // as it came.
+                            break Inspected::Pass(None);
                         }
                     };
                     let parts = parts
                         .take()
                         .expect("ResponseFuture polled after completion");
                     let body = body.take().expect("ResponseFuture polled after completion");
-                    if *suspect || first.is_none() {
-                        let held = std::mem::take(buf).freeze();
+                    let held = std::mem::take(buf).freeze();
+                    let classify = match &outcome {
+                        Inspected::Pass(_) => false,
+                        // A 200 without a byte where an answer was due is classified too.
+                        Inspected::End(_) | Inspected::BrokeOff => *suspect || held.is_empty(),
+                        Inspected::TimedOut => *suspect,
+                    };
+                    if classify {
                         if let Some(err) = classify_response(parts.status, &parts.headers, &held) {
                             tracing::debug!(code = %err.code(), "normalized an error inside a 200");
                             return Poll::Ready(Ok(envelope(
@@ -233,11 +331,28 @@ where
                                 this.options,
                             )));
                         }
-                        let first = (!held.is_empty()).then(|| http_body::Frame::data(held));
-                        let body = NormalizeBody::prefixed(first, body);
-                        return Poll::Ready(Ok(Response::from_parts(parts, body)));
                     }
-                    let body = NormalizeBody::prefixed(first, body);
+                    let held = (!held.is_empty()).then(|| http_body::Frame::data(held));
+                    let body = match outcome {
+                        Inspected::Pass(Some(first)) => {
+                            NormalizeBody::prefixed(Some(http_body::Frame::data(first)), None, body)
+                        }
+                        Inspected::Pass(None) | Inspected::TimedOut => {
+                            NormalizeBody::prefixed(held, None, body)
+                        }
+                        Inspected::End(trailers) => NormalizeBody::prefixed(held, trailers, body),
+                        Inspected::BrokeOff => {
+                            // Nothing was handed on yet, so the caller still gets a status.
+                            let message = if held.is_none() {
+                                "The upstream's answer broke off before its first byte."
+                            } else {
+                                "The upstream's answer broke off before it finished."
+                            };
+                            let err = ApiError::new(ErrorCode::ServiceUnavailable, message)
+                                .with_status(StatusCode::BAD_GATEWAY);
+                            return Poll::Ready(Ok(envelope(&err, None, this.options)));
+                        }
+                    };
                     return Poll::Ready(Ok(Response::from_parts(parts, body)));
                 }
                 StateProj::Failed { err } => {
@@ -287,15 +402,99 @@ fn may_be_json(headers: &HeaderMap) -> bool {
     }
 }
 
-/// Whether a body's first bytes open like an error object: `{` and, close by, `"error"`.
-/// The classifier has the last word; a false alarm only costs reading the body (bounded).
-fn opens_like_error(data: &[u8]) -> bool {
-    let start = data.iter().position(|b| !b.is_ascii_whitespace());
-    match start {
-        Some(i) if data[i] == b'{' => data[i..]
-            .get(..data.len().min(i + 160) - i)
-            .is_some_and(|head| head.windows(7).any(|w| w == b"\"error\"")),
-        _ => false,
+/// What the opening bytes of a `200` JSON body say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Opening {
+    /// It opens like an error object: read it (bounded) and let the classifier decide.
+    Error,
+    /// It cannot be an error answer: hand it on at once.
+    NotError,
+    /// Too few bytes to tell.
+    NeedMore,
+}
+
+/// Whether a JSON body opens like an error object, the shapes the classifier reads inside a
+/// `200`: `{"error":` followed by an object or a string, `{"type":"error"`,
+/// `{"object":"error"`, possibly inside `[`, whitespace allowed between tokens. `"error":null`
+/// (every Responses API object has it) is not an error, nor is an `"error"` key further in.
+fn opening(data: &[u8]) -> Opening {
+    /// Openings longer than this (whitespace) are not looked at.
+    const WINDOW: usize = 1024;
+    fn skip_ws(d: &[u8], i: &mut usize) {
+        while d.get(*i).is_some_and(u8::is_ascii_whitespace) {
+            *i += 1;
+        }
+    }
+    /// `Some(true)`: `lit` is at `*i` (and `*i` moves past it); `None`: the data ends inside it.
+    fn lit(d: &[u8], i: &mut usize, lit: &[u8]) -> Option<bool> {
+        let rest = &d[(*i).min(d.len())..];
+        let n = rest.len().min(lit.len());
+        if rest[..n] != lit[..n] {
+            return Some(false);
+        }
+        if n < lit.len() {
+            return None;
+        }
+        *i += lit.len();
+        Some(true)
+    }
+    let verdict = (|| {
+        let mut i = 0;
+        skip_ws(data, &mut i);
+        if data.get(i) == Some(&b'[') {
+            i += 1;
+            skip_ws(data, &mut i);
+        }
+        match data.get(i) {
+            None => return Opening::NeedMore,
+            Some(b'{') => i += 1,
+            Some(_) => return Opening::NotError,
+        }
+        skip_ws(data, &mut i);
+        let mut key = None;
+        let mut partial = false;
+        for (k, name) in [&b"\"error\""[..], b"\"type\"", b"\"object\""]
+            .iter()
+            .enumerate()
+        {
+            let mut j = i;
+            match lit(data, &mut j, name) {
+                Some(true) => {
+                    key = Some((k, j));
+                    break;
+                }
+                Some(false) => {}
+                None => partial = true,
+            }
+        }
+        let Some((k, mut j)) = key else {
+            return if partial {
+                Opening::NeedMore
+            } else {
+                Opening::NotError
+            };
+        };
+        skip_ws(data, &mut j);
+        match data.get(j) {
+            None => return Opening::NeedMore,
+            Some(b':') => j += 1,
+            Some(_) => return Opening::NotError,
+        }
+        skip_ws(data, &mut j);
+        match (k, data.get(j)) {
+            (_, None) => Opening::NeedMore,
+            (0, Some(b'{' | b'"')) => Opening::Error,
+            (0, Some(_)) => Opening::NotError,
+            (_, Some(_)) => match lit(data, &mut j, b"\"error\"") {
+                Some(true) => Opening::Error,
+                Some(false) => Opening::NotError,
+                None => Opening::NeedMore,
+            },
+        }
+    })();
+    match verdict {
+        Opening::NeedMore if data.len() > WINDOW => Opening::NotError,
+        verdict => verdict,
     }
 }
 
@@ -304,4 +503,50 @@ fn is_sse(headers: &HeaderMap) -> bool {
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.as_bytes().get(..17))
         .is_some_and(|v| v.eq_ignore_ascii_case(b"text/event-stream"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openings_of_error_objects() {
+        for body in [
+            &b"{\"error\":{\"message\":\"x\"}}"[..],
+            b"  {\n \"error\" : {",
+            b"[{\"error\":\"quota\"",
+            b"{\"type\":\"error\",\"error\":{}}",
+            b"{ \"object\" : \"error\", \"message\": \"x\"}",
+        ] {
+            assert_eq!(opening(body), Opening::Error, "{}", body.escape_ascii());
+        }
+    }
+
+    #[test]
+    fn openings_that_are_not_errors() {
+        for body in [
+            &b"{\"error\":null,\"id\":\"resp_1\"}"[..],
+            b"{\"id\":\"resp_1\",\"object\":\"response\",\"error\":null}",
+            b"{\"id\":\"chatcmpl-1\",\"error\":{\"message\":\"x\"}}",
+            b"{\"type\":\"message\"",
+            b"{\"object\":\"errors\"",
+            b"{\"errors\":[]}",
+            b"\"error\"",
+            b"[1,2]",
+            b"<html>",
+        ] {
+            assert_eq!(opening(body), Opening::NotError, "{}", body.escape_ascii());
+        }
+        assert_eq!(opening(&[b' '; 2000]), Opening::NotError);
+    }
+
+    #[test]
+    fn openings_cut_short_need_more() {
+        let full = b"  [ { \"error\" : {";
+        for n in 0..full.len() {
+            assert_eq!(opening(&full[..n]), Opening::NeedMore, "{n}");
+        }
+        assert_eq!(opening(b"{\"type\":\"err"), Opening::NeedMore);
+        assert_eq!(opening(b"{\""), Opening::NeedMore);
+    }
 }

@@ -10,8 +10,9 @@ pub struct NormalizeErrorsLayer {
 }
 
 impl NormalizeErrorsLayer {
-    /// A layer with the default options: 1 MiB read limit for error bodies, canonical statuses,
-    /// OpenAI type strings, in-band SSE errors rewritten.
+    /// A layer with the default options: 1 MiB read limit and 5 s read timeout for error
+    /// bodies, canonical statuses, OpenAI type strings, in-band SSE errors rewritten in lines up
+    /// to 64 KiB.
     pub const fn new() -> Self {
         NormalizeErrorsLayer {
             options: NormalizeOptions::new(),

@@ -16,16 +16,49 @@
 //!   `service_unavailable` event instead of a cut connection. An empty `200` where an answer was
 //!   due is classified; so, with [`NormalizeOptions::inspect_ok_json`], is a `200` whose JSON
 //!   body is an error object.
-//! - **4xx / 5xx**: the body is read (up to a limit, 1 MiB by default; beyond it the classifier
-//!   works on what was read), classified by [`crate::classify::classify_response`] and replaced
-//!   by the envelope `{"error":{"message","type","code","param"}}` with the code's canonical
-//!   status, `x-should-retry`, `retry-after` / `retry-after-ms` when a wait is known, and the
+//! - **4xx / 5xx**: the body is read (up to a limit, 1 MiB by default, and for at most a time,
+//!   5 s by default; beyond either the classifier works on what was read), classified by
+//!   [`crate::classify::classify_response`] and replaced by the envelope
+//!   `{"error":{"message","type","code","param"}}` with the code's canonical status,
+//!   `x-should-retry`, `retry-after` / `retry-after-ms` when a wait is known, and the
 //!   upstream's `x-ratelimit-*` and request-id headers. The [`ApiError`](crate::error::ApiError)
 //!   is also put in the response extensions, so outer layers (retry, breaker) read it without
 //!   parsing again.
 //! - **transport errors** (connection refused or reset, timeouts from an inner timeout layer):
 //!   `502 service_unavailable` or `504 timeout` envelopes, so the layer's error type is
 //!   [`Infallible`](std::convert::Infallible) and it fits an axum router.
+//!
+//! # Rules
+//!
+//! - **An error body cannot hold the answer.** It is read for at most
+//!   [`NormalizeOptions::error_body_timeout`] (5 s by default, counted from the first time the
+//!   layer waits for it) and up to [`NormalizeOptions::body_limit`] bytes. When either runs
+//!   out, the body is dropped and the answer is classified from its status, its headers and
+//!   the bytes read so far: a `503` head followed by a stalled body is a `503` envelope after
+//!   the timeout, with the head's `retry-after`, not a hang until the upstream gives up.
+//! - **Bodiless answers are not empty answers.** The layer records the request method: the
+//!   answer to a `HEAD` has no body by definition, so it is handed on as it came (never an
+//!   "empty `200`", never inspected, never framed as a stream); `204`, `304` and `1xx` answers
+//!   are handed on too. Only a `200` to another method with a body known to be empty counts as
+//!   an answer that did not come.
+//! - **Streams are framed by line, with a bound.** A line of a `200` event stream ends at
+//!   `\n`, `\r\n` or `\r`. Only `data:` lines carrying an error are rewritten (keeping their
+//!   own line ending); every other byte is handed on unchanged, whatever the chunk boundaries,
+//!   and a chunk of whole lines without an error goes out as the same buffer, without a copy.
+//!   The start of an unfinished line is held until its end arrives, up to
+//!   [`NormalizeOptions::sse_line_limit`] (64 KiB by default); a longer line is handed on
+//!   uninspected as its bytes arrive, and inspection resumes at the next line. What a stream
+//!   can make the layer hold is thus bounded by the limit. Trailers follow the held bytes.
+//! - **Inspection of `200` JSON changes nothing unless it answers with an envelope.** With
+//!   [`NormalizeOptions::inspect_ok_json`], a body is suspect only when it opens like an error
+//!   object: `{"error":` followed by an object or a string, `{"type":"error"` or
+//!   `{"object":"error"` (possibly inside `[`). `"error":null`, which every Responses API
+//!   object carries, is not suspect, nor is an `"error"` key further in. A body that is not
+//!   suspect is handed on from its first frame, frame for frame. A suspect body is read (within
+//!   the read limit and timeout) and classified; unless the classifier finds an error, every
+//!   byte read, the rest of the body and its trailers are handed on unchanged. A suspect body
+//!   larger than the read limit is handed on unchanged without being classified. A body that
+//!   breaks off before anything was handed on is a `502 service_unavailable`.
 //!
 //! # Example
 //!
@@ -71,6 +104,8 @@ mod future;
 mod layer;
 mod service;
 
+use std::time::Duration;
+
 use crate::error::{EnvelopeOptions, TypeStyle};
 
 pub use body::NormalizeBody;
@@ -81,10 +116,18 @@ pub use service::NormalizeErrors;
 /// The default read limit for error bodies: 1 MiB.
 pub const DEFAULT_ERROR_BODY_LIMIT: usize = 1024 * 1024;
 
+/// The default time allowed for reading an error body once its head has arrived: 5 seconds.
+pub const DEFAULT_ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The default longest SSE line that is held back and inspected: 64 KiB.
+pub const DEFAULT_SSE_LINE_LIMIT: usize = 64 * 1024;
+
 /// Options of the normalizer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NormalizeOptions {
     body_limit: usize,
+    body_timeout: Option<Duration>,
+    sse_line_limit: usize,
     envelope: EnvelopeOptions,
     rewrite_sse: bool,
     inspect_ok_json: bool,
@@ -97,19 +140,51 @@ impl Default for NormalizeOptions {
 }
 
 impl NormalizeOptions {
-    /// 1 MiB read limit, canonical statuses, OpenAI type strings, SSE errors rewritten.
+    /// 1 MiB read limit and 5 s read timeout for error bodies, canonical statuses, OpenAI type
+    /// strings, SSE errors rewritten in lines up to 64 KiB.
     pub const fn new() -> Self {
         NormalizeOptions {
             body_limit: DEFAULT_ERROR_BODY_LIMIT,
+            body_timeout: Some(DEFAULT_ERROR_BODY_TIMEOUT),
+            sse_line_limit: DEFAULT_SSE_LINE_LIMIT,
             envelope: EnvelopeOptions::new(),
             rewrite_sse: true,
             inspect_ok_json: false,
         }
     }
 
-    /// How much of an error body is read before classifying (the rest is dropped).
+    /// How much of an error body is read before classifying (the rest is dropped), and how
+    /// much of a suspect `200` body [`inspect_ok_json`](Self::inspect_ok_json) holds before it
+    /// hands the body on unclassified.
     pub const fn body_limit(mut self, bytes: usize) -> Self {
         self.body_limit = bytes;
+        self
+    }
+
+    /// How long an error body (and, with [`inspect_ok_json`](Self::inspect_ok_json), a `200`
+    /// body that is looked at) may take to arrive once its head is in: 5 s by default, `None`
+    /// for no bound.
+    ///
+    /// When the time is up, the body is dropped and the answer is classified from what arrived:
+    /// the status, the headers and the part of the body read so far. An upstream that sends an
+    /// error head and then stalls thus costs at most this long, never the upstream's own
+    /// timeout. The clock is tokio's (the layer needs a runtime with its timer enabled when a
+    /// body does not arrive at once); a duration too large to add to the current instant means
+    /// no bound.
+    pub const fn error_body_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.body_timeout = timeout;
+        self
+    }
+
+    /// The longest line of a `200` event stream that is held back to be inspected for an
+    /// in-band error (64 KiB by default; the length counts the line ending).
+    ///
+    /// The normalizer holds the start of a line until its end arrives. A line longer than this
+    /// is handed on unchanged and uninspected as its bytes arrive; inspection resumes at the
+    /// next line. The memory a stream can make the layer hold is thus bounded by this limit,
+    /// whatever the upstream sends. `0` inspects nothing.
+    pub const fn sse_line_limit(mut self, bytes: usize) -> Self {
+        self.sse_line_limit = bytes;
         self
     }
 
@@ -134,10 +209,15 @@ impl NormalizeOptions {
     /// Whether a `200` JSON answer is looked at for an error object before its head is handed
     /// on (off by default). Some gateways (OpenRouter among them) answer failures with a `200`
     /// whose body is `{"error":{...}}`; with this on, such an answer becomes the envelope with
-    /// the error's own status. The cost, only for `200` answers with a JSON (or no) content
-    /// type: one allocation to hold the body, and the head waits for the first body frame. A
-    /// body that does not open like an error object is handed on as it came, first frame
-    /// included.
+    /// the error's own status.
+    ///
+    /// Only a body that opens like an error object (`{"error":{` or `{"error":"`,
+    /// `{"type":"error"`, `{"object":"error"`) is held and classified; `"error":null` is not.
+    /// Any body that does not turn into an envelope is handed on byte for byte, trailers
+    /// included (see the [module rules](self#rules)). The cost, only for `200` answers with a
+    /// JSON (or no) content type to a method other than `HEAD`: the head waits for the first
+    /// body frame (within [`error_body_timeout`](Self::error_body_timeout)), a timer while it
+    /// waits, and one allocation to hold a suspect body.
     pub const fn inspect_ok_json(mut self, inspect: bool) -> Self {
         self.inspect_ok_json = inspect;
         self
@@ -149,6 +229,14 @@ impl NormalizeOptions {
 
     pub(crate) const fn limit(&self) -> usize {
         self.body_limit
+    }
+
+    pub(crate) const fn timeout(&self) -> Option<Duration> {
+        self.body_timeout
+    }
+
+    pub(crate) const fn line_limit(&self) -> usize {
+        self.sse_line_limit
     }
 
     pub(crate) const fn rewrites_sse(&self) -> bool {

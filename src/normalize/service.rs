@@ -81,7 +81,10 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         match self.ready_error.take() {
             Some(err) => ResponseFuture::error(err, self.options),
-            None => ResponseFuture::new(self.inner.call(req), self.options),
+            None => {
+                let head = req.method() == http::Method::HEAD;
+                ResponseFuture::new(self.inner.call(req), self.options, head)
+            }
         }
     }
 }

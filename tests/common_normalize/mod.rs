@@ -221,6 +221,90 @@ pub async fn start_resetting_upstream() -> SocketAddr {
     addr
 }
 
+/// A raw HTTP/1.1 upstream that answers every request with `head` (status line, headers, the
+/// blank line and possibly the start of a body) and then sends nothing more, keeping the
+/// connection open.
+pub async fn start_stalling_upstream(head: &'static [u8]) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if sock.write_all(head).await.is_err() {
+                    return;
+                }
+                // Hold the connection open, silent, until the peer goes away.
+                let _ = sock.read(&mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream with one `GET /v1/models` route (axum answers `HEAD` on it too); returns its
+/// address and the number of requests it received.
+pub async fn start_models_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let app = Router::new().route(
+        "/v1/models",
+        axum::routing::get(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async {
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Body::from(MODELS))
+                    .unwrap()
+            }
+        }),
+    );
+    (serve(app).await, calls)
+}
+
+/// The body of `GET /v1/models` on [`start_models_upstream`].
+pub const MODELS: &str =
+    r#"{"object":"list","data":[{"id":"gpt-4o","object":"model","owned_by":"system"}]}"#;
+
+/// A Responses API object of about `size` bytes: `"error":null` near its start, as every
+/// such object has.
+pub fn responses_object(size: usize) -> String {
+    let mut body = String::from(
+        r#"{"id":"resp_67ccd2bed1ec8190","object":"response","created_at":1741476542,"status":"completed","error":null,"incomplete_details":null,"instructions":null,"model":"gpt-4.1-2025-04-14","output":[{"type":"message","id":"msg_67ccd2bf","status":"completed","role":"assistant","content":[{"type":"output_text","text":""#,
+    );
+    while body.len() < size {
+        body.push_str("In a peaceful grove beneath a silver moon, a unicorn named Lumina. ");
+    }
+    body.push_str(r#"","annotations":[]}]}],"usage":{"input_tokens":36,"output_tokens":87}}"#);
+    body
+}
+
+/// A body of `frames` followed by one trailer frame `x-checksum: <trailer>`.
+pub fn with_trailer(frames: Vec<Bytes>, trailer: &'static str) -> Body {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-checksum", HeaderValue::from_static(trailer));
+    let frames = frames
+        .into_iter()
+        .map(http_body::Frame::data)
+        .chain(std::iter::once(http_body::Frame::trailers(trailers)))
+        .map(Ok::<_, Infallible>);
+    Body::new(http_body_util::StreamBody::new(futures_util::stream::iter(
+        frames,
+    )))
+}
+
 /// A port nobody listens on.
 pub async fn closed_port() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
