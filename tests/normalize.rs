@@ -1116,3 +1116,29 @@ proptest::proptest! {
         proptest::prop_assert_eq!(got, whole);
     }
 }
+
+#[tokio::test]
+async fn a_200_that_breaks_off_before_its_first_byte_is_a_502_envelope() {
+    let inner = tower::service_fn(|_req: Request<Full<Bytes>>| {
+        let frames: Vec<FrameResult> = vec![Err(std::io::Error::other("connection reset"))];
+        std::future::ready(Ok::<_, std::io::Error>(
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(StreamBody::new(futures_util::stream::iter(frames)))
+                .unwrap(),
+        ))
+    });
+    let res = NormalizeErrorsLayer::with_options(NormalizeOptions::new().inspect_ok_json(true))
+        .layer(inner)
+        .oneshot(Request::new(Full::default()))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let json: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["error"]["code"], "service_unavailable");
+    assert_eq!(
+        json["error"]["message"],
+        "The upstream's answer broke off before its first byte."
+    );
+}
