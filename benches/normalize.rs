@@ -1,5 +1,6 @@
 //! The normalizer's cost on the success path, against the bare inner service in the same run,
-//! and the classifier's time per recorded error response.
+//! the time to frame a clean event stream, and the classifier's time per recorded error
+//! response.
 
 use std::convert::Infallible;
 use std::hint::black_box;
@@ -100,5 +101,57 @@ fn classification(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, success_path, classification);
+type Frames = http_body_util::StreamBody<
+    futures_util::stream::Iter<std::vec::IntoIter<Result<http_body::Frame<Bytes>, Infallible>>>,
+>;
+
+/// A `200` event stream of 64 chunks of 16 events each, split inside lines (as a network splits
+/// them), through the layer and drained.
+fn sse_stream(c: &mut Criterion) {
+    use http_body_util::BodyExt;
+    let mut stream = Vec::new();
+    for i in 0..1024 {
+        stream.extend_from_slice(
+            format!("data: {{\"id\":\"c1\",\"choices\":[{{\"delta\":{{\"content\":\"tok{i}\"}}}}]}}\n\n")
+                .as_bytes(),
+        );
+    }
+    let stream = Bytes::from(stream);
+    let chunk = stream.len().div_ceil(64) + 7;
+    let chunks: Vec<Bytes> = (0..stream.len())
+        .step_by(chunk)
+        .map(|i| stream.slice(i..(i + chunk).min(stream.len())))
+        .collect();
+    let inner = tower::service_fn(move |_req: Request<Full<Bytes>>| {
+        let frames: Vec<_> = chunks
+            .iter()
+            .map(|c| Ok(http_body::Frame::data(c.clone())))
+            .collect();
+        let body: Frames = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        std::future::ready(Ok::<_, Infallible>(
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(body)
+                .unwrap(),
+        ))
+    });
+    let mut layered = NormalizeErrorsLayer::new().layer(inner);
+    let mut group = c.benchmark_group("normalize/sse");
+    group.warm_up_time(std::time::Duration::from_secs(1));
+    group.measurement_time(std::time::Duration::from_secs(3));
+    group.throughput(Throughput::Bytes(stream.len() as u64));
+    group.bench_function("1024_events_in_64_chunks", |b| {
+        b.iter(|| {
+            let mut body = call(&mut layered).into_body();
+            let mut n = 0;
+            while let Some(frame) = body.frame().now_or_never().unwrap() {
+                n += frame.unwrap().into_data().unwrap().len();
+            }
+            black_box(n)
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, success_path, sse_stream, classification);
 criterion_main!(benches);

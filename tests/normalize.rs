@@ -965,3 +965,180 @@ async fn inspection_keeps_trailers_and_frames_of_a_normal_200() {
     assert_eq!(got, sent);
     assert_eq!(trailers.unwrap()["x-checksum"], "abc");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_suspect_200_that_stalls_is_handed_on_after_the_read_timeout() {
+    // Opens like an error object, then nothing more: the head goes out when the read timeout
+    // fires, with the bytes read so far, and the body goes on as the upstream sends it.
+    let first: &'static str = r#"{"error":{"message":"Rate limit reached for requests","#;
+    let svc = NormalizeErrorsLayer::with_options(NormalizeOptions::new().inspect_ok_json(true))
+        .layer(stalling_upstream(200, "application/json", first));
+    let start = tokio::time::Instant::now();
+    let res = tokio::time::timeout(
+        Duration::from_secs(600),
+        svc.oneshot(Request::new(Full::default())),
+    )
+    .await
+    .expect("the head waited on a stalled 200 body")
+    .unwrap();
+    assert_eq!(
+        start.elapsed(),
+        llm_layers::normalize::DEFAULT_ERROR_BODY_TIMEOUT
+    );
+    assert_eq!(res.status(), 200);
+    let mut body = res.into_body();
+    let frame = body.frame().await.unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), first.as_bytes());
+}
+
+#[tokio::test]
+async fn a_suspect_200_that_breaks_off_is_a_502_envelope() {
+    let inner = tower::service_fn(|_req: Request<Full<Bytes>>| {
+        let frames: Vec<FrameResult> = vec![
+            Ok(http_body::Frame::data(Bytes::from_static(
+                b"{\"error\":{\"mess",
+            ))),
+            Err(std::io::Error::other("connection reset")),
+        ];
+        std::future::ready(Ok::<_, std::io::Error>(
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(StreamBody::new(futures_util::stream::iter(frames)))
+                .unwrap(),
+        ))
+    });
+    let res = NormalizeErrorsLayer::with_options(NormalizeOptions::new().inspect_ok_json(true))
+        .layer(inner)
+        .oneshot(Request::new(Full::default()))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(res.headers()["x-should-retry"], "true");
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let json: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["error"]["code"], "service_unavailable");
+    assert_eq!(
+        json["error"]["message"],
+        "The upstream's answer broke off before it finished."
+    );
+}
+
+// ---------- SSE framing under any chunking ----------
+
+/// Runs `chunks` as a `200` event stream through the layer, in process; returns the bytes.
+fn through_layer(chunks: Vec<Bytes>, options: NormalizeOptions) -> Vec<u8> {
+    use futures_util::FutureExt;
+    let inner = tower::service_fn(move |_req: Request<Full<Bytes>>| {
+        let frames: Vec<FrameResult> = chunks
+            .iter()
+            .map(|c| Ok(http_body::Frame::data(c.clone())))
+            .collect();
+        std::future::ready(Ok::<_, std::io::Error>(
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(StreamBody::new(futures_util::stream::iter(frames)))
+                .unwrap(),
+        ))
+    });
+    let res = NormalizeErrorsLayer::with_options(options)
+        .layer(inner)
+        .oneshot(Request::new(Full::default()))
+        .now_or_never()
+        .unwrap()
+        .unwrap();
+    let body = res.into_body().collect().now_or_never().unwrap().unwrap();
+    body.to_bytes().to_vec()
+}
+
+fn split_at(data: &[u8], cuts: &[usize]) -> Vec<Bytes> {
+    let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (data.len() + 1)).collect();
+    cuts.sort_unstable();
+    let mut out = Vec::new();
+    let mut start = 0;
+    for c in cuts.into_iter().chain([data.len()]) {
+        out.push(Bytes::copy_from_slice(&data[start..c]));
+        start = c;
+    }
+    out
+}
+
+const CLEAN_LINES: [&str; 7] = [
+    "event: message_start",
+    "data: {\"id\":\"c1\",\"choices\":[{\"delta\":{\"content\":\"an error\"}}]}",
+    "data: {\"type\":\"response.created\",\"response\":{\"error\":null}}",
+    ": keep-alive",
+    "id: 7",
+    "",
+    "data: [DONE]",
+];
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn a_clean_stream_is_byte_identical_under_any_chunking_and_line_endings(
+        lines in proptest::collection::vec((0..CLEAN_LINES.len(), 0..3usize), 1..24),
+        cuts in proptest::collection::vec(0..4096usize, 0..12),
+        limit in proptest::prop_oneof![proptest::strategy::Just(64 * 1024), 0..96usize],
+    ) {
+        let mut sent = Vec::new();
+        for (line, ending) in lines {
+            sent.extend_from_slice(CLEAN_LINES[line].as_bytes());
+            sent.extend_from_slice([&b"\n"[..], b"\r\n", b"\r"][ending]);
+        }
+        let options = NormalizeOptions::new().sse_line_limit(limit);
+        let got = through_layer(split_at(&sent, &cuts), options);
+        proptest::prop_assert_eq!(got, sent);
+    }
+
+    #[test]
+    fn an_error_event_is_rewritten_the_same_under_any_chunking(
+        before in proptest::collection::vec(0..CLEAN_LINES.len(), 0..6),
+        ending in 0..3usize,
+        cuts in proptest::collection::vec(0..1024usize, 0..8),
+    ) {
+        let end = [&b"\n"[..], b"\r\n", b"\r"][ending];
+        let mut sent = Vec::new();
+        for line in before {
+            sent.extend_from_slice(CLEAN_LINES[line].as_bytes());
+            sent.extend_from_slice(end);
+        }
+        sent.extend_from_slice(
+            b"data: {\"error\":{\"message\":\"Overloaded\",\"type\":\"server_error\"}}",
+        );
+        sent.extend_from_slice(end);
+        sent.extend_from_slice(end);
+        let whole = through_layer(vec![Bytes::from(sent.clone())], NormalizeOptions::new());
+        proptest::prop_assert!(
+            std::str::from_utf8(&whole).unwrap().contains("\"code\":\"service_unavailable\"")
+        );
+        let got = through_layer(split_at(&sent, &cuts), NormalizeOptions::new());
+        proptest::prop_assert_eq!(got, whole);
+    }
+}
+
+#[tokio::test]
+async fn a_200_that_breaks_off_before_its_first_byte_is_a_502_envelope() {
+    let inner = tower::service_fn(|_req: Request<Full<Bytes>>| {
+        let frames: Vec<FrameResult> = vec![Err(std::io::Error::other("connection reset"))];
+        std::future::ready(Ok::<_, std::io::Error>(
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(StreamBody::new(futures_util::stream::iter(frames)))
+                .unwrap(),
+        ))
+    });
+    let res = NormalizeErrorsLayer::with_options(NormalizeOptions::new().inspect_ok_json(true))
+        .layer(inner)
+        .oneshot(Request::new(Full::default()))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let json: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["error"]["code"], "service_unavailable");
+    assert_eq!(
+        json["error"]["message"],
+        "The upstream's answer broke off before its first byte."
+    );
+}

@@ -319,8 +319,8 @@ where
                     let classify = match &outcome {
                         Inspected::Pass(_) => false,
                         // A 200 without a byte where an answer was due is classified too.
-                        Inspected::End(_) | Inspected::BrokeOff => *suspect || held.is_empty(),
-                        Inspected::TimedOut => *suspect,
+                        Inspected::End(_) => *suspect || held.is_empty(),
+                        Inspected::BrokeOff | Inspected::TimedOut => *suspect,
                     };
                     if classify {
                         if let Some(err) = classify_response(parts.status, &parts.headers, &held) {
