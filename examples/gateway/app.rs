@@ -63,7 +63,7 @@ use axum::Router;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use llm_layers::normalize::NormalizeErrorsLayer;
+use llm_layers::normalize::{NormalizeErrorsLayer, NormalizeOptions};
 use llm_layers::stack::{ConfigError, Stack};
 use llm_layers::{ApiError, ErrorCode};
 use serde::Deserialize;
@@ -407,7 +407,10 @@ pub fn upstream_with(
         .layer(stack.retry())
         .layer(stack.breaker())
         .map_response(IntoResponse::into_response)
-        .layer(NormalizeErrorsLayer::new())
+        // The attempt timeout covers the head; the error body is read within the same bound.
+        .layer(NormalizeErrorsLayer::with_options(
+            NormalizeOptions::new().error_body_timeout(Some(stack.attempt_timeout())),
+        ))
         .timeout(stack.attempt_timeout())
         .service(http_client(base, key, tls));
     BoxCloneSyncService::new(svc)

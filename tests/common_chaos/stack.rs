@@ -164,7 +164,7 @@ pub fn gateway(seed: u64, faults: Faults, key_by: KeyBy, mirror_capacity: usize)
         .limits(
             Limits::new()
                 .requests(Quota::per_minute(600).burst(100))
-                .tokens(Quota::per_minute(2_000_000).burst(2_000_000))
+                .tokens(Quota::per_minute(20_000_000).burst(20_000_000))
                 .concurrency(PER_CLIENT_CONCURRENCY),
         )
         .global(Limits::new().concurrency(GLOBAL_CONCURRENCY))
