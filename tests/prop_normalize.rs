@@ -33,6 +33,9 @@ fn config() -> ProptestConfig {
         failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
             "proptest-regressions",
         ))),
+        // Generators filter a few percent of their values; allow that at any case count.
+        max_local_rejects: cases.max(65_536),
+        max_global_rejects: (cases / 10).max(1024),
         ..ProptestConfig::with_cases(cases)
     }
 }
