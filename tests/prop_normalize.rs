@@ -323,7 +323,17 @@ fn layout(events: &[(bool, Vec<String>)], ending: Ending, picks: &[u8]) -> Vec<L
 /// events above all, even when a line alone looks like an error). Returns the bytes and,
 /// for each line, `(input offset after it, output offset after it)`, and the number of lines
 /// rewritten.
-fn expected(lines: &[Line]) -> (Vec<u8>, Vec<u8>, Vec<(usize, usize)>, usize) {
+/// The input of a laid-out stream and what must come out of it.
+struct Expected {
+    input: Vec<u8>,
+    out: Vec<u8>,
+    /// `(input offset, output offset)` after each line.
+    marks: Vec<(usize, usize)>,
+    /// The lines rewritten to the envelope.
+    rewritten: usize,
+}
+
+fn expected(lines: &[Line]) -> Expected {
     let mut input = Vec::new();
     let mut out = Vec::new();
     let mut marks = Vec::new();
@@ -347,7 +357,12 @@ fn expected(lines: &[Line]) -> (Vec<u8>, Vec<u8>, Vec<(usize, usize)>, usize) {
         out.extend_from_slice(l.end.as_bytes());
         marks.push((input.len(), out.len()));
     }
-    (input, out, marks, rewritten)
+    Expected {
+        input,
+        out,
+        marks,
+        rewritten,
+    }
 }
 
 /// Checks a run against the expected stream: same bytes in the end, and after each chunk a
@@ -408,7 +423,12 @@ proptest! {
     ) {
         let events: Vec<(bool, Vec<String>)> = events.into_iter().map(|e| (false, e)).collect();
         let lines = layout(&events, ending, &picks);
-        let (input, want, marks, rewritten) = expected(&lines);
+        let Expected {
+            input,
+            out: want,
+            marks,
+            rewritten,
+        } = expected(&lines);
         prop_assert_eq!(rewritten, 0);
         prop_assert_eq!(&input, &want);
         let run = run(sse_options(), "text/event-stream", chunks(&input, &cuts, empty));
@@ -435,7 +455,12 @@ proptest! {
             .chain(after.iter().map(|e| (false, e.clone())))
             .collect();
         let lines = layout(&events, ending, &picks);
-        let (input, want, marks, rewritten) = expected(&lines);
+        let Expected {
+            input,
+            out: want,
+            marks,
+            rewritten,
+        } = expected(&lines);
         prop_assert_eq!(rewritten, errors.len(), "every error event is one rewritten line");
         let run = run(sse_options(), content_type, chunks(&input, &cuts, false));
         check_stream(&run, &want, &marks, input.len())?;
