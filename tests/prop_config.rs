@@ -121,6 +121,15 @@ fn f32x() -> impl Strategy<Value = f32> {
     ]
 }
 
+/// Mostly a value the builder accepts, else an extreme: valid settings reach the request
+/// paths, where the arithmetic happens.
+fn mostly<T: std::fmt::Debug + Clone + 'static>(
+    valid: impl Strategy<Value = T> + 'static,
+    extreme: impl Strategy<Value = T> + 'static,
+) -> BoxedStrategy<T> {
+    prop_oneof![2 => valid, 1 => extreme].boxed()
+}
+
 // ---------- requests ----------
 
 const CHAT: &str =
@@ -260,9 +269,10 @@ fn check_refusal(e: &ConfigError, layer: &str, fields: &[&str]) -> Result<(), Te
     prop_assert_eq!(e.layer(), layer);
     prop_assert!(!e.message().is_empty(), "{}", e);
     prop_assert!(
-        fields
-            .iter()
-            .any(|f| e.field() == *f || e.field().starts_with(&format!("{f}."))),
+        fields.iter().any(|f| e
+            .field()
+            .strip_prefix(*f)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))),
         "`{}` is not a setting of the {} layer: {}",
         e.field(),
         layer,
@@ -287,12 +297,22 @@ struct RetrySettings {
 
 fn retry_settings() -> impl Strategy<Value = RetrySettings> {
     (
-        (u32x(), dur(), dur(), dur(), dur()),
+        (
+            mostly(1u32..=10, u32x()),
+            dur(),
+            dur(),
+            dur(),
+            mostly(Just(Duration::ZERO), dur()),
+        ),
         (
             proptest::option::of(dur()),
             proptest::option::of(dur()),
-            usizex(),
-            proptest::option::of((dur(), u32x(), f32x())),
+            mostly(1usize..1 << 20, usizex()),
+            proptest::option::of((
+                mostly((1u64..=60).prop_map(Duration::from_secs), dur()),
+                u32x(),
+                mostly(0.0f32..=1000.0, f32x()),
+            )),
             any::<u64>(),
         ),
     )
@@ -337,20 +357,20 @@ fn breaker_settings() -> impl Strategy<Value = BreakerSettings> {
                 0u8..3,
                 prop::sample::select(vec![0usize, 1, 2, 10, 100, 65_535]),
                 dur(),
-                u32x(),
+                mostly(1u32..5, u32x()),
             ),
-            f64x(),
-            proptest::option::of((dur(), f64x())),
-            u64x(),
-            u32x(),
+            mostly(1e-9f64..=100.0, f64x()),
+            proptest::option::of((dur(), mostly(1e-9f64..=100.0, f64x()))),
+            mostly(1u64..4, u64x()),
+            mostly(1u32..=65_535, u32x()),
             dur(),
         ),
         (
             dur(),
-            proptest::option::of((f64x(), dur())),
-            f64x(),
-            usizex(),
-            usizex(),
+            proptest::option::of((mostly(1.0f64..1e6, f64x()), dur())),
+            mostly(0.0f64..=1.0, f64x()),
+            mostly(1usize..1 << 20, usizex()),
+            mostly(1usize..1 << 20, usizex()),
         ),
     )
         .prop_map(
@@ -417,7 +437,12 @@ const BREAKER_FIELDS: &[&str] = &[
 ];
 
 fn quota() -> impl Strategy<Value = Quota> {
-    (u64x(), dur(), u32x()).prop_map(|(n, period, burst)| Quota::new(n, period).burst(burst))
+    (
+        mostly(1u64..1000, u64x()),
+        dur(),
+        mostly(1u32..1000, u32x()),
+    )
+        .prop_map(|(n, period, burst)| Quota::new(n, period).burst(burst))
 }
 
 fn limits() -> impl Strategy<Value = Limits> {
@@ -479,7 +504,7 @@ proptest! {
 
     /// The circuit breaker: every extreme is refused naming its field, or served without a
     /// panic.
-    #[ignore = "fails until issue 11 item 22: a probe_timeout near Duration::MAX overflows the probe deadline per request"]
+    #[ignore = "fails until issue 11 item 22: a probe_timeout near Duration::MAX overflows the probe deadline per request; an open duration (or its backoff maximum) near Duration::MAX panics in from_secs_f64"]
     #[test]
     fn breaker_extremes_build_or_refuse(s in breaker_settings(), script in answers(), gaps in gaps()) {
         match breaker_builder(&s).build() {
@@ -501,7 +526,7 @@ proptest! {
 
     /// The rate limiter: quotas of any count, period and burst, concurrency, waits and sweeps
     /// are refused naming the field, or served without a panic.
-    #[ignore = "fails until issue 11 item 22: quota arithmetic overflows (u64 * u64 in the store, governor) per request"]
+    #[ignore = "fails until issue 11 items 22 and 13: quota arithmetic overflows for huge periods and bursts (governor); an upstream usage of u64::MAX tokens overflows the bucket on the next request"]
     #[test]
     fn rate_limit_extremes_build_or_refuse(
         defaults in limits(),
@@ -574,7 +599,7 @@ proptest! {
 
     /// A TOML stack with extreme numbers: refused naming the key, or its layers, stacked in
     /// the recommended order, serve requests without a panic.
-    #[ignore = "fails until issue 11 item 22: open_ms above 300 s is refused as breaker.open_backoff, which is not a key"]
+    #[ignore = "fails until issue 11 item 22: open_ms above 300 s is refused as breaker.open_backoff, which is not a key; rpm = 1 with a burst near u32::MAX overflows governor"]
     #[test]
     fn stack_extremes_build_or_refuse(
         rpm in u64x(), burst in proptest::option::of(u32x()), tpm in proptest::option::of(u64x()),
