@@ -1,7 +1,7 @@
 //! `classify_response_at`: any status, up to four headers, any body.
 //!
 //! Input: two bytes of status, a byte of "now", then headers as `name index, length, value`
-//! triples while the next byte is below 16; the rest is the body.
+//! triples while the next byte is below 16, then that byte; the rest is the body.
 #![no_main]
 
 use std::time::{Duration, UNIX_EPOCH};
@@ -36,7 +36,11 @@ fuzz_target!(|data: &[u8]| {
     let mut headers = HeaderMap::new();
     let mut rest = rest;
     while let [n, len, tail @ ..] = rest {
-        if *n >= 16 || headers.len() >= 4 {
+        if *n >= 16 {
+            rest = &rest[1..];
+            break;
+        }
+        if headers.len() >= 4 {
             break;
         }
         let len = usize::from(*len).min(tail.len());
