@@ -412,7 +412,6 @@ proptest! {
 
     /// A stream without an error event comes out byte for byte as it went in, whatever the
     /// chunk boundaries and line ends, each line handed on once it is complete.
-    #[ignore = "fails on today's code: CR line ends are not line ends to the SSE framing (held to the end, later events dropped; see item 9), and a line of a multi-line data event is classified alone"]
     #[test]
     fn sse_without_errors_is_byte_identical(
         events in prop::collection::vec(normal_event(), 0..8),
@@ -437,7 +436,6 @@ proptest! {
 
     /// In-band error events are rewritten to the envelope form, everything else stays, with
     /// any chunk boundaries and line ends.
-    #[ignore = "fails on today's code: CR line ends are not line ends to the SSE framing (held to the end, events after an error dropped; see item 9)"]
     #[test]
     fn sse_error_events_are_rewritten(
         before in prop::collection::vec(normal_event(), 0..4),
@@ -469,7 +467,6 @@ proptest! {
     /// A `200` JSON answer that is no error comes out byte for byte with `inspect_ok_json`
     /// on, whatever the read limit and the chunk boundaries (a Responses API object carries
     /// `"error":null` near its start).
-    #[ignore = "fails until issue 11 item 17: inspect_ok_json cuts a non-error body at the read limit"]
     #[test]
     fn ok_json_without_error_is_byte_identical(
         text in content(),
@@ -517,7 +514,6 @@ proptest! {
     /// A line longer than any sane event (over 256 KiB, no line end yet) is not held back
     /// whole: the normalizer keeps a bounded buffer and hands the bytes on, and the stream
     /// still comes out byte for byte.
-    #[ignore = "fails until issue 11 item 9: the SSE line buffer has no bound"]
     #[test]
     fn sse_long_lines_are_not_held(
         unit in "[a-zA-Z0-9 ]{1,16}",

@@ -88,7 +88,6 @@ proptest! {
     #![proptest_config(config())]
 
     /// Any text: no panic, and no parser answers a wait above the one-year cap.
-    #[ignore = "fails until issue 11 item 22: HTTP-date and RFC 3339 waits skip the one-year cap"]
     #[test]
     fn no_parser_answers_above_the_cap(text in hint_text(), now in 0u64..=LAST_SECOND) {
         let now = at(now);
@@ -106,7 +105,6 @@ proptest! {
     }
 
     /// Any header values: no panic, and the header waits stay within the cap.
-    #[ignore = "fails until issue 11 item 22: HTTP-date and RFC 3339 waits skip the one-year cap"]
     #[test]
     fn header_waits_stay_within_the_cap(
         values in prop::collection::vec((0usize..10, hint_text()), 0..5),
@@ -140,7 +138,6 @@ proptest! {
     }
 
     /// `retry-after` in whole seconds is that wait; `retry-after-ms` wins over it.
-    #[ignore = "fails on today's code: a large retry-after-ms (4480943326) reads one millisecond longer (float rounding in parse_millis)"]
     #[test]
     fn retry_after_seconds_and_ms(secs in 0u64..=CAP.as_secs(), ms in 0u64..=CAP.as_millis() as u64) {
         let now = at(1_700_000_000);
@@ -165,7 +162,6 @@ proptest! {
     }
 
     /// An HTTP-date is the time from `now` to it (zero when past), within the cap.
-    #[ignore = "fails until issue 11 item 22: HTTP-date and RFC 3339 waits skip the one-year cap"]
     #[test]
     fn http_dates_are_relative_to_now(now in 0u64..=LAST_SECOND, date in 0u64..=LAST_SECOND) {
         let got = wait::parse_retry_after(&httpdate::fmt_http_date(at(date)), at(now));
@@ -261,7 +257,6 @@ proptest! {
     }
 
     /// An Anthropic reset timestamp is a wait from `now`, within the cap.
-    #[ignore = "fails until issue 11 item 22: HTTP-date and RFC 3339 waits skip the one-year cap"]
     #[test]
     fn anthropic_resets_stay_within_the_cap(now in 0u64..=LAST_SECOND, ahead in 0u64..LAST_SECOND) {
         let reset = now.saturating_add(ahead).min(LAST_SECOND);

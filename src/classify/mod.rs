@@ -175,11 +175,11 @@ pub fn classify_response_at(
     }
     let is_html = html::looks_html(content_type, body);
     let (code, msg) = html::classify(s, body, is_html);
-    let err = ApiError::new(code, scrub::finish(&msg)).with_provider(if is_html {
-        "html"
-    } else {
-        "text"
-    });
+    let mut msg = scrub::finish(&msg);
+    if msg.is_empty() {
+        msg = format!("upstream answered with status {s} ({code})");
+    }
+    let err = ApiError::new(code, msg).with_provider(if is_html { "html" } else { "text" });
     Some(finish(err, status, headers, now, true))
 }
 
@@ -277,13 +277,19 @@ fn from_fields(status: u16, f: &mut Fields, headers: &HeaderMap, now: SystemTime
         _ => status,
     };
     let verdict = rules::decide(effective, f);
-    let message = match &f.message {
-        Some(m) => scrub::finish(m),
-        None => scrub::finish(&format!(
-            "upstream answered with status {effective} ({})",
-            verdict.code
-        )),
-    };
+    // A message that is empty once scrubbed and folded (`""`, `" "`, control characters
+    // only) says nothing: the status and code say it instead.
+    let message = f
+        .message
+        .as_deref()
+        .map(scrub::finish)
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| {
+            scrub::finish(&format!(
+                "upstream answered with status {effective} ({})",
+                verdict.code
+            ))
+        });
     let mut err = ApiError::new(verdict.code, message).with_provider(f.family);
     if let Some(p) = f.param.as_deref().filter(|p| p.len() <= 128) {
         err = err.with_param(scrub::finish(p));
@@ -428,7 +434,9 @@ pub fn classify_sse_event(data: &[u8]) -> Option<ApiError> {
     let mut f = match envelope::parse(data, true) {
         Parsed::Error(f) => *f,
         Parsed::NoError => return None,
-        Parsed::NotJson if contains(data, b"\"error\"") => {
+        // A truncated payload (one line of a multi-line event, a cut chunk) counts only when
+        // `"error"` stands in it as a key: `{"text":"error",` is content, not an error.
+        Parsed::NotJson if has_error_key(data) => {
             let text = String::from_utf8_lossy(&data[..data.len().min(16 * 1024)]);
             envelope::from_broken_json(&text)
         }
@@ -440,6 +448,19 @@ pub fn classify_sse_event(data: &[u8]) -> Option<ApiError> {
         &HeaderMap::new(),
         SystemTime::now(),
     ))
+}
+
+/// Whether `"error"` appears in `data` as an object key (followed by `:`).
+fn has_error_key(data: &[u8]) -> bool {
+    let key = b"\"error\"";
+    let mut rest = data;
+    while let Some(i) = rest.windows(key.len()).position(|w| w == key) {
+        rest = &rest[i + key.len()..];
+        if rest.trim_ascii_start().starts_with(b":") {
+            return true;
+        }
+    }
+    false
 }
 
 /// Walks a raw SSE body (`event:` / `data:` lines, events separated by blank lines, `\r\n`

@@ -71,6 +71,11 @@ fn is_token_char(c: char) -> bool {
 ///    model names (`gpt-4o-2024-08-06`, `Qwen2.5-72B-Instruct`) do not. A key of fewer than
 ///    32 characters without digits is not reliably told from a word.
 ///
+/// 5. it follows a word naming the credential (`key`, `provided`, `token`, `secret`,
+///    `api_key`, `password`) and at most three separators (`API key provided: ...`, `key=...`),
+///    has at least 12 characters and is not a plain lower-case word: there any shape is a key
+///    (base64 with `/`, short unprefixed keys without digits).
+///
 /// Paths and URLs (a token opening with `/`, as `//host/...` after `https:`) are judged piece
 /// by piece between slashes, so only the secret piece goes. Tokens opening with an id prefix
 /// (`req_`, `chatcmpl-`, `org-`, `file-`, ...) are kept for rules 3 and 4: request ids stay
@@ -85,8 +90,13 @@ pub fn scrub(text: &str) -> String {
         let end = tail.find(|c| !is_token_char(c)).unwrap_or(tail.len());
         let run = &tail[..end];
         let token = run.trim_end_matches(['.', '/']);
+        let named =
+            token.len() >= 12 && (after_key_word(&out) || after_bearer(&out)) && !is_word(token);
         if token.is_empty() {
             out.push_str(run);
+        } else if named {
+            // Quoted where a key is named: a key whatever its shape.
+            mask_token(token, true, &mut out);
         } else if token.starts_with('/') {
             // A path or the rest of a URL: each piece on its own.
             for (i, piece) in token.split('/').enumerate() {
@@ -106,6 +116,34 @@ pub fn scrub(text: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// Words that name the credential right before the token (`Incorrect API key provided: ...`,
+/// `key=...`, `invalid token '...'`).
+const KEY_WORDS: [&str; 8] = [
+    "key", "provided", "token", "secret", "api-key", "api_key", "apikey", "password",
+];
+
+/// Whether `out` ends with a word of [`KEY_WORDS`] and at most three separators
+/// (`: `, ` (`, `='`, `:\n`).
+fn after_key_word(out: &str) -> bool {
+    let t = out.trim_end_matches([' ', ':', '=', '(', '\'', '"', '\n', '\t']);
+    if !(1..=3).contains(&(out.len() - t.len())) {
+        return false;
+    }
+    KEY_WORDS.iter().any(|w| {
+        t.len() >= w.len()
+            && t.is_char_boundary(t.len() - w.len())
+            && t[t.len() - w.len()..].eq_ignore_ascii_case(w)
+            && !t[..t.len() - w.len()].ends_with(|c: char| c.is_ascii_alphanumeric())
+    })
+}
+
+/// A plain word (lower-case letters, an optional capital first): not a credential.
+fn is_word(token: &str) -> bool {
+    let mut chars = token.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_lowercase() || c == '-' || c == '_')
 }
 
 fn after_bearer(out: &str) -> bool {

@@ -111,6 +111,11 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 fn parse_millis(v: &str) -> Option<Duration> {
+    // Whole milliseconds (the usual form) are exact; a float would round large values up.
+    if let Ok(ms) = v.trim().parse::<u64>() {
+        let wait = Duration::from_millis(ms);
+        return (wait <= MAX_WAIT).then_some(wait);
+    }
     let ms: f64 = v.parse().ok()?;
     from_secs_f64(ms / 1000.0)
 }

@@ -397,9 +397,14 @@ impl Stack {
         if let Some(n) = v.body_limit {
             b = b.body_limit(n);
         }
-        let validate = b
-            .build()
-            .map_err(|e| refuse(format!("validation.{}", e.field()), e.message().to_owned()))?;
+        let validate = b.build().map_err(|e| {
+            // The builder names its methods; the file's key is the plural table.
+            let field = match e.field() {
+                "context_window" => "context_windows",
+                other => other,
+            };
+            refuse(format!("validation.{field}"), e.message().to_owned())
+        })?;
 
         let r = &config.rate_limit;
         let mut b = RateLimitLayer::builder().limits(r.defaults.to_limits("rate_limit.defaults")?);
@@ -505,6 +510,7 @@ impl Stack {
                 "slow_calls" => "slow_call_rate",
                 // The multiplier has no key: only the maximum can be wrong here.
                 "open_backoff" => "max_open_ms",
+                "fallback" | "fallback_model" => "fallback_model",
                 other => other,
             };
             refuse(format!("breaker.{field}"), e.message().to_owned())
@@ -687,10 +693,21 @@ fn key_store(keys: &[toml::Table]) -> Result<InMemoryKeyStore, ConfigError> {
                     .and_then(|n| n.parse::<usize>().ok())
                 {
                     Some(n) => {
-                        let line = doc.lines().nth(n.saturating_sub(1)).unwrap_or("");
+                        let lines: Vec<&str> = doc.lines().collect();
+                        let line = lines.get(n.saturating_sub(1)).copied().unwrap_or("");
+                        // A value of a nested table sits under its own header (`[keys.labels]`).
+                        let within = lines[..n.saturating_sub(1).min(lines.len())]
+                            .iter()
+                            .rev()
+                            .map(|l| l.trim())
+                            .find(|l| l.starts_with('['))
+                            .map(|h| h.trim_matches(|c| c == '[' || c == ']').trim())
+                            .and_then(|h| h.strip_prefix("keys."))
+                            .map(|sub| format!(".{sub}"))
+                            .unwrap_or_default();
                         match line.split_once('=') {
-                            Some((name, _)) => format!("keys[{i}].{}", name.trim()),
-                            None => format!("keys[{i}]"),
+                            Some((name, _)) => format!("keys[{i}]{within}.{}", name.trim()),
+                            None => format!("keys[{i}]{within}"),
                         }
                     }
                     None => format!("keys[{i}]"),
@@ -723,8 +740,16 @@ fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
             .trim()
             .to_owned()
     };
+    // Only text that can be a TOML path names a field: a broken header line
+    // (`[secret = "sk-..."`) is not echoed.
+    let path_like = |s: &str| {
+        s.len() <= 200
+            && s.chars().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '"' | '/' | ' ')
+            })
+    };
     let table = if line.starts_with('[') {
-        Some(header(line))
+        Some(header(line)).filter(|h| path_like(h))
     } else {
         text[..line_start]
             .lines()
@@ -732,11 +757,12 @@ fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
             .map(str::trim)
             .find(|l| l.starts_with('['))
             .map(header)
+            .filter(|h| path_like(h))
     };
     let key = line
         .split_once('=')
         .map(|(k, _)| k.trim())
-        .filter(|k| !k.is_empty() && !k.starts_with('['));
+        .filter(|k| !k.is_empty() && !k.starts_with('[') && path_like(k));
     let table = table.filter(|t| !t.is_empty());
     let field = match (table, key) {
         (Some(t), Some(k)) => format!("{t}.{k}"),
