@@ -95,8 +95,9 @@ pub fn scrub(text: &str) -> String {
         if token.is_empty() {
             out.push_str(run);
         } else if named {
-            // Quoted where a key is named: a key whatever its shape.
-            mask_token(token, true, &mut out);
+            // Quoted where a key is named: a key whatever its shape, masked as a whole.
+            out.push_str("...");
+            out.push_str(last4(token));
         } else if token.starts_with('/') {
             // A path or the rest of a URL: each piece on its own.
             for (i, piece) in token.split('/').enumerate() {
