@@ -182,6 +182,8 @@ mod body;
 mod config;
 mod future;
 mod layer;
+#[cfg(feature = "redis")]
+mod redis;
 mod service;
 mod shared;
 mod store;
@@ -191,6 +193,8 @@ use std::time::Duration;
 
 use http::HeaderName;
 
+#[cfg(feature = "redis")]
+pub use self::redis::{FailurePolicy, RedisBackend, DEFAULT_TIMEOUT as DEFAULT_REDIS_TIMEOUT};
 pub use body::RateLimitBody;
 pub use config::{ConfigError, KeyBy, KeySource, Limits, Mode, Quota, RateLimitLayerBuilder};
 pub use future::ResponseFuture;
