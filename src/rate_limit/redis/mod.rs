@@ -202,7 +202,7 @@ impl RedisBackend {
         Client::open(self.url.as_str()).map_err(|_| {
             err(
                 "redis.url",
-                "not a valid redis:// or rediss:// URL (the URL is not shown: it may hold a password)",
+                "not a valid redis:// URL (TLS is not built in; the URL is not shown: it may hold a password)",
             )
         })
     }
