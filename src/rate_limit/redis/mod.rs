@@ -1,49 +1,5 @@
-//! The shared store: request buckets, token buckets and in-flight counts in Redis or Valkey,
-//! so that N gateway replicas enforce one quota together (feature `redis`).
-//!
-//! # The client crate
-//!
-//! [redis-rs](https://docs.rs/redis) with `tokio-comp` and `connection-manager` and no other
-//! feature: its `ConnectionManager` multiplexes every call of every clone of the layer over
-//! one connection and reconnects by itself after an error, and its `Script` sends `EVALSHA`
-//! and falls back to `EVAL` (loading the script) on `NOSCRIPT`, so a `SCRIPT FLUSH` or a
-//! restarted server costs one extra round trip once. fred offers the same with a larger
-//! dependency tree and its own runtime abstractions; redis-rs is the smaller build.
-//!
-//! # Rules
-//!
-//! * **One round trip per admission.** One Lua script reads the server's clock (`TIME`, so
-//!   the replicas' clocks do not matter), checks the in-flight counts, then the key's and the
-//!   global token buckets, then the global and the key's request buckets (the in-memory
-//!   order), and either takes from all of them or from none. It answers the refusal's code, the
-//!   wait until every bucket has room, and the figures of the `x-ratelimit-*` headers.
-//! * **GCRA as in memory.** A bucket is one string, its theoretical arrival time (TAT) in
-//!   microseconds (a double: about 0.25 µs resolution), under a name that carries the unit,
-//!   the quota and the key, so that a key under two quotas has two buckets as it has in
-//!   memory. `retry-after-ms` is rounded up to the microsecond the server computed, then to
-//!   the millisecond as in memory.
-//! * **Corrections are one call each**, sent after the answer without delaying it: the token
-//!   correction from `usage` (an overrun pushes the TAT later, a refund moves it earlier but
-//!   never before now), and the release of in-flight slots at end of body. Neither is retried:
-//!   a lost correction leaves the estimate charged, a lost release holds the slot until the
-//!   in-flight count's TTL.
-//! * **Keys expire by themselves.** A bucket lives as long as it is not full again (then it is
-//!   indistinguishable from a new key); an in-flight count lives
-//!   [`concurrency_ttl`](RedisBackend::concurrency_ttl) after its last admission (10 minutes
-//!   by default), which bounds what a replica that died with requests in flight leaves behind.
-//! * **Failure policy.** Every call has a timeout ([`timeout`](RedisBackend::timeout), 50 ms by
-//!   default). A call that fails or times out marks the store down for
-//!   [`probe_interval`](RedisBackend::probe_interval) (500 ms): meanwhile requests do not
-//!   wait for it. Then the next request asks the store again, and when it answers every
-//!   request goes back to it. While it is down, [`FailurePolicy::FailOpen`] (the default)
-//!   decides on a local in-memory limiter whose quotas are the shared ones divided by
-//!   [`replicas`](RedisBackend::replicas) (each rate and burst at least 1), and
-//!   [`FailurePolicy::FailClosed`] answers `503 service_unavailable`. The outage is logged at
-//!   `warn` at most once per [`log_interval`](RedisBackend::log_interval) (10 s), the recovery
-//!   once at `info`; the log names the kind of error, never the URL.
-//! * **One server.** The keys of one admission are in different hash slots: Redis Cluster is
-//!   not supported; a single primary (Redis or Valkey) is.
-//! * The URL may carry a password: it is never logged, and `Debug` does not show it.
+//! The shared store: request buckets, token buckets and in-flight counts in Redis or Valkey
+//! (feature `redis`). The rules are written on [`RedisBackend`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -73,7 +29,56 @@ pub enum FailurePolicy {
     FailClosed,
 }
 
-/// Settings of the shared store; give it to [`RateLimitLayerBuilder::redis`](super::RateLimitLayerBuilder::redis).
+/// Settings of the shared store: request buckets, token buckets and in-flight counts in Redis
+/// or Valkey, so that N gateway replicas enforce one quota together; give it to
+/// [`RateLimitLayerBuilder::redis`](super::RateLimitLayerBuilder::redis).
+///
+///
+/// # The client crate
+///
+/// [redis-rs](https://docs.rs/redis) with `tokio-comp` and `connection-manager` and no other
+/// feature: its `ConnectionManager` multiplexes every call of every clone of the layer over
+/// one connection and reconnects by itself after an error, and its `Script` sends `EVALSHA`
+/// and falls back to `EVAL` (loading the script) on `NOSCRIPT`, so a `SCRIPT FLUSH` or a
+/// restarted server costs one extra round trip once. fred offers the same with a larger
+/// dependency tree and its own runtime abstractions; redis-rs is the smaller build.
+///
+/// # Rules
+///
+/// * **One round trip per admission.** One Lua script reads the server's clock (`TIME`, so
+///   the replicas' clocks do not matter), checks the in-flight counts, then the key's and the
+///   global token buckets, then the global and the key's request buckets (the in-memory
+///   order), and either takes from all of them or from none. It answers the refusal's code, the
+///   wait until every bucket has room, and the figures of the `x-ratelimit-*` headers.
+/// * **GCRA as in memory.** A bucket is one string, its theoretical arrival time (TAT) in
+///   microseconds (a double: about 0.25 µs resolution), under a name that carries the unit,
+///   the quota and the key, so that a key under two quotas has two buckets as it has in
+///   memory. `retry-after-ms` is rounded up to the microsecond the server computed, then to
+///   the millisecond as in memory.
+/// * **Corrections are one call each**, sent after the answer without delaying it: the token
+///   correction from `usage` (an overrun pushes the TAT later, a refund moves it earlier but
+///   never before now), and the release of in-flight slots at end of body. Neither is retried:
+///   a lost correction leaves the estimate charged, a lost release holds the slot until the
+///   in-flight count's TTL.
+/// * **Keys expire by themselves.** A bucket lives as long as it is not full again (then it is
+///   indistinguishable from a new key); an in-flight count lives
+///   [`concurrency_ttl`](RedisBackend::concurrency_ttl) after its last admission (10 minutes
+///   by default), which bounds what a replica that died with requests in flight leaves behind.
+/// * **Failure policy.** Every call has a timeout ([`timeout`](RedisBackend::timeout), 50 ms by
+///   default). A call that fails or times out marks the store down for
+///   [`probe_interval`](RedisBackend::probe_interval) (500 ms): meanwhile requests do not
+///   wait for it. Then the next request asks the store again, and when it answers every
+///   request goes back to it. While it is down, [`FailurePolicy::FailOpen`] (the default)
+///   decides on a local in-memory limiter whose quotas are the shared ones divided by
+///   [`replicas`](RedisBackend::replicas) (each rate and burst at least 1), and
+///   [`FailurePolicy::FailClosed`] answers `503 service_unavailable`. The outage is logged at
+///   `warn` at most once per [`log_interval`](RedisBackend::log_interval) (10 s), the recovery
+///   once at `info`; the log names the kind of error, never the URL.
+/// * **One server.** The keys of one admission are in different hash slots: Redis Cluster is
+///   not supported; a single primary (Redis or Valkey) is.
+/// * The URL may carry a password: it is never logged, and `Debug` does not show it.
+///
+/// # Example
 ///
 /// ```
 /// use std::time::Duration;
@@ -457,7 +462,7 @@ impl Settle {
     }
 }
 
-/// Decides on one request in the store; see the [module docs](self).
+/// Decides on one request in the store; see [`RedisBackend`].
 pub(crate) async fn admit(
     shared: &Arc<Shared>,
     src: &KeySource<'_>,
