@@ -1,6 +1,7 @@
 //! Admission through the rate limiter with its buckets in memory and in a `redis-server` on
 //! loopback, in the same run: latency per admission (p50, p99, one request at a time) and
-//! throughput (64 requests in flight), over an in-process service that answers at once.
+//! throughput (64 requests in flight), over an in-process service that answers at once; and
+//! Redis with local pre-borrowing of 64 requests per lease.
 //!
 //! `cargo bench --features redis --bench rate_limit_redis`. Starts its own `redis-server` on
 //! a free port (and stops it); without one installed it says so and measures nothing.
@@ -95,5 +96,16 @@ fn main() {
             .build()
             .unwrap();
         measure("redis (loopback)", redis).await;
+        let borrowing = RateLimitLayer::builder()
+            .limits(limits())
+            .redis(
+                RedisBackend::new(server.url())
+                    .timeout(Duration::from_millis(100))
+                    .key_prefix("bench-borrow:")
+                    .pre_borrow(64, Duration::from_millis(100)),
+            )
+            .build()
+            .unwrap();
+        measure("redis, pre-borrow 64", borrowing).await;
     });
 }

@@ -112,6 +112,50 @@ async fn three_replicas_share_one_keys_request_and_token_quota_within_one_percen
     );
 }
 
+async fn evalsha_calls(server: &RedisServer) -> u64 {
+    let mut conn = server.conn().await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|l| l.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn pre_borrowing_never_exceeds_the_quota_and_saves_round_trips() {
+    let Some(server) = RedisServer::start(SUITE) else {
+        return;
+    };
+    let requests = Limits::new().requests(Quota::per_hour(1000).burst(1000));
+    let mut addrs = Vec::new();
+    for _ in 0..3 {
+        let b = backend(&server).pre_borrow(10, Duration::from_secs(60));
+        addrs.push(serve(layer(b, requests), Upstream::default()).await);
+    }
+    let before = evalsha_calls(&server).await;
+    let (statuses, _) = burst_of(&addrs, "hot", 900).await;
+    let calls = evalsha_calls(&server).await - before;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    // One borrow per 10 admissions, give or take borrows that raced.
+    assert!(
+        calls <= 900 / 10 + 24,
+        "{calls} round trips for 900 admissions"
+    );
+
+    let (statuses, _) = burst_of(&addrs, "hot", 600).await;
+    let admitted = 900 + statuses.iter().filter(|s| **s == 200).count();
+    // Never above the quota (plus the refill of an hour's rate); at most 3 leases of 10
+    // stranded below it.
+    assert!(
+        (1000 - 3 * 10..=1010).contains(&admitted),
+        "three borrowing replicas admitted {admitted} of one shared quota of 1000"
+    );
+}
+
 #[tokio::test]
 async fn headers_and_retry_after_are_those_of_the_memory_backend() {
     let Some(server) = RedisServer::start(SUITE) else {

@@ -190,6 +190,12 @@ pub struct RateLimitConfig {
     pub replicas: Option<u32>,
     /// With `backend = "redis"`: the prefix of the keys written (default `llm-layers:rl:`).
     pub redis_key_prefix: Option<String>,
+    /// With `backend = "redis"`: requests a replica borrows at once for a key whose only
+    /// limit is a request quota, and admits locally (default 0: off).
+    pub redis_borrow: Option<u32>,
+    /// With `redis_borrow`: how long a lease of borrowed requests lasts, in milliseconds
+    /// (default 100).
+    pub redis_borrow_lease_ms: Option<u64>,
 }
 
 /// A Redis URL, which may carry a password: `Debug` does not show it.
@@ -239,6 +245,8 @@ fn rate_limit_backend(
             ("redis_failure", r.redis_failure.is_some()),
             ("replicas", r.replicas.is_some()),
             ("redis_key_prefix", r.redis_key_prefix.is_some()),
+            ("redis_borrow", r.redis_borrow.is_some()),
+            ("redis_borrow_lease_ms", r.redis_borrow_lease_ms.is_some()),
         ];
         if let Some((name, _)) = stray.iter().find(|(_, set)| *set) {
             return Err(refuse(
@@ -286,6 +294,25 @@ fn rate_limit_backend(
         }
         if let Some(p) = &r.redis_key_prefix {
             backend = backend.key_prefix(p.clone());
+        }
+        match (r.redis_borrow, r.redis_borrow_lease_ms) {
+            (_, Some(0)) => {
+                return Err(refuse(
+                    "rate_limit.redis_borrow_lease_ms",
+                    "must be at least 1",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(refuse(
+                    "rate_limit.redis_borrow_lease_ms",
+                    "only applies with `redis_borrow`",
+                ))
+            }
+            (Some(n), ms) => {
+                let lease = Duration::from_millis(ms.unwrap_or(100));
+                backend = backend.pre_borrow(n, lease);
+            }
+            (None, None) => {}
         }
         Ok(b.redis(backend))
     }
@@ -526,6 +553,7 @@ impl Stack {
                 "redis.url" => "redis_url",
                 "redis.timeout" => "redis_timeout_ms",
                 "redis.replicas" => "replicas",
+                "redis.pre_borrow" => "redis_borrow_lease_ms",
                 other => other,
             };
             refuse(format!("rate_limit.{field}"), e.message().to_owned())
@@ -925,6 +953,13 @@ mod tests {
             let bad = config.replace("replicas = 3", "replicas = 0");
             let err = Stack::from_toml_str(&bad).unwrap_err();
             assert_eq!(err.field(), "rate_limit.replicas", "{err}");
+            let borrow = format!("{config}redis_borrow = 16\nredis_borrow_lease_ms = 50\n")
+                .replace("[rate_limit.defaults]\nrpm = 60\n", "")
+                + "[rate_limit.defaults]\nrpm = 60\n";
+            assert!(Stack::from_toml_str(&borrow).is_ok());
+            let bad = borrow.replace("lease_ms = 50", "lease_ms = 0");
+            let err = Stack::from_toml_str(&bad).unwrap_err();
+            assert_eq!(err.field(), "rate_limit.redis_borrow_lease_ms", "{err}");
             let bad = config.replace("\"closed\"", "\"maybe\"");
             let err = Stack::from_toml_str(&bad).unwrap_err();
             assert_eq!(err.field(), "rate_limit.redis_failure", "{err}");

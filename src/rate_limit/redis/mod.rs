@@ -1,8 +1,9 @@
 //! The shared store: request buckets, token buckets and in-flight counts in Redis or Valkey
 //! (feature `redis`). The rules are written on [`RedisBackend`].
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -74,6 +75,10 @@ pub enum FailurePolicy {
 ///   [`FailurePolicy::FailClosed`] answers `503 service_unavailable`. The outage is logged at
 ///   `warn` at most once per [`log_interval`](RedisBackend::log_interval) (10 s), the recovery
 ///   once at `info`; the log names the kind of error, never the URL.
+/// * **Pre-borrowing** ([`pre_borrow`](RedisBackend::pre_borrow), off by default) takes a hot
+///   key's round trips off the request path: a replica borrows up to `cells` requests at once
+///   and admits them locally during a lease. The replicas together never admit more than the
+///   quota; up to `replicas × cells` requests may sit unspent in leases meanwhile.
 /// * **One server.** The keys of one admission are in different hash slots: Redis Cluster is
 ///   not supported; a single primary (Redis or Valkey) is.
 /// * The URL may carry a password: it is never logged, and `Debug` does not show it.
@@ -105,6 +110,8 @@ pub struct RedisBackend {
     probe: Duration,
     log_every: Duration,
     conc_ttl: Duration,
+    borrow: u32,
+    lease: Duration,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -116,6 +123,7 @@ impl std::fmt::Debug for RedisBackend {
             .field("policy", &self.policy)
             .field("replicas", &self.replicas)
             .field("key_prefix", &self.prefix)
+            .field("pre_borrow", &self.borrow)
             .finish_non_exhaustive()
     }
 }
@@ -135,7 +143,29 @@ impl RedisBackend {
             probe: Duration::from_millis(500),
             log_every: Duration::from_secs(10),
             conc_ttl: Duration::from_secs(600),
+            borrow: 0,
+            lease: Duration::from_millis(100),
         }
+    }
+
+    /// Local pre-borrowing (default off): a replica takes up to `cells` requests of a hot
+    /// key's request bucket from the store in one call and admits them locally, without a
+    /// round trip, for at most `lease`; the next borrow of the key gives back what the
+    /// expired lease did not spend. It applies to keys whose only limit is a request quota
+    /// (no token quota, no concurrency cap, no global limit): the others are decided in the
+    /// store on every request.
+    ///
+    /// **Bound.** Cells are taken from the shared bucket before a replica spends them, so the
+    /// replicas together never admit more than the quota (`burst + rate·T` over any window
+    /// `T`). What borrowing costs is the other way: up to `replicas × cells` requests may sit
+    /// unspent in leases, so up to that many fewer may be admitted than the quota allows,
+    /// for at most `lease` (then they are given back, or refill). The
+    /// `x-ratelimit-remaining-requests` of a locally admitted request is the store's figure at
+    /// the borrow plus the cells still in this replica's lease.
+    pub fn pre_borrow(mut self, cells: u32, lease: Duration) -> Self {
+        self.borrow = cells;
+        self.lease = lease;
+        self
     }
 
     /// The longest one call may take (default 50 ms); a slower call counts as a failure.
@@ -200,6 +230,9 @@ impl RedisBackend {
         if self.probe.is_zero() {
             return Err(err("redis.probe_interval", "must be positive"));
         }
+        if self.borrow > 0 && self.lease.is_zero() {
+            return Err(err("redis.pre_borrow", "the lease must be positive"));
+        }
         if self.conc_ttl < Duration::from_secs(1) {
             return Err(err("redis.concurrency_ttl", "must be at least 1 s"));
         }
@@ -231,6 +264,10 @@ struct Inner {
     admit: Script,
     settle: Script,
     release: Script,
+    borrow_script: Script,
+    borrow: u32,
+    lease: Duration,
+    leases: Mutex<HashMap<(Quota, RateKey), Lease>>,
     epoch: tokio::time::Instant,
     down_until_ms: AtomicU64,
     last_log_ms: AtomicU64,
@@ -257,6 +294,10 @@ impl Remote {
                 admit: Script::new(include_str!("admit.lua")),
                 settle: Script::new(include_str!("settle.lua")),
                 release: Script::new(include_str!("release.lua")),
+                borrow_script: Script::new(include_str!("borrow.lua")),
+                borrow: cfg.borrow,
+                lease: cfg.lease,
+                leases: Mutex::new(HashMap::new()),
                 epoch: tokio::time::Instant::now(),
                 down_until_ms: AtomicU64::new(0),
                 last_log_ms: AtomicU64::new(u64::MAX),
@@ -265,6 +306,20 @@ impl Remote {
         }
     }
 }
+
+/// Requests of one key's bucket lent to this replica.
+struct Lease {
+    cells: u32,
+    expires: tokio::time::Instant,
+    /// The store's remaining count and reset at the borrow.
+    remaining: u32,
+    reset: Duration,
+    at: tokio::time::Instant,
+    limit: u32,
+}
+
+/// The most leases kept; past it, expired ones are dropped (their cells refill).
+const MAX_LEASES: usize = 16_384;
 
 /// Why a call did not answer.
 #[derive(Debug)]
@@ -353,6 +408,21 @@ impl Inner {
                 policy,
                 "the shared rate-limit store did not answer; deciding by the failure policy"
             );
+        }
+    }
+
+    /// The decision while the store does not answer.
+    fn on_failure(&self, src: &KeySource<'_>) -> Result<Admitted, Box<Rejected>> {
+        match self.policy {
+            FailurePolicy::FailOpen => self.fallback.admit(src),
+            FailurePolicy::FailClosed => Err(Box::new(Rejected {
+                error: ApiError::new(
+                    ErrorCode::ServiceUnavailable,
+                    "The rate limiter's shared store is unavailable; retry shortly.",
+                ),
+                headers: RateHeaders::default(),
+                wait: None,
+            })),
         }
     }
 
@@ -483,6 +553,18 @@ pub(crate) async fn admit(
     let glob_cap = g.concurrency;
     drop(plan);
 
+    if let (Some(q), true) = (
+        key_req,
+        inner.borrow > 0
+            && key_tok.is_none()
+            && glob_tok.is_none()
+            && glob_req.is_none()
+            && key_cap.is_none()
+            && glob_cap.is_none(),
+    ) {
+        return borrowed(shared, inner, src, key, q).await;
+    }
+
     let view = RequestView::from_extensions(src.extensions);
     let token_quota = key_tok.is_some() || glob_tok.is_some();
     let cost = if token_quota {
@@ -518,19 +600,7 @@ pub(crate) async fn admit(
 
     let reply: Vec<i64> = match inner.call(&inv, true).await {
         Ok(r) => r,
-        Err(_) => {
-            return match inner.policy {
-                FailurePolicy::FailOpen => inner.fallback.admit(src),
-                FailurePolicy::FailClosed => Err(Box::new(Rejected {
-                    error: ApiError::new(
-                        ErrorCode::ServiceUnavailable,
-                        "The rate limiter's shared store is unavailable; retry shortly.",
-                    ),
-                    headers: RateHeaders::default(),
-                    wait: None,
-                })),
-            };
-        }
+        Err(_) => return inner.on_failure(src),
     };
     let Some(&[code, wait_us, rl, rr, rs, tl, tr, ts]) =
         reply.get(..8).and_then(|r| <&[i64; 8]>::try_from(r).ok())
@@ -601,4 +671,109 @@ pub(crate) async fn admit(
         charge,
         headers,
     })
+}
+
+/// Admission of a key whose only limit is a request quota, from a lease when one has cells
+/// left, else after borrowing in one call.
+async fn borrowed(
+    shared: &Arc<Shared>,
+    inner: &Arc<Inner>,
+    src: &KeySource<'_>,
+    key: RateKey,
+    q: Quota,
+) -> Result<Admitted, Box<Rejected>> {
+    let now = tokio::time::Instant::now();
+    let lease_key = (q, key);
+    let mut back = 0;
+    {
+        let mut leases = inner.leases.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = leases.get_mut(&lease_key) {
+            if l.expires > now && l.cells > 0 {
+                l.cells -= 1;
+                let status = Status {
+                    limit: l.limit,
+                    remaining: l.remaining.saturating_add(l.cells),
+                    reset_ns: u64::try_from(
+                        l.reset.saturating_sub(now.duration_since(l.at)).as_nanos(),
+                    )
+                    .unwrap_or(u64::MAX),
+                };
+                return Ok(admitted_with(status));
+            }
+            // Expired (its unspent cells go back with the borrow) or spent.
+            back = l.cells;
+            leases.remove(&lease_key);
+        }
+    }
+    let bucket = inner.bucket_key('r', q, &lease_key.1);
+    let mut inv = inner.borrow_script.prepare_invoke();
+    inv.key(&bucket)
+        .arg(q.replenish_nanos())
+        .arg(q.burst_size())
+        .arg(inner.borrow.min(q.burst_size()))
+        .arg(back);
+    let reply: Vec<i64> = match inner.call(&inv, true).await {
+        Ok(r) => r,
+        Err(_) => return inner.on_failure(src),
+    };
+    let Some(&[lent, wait_us, limit, remaining, reset_us]) =
+        reply.get(..5).and_then(|r| <&[i64; 5]>::try_from(r).ok())
+    else {
+        return inner.fallback.admit(src);
+    };
+    let reset = Duration::from_micros(u64::try_from(reset_us.max(0)).unwrap_or(0));
+    let status = Status {
+        limit: u32::try_from(limit.max(0)).unwrap_or(u32::MAX),
+        remaining: u32::try_from(remaining.max(0)).unwrap_or(u32::MAX),
+        reset_ns: u64::try_from(reset.as_nanos()).unwrap_or(u64::MAX),
+    };
+    if lent < 1 {
+        let wait = Duration::from_micros(u64::try_from(wait_us.max(1)).unwrap_or(1));
+        let error = limited("requests", false, wait);
+        shared.log_refusal(&lease_key.1, &error);
+        return Err(Box::new(Rejected {
+            error,
+            headers: RateHeaders {
+                requests: Some(status),
+                tokens: None,
+            },
+            wait: Some(wait),
+        }));
+    }
+    let spare = u32::try_from(lent - 1).unwrap_or(0);
+    if spare > 0 {
+        let mut leases = inner.leases.lock().unwrap_or_else(|e| e.into_inner());
+        if leases.len() >= MAX_LEASES {
+            leases.retain(|_, l| l.expires > now);
+        }
+        if leases.len() >= MAX_LEASES {
+            // Full of live leases: the spare cells are not kept (they refill in the store).
+            return Ok(admitted_with(status));
+        }
+        let l = leases.entry(lease_key).or_insert(Lease {
+            cells: 0,
+            expires: now + inner.lease,
+            remaining: status.remaining,
+            reset,
+            at: now,
+            limit: status.limit,
+        });
+        // A lease borrowed meanwhile by another request of the key keeps its cells.
+        l.cells = l.cells.saturating_add(spare);
+    }
+    Ok(admitted_with(Status {
+        remaining: status.remaining.saturating_add(spare),
+        ..status
+    }))
+}
+
+fn admitted_with(status: Status) -> Admitted {
+    Admitted {
+        guard: None,
+        charge: None,
+        headers: RateHeaders {
+            requests: Some(status),
+            tokens: None,
+        },
+    }
 }
