@@ -278,6 +278,78 @@ async fn redis_stopped_mid_run_fails_closed_with_503_then_recovers() {
 }
 
 #[tokio::test]
+async fn a_frozen_redis_costs_each_request_at_most_the_timeout_then_recovers() {
+    let Some(server) = RedisServer::start(SUITE) else {
+        return;
+    };
+    let limits = Limits::new().requests(Quota::per_hour(300).burst(300));
+    let b = backend(&server)
+        .timeout(Duration::from_millis(50))
+        .on_failure(FailurePolicy::FailClosed)
+        .probe_interval(Duration::from_millis(20));
+    let addr = serve(layer(b, limits), Upstream::default()).await;
+    let url = format!("http://{addr}/v1/chat/completions");
+    let c = client();
+    let send = || c.post(&url).bearer_auth("k").body("{}").send();
+    assert_eq!(send().await.unwrap().status(), 200);
+
+    server.freeze();
+    for _ in 0..5 {
+        // The layer gives up after 50 ms; 2 s only bounds a loaded machine.
+        let res = tokio::time::timeout(Duration::from_secs(2), send())
+            .await
+            .expect("a slow store does not hold requests")
+            .unwrap();
+        assert_eq!(res.status(), 503);
+    }
+    server.thaw();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let res = send().await.unwrap();
+        if res.status() == 200 {
+            // The frozen time did not reset the count: 1 + this one taken, and at most one
+            // for each call that timed out but ran when the server went on.
+            let remaining: u32 = header(&res, "x-ratelimit-remaining-requests")
+                .parse()
+                .unwrap();
+            assert!((293..=298).contains(&remaining), "{remaining}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "recovered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn header_keys_are_named_by_their_digest_in_the_store() {
+    let Some(server) = RedisServer::start(SUITE) else {
+        return;
+    };
+    let layer = RateLimitLayer::builder()
+        .key_by(llm_layers::rate_limit::KeyBy::header(
+            http::HeaderName::from_static("x-user-token"),
+        ))
+        .limits(Limits::new().requests(Quota::per_hour(10).burst(10)))
+        .redis(backend(&server))
+        .build()
+        .unwrap();
+    let addr = serve(layer, Upstream::default()).await;
+    let res = client()
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .header("x-user-token", "tok-s3cret")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let mut conn = server.conn().await;
+    let keys: Vec<String> = conn.keys("llm-layers:rl:*").await.unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(!keys[0].contains("s3cret"), "{keys:?}");
+    assert!(keys[0].contains(":h:"), "{keys:?}");
+}
+
+#[tokio::test]
 async fn script_flush_mid_run_loses_nothing() {
     let Some(server) = RedisServer::start(SUITE) else {
         return;

@@ -645,7 +645,8 @@ impl RateLimitLayerBuilder {
                 .collect();
             let fallback = Arc::new(Shared::new(local, local_tiers, trusted.clone()));
             let mut shared = Shared::new(self, tiers, trusted);
-            shared.remote = Some(super::redis::Remote::new(backend, client, fallback));
+            let hide = shared.hides_keys();
+            shared.remote = Some(super::redis::Remote::new(backend, client, fallback, hide));
             return Ok(RateLimitLayer::from_shared(Arc::new(shared)));
         }
         Ok(RateLimitLayer::from_shared(Arc::new(Shared::new(

@@ -458,8 +458,14 @@ impl Shared {
         }
     }
 
+    /// Whether keys may be credentials (header and custom keys): never logged, and named by
+    /// their digest in a shared store.
+    pub(super) fn hides_keys(&self) -> bool {
+        matches!(self.key_kind, KeyKind::Header(_) | KeyKind::Custom(_))
+    }
+
     pub(super) fn log_refusal(&self, key: &RateKey, error: &ApiError) {
-        let hidden = matches!(self.key_kind, KeyKind::Header(_) | KeyKind::Custom(_));
+        let hidden = self.hides_keys();
         tracing::debug!(
             target: "llm_layers::rate_limit",
             key_by = self.key_kind_name(),

@@ -109,6 +109,23 @@ impl RedisServer {
         assert!(self.spawn(), "redis-server restarts on port {}", self.port);
     }
 
+    /// Freezes the server (`SIGSTOP`): it accepts nothing and answers nothing, like a server
+    /// stuck on a slow command.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen server go on (`SIGCONT`).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let ok = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(ok.success(), "kill {sig} {pid}");
+    }
+
     /// A connection of the test's own.
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.url())

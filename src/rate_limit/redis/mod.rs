@@ -61,6 +61,11 @@ pub enum FailurePolicy {
 ///   never before now), and the release of in-flight slots at end of body. Neither is retried:
 ///   a lost correction leaves the estimate charged, a lost release holds the slot until the
 ///   in-flight count's TTL.
+/// * **Key names.** `{prefix}{r|t}:{count}:{period_ns}:{burst}:{key}` for buckets and
+///   `{prefix}c:{key}` for in-flight counts, where the key is `s:` and the key string, `ip:`
+///   and the address, `h:` and a SHA-256 in hex (a long key, or any header or custom key:
+///   those may be credentials, and the store's key names are visible to whoever can `SCAN`
+///   it), `a` (anonymous) or `g` (global).
 /// * **Keys expire by themselves.** A bucket lives as long as it is not full again (then it is
 ///   indistinguishable from a new key); an in-flight count lives
 ///   [`concurrency_ttl`](RedisBackend::concurrency_ttl) after its last admission (10 minutes
@@ -75,6 +80,9 @@ pub enum FailurePolicy {
 ///   [`FailurePolicy::FailClosed`] answers `503 service_unavailable`. The outage is logged at
 ///   `warn` at most once per [`log_interval`](RedisBackend::log_interval) (10 s), the recovery
 ///   once at `info`; the log names the kind of error, never the URL.
+///   A call that timed out may still run when a slow server goes on: its cells are then
+///   taken although the request was refused or decided locally, so a slow store can only
+///   make the shared count stricter, never looser.
 /// * **Pre-borrowing** ([`pre_borrow`](RedisBackend::pre_borrow), off by default) takes a hot
 ///   key's round trips off the request path: a replica borrows up to `cells` requests at once
 ///   and admits them locally during a lease. The replicas together never admit more than the
@@ -268,6 +276,8 @@ struct Inner {
     borrow: u32,
     lease: Duration,
     leases: Mutex<HashMap<(Quota, RateKey), Lease>>,
+    /// Header and custom keys are named by their digest.
+    hide_keys: bool,
     epoch: tokio::time::Instant,
     down_until_ms: AtomicU64,
     last_log_ms: AtomicU64,
@@ -279,7 +289,12 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl Remote {
-    pub(crate) fn new(cfg: RedisBackend, client: Client, fallback: Arc<Shared>) -> Remote {
+    pub(crate) fn new(
+        cfg: RedisBackend,
+        client: Client,
+        fallback: Arc<Shared>,
+        hide_keys: bool,
+    ) -> Remote {
         Remote {
             inner: Arc::new(Inner {
                 client,
@@ -298,6 +313,7 @@ impl Remote {
                 borrow: cfg.borrow,
                 lease: cfg.lease,
                 leases: Mutex::new(HashMap::new()),
+                hide_keys,
                 epoch: tokio::time::Instant::now(),
                 down_until_ms: AtomicU64::new(0),
                 last_log_ms: AtomicU64::new(u64::MAX),
@@ -433,6 +449,7 @@ impl Inner {
     }
 
     fn bucket_key(&self, unit: char, q: Quota, key: &RateKey) -> String {
+        let hide = self.hide_keys;
         use std::fmt::Write;
         let mut s = String::with_capacity(self.prefix.len() + 48);
         s.push_str(&self.prefix);
@@ -443,7 +460,7 @@ impl Inner {
             q.period().as_nanos(),
             q.burst_size()
         );
-        push_key(&mut s, key);
+        push_key(&mut s, key, hide);
         s
     }
 
@@ -451,16 +468,25 @@ impl Inner {
         let mut s = String::with_capacity(self.prefix.len() + 24);
         s.push_str(&self.prefix);
         s.push_str("c:");
-        push_key(&mut s, key);
+        push_key(&mut s, key, self.hide_keys);
         s
     }
 }
 
 type BoxFut = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
-/// A key as the store names it: one prefix per kind, so that no two kinds collide.
-fn push_key(s: &mut String, key: &RateKey) {
+/// A key as the store names it: one prefix per kind, so that no two kinds collide. A key
+/// that may be a credential (`hide`: a header or custom key) is named by its SHA-256.
+fn push_key(s: &mut String, key: &RateKey, hide: bool) {
     use std::fmt::Write;
+    if let (true, RateKey::Str(k)) = (hide, key) {
+        use sha2::{Digest, Sha256};
+        s.push_str("h:");
+        for b in Sha256::digest(k.as_bytes()) {
+            let _ = write!(s, "{b:02x}");
+        }
+        return;
+    }
     match key {
         RateKey::Anonymous => s.push('a'),
         RateKey::Global => s.push('g'),
