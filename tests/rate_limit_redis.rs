@@ -349,6 +349,75 @@ async fn header_keys_are_named_by_their_digest_in_the_store() {
     assert!(keys[0].contains(":h:"), "{keys:?}");
 }
 
+/// Polls the key's TTL until `ok` holds, within 5 s.
+async fn ttl_until(server: &RedisServer, key: &str, ok: impl Fn(i64) -> bool) -> i64 {
+    let mut conn = server.conn().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let ttl: i64 = conn.pttl(key).await.unwrap();
+        if ok(ttl) {
+            return ttl;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{key}: pttl {ttl} never matched"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn token_charges_are_corrected_from_usage_in_the_store() {
+    let Some(server) = RedisServer::start(SUITE) else {
+        return;
+    };
+    // One token every 3.6 s: the bucket key's TTL is the tokens it owes times 3.6 s.
+    let limits = Limits::new().tokens(Quota::per_hour(1000).burst(1000));
+    let addr = serve(layer(backend(&server), limits), Upstream::default()).await;
+    let c = client();
+    let send = |path: &str, id: &str, headers: &[(&str, &str)]| {
+        let mut req = c
+            .post(format!("http://{addr}{path}"))
+            .bearer_auth(id)
+            .header("content-type", "application/json")
+            .body(chat("hi", 90));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send()
+    };
+    let key = |id: &str| format!("llm-layers:rl:t:1000:3600000000000:1000:s:{id}");
+
+    // A success reporting 5 tokens: the estimate (over 90) is replaced by 5.
+    let res = send("/v1/chat/completions", "under", &[("x-usage", "5")])
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let cost = 1000
+        - header(&res, "x-ratelimit-remaining-tokens")
+            .parse::<i64>()
+            .unwrap();
+    assert!(cost > 90, "{cost}");
+    let _ = res.bytes().await;
+    let ttl = ttl_until(&server, &key("under"), |t| t > 0 && t <= 5 * 3600 + 10).await;
+    assert!(ttl > 4 * 3600, "5 tokens owed: {ttl} ms");
+
+    // An overrun of 500 tokens: charged in full.
+    let res = send("/v1/chat/completions", "over", &[("x-usage", "500")])
+        .await
+        .unwrap();
+    let _ = res.bytes().await;
+    ttl_until(&server, &key("over"), |t| t > 499 * 3600).await;
+
+    // A 400 from the upstream (it refused before working): refunded in full.
+    let res = send("/v1/status", "refused", &[("x-status", "400")])
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let _ = res.bytes().await;
+    ttl_until(&server, &key("refused"), |t| t == -2).await;
+}
+
 #[tokio::test]
 async fn script_flush_mid_run_loses_nothing() {
     let Some(server) = RedisServer::start(SUITE) else {
