@@ -86,6 +86,19 @@ impl Quota {
             .allow_burst(burst)
     }
 
+    /// This quota shared by `n` replicas: a rate and a burst `n` times smaller, each at least
+    /// one cell.
+    pub(crate) fn divided(self, n: u32) -> Quota {
+        if n <= 1 {
+            return self;
+        }
+        Quota {
+            count: (self.count / u64::from(n)).max(1),
+            period: self.period,
+            burst: (self.burst / n).max(1),
+        }
+    }
+
     fn validate(&self, field: &str) -> Result<(), ConfigError> {
         if self.count == 0 {
             return Err(config_error(format!("{field}: the rate must be positive")));
@@ -187,6 +200,17 @@ impl Limits {
             )));
         }
         Ok(())
+    }
+
+    /// These limits shared by `n` replicas: each quota and the concurrency `n` times smaller,
+    /// each at least 1.
+    #[cfg(feature = "redis")]
+    pub(crate) fn divided(self, n: u32) -> Limits {
+        Limits {
+            requests: self.requests.map(|q| q.divided(n)),
+            tokens: self.tokens.map(|q| q.divided(n)),
+            concurrency: self.concurrency.map(|c| (c / n.max(1)).max(1)),
+        }
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -427,6 +451,10 @@ pub struct RateLimitLayerBuilder {
     pub(crate) body_limit: usize,
     pub(crate) estimator: Arc<dyn TokenEstimator>,
     pub(crate) max_key_len: usize,
+    /// Each key's own `rpm`/`tpm` is divided by this (a local fallback's replica count).
+    pub(crate) divide: u32,
+    #[cfg(feature = "redis")]
+    pub(crate) redis: Option<super::redis::RedisBackend>,
 }
 
 impl fmt::Debug for RateLimitLayerBuilder {
@@ -455,6 +483,9 @@ impl Default for RateLimitLayerBuilder {
             body_limit: DEFAULT_BODY_LIMIT,
             estimator: Arc::new(CharEstimator),
             max_key_len: DEFAULT_MAX_KEY_LEN,
+            divide: 1,
+            #[cfg(feature = "redis")]
+            redis: None,
         }
     }
 }
@@ -529,8 +560,18 @@ impl RateLimitLayerBuilder {
         self
     }
 
+    /// Keeps the buckets and in-flight counts in Redis or Valkey, shared by every replica
+    /// configured with the same store (feature `redis`); see [`RedisBackend`](super::RedisBackend).
+    /// Without it, they live in this process's memory.
+    #[cfg(feature = "redis")]
+    pub fn redis(mut self, backend: super::redis::RedisBackend) -> Self {
+        self.redis = Some(backend);
+        self
+    }
+
     /// Validates the configuration and builds the layer.
-    pub fn build(self) -> Result<RateLimitLayer, ConfigError> {
+    #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
+    pub fn build(mut self) -> Result<RateLimitLayer, ConfigError> {
         self.defaults.validate("limits")?;
         self.global.validate("global")?;
         let mut tiers = HashMap::new();
@@ -578,6 +619,35 @@ impl RateLimitLayerBuilder {
                     ))
                 })?);
             }
+        }
+        #[cfg(feature = "redis")]
+        if let Some(backend) = self.redis.take() {
+            let client = backend.validate()?;
+            let n = backend.replica_count();
+            let local = RateLimitLayerBuilder {
+                key_by: self.key_by.clone(),
+                defaults: self.defaults.divided(n),
+                tiers: Vec::new(),
+                global: self.global.divided(n),
+                mode: self.mode,
+                sweep_every: self.sweep_every,
+                sweep_interval: self.sweep_interval,
+                key_limits: self.key_limits,
+                body_limit: self.body_limit,
+                estimator: self.estimator.clone(),
+                max_key_len: self.max_key_len,
+                divide: n,
+                redis: None,
+            };
+            let local_tiers = tiers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.divided(n)))
+                .collect();
+            let fallback = Arc::new(Shared::new(local, local_tiers, trusted.clone()));
+            let mut shared = Shared::new(self, tiers, trusted);
+            let hide = shared.hides_keys();
+            shared.remote = Some(super::redis::Remote::new(backend, client, fallback, hide));
+            return Ok(RateLimitLayer::from_shared(Arc::new(shared)));
         }
         Ok(RateLimitLayer::from_shared(Arc::new(Shared::new(
             self, tiers, trusted,

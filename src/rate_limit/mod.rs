@@ -129,6 +129,18 @@
 //! ([`RateLimitLayerBuilder::sweep`]), or on demand with [`RateLimitHandle::sweep`].
 //! [`RateLimitHandle::tracked_keys`] counts the entries held.
 //!
+//! # A store shared by replicas (feature `redis`)
+//!
+//! By default the buckets and in-flight counts live in this process's memory.
+//! `RateLimitLayerBuilder::redis` with a `RedisBackend` keeps them in one Redis or Valkey
+//! server instead, so that every replica pointed at it enforces the same quotas: the same
+//! keys, tiers, headers, `retry-after` precision and keep/refund rules, one round trip per
+//! admission (a Lua script on the server's clock), one call per token correction and per
+//! release of in-flight slots, keys with TTLs, and a failure policy (fail open to a local
+//! share of the quotas, or fail closed with `503 service_unavailable`). The rules are written
+//! on `RedisBackend` and in the README. The in-memory path is the
+//! one it always was: the only cost of the feature there is one branch per request.
+//!
 //! # Logs
 //!
 //! Each refusal is a `debug` event (target `llm_layers::rate_limit`) with the key kind, the
@@ -182,6 +194,8 @@ mod body;
 mod config;
 mod future;
 mod layer;
+#[cfg(feature = "redis")]
+mod redis;
 mod service;
 mod shared;
 mod store;
@@ -191,6 +205,8 @@ use std::time::Duration;
 
 use http::HeaderName;
 
+#[cfg(feature = "redis")]
+pub use self::redis::{FailurePolicy, RedisBackend, DEFAULT_TIMEOUT as DEFAULT_REDIS_TIMEOUT};
 pub use body::RateLimitBody;
 pub use config::{ConfigError, KeyBy, KeySource, Limits, Mode, Quota, RateLimitLayerBuilder};
 pub use future::ResponseFuture;

@@ -77,7 +77,7 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        if !self.shared.needs_view(req.extensions()) {
+        if !self.shared.needs_view(req.extensions()) && !self.shared.is_remote() {
             match self.shared.admit(&source(&req)) {
                 Ok(admitted) => return ResponseFuture::called(self.inner.call(req), admitted),
                 Err(rejected) => match (self.shared.mode, rejected.wait) {
@@ -112,7 +112,11 @@ where
         }
         let mut waited = Duration::ZERO;
         loop {
-            match shared.admit(&source(&req)) {
+            #[cfg(feature = "redis")]
+            let decision = super::redis::admit(&shared, &source(&req)).await;
+            #[cfg(not(feature = "redis"))]
+            let decision = shared.admit(&source(&req));
+            match decision {
                 Ok(admitted) => return Ok((req, admitted)),
                 Err(rejected) => match (shared.mode, rejected.wait) {
                     (Mode::Wait(max), Some(w)) if waited.saturating_add(w) <= max => {

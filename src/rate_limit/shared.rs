@@ -28,13 +28,13 @@ enum Unit {
 /// Limits with their buckets.
 #[derive(Clone, Default)]
 pub(crate) struct Resolved {
-    requests: Option<Arc<Bucket>>,
-    tokens: Option<Arc<Bucket>>,
-    concurrency: Option<u32>,
+    pub(super) requests: Option<Arc<Bucket>>,
+    pub(super) tokens: Option<Arc<Bucket>>,
+    pub(super) concurrency: Option<u32>,
 }
 
 /// A bucket borrowed from the configuration, or one looked up for a key's own limits.
-enum BucketRef<'a> {
+pub(super) enum BucketRef<'a> {
     Borrowed(&'a Arc<Bucket>),
     Owned(Arc<Bucket>),
 }
@@ -49,10 +49,10 @@ impl Deref for BucketRef<'_> {
     }
 }
 
-struct Plan<'a> {
-    requests: Option<BucketRef<'a>>,
-    tokens: Option<BucketRef<'a>>,
-    concurrency: Option<u32>,
+pub(super) struct Plan<'a> {
+    pub(super) requests: Option<BucketRef<'a>>,
+    pub(super) tokens: Option<BucketRef<'a>>,
+    pub(super) concurrency: Option<u32>,
 }
 
 /// The `x-ratelimit-*` figures for a response.
@@ -120,10 +120,30 @@ pub(crate) struct InflightGuard {
     shared: Arc<Shared>,
     key: Option<RateKey>,
     global: bool,
+    /// The slots held in the shared store instead, released there in one call.
+    #[cfg(feature = "redis")]
+    pub(super) remote: Option<super::redis::Release>,
+}
+
+impl InflightGuard {
+    /// A guard for slots held in the shared store.
+    #[cfg(feature = "redis")]
+    pub(super) fn remote(shared: Arc<Shared>, release: super::redis::Release) -> Self {
+        InflightGuard {
+            shared,
+            key: None,
+            global: false,
+            remote: Some(release),
+        }
+    }
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
+        #[cfg(feature = "redis")]
+        if let Some(release) = self.remote.take() {
+            release.release();
+        }
         if let Some(key) = &self.key {
             self.shared.inflight.release(key);
         }
@@ -136,16 +156,24 @@ impl Drop for InflightGuard {
 /// The tokens charged at admission, to be corrected from the response's `usage`. Dropping it
 /// unsettled keeps the charge as it is.
 pub(crate) struct TokenCharge {
-    key: RateKey,
-    bucket: Option<Arc<Bucket>>,
-    global: Option<Arc<Bucket>>,
-    charged: u64,
+    pub(super) key: RateKey,
+    pub(super) bucket: Option<Arc<Bucket>>,
+    pub(super) global: Option<Arc<Bucket>>,
+    pub(super) charged: u64,
+    /// The buckets to correct in the shared store instead, in one call.
+    #[cfg(feature = "redis")]
+    pub(super) remote: Option<super::redis::Settle>,
 }
 
 impl TokenCharge {
     /// Charges an overrun, or credits unused tokens back.
     pub(crate) fn settle(&self, actual: u64) {
         let actual = actual.min(MAX_USAGE);
+        #[cfg(feature = "redis")]
+        if let Some(remote) = &self.remote {
+            remote.settle(self.charged, actual);
+            return;
+        }
         let apply = |b: &Bucket, k: &RateKey| {
             if actual > self.charged {
                 b.charge(k, actual - self.charged);
@@ -200,8 +228,14 @@ pub(crate) struct Shared {
     max_key_len: usize,
     defaults: Resolved,
     tiers: HashMap<Arc<str>, Resolved>,
-    global: Resolved,
+    pub(super) global: Resolved,
     key_limits: bool,
+    /// Each key's own `rpm`/`tpm` is divided by this (1, or the replica count of a local
+    /// fallback for a shared store).
+    divide: u32,
+    /// The shared store, when the limits live in Redis.
+    #[cfg(feature = "redis")]
+    pub(super) remote: Option<super::redis::Remote>,
     pub(crate) mode: Mode,
     sweep_every: u64,
     sweep_interval: u64,
@@ -262,6 +296,9 @@ impl Shared {
             tiers,
             global,
             key_limits: b.key_limits,
+            divide: b.divide.max(1),
+            #[cfg(feature = "redis")]
+            remote: None,
             mode: b.mode,
             sweep_every: b.sweep_every,
             sweep_interval: u64::try_from(b.sweep_interval.as_nanos()).unwrap_or(u64::MAX),
@@ -293,7 +330,7 @@ impl Shared {
             .clone()
     }
 
-    fn plan<'a>(&'a self, ident: Option<&KeyIdentity>) -> Plan<'a> {
+    pub(super) fn plan<'a>(&'a self, ident: Option<&KeyIdentity>) -> Plan<'a> {
         let tier = ident
             .and_then(KeyIdentity::tier)
             .and_then(|t| self.tiers.get(t))
@@ -306,12 +343,14 @@ impl Shared {
         if let (true, Some(ident)) = (self.key_limits, ident) {
             let own = ident.limits();
             if let Some(rpm) = own.rpm().filter(|n| *n > 0) {
-                let q = Quota::per_minute(u64::from(rpm)).burst(rpm);
+                let q = Quota::per_minute(u64::from(rpm))
+                    .burst(rpm)
+                    .divided(self.divide);
                 plan.requests = Some(BucketRef::Owned(self.override_bucket(Unit::Requests, q)));
             }
             if let Some(tpm) = own.tpm().filter(|n| *n > 0) {
                 let burst = u32::try_from(tpm).unwrap_or(u32::MAX);
-                let q = Quota::per_minute(tpm).burst(burst);
+                let q = Quota::per_minute(tpm).burst(burst).divided(self.divide);
                 plan.tokens = Some(BucketRef::Owned(self.override_bucket(Unit::Tokens, q)));
             }
             if let Some(c) = own.max_concurrency() {
@@ -319,6 +358,15 @@ impl Shared {
             }
         }
         plan
+    }
+
+    /// Whether the buckets live in a shared store (admission then awaits it).
+    #[inline]
+    pub(crate) fn is_remote(&self) -> bool {
+        #[cfg(feature = "redis")]
+        return self.remote.is_some();
+        #[cfg(not(feature = "redis"))]
+        false
     }
 
     /// Whether this request may be charged tokens or keyed by model, so its body must be read.
@@ -345,7 +393,7 @@ impl Shared {
                 .is_some()
     }
 
-    fn key(&self, src: &KeySource<'_>) -> RateKey {
+    pub(super) fn key(&self, src: &KeySource<'_>) -> RateKey {
         let key = match &self.key_kind {
             KeyKind::ApiKey => src
                 .extensions
@@ -410,8 +458,14 @@ impl Shared {
         }
     }
 
-    fn log_refusal(&self, key: &RateKey, error: &ApiError) {
-        let hidden = matches!(self.key_kind, KeyKind::Header(_) | KeyKind::Custom(_));
+    /// Whether keys may be credentials (header and custom keys): never logged, and named by
+    /// their digest in a shared store.
+    pub(super) fn hides_keys(&self) -> bool {
+        matches!(self.key_kind, KeyKind::Header(_) | KeyKind::Custom(_))
+    }
+
+    pub(super) fn log_refusal(&self, key: &RateKey, error: &ApiError) {
+        let hidden = self.hides_keys();
         tracing::debug!(
             target: "llm_layers::rate_limit",
             key_by = self.key_kind_name(),
@@ -459,6 +513,8 @@ impl Shared {
                 shared: self.clone(),
                 key: None,
                 global: false,
+                #[cfg(feature = "redis")]
+                remote: None,
             };
             if let Some(cap) = plan.concurrency {
                 if !self.inflight.acquire(&key, cap) {
@@ -569,6 +625,8 @@ impl Shared {
                 global: self.global.tokens.clone(),
                 key,
                 charged: cost,
+                #[cfg(feature = "redis")]
+                remote: None,
             })
         });
         Ok(Admitted {
@@ -745,7 +803,7 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
     None
 }
 
-fn concurrent(cap: u32, global: bool) -> ApiError {
+pub(super) fn concurrent(cap: u32, global: bool) -> ApiError {
     let scope = if global { "in total" } else { "for this key" };
     ApiError::new(
         ErrorCode::ConcurrentLimitExceeded,
@@ -755,7 +813,7 @@ fn concurrent(cap: u32, global: bool) -> ApiError {
     )
 }
 
-fn limited(unit: &str, global: bool, wait: Duration) -> ApiError {
+pub(super) fn limited(unit: &str, global: bool, wait: Duration) -> ApiError {
     let scope = if global { " across all keys" } else { "" };
     ApiError::new(
         ErrorCode::RateLimitExceeded,
@@ -767,7 +825,12 @@ fn limited(unit: &str, global: bool, wait: Duration) -> ApiError {
     .with_retry_after(wait)
 }
 
-fn never_fits(cost: u64, burst: u32, view: Option<&RequestView>, global: bool) -> ApiError {
+pub(super) fn never_fits(
+    cost: u64,
+    burst: u32,
+    view: Option<&RequestView>,
+    global: bool,
+) -> ApiError {
     let scope = if global {
         "the global token limit"
     } else {

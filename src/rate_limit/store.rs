@@ -397,7 +397,7 @@ pub(crate) enum Take {
 pub(crate) struct Status {
     pub(crate) limit: u32,
     pub(crate) remaining: u32,
-    reset_ns: u64,
+    pub(crate) reset_ns: u64,
 }
 
 impl Status {

@@ -175,6 +175,38 @@ pub struct RateLimitConfig {
     /// Limits by tier name (`[rate_limit.tiers.free]`).
     #[serde(default)]
     pub tiers: BTreeMap<String, LimitsConfig>,
+    /// Where the buckets live: `"memory"` (default, this process) or `"redis"` (shared by
+    /// every replica pointed at the same server; needs the crate feature `redis`).
+    pub backend: Option<String>,
+    /// With `backend = "redis"`: the server, `redis://[:password@]host:port/[db]`. Never
+    /// shown by `Debug`.
+    pub redis_url: Option<RedisUrl>,
+    /// With `backend = "redis"`: the longest one call may take, in milliseconds (default 50).
+    pub redis_timeout_ms: Option<u64>,
+    /// With `backend = "redis"`: `"open"` (default: decide on a local limiter at each quota
+    /// divided by `replicas`) or `"closed"` (answer `503`) while the server does not answer.
+    pub redis_failure: Option<String>,
+    /// With `backend = "redis"`: how many replicas share the quotas (default 1).
+    pub replicas: Option<u32>,
+    /// With `backend = "redis"`: the prefix of the keys written (default `llm-layers:rl:`).
+    pub redis_key_prefix: Option<String>,
+    /// With `backend = "redis"`: requests a replica borrows at once for a key whose only
+    /// limit is a request quota, and admits locally (default 0: off).
+    pub redis_borrow: Option<u32>,
+    /// With `redis_borrow`: how long a lease of borrowed requests lasts, in milliseconds
+    /// (default 100).
+    pub redis_borrow_lease_ms: Option<u64>,
+}
+
+/// A Redis URL, which may carry a password: `Debug` does not show it.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct RedisUrl(pub String);
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RedisUrl(<hidden>)")
+    }
 }
 
 /// Requests, tokens and concurrency of one key.
@@ -189,6 +221,101 @@ pub struct LimitsConfig {
     pub tpm: Option<u64>,
     /// Requests in flight at once.
     pub concurrency: Option<u32>,
+}
+
+/// Applies `backend` and the `redis_*` keys of `[rate_limit]`.
+fn rate_limit_backend(
+    r: &RateLimitConfig,
+    b: crate::rate_limit::RateLimitLayerBuilder,
+) -> Result<crate::rate_limit::RateLimitLayerBuilder, ConfigError> {
+    let redis = match r.backend.as_deref() {
+        None | Some("memory") => false,
+        Some("redis") => true,
+        Some(other) => {
+            return Err(refuse(
+                "rate_limit.backend",
+                format!("{other:?} is not a backend; use \"memory\" or \"redis\""),
+            ))
+        }
+    };
+    if !redis {
+        let stray = [
+            ("redis_url", r.redis_url.is_some()),
+            ("redis_timeout_ms", r.redis_timeout_ms.is_some()),
+            ("redis_failure", r.redis_failure.is_some()),
+            ("replicas", r.replicas.is_some()),
+            ("redis_key_prefix", r.redis_key_prefix.is_some()),
+            ("redis_borrow", r.redis_borrow.is_some()),
+            ("redis_borrow_lease_ms", r.redis_borrow_lease_ms.is_some()),
+        ];
+        if let Some((name, _)) = stray.iter().find(|(_, set)| *set) {
+            return Err(refuse(
+                format!("rate_limit.{name}"),
+                "only applies with backend = \"redis\"",
+            ));
+        }
+        return Ok(b);
+    }
+    #[cfg(not(feature = "redis"))]
+    {
+        let _ = b;
+        Err(refuse(
+            "rate_limit.backend",
+            "\"redis\" needs the crate built with the `redis` feature",
+        ))
+    }
+    #[cfg(feature = "redis")]
+    {
+        use crate::rate_limit::{FailurePolicy, RedisBackend};
+        let Some(url) = &r.redis_url else {
+            return Err(refuse(
+                "rate_limit.redis_url",
+                "required with backend = \"redis\"",
+            ));
+        };
+        let mut backend = RedisBackend::new(url.0.clone());
+        match r.redis_timeout_ms {
+            Some(0) => return Err(refuse("rate_limit.redis_timeout_ms", "must be at least 1")),
+            Some(ms) => backend = backend.timeout(Duration::from_millis(ms)),
+            None => {}
+        }
+        match r.redis_failure.as_deref() {
+            None | Some("open") => {}
+            Some("closed") => backend = backend.on_failure(FailurePolicy::FailClosed),
+            Some(other) => {
+                return Err(refuse(
+                    "rate_limit.redis_failure",
+                    format!("{other:?} is not a policy; use \"open\" or \"closed\""),
+                ))
+            }
+        }
+        if let Some(n) = r.replicas {
+            backend = backend.replicas(n);
+        }
+        if let Some(p) = &r.redis_key_prefix {
+            backend = backend.key_prefix(p.clone());
+        }
+        match (r.redis_borrow, r.redis_borrow_lease_ms) {
+            (_, Some(0)) => {
+                return Err(refuse(
+                    "rate_limit.redis_borrow_lease_ms",
+                    "must be at least 1",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(refuse(
+                    "rate_limit.redis_borrow_lease_ms",
+                    "only applies with `redis_borrow`",
+                ))
+            }
+            (Some(n), ms) => {
+                let lease = Duration::from_millis(ms.unwrap_or(100));
+                backend = backend.pre_borrow(n, lease);
+            }
+            (None, None) => {}
+        }
+        Ok(b.redis(backend))
+    }
 }
 
 impl LimitsConfig {
@@ -424,9 +551,18 @@ impl Stack {
             Some(ms) => b = b.mode(RateMode::Wait(Duration::from_millis(ms))),
             None => {}
         }
-        let rate_limit = b
-            .build()
-            .map_err(|e| refuse(format!("rate_limit.{}", e.field()), e.message().to_owned()))?;
+        b = rate_limit_backend(r, b)?;
+        let rate_limit = b.build().map_err(|e| {
+            // The backend's own fields under their TOML names.
+            let field = match e.field() {
+                "redis.url" => "redis_url",
+                "redis.timeout" => "redis_timeout_ms",
+                "redis.replicas" => "replicas",
+                "redis.pre_borrow" => "redis_borrow_lease_ms",
+                other => other,
+            };
+            refuse(format!("rate_limit.{field}"), e.message().to_owned())
+        })?;
 
         let retry = retry_layer(&config.retry)?;
 
@@ -824,6 +960,45 @@ mod tests {
         assert_eq!(err.field(), "upstream.attempt_timeout_ms", "{err}");
         let err = Stack::from_toml_str("[routes.\"v1\"]\nauth = false\n").unwrap_err();
         assert_eq!(err.field(), "routes.\"v1\"", "{err}");
+    }
+
+    #[test]
+    fn rate_limit_backend_keys() {
+        let err = Stack::from_toml_str("[rate_limit]\nbackend = \"etcd\"\n").unwrap_err();
+        assert_eq!(err.field(), "rate_limit.backend", "{err}");
+        let err = Stack::from_toml_str("[rate_limit]\nreplicas = 3\n").unwrap_err();
+        assert_eq!(err.field(), "rate_limit.replicas", "{err}");
+        let config = "[rate_limit]\nbackend = \"redis\"\nredis_url = \"redis://:pw-s3cret@127.0.0.1:6379/\"\nredis_timeout_ms = 20\nredis_failure = \"closed\"\nreplicas = 3\n[rate_limit.defaults]\nrpm = 60\n";
+        #[cfg(feature = "redis")]
+        {
+            assert!(Stack::from_toml_str(config).is_ok());
+            let parsed: StackConfig = toml::from_str(config).unwrap();
+            assert!(!format!("{parsed:?}").contains("pw-s3cret"));
+            let err = Stack::from_toml_str("[rate_limit]\nbackend = \"redis\"\n").unwrap_err();
+            assert_eq!(err.field(), "rate_limit.redis_url", "{err}");
+            let bad = config.replace("replicas = 3", "replicas = 0");
+            let err = Stack::from_toml_str(&bad).unwrap_err();
+            assert_eq!(err.field(), "rate_limit.replicas", "{err}");
+            let borrow = format!("{config}redis_borrow = 16\nredis_borrow_lease_ms = 50\n")
+                .replace("[rate_limit.defaults]\nrpm = 60\n", "")
+                + "[rate_limit.defaults]\nrpm = 60\n";
+            assert!(Stack::from_toml_str(&borrow).is_ok());
+            let bad = borrow.replace("lease_ms = 50", "lease_ms = 0");
+            let err = Stack::from_toml_str(&bad).unwrap_err();
+            assert_eq!(err.field(), "rate_limit.redis_borrow_lease_ms", "{err}");
+            let bad = config.replace("\"closed\"", "\"maybe\"");
+            let err = Stack::from_toml_str(&bad).unwrap_err();
+            assert_eq!(err.field(), "rate_limit.redis_failure", "{err}");
+            let bad = config.replace("redis://", "http://");
+            let err = Stack::from_toml_str(&bad).unwrap_err();
+            assert_eq!(err.field(), "rate_limit.redis_url", "{err}");
+            assert!(!err.to_string().contains("pw-s3cret"), "{err}");
+        }
+        #[cfg(not(feature = "redis"))]
+        {
+            let err = Stack::from_toml_str(config).unwrap_err();
+            assert_eq!(err.field(), "rate_limit.backend", "{err}");
+        }
     }
 
     #[test]
