@@ -166,6 +166,197 @@ fn extra_fixtures_all_classify_as_expected() {
     );
 }
 
+/// Every `.jsonl` file of a fixture folder, in name order.
+fn jsonl_files(dir: &str) -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    files
+}
+
+/// (entries, mismatches) over every file of a folder.
+fn check_dir(dir: &str) -> (usize, Vec<String>) {
+    let mut total = 0;
+    let mut bad = Vec::new();
+    for path in jsonl_files(dir) {
+        total += load(&path).len();
+        bad.extend(check_file(&path).0);
+    }
+    (total, bad)
+}
+
+/// The bodies gathered from public sources beyond the shared corpus: `tests/fixtures/corpus/`
+/// (the part the rules were tuned on) and `tests/fixtures/heldout/` (every fifth body, set
+/// aside before any rule was written for them). Both figures are printed; the tuned part must
+/// pass at 98 % and the held-out part at 95 %.
+#[test]
+fn gathered_corpus_pass_rates() {
+    let (tuned, tuned_bad) = check_dir("tests/fixtures/corpus");
+    let (held, held_bad) = check_dir("tests/fixtures/heldout");
+    let rate = |n: usize, bad: usize| 100.0 * (n - bad.min(n)) as f64 / n as f64;
+    // A mismatch can list more than one problem for the same entry; count entries.
+    let entries = |bad: &[String]| {
+        let mut ids: Vec<&str> = bad.iter().filter_map(|b| b.split(':').next()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.len()
+    };
+    let (tb, hb) = (entries(&tuned_bad), entries(&held_bad));
+    println!(
+        "tuned: {}/{tuned} ({:.1} %); held out: {}/{held} ({:.1} %)",
+        tuned - tb,
+        rate(tuned, tb),
+        held - hb,
+        rate(held, hb)
+    );
+    let shared =
+        load("tests/fixtures/errors.jsonl").len() + load("tests/fixtures/extra.jsonl").len();
+    assert!(
+        shared + tuned + held >= 300,
+        "{} bodies",
+        shared + tuned + held
+    );
+    assert!(
+        rate(tuned, tb) >= 98.0,
+        "tuned part below 98 %:\n{}",
+        tuned_bad.join("\n")
+    );
+    assert!(
+        rate(held, hb) >= 95.0,
+        "held-out part below 95 %:\n{}",
+        held_bad.join("\n")
+    );
+}
+
+fn classify_at(status: u16, headers: &[(&str, &str)], body: &str) -> ApiError {
+    let mut h = HeaderMap::new();
+    for (k, v) in headers {
+        h.insert(
+            HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    classify_response_at(
+        StatusCode::from_u16(status).unwrap(),
+        &h,
+        body.as_bytes(),
+        fixed_now(),
+    )
+    .unwrap()
+}
+
+/// The rules that read the wait: a short explicit wait makes a billing-worded 429 a rate
+/// limit, a calendar window makes a rate-worded 429 a quota, and capacity words make a 429
+/// `service_unavailable` unless a wait is stated.
+#[test]
+fn waits_and_windows_decide_429s() {
+    let text = r#"{"error":{"message":"Insufficient balance. Please try again in 3s."}}"#;
+    let e = classify_at(429, &[], text);
+    assert_eq!(e.code(), ErrorCode::RateLimitExceeded);
+    assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
+    let e = classify_at(429, &[], r#"{"error":{"message":"Insufficient balance."}}"#);
+    assert_eq!(e.code(), ErrorCode::InsufficientQuota);
+    // A long wait leaves billing as it is; a billing type is never overridden.
+    let e = classify_at(429, &[("retry-after", "3600")], r#"{"message":"余额不足"}"#);
+    assert_eq!(e.code(), ErrorCode::InsufficientQuota);
+    let typed =
+        r#"{"error":{"message":"quota","type":"insufficient_quota","code":"insufficient_quota"}}"#;
+    let e = classify_at(429, &[("retry-after", "2")], typed);
+    assert_eq!(e.code(), ErrorCode::InsufficientQuota);
+
+    let monthly = r#"{"error":{"message":"Rate limit reached: 1000 requests per month"}}"#;
+    assert_eq!(
+        classify_at(429, &[], monthly).code(),
+        ErrorCode::InsufficientQuota
+    );
+    let busy = r#"{"error":{"message":"Selected model is at capacity"}}"#;
+    assert_eq!(
+        classify_at(429, &[], busy).code(),
+        ErrorCode::ServiceUnavailable
+    );
+    let e = classify_at(429, &[("retry-after", "2")], busy);
+    assert_eq!(e.code(), ErrorCode::RateLimitExceeded);
+    assert!(e.is_retryable());
+}
+
+/// Plain text is read as a message; URL-encoded text is decoded first; edge pages are blocks
+/// only by specific fingerprints; Baidu's and MiniMax's errors inside a 200 are errors.
+#[test]
+fn text_encodings_edges_and_in_band_codes() {
+    let e = classify_at(
+        400,
+        &[],
+        "400 This model's maximum context length is 8192 tokens.",
+    );
+    assert_eq!(e.code(), ErrorCode::ContextLengthExceeded);
+    assert_eq!(e.provider(), Some("text"));
+    let e = classify_at(
+        400,
+        &[],
+        "error=the%20request%20exceeds%20the%20context%20size",
+    );
+    assert_eq!(e.code(), ErrorCode::ContextLengthExceeded);
+    let e = classify_at(429, &[], "余额不足或无可用资源包,请充值。");
+    assert_eq!(e.code(), ErrorCode::InsufficientQuota);
+    let e = classify_at(429, &[], "Too many concurrent requests. Limit: 1");
+    assert_eq!(e.code(), ErrorCode::ConcurrentLimitExceeded);
+    // `<400>` opens text, not markup.
+    let e = classify_at(
+        400,
+        &[],
+        "<400> InternalError.Algo.DataInspectionFailed: bad input",
+    );
+    assert_eq!(e.code(), ErrorCode::ContentPolicyViolation);
+
+    // A bare 403 is not a WAF block; a 401 page with Cloudflare's injected script is a key
+    // problem; Akamai's "Access Denied" page is a block.
+    assert_eq!(
+        classify_at(403, &[], "403").code(),
+        ErrorCode::PermissionDenied
+    );
+    assert_eq!(
+        classify_at(403, &[], "Forbidden").code(),
+        ErrorCode::PermissionDenied
+    );
+    let page = "<html><head><title>401 Authorization Required</title></head><body>\
+        <script>a.src='/cdn-cgi/challenge-platform/scripts/jsd/main.js'</script></body></html>";
+    assert_eq!(classify_at(401, &[], page).code(), ErrorCode::InvalidApiKey);
+    let akamai = "<html><head><title>Access Denied</title></head><body>Reference #18.ef</body>";
+    assert_eq!(
+        classify_at(403, &[], akamai).code(),
+        ErrorCode::UpstreamBlocked
+    );
+
+    let baidu = r#"{"error_code":17,"error_msg":"Open api daily request limit reached"}"#;
+    let e = classify_at(200, &[], baidu);
+    assert_eq!(e.code(), ErrorCode::RateLimitExceeded);
+    assert!(!e.is_retryable());
+    assert_eq!(e.provider(), Some("qianfan"));
+    let minimax = r#"{"base_resp":{"status_code":1008,"status_msg":"insufficient balance"}}"#;
+    let e = classify_at(200, &[], minimax);
+    assert_eq!(e.code(), ErrorCode::InsufficientQuota);
+    assert_eq!(e.provider(), Some("minimax"));
+    let ok = r#"{"base_resp":{"status_code":0,"status_msg":"success"}}"#;
+    assert!(classify_response(StatusCode::OK, &HeaderMap::new(), ok.as_bytes()).is_none());
+
+    // A server-error type on a client-error status does not decide.
+    let ollama =
+        r#"{"error":{"message":"model \"x\" not found, try pulling it first","type":"api_error"}}"#;
+    assert_eq!(
+        classify_at(404, &[], ollama).code(),
+        ErrorCode::ModelNotSupported
+    );
+    let disabled = r#"{"type":"error","error":{"type":"invalid_request_error","message":"This organization has been disabled."}}"#;
+    assert_eq!(
+        classify_at(400, &[], disabled).code(),
+        ErrorCode::RevokedApiKey
+    );
+}
+
 /// Key-like strings in any fixture body (`sk-`, `sk-ant-`, `AIza` followed by a long token)
 /// never reach the message.
 #[test]

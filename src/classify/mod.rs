@@ -174,13 +174,26 @@ pub fn classify_response_at(
         }
     }
     let is_html = html::looks_html(content_type, body);
-    let (code, msg) = html::classify(s, body, is_html);
-    let err = ApiError::new(code, scrub::finish(&msg)).with_provider(if is_html {
-        "html"
-    } else {
-        "text"
-    });
-    Some(finish(err, status, headers, now, true))
+    let page = html::classify(s, body, is_html);
+    let provider = if is_html { "html" } else { "text" };
+    let Some(mut f) = page.fields else {
+        let err = ApiError::new(page.code, scrub::finish(&page.message)).with_provider(provider);
+        return Some(finish(err, status, headers, now, true));
+    };
+    // A plain-text answer is a message: the rules read it like one.
+    envelope::decode_hay(&mut f);
+    let verdict = rules::decide(s, &f);
+    let explicit = wait::from_headers_at(headers, now).or_else(|| wait::from_text(&f.hay));
+    let code = rules::with_wait(s, verdict, explicit);
+    let err = ApiError::new(code, scrub::finish(&page.message)).with_provider(provider);
+    let mut err = finish(err, status, headers, now, true);
+    if err.retry_after().is_none() {
+        err.set_retry_after(wait_from_fields(code, &f, headers, now));
+    }
+    if verdict.never_fits || (verdict.long_limit && err.retry_after().is_none()) {
+        err = err.never_fits();
+    }
+    Some(err)
 }
 
 /// Errors inside a 2xx answer.
@@ -242,7 +255,11 @@ fn opens_with_error(body: &[u8]) -> bool {
         return false;
     };
     let b = skip_ws(rest);
-    if b.starts_with(b"\"error\"") {
+    // `"error"`, and Baidu's `"error_code"` / MiniMax's `"base_resp"` (checked when parsed).
+    if b.starts_with(b"\"error\"")
+        || b.starts_with(b"\"error_code\"")
+        || b.starts_with(b"\"base_resp\"")
+    {
         return true;
     }
     for key in [&b"\"type\""[..], b"\"object\""] {
@@ -276,7 +293,20 @@ fn from_fields(status: u16, f: &mut Fields, headers: &HeaderMap, now: SystemTime
         Some(h) if h >= 400 && (f.nested || status < 400) => h,
         _ => status,
     };
+    envelope::decode_hay(f);
     let verdict = rules::decide(effective, f);
+    // The rules that need the explicit wait: the headers', Google's, or the text's.
+    let explicit = wait::from_headers_at(headers, now)
+        .or(f.retry_delay)
+        .or_else(|| {
+            (effective == 429)
+                .then(|| wait::from_text(&f.hay))
+                .flatten()
+        });
+    let verdict = rules::Verdict {
+        code: rules::with_wait(effective, verdict, explicit),
+        ..verdict
+    };
     let message = match &f.message {
         Some(m) => scrub::finish(m),
         None => scrub::finish(&format!(
