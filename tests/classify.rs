@@ -11,12 +11,13 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use llm_layers::classify::{
     classify_response, classify_response_at, classify_sse_event, classify_sse_stream,
     MAX_MESSAGE_CHARS,
 };
-use llm_layers::error::{ApiError, ErrorCode};
+use llm_layers::error::{ApiError, EnvelopeOptions, ErrorCode, UpstreamDetail};
 use proptest::prelude::*;
 use serde_json::Value;
 
@@ -355,6 +356,72 @@ fn text_encodings_edges_and_in_band_codes() {
         classify_at(400, &[], disabled).code(),
         ErrorCode::RevokedApiKey
     );
+}
+
+/// The upstream's own code, type and message ride along, scrubbed and bounded, and reach the
+/// envelope only when the application asks.
+#[test]
+fn the_upstreams_own_words_are_kept() {
+    let body = r#"{"error":{"message":"Key sk-proj-Zx81kQ0pLm3nB7vC5tY9uW2eR4 is over its limit","type":"tokens","code":"rate_limit_exceeded"}}"#;
+    let e = classify_at(429, &[], body);
+    let d = e.upstream_detail().expect("detail kept");
+    assert_eq!(d.code(), Some("rate_limit_exceeded"));
+    assert_eq!(d.kind(), Some("tokens"));
+    let m = d.message().unwrap();
+    assert!(!m.contains("Zx81kQ0pLm3nB7vC5tY9"), "{m}");
+    assert!(m.contains("is over its limit"), "{m}");
+
+    // The innermost error of a nested body is the one kept.
+    let nested = r#"{"error":{"message":"Provider returned error","code":429,"metadata":{"raw":"{\"error\":{\"message\":\"slow down\",\"type\":\"rate_limit_error\"}}"}}}"#;
+    let d = classify_at(429, &[], nested)
+        .upstream_detail()
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (d.kind(), d.message()),
+        (Some("rate_limit_error"), Some("slow down"))
+    );
+    // Google: the reason and gRPC status stand in for code and type.
+    let google = r#"{"error":{"code":400,"message":"API key not valid.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID"}]}}"#;
+    let d = classify_at(400, &[], google)
+        .upstream_detail()
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (d.code(), d.kind()),
+        (Some("API_KEY_INVALID"), Some("INVALID_ARGUMENT"))
+    );
+    // Plain text is the message; huge values are bounded.
+    let huge = "x".repeat(100_000);
+    let e = classify_at(500, &[], &huge);
+    assert!(
+        e.upstream_detail()
+            .unwrap()
+            .message()
+            .unwrap()
+            .chars()
+            .count()
+            <= MAX_MESSAGE_CHARS
+    );
+    let long_code = format!(
+        r#"{{"error":{{"message":"m","code":"{}"}}}}"#,
+        "c".repeat(5000)
+    );
+    let e = classify_at(400, &[], &long_code);
+    assert!(e.upstream_detail().unwrap().code().unwrap().len() <= UpstreamDetail::MAX_ID_CHARS);
+    // Nothing to keep: an empty body.
+    assert!(classify_at(503, &[], "").upstream_detail().is_none());
+
+    // The envelope shows it only on request.
+    let e = classify_at(429, &[], body);
+    let plain: Value = serde_json::from_slice(e.to_response::<Bytes>().body()).unwrap();
+    assert!(plain["error"].get("upstream").is_none(), "{plain}");
+    let opts = EnvelopeOptions::new().expose_upstream(true);
+    let shown: Value = serde_json::from_slice(e.to_response_with::<Bytes>(&opts).body()).unwrap();
+    assert_eq!(shown["error"]["upstream"]["code"], "rate_limit_exceeded");
+    assert_eq!(shown["error"]["upstream"]["type"], "tokens");
+    assert!(!shown.to_string().contains("Zx81kQ0pLm3nB7vC5tY9"));
+    assert_eq!(shown["error"]["code"], "rate_limit_exceeded");
 }
 
 /// Key-like strings in any fixture body (`sk-`, `sk-ant-`, `AIza` followed by a long token)

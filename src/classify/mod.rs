@@ -90,7 +90,7 @@ use std::time::{Duration, SystemTime};
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, StatusCode};
 
-use crate::error::{ApiError, ErrorCode, X_SHOULD_RETRY};
+use crate::error::{ApiError, ErrorCode, UpstreamDetail, X_SHOULD_RETRY};
 
 mod anthropic;
 mod cn;
@@ -103,6 +103,7 @@ mod rules;
 mod scrub;
 pub mod wait;
 
+pub(crate) use scrub::finish as scrub_and_bound;
 pub use scrub::{scrub as scrub_secrets, MAX_MESSAGE_CHARS};
 
 use envelope::{Fields, Parsed};
@@ -185,7 +186,10 @@ pub fn classify_response_at(
     let verdict = rules::decide(s, &f);
     let explicit = wait::from_headers_at(headers, now).or_else(|| wait::from_text(&f.hay));
     let code = rules::with_wait(s, verdict, explicit);
-    let err = ApiError::new(code, scrub::finish(&page.message)).with_provider(provider);
+    let mut err = ApiError::new(code, scrub::finish(&page.message)).with_provider(provider);
+    if let Some(d) = upstream_detail(&f) {
+        err = err.with_upstream_detail(d);
+    }
     let mut err = finish(err, status, headers, now, true);
     if err.retry_after().is_none() {
         err.set_retry_after(wait_from_fields(code, &f, headers, now));
@@ -315,6 +319,9 @@ fn from_fields(status: u16, f: &mut Fields, headers: &HeaderMap, now: SystemTime
         )),
     };
     let mut err = ApiError::new(verdict.code, message).with_provider(f.family);
+    if let Some(d) = upstream_detail(f) {
+        err = err.with_upstream_detail(d);
+    }
     if let Some(p) = f.param.as_deref().filter(|p| p.len() <= 128) {
         err = err.with_param(scrub::finish(p));
     }
@@ -337,6 +344,15 @@ fn from_fields(status: u16, f: &mut Fields, headers: &HeaderMap, now: SystemTime
         err = err.never_fits();
     }
     err
+}
+
+/// The upstream's own code (or first Google reason), type (or gRPC status) and message.
+fn upstream_detail(f: &Fields) -> Option<UpstreamDetail> {
+    UpstreamDetail::new(
+        f.code.as_deref().or(f.reasons.first().map(String::as_str)),
+        f.kind.as_deref().or(f.grpc.as_deref()),
+        f.message.as_deref(),
+    )
 }
 
 /// The body-side waits, in precedence order after the headers.
