@@ -488,6 +488,17 @@ impl ApiError {
         self.upstream_should_retry
     }
 
+    /// The same error under another code (an application's own mapping of an upstream answer).
+    /// A changed code drops the never-fits mark, which belonged to the old class; the rest
+    /// (message, wait, statuses, request id, upstream detail) is kept.
+    pub fn with_code(mut self, code: ErrorCode) -> Self {
+        if code != self.code {
+            self.never_fits = false;
+            self.code = code;
+        }
+        self
+    }
+
     /// Keeps the upstream's own code, type and message beside the classification.
     pub fn with_upstream_detail(mut self, detail: UpstreamDetail) -> Self {
         self.upstream = Some(Box::new(detail));

@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use llm_layers::classify::{
-    classify_response, classify_response_at, classify_sse_event, classify_sse_stream,
-    MAX_MESSAGE_CHARS,
+    classify_response, classify_response_at, classify_sse_event, classify_sse_stream, Classifier,
+    Rule, MAX_MESSAGE_CHARS,
 };
 use llm_layers::error::{ApiError, EnvelopeOptions, ErrorCode, UpstreamDetail};
 use proptest::prelude::*;
@@ -422,6 +422,91 @@ fn the_upstreams_own_words_are_kept() {
     assert_eq!(shown["error"]["upstream"]["type"], "tokens");
     assert!(!shown.to_string().contains("Zx81kQ0pLm3nB7vC5tY9"));
     assert_eq!(shown["error"]["code"], "rate_limit_exceeded");
+}
+
+/// Application rules run before the built-ins: the first that answers sets the code, the
+/// rest of the classification stays; with none answering the result is the built-in one.
+#[test]
+fn application_rules_run_first() {
+    let h = HeaderMap::new();
+    let at = |c: &Classifier, status: u16, body: &str| {
+        c.classify_response_at(
+            StatusCode::from_u16(status).unwrap(),
+            &h,
+            body.as_bytes(),
+            fixed_now(),
+        )
+        .unwrap()
+    };
+    let c = Classifier::new()
+        .rule(
+            Rule::to(ErrorCode::InsufficientQuota)
+                .status(403)
+                .code("quota_empty"),
+        )
+        .rule(Rule::to(ErrorCode::ConcurrentLimitExceeded).message("ALL SLOTS ARE BUSY"))
+        .rule(Rule::to(ErrorCode::InvalidValue).status(418))
+        .rule_fn(|up| {
+            (up.classified().code() == ErrorCode::RateLimitExceeded
+                && up.headers().contains_key("x-tenant-cap"))
+            .then_some(ErrorCode::InsufficientQuota)
+        });
+    assert!(c.has_rules());
+    let relay = r#"{"error":{"message":"Quota empty","code":"QUOTA_EMPTY"}}"#;
+    assert_eq!(at(&c, 403, relay).code(), ErrorCode::InsufficientQuota);
+    // The status condition holds the rule back on another status.
+    assert_eq!(at(&c, 401, relay).code(), ErrorCode::InvalidApiKey);
+    // A plain-text answer, matched by its words; the wait the built-ins found is kept.
+    let mut hh = HeaderMap::new();
+    hh.insert("retry-after", HeaderValue::from_static("3"));
+    let e = c
+        .classify_response_at(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &hh,
+            b"All slots are busy",
+            fixed_now(),
+        )
+        .unwrap();
+    assert_eq!(e.code(), ErrorCode::ConcurrentLimitExceeded);
+    assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
+    assert_eq!(e.upstream_status(), Some(StatusCode::SERVICE_UNAVAILABLE));
+    // First rule wins: a 418 with the slots words is the message rule's.
+    assert_eq!(
+        at(&c, 418, "all slots are busy").code(),
+        ErrorCode::ConcurrentLimitExceeded
+    );
+    assert_eq!(at(&c, 418, "teapot").code(), ErrorCode::InvalidValue);
+
+    // No rule answers: exactly the built-in result.
+    let daily = r#"{"message":"Too many tokens per day, please wait before trying again."}"#;
+    let built_in = classify_at(429, &[], daily);
+    assert!(!built_in.is_retryable());
+    assert_eq!(at(&c, 429, daily), built_in);
+    assert_eq!(
+        at(&Classifier::new(), 429, daily),
+        classify_at(429, &[], daily)
+    );
+    // A function rule sees headers and the built-in code; a changed code drops never-fits.
+    let mut cap = HeaderMap::new();
+    cap.insert("x-tenant-cap", HeaderValue::from_static("1"));
+    let e = c
+        .classify_response_at(
+            StatusCode::TOO_MANY_REQUESTS,
+            &cap,
+            daily.as_bytes(),
+            fixed_now(),
+        )
+        .unwrap();
+    assert_eq!(e.code(), ErrorCode::InsufficientQuota);
+    let to_limit =
+        Classifier::new().rule(Rule::to(ErrorCode::ServiceUnavailable).message("per day"));
+    assert!(at(&to_limit, 429, daily).is_retryable());
+    // An empty pattern is no condition; a very long one is cut, not refused.
+    let any = Classifier::new().rule(Rule::to(ErrorCode::Timeout).message(""));
+    assert_eq!(at(&any, 400, "{}").code(), ErrorCode::Timeout);
+    let long = Classifier::new().rule(Rule::to(ErrorCode::Timeout).message("x".repeat(10_000)));
+    assert_eq!(at(&long, 400, &"x".repeat(300)).code(), ErrorCode::Timeout);
+    assert!(format!("{c:?}").contains("function_rules: 1"));
 }
 
 /// Key-like strings in any fixture body (`sk-`, `sk-ant-`, `AIza` followed by a long token)

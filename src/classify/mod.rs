@@ -101,10 +101,12 @@ mod openai;
 mod others;
 mod rules;
 mod scrub;
+mod user;
 pub mod wait;
 
 pub(crate) use scrub::finish as scrub_and_bound;
 pub use scrub::{scrub as scrub_secrets, MAX_MESSAGE_CHARS};
+pub use user::{Classifier, Rule, Upstream, MAX_PATTERN_BYTES};
 
 use envelope::{Fields, Parsed};
 
