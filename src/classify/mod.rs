@@ -11,20 +11,36 @@
 //! # Precedence
 //!
 //! 1. **Billing first**, whatever the status: a billing code or type (`insufficient_quota`,
-//!    `billing_error`, `Arrearage`, Zhipu `1113`), status `402`, or billing words ("credit
-//!    balance is too low", "余额不足") make `insufficient_quota`.
+//!    `billing_error`, `Arrearage`, `credit_limit`, Zhipu `1113`, MiniMax `1008`), status `402`,
+//!    or billing words in several languages ("credit balance is too low", "余额不足").
 //! 2. **The provider's own code or type** (OpenAI `code`/`type`, Anthropic `error.type`,
-//!    Google `ErrorInfo.reason` then gRPC `status`, Zhipu numeric codes, Moonshot types,
-//!    DashScope codes, the AWS exception in `x-amzn-errortype`, gateway codes). Generic ones
-//!    (`invalid_request_error`, `server_error`, `INVALID_ARGUMENT`) do not decide.
-//! 3. **The status**, with the message read last and only where the status does not decide:
-//!    a 400/422 becomes `context_length_exceeded`, `content_policy_violation`,
-//!    `model_not_supported`, `missing_required_field`... by its words, else `invalid_value`.
+//!    Google `ErrorInfo.reason` then gRPC `status`, Zhipu, Qianfan and MiniMax numeric codes,
+//!    Moonshot types, DashScope codes, the AWS exception in `x-amzn-errortype`, gateway codes).
+//!    Generic ones (`invalid_request_error`, `server_error`, `INVALID_ARGUMENT`) do not decide,
+//!    nor does a server-error type on a client-error or gateway status.
+//! 3. **The status**, with the message read where the status does not decide alone, by a
+//!    vocabulary grouped by meaning (keys, disabled accounts, region, content filter, context
+//!    size, unusable and unknown models, missing fields, permission, concurrency, rate, load):
+//!    a 400/422 takes any class by its words, else `invalid_value`; a 403 key, revoked-key and
+//!    filter words; a 404 a model; a 5xx and an error inside a 200 context-size and filter words.
 //! 4. **Refinements**: "expired" or "deactivated" keys; a not-found model; a rate limit that is
 //!    a request too large for the tier (`request_too_large`, never fits) or a concurrency limit;
-//!    a zero quota, a quota Google declares per day, or a daily or hourly limit with no stated
-//!    wait (marked [`ApiError::never_fits`]: no retry within any sensible budget can succeed; a
-//!    daily limit that states a short wait is a sliding window, and the wait decides).
+//!    a rate limit by the month is `insufficient_quota`; a zero quota, a quota Google declares
+//!    per day, or a daily or hourly limit with no stated wait (marked
+//!    [`ApiError::never_fits`]: no retry within any sensible budget can succeed; a daily limit
+//!    that states a short wait is a sliding window, and the wait decides).
+//! 5. **The wait**: a 429 that is billing only by its words but states a wait of at most 120 s
+//!    is a rate limit; a 429 rate limit worded as the server's capacity ("out of capacity",
+//!    "model busy") is `service_unavailable` unless it states a wait.
+//!
+//! Percent-encoded text is decoded before the rules read it. Plain-text answers are read as
+//! messages (their first 4 KiB). Edge pages are blocks only by specific fingerprints (Cloudflare
+//! and Akamai block pages, error 1020); a bare `403` text is `permission_denied`, and a
+//! challenge script counts only on a 403 or 503. [`Classifier`] runs an application's own
+//! rules before all of these.
+//!
+//! The upstream's own code, type and message are kept, scrubbed and bounded, in
+//! [`ApiError::upstream_detail`].
 //!
 //! JSON nested inside strings (a message holding the provider's whole error, `ConnectionError:
 //! {...}`, OpenRouter `metadata.raw`) is unwrapped, up to four levels; the innermost error

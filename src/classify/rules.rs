@@ -6,7 +6,9 @@
 //! 3. the status, refined by the message for the statuses that do not decide alone
 //!    (400/422 and other 4xx, 404, 403, 429, 500, and errors inside a 200);
 //! 4. refinements: an expired or revoked key, a not-found model, a rate limit that is really
-//!    a request too large, a concurrency limit, or a daily / zero quota (never worth a retry).
+//!    a request too large, a concurrency limit, a monthly limit (a quota), or a daily / zero
+//!    quota (never worth a retry);
+//! 5. the wait ([`with_wait`], applied by the caller once the explicit wait is known).
 
 use crate::error::ErrorCode::{self, *};
 use crate::error::TypeStyle;
