@@ -286,7 +286,8 @@ pub struct ApiError {
     status: Option<StatusCode>,
     upstream_status: Option<StatusCode>,
     provider: Option<Cow<'static, str>>,
-    request_id: Option<String>,
+    // Boxed, like `upstream`, so the error stays small enough to return by value.
+    request_id: Option<Box<str>>,
     never_fits: bool,
     upstream_should_retry: Option<bool>,
     upstream: Option<Box<UpstreamDetail>>,
@@ -423,7 +424,7 @@ impl ApiError {
 
     /// Records the upstream's request id, useful in support tickets.
     pub fn with_request_id(mut self, id: impl Into<String>) -> Self {
-        self.request_id = Some(id.into());
+        self.request_id = Some(id.into().into_boxed_str());
         self
     }
 

@@ -114,7 +114,9 @@ pub const MINIMAX: Table = &[
 
 /// The MiniMax status code, when the body is MiniMax's `base_resp`.
 pub fn minimax_code(f: &Fields) -> Option<&str> {
-    (f.family == "minimax").then(|| f.code.as_deref()).flatten()
+    (f.family == "minimax")
+        .then_some(f.code.as_deref())
+        .flatten()
 }
 
 /// The class of a Qianfan or MiniMax numeric code.

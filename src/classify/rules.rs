@@ -473,10 +473,7 @@ pub fn decide(status: u16, f: &Fields) -> Verdict {
     let code = structured(f)
         // A server-error type on a client-error status (Ollama's and relays' `api_error` on a
         // 400 or 404), or on a gateway status, says less than the status.
-        .filter(|c| {
-            !(*c == InternalError && (400..500).contains(&status)
-                || *c == InternalError && matches!(status, 502..=504 | 529))
-        })
+        .filter(|c| *c != InternalError || !matches!(status, 400..=499 | 502..=504 | 529))
         .unwrap_or_else(|| by_status(status, hay));
     let mut never_fits = false;
     let code = match code {
