@@ -316,8 +316,12 @@ impl UpstreamDetail {
     pub fn new(code: Option<&str>, kind: Option<&str>, message: Option<&str>) -> Option<Self> {
         let id = |v: Option<&str>| {
             v.map(str::trim).filter(|v| !v.is_empty()).map(|v| {
-                let cut: String = v.chars().take(Self::MAX_ID_CHARS).collect();
-                crate::classify::scrub_and_bound(&cut)
+                if plain_id(v) {
+                    v.to_owned()
+                } else {
+                    let cut: String = v.chars().take(Self::MAX_ID_CHARS).collect();
+                    crate::classify::scrub_and_bound(&cut)
+                }
             })
         };
         let detail = UpstreamDetail {
@@ -330,6 +334,17 @@ impl UpstreamDetail {
         };
         (detail.code.is_some() || detail.kind.is_some() || detail.message.is_some())
             .then_some(detail)
+    }
+
+    /// [`UpstreamDetail::new`] with a message the classifier already scrubbed and bounded.
+    pub(crate) fn with_scrubbed_message(
+        code: Option<&str>,
+        kind: Option<&str>,
+        message: String,
+    ) -> Option<Self> {
+        let mut d = UpstreamDetail::new(code, kind, None).unwrap_or_default();
+        d.message = (!message.is_empty()).then_some(message);
+        (d.code.is_some() || d.kind.is_some() || d.message.is_some()).then_some(d)
     }
 
     /// The upstream's code (`"insufficient_quota"`, `"1113"`, `"Arrearage"`), if it sent one.
@@ -346,6 +361,20 @@ impl UpstreamDetail {
     pub fn message(&self) -> Option<&str> {
         self.message.as_deref()
     }
+}
+
+/// An identifier the scrubber would leave as it is, so it need not run: shorter than the
+/// shortest key it masks (a prefix and 8 more characters), or a `snake_case` or `CamelCase`
+/// word without digits of fewer than 16 characters between separators.
+fn plain_id(v: &str) -> bool {
+    v.len() < 11
+        || (v.len() <= UpstreamDetail::MAX_ID_CHARS
+            && v.bytes()
+                .all(|b| b.is_ascii_alphabetic() || matches!(b, b'_' | b'.'))
+            && v.split(['_', '.']).all(|w| w.len() < 16)
+            && !["gsk_", "hf_", "eyj", "aiza", "akid", "akia", "asia"]
+                .iter()
+                .any(|p| v.len() >= p.len() && v[..p.len()].eq_ignore_ascii_case(p)))
 }
 
 impl Serialize for UpstreamDetail {

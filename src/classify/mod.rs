@@ -202,15 +202,16 @@ pub fn classify_response_at(
     // A plain-text answer is a message: the rules read it like one.
     envelope::decode_hay(&mut f);
     let verdict = rules::decide(s, &f);
-    let explicit = wait::from_headers_at(headers, now).or_else(|| wait::from_text(&f.hay));
+    let header_wait = wait::from_headers_at(headers, now);
+    let explicit = header_wait.or_else(|| wait::from_lower_text(&f.hay));
     let code = rules::with_wait(s, verdict, explicit);
     let mut err = ApiError::new(code, scrub::finish(&page.message)).with_provider(provider);
-    if let Some(d) = upstream_detail(&f) {
+    if let Some(d) = upstream_detail(&f, None) {
         err = err.with_upstream_detail(d);
     }
-    let mut err = finish(err, status, headers, now, true);
+    let mut err = finish_with(err, status, headers, now, true, header_wait);
     if err.retry_after().is_none() {
-        err.set_retry_after(wait_from_fields(code, &f, headers, now));
+        err.set_retry_after(wait_from_fields(code, &f, headers, now, None));
     }
     if verdict.never_fits || (verdict.long_limit && err.retry_after().is_none()) {
         err = err.never_fits();
@@ -318,13 +319,10 @@ fn from_fields(status: u16, f: &mut Fields, headers: &HeaderMap, now: SystemTime
     envelope::decode_hay(f);
     let verdict = rules::decide(effective, f);
     // The rules that need the explicit wait: the headers', Google's, or the text's.
-    let explicit = wait::from_headers_at(headers, now)
-        .or(f.retry_delay)
-        .or_else(|| {
-            (effective == 429)
-                .then(|| wait::from_text(&f.hay))
-                .flatten()
-        });
+    // The text hint is read at most once.
+    let text_wait = (effective == 429).then(|| wait::from_lower_text(&f.hay));
+    let header_wait = wait::from_headers_at(headers, now);
+    let explicit = header_wait.or(f.retry_delay).or(text_wait.flatten());
     let verdict = rules::Verdict {
         code: rules::with_wait(effective, verdict, explicit),
         ..verdict
@@ -336,8 +334,10 @@ fn from_fields(status: u16, f: &mut Fields, headers: &HeaderMap, now: SystemTime
             verdict.code
         )),
     };
+    // The detail's message is the provider's, scrubbed once for both.
+    let detail = upstream_detail(f, f.message.is_some().then(|| message.clone()));
     let mut err = ApiError::new(verdict.code, message).with_provider(f.family);
-    if let Some(d) = upstream_detail(f) {
+    if let Some(d) = detail {
         err = err.with_upstream_detail(d);
     }
     if let Some(p) = f.param.as_deref().filter(|p| p.len() <= 128) {
@@ -346,15 +346,16 @@ fn from_fields(status: u16, f: &mut Fields, headers: &HeaderMap, now: SystemTime
     if let Some(id) = f.request_id.as_deref().filter(|id| sane_id(id)) {
         err = err.with_request_id(id);
     }
-    let mut err = finish(
+    let mut err = finish_with(
         err,
         StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
         headers,
         now,
         false,
+        header_wait,
     );
     if err.retry_after().is_none() {
-        err.set_retry_after(wait_from_fields(verdict.code, f, headers, now));
+        err.set_retry_after(wait_from_fields(verdict.code, f, headers, now, text_wait));
     }
     // A daily or hourly limit without a stated wait cannot clear within a retry budget; with
     // one (a sliding window), the wait decides.
@@ -365,25 +366,29 @@ fn from_fields(status: u16, f: &mut Fields, headers: &HeaderMap, now: SystemTime
 }
 
 /// The upstream's own code (or first Google reason), type (or gRPC status) and message.
-fn upstream_detail(f: &Fields) -> Option<UpstreamDetail> {
-    UpstreamDetail::new(
-        f.code.as_deref().or(f.reasons.first().map(String::as_str)),
-        f.kind.as_deref().or(f.grpc.as_deref()),
-        f.message.as_deref(),
-    )
+/// `scrubbed` is the message already scrubbed and bounded, when the caller has it.
+fn upstream_detail(f: &Fields, scrubbed: Option<String>) -> Option<UpstreamDetail> {
+    let code = f.code.as_deref().or(f.reasons.first().map(String::as_str));
+    let kind = f.kind.as_deref().or(f.grpc.as_deref());
+    match scrubbed {
+        Some(m) => UpstreamDetail::with_scrubbed_message(code, kind, m),
+        None => UpstreamDetail::new(code, kind, f.message.as_deref()),
+    }
 }
 
 /// The body-side waits, in precedence order after the headers.
+/// `text_wait` is the text hint when the caller already read it.
 fn wait_from_fields(
     code: ErrorCode,
     f: &Fields,
     headers: &HeaderMap,
     now: SystemTime,
+    text_wait: Option<Option<Duration>>,
 ) -> Option<Duration> {
     f.retry_delay
         .or_else(|| {
             code.is_retryable()
-                .then(|| wait::from_text(&f.hay))
+                .then(|| text_wait.unwrap_or_else(|| wait::from_lower_text(&f.hay)))
                 .flatten()
         })
         .or_else(|| {
@@ -412,11 +417,24 @@ fn sane_id(id: &str) -> bool {
 /// Adds what the headers say: upstream status, request id (headers first), header wait, and
 /// with `resets` the rate-limit reset headers for a rate limit.
 fn finish(
+    err: ApiError,
+    status: StatusCode,
+    headers: &HeaderMap,
+    now: SystemTime,
+    resets: bool,
+) -> ApiError {
+    let header_wait = wait::from_headers_at(headers, now);
+    finish_with(err, status, headers, now, resets, header_wait)
+}
+
+/// [`finish`] with the header wait already read.
+fn finish_with(
     mut err: ApiError,
     status: StatusCode,
     headers: &HeaderMap,
     now: SystemTime,
     resets: bool,
+    header_wait: Option<Duration>,
 ) -> ApiError {
     err = err.with_upstream_status(status);
     // The upstream's own word on retrying, which the official SDKs obey first.
@@ -439,7 +457,7 @@ fn finish(
     if let Some(id) = header_id {
         err = err.with_request_id(id);
     }
-    if let Some(w) = wait::from_headers_at(headers, now) {
+    if let Some(w) = header_wait {
         err = err.with_retry_after(w);
     }
     if resets && err.retry_after().is_none() && err.code() == ErrorCode::RateLimitExceeded {

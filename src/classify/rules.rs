@@ -79,6 +79,26 @@ const BILLING_WORDS: &[&str] = &[
     "餘額不足",
 ];
 
+/// Every billing word holds one of these: most messages hold none, and are spared the list.
+const BILLING_ANCHORS: &[&str] = &[
+    "credit",
+    "balanc",
+    "billing",
+    "payment",
+    "fund",
+    "standing",
+    "overdue",
+    "inference",
+    "purchase",
+    "arrear",
+    "余额",
+    "欠费",
+    "充值",
+    "额度",
+    "額度",
+    "餘額",
+];
+
 /// Why an answer is billing: its identifiers or status (final), or only its words (a short
 /// explicit wait on a 429 overrides those).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,7 +152,7 @@ fn billing_inner(status: u16, f: &Fields) -> Option<bool> {
     if f.grpc.as_deref() == Some("RESOURCE_EXHAUSTED") || !f.quota_ids.is_empty() {
         return None;
     }
-    let words = any(&f.hay, BILLING_WORDS);
+    let words = any(&f.hay, BILLING_ANCHORS) && any(&f.hay, BILLING_WORDS);
     if ids().any(|id| id.eq_ignore_ascii_case("insufficient_quota")) {
         // OpenAI sends code and type `insufficient_quota` with billing words. DashScope sends the
         // code alone on a 429 for its tokens-per-minute limit; relays send it with load words.
@@ -365,6 +385,23 @@ fn mentions_model(hay: &str) -> bool {
         || hay.contains("模型")
 }
 
+/// The first of `codes` the message rules give (the groups of other codes are not read).
+fn text_among(hay: &str, codes: &[ErrorCode]) -> Option<ErrorCode> {
+    let first = |rules: &[(&[&str], ErrorCode)]| {
+        rules
+            .iter()
+            .filter(|(_, c)| codes.contains(c))
+            .find(|(needles, _)| any(hay, needles))
+            .map(|(_, c)| *c)
+    };
+    first(TEXT_RULES)
+        .or_else(|| {
+            (codes.contains(&ModelNotSupported) && mentions_model(hay) && any(hay, MODEL_TROUBLE))
+                .then_some(ModelNotSupported)
+        })
+        .or_else(|| first(LATER_RULES))
+}
+
 /// The message rules alone.
 fn by_text(hay: &str) -> Option<ErrorCode> {
     let first = |rules: &[(&[&str], ErrorCode)]| {
@@ -405,26 +442,18 @@ fn by_status(status: u16, hay: &str) -> ErrorCode {
         401 => InvalidApiKey,
         402 => InsufficientQuota,
         403 if any(hay, REVOKED_WORDS) => RevokedApiKey,
-        403 => match text() {
-            Some(c @ (InvalidApiKey | RevokedApiKey | ContentPolicyViolation)) => c,
-            _ => PermissionDenied,
-        },
-        404 => match text() {
-            Some(c @ ModelNotSupported) => c,
-            _ => NotFound,
-        },
+        403 => text_among(hay, &[InvalidApiKey, RevokedApiKey, ContentPolicyViolation])
+            .unwrap_or(PermissionDenied),
+        404 => text_among(hay, &[ModelNotSupported]).unwrap_or(NotFound),
         408 => Timeout,
         413 => RequestTooLarge,
         429 if hay.contains("overloaded") => ServiceUnavailable,
-        429 => match text() {
-            Some(c @ ConcurrentLimitExceeded) => c,
-            _ => RateLimitExceeded,
-        },
+        429 => text_among(hay, &[ConcurrentLimitExceeded]).unwrap_or(RateLimitExceeded),
         400..=499 => text().unwrap_or(InvalidValue),
-        500..=599 => match text() {
-            Some(c) if SERVER_SIDE_TEXT.contains(&c) => c,
-            _ if status == 500 && any(hay, OVERLOAD_WORDS) => ServiceUnavailable,
-            _ => super::code_for_status_u16(status),
+        500..=599 => match text_among(hay, SERVER_SIDE_TEXT) {
+            Some(c) => c,
+            None if status == 500 && any(hay, OVERLOAD_WORDS) => ServiceUnavailable,
+            None => super::code_for_status_u16(status),
         },
         // An error inside a successful answer (a stream event, an OpenRouter 200).
         200..=299 => text().unwrap_or(InternalError),
