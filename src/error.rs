@@ -286,9 +286,115 @@ pub struct ApiError {
     status: Option<StatusCode>,
     upstream_status: Option<StatusCode>,
     provider: Option<Cow<'static, str>>,
-    request_id: Option<String>,
+    // Boxed, like `upstream`, so the error stays small enough to return by value.
+    request_id: Option<Box<str>>,
     never_fits: bool,
     upstream_should_retry: Option<bool>,
+    upstream: Option<Box<UpstreamDetail>>,
+}
+
+/// The upstream's own words for an error, kept beside the classification: its code, its type
+/// and its message, as it sent them (the innermost error when errors were nested), scrubbed of
+/// anything key-like and bounded in size ([`UpstreamDetail::MAX_ID_CHARS`] for the code and
+/// type, [`crate::classify::MAX_MESSAGE_CHARS`] for the message).
+///
+/// Callers log and match on it ([`ApiError::upstream_detail`]); the envelope shows it only when
+/// [`EnvelopeOptions::expose_upstream`] is set.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UpstreamDetail {
+    code: Option<String>,
+    kind: Option<String>,
+    message: Option<String>,
+}
+
+impl UpstreamDetail {
+    /// The longest code or type kept, in characters; longer ones are cut.
+    pub const MAX_ID_CHARS: usize = 128;
+
+    /// A detail from the upstream's code, type and message; each is scrubbed and bounded.
+    /// `None` when all three are absent or empty.
+    pub fn new(code: Option<&str>, kind: Option<&str>, message: Option<&str>) -> Option<Self> {
+        let id = |v: Option<&str>| {
+            v.map(str::trim).filter(|v| !v.is_empty()).map(|v| {
+                if plain_id(v) {
+                    v.to_owned()
+                } else {
+                    let cut: String = v.chars().take(Self::MAX_ID_CHARS).collect();
+                    crate::classify::scrub_and_bound(&cut)
+                }
+            })
+        };
+        let detail = UpstreamDetail {
+            code: id(code),
+            kind: id(kind),
+            message: message
+                .map(str::trim)
+                .filter(|m| !m.is_empty())
+                .map(crate::classify::scrub_and_bound),
+        };
+        (detail.code.is_some() || detail.kind.is_some() || detail.message.is_some())
+            .then_some(detail)
+    }
+
+    /// [`UpstreamDetail::new`] with a message the classifier already scrubbed and bounded.
+    pub(crate) fn with_scrubbed_message(
+        code: Option<&str>,
+        kind: Option<&str>,
+        message: String,
+    ) -> Option<Self> {
+        let mut d = UpstreamDetail::new(code, kind, None).unwrap_or_default();
+        d.message = (!message.is_empty()).then_some(message);
+        (d.code.is_some() || d.kind.is_some() || d.message.is_some()).then_some(d)
+    }
+
+    /// The upstream's code (`"insufficient_quota"`, `"1113"`, `"Arrearage"`), if it sent one.
+    pub fn code(&self) -> Option<&str> {
+        self.code.as_deref()
+    }
+
+    /// The upstream's type (`"invalid_request_error"`, `"RESOURCE_EXHAUSTED"`), if it sent one.
+    pub fn kind(&self) -> Option<&str> {
+        self.kind.as_deref()
+    }
+
+    /// The upstream's message, if it sent one.
+    pub fn message(&self) -> Option<&str> {
+        self.message.as_deref()
+    }
+}
+
+/// An identifier the scrubber would leave as it is, so it need not run: shorter than the
+/// shortest key it masks (a prefix and 8 more characters), or a `snake_case` or `CamelCase`
+/// word without digits of fewer than 16 characters between separators.
+fn plain_id(v: &str) -> bool {
+    v.len() < 11
+        || (v.len() <= UpstreamDetail::MAX_ID_CHARS
+            && v.bytes()
+                .all(|b| b.is_ascii_alphabetic() || matches!(b, b'_' | b'.'))
+            && v.split(['_', '.']).all(|w| w.len() < 16)
+            && !["gsk_", "hf_", "eyj", "aiza", "akid", "akia", "asia"]
+                .iter()
+                .any(|p| v.len() >= p.len() && v[..p.len()].eq_ignore_ascii_case(p)))
+}
+
+impl Serialize for UpstreamDetail {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let n = [&self.code, &self.kind, &self.message]
+            .iter()
+            .filter(|v| v.is_some())
+            .count();
+        let mut map = s.serialize_map(Some(n))?;
+        for (k, v) in [
+            ("code", &self.code),
+            ("type", &self.kind),
+            ("message", &self.message),
+        ] {
+            if let Some(v) = v {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        map.end()
+    }
 }
 
 impl ApiError {
@@ -305,6 +411,7 @@ impl ApiError {
             request_id: None,
             never_fits: false,
             upstream_should_retry: None,
+            upstream: None,
         }
     }
 
@@ -346,7 +453,7 @@ impl ApiError {
 
     /// Records the upstream's request id, useful in support tickets.
     pub fn with_request_id(mut self, id: impl Into<String>) -> Self {
-        self.request_id = Some(id.into());
+        self.request_id = Some(id.into().into_boxed_str());
         self
     }
 
@@ -411,6 +518,29 @@ impl ApiError {
         self.upstream_should_retry
     }
 
+    /// The same error under another code (an application's own mapping of an upstream answer).
+    /// A changed code drops the never-fits mark, which belonged to the old class; the rest
+    /// (message, wait, statuses, request id, upstream detail) is kept.
+    pub fn with_code(mut self, code: ErrorCode) -> Self {
+        if code != self.code {
+            self.never_fits = false;
+            self.code = code;
+        }
+        self
+    }
+
+    /// Keeps the upstream's own code, type and message beside the classification.
+    pub fn with_upstream_detail(mut self, detail: UpstreamDetail) -> Self {
+        self.upstream = Some(Box::new(detail));
+        self
+    }
+
+    /// The upstream's own code, type and message, when the error came from an upstream answer
+    /// that had them.
+    pub fn upstream_detail(&self) -> Option<&UpstreamDetail> {
+        self.upstream.as_deref()
+    }
+
     /// Whether a retry can help. The upstream's own `x-should-retry` decides when it sent one
     /// ([`ApiError::with_upstream_should_retry`]); otherwise the code is retryable, the wait (if
     /// known) is at most [`MAX_RETRYABLE_WAIT`], and the request is not one that can never fit.
@@ -428,7 +558,15 @@ impl ApiError {
 
     /// The envelope as JSON bytes, with the `type` string in the given style.
     pub fn envelope(&self, style: TypeStyle) -> Bytes {
-        let env = Envelope { err: self, style };
+        self.envelope_bytes(style, false)
+    }
+
+    fn envelope_bytes(&self, style: TypeStyle, expose: bool) -> Bytes {
+        let env = Envelope {
+            err: self,
+            style,
+            expose,
+        };
         // Serializing plain strings and options into a Vec cannot fail.
         Bytes::from(serde_json::to_vec(&env).unwrap_or_default())
     }
@@ -450,7 +588,9 @@ impl ApiError {
         } else {
             self.status()
         };
-        let mut res = Response::new(B::from(self.envelope(opts.type_style)));
+        let mut res = Response::new(B::from(
+            self.envelope_bytes(opts.type_style, opts.expose_upstream),
+        ));
         *res.status_mut() = status;
         let headers = res.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -480,6 +620,7 @@ pub fn set_retry_after_headers(headers: &mut http::HeaderMap, wait: Duration) {
 pub struct EnvelopeOptions {
     keep_upstream_status: bool,
     type_style: TypeStyle,
+    expose_upstream: bool,
 }
 
 impl EnvelopeOptions {
@@ -488,7 +629,17 @@ impl EnvelopeOptions {
         EnvelopeOptions {
             keep_upstream_status: false,
             type_style: TypeStyle::OpenAi,
+            expose_upstream: false,
         }
+    }
+
+    /// Add the upstream's own code, type and message ([`UpstreamDetail`], scrubbed and bounded)
+    /// to the envelope as `error.upstream: {"code","type","message"}` when the error has them.
+    /// Off by default: an upstream's words can name its internals, so showing them is the
+    /// application's choice.
+    pub const fn expose_upstream(mut self, expose: bool) -> Self {
+        self.expose_upstream = expose;
+        self
     }
 
     /// Answer with the upstream's own error status (when it had one) instead of the canonical
@@ -508,11 +659,13 @@ impl EnvelopeOptions {
 struct Envelope<'a> {
     err: &'a ApiError,
     style: TypeStyle,
+    expose: bool,
 }
 
 struct Inner<'a> {
     err: &'a ApiError,
     style: TypeStyle,
+    expose: bool,
 }
 
 impl Serialize for Envelope<'_> {
@@ -523,6 +676,7 @@ impl Serialize for Envelope<'_> {
             &Inner {
                 err: self.err,
                 style: self.style,
+                expose: self.expose,
             },
         )?;
         map.end()
@@ -531,11 +685,15 @@ impl Serialize for Envelope<'_> {
 
 impl Serialize for Inner<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut st = s.serialize_struct("error", 4)?;
+        let upstream = self.err.upstream.as_deref().filter(|_| self.expose);
+        let mut st = s.serialize_struct("error", 4 + usize::from(upstream.is_some()))?;
         st.serialize_field("message", &*self.err.message)?;
         st.serialize_field("type", self.err.code.error_type(self.style))?;
         st.serialize_field("code", self.err.code.as_str())?;
         st.serialize_field("param", &self.err.param.as_deref())?;
+        if let Some(u) = upstream {
+            st.serialize_field("upstream", u)?;
+        }
         st.end()
     }
 }
@@ -546,6 +704,7 @@ impl Serialize for ApiError {
         Envelope {
             err: self,
             style: TypeStyle::OpenAi,
+            expose: false,
         }
         .serialize(s)
     }

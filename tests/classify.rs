@@ -11,12 +11,13 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use llm_layers::classify::{
-    classify_response, classify_response_at, classify_sse_event, classify_sse_stream,
-    MAX_MESSAGE_CHARS,
+    classify_response, classify_response_at, classify_sse_event, classify_sse_stream, Classifier,
+    Rule, MAX_MESSAGE_CHARS,
 };
-use llm_layers::error::{ApiError, ErrorCode};
+use llm_layers::error::{ApiError, EnvelopeOptions, ErrorCode, UpstreamDetail};
 use proptest::prelude::*;
 use serde_json::Value;
 
@@ -164,6 +165,348 @@ fn extra_fixtures_all_classify_as_expected() {
         bad.len(),
         bad.join("\n")
     );
+}
+
+/// Every `.jsonl` file of a fixture folder, in name order.
+fn jsonl_files(dir: &str) -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    files
+}
+
+/// (entries, mismatches) over every file of a folder.
+fn check_dir(dir: &str) -> (usize, Vec<String>) {
+    let mut total = 0;
+    let mut bad = Vec::new();
+    for path in jsonl_files(dir) {
+        total += load(&path).len();
+        bad.extend(check_file(&path).0);
+    }
+    (total, bad)
+}
+
+/// The bodies gathered from public sources beyond the shared corpus: `tests/fixtures/corpus/`
+/// (the part the rules were tuned on) and `tests/fixtures/heldout/` (every fifth body, set
+/// aside before any rule was written for them). Both figures are printed; the tuned part must
+/// pass at 98 % and the held-out part at 95 %.
+#[test]
+fn gathered_corpus_pass_rates() {
+    let (tuned, tuned_bad) = check_dir("tests/fixtures/corpus");
+    let (held, held_bad) = check_dir("tests/fixtures/heldout");
+    let rate = |n: usize, bad: usize| 100.0 * (n - bad.min(n)) as f64 / n as f64;
+    // A mismatch can list more than one problem for the same entry; count entries.
+    let entries = |bad: &[String]| {
+        let mut ids: Vec<&str> = bad.iter().filter_map(|b| b.split(':').next()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.len()
+    };
+    let (tb, hb) = (entries(&tuned_bad), entries(&held_bad));
+    println!(
+        "tuned: {}/{tuned} ({:.1} %); held out: {}/{held} ({:.1} %)",
+        tuned - tb,
+        rate(tuned, tb),
+        held - hb,
+        rate(held, hb)
+    );
+    let shared =
+        load("tests/fixtures/errors.jsonl").len() + load("tests/fixtures/extra.jsonl").len();
+    assert!(
+        shared + tuned + held >= 300,
+        "{} bodies",
+        shared + tuned + held
+    );
+    assert!(
+        rate(tuned, tb) >= 98.0,
+        "tuned part below 98 %:\n{}",
+        tuned_bad.join("\n")
+    );
+    assert!(
+        rate(held, hb) >= 95.0,
+        "held-out part below 95 %:\n{}",
+        held_bad.join("\n")
+    );
+}
+
+fn classify_at(status: u16, headers: &[(&str, &str)], body: &str) -> ApiError {
+    let mut h = HeaderMap::new();
+    for (k, v) in headers {
+        h.insert(
+            HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    classify_response_at(
+        StatusCode::from_u16(status).unwrap(),
+        &h,
+        body.as_bytes(),
+        fixed_now(),
+    )
+    .unwrap()
+}
+
+/// The rules that read the wait: a short explicit wait makes a billing-worded 429 a rate
+/// limit, a calendar window makes a rate-worded 429 a quota, and capacity words make a 429
+/// `service_unavailable` unless a wait is stated.
+#[test]
+fn waits_and_windows_decide_429s() {
+    let text = r#"{"error":{"message":"Insufficient balance. Please try again in 3s."}}"#;
+    let e = classify_at(429, &[], text);
+    assert_eq!(e.code(), ErrorCode::RateLimitExceeded);
+    assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
+    let e = classify_at(429, &[], r#"{"error":{"message":"Insufficient balance."}}"#);
+    assert_eq!(e.code(), ErrorCode::InsufficientQuota);
+    // A long wait leaves billing as it is; a billing type is never overridden.
+    let e = classify_at(429, &[("retry-after", "3600")], r#"{"message":"余额不足"}"#);
+    assert_eq!(e.code(), ErrorCode::InsufficientQuota);
+    let typed =
+        r#"{"error":{"message":"quota","type":"insufficient_quota","code":"insufficient_quota"}}"#;
+    let e = classify_at(429, &[("retry-after", "2")], typed);
+    assert_eq!(e.code(), ErrorCode::InsufficientQuota);
+
+    let monthly = r#"{"error":{"message":"Rate limit reached: 1000 requests per month"}}"#;
+    assert_eq!(
+        classify_at(429, &[], monthly).code(),
+        ErrorCode::InsufficientQuota
+    );
+    let busy = r#"{"error":{"message":"Selected model is at capacity"}}"#;
+    assert_eq!(
+        classify_at(429, &[], busy).code(),
+        ErrorCode::ServiceUnavailable
+    );
+    let e = classify_at(429, &[("retry-after", "2")], busy);
+    assert_eq!(e.code(), ErrorCode::RateLimitExceeded);
+    assert!(e.is_retryable());
+}
+
+/// Plain text is read as a message; URL-encoded text is decoded first; edge pages are blocks
+/// only by specific fingerprints; Baidu's and MiniMax's errors inside a 200 are errors.
+#[test]
+fn text_encodings_edges_and_in_band_codes() {
+    let e = classify_at(
+        400,
+        &[],
+        "400 This model's maximum context length is 8192 tokens.",
+    );
+    assert_eq!(e.code(), ErrorCode::ContextLengthExceeded);
+    assert_eq!(e.provider(), Some("text"));
+    let e = classify_at(
+        400,
+        &[],
+        "error=the%20request%20exceeds%20the%20context%20size",
+    );
+    assert_eq!(e.code(), ErrorCode::ContextLengthExceeded);
+    let e = classify_at(429, &[], "余额不足或无可用资源包,请充值。");
+    assert_eq!(e.code(), ErrorCode::InsufficientQuota);
+    let e = classify_at(429, &[], "Too many concurrent requests. Limit: 1");
+    assert_eq!(e.code(), ErrorCode::ConcurrentLimitExceeded);
+    // `<400>` opens text, not markup.
+    let e = classify_at(
+        400,
+        &[],
+        "<400> InternalError.Algo.DataInspectionFailed: bad input",
+    );
+    assert_eq!(e.code(), ErrorCode::ContentPolicyViolation);
+
+    // A bare 403 is not a WAF block; a 401 page with Cloudflare's injected script is a key
+    // problem; Akamai's "Access Denied" page is a block.
+    assert_eq!(
+        classify_at(403, &[], "403").code(),
+        ErrorCode::PermissionDenied
+    );
+    assert_eq!(
+        classify_at(403, &[], "Forbidden").code(),
+        ErrorCode::PermissionDenied
+    );
+    let page = "<html><head><title>401 Authorization Required</title></head><body>\
+        <script>a.src='/cdn-cgi/challenge-platform/scripts/jsd/main.js'</script></body></html>";
+    assert_eq!(classify_at(401, &[], page).code(), ErrorCode::InvalidApiKey);
+    let akamai = "<html><head><title>Access Denied</title></head><body>Reference #18.ef</body>";
+    assert_eq!(
+        classify_at(403, &[], akamai).code(),
+        ErrorCode::UpstreamBlocked
+    );
+
+    let baidu = r#"{"error_code":17,"error_msg":"Open api daily request limit reached"}"#;
+    let e = classify_at(200, &[], baidu);
+    assert_eq!(e.code(), ErrorCode::RateLimitExceeded);
+    assert!(!e.is_retryable());
+    assert_eq!(e.provider(), Some("qianfan"));
+    let minimax = r#"{"base_resp":{"status_code":1008,"status_msg":"insufficient balance"}}"#;
+    let e = classify_at(200, &[], minimax);
+    assert_eq!(e.code(), ErrorCode::InsufficientQuota);
+    assert_eq!(e.provider(), Some("minimax"));
+    let ok = r#"{"base_resp":{"status_code":0,"status_msg":"success"}}"#;
+    assert!(classify_response(StatusCode::OK, &HeaderMap::new(), ok.as_bytes()).is_none());
+
+    // A server-error type on a client-error status does not decide.
+    let ollama =
+        r#"{"error":{"message":"model \"x\" not found, try pulling it first","type":"api_error"}}"#;
+    assert_eq!(
+        classify_at(404, &[], ollama).code(),
+        ErrorCode::ModelNotSupported
+    );
+    let disabled = r#"{"type":"error","error":{"type":"invalid_request_error","message":"This organization has been disabled."}}"#;
+    assert_eq!(
+        classify_at(400, &[], disabled).code(),
+        ErrorCode::RevokedApiKey
+    );
+}
+
+/// The upstream's own code, type and message ride along, scrubbed and bounded, and reach the
+/// envelope only when the application asks.
+#[test]
+fn the_upstreams_own_words_are_kept() {
+    let body = r#"{"error":{"message":"Key sk-proj-Zx81kQ0pLm3nB7vC5tY9uW2eR4 is over its limit","type":"tokens","code":"rate_limit_exceeded"}}"#;
+    let e = classify_at(429, &[], body);
+    let d = e.upstream_detail().expect("detail kept");
+    assert_eq!(d.code(), Some("rate_limit_exceeded"));
+    assert_eq!(d.kind(), Some("tokens"));
+    let m = d.message().unwrap();
+    assert!(!m.contains("Zx81kQ0pLm3nB7vC5tY9"), "{m}");
+    assert!(m.contains("is over its limit"), "{m}");
+
+    // The innermost error of a nested body is the one kept.
+    let nested = r#"{"error":{"message":"Provider returned error","code":429,"metadata":{"raw":"{\"error\":{\"message\":\"slow down\",\"type\":\"rate_limit_error\"}}"}}}"#;
+    let d = classify_at(429, &[], nested)
+        .upstream_detail()
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (d.kind(), d.message()),
+        (Some("rate_limit_error"), Some("slow down"))
+    );
+    // Google: the reason and gRPC status stand in for code and type.
+    let google = r#"{"error":{"code":400,"message":"API key not valid.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID"}]}}"#;
+    let d = classify_at(400, &[], google)
+        .upstream_detail()
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (d.code(), d.kind()),
+        (Some("API_KEY_INVALID"), Some("INVALID_ARGUMENT"))
+    );
+    // Plain text is the message; huge values are bounded.
+    let huge = "x".repeat(100_000);
+    let e = classify_at(500, &[], &huge);
+    assert!(
+        e.upstream_detail()
+            .unwrap()
+            .message()
+            .unwrap()
+            .chars()
+            .count()
+            <= MAX_MESSAGE_CHARS
+    );
+    let long_code = format!(
+        r#"{{"error":{{"message":"m","code":"{}"}}}}"#,
+        "c".repeat(5000)
+    );
+    let e = classify_at(400, &[], &long_code);
+    assert!(e.upstream_detail().unwrap().code().unwrap().len() <= UpstreamDetail::MAX_ID_CHARS);
+    // Nothing to keep: an empty body.
+    assert!(classify_at(503, &[], "").upstream_detail().is_none());
+
+    // The envelope shows it only on request.
+    let e = classify_at(429, &[], body);
+    let plain: Value = serde_json::from_slice(e.to_response::<Bytes>().body()).unwrap();
+    assert!(plain["error"].get("upstream").is_none(), "{plain}");
+    let opts = EnvelopeOptions::new().expose_upstream(true);
+    let shown: Value = serde_json::from_slice(e.to_response_with::<Bytes>(&opts).body()).unwrap();
+    assert_eq!(shown["error"]["upstream"]["code"], "rate_limit_exceeded");
+    assert_eq!(shown["error"]["upstream"]["type"], "tokens");
+    assert!(!shown.to_string().contains("Zx81kQ0pLm3nB7vC5tY9"));
+    assert_eq!(shown["error"]["code"], "rate_limit_exceeded");
+}
+
+/// Application rules run before the built-ins: the first that answers sets the code, the
+/// rest of the classification stays; with none answering the result is the built-in one.
+#[test]
+fn application_rules_run_first() {
+    let h = HeaderMap::new();
+    let at = |c: &Classifier, status: u16, body: &str| {
+        c.classify_response_at(
+            StatusCode::from_u16(status).unwrap(),
+            &h,
+            body.as_bytes(),
+            fixed_now(),
+        )
+        .unwrap()
+    };
+    let c = Classifier::new()
+        .rule(
+            Rule::to(ErrorCode::InsufficientQuota)
+                .status(403)
+                .code("quota_empty"),
+        )
+        .rule(Rule::to(ErrorCode::ConcurrentLimitExceeded).message("ALL SLOTS ARE BUSY"))
+        .rule(Rule::to(ErrorCode::InvalidValue).status(418))
+        .rule_fn(|up| {
+            (up.classified().code() == ErrorCode::RateLimitExceeded
+                && up.headers().contains_key("x-tenant-cap"))
+            .then_some(ErrorCode::InsufficientQuota)
+        });
+    assert!(c.has_rules());
+    let relay = r#"{"error":{"message":"Quota empty","code":"QUOTA_EMPTY"}}"#;
+    assert_eq!(at(&c, 403, relay).code(), ErrorCode::InsufficientQuota);
+    // The status condition holds the rule back on another status.
+    assert_eq!(at(&c, 401, relay).code(), ErrorCode::InvalidApiKey);
+    // A plain-text answer, matched by its words; the wait the built-ins found is kept.
+    let mut hh = HeaderMap::new();
+    hh.insert("retry-after", HeaderValue::from_static("3"));
+    let e = c
+        .classify_response_at(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &hh,
+            b"All slots are busy",
+            fixed_now(),
+        )
+        .unwrap();
+    assert_eq!(e.code(), ErrorCode::ConcurrentLimitExceeded);
+    assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
+    assert_eq!(e.upstream_status(), Some(StatusCode::SERVICE_UNAVAILABLE));
+    // First rule wins: a 418 with the slots words is the message rule's.
+    assert_eq!(
+        at(&c, 418, "all slots are busy").code(),
+        ErrorCode::ConcurrentLimitExceeded
+    );
+    assert_eq!(at(&c, 418, "teapot").code(), ErrorCode::InvalidValue);
+
+    // No rule answers: exactly the built-in result.
+    let daily = r#"{"message":"Too many tokens per day, please wait before trying again."}"#;
+    let built_in = classify_at(429, &[], daily);
+    assert!(!built_in.is_retryable());
+    assert_eq!(at(&c, 429, daily), built_in);
+    assert_eq!(
+        at(&Classifier::new(), 429, daily),
+        classify_at(429, &[], daily)
+    );
+    // A function rule sees headers and the built-in code; a changed code drops never-fits.
+    let mut cap = HeaderMap::new();
+    cap.insert("x-tenant-cap", HeaderValue::from_static("1"));
+    let e = c
+        .classify_response_at(
+            StatusCode::TOO_MANY_REQUESTS,
+            &cap,
+            daily.as_bytes(),
+            fixed_now(),
+        )
+        .unwrap();
+    assert_eq!(e.code(), ErrorCode::InsufficientQuota);
+    let to_limit =
+        Classifier::new().rule(Rule::to(ErrorCode::ServiceUnavailable).message("per day"));
+    assert!(at(&to_limit, 429, daily).is_retryable());
+    // An empty pattern is no condition; a very long one is cut, not refused.
+    let any = Classifier::new().rule(Rule::to(ErrorCode::Timeout).message(""));
+    assert_eq!(at(&any, 400, "{}").code(), ErrorCode::Timeout);
+    let long = Classifier::new().rule(Rule::to(ErrorCode::Timeout).message("x".repeat(10_000)));
+    assert_eq!(at(&long, 400, &"x".repeat(300)).code(), ErrorCode::Timeout);
+    assert!(format!("{c:?}").contains("function_rules: 1"));
 }
 
 /// Key-like strings in any fixture body (`sk-`, `sk-ant-`, `AIza` followed by a long token)

@@ -83,10 +83,57 @@ pub const BILLING: &[&str] = &[
     "Throttling.FreeTierOnly",
 ];
 
+/// Baidu Qianfan (ERNIE) numeric `error_code`s, answered with `error_msg`, often in a 200.
+pub const QIANFAN: Table = &[
+    ("4", RateLimitExceeded),
+    ("17", RateLimitExceeded),
+    ("18", RateLimitExceeded),
+    ("19", InsufficientQuota),
+    ("110", InvalidApiKey),
+    ("111", ExpiredApiKey),
+    ("336000", InternalError),
+    ("336001", InvalidValue),
+    ("336002", InvalidValue),
+    ("336003", InvalidValue),
+    ("336100", ServiceUnavailable),
+    ("336501", RateLimitExceeded),
+    ("336502", RateLimitExceeded),
+];
+
+/// MiniMax `base_resp.status_code`s.
+pub const MINIMAX: Table = &[
+    ("1001", Timeout),
+    ("1002", RateLimitExceeded),
+    ("1004", InvalidApiKey),
+    ("1013", InternalError),
+    ("1026", ContentPolicyViolation),
+    ("1027", ContentPolicyViolation),
+    ("1039", RateLimitExceeded),
+    ("2013", InvalidValue),
+];
+
+/// The MiniMax status code, when the body is MiniMax's `base_resp`.
+pub fn minimax_code(f: &Fields) -> Option<&str> {
+    (f.family == "minimax")
+        .then_some(f.code.as_deref())
+        .flatten()
+}
+
+/// The class of a Qianfan or MiniMax numeric code.
+pub fn numeric_code(f: &Fields) -> Option<ErrorCode> {
+    let code = f.code.as_deref()?;
+    match f.family {
+        "qianfan" => super::rules::lookup(QIANFAN, code),
+        "minimax" => super::rules::lookup(MINIMAX, code),
+        _ => None,
+    }
+}
+
 /// Whether the code is a Zhipu numeric code: four digits, no `type` beside it (Mistral's
 /// numeric codes come with a `type`).
 pub fn is_zhipu(f: &Fields) -> bool {
     f.kind.is_none()
+        && !matches!(f.family, "minimax" | "qianfan")
         && f.code.as_deref().is_some_and(|c| {
             c.len() == 4 && c.starts_with('1') && c.bytes().all(|b| b.is_ascii_digit())
         })

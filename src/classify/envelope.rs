@@ -144,11 +144,22 @@ fn meaningful(s: &str) -> Option<String> {
     (!t.is_empty() && !matches!(t, "None" | "null" | "undefined")).then(|| t.to_owned())
 }
 
+/// MiniMax's `base_resp` with a non-zero `status_code` (zero is success).
+fn minimax_failure(o: &Map<String, Value>) -> Option<&Map<String, Value>> {
+    let br = o.get("base_resp")?.as_object()?;
+    let code = br.get("status_code")?.as_i64()?;
+    (code != 0).then_some(br)
+}
+
 fn is_error_object(o: &Map<String, Value>, strict: bool) -> bool {
     let has_message = MESSAGE_KEYS.iter().any(|k| o.contains_key(*k));
+    // Baidu Qianfan answers errors with a numeric `error_code` beside `error_msg`.
+    let numeric_error_code = o.get("error_code").is_some_and(Value::is_number);
     matches!(o.get("error"), Some(Value::Object(_) | Value::String(_)))
         || str_of(o, "type") == Some("error")
         || str_of(o, "object") == Some("error")
+        || minimax_failure(o).is_some()
+        || (has_message && numeric_error_code)
         || (!strict && (has_message || o.contains_key("__type")))
         || (has_message
             && o.get("code")
@@ -170,6 +181,13 @@ fn from_object(o: &Map<String, Value>, depth: u8, strict: bool) -> Option<Fields
         return None;
     }
     let mut f = Fields::default();
+    if let Some(br) = minimax_failure(o) {
+        f.code = br.get("status_code").map(Value::to_string);
+        f.message = str_of(br, "status_msg").and_then(meaningful);
+        f.family = "minimax";
+        f.finish_hay();
+        return Some(f);
+    }
     let inner: &Map<String, Value> = match o.get("error") {
         Some(Value::Object(e)) => e,
         Some(Value::String(s)) => {
@@ -382,6 +400,8 @@ fn family(o: &Map<String, Value>, inner: &Map<String, Value>, f: &Fields) -> &'s
         }
     } else if f.grpc.is_some() || inner.contains_key("details") {
         "google"
+    } else if o.get("error_code").is_some_and(Value::is_number) && o.contains_key("error_msg") {
+        "qianfan"
     } else if let Some(fam) = cn::family(f).or_else(|| others::family(o, inner, f)) {
         fam
     } else if matches!(o.get("error"), Some(Value::String(_))) {
@@ -405,6 +425,34 @@ pub fn from_broken_json(text: &str) -> Fields {
     };
     f.hay = bounded.to_lowercase();
     f
+}
+
+/// URL-decodes the text the rules read (`%3F` → `?`, `%E4%BD%99` → `余`), for messages that
+/// arrive percent-encoded (relays, query-string errors). Text without a `%` followed by two
+/// hex digits is left alone and nothing is allocated.
+pub fn decode_hay(f: &mut Fields) {
+    let b = f.hay.as_bytes();
+    let escaped = b
+        .windows(3)
+        .any(|w| w[0] == b'%' && w[1].is_ascii_hexdigit() && w[2].is_ascii_hexdigit());
+    if !escaped {
+        return;
+    }
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    f.hay = String::from_utf8_lossy(&out).to_lowercase();
 }
 
 /// The largest char boundary at or below `max`.

@@ -11,20 +11,36 @@
 //! # Precedence
 //!
 //! 1. **Billing first**, whatever the status: a billing code or type (`insufficient_quota`,
-//!    `billing_error`, `Arrearage`, Zhipu `1113`), status `402`, or billing words ("credit
-//!    balance is too low", "余额不足") make `insufficient_quota`.
+//!    `billing_error`, `Arrearage`, `credit_limit`, Zhipu `1113`, MiniMax `1008`), status `402`,
+//!    or billing words in several languages ("credit balance is too low", "余额不足").
 //! 2. **The provider's own code or type** (OpenAI `code`/`type`, Anthropic `error.type`,
-//!    Google `ErrorInfo.reason` then gRPC `status`, Zhipu numeric codes, Moonshot types,
-//!    DashScope codes, the AWS exception in `x-amzn-errortype`, gateway codes). Generic ones
-//!    (`invalid_request_error`, `server_error`, `INVALID_ARGUMENT`) do not decide.
-//! 3. **The status**, with the message read last and only where the status does not decide:
-//!    a 400/422 becomes `context_length_exceeded`, `content_policy_violation`,
-//!    `model_not_supported`, `missing_required_field`... by its words, else `invalid_value`.
+//!    Google `ErrorInfo.reason` then gRPC `status`, Zhipu, Qianfan and MiniMax numeric codes,
+//!    Moonshot types, DashScope codes, the AWS exception in `x-amzn-errortype`, gateway codes).
+//!    Generic ones (`invalid_request_error`, `server_error`, `INVALID_ARGUMENT`) do not decide,
+//!    nor does a server-error type on a client-error or gateway status.
+//! 3. **The status**, with the message read where the status does not decide alone, by a
+//!    vocabulary grouped by meaning (keys, disabled accounts, region, content filter, context
+//!    size, unusable and unknown models, missing fields, permission, concurrency, rate, load):
+//!    a 400/422 takes any class by its words, else `invalid_value`; a 403 key, revoked-key and
+//!    filter words; a 404 a model; a 5xx and an error inside a 200 context-size and filter words.
 //! 4. **Refinements**: "expired" or "deactivated" keys; a not-found model; a rate limit that is
 //!    a request too large for the tier (`request_too_large`, never fits) or a concurrency limit;
-//!    a zero quota, a quota Google declares per day, or a daily or hourly limit with no stated
-//!    wait (marked [`ApiError::never_fits`]: no retry within any sensible budget can succeed; a
-//!    daily limit that states a short wait is a sliding window, and the wait decides).
+//!    a rate limit by the month is `insufficient_quota`; a zero quota, a quota Google declares
+//!    per day, or a daily or hourly limit with no stated wait (marked
+//!    [`ApiError::never_fits`]: no retry within any sensible budget can succeed; a daily limit
+//!    that states a short wait is a sliding window, and the wait decides).
+//! 5. **The wait**: a 429 that is billing only by its words but states a wait of at most 120 s
+//!    is a rate limit; a 429 rate limit worded as the server's capacity ("out of capacity",
+//!    "model busy") is `service_unavailable` unless it states a wait.
+//!
+//! Percent-encoded text is decoded before the rules read it. Plain-text answers are read as
+//! messages (their first 4 KiB). Edge pages are blocks only by specific fingerprints (Cloudflare
+//! and Akamai block pages, error 1020); a bare `403` text is `permission_denied`, and a
+//! challenge script counts only on a 403 or 503. [`Classifier`] runs an application's own
+//! rules before all of these.
+//!
+//! The upstream's own code, type and message are kept, scrubbed and bounded, in
+//! [`ApiError::upstream_detail`].
 //!
 //! JSON nested inside strings (a message holding the provider's whole error, `ConnectionError:
 //! {...}`, OpenRouter `metadata.raw`) is unwrapped, up to four levels; the innermost error
@@ -90,7 +106,7 @@ use std::time::{Duration, SystemTime};
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, StatusCode};
 
-use crate::error::{ApiError, ErrorCode, X_SHOULD_RETRY};
+use crate::error::{ApiError, ErrorCode, UpstreamDetail, X_SHOULD_RETRY};
 
 mod anthropic;
 mod cn;
@@ -101,9 +117,12 @@ mod openai;
 mod others;
 mod rules;
 mod scrub;
+mod user;
 pub mod wait;
 
+pub(crate) use scrub::finish as scrub_and_bound;
 pub use scrub::{scrub as scrub_secrets, MAX_MESSAGE_CHARS};
+pub use user::{Classifier, Rule, Upstream, MAX_PATTERN_BYTES};
 
 use envelope::{Fields, Parsed};
 
@@ -174,13 +193,43 @@ pub fn classify_response_at(
         }
     }
     let is_html = html::looks_html(content_type, body);
-    let (code, msg) = html::classify(s, body, is_html);
-    let mut msg = scrub::finish(&msg);
-    if msg.is_empty() {
-        msg = format!("upstream answered with status {s} ({code})");
+    let page = html::classify(s, body, is_html);
+    let provider = if is_html { "html" } else { "text" };
+    let Some(mut f) = page.fields else {
+        let message = message_or_status(&page.message, s, page.code);
+        let err = ApiError::new(page.code, message).with_provider(provider);
+        return Some(finish(err, status, headers, now, true));
+    };
+    // A plain-text answer is a message: the rules read it like one.
+    envelope::decode_hay(&mut f);
+    let verdict = rules::decide(s, &f);
+    let header_wait = wait::from_headers_at(headers, now);
+    let explicit = header_wait.or_else(|| wait::from_lower_text(&f.hay));
+    let code = rules::with_wait(s, verdict, explicit);
+    let mut err =
+        ApiError::new(code, message_or_status(&page.message, s, code)).with_provider(provider);
+    if let Some(d) = upstream_detail(&f, None) {
+        err = err.with_upstream_detail(d);
     }
-    let err = ApiError::new(code, msg).with_provider(if is_html { "html" } else { "text" });
-    Some(finish(err, status, headers, now, true))
+    let mut err = finish_with(err, status, headers, now, true, header_wait);
+    if err.retry_after().is_none() {
+        err.set_retry_after(wait_from_fields(code, &f, headers, now, None));
+    }
+    if verdict.never_fits || (verdict.long_limit && err.retry_after().is_none()) {
+        err = err.never_fits();
+    }
+    Some(err)
+}
+
+/// The scrubbed message, or the status and code when nothing is left of it (an empty body, a
+/// message of blanks or control characters).
+fn message_or_status(text: &str, status: u16, code: ErrorCode) -> String {
+    let message = scrub::finish(text);
+    if message.is_empty() {
+        format!("upstream answered with status {status} ({code})")
+    } else {
+        message
+    }
 }
 
 /// Errors inside a 2xx answer.
@@ -242,7 +291,11 @@ fn opens_with_error(body: &[u8]) -> bool {
         return false;
     };
     let b = skip_ws(rest);
-    if b.starts_with(b"\"error\"") {
+    // `"error"`, and Baidu's `"error_code"` / MiniMax's `"base_resp"` (checked when parsed).
+    if b.starts_with(b"\"error\"")
+        || b.starts_with(b"\"error_code\"")
+        || b.starts_with(b"\"base_resp\"")
+    {
         return true;
     }
     for key in [&b"\"type\""[..], b"\"object\""] {
@@ -276,36 +329,52 @@ fn from_fields(status: u16, f: &mut Fields, headers: &HeaderMap, now: SystemTime
         Some(h) if h >= 400 && (f.nested || status < 400) => h,
         _ => status,
     };
+    envelope::decode_hay(f);
     let verdict = rules::decide(effective, f);
+    // The rules that need the explicit wait: the headers', Google's, or the text's.
+    // The text hint is read at most once.
+    let text_wait = (effective == 429).then(|| wait::from_lower_text(&f.hay));
+    let header_wait = wait::from_headers_at(headers, now);
+    let explicit = header_wait.or(f.retry_delay).or(text_wait.flatten());
+    let verdict = rules::Verdict {
+        code: rules::with_wait(effective, verdict, explicit),
+        ..verdict
+    };
     // A message that is empty once scrubbed and folded (`""`, `" "`, control characters
     // only) says nothing: the status and code say it instead.
-    let message = f
+    let own = f
         .message
         .as_deref()
         .map(scrub::finish)
-        .filter(|m| !m.is_empty())
-        .unwrap_or_else(|| {
-            scrub::finish(&format!(
-                "upstream answered with status {effective} ({})",
-                verdict.code
-            ))
-        });
+        .filter(|m| !m.is_empty());
+    // The detail's message is the provider's, scrubbed once for both.
+    let detail = upstream_detail(f, own.clone());
+    let message = own.unwrap_or_else(|| {
+        scrub::finish(&format!(
+            "upstream answered with status {effective} ({})",
+            verdict.code
+        ))
+    });
     let mut err = ApiError::new(verdict.code, message).with_provider(f.family);
+    if let Some(d) = detail {
+        err = err.with_upstream_detail(d);
+    }
     if let Some(p) = f.param.as_deref().filter(|p| p.len() <= 128) {
         err = err.with_param(scrub::finish(p));
     }
     if let Some(id) = f.request_id.as_deref().filter(|id| sane_id(id)) {
         err = err.with_request_id(id);
     }
-    let mut err = finish(
+    let mut err = finish_with(
         err,
         StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
         headers,
         now,
         false,
+        header_wait,
     );
     if err.retry_after().is_none() {
-        err.set_retry_after(wait_from_fields(verdict.code, f, headers, now));
+        err.set_retry_after(wait_from_fields(verdict.code, f, headers, now, text_wait));
     }
     // A daily or hourly limit without a stated wait cannot clear within a retry budget; with
     // one (a sliding window), the wait decides.
@@ -315,17 +384,30 @@ fn from_fields(status: u16, f: &mut Fields, headers: &HeaderMap, now: SystemTime
     err
 }
 
+/// The upstream's own code (or first Google reason), type (or gRPC status) and message.
+/// `scrubbed` is the message already scrubbed and bounded, when the caller has it.
+fn upstream_detail(f: &Fields, scrubbed: Option<String>) -> Option<UpstreamDetail> {
+    let code = f.code.as_deref().or(f.reasons.first().map(String::as_str));
+    let kind = f.kind.as_deref().or(f.grpc.as_deref());
+    match scrubbed {
+        Some(m) => UpstreamDetail::with_scrubbed_message(code, kind, m),
+        None => UpstreamDetail::new(code, kind, f.message.as_deref()),
+    }
+}
+
 /// The body-side waits, in precedence order after the headers.
+/// `text_wait` is the text hint when the caller already read it.
 fn wait_from_fields(
     code: ErrorCode,
     f: &Fields,
     headers: &HeaderMap,
     now: SystemTime,
+    text_wait: Option<Option<Duration>>,
 ) -> Option<Duration> {
     f.retry_delay
         .or_else(|| {
             code.is_retryable()
-                .then(|| wait::from_text(&f.hay))
+                .then(|| text_wait.unwrap_or_else(|| wait::from_lower_text(&f.hay)))
                 .flatten()
         })
         .or_else(|| {
@@ -354,11 +436,24 @@ fn sane_id(id: &str) -> bool {
 /// Adds what the headers say: upstream status, request id (headers first), header wait, and
 /// with `resets` the rate-limit reset headers for a rate limit.
 fn finish(
+    err: ApiError,
+    status: StatusCode,
+    headers: &HeaderMap,
+    now: SystemTime,
+    resets: bool,
+) -> ApiError {
+    let header_wait = wait::from_headers_at(headers, now);
+    finish_with(err, status, headers, now, resets, header_wait)
+}
+
+/// [`finish`] with the header wait already read.
+fn finish_with(
     mut err: ApiError,
     status: StatusCode,
     headers: &HeaderMap,
     now: SystemTime,
     resets: bool,
+    header_wait: Option<Duration>,
 ) -> ApiError {
     err = err.with_upstream_status(status);
     // The upstream's own word on retrying, which the official SDKs obey first.
@@ -381,7 +476,7 @@ fn finish(
     if let Some(id) = header_id {
         err = err.with_request_id(id);
     }
-    if let Some(w) = wait::from_headers_at(headers, now) {
+    if let Some(w) = header_wait {
         err = err.with_retry_after(w);
     }
     if resets && err.retry_after().is_none() && err.code() == ErrorCode::RateLimitExceeded {

@@ -36,6 +36,8 @@ pub const TABLE: Table = &[
     ("DeploymentNotFound", ModelNotSupported),
     ("OperationNotSupported", ModelNotSupported),
     ("context_length_exceeded", ContextLengthExceeded),
+    // llama.cpp server.
+    ("exceed_context_size_error", ContextLengthExceeded),
     ("content_filter", ContentPolicyViolation),
     ("content_policy_violation", ContentPolicyViolation),
     ("ResponsibleAIPolicyViolation", ContentPolicyViolation),

@@ -49,7 +49,13 @@ pub const GATEWAYS: Table = &[
 ];
 
 /// Identifiers that mean billing.
-pub const BILLING: &[&str] = &["payment_required", "insufficient_credits"];
+pub const BILLING: &[&str] = &[
+    "payment_required",
+    "insufficient_credits",
+    "insufficient_balance",
+    "insufficient_balance_error",
+    "credit_limit",
+];
 
 /// The family, when the body is a gateway's own shape.
 pub fn family(

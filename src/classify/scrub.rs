@@ -95,7 +95,14 @@ pub fn scrub(text: &str) -> String {
         if token.is_empty() {
             out.push_str(run);
         } else if named {
-            // Quoted where a key is named: a key whatever its shape, masked as a whole.
+            // Quoted where a key is named: a key whatever its shape, masked as a whole (a
+            // known prefix at its start stays readable).
+            if let Some(p) = KEY_PREFIXES
+                .iter()
+                .find(|p| token.starts_with(**p) && token.len() >= p.len() + 8)
+            {
+                out.push_str(p);
+            }
             out.push_str("...");
             out.push_str(last4(token));
         } else if token.starts_with('/') {
@@ -219,7 +226,16 @@ fn has_secret_run(token: &str) -> bool {
         })
 }
 
+/// The shortest token any rule masks: the shortest key prefix and 8 more characters (a
+/// bearer token needs 12, the other rules 16 or more).
+const MIN_MASKED: usize = 3 + 8;
+
 fn mask_token(token: &str, bearer: bool, out: &mut String) {
+    // Most tokens are words: too short for any rule.
+    if token.len() < MIN_MASKED {
+        out.push_str(token);
+        return;
+    }
     // A known prefix at the start of the run or after a non-alphanumeric character
     // (`=sk-...`, `key:sk-...` inside one run).
     let found = (0..token.len())

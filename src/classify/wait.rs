@@ -220,6 +220,15 @@ fn split_number(s: &str) -> Option<(f64, &str)> {
 /// `9m38.016s`) or in words (`1 seconds`, `20 seconds`, `2 minutes`, `500 milliseconds`).
 /// Rounds up to the millisecond.
 pub fn from_text(text: &str) -> Option<Duration> {
+    if text.bytes().any(|b| b.is_ascii_uppercase()) {
+        from_lower_text(&text.to_ascii_lowercase())
+    } else {
+        from_lower_text(text)
+    }
+}
+
+/// [`from_text`] for text already in lower case (the classifier's), without a copy.
+pub(crate) fn from_lower_text(lower: &str) -> Option<Duration> {
     const TRIGGERS: [&str; 5] = [
         "try again in",
         "try again after",
@@ -227,7 +236,10 @@ pub fn from_text(text: &str) -> Option<Duration> {
         "retry after",
         "wait for",
     ];
-    let lower = text.to_ascii_lowercase();
+    // Every trigger holds "try" or "wait": most messages hold neither.
+    if !(lower.contains("try") || lower.contains("wait")) {
+        return None;
+    }
     let mut best: Option<(usize, Duration)> = None;
     for trigger in TRIGGERS {
         let mut from = 0;
