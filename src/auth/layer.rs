@@ -132,6 +132,23 @@ impl<K: KeyStore> ApiKeyAuthLayer<K> {
     pub fn store(&self) -> &K {
         &self.shared.store
     }
+
+    /// A layer with this one's configuration (headers, forwarding, body limit, clock,
+    /// estimator) over another store: a [`ReloadableKeyStore`](super::ReloadableKeyStore)
+    /// seeded with this layer's keys, say, or a caching wrapper.
+    pub fn with_store<K2: KeyStore>(&self, store: K2) -> ApiKeyAuthLayer<K2> {
+        let s = &*self.shared;
+        ApiKeyAuthLayer {
+            shared: Arc::new(Shared {
+                store,
+                accepted: s.accepted,
+                clock: s.clock.clone(),
+                forward: s.forward.clone(),
+                body_limit: s.body_limit,
+                estimator: Arc::clone(&s.estimator),
+            }),
+        }
+    }
 }
 
 impl<S, K> Layer<S> for ApiKeyAuthLayer<K> {

@@ -137,6 +137,8 @@ mod credentials;
 mod future;
 mod inject;
 mod layer;
+#[cfg(feature = "reload")]
+mod reload;
 mod service;
 mod store;
 mod time;
@@ -147,6 +149,10 @@ pub use credentials::{
 pub use future::ResponseFuture;
 pub use inject::{ApiKey, InjectApiKey, InjectApiKeyLayer, KeyHeader};
 pub use layer::{ApiKeyAuthBuilder, ApiKeyAuthLayer, Clock, CredentialForwarding};
+#[cfg(feature = "reload")]
+pub use reload::{
+    KeyFileReloader, ReloadOptions, ReloadOutcome, ReloadSummary, ReloadableKeyStore,
+};
 pub use service::ApiKeyAuth;
 pub use store::{
     AuthenticatedKey, InMemoryKeyStore, KeyHash, KeyRecord, KeyRecordBuilder, KeyStore,
