@@ -131,6 +131,7 @@
 //! On the client side, [`InjectApiKeyLayer`] sets the upstream key (Bearer, `x-api-key` or
 //! `api-key`) on outgoing requests, as a sensitive header value.
 
+mod cache;
 #[cfg(feature = "config")]
 mod config;
 mod credentials;
@@ -143,6 +144,10 @@ mod service;
 mod store;
 mod time;
 
+pub use cache::{
+    CachedKeyStore, CachedKeyStoreBuilder, DEFAULT_MAX_ENTRIES, DEFAULT_NEGATIVE_TTL,
+    DEFAULT_POSITIVE_TTL,
+};
 pub use credentials::{
     extract_api_key, mask_key, AcceptedHeaders, CredentialError, API_KEY, X_API_KEY,
 };
