@@ -137,6 +137,8 @@ mod config;
 mod credentials;
 mod future;
 mod inject;
+#[cfg(feature = "jwt")]
+mod jwt;
 mod layer;
 #[cfg(feature = "reload")]
 mod reload;
@@ -153,6 +155,8 @@ pub use credentials::{
 };
 pub use future::ResponseFuture;
 pub use inject::{ApiKey, InjectApiKey, InjectApiKeyLayer, KeyHeader};
+#[cfg(feature = "jwt")]
+pub use jwt::{JwtAlgorithm, JwtValidator, JwtValidatorBuilder};
 pub use layer::{ApiKeyAuthBuilder, ApiKeyAuthLayer, Clock, CredentialForwarding};
 #[cfg(feature = "reload")]
 pub use reload::{
