@@ -1,58 +1,4 @@
-//! A caching wrapper for any [`KeyStore`] whose lookups are slow or shared: a database, an
-//! HTTP key service, a Redis behind several gateway replicas.
-//!
-//! [`CachedKeyStore`] keeps what the store answered, by key digest:
-//!
-//! * a key that was found is kept for the **positive TTL** (30 s by default). A key revoked,
-//!   removed or changed in the store is therefore still accepted by this replica for up to the
-//!   positive TTL: that is the bound on how long a revocation takes to reach every replica.
-//!   [`CachedKeyStore::invalidate`] (one key) and [`CachedKeyStore::clear`] make it take
-//!   effect at once on this replica. A record's expiry is checked on every request by the
-//!   layer, so caching never extends an expiring key;
-//! * a key that was not found is kept for the **negative TTL** (1 s by default, at most the
-//!   positive TTL): a flood of requests with a wrong key costs one lookup a second, and a key
-//!   issued a moment ago works everywhere within a second;
-//! * a failed lookup (`KeyStoreError`, answered `503`) is not kept: the next request asks the
-//!   store again.
-//!
-//! Lookups are **single-flight**: while the store is asked about a digest, every other request
-//! with the same key waits for that one answer instead of asking again (1,000 concurrent
-//! requests with one unknown key make one lookup). The wait is shared: a request that gives up
-//! does not cancel it for the others.
-//!
-//! The cache is **bounded** by [`CachedKeyStoreBuilder::max_entries`] (100,000 by default).
-//! When it is full, entries past their TTL are swept (at most once a second), and if it is
-//! still full an arbitrary settled entry is dropped, so a flood of random keys costs the cache
-//! its hit rate, never its memory. Lookups in flight are not counted; when every entry is a
-//! lookup in flight, a new key is looked up without being cached.
-//!
-//! A hit is answered within the layer's `call` ([`KeyStore::lookup_now`]): one uncontended
-//! mutex, one map probe, one `Arc` clone, no allocation. Time is tokio's clock, so tests run
-//! under `tokio::time::pause`.
-//!
-//! ```
-//! use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
-//! use llm_layers::auth::{ApiKeyAuthLayer, CachedKeyStore, KeyHash, KeyRecord, KeyStore, LookupResult};
-//!
-//! #[derive(Clone)]
-//! struct Db; // a connection pool, in real life
-//!
-//! impl KeyStore for Db {
-//!     type Future = Pin<Box<dyn Future<Output = LookupResult> + Send>>;
-//!     fn lookup(&self, hash: &KeyHash) -> Self::Future {
-//!         let hex = hash.to_hex(); // `SELECT ... WHERE sha256 = $1`
-//!         Box::pin(async move { Ok(KeyRecord::builder("from-db").sha256_hex(&hex).build().ok().map(Arc::new)) })
-//!     }
-//! }
-//!
-//! let store = CachedKeyStore::builder(Db)
-//!     .positive_ttl(Duration::from_secs(10)) // a revocation reaches this replica within 10 s
-//!     .negative_ttl(Duration::from_millis(500))
-//!     .max_entries(50_000)
-//!     .build()?;
-//! let layer = ApiKeyAuthLayer::new(store);
-//! # Ok::<(), llm_layers::auth::ConfigError>(())
-//! ```
+//! The caching key store; its rules are in the docs of [`CachedKeyStore`].
 
 use std::collections::HashMap;
 use std::fmt;
@@ -115,8 +61,62 @@ impl<K> Inner<K> {
     }
 }
 
-/// A [`KeyStore`] in front of another one, caching its answers; see the
-/// [module docs](self). Cloning shares the cache.
+/// A caching wrapper for any [`KeyStore`] whose lookups are slow or shared: a database, an
+/// HTTP key service, a Redis behind several gateway replicas.
+///
+/// [`CachedKeyStore`] keeps what the store answered, by key digest:
+///
+/// * a key that was found is kept for the **positive TTL** (30 s by default). A key revoked,
+///   removed or changed in the store is therefore still accepted by this replica for up to the
+///   positive TTL: that is the bound on how long a revocation takes to reach every replica.
+///   [`CachedKeyStore::invalidate`] (one key) and [`CachedKeyStore::clear`] make it take
+///   effect at once on this replica. A record's expiry is checked on every request by the
+///   layer, so caching never extends an expiring key;
+/// * a key that was not found is kept for the **negative TTL** (1 s by default, at most the
+///   positive TTL): a flood of requests with a wrong key costs one lookup a second, and a key
+///   issued a moment ago works everywhere within a second;
+/// * a failed lookup (`KeyStoreError`, answered `503`) is not kept: the next request asks the
+///   store again.
+///
+/// Lookups are **single-flight**: while the store is asked about a digest, every other request
+/// with the same key waits for that one answer instead of asking again (1,000 concurrent
+/// requests with one unknown key make one lookup). The wait is shared: a request that gives up
+/// does not cancel it for the others.
+///
+/// The cache is **bounded** by [`CachedKeyStoreBuilder::max_entries`] (100,000 by default).
+/// When it is full, entries past their TTL are swept (at most once a second), and if it is
+/// still full an arbitrary settled entry is dropped, so a flood of random keys costs the cache
+/// its hit rate, never its memory. Lookups in flight are not counted; when every entry is a
+/// lookup in flight, a new key is looked up without being cached.
+///
+/// A hit is answered within the layer's `call` ([`KeyStore::lookup_now`]): one uncontended
+/// mutex, one map probe, one `Arc` clone, no allocation. Time is tokio's clock, so tests run
+/// under `tokio::time::pause`.
+///
+/// ```
+/// use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+/// use llm_layers::auth::{ApiKeyAuthLayer, CachedKeyStore, KeyHash, KeyRecord, KeyStore, LookupResult};
+///
+/// #[derive(Clone)]
+/// struct Db; // a connection pool, in real life
+///
+/// impl KeyStore for Db {
+///     type Future = Pin<Box<dyn Future<Output = LookupResult> + Send>>;
+///     fn lookup(&self, hash: &KeyHash) -> Self::Future {
+///         let hex = hash.to_hex(); // `SELECT ... WHERE sha256 = $1`
+///         Box::pin(async move { Ok(KeyRecord::builder("from-db").sha256_hex(&hex).build().ok().map(Arc::new)) })
+///     }
+/// }
+///
+/// let store = CachedKeyStore::builder(Db)
+///     .positive_ttl(Duration::from_secs(10)) // a revocation reaches this replica within 10 s
+///     .negative_ttl(Duration::from_millis(500))
+///     .max_entries(50_000)
+///     .build()?;
+/// let layer = ApiKeyAuthLayer::new(store);
+/// # Ok::<(), llm_layers::auth::ConfigError>(())
+/// ```
+///
 pub struct CachedKeyStore<K> {
     inner: Arc<Inner<K>>,
 }

@@ -1,80 +1,4 @@
-//! OAuth 2.0 / JWT bearer tokens beside API keys (feature `jwt`).
-//!
-//! Identity providers hand out short-lived access tokens (`Authorization: Bearer eyJ...`)
-//! instead of static keys. A [`JwtValidator`] given to
-//! [`ApiKeyAuthBuilder::bearer_tokens`](super::ApiKeyAuthBuilder::bearer_tokens) checks every
-//! bearer credential that has the shape of a JWT (three base64url parts, the first starting
-//! `eyJ`); every other credential is an API key, checked against the key store as before, so
-//! the API-key path is untouched.
-//!
-//! # What a token must be
-//!
-//! * **Signed** with an algorithm of [`JwtValidatorBuilder::algorithms`] (RS256, ES256 and
-//!   EdDSA by default; RS384/512, PS256/384/512 and ES384 on request), by a key of the JWKS
-//!   whose `kid` the header names (with a set of one key, `kid` may be left out). Each key
-//!   verifies only the algorithms of its own type and curve (an RSA key only RS and PS, a
-//!   P-256 key only ES256, an Ed25519 key only EdDSA), and when the JWK names an `alg`, only
-//!   that one. `alg: none` is never accepted, HMAC keys (`kty: oct`) in a JWKS are ignored,
-//!   and HS256 is accepted only with [`JwtValidatorBuilder::hs256_secret`], verified with that
-//!   secret alone, never with a public key: so a token "signed" with a public key as an HMAC
-//!   secret (algorithm confusion) is refused.
-//! * **Current**: `exp` is required; a token is expired from `exp` + leeway on, and not
-//!   valid before `nbf` − leeway. The leeway is 60 s by default and at most 5 minutes. Time
-//!   is the layer's clock ([`ApiKeyAuthBuilder::clock`](super::ApiKeyAuthBuilder::clock)).
-//! * **For us**: `iss` equal to [`JwtValidatorBuilder::issuer`], `aud` (a string or an
-//!   array) naming one of [`JwtValidatorBuilder::audience`].
-//!
-//! # The identity a token maps to
-//!
-//! The same [`KeyIdentity`](crate::ext::KeyIdentity) and [`AuthenticatedKey`](super::AuthenticatedKey)
-//! an API key gives, so rate limits and model allow-lists work alike: the id from `sub` (or
-//! [`JwtValidatorBuilder::id_claim`], such as `client_id` or `azp`), the tier from the
-//! `tier` claim, the allowed models from the `models` claim (an array of names and globs, or
-//! one space-separated string; absent means any model). The record expires at `exp` + leeway
-//! and carries the label `iss`.
-//!
-//! # What it answers
-//!
-//! | case | status | `code` | `WWW-Authenticate` |
-//! |---|---|---|---|
-//! | expired token | 401 | `expired_api_key` (says when) | `Bearer error="invalid_token"` |
-//! | bad signature, unknown `kid`, wrong issuer or audience, `alg` not accepted (`none` included), not yet valid, a claim missing or of the wrong type, not a JWT | 401 | `invalid_api_key` (says which) | `Bearer error="invalid_token"` |
-//! | no JWKS could be fetched yet | 503 | `service_unavailable` (retryable) | |
-//!
-//! # The JWKS
-//!
-//! With [`JwtValidatorBuilder::jwks_url`], the key set is fetched when the first token
-//! arrives (or at [`JwtValidator::refresh`]), kept, and fetched again when a token names a
-//! `kid` the set does not have (the provider rotated its keys). Fetches are single-flight and
-//! at most one per [`JwtValidatorBuilder::refresh_interval`] (30 s by default), so tokens with
-//! made-up `kid`s cannot hammer the provider. A fetch that fails (the provider down, a
-//! timeout, a body over 1 MiB, not a key set, no usable key) keeps the last good set, and is
-//! logged (warn). [`JwtValidatorBuilder::jwks`] gives a fixed set instead.
-//!
-//! The fetch uses reqwest (already an optional dependency of the crate, for its client
-//! adapters), with the crate's `default-features = false`: for an `https://` provider, enable
-//! one of reqwest's TLS features in your own `Cargo.toml` and, if you like, hand in your own
-//! client with [`JwtValidatorBuilder::http_client`]. Signatures are checked by `jsonwebtoken`
-//! 9 on `ring` (no PEM support compiled in: keys come from the JWKS).
-//!
-//! ```
-//! use llm_layers::auth::{ApiKeyAuthLayer, InMemoryKeyStore, JwtValidator};
-//!
-//! let tokens = JwtValidator::builder()
-//!     .issuer("https://idp.example.com/")
-//!     .audience("llm-gateway")
-//!     .jwks_url("https://idp.example.com/.well-known/jwks.json")
-//!     .build()?;
-//! let layer = ApiKeyAuthLayer::builder(InMemoryKeyStore::new([])?)
-//!     .bearer_tokens(tokens)
-//!     .build()?;
-//! # Ok::<(), llm_layers::auth::ConfigError>(())
-//! ```
-//!
-//! # Logs
-//!
-//! `bearer token refused` (debug, with the reason), `JWKS fetched` (info, the number of keys),
-//! `JWKS fetch failed; the last good keys stay in force` (warn). No event holds a token.
+//! Bearer tokens; the rules are in the docs of [`JwtValidator`].
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -204,8 +128,84 @@ struct Inner {
     source: Option<Source>,
 }
 
-/// Checks OAuth 2.0 / JWT bearer tokens; see the [module docs](self). Cloning shares the key
-/// set.
+/// OAuth 2.0 / JWT bearer tokens beside API keys (feature `jwt`).
+///
+/// Identity providers hand out short-lived access tokens (`Authorization: Bearer eyJ...`)
+/// instead of static keys. A [`JwtValidator`] given to
+/// [`ApiKeyAuthBuilder::bearer_tokens`](super::ApiKeyAuthBuilder::bearer_tokens) checks every
+/// bearer credential that has the shape of a JWT (three base64url parts, the first starting
+/// `eyJ`); every other credential is an API key, checked against the key store as before, so
+/// the API-key path is untouched.
+///
+/// # What a token must be
+///
+/// * **Signed** with an algorithm of [`JwtValidatorBuilder::algorithms`] (RS256, ES256 and
+///   EdDSA by default; RS384/512, PS256/384/512 and ES384 on request), by a key of the JWKS
+///   whose `kid` the header names (with a set of one key, `kid` may be left out). Each key
+///   verifies only the algorithms of its own type and curve (an RSA key only RS and PS, a
+///   P-256 key only ES256, an Ed25519 key only EdDSA), and when the JWK names an `alg`, only
+///   that one. `alg: none` is never accepted, HMAC keys (`kty: oct`) in a JWKS are ignored,
+///   and HS256 is accepted only with [`JwtValidatorBuilder::hs256_secret`], verified with that
+///   secret alone, never with a public key: so a token "signed" with a public key as an HMAC
+///   secret (algorithm confusion) is refused.
+/// * **Current**: `exp` is required; a token is expired from `exp` + leeway on, and not
+///   valid before `nbf` − leeway. The leeway is 60 s by default and at most 5 minutes. Time
+///   is the layer's clock ([`ApiKeyAuthBuilder::clock`](super::ApiKeyAuthBuilder::clock)).
+/// * **For us**: `iss` equal to [`JwtValidatorBuilder::issuer`], `aud` (a string or an
+///   array) naming one of [`JwtValidatorBuilder::audience`].
+///
+/// # The identity a token maps to
+///
+/// The same [`KeyIdentity`](crate::ext::KeyIdentity) and [`AuthenticatedKey`](super::AuthenticatedKey)
+/// an API key gives, so rate limits and model allow-lists work alike: the id from `sub` (or
+/// [`JwtValidatorBuilder::id_claim`], such as `client_id` or `azp`), the tier from the
+/// `tier` claim, the allowed models from the `models` claim (an array of names and globs, or
+/// one space-separated string; absent means any model). The record expires at `exp` + leeway
+/// and carries the label `iss`.
+///
+/// # What it answers
+///
+/// | case | status | `code` | `WWW-Authenticate` |
+/// |---|---|---|---|
+/// | expired token | 401 | `expired_api_key` (says when) | `Bearer error="invalid_token"` |
+/// | bad signature, unknown `kid`, wrong issuer or audience, `alg` not accepted (`none` included), not yet valid, a claim missing or of the wrong type, not a JWT | 401 | `invalid_api_key` (says which) | `Bearer error="invalid_token"` |
+/// | no JWKS could be fetched yet | 503 | `service_unavailable` (retryable) | |
+///
+/// # The JWKS
+///
+/// With [`JwtValidatorBuilder::jwks_url`], the key set is fetched when the first token
+/// arrives (or at [`JwtValidator::refresh`]), kept, and fetched again when a token names a
+/// `kid` the set does not have (the provider rotated its keys). Fetches are single-flight and
+/// at most one per [`JwtValidatorBuilder::refresh_interval`] (30 s by default), so tokens with
+/// made-up `kid`s cannot hammer the provider. A fetch that fails (the provider down, a
+/// timeout, a body over 1 MiB, not a key set, no usable key) keeps the last good set, and is
+/// logged (warn). [`JwtValidatorBuilder::jwks`] gives a fixed set instead.
+///
+/// The fetch uses reqwest (already an optional dependency of the crate, for its client
+/// adapters), with the crate's `default-features = false`: for an `https://` provider, enable
+/// one of reqwest's TLS features in your own `Cargo.toml` and, if you like, hand in your own
+/// client with [`JwtValidatorBuilder::http_client`]. Signatures are checked by `jsonwebtoken`
+/// 9 on `ring` (no PEM support compiled in: keys come from the JWKS).
+///
+/// ```
+/// use llm_layers::auth::{ApiKeyAuthLayer, InMemoryKeyStore, JwtValidator};
+///
+/// let tokens = JwtValidator::builder()
+///     .issuer("https://idp.example.com/")
+///     .audience("llm-gateway")
+///     .jwks_url("https://idp.example.com/.well-known/jwks.json")
+///     .build()?;
+/// let layer = ApiKeyAuthLayer::builder(InMemoryKeyStore::new([])?)
+///     .bearer_tokens(tokens)
+///     .build()?;
+/// # Ok::<(), llm_layers::auth::ConfigError>(())
+/// ```
+///
+/// # Logs
+///
+/// `bearer token refused` (debug, with the reason), `JWKS fetched` (info, the number of keys),
+/// `JWKS fetch failed; the last good keys stay in force` (warn). No event holds a token.
+///
 #[derive(Clone)]
 pub struct JwtValidator {
     inner: Arc<Inner>,

@@ -128,6 +128,17 @@
 //! # }
 //! ```
 //!
+//! # Keys that change while the gateway runs
+//!
+//! * [`ReloadableKeyStore`] (feature `reload`, on by default): the whole key set swapped
+//!   atomically, lock-free on the hot path; a TOML key file reloaded on `SIGHUP` and when it
+//!   changes, a broken file refused with the field named and the old keys kept.
+//! * [`CachedKeyStore`]: any asynchronous store (a database, a key service shared by
+//!   replicas) behind a cache with positive and negative TTLs, single-flight lookups and a
+//!   bound; a revocation takes effect within the positive TTL.
+//! * [`JwtValidator`] (feature `jwt`): OAuth 2.0 / JWT bearer tokens beside API keys, through
+//!   [`ApiKeyAuthBuilder::bearer_tokens`], mapped to the same identity.
+//!
 //! On the client side, [`InjectApiKeyLayer`] sets the upstream key (Bearer, `x-api-key` or
 //! `api-key`) on outgoing requests, as a sensitive header value.
 

@@ -1,36 +1,4 @@
-//! A key store swapped while requests run, and a key file reloaded on `SIGHUP` or when it
-//! changes (feature `reload`).
-//!
-//! [`ReloadableKeyStore`] holds an [`InMemoryKeyStore`] behind an atomic pointer
-//! ([`arc-swap`](https://docs.rs/arc-swap)): a lookup loads the current set without a lock
-//! and without touching a reference count, so the hot path stays that of the in-memory
-//! store; [`ReloadableKeyStore::replace`] swaps the whole set at once. A request decides with
-//! the set it loaded: a lookup that already ran keeps its record (an `Arc`), so requests in
-//! flight finish with the keys they started with, and every request that starts after the
-//! swap sees the new set. No request ever sees half of a file.
-//!
-//! [`ReloadableKeyStore::watch_file`] reloads a TOML key file (the format of
-//! [`InMemoryKeyStore::from_toml_str`]) on `SIGHUP` (Unix) and when its contents change
-//! (the file is read every [`ReloadOptions::poll_interval`], one second by default, and parsed
-//! only when its SHA-256 digest changed). Polling instead of file-system events works the same
-//! on every platform and file system, and catches an editor's write-and-rename and the symlink
-//! swap of a Kubernetes `ConfigMap`, which event watchers often miss; reading a small file
-//! once a second costs nothing measurable. A file that does not parse, names a field wrongly
-//! or repeats a secret is refused with the field named (`keys.toml: keys[2].sha256: ...`),
-//! and the keys in force stay in force; the refusal is logged (warn) and reported to
-//! [`KeyFileReloader::next_outcome`]. So is a file that cannot be read (deleted, say).
-//!
-//! # Why these dependencies
-//!
-//! `arc-swap` (no dependencies of its own but `rustversion`) gives the lock-free swap; a
-//! `RwLock` would make every request take a lock. `SIGHUP` comes from tokio's own `signal`
-//! feature. No file-watcher crate is used (see above).
-//!
-//! # Logs
-//!
-//! `key file reloaded` (info, with the file, the number of keys, how many were added and
-//! removed), `key file refused; the previous keys stay in force` (warn, with the error, which
-//! names the field and never quotes a secret).
+//! The reloadable key store; its rules are in the docs of [`ReloadableKeyStore`].
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -43,8 +11,39 @@ use tokio::sync::watch;
 use super::store::{InMemoryKeyStore, KeyHash, KeyStore, LookupResult};
 use super::{config_error, ConfigError};
 
-/// A key store whose whole set of keys can be swapped atomically while requests run; see the
-/// [module docs](self). Cloning shares it.
+/// A key store swapped while requests run, and a key file reloaded on `SIGHUP` or when it
+/// changes (feature `reload`).
+///
+/// [`ReloadableKeyStore`] holds an [`InMemoryKeyStore`] behind an atomic pointer
+/// ([`arc-swap`](https://docs.rs/arc-swap)): a lookup loads the current set without a lock
+/// and without touching a reference count, so the hot path stays that of the in-memory
+/// store; [`ReloadableKeyStore::replace`] swaps the whole set at once. A request decides with
+/// the set it loaded: a lookup that already ran keeps its record (an `Arc`), so requests in
+/// flight finish with the keys they started with, and every request that starts after the
+/// swap sees the new set. No request ever sees half of a file.
+///
+/// [`ReloadableKeyStore::watch_file`] reloads a TOML key file (the format of
+/// [`InMemoryKeyStore::from_toml_str`]) on `SIGHUP` (Unix) and when its contents change
+/// (the file is read every [`ReloadOptions::poll_interval`], one second by default, and parsed
+/// only when its SHA-256 digest changed). Polling instead of file-system events works the same
+/// on every platform and file system, and catches an editor's write-and-rename and the symlink
+/// swap of a Kubernetes `ConfigMap`, which event watchers often miss; reading a small file
+/// once a second costs nothing measurable. A file that does not parse, names a field wrongly
+/// or repeats a secret is refused with the field named (`keys.toml: keys[2].sha256: ...`),
+/// and the keys in force stay in force; the refusal is logged (warn) and reported to
+/// [`KeyFileReloader::next_outcome`]. So is a file that cannot be read (deleted, say).
+///
+/// # Why these dependencies
+///
+/// `arc-swap` (no dependencies of its own but `rustversion`) gives the lock-free swap; a
+/// `RwLock` would make every request take a lock. `SIGHUP` comes from tokio's own `signal`
+/// feature. No file-watcher crate is used (see above).
+///
+/// # Logs
+///
+/// `key file reloaded` (info, with the file, the number of keys, how many were added and
+/// removed), `key file refused; the previous keys stay in force` (warn, with the error, which
+/// names the field and never quotes a secret).
 ///
 /// ```
 /// use llm_layers::auth::{InMemoryKeyStore, KeyHash, KeyRecord, KeyStore, ReloadableKeyStore};
