@@ -251,3 +251,41 @@ fn watching_needs_a_runtime() {
     assert_eq!(e.field(), "reload");
     assert!(format!("{store:?}").contains("keys: 1") && !format!("{store:?}").contains(A));
 }
+
+/// `with_store` keeps the layer's settings: here the accepted headers and the forwarding.
+#[tokio::test]
+async fn with_store_keeps_the_settings_of_the_layer() {
+    use llm_layers::auth::{AcceptedHeaders, CredentialForwarding};
+    let configured = ApiKeyAuthLayer::builder(keys(&[]))
+        .accepted_headers(AcceptedHeaders::none().x_api_key(true))
+        .forwarding(CredentialForwarding::Keep)
+        .build()
+        .unwrap();
+    let store = ReloadableKeyStore::new(keys(&[("a", A)]));
+    let app = Router::new()
+        .route("/v1/chat/completions", post(common_auth::echo))
+        .layer(configured.with_store(store));
+    let url = common_auth::serve(app).await;
+    let client = reqwest::Client::new();
+    let send = |name: &'static str| {
+        client
+            .post(format!("{url}/v1/chat/completions"))
+            .header(name, A)
+            .body(common_auth::chat("gpt-4o-mini"))
+            .send()
+    };
+    // Bearer is not accepted by the configured layer, so not by the new one.
+    let res = client
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(A)
+        .body(common_auth::chat("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    let res = send("x-api-key").await.unwrap();
+    assert_eq!(res.status(), 200);
+    let seen: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(seen["id"], "a");
+    assert_eq!(seen["headers"]["x-api-key"], serde_json::json!([A]), "kept");
+}
