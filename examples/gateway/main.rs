@@ -83,8 +83,9 @@ fn fail(message: impl std::fmt::Display) -> ! {
     std::process::exit(2);
 }
 
-/// Prints the demo keys of the configuration and commands that show each layer answering.
-fn print_demo(config: &str, addr: SocketAddr) {
+/// Prints the demo keys of the configuration and, for the built-in demo keys, commands that
+/// show each layer answering.
+fn print_demo(config: &str, addr: SocketAddr, commands: bool) {
     let Ok(doc) = config.parse::<toml::Table>() else {
         return;
     };
@@ -123,6 +124,9 @@ fn print_demo(config: &str, addr: SocketAddr) {
         )
     };
     let hello = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    if !commands {
+        return;
+    }
     println!("try:");
     println!("  {}", chat("sk-demo-full-0123456789abcdef", "", hello));
     println!(
@@ -259,7 +263,11 @@ async fn main() {
             .keys
             .as_ref()
             .and_then(|p| std::fs::read_to_string(p).ok());
-        print_demo(keys_text.as_deref().unwrap_or(&config), addr);
+        print_demo(
+            keys_text.as_deref().unwrap_or(&config),
+            addr,
+            keys_text.is_none(),
+        );
     } else {
         println!("upstream: {base}");
     }
