@@ -471,3 +471,103 @@ fn settings_are_checked_and_secrets_never_shown() {
     let shown = format!("{v:?} {:?}", base().hs256_secret(HS_SECRET));
     assert!(!shown.contains(HS_SECRET), "{shown}");
 }
+
+/// An RSA key made by the `openssl` command for this test (ring makes no RSA keys), or `None`
+/// where the command is missing.
+fn rsa(kid: &str) -> Option<(Signer, Vec<u8>)> {
+    let dir = std::env::temp_dir().join(format!("llm-layers-jwt-rsa-{}-{kid}", std::process::id()));
+    std::fs::create_dir_all(&dir).ok()?;
+    let run = |args: &[&str]| {
+        std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+    };
+    run(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+        "key.pem",
+    ])?;
+    run(&[
+        "rsa",
+        "-in",
+        "key.pem",
+        "-traditional",
+        "-outform",
+        "DER",
+        "-out",
+        "key.der",
+    ])?;
+    let public_pem = run(&["rsa", "-in", "key.pem", "-pubout"])?.stdout;
+    let modulus =
+        String::from_utf8(run(&["rsa", "-in", "key.pem", "-noout", "-modulus"])?.stdout).ok()?;
+    let hex = modulus.trim().strip_prefix("Modulus=")?;
+    let n: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    let der = std::fs::read(dir.join("key.der")).ok()?;
+    std::fs::remove_dir_all(&dir).ok()?;
+    Some((
+        Signer {
+            kid: kid.to_owned(),
+            alg: Algorithm::RS256,
+            key: EncodingKey::from_rsa_der(&der),
+            public: n.clone(),
+            jwk: json!({"kty": "RSA", "kid": kid, "use": "sig", "n": b64url(&n), "e": "AQAB"}),
+        },
+        public_pem,
+    ))
+}
+
+#[tokio::test]
+async fn rs256_tokens_pass_and_the_rsa_public_key_is_no_hmac_secret() {
+    let Some((rs, public_pem)) = rsa("rs-1") else {
+        eprintln!("skipped: no `openssl` command to make an RSA key");
+        return;
+    };
+    let idp = Idp::start(&[&rs]).await;
+    let url = gateway(validator(&idp).build().unwrap()).await;
+    assert_eq!(
+        passes(&url, &sign(&rs, &claims(json!({})))).await["id"],
+        "client-1"
+    );
+
+    // The classic confusion: HS256 with the RSA public key (PEM, or its modulus) as secret.
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = Some("rs-1".to_owned());
+    for secret in [public_pem, rs.public.clone()] {
+        let token = jsonwebtoken::encode(
+            &header,
+            &claims(json!({})),
+            &EncodingKey::from_secret(&secret),
+        )
+        .unwrap();
+        refused(&url, &token, "invalid_api_key").await;
+    }
+    // PS256 is not accepted unless configured; RS384 neither.
+    for alg in [Algorithm::PS256, Algorithm::RS384] {
+        let mut header = Header::new(alg);
+        header.kid = Some("rs-1".to_owned());
+        let token = jsonwebtoken::encode(&header, &claims(json!({})), &rs.key).unwrap();
+        let message = refused(&url, &token, "invalid_api_key").await;
+        assert!(message.contains("not accepted"), "{message}");
+    }
+    let url = gateway(
+        validator(&idp)
+            .algorithms([Algorithm::RS256, Algorithm::PS256])
+            .build()
+            .unwrap(),
+    )
+    .await;
+    let mut header = Header::new(Algorithm::PS256);
+    header.kid = Some("rs-1".to_owned());
+    let token = jsonwebtoken::encode(&header, &claims(json!({})), &rs.key).unwrap();
+    passes(&url, &token).await;
+}
