@@ -672,3 +672,116 @@ mod never_panics {
         }
     }
 }
+
+/// `--keys FILE`: a key added to the file is accepted once the gateway says it reloaded, a
+/// revoked one is refused, `SIGHUP` reloads, and a broken file is refused with the field
+/// named while the keys in force stay.
+#[cfg(all(unix, feature = "reload"))]
+#[tokio::test]
+async fn the_binary_reloads_its_key_file() {
+    use tokio::io::AsyncBufReadExt;
+    let Some(bin) = example_binary() else {
+        eprintln!(
+            "skipped: target/*/examples/gateway is not built (run `cargo test --all-features`)"
+        );
+        return;
+    };
+    const A: &str = "sk-reload-a-0123456789abcdef";
+    const B: &str = "sk-reload-b-0123456789abcdef";
+    let dir = std::env::temp_dir().join(format!("llm-layers-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("keys.toml");
+    // Written whole and renamed into place, as an operator's tooling should.
+    let write = |text: &str| {
+        let tmp = dir.join("keys.toml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    let key = |id: &str, secret: &str, extra: &str| {
+        format!("[[keys]]\nid = \"{id}\"\nsecret = \"{secret}\"\n{extra}\n")
+    };
+    write(&key("a", A, ""));
+    let mut child = tokio::process::Command::new(&bin)
+        .args(["--listen", "127.0.0.1:0", "--keys"])
+        .arg(&file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    type Lines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>;
+    async fn next(lines: &mut Lines) -> String {
+        tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("the gateway printed a line in time")
+            .unwrap()
+            .expect("the gateway still runs")
+    }
+    async fn until(lines: &mut Lines, prefix: &str) -> String {
+        loop {
+            let line = next(lines).await;
+            if line.starts_with(prefix) {
+                return line;
+            }
+        }
+    }
+    let first = next(&mut lines).await;
+    let addr = first
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("{first}"))
+        .parse::<SocketAddr>()
+        .unwrap();
+    // The demo lists the keys of the file, and no commands with the built-in demo keys.
+    assert!(next(&mut lines)
+        .await
+        .starts_with("upstream: embedded mock"));
+    assert_eq!(next(&mut lines).await, "demo keys:");
+    let listed = next(&mut lines).await;
+    assert!(listed.contains(A), "{listed}");
+    let client = reqwest::Client::new();
+    let status = |key: &'static str| {
+        let client = client.clone();
+        async move {
+            let got = chat(&client, addr, key, &hello("gpt-4o-mini"), &[]).await;
+            (got.status.as_u16(), got.code())
+        }
+    };
+    assert_eq!(status(A).await.0, 200);
+    assert_eq!(status(B).await, (401, "invalid_api_key".to_owned()));
+
+    // A key added: accepted after the reload the gateway reports.
+    write(&(key("a", A, "") + &key("b", B, "")));
+    let line = until(&mut lines, "keys ").await;
+    assert!(line.ends_with(": 2 keys (1 added, 0 removed)"), "{line}");
+    assert_eq!(status(B).await.0, 200);
+
+    // A key revoked: refused after the reload.
+    write(&(key("a", A, "revoked = true") + &key("b", B, "")));
+    let line = until(&mut lines, "keys ").await;
+    assert!(line.ends_with(": 2 keys (0 added, 0 removed)"), "{line}");
+    assert_eq!(status(A).await, (401, "revoked_api_key".to_owned()));
+
+    // SIGHUP reloads the file even though it did not change.
+    let killed = std::process::Command::new("kill")
+        .args(["-HUP", &child.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let line = until(&mut lines, "keys ").await;
+    assert!(line.starts_with("keys reloaded from "), "{line}");
+
+    // A broken file: refused with the field named, the keys in force stay.
+    write(&(key("a", A, "") + "[[keys]]\nid = \"c\"\nsha256 = \"zz\"\n"));
+    let line = until(&mut lines, "keys ").await;
+    assert!(
+        line.starts_with("keys refused, the previous keys stay in force: ")
+            && line.contains("keys[1].sha256"),
+        "{line}"
+    );
+    assert_eq!(status(B).await.0, 200);
+    assert_eq!(status(A).await, (401, "revoked_api_key".to_owned()));
+
+    child.kill().await.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -63,6 +63,7 @@ use axum::Router;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
+use llm_layers::auth::{ApiKeyAuthLayer, KeyStore};
 use llm_layers::normalize::{NormalizeErrorsLayer, NormalizeOptions};
 use llm_layers::stack::{ConfigError, Stack};
 use llm_layers::{ApiError, ErrorCode};
@@ -421,9 +422,15 @@ async fn proxy(State(upstream): State<Upstream>, req: Request) -> Response {
     res
 }
 
-/// The route's own stack, as its `[routes."/path"]` policy says: auth, then validation,
-/// then rate limit (outermost first). `MethodRouter::layer` is applied innermost first.
-fn guarded(stack: &Stack, path: &str, route: MethodRouter<Upstream>) -> MethodRouter<Upstream> {
+/// The route's own stack, as its `[routes."/path"]` policy says: auth (with `auth`), then
+/// validation, then rate limit (outermost first). `MethodRouter::layer` is applied innermost
+/// first.
+fn guarded<K: KeyStore>(
+    stack: &Stack,
+    auth: &ApiKeyAuthLayer<K>,
+    path: &str,
+    route: MethodRouter<Upstream>,
+) -> MethodRouter<Upstream> {
     let mut route = route;
     if let Some(layer) = stack.rate_limit_for(path) {
         route = route.layer(layer);
@@ -431,14 +438,26 @@ fn guarded(stack: &Stack, path: &str, route: MethodRouter<Upstream>) -> MethodRo
     if let Some(layer) = stack.validate_for(path) {
         route = route.layer(layer);
     }
-    if let Some(layer) = stack.auth_for(path) {
-        route = route.layer(layer);
+    if stack.policy(path).auth {
+        route = route.layer(auth.clone());
     }
     route
 }
 
-/// The gateway: per-route stacks, then request ids and tracing around everything.
+/// The gateway: per-route stacks, then request ids and tracing around everything. The keys
+/// are the configuration's `[[keys]]`.
+#[allow(dead_code)] // the tests' shortcut
 pub fn router(stack: &Stack, upstream: Upstream) -> Router {
+    router_with_auth(stack, &stack.auth(), upstream)
+}
+
+/// [`router`] with this auth layer (the stack's settings over another store, such as the
+/// reloadable store of `--keys`; see [`ApiKeyAuthLayer::with_store`]).
+pub fn router_with_auth<K: KeyStore>(
+    stack: &Stack,
+    auth: &ApiKeyAuthLayer<K>,
+    upstream: Upstream,
+) -> Router {
     let routes: [(&str, MethodRouter<Upstream>); 5] = [
         ("/v1/chat/completions", post(proxy)),
         ("/v1/completions", post(proxy)),
@@ -448,7 +467,7 @@ pub fn router(stack: &Stack, upstream: Upstream) -> Router {
     ];
     let mut app = Router::new();
     for (path, route) in routes {
-        app = app.route(path, guarded(stack, path, route));
+        app = app.route(path, guarded(stack, auth, path, route));
     }
     app.with_state(upstream).layer(
         ServiceBuilder::new()

@@ -11,6 +11,12 @@
 //! Without `--config` it uses `examples/gateway.toml`, compiled in. `--upstream-ca FILE` trusts
 //! a private CA (PEM) for an `https://` upstream; `--forward-header NAME` forwards one more
 //! client header (see `app.rs` for the default list and why).
+//!
+//! `--keys FILE` takes the API keys from a key file (the auth layer's `[[keys]]` format)
+//! instead of the configuration's `[[keys]]`, and reloads it while the gateway runs: on
+//! `SIGHUP` and when the file changes (read every second). A file that is refused (the field
+//! is named on stdout) leaves the keys in force; requests in flight finish with the keys they
+//! started with.
 
 mod app;
 mod mock;
@@ -18,6 +24,7 @@ mod mock;
 use std::net::SocketAddr;
 
 use axum::http::{HeaderValue, Uri};
+use llm_layers::auth::{InMemoryKeyStore, ReloadOptions, ReloadOutcome, ReloadableKeyStore};
 
 /// The configuration used without `--config`.
 const DEFAULT_CONFIG: &str = include_str!("../gateway.toml");
@@ -29,6 +36,7 @@ struct Args {
     config: Option<String>,
     upstream_ca: Option<String>,
     forward_headers: Vec<String>,
+    keys: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -38,6 +46,7 @@ fn parse_args() -> Result<Args, String> {
         config: None,
         upstream_ca: None,
         forward_headers: Vec::new(),
+        keys: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -51,10 +60,14 @@ fn parse_args() -> Result<Args, String> {
             "--config" => args.config = Some(value("--config")?),
             "--upstream-ca" => args.upstream_ca = Some(value("--upstream-ca")?),
             "--forward-header" => args.forward_headers.push(value("--forward-header")?),
+            "--keys" => args.keys = Some(value("--keys")?),
             "-h" | "--help" => {
                 println!(
                     "usage: gateway [--listen ADDR] [--upstream URL] [--config FILE] \
-                     [--upstream-ca PEM] [--forward-header NAME]..."
+                     [--upstream-ca PEM] [--forward-header NAME]... [--keys FILE]"
+                );
+                println!(
+                    "  --keys FILE: API keys from FILE, reloaded on SIGHUP and when it changes"
                 );
                 println!("  the upstream key is read from UPSTREAM_API_KEY");
                 std::process::exit(0);
@@ -70,8 +83,9 @@ fn fail(message: impl std::fmt::Display) -> ! {
     std::process::exit(2);
 }
 
-/// Prints the demo keys of the configuration and commands that show each layer answering.
-fn print_demo(config: &str, addr: SocketAddr) {
+/// Prints the demo keys of the configuration and, for the built-in demo keys, commands that
+/// show each layer answering.
+fn print_demo(config: &str, addr: SocketAddr, commands: bool) {
     let Ok(doc) = config.parse::<toml::Table>() else {
         return;
     };
@@ -110,6 +124,9 @@ fn print_demo(config: &str, addr: SocketAddr) {
         )
     };
     let hello = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    if !commands {
+        return;
+    }
     println!("try:");
     println!("  {}", chat("sk-demo-full-0123456789abcdef", "", hello));
     println!(
@@ -179,6 +196,12 @@ async fn main() {
             .forward_header("--forward-header", name)
             .unwrap_or_else(|e| fail(e));
     }
+    // The keys: `--keys FILE` (reloaded while the gateway runs), else the configuration's.
+    let keys = ReloadableKeyStore::new(match &args.keys {
+        Some(path) => InMemoryKeyStore::from_toml_file(path)
+            .unwrap_or_else(|e| fail(format_args!("--keys: {e}"))),
+        None => stack.auth().store().clone(),
+    });
     let tls = match &args.upstream_ca {
         Some(path) => {
             app::tls_config(Some(path.as_ref()), "--upstream-ca").unwrap_or_else(|e| fail(e))
@@ -235,11 +258,38 @@ async fn main() {
         .init();
     if mocked {
         println!("upstream: embedded mock at {base} (inject faults with the x-mock-fault header)");
-        print_demo(&config, addr);
+        // The demo keys are those in force: the key file's with `--keys`.
+        let keys_text = args
+            .keys
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok());
+        print_demo(
+            keys_text.as_deref().unwrap_or(&config),
+            addr,
+            keys_text.is_none(),
+        );
     } else {
         println!("upstream: {base}");
     }
     let upstream = app::upstream_with(&stack, &gateway.forward_headers, tls, base, key);
-    let app = app::router(&stack, upstream);
+    let app = app::router_with_auth(&stack, &stack.auth().with_store(keys.clone()), upstream);
+    if let Some(path) = &args.keys {
+        let mut reloader = keys
+            .watch_file(path, ReloadOptions::new())
+            .unwrap_or_else(|e| fail(e));
+        let path = path.clone();
+        tokio::spawn(async move {
+            while let Some(outcome) = reloader.next_outcome().await {
+                match outcome {
+                    ReloadOutcome::Reloaded(summary) => {
+                        println!("keys reloaded from {path}: {summary}")
+                    }
+                    ReloadOutcome::Refused(e) => {
+                        println!("keys refused, the previous keys stay in force: {e}")
+                    }
+                }
+            }
+        });
+    }
     axum::serve(listener, app).await.unwrap();
 }

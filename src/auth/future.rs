@@ -21,6 +21,22 @@ use crate::request::{deployment_from_path, ensure_view, RequestView, ViewError};
 type ViewFuture<B> =
     Pin<Box<dyn Future<Output = Result<Request<B>, (Request<B>, ViewError)>> + Send>>;
 
+/// Why a bearer token was refused (see `auth::jwt`).
+#[cfg_attr(not(feature = "jwt"), allow(dead_code))]
+pub(crate) enum TokenError {
+    /// Bad signature, issuer, audience, algorithm or claims; the message says which.
+    Invalid(std::borrow::Cow<'static, str>),
+    /// Past its `exp` (and the leeway).
+    Expired(std::time::SystemTime),
+    /// The token cannot be checked now (no signing keys could be fetched yet).
+    Unavailable,
+}
+
+/// What a bearer token's validation answers: the record its claims map to.
+pub(crate) type TokenResult = Result<Arc<KeyRecord>, TokenError>;
+/// A bearer token's validation.
+pub(crate) type TokenFuture = Pin<Box<dyn Future<Output = TokenResult> + Send>>;
+
 /// What a request carries while its key is looked up.
 pub(crate) struct Pending<S, K, B> {
     pub(crate) req: Request<B>,
@@ -63,6 +79,10 @@ pin_project! {
             lookup: K::Future,
             pending: Option<Pending<S, K, B>>,
         },
+        Token {
+            validation: TokenFuture,
+            pending: Option<Pending<S, K, B>>,
+        },
         Viewing {
             view: ViewFuture<B>,
             ctx: Option<Viewing<S, K>>,
@@ -91,6 +111,16 @@ where
         ResponseFuture {
             state: State::Lookup {
                 lookup,
+                pending: Some(pending),
+            },
+        }
+    }
+
+    #[cfg_attr(not(feature = "jwt"), allow(dead_code))]
+    pub(crate) fn token(validation: TokenFuture, pending: Pending<S, K, B>) -> Self {
+        ResponseFuture {
+            state: State::Token {
+                validation,
                 pending: Some(pending),
             },
         }
@@ -128,6 +158,7 @@ where
         let state = match &self.state {
             State::Rejected { .. } => "rejected",
             State::Lookup { .. } => "looking up the key",
+            State::Token { .. } => "validating the bearer token",
             State::Viewing { .. } => "reading the model",
             State::Called { .. } => "called",
         };
@@ -326,6 +357,60 @@ where
             );
         }
     };
+    decide_record(record, req, shared)
+}
+
+/// The decision for a bearer token's validation.
+fn decide_token<B, K, ResBody>(
+    result: TokenResult,
+    req: &Request<B>,
+    shared: &Shared<K>,
+) -> Decision<Response<ResBody>>
+where
+    ResBody: From<Bytes>,
+{
+    match result {
+        Ok(record) => decide_record(record, req, shared),
+        Err(TokenError::Invalid(why)) => {
+            tracing::debug!(target: "llm_layers::auth", reason = ?why, "bearer token refused");
+            Decision::Reject(respond(
+                ApiError::new(
+                    ErrorCode::InvalidApiKey,
+                    format!("The access token is not valid: {why}."),
+                ),
+                INVALID_TOKEN,
+            ))
+        }
+        Err(TokenError::Expired(at)) => Decision::Reject(respond(
+            ApiError::new(
+                ErrorCode::ExpiredApiKey,
+                format!(
+                    "The access token expired at {}; get a new one from the identity provider.",
+                    format_rfc3339(at)
+                ),
+            ),
+            INVALID_TOKEN,
+        )),
+        Err(TokenError::Unavailable) => Decision::Reject(
+            ApiError::new(
+                ErrorCode::ServiceUnavailable,
+                "The access token could not be checked right now (the identity provider's keys \
+                 are not available); try again shortly.",
+            )
+            .to_response(),
+        ),
+    }
+}
+
+/// What a found record means for the request: revoked, expired, or the models it may use.
+fn decide_record<B, K, ResBody>(
+    record: Arc<KeyRecord>,
+    req: &Request<B>,
+    shared: &Shared<K>,
+) -> Decision<Response<ResBody>>
+where
+    ResBody: From<Bytes>,
+{
     if record.is_revoked() {
         let msg = format!(
             "The API key {} has been revoked; a new key is needed.",
@@ -380,6 +465,30 @@ where
         hash,
     } = p;
     match decide(result, &req, &hash, &shared) {
+        Decision::Reject(res) => reject(res),
+        Decision::Admit(record) => State::Called {
+            future: admit(req, &mut inner, &shared, record),
+        },
+        Decision::View(record) => viewing(req, inner, shared, record),
+    }
+}
+
+fn after_token<S, K, B, ResBody>(result: TokenResult, p: Pending<S, K, B>) -> State<S, K, B>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    K: KeyStore,
+    B: Body + From<Bytes> + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    ResBody: From<Bytes>,
+{
+    let Pending {
+        req,
+        mut inner,
+        shared,
+        hash: _,
+    } = p;
+    match decide_token(result, &req, &shared) {
         Decision::Reject(res) => reject(res),
         Decision::Admit(record) => State::Called {
             future: admit(req, &mut inner, &shared, record),
@@ -451,6 +560,17 @@ where
                         .take()
                         .expect("ResponseFuture polled after completion");
                     let next = after_lookup(result, p);
+                    state.set(next);
+                }
+                StateProj::Token {
+                    validation,
+                    pending,
+                } => {
+                    let result = ready!(validation.as_mut().poll(cx));
+                    let p = pending
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    let next = after_token(result, p);
                     state.set(next);
                 }
                 StateProj::Viewing { view, ctx } => {

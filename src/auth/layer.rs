@@ -57,6 +57,8 @@ pub(crate) struct Shared<K> {
     pub(crate) forward: Forward,
     pub(crate) body_limit: usize,
     pub(crate) estimator: Arc<dyn TokenEstimator>,
+    #[cfg(feature = "jwt")]
+    pub(crate) jwt: Option<super::jwt::JwtValidator>,
 }
 
 impl<K> Shared<K> {
@@ -125,12 +127,33 @@ impl<K: KeyStore> ApiKeyAuthLayer<K> {
             forwarding: CredentialForwarding::Strip,
             body_limit: DEFAULT_BODY_LIMIT,
             estimator: Arc::new(CharEstimator),
+            #[cfg(feature = "jwt")]
+            jwt: None,
         }
     }
 
     /// The store.
     pub fn store(&self) -> &K {
         &self.shared.store
+    }
+
+    /// A layer with this one's configuration (headers, forwarding, body limit, clock,
+    /// estimator) over another store: a [`ReloadableKeyStore`](super::ReloadableKeyStore)
+    /// seeded with this layer's keys, say, or a caching wrapper.
+    pub fn with_store<K2: KeyStore>(&self, store: K2) -> ApiKeyAuthLayer<K2> {
+        let s = &*self.shared;
+        ApiKeyAuthLayer {
+            shared: Arc::new(Shared {
+                store,
+                accepted: s.accepted,
+                clock: s.clock.clone(),
+                forward: s.forward.clone(),
+                body_limit: s.body_limit,
+                estimator: Arc::clone(&s.estimator),
+                #[cfg(feature = "jwt")]
+                jwt: s.jwt.clone(),
+            }),
+        }
     }
 }
 
@@ -150,6 +173,8 @@ pub struct ApiKeyAuthBuilder<K> {
     forwarding: CredentialForwarding,
     body_limit: usize,
     estimator: Arc<dyn TokenEstimator>,
+    #[cfg(feature = "jwt")]
+    jwt: Option<super::jwt::JwtValidator>,
 }
 
 impl<K: fmt::Debug> fmt::Debug for ApiKeyAuthBuilder<K> {
@@ -198,6 +223,15 @@ impl<K: KeyStore> ApiKeyAuthBuilder<K> {
         self
     }
 
+    /// Also accepts OAuth 2.0 / JWT bearer tokens: a bearer credential shaped like a JWT is
+    /// checked by `validator`, every other credential against the key store (feature `jwt`;
+    /// see [`JwtValidator`](super::JwtValidator)).
+    #[cfg(feature = "jwt")]
+    pub fn bearer_tokens(mut self, validator: super::jwt::JwtValidator) -> Self {
+        self.jwt = Some(validator);
+        self
+    }
+
     fn into_shared(self) -> Shared<K> {
         let forward = match self.forwarding {
             CredentialForwarding::Strip => Forward::Strip,
@@ -214,6 +248,8 @@ impl<K: KeyStore> ApiKeyAuthBuilder<K> {
             forward,
             body_limit: self.body_limit,
             estimator: self.estimator,
+            #[cfg(feature = "jwt")]
+            jwt: self.jwt,
         }
     }
 

@@ -128,25 +128,51 @@
 //! # }
 //! ```
 //!
+//! # Keys that change while the gateway runs
+//!
+//! * [`ReloadableKeyStore`] (feature `reload`, on by default): the whole key set swapped
+//!   atomically, lock-free on the hot path; a TOML key file reloaded on `SIGHUP` and when it
+//!   changes, a broken file refused with the field named and the old keys kept.
+//! * [`CachedKeyStore`]: any asynchronous store (a database, a key service shared by
+//!   replicas) behind a cache with positive and negative TTLs, single-flight lookups and a
+//!   bound; a revocation takes effect within the positive TTL.
+//! * [`JwtValidator`] (feature `jwt`): OAuth 2.0 / JWT bearer tokens beside API keys, through
+//!   [`ApiKeyAuthBuilder::bearer_tokens`], mapped to the same identity.
+//!
 //! On the client side, [`InjectApiKeyLayer`] sets the upstream key (Bearer, `x-api-key` or
 //! `api-key`) on outgoing requests, as a sensitive header value.
 
+mod cache;
 #[cfg(feature = "config")]
 mod config;
 mod credentials;
 mod future;
 mod inject;
+#[cfg(feature = "jwt")]
+mod jwt;
 mod layer;
+#[cfg(feature = "reload")]
+mod reload;
 mod service;
 mod store;
 mod time;
 
+pub use cache::{
+    CachedKeyStore, CachedKeyStoreBuilder, DEFAULT_MAX_ENTRIES, DEFAULT_NEGATIVE_TTL,
+    DEFAULT_POSITIVE_TTL,
+};
 pub use credentials::{
     extract_api_key, mask_key, AcceptedHeaders, CredentialError, API_KEY, X_API_KEY,
 };
 pub use future::ResponseFuture;
 pub use inject::{ApiKey, InjectApiKey, InjectApiKeyLayer, KeyHeader};
+#[cfg(feature = "jwt")]
+pub use jwt::{JwtAlgorithm, JwtValidator, JwtValidatorBuilder};
 pub use layer::{ApiKeyAuthBuilder, ApiKeyAuthLayer, Clock, CredentialForwarding};
+#[cfg(feature = "reload")]
+pub use reload::{
+    KeyFileReloader, ReloadOptions, ReloadOutcome, ReloadSummary, ReloadableKeyStore,
+};
 pub use service::ApiKeyAuth;
 pub use store::{
     AuthenticatedKey, InMemoryKeyStore, KeyHash, KeyRecord, KeyRecordBuilder, KeyStore,

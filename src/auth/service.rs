@@ -80,7 +80,30 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let hash = match extract_api_key(req.headers(), self.shared.accepted) {
-            Ok(key) => KeyHash::of(key),
+            Ok(key) => {
+                #[cfg(feature = "jwt")]
+                if let Some(jwt) = self
+                    .shared
+                    .jwt
+                    .as_ref()
+                    .filter(|_| super::jwt::looks_like_jwt(key))
+                {
+                    // A bearer token: validated by the token validator, not looked up.
+                    let token = String::from_utf8_lossy(key).into_owned();
+                    let hash = KeyHash::of(key);
+                    let validation = jwt.validate(token, self.shared.now());
+                    let clone = self.inner.clone();
+                    let inner = std::mem::replace(&mut self.inner, clone);
+                    let pending = Pending {
+                        req,
+                        inner,
+                        shared: Arc::clone(&self.shared),
+                        hash,
+                    };
+                    return ResponseFuture::token(validation, pending);
+                }
+                KeyHash::of(key)
+            }
             Err(e) => return ResponseFuture::rejected(reject_credentials(&e)),
         };
         if let Some(result) = self.shared.store.lookup_now(&hash) {

@@ -482,10 +482,10 @@ impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
 /// Hashes a [`KeyHash`] by its first 8 bytes: the digest is already uniform, and a client can
 /// only choose a digest by finding a SHA-256 preimage.
 #[derive(Clone, Copy, Default)]
-struct DigestHasherBuilder;
+pub(crate) struct DigestHasherBuilder;
 
 #[derive(Default)]
-struct DigestHasher(u64);
+pub(crate) struct DigestHasher(u64);
 
 impl Hasher for DigestHasher {
     fn finish(&self) -> u64 {
