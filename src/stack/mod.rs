@@ -856,9 +856,40 @@ fn key_store(keys: &[toml::Table]) -> Result<InMemoryKeyStore, ConfigError> {
         .map_err(|e| refuse(e.field().to_owned(), e.message().to_owned()))
 }
 
+/// A parser message without the values it quotes (`invalid type: string "sk-..."`,
+/// ``unknown variant `...` ``): a value in a configuration file may be a secret. Key names stay.
+fn without_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(i) = rest.find('"') {
+        out.push_str(&rest[..i]);
+        match rest[i + 1..].find('"') {
+            Some(j) => {
+                out.push_str("\"…\"");
+                rest = &rest[i + 1 + j + 1..];
+            }
+            None => {
+                out.push_str("\"…");
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    match out.find("unknown variant `") {
+        Some(i) => {
+            let start = i + "unknown variant `".len();
+            match out[start..].find('`') {
+                Some(j) => format!("{}…{}", &out[..start], &out[start + j..]),
+                None => out,
+            }
+        }
+        None => out,
+    }
+}
+
 /// Turns a TOML syntax or type error into a [`ConfigError`] naming the TOML path of the value.
 fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
-    let message = e.message().trim().to_owned();
+    let message = without_values(e.message().trim());
     let Some(span) = e.span() else {
         return refuse("toml", message);
     };
