@@ -849,11 +849,11 @@ fn key_store(keys: &[toml::Table]) -> Result<InMemoryKeyStore, ConfigError> {
                     None => format!("keys[{i}]"),
                 },
             };
-            return Err(refuse(field, e.message().to_owned()));
+            return Err(refuse(field, without_values(e.message())));
         }
     }
     InMemoryKeyStore::from_toml_str(&encode(keys)?)
-        .map_err(|e| refuse(e.field().to_owned(), e.message().to_owned()))
+        .map_err(|e| refuse(e.field().to_owned(), without_values(e.message())))
 }
 
 /// A parser message without the values it quotes (`invalid type: string "sk-..."`,
