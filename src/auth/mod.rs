@@ -136,6 +136,8 @@
 //! * [`CachedKeyStore`]: any asynchronous store (a database, a key service shared by
 //!   replicas) behind a cache with positive and negative TTLs, single-flight lookups and a
 //!   bound; a revocation takes effect within the positive TTL.
+//! * [`RedisKeyStore`] (feature `redis`): keys in Redis or Valkey, shared by every replica,
+//!   stored by SHA-256 digest only; put it behind a [`CachedKeyStore`].
 //! * [`JwtValidator`] (feature `jwt`): OAuth 2.0 / JWT bearer tokens beside API keys, through
 //!   [`ApiKeyAuthBuilder::bearer_tokens`], mapped to the same identity.
 //!
@@ -151,6 +153,8 @@ mod inject;
 #[cfg(feature = "jwt")]
 mod jwt;
 mod layer;
+#[cfg(feature = "redis")]
+mod redis_store;
 #[cfg(feature = "reload")]
 mod reload;
 mod service;
@@ -169,6 +173,10 @@ pub use inject::{ApiKey, InjectApiKey, InjectApiKeyLayer, KeyHeader};
 #[cfg(feature = "jwt")]
 pub use jwt::{JwtAlgorithm, JwtValidator, JwtValidatorBuilder};
 pub use layer::{ApiKeyAuthBuilder, ApiKeyAuthLayer, Clock, CredentialForwarding};
+#[cfg(feature = "redis")]
+pub use redis_store::{
+    RedisKeyStore, RedisKeyStoreBuilder, DEFAULT_REDIS_KEY_PREFIX, DEFAULT_REDIS_KEY_TIMEOUT,
+};
 #[cfg(feature = "reload")]
 pub use reload::{
     KeyFileReloader, ReloadOptions, ReloadOutcome, ReloadSummary, ReloadableKeyStore,
