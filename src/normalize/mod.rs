@@ -200,6 +200,16 @@ impl NormalizeOptions {
         self
     }
 
+    /// Add the upstream's own code, type and message to every envelope, as
+    /// `error.upstream: {"code","type","message"}` (scrubbed and bounded), when the error has
+    /// them; rewritten in-band stream errors included. Off by default: an upstream's words can
+    /// name its internals, so showing them is the application's choice. See
+    /// [`EnvelopeOptions::expose_upstream`].
+    pub const fn expose_upstream(mut self, expose: bool) -> Self {
+        self.envelope = self.envelope.expose_upstream(expose);
+        self
+    }
+
     /// Whether in-band errors in 2xx SSE streams are rewritten (on by default).
     pub const fn rewrite_sse(mut self, rewrite: bool) -> Self {
         self.rewrite_sse = rewrite;
@@ -245,5 +255,9 @@ impl NormalizeOptions {
 
     pub(crate) const fn envelope(&self) -> &EnvelopeOptions {
         &self.envelope
+    }
+
+    pub(crate) fn exposes_upstream(&self) -> bool {
+        self.envelope.expose_upstream(true) == self.envelope
     }
 }
