@@ -1250,9 +1250,9 @@ async fn application_rules_change_the_envelope_code_and_status_through_http() {
         ("slots", ErrorCode::ConcurrentLimitExceeded),
     ] {
         let (status, _, body) = answer_of(plain, path).await;
-        let json: Value = serde_json::from_slice(&body).unwrap();
+        let plain_json: Value = serde_json::from_slice(&body).unwrap();
         assert_ne!(
-            json["error"]["code"],
+            plain_json["error"]["code"],
             code.as_str(),
             "{path}: built-in already says so"
         );
@@ -1267,10 +1267,7 @@ async fn application_rules_change_the_envelope_code_and_status_through_http() {
         assert_eq!(json["error"]["code"], code.as_str(), "{path}");
         // The rule changes what the error is, not what is known about it.
         assert_eq!(
-            json["error"]["message"]
-                .as_str()
-                .is_some_and(|m| !m.is_empty()),
-            true,
+            json["error"]["message"], plain_json["error"]["message"],
             "{path}"
         );
         assert!(json["error"].get("upstream").is_none(), "{path}");
