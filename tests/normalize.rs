@@ -1142,3 +1142,241 @@ async fn a_200_that_breaks_off_before_its_first_byte_is_a_502_envelope() {
         "The upstream's answer broke off before its first byte."
     );
 }
+
+/// A stub upstream with answers that only an application's own rules read right.
+async fn start_rules_upstream() -> std::net::SocketAddr {
+    use axum::routing::any;
+    fn json(status: u16, body: &'static str) -> axum::response::Response {
+        Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .header("x-request-id", "req_rules")
+            .body(axum::body::Body::from(body))
+            .unwrap()
+    }
+    let app = axum::Router::new()
+        .route(
+            "/teapot",
+            any(|| async {
+                json(
+                    418,
+                    r#"{"error":{"message":"I'm a teapot","type":"teapot","code":"E_TEAPOT"}}"#,
+                )
+            }),
+        )
+        .route(
+            "/balance",
+            any(|| async {
+                json(
+                    400,
+                    r#"{"error":{"message":"Account balance too low","type":"billing","code":"E_BALANCE"}}"#,
+                )
+            }),
+        )
+        .route(
+            "/slots",
+            any(|| async {
+                json(
+                    500,
+                    r#"{"error":{"message":"All slots are busy, try later","type":"server","code":"E_SLOTS"}}"#,
+                )
+            }),
+        )
+        .route(
+            "/sse-balance",
+            any(|| async {
+                Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(axum::body::Body::from(concat!(
+                        "data: {\"id\":\"chatcmpl-1\",\"choices\":[]}\n\n",
+                        "data: {\"error\":{\"message\":\"Account balance too low\",\"type\":\"billing\",\"code\":\"E_BALANCE\"}}\n\n",
+                    )))
+                    .unwrap()
+            }),
+        );
+    serve(app).await
+}
+
+fn app_classifier() -> llm_layers::classify::Classifier {
+    use llm_layers::classify::{Classifier, Rule};
+    Classifier::new()
+        .rule(Rule::to(ErrorCode::ServiceUnavailable).status(418))
+        .rule(Rule::to(ErrorCode::InsufficientQuota).code("E_BALANCE"))
+        .rule(Rule::to(ErrorCode::ConcurrentLimitExceeded).message("slots are busy"))
+}
+
+/// Status, headers (without `date`) and body of `GET path` on `gateway`.
+async fn answer_of(
+    gateway: std::net::SocketAddr,
+    path: &str,
+) -> (StatusCode, Vec<(String, String)>, Bytes) {
+    let res = reqwest::get(format!("http://{gateway}/{path}"))
+        .await
+        .unwrap();
+    let status = StatusCode::from_u16(res.status().as_u16()).unwrap();
+    let mut headers: Vec<(String, String)> = res
+        .headers()
+        .iter()
+        .filter(|(k, _)| k.as_str() != "date")
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+        .collect();
+    headers.sort();
+    (status, headers, res.bytes().await.unwrap())
+}
+
+/// The envelope an in-band error event became in a stream.
+fn sse_error_of(text: &str) -> Value {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find(|v| v["error"].is_object())
+        .unwrap_or_else(|| panic!("no error event in {text:?}"))
+}
+
+#[tokio::test]
+async fn application_rules_change_the_envelope_code_and_status_through_http() {
+    let upstream = start_rules_upstream().await;
+    let plain = start_gateway(upstream, normalized_client()).await;
+    let ruled = start_gateway(
+        upstream,
+        NormalizeErrorsLayer::new()
+            .classifier(app_classifier())
+            .layer(hyper_client()),
+    )
+    .await;
+    for (path, code) in [
+        ("teapot", ErrorCode::ServiceUnavailable),
+        ("balance", ErrorCode::InsufficientQuota),
+        ("slots", ErrorCode::ConcurrentLimitExceeded),
+    ] {
+        let (status, _, body) = answer_of(plain, path).await;
+        let plain_json: Value = serde_json::from_slice(&body).unwrap();
+        assert_ne!(
+            plain_json["error"]["code"],
+            code.as_str(),
+            "{path}: built-in already says so"
+        );
+        assert_ne!(status, code.status(), "{path}");
+
+        let res = reqwest::get(format!("http://{ruled}/{path}"))
+            .await
+            .unwrap();
+        assert_eq!(res.status().as_u16(), code.status().as_u16(), "{path}");
+        assert_eq!(res.headers()["x-request-id"], "req_rules", "{path}");
+        let json = json_of(res).await;
+        assert_eq!(json["error"]["code"], code.as_str(), "{path}");
+        // The rule changes what the error is, not what is known about it.
+        assert_eq!(
+            json["error"]["message"], plain_json["error"]["message"],
+            "{path}"
+        );
+        assert!(json["error"].get("upstream").is_none(), "{path}");
+    }
+    let (status, _, _) = answer_of(ruled, "teapot").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, _, _) = answer_of(ruled, "balance").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test]
+async fn an_application_rule_applies_to_an_in_band_sse_error() {
+    let upstream = start_rules_upstream().await;
+    let plain = start_gateway(upstream, normalized_client()).await;
+    let ruled = start_gateway(
+        upstream,
+        NormalizeErrorsLayer::new()
+            .classifier(app_classifier())
+            .layer(hyper_client()),
+    )
+    .await;
+    let (status, _, body) = answer_of(plain, "sse-balance").await;
+    assert_eq!(status, StatusCode::OK);
+    let before = sse_error_of(std::str::from_utf8(&body).unwrap());
+    assert_ne!(before["error"]["code"], "insufficient_quota");
+
+    let (status, headers, body) = answer_of(ruled, "sse-balance").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers
+        .iter()
+        .any(|(k, v)| k == "content-type" && v == "text/event-stream"));
+    let text = std::str::from_utf8(&body).unwrap();
+    // The chunk before the error passes unchanged.
+    assert!(
+        text.starts_with("data: {\"id\":\"chatcmpl-1\",\"choices\":[]}\n\n"),
+        "{text}"
+    );
+    let after = sse_error_of(text);
+    assert_eq!(after["error"]["code"], "insufficient_quota");
+    assert_eq!(after["error"]["type"], "insufficient_quota");
+    assert_eq!(after["error"]["message"], before["error"]["message"]);
+}
+
+#[tokio::test]
+async fn with_no_rules_the_output_is_exactly_as_before() {
+    use llm_layers::classify::{Classifier, Rule};
+    let upstream = start_rules_upstream().await;
+    let plain = start_gateway(upstream, normalized_client()).await;
+    let empty = start_gateway(
+        upstream,
+        NormalizeErrorsLayer::new()
+            .classifier(Classifier::new())
+            .layer(hyper_client()),
+    )
+    .await;
+    // Rules that match none of these answers.
+    let unmatched = start_gateway(
+        upstream,
+        NormalizeErrorsLayer::new()
+            .classifier(
+                Classifier::new()
+                    .rule(Rule::to(ErrorCode::Timeout).status(599))
+                    .rule(Rule::to(ErrorCode::Timeout).code("E_NOTHING"))
+                    .rule_fn(|_| None),
+            )
+            .layer(hyper_client()),
+    )
+    .await;
+    for path in ["teapot", "balance", "slots", "sse-balance", "missing"] {
+        let want = answer_of(plain, path).await;
+        assert_eq!(answer_of(empty, path).await, want, "{path}");
+        assert_eq!(answer_of(unmatched, path).await, want, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn expose_upstream_shows_the_upstreams_own_code_type_and_message() {
+    let upstream = start_rules_upstream().await;
+    let exposing = start_gateway(
+        upstream,
+        NormalizeErrorsLayer::with_options(NormalizeOptions::new().expose_upstream(true))
+            .classifier(app_classifier())
+            .layer(hyper_client()),
+    )
+    .await;
+    let want = serde_json::json!({
+        "code": "E_BALANCE",
+        "type": "billing",
+        "message": "Account balance too low",
+    });
+    let res = reqwest::get(format!("http://{exposing}/balance"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 429);
+    let json = json_of(res).await;
+    assert_eq!(json["error"]["code"], "insufficient_quota");
+    assert_eq!(json["error"]["upstream"], want);
+
+    let (_, _, body) = answer_of(exposing, "sse-balance").await;
+    let event = sse_error_of(std::str::from_utf8(&body).unwrap());
+    assert_eq!(event["error"]["code"], "insufficient_quota");
+    assert_eq!(event["error"]["upstream"], want);
+
+    // Off by default: the same answers without the upstream's words.
+    let plain = start_gateway(upstream, normalized_client()).await;
+    let (_, _, body) = answer_of(plain, "balance").await;
+    let json: Value = serde_json::from_slice(&body).unwrap();
+    assert!(json["error"].get("upstream").is_none(), "{json}");
+    let (_, _, body) = answer_of(plain, "sse-balance").await;
+    let event = sse_error_of(std::str::from_utf8(&body).unwrap());
+    assert!(event["error"].get("upstream").is_none(), "{event}");
+}

@@ -1,12 +1,14 @@
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::classify::classify_sse_event;
-use crate::error::{ApiError, ErrorCode, TypeStyle};
+use crate::classify::{classify_sse_event, Classifier};
+use crate::error::{ApiError, EnvelopeOptions, ErrorCode, TypeStyle};
 
 pin_project! {
     /// The response body of [`NormalizeErrors`](super::NormalizeErrors): the upstream's own body
@@ -52,11 +54,11 @@ impl<B> NormalizeBody<B> {
         }
     }
 
-    pub(super) fn sse(inner: B, line_limit: usize) -> Self {
+    pub(super) fn sse(inner: B, line_limit: usize, events: SseEvents) -> Self {
         NormalizeBody {
             kind: Kind::Sse {
                 inner,
-                framer: SseFramer::new(line_limit),
+                framer: SseFramer::with_events(line_limit, events),
                 queued: None,
                 done: false,
             },
@@ -247,6 +249,30 @@ where
     }
 }
 
+/// How in-band error events of one stream are classified and written.
+#[derive(Default)]
+pub(super) struct SseEvents {
+    /// The application's rules, with the stream's status and headers they are asked about.
+    /// `None` (no allocation) when there are none.
+    rules: Option<Box<(Arc<Classifier>, StatusCode, HeaderMap)>>,
+    /// Show the upstream's own code, type and message in the rewritten event.
+    expose_upstream: bool,
+}
+
+impl SseEvents {
+    pub(super) fn new(
+        classifier: Option<&Arc<Classifier>>,
+        status: StatusCode,
+        headers: &HeaderMap,
+        expose_upstream: bool,
+    ) -> Self {
+        SseEvents {
+            rules: classifier.map(|c| Box::new((Arc::clone(c), status, headers.clone()))),
+            expose_upstream,
+        }
+    }
+}
+
 /// Splits a `200` event stream into lines for inspection, holding back at most `limit` bytes.
 ///
 /// A line ends at `\n`, `\r\n` or `\r` (the SSE line endings); a `\r` that ends one chunk and a
@@ -260,14 +286,21 @@ pub(super) struct SseFramer {
     /// Inside a line longer than the limit: its bytes pass until it ends.
     skipping: bool,
     limit: usize,
+    events: SseEvents,
 }
 
 impl SseFramer {
+    #[cfg(test)]
     pub(super) fn new(limit: usize) -> Self {
+        Self::with_events(limit, SseEvents::default())
+    }
+
+    pub(super) fn with_events(limit: usize, events: SseEvents) -> Self {
         SseFramer {
             partial: BytesMut::new(),
             skipping: false,
             limit,
+            events,
         }
     }
 
@@ -330,7 +363,7 @@ impl SseFramer {
             } else {
                 self.hold(&data[..end]);
                 let line = self.partial.split().freeze();
-                head = rewritten(&line).unwrap_or(line);
+                head = rewritten(&line, &self.events).unwrap_or(line);
                 (end, end)
             }
         } else {
@@ -340,7 +373,7 @@ impl SseFramer {
             .iter()
             .rposition(|&b| b == b'\n' || b == b'\r')
             .map_or(inspect, |i| inspect + i + 1);
-        let changed = rewrite_lines(&data, from, inspect, cut, limit);
+        let changed = rewrite_lines(&data, from, inspect, cut, limit, &self.events);
         let rest = data.len() - cut;
         let body = if rest > limit {
             // The last line is already too long: it passes, and so does the rest of it.
@@ -371,7 +404,7 @@ impl SseFramer {
             return Bytes::new();
         }
         let line = self.partial.split().freeze();
-        rewritten(&line).unwrap_or(line)
+        rewritten(&line, &self.events).unwrap_or(line)
     }
 }
 
@@ -394,6 +427,7 @@ fn rewrite_lines(
     inspect: usize,
     cut: usize,
     limit: usize,
+    events: &SseEvents,
 ) -> Option<BytesMut> {
     if !might_hold_error(&data[inspect..cut]) {
         return None;
@@ -404,7 +438,7 @@ fn rewrite_lines(
         let end = line_end(&data[start..cut]).map_or(cut, |n| start + n);
         let line = &data[start..end];
         let new = if line.len() <= limit {
-            rewritten(line)
+            rewritten(line, events)
         } else {
             None
         };
@@ -427,7 +461,7 @@ fn rewrite_lines(
 
 /// The rewritten form of one line (with its line ending, if any) when it is a `data:` line
 /// carrying an error; `None` when it stays as it is.
-fn rewritten(line: &[u8]) -> Option<Bytes> {
+fn rewritten(line: &[u8], events: &SseEvents) -> Option<Bytes> {
     let payload = line.strip_prefix(b"data:")?;
     let trimmed_end = payload
         .iter()
@@ -437,11 +471,22 @@ fn rewritten(line: &[u8]) -> Option<Bytes> {
     if !might_hold_error(payload) {
         return None;
     }
-    let err = classify_sse_event(payload.trim_ascii_start())?;
+    let data = payload.trim_ascii_start();
+    let mut err = classify_sse_event(data)?;
+    if let Some(rules) = &events.rules {
+        let (classifier, status, headers) = &**rules;
+        err = classifier.apply(*status, headers, data, err);
+    }
     tracing::debug!(code = %err.code(), "rewrote an in-band stream error");
+    let envelope = if events.expose_upstream {
+        let opts = EnvelopeOptions::new().expose_upstream(true);
+        err.to_response_with::<Bytes>(&opts).into_body()
+    } else {
+        err.envelope(TypeStyle::OpenAi)
+    };
     let mut out = BytesMut::with_capacity(payload.len() + 32);
     out.extend_from_slice(b"data: ");
-    out.extend_from_slice(&err.envelope(TypeStyle::OpenAi));
+    out.extend_from_slice(&envelope);
     out.extend_from_slice(if ending.is_empty() { b"\n" } else { ending });
     Some(out.freeze())
 }

@@ -1,6 +1,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -10,9 +11,9 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
-use super::body::NormalizeBody;
+use super::body::{NormalizeBody, SseEvents};
 use super::NormalizeOptions;
-use crate::classify::{classify_response, classify_transport_error, code_for_status};
+use crate::classify::{classify_response, classify_transport_error, code_for_status, Classifier};
 use crate::error::{ApiError, ErrorCode};
 
 pin_project! {
@@ -27,6 +28,8 @@ pin_project! {
         options: NormalizeOptions,
         // The request was a `HEAD`: its answer has no body, whatever its headers say.
         head: bool,
+        // The application's rules, if any.
+        classifier: Option<Arc<Classifier>>,
     }
 }
 
@@ -109,11 +112,17 @@ enum Inspected {
 }
 
 impl<F, B> ResponseFuture<F, B> {
-    pub(super) fn new(fut: F, options: NormalizeOptions, head: bool) -> Self {
+    pub(super) fn new(
+        fut: F,
+        options: NormalizeOptions,
+        head: bool,
+        classifier: Option<Arc<Classifier>>,
+    ) -> Self {
         ResponseFuture {
             state: State::Calling { fut },
             options,
             head,
+            classifier,
         }
     }
 
@@ -122,6 +131,7 @@ impl<F, B> ResponseFuture<F, B> {
             state: State::Failed { err: Some(err) },
             options,
             head: false,
+            classifier: None,
         }
     }
 }
@@ -164,7 +174,15 @@ where
                             // A rewritten event changes the length of the stream.
                             res.headers_mut().remove(http::header::CONTENT_LENGTH);
                             let limit = this.options.line_limit();
-                            return Poll::Ready(Ok(res.map(|b| NormalizeBody::sse(b, limit))));
+                            let events = SseEvents::new(
+                                this.classifier.as_ref(),
+                                status,
+                                res.headers(),
+                                this.options.exposes_upstream(),
+                            );
+                            return Poll::Ready(Ok(
+                                res.map(|b| NormalizeBody::sse(b, limit, events))
+                            ));
                         }
                         if status == StatusCode::OK
                             && this.options.inspects_ok_json()
@@ -184,7 +202,9 @@ where
                         if status == StatusCode::OK && res.body().size_hint().exact() == Some(0) {
                             // An empty 200 where an answer was due: some providers send it
                             // under overload. The classifier decides.
-                            if let Some(err) = classify_response(status, res.headers(), b"") {
+                            if let Some(err) =
+                                classify_with(this.classifier, status, res.headers(), b"")
+                            {
                                 return Poll::Ready(Ok(envelope(
                                     &err,
                                     Some(res.headers()),
@@ -243,10 +263,12 @@ where
                     }
                     // The status is an error status, so the classifier always answers; the
                     // fallback only keeps this total.
-                    let err = classify_response(*status, headers, buf).unwrap_or_else(|| {
-                        ApiError::new(code_for_status(*status), "upstream error")
-                            .with_upstream_status(*status)
-                    });
+                    let err = classify_with(this.classifier, *status, headers, buf).unwrap_or_else(
+                        || {
+                            ApiError::new(code_for_status(*status), "upstream error")
+                                .with_upstream_status(*status)
+                        },
+                    );
                     tracing::debug!(
                         code = %err.code(),
                         upstream_status = status.as_u16(),
@@ -323,7 +345,9 @@ where
                         Inspected::BrokeOff | Inspected::TimedOut => *suspect,
                     };
                     if classify {
-                        if let Some(err) = classify_response(parts.status, &parts.headers, &held) {
+                        if let Some(err) =
+                            classify_with(this.classifier, parts.status, &parts.headers, &held)
+                        {
                             tracing::debug!(code = %err.code(), "normalized an error inside a 200");
                             return Poll::Ready(Ok(envelope(
                                 &err,
@@ -361,6 +385,19 @@ where
                 }
             }
         }
+    }
+}
+
+/// The built-in classification, then the application's rules when there are any.
+fn classify_with(
+    classifier: &Option<Arc<Classifier>>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Option<ApiError> {
+    match classifier {
+        Some(c) => c.classify_response(status, headers, body),
+        None => classify_response(status, headers, body),
     }
 }
 

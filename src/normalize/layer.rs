@@ -1,12 +1,16 @@
+use std::sync::Arc;
+
 use tower_layer::Layer;
 
 use super::{NormalizeErrors, NormalizeOptions};
+use crate::classify::Classifier;
 
 /// Wraps a service that talks to an LLM upstream so that every failure it returns, whatever its
 /// format, becomes one JSON envelope response. See the [module docs](super).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct NormalizeErrorsLayer {
     options: NormalizeOptions,
+    classifier: Option<Arc<Classifier>>,
 }
 
 impl NormalizeErrorsLayer {
@@ -16,12 +20,26 @@ impl NormalizeErrorsLayer {
     pub const fn new() -> Self {
         NormalizeErrorsLayer {
             options: NormalizeOptions::new(),
+            classifier: None,
         }
     }
 
     /// A layer with the given options.
     pub const fn with_options(options: NormalizeOptions) -> Self {
-        NormalizeErrorsLayer { options }
+        NormalizeErrorsLayer {
+            options,
+            classifier: None,
+        }
+    }
+
+    /// Classify upstream answers with `classifier`: its application rules run before the
+    /// built-in ones, for error answers, errors inside a `200` and in-band stream errors alike
+    /// (see the [module docs](super#application-rules)). A classifier without rules changes
+    /// nothing and costs nothing per request.
+    pub fn classifier(mut self, classifier: impl Into<Arc<Classifier>>) -> Self {
+        let classifier = classifier.into();
+        self.classifier = classifier.has_rules().then_some(classifier);
+        self
     }
 }
 
@@ -29,6 +47,6 @@ impl<S> Layer<S> for NormalizeErrorsLayer {
     type Service = NormalizeErrors<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        NormalizeErrors::with_options(inner, self.options)
+        NormalizeErrors::with_options(inner, self.options).with_classifier(self.classifier.clone())
     }
 }

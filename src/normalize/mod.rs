@@ -60,6 +60,57 @@
 //!   larger than the read limit is handed on unchanged without being classified. A body that
 //!   breaks off before anything was handed on is a `502 service_unavailable`.
 //!
+//! # Application rules
+//!
+//! [`NormalizeErrorsLayer::classifier`] (or [`NormalizeErrors::classifier`]) gives the layer a
+//! [`Classifier`](crate::classify::Classifier): its rules run before the built-in ones wherever
+//! the layer classifies, so one mapping covers error answers, errors inside a `200` and in-band
+//! stream errors. For an in-band event the rules see the stream's own status (a 2xx) and
+//! headers and the event's `data:` payload as the body. A rule changes the code, and with it the
+//! envelope's status, `type` and `x-should-retry`; the message, wait and upstream detail stay
+//! the built-ins'. The classifier is shared by an `Arc`; a classifier without rules is dropped,
+//! so with none set a request clones, allocates and counts nothing more than before, and the
+//! output is exactly the built-in one.
+//!
+//! [`NormalizeOptions::expose_upstream`] adds the upstream's own code, type and message to
+//! every envelope the layer writes, rewritten stream events included, as
+//! `error.upstream: {"code","type","message"}`. Off by default.
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::{BodyExt, Full};
+//! use llm_layers::classify::{Classifier, Rule};
+//! use llm_layers::error::ErrorCode;
+//! use llm_layers::normalize::{NormalizeErrorsLayer, NormalizeOptions};
+//! use tower::{service_fn, Layer, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! // A relay that reports an empty balance as a 400 with its own code.
+//! let upstream = service_fn(|_req: Request<Full<Bytes>>| async {
+//!     let body = r#"{"error":{"message":"Balance too low","type":"billing","code":"E_BALANCE"}}"#;
+//!     Ok::<_, std::io::Error>(
+//!         Response::builder().status(400).body(Full::new(Bytes::from(body))).unwrap(),
+//!     )
+//! });
+//! let classifier = Classifier::new()
+//!     .rule(Rule::to(ErrorCode::InsufficientQuota).code("E_BALANCE"))
+//!     .rule(Rule::to(ErrorCode::ServiceUnavailable).status(418));
+//! let client = NormalizeErrorsLayer::with_options(NormalizeOptions::new().expose_upstream(true))
+//!     .classifier(classifier)
+//!     .layer(upstream);
+//!
+//! let res = client.oneshot(Request::new(Full::default())).await.unwrap();
+//! assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+//! let body = res.into_body().collect().await.unwrap().to_bytes();
+//! let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+//! assert_eq!(json["error"]["code"], "insufficient_quota");
+//! assert_eq!(json["error"]["upstream"]["code"], "E_BALANCE");
+//! assert_eq!(json["error"]["upstream"]["message"], "Balance too low");
+//! # }
+//! ```
+//!
 //! # Example
 //!
 //! ```
@@ -200,6 +251,16 @@ impl NormalizeOptions {
         self
     }
 
+    /// Add the upstream's own code, type and message to every envelope, as
+    /// `error.upstream: {"code","type","message"}` (scrubbed and bounded), when the error has
+    /// them; rewritten in-band stream errors included. Off by default: an upstream's words can
+    /// name its internals, so showing them is the application's choice. See
+    /// [`EnvelopeOptions::expose_upstream`].
+    pub const fn expose_upstream(mut self, expose: bool) -> Self {
+        self.envelope = self.envelope.expose_upstream(expose);
+        self
+    }
+
     /// Whether in-band errors in 2xx SSE streams are rewritten (on by default).
     pub const fn rewrite_sse(mut self, rewrite: bool) -> Self {
         self.rewrite_sse = rewrite;
@@ -245,5 +306,9 @@ impl NormalizeOptions {
 
     pub(crate) const fn envelope(&self) -> &EnvelopeOptions {
         &self.envelope
+    }
+
+    pub(crate) fn exposes_upstream(&self) -> bool {
+        self.envelope.expose_upstream(true) == self.envelope
     }
 }

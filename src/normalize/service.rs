@@ -1,4 +1,5 @@
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -8,7 +9,7 @@ use tower_service::Service;
 use super::body::NormalizeBody;
 use super::future::ResponseFuture;
 use super::NormalizeOptions;
-use crate::classify::classify_transport_error;
+use crate::classify::{classify_transport_error, Classifier};
 use crate::error::ApiError;
 
 /// The service built by [`NormalizeErrorsLayer`](super::NormalizeErrorsLayer).
@@ -16,6 +17,8 @@ use crate::error::ApiError;
 pub struct NormalizeErrors<S> {
     inner: S,
     options: NormalizeOptions,
+    /// The application's rules; `None` when there are none, so that a request clones nothing.
+    classifier: Option<Arc<Classifier>>,
     /// An error the inner service returned from `poll_ready`, answered on the next call.
     ready_error: Option<ApiError>,
 }
@@ -31,8 +34,21 @@ impl<S> NormalizeErrors<S> {
         NormalizeErrors {
             inner,
             options,
+            classifier: None,
             ready_error: None,
         }
+    }
+
+    /// Classify upstream answers with `classifier` (see
+    /// [`NormalizeErrorsLayer::classifier`](super::NormalizeErrorsLayer::classifier)).
+    pub fn classifier(self, classifier: impl Into<Arc<Classifier>>) -> Self {
+        let classifier = classifier.into();
+        self.with_classifier(classifier.has_rules().then_some(classifier))
+    }
+
+    pub(super) fn with_classifier(mut self, classifier: Option<Arc<Classifier>>) -> Self {
+        self.classifier = classifier;
+        self
     }
 
     /// The inner service.
@@ -83,7 +99,9 @@ where
             Some(err) => ResponseFuture::error(err, self.options),
             None => {
                 let head = req.method() == http::Method::HEAD;
-                ResponseFuture::new(self.inner.call(req), self.options, head)
+                // `None` when no rules are set: nothing is cloned.
+                let classifier = self.classifier.clone();
+                ResponseFuture::new(self.inner.call(req), self.options, head, classifier)
             }
         }
     }
