@@ -14,9 +14,9 @@
 //! | [`error`] | the taxonomy: [`ErrorCode`], [`ApiError`], the envelope |
 //! | [`classify`] | any upstream answer (15+ provider formats, HTML, empty, SSE) → [`ApiError`] |
 //! | [`normalize`] | `NormalizeErrorsLayer`: upstream failures become envelopes |
-//! | [`auth`] | `ApiKeyAuthLayer`: Bearer / `x-api-key` / `api-key`, hashed keys, invalid / expired / revoked answers, model allow-lists; `InjectApiKeyLayer` for clients |
+//! | [`auth`] | `ApiKeyAuthLayer`: Bearer / `x-api-key` / `api-key`, hashed keys, invalid / expired / revoked answers, model allow-lists, reloadable / cached / Redis key stores, JWT bearer tokens (feature `jwt`); `InjectApiKeyLayer` for clients |
 //! | [`validate`] | `ValidateRequestLayer`: clear 400s before a request costs money |
-//! | `rate_limit` | `RateLimitLayer` (feature `rate-limit`, on by default): keyed GCRA buckets by requests and tokens, concurrency caps, exact `retry-after` |
+//! | `rate_limit` | `RateLimitLayer` (feature `rate-limit`, on by default): keyed GCRA buckets by requests and tokens, concurrency caps, exact `retry-after`; shared through Redis with feature `redis` |
 //! | [`retry`] | `RetryLayer`: class-driven retries, jittered backoff, server wait hints, deadline, retry budget, replayable bodies |
 //! | `client` | reqwest-middleware adapters (feature `reqwest`): any layer as a `Middleware`, and `ApiErrorMiddleware` for typed errors |
 //! | [`config`] | the `ConfigError` every builder returns |
