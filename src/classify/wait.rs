@@ -294,103 +294,58 @@ fn duration_words(s: &str) -> Option<Duration> {
 ///
 /// Strict: four-digit year, two-digit fields, a `T`, `t` or space separator, an optional
 /// fraction, and `Z`/`z` or a `±hh:mm` offset; days are checked against the month (leap years
-/// included). A leap second (`:60`) is read as `:59`. Dates before 1970 are rejected.
+/// included). A leap second (`:60`) is read as `:59`. Dates before 1970 are rejected. Digits
+/// beyond the nanosecond round up, so a wait read from the date is never shortened.
 pub fn parse_rfc3339(v: &str) -> Option<SystemTime> {
+    let at = rfc3339(v).ok()?;
     let b = v.trim().as_bytes();
-    if b.len() < 20 {
-        return None;
-    }
-    let num = |range: std::ops::Range<usize>| -> Option<u32> {
-        let digits = b.get(range)?;
-        if digits.iter().all(u8::is_ascii_digit) {
-            Some(digits.iter().fold(0, |n, d| n * 10 + u32::from(d - b'0')))
-        } else {
-            None
-        }
+    let frac = match b.get(19..) {
+        Some([b'.', rest @ ..]) => rest,
+        _ => &[],
     };
-    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    if b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
-        return None;
+    let mut extra = frac.iter().take_while(|d| d.is_ascii_digit()).skip(9);
+    if extra.any(|d| *d != b'0') {
+        return at.checked_add(Duration::from_nanos(1)).or(Some(at));
     }
-    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if b[13] != b':' || b[16] != b':' {
-        return None;
-    }
-    if !(1..=12).contains(&month)
-        || day == 0
-        || day > days_in_month(year, month)
-        || hour > 23
-        || minute > 59
-        || second > 60
-    {
-        return None;
-    }
-    let mut i = 19;
-    let mut nanos: u64 = 0;
-    if b[i] == b'.' {
-        let start = i + 1;
-        i = start;
-        while i < b.len() && b[i].is_ascii_digit() {
-            i += 1;
-        }
-        let frac = &b[start..i];
-        if frac.is_empty() {
-            return None;
-        }
-        for k in 0..9 {
-            nanos = nanos * 10 + frac.get(k).map_or(0, |d| u64::from(d - b'0'));
-        }
-        if frac.len() > 9 && frac[9..].iter().any(|d| *d != b'0') {
-            nanos += 1; // round up: never shorten a wait
-        }
-    }
-    let offset_secs: i64 = match b.get(i..)? {
-        [b'Z' | b'z'] => 0,
-        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
-            let digits = [*h1, *h2, *m1, *m2];
-            if !digits.iter().all(u8::is_ascii_digit) {
-                return None;
-            }
-            let oh = i64::from((h1 - b'0') * 10 + (h2 - b'0'));
-            let om = i64::from((m1 - b'0') * 10 + (m2 - b'0'));
-            if oh > 23 || om > 59 {
-                return None;
-            }
-            let s = oh * 3600 + om * 60;
-            if *sign == b'+' {
-                s
-            } else {
-                -s
-            }
-        }
-        _ => return None,
-    };
-    let days = days_from_civil(i64::from(year), month, day);
-    let secs =
-        days * 86_400 + i64::from(hour) * 3600 + i64::from(minute) * 60 + i64::from(second.min(59))
-            - offset_secs;
-    let secs = u64::try_from(secs).ok()?;
-    Some(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_nanos(nanos))
+    Some(at)
 }
 
-fn days_in_month(year: u32, month: u32) -> u32 {
-    match month {
-        2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
+/// RFC 3339 text to a [`SystemTime`], shared by the wait parsers and key expiry.
+///
+/// The calendar work is the `time` crate's (already in the dependency graph, and with
+/// `default-features = false` plus `parsing` it brings no further crates); only the rules
+/// the crate does not share are kept here: the separator must be `T`, `t` or a space (the
+/// crate takes any byte), a leap second `:60` reads as `:59` with its fraction kept
+/// anywhere in the day (the crate turns it into `:59.999999999` and only at the end of a
+/// month), and the instant must not precede 1970. Digits beyond the nanosecond are
+/// truncated. No input panics: years are four digits (0000 to 9999), offsets under a day.
+pub(crate) fn rfc3339(text: &str) -> Result<SystemTime, &'static str> {
+    use time::error::{Parse, ParseFromDescription};
+    use time::format_description::well_known::Rfc3339;
 
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let m = i64::from(month);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    const SHAPE: &str = "expected an RFC 3339 timestamp such as 2026-01-31T23:59:59Z";
+    let text = text.trim();
+    let b = text.as_bytes();
+    if !matches!(b.get(10), Some(b'T' | b't' | b' ')) {
+        return Err(SHAPE);
+    }
+    let leap;
+    let text = if b.get(16..19) == Some(b":60") {
+        leap = format!("{}59{}", &text[..17], &text[19..]);
+        leap.as_str()
+    } else {
+        text
+    };
+    let at = time::OffsetDateTime::parse(text, &Rfc3339).map_err(|e| match e {
+        Parse::TryFromParsed(_) => "the date, time or UTC offset is out of range",
+        Parse::ParseFromDescription(ParseFromDescription::InvalidComponent(
+            "offset hour" | "offset minute",
+        )) => "expected `Z` or a UTC offset such as +02:00 after the time",
+        _ => SHAPE,
+    })?;
+    let secs = u64::try_from(at.unix_timestamp())
+        .map_err(|_| "timestamps before 1970 are not supported")?;
+    Ok(UNIX_EPOCH + Duration::new(secs, at.nanosecond()))
 }
 
 #[cfg(test)]
@@ -501,6 +456,47 @@ mod tests {
             t("2024-01-01T00:00:00.1234567891Z").unwrap(),
             1_704_067_200_123
         );
+    }
+
+    #[test]
+    fn rfc3339_edges() {
+        let t = |s: &str| {
+            parse_rfc3339(s).map(|t| {
+                let d = t.duration_since(UNIX_EPOCH).unwrap();
+                (d.as_secs(), d.subsec_nanos())
+            })
+        };
+        // Only `T`, `t` or a space separates date and time.
+        assert_eq!(t("2024-01-01x00:00:00Z"), None);
+        assert_eq!(t("2024-01-01_00:00:00Z"), None);
+        assert_eq!(t("2024-01-01é00:00:00Z"), None);
+        // A leap second reads as :59 wherever it falls, its fraction kept.
+        assert_eq!(
+            t("2024-01-01T12:00:60.5Z"),
+            Some((1_704_110_459, 500_000_000))
+        );
+        assert_eq!(t("2024-01-01T12:00:61Z"), None);
+        // Digits beyond the nanosecond round up, however many there are.
+        let long = format!("2024-01-01T00:00:00.000000000{}1Z", "0".repeat(10_000));
+        assert_eq!(t(&long), Some((1_704_067_200, 1)));
+        let nines = format!("2024-01-01T00:00:00.{}Z", "9".repeat(10_000));
+        assert_eq!(t(&nines), Some((1_704_067_201, 0)));
+        assert_eq!(
+            t("2024-01-01T00:00:00.1000000000Z"),
+            Some((1_704_067_200, 100_000_000))
+        );
+        // The far end: a local 9999 date behind UTC lands in the year 10000, without panic.
+        assert_eq!(t("9999-12-31T23:59:59-23:59"), Some((253_402_387_139, 0)));
+        assert!(t("9999-12-31T23:59:60.999999999-23:59").is_some());
+        assert_eq!(t("0000-01-01T00:00:00+23:59"), None);
+        assert_eq!(t("-001-01-01T00:00:00Z"), None);
+        assert_eq!(t("+2024-01-01T00:00:00Z"), None);
+        assert_eq!(t("2024-01-01T00:00:00-00:00"), Some((1_704_067_200, 0)));
+        assert_eq!(t("2024-01-01T00:00:00+24:00"), None);
+        assert_eq!(t("2024-01-01T00:00:00+00:60"), None);
+        assert_eq!(t("2024-01-01T00:00:00Z "), Some((1_704_067_200, 0)));
+        assert_eq!(t("2024-01-01T00:00:00Zjunk"), None);
+        assert_eq!(t("  2024-01-01T00:00:00+01:00"), Some((1_704_063_600, 0)));
     }
 
     #[test]
