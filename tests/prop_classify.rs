@@ -2,6 +2,8 @@
 //!
 //! Run with `PROPTEST_CASES=<n>` to change the number of cases (10 000 by default).
 
+mod common_prop;
+use common_prop::config;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -12,26 +14,9 @@ use llm_layers::classify::{
 };
 use llm_layers::error::ApiError;
 use proptest::prelude::*;
-use proptest::test_runner::FileFailurePersistence;
 
 /// The longest wait any parser accepts: one year (see `classify::wait`).
 const CAP: Duration = Duration::from_secs(366 * 24 * 3600);
-
-fn config() -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
-    ProptestConfig {
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
-            "proptest-regressions",
-        ))),
-        // Generators filter a few percent of their values; allow that at any case count.
-        max_local_rejects: cases.max(65_536),
-        max_global_rejects: (cases / 10).max(1024),
-        ..ProptestConfig::with_cases(cases)
-    }
-}
 
 fn now_at(secs: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(secs)

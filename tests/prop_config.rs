@@ -8,6 +8,8 @@
 //!
 //! Run with `PROPTEST_CASES=<n>` to change the number of cases (10 000 by default).
 
+mod common_prop;
+use common_prop::config;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -26,24 +28,7 @@ use llm_layers::retry::{Backoff, Jitter, RetryBudget, RetryLayer};
 use llm_layers::stack::Stack;
 use llm_layers::validate::ValidateRequestLayer;
 use proptest::prelude::*;
-use proptest::test_runner::FileFailurePersistence;
 use tower::{Layer, Service, ServiceExt};
-
-fn config() -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
-    ProptestConfig {
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
-            "proptest-regressions",
-        ))),
-        // Generators filter a few percent of their values; allow that at any case count.
-        max_local_rejects: cases.max(65_536),
-        max_global_rejects: (cases / 10).max(1024),
-        ..ProptestConfig::with_cases(cases)
-    }
-}
 
 // ---------- extreme values ----------
 

@@ -3,27 +3,12 @@
 //!
 //! Run with `PROPTEST_CASES=<n>` to change the number of cases (10 000 by default).
 
+mod common_prop;
+use common_prop::config;
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use llm_layers::auth::{extract_api_key, mask_key, AcceptedHeaders, CredentialError};
 use proptest::prelude::*;
-use proptest::test_runner::FileFailurePersistence;
-
-fn config() -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
-    ProptestConfig {
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
-            "proptest-regressions",
-        ))),
-        // Generators filter a few percent of their values; allow that at any case count.
-        max_local_rejects: cases.max(65_536),
-        max_global_rejects: (cases / 10).max(1024),
-        ..ProptestConfig::with_cases(cases)
-    }
-}
 
 /// Header bytes, shown as an escaped string when a case fails.
 #[derive(Clone)]

@@ -6,6 +6,8 @@
 //!
 //! Run with `PROPTEST_CASES=<n>` to change the number of cases (10 000 by default).
 
+mod common_prop;
+use common_prop::config;
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,24 +23,7 @@ use llm_layers::classify::classify_sse_event;
 use llm_layers::error::{ApiError, TypeStyle};
 use llm_layers::normalize::{NormalizeErrorsLayer, NormalizeOptions};
 use proptest::prelude::*;
-use proptest::test_runner::FileFailurePersistence;
 use tower::{Layer, ServiceExt};
-
-fn config() -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
-    ProptestConfig {
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
-            "proptest-regressions",
-        ))),
-        // Generators filter a few percent of their values; allow that at any case count.
-        max_local_rejects: cases.max(65_536),
-        max_global_rejects: (cases / 10).max(1024),
-        ..ProptestConfig::with_cases(cases)
-    }
-}
 
 /// A tenth of the cases, at least 1 000, for the properties whose cases are large.
 fn config_tenth() -> ProptestConfig {

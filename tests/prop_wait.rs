@@ -3,34 +3,19 @@
 //!
 //! Run with `PROPTEST_CASES=<n>` to change the number of cases (10 000 by default).
 
+mod common_prop;
+use common_prop::config;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use llm_layers::classify::wait;
 use proptest::prelude::*;
-use proptest::test_runner::FileFailurePersistence;
 
 /// The longest wait any parser accepts: one year.
 const CAP: Duration = Duration::from_secs(366 * 24 * 3600);
 const MS: Duration = Duration::from_millis(1);
 /// 9999-12-31T23:59:59Z, the last second an HTTP-date can name.
 const LAST_SECOND: u64 = 253_402_300_799;
-
-fn config() -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
-    ProptestConfig {
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
-            "proptest-regressions",
-        ))),
-        // Generators filter a few percent of their values; allow that at any case count.
-        max_local_rejects: cases.max(65_536),
-        max_global_rejects: (cases / 10).max(1024),
-        ..ProptestConfig::with_cases(cases)
-    }
-}
 
 fn at(secs: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(secs)
