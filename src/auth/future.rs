@@ -460,17 +460,12 @@ where
 {
     let Pending {
         req,
-        mut inner,
+        inner,
         shared,
         hash,
     } = p;
-    match decide(result, &req, &hash, &shared) {
-        Decision::Reject(res) => reject(res),
-        Decision::Admit(record) => State::Called {
-            future: admit(req, &mut inner, &shared, record),
-        },
-        Decision::View(record) => viewing(req, inner, shared, record),
-    }
+    let decision = decide(result, &req, &hash, &shared);
+    proceed(decision, req, inner, shared)
 }
 
 fn after_token<S, K, B, ResBody>(result: TokenResult, p: Pending<S, K, B>) -> State<S, K, B>
@@ -484,11 +479,30 @@ where
 {
     let Pending {
         req,
-        mut inner,
+        inner,
         shared,
         hash: _,
     } = p;
-    match decide_token(result, &req, &shared) {
+    let decision = decide_token(result, &req, &shared);
+    proceed(decision, req, inner, shared)
+}
+
+/// Carries out a decision on a looked-up key or a checked token.
+fn proceed<S, K, B, ResBody>(
+    decision: Decision<Response<ResBody>>,
+    req: Request<B>,
+    mut inner: S,
+    shared: Arc<Shared<K>>,
+) -> State<S, K, B>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    K: KeyStore,
+    B: Body + From<Bytes> + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    ResBody: From<Bytes>,
+{
+    match decision {
         Decision::Reject(res) => reject(res),
         Decision::Admit(record) => State::Called {
             future: admit(req, &mut inner, &shared, record),
