@@ -189,15 +189,9 @@ impl ErrorCode {
 
     /// Whether errors of this class are worth retrying. [`ApiError::is_retryable`] refines this
     /// with what is known of the single error (a long wait, a request that can never fit).
+    /// The one table behind it is [`FailureKind::of`](crate::policy::FailureKind::of).
     pub const fn is_retryable(self) -> bool {
-        matches!(
-            self,
-            ErrorCode::RateLimitExceeded
-                | ErrorCode::ConcurrentLimitExceeded
-                | ErrorCode::InternalError
-                | ErrorCode::ServiceUnavailable
-                | ErrorCode::Timeout
-        )
+        crate::policy::FailureKind::of(self).retried_by_default()
     }
 
     /// The envelope's `type` string in the given style.

@@ -22,8 +22,9 @@
 //! | [`config`] | the `ConfigError` every builder returns |
 //! | `stack` | `Stack` (feature `config`, on by default): one TOML file → every layer above, validated, with per-route policies; what `examples/gateway` runs on |
 //! | [`breaker`] | `CircuitBreakerLayer`: failure and slow-call rates, half-open probes, fallback to a backup model or upstream |
-//! | [`request`] | the parsed view of an LLM request, shared by the layers |
-//! | [`body`] | bounded buffering |
+//! | [`policy`] | the one failure vocabulary: what a response, a stream's end or a transport error means for retries and circuits |
+//! | [`request`] | the parsed view of an LLM request and the request head, shared by the layers |
+//! | [`body`] | the crate body type `LayerBody` and the one bounded buffering future |
 //! | [`ext`] | values layers leave in extensions for each other |
 //!
 //! Every layer answers its own rejections with an envelope *response*, so its error type stays
@@ -65,6 +66,7 @@ pub mod config;
 pub mod error;
 pub mod ext;
 pub mod normalize;
+pub mod policy;
 #[cfg(feature = "rate-limit")]
 pub mod rate_limit;
 pub mod request;

@@ -30,7 +30,7 @@ use http::Request;
 use http_body::Body;
 use serde_json::Value;
 
-use crate::body::{buffer_request, BufferError};
+use crate::body::{buffer_request, BoxError, BufferError, BufferRequest, LayerBody};
 
 /// Which OpenAI-style endpoint a request goes to, from its path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -666,6 +666,150 @@ where
         Err(e) => {
             // The body is gone; answer with an empty request so the caller can still respond.
             Err((Request::new(B::from(Bytes::new())), ViewError::Buffer(e)))
+        }
+    }
+}
+
+/// The borrowed head of a request: what a key function (rate-limit buckets, circuits) may look
+/// at. One type for every layer that keys state by request.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestHead<'a> {
+    method: &'a http::Method,
+    uri: &'a http::Uri,
+    headers: &'a http::HeaderMap,
+    extensions: &'a http::Extensions,
+}
+
+impl<'a> RequestHead<'a> {
+    /// The head of `req`.
+    pub fn of<B>(req: &'a Request<B>) -> Self {
+        RequestHead {
+            method: req.method(),
+            uri: req.uri(),
+            headers: req.headers(),
+            extensions: req.extensions(),
+        }
+    }
+    /// The head from a request's [`Parts`](http::request::Parts).
+    pub fn from_parts(parts: &'a http::request::Parts) -> Self {
+        RequestHead {
+            method: &parts.method,
+            uri: &parts.uri,
+            headers: &parts.headers,
+            extensions: &parts.extensions,
+        }
+    }
+    /// The method.
+    pub fn method(&self) -> &'a http::Method {
+        self.method
+    }
+    /// The URI.
+    pub fn uri(&self) -> &'a http::Uri {
+        self.uri
+    }
+    /// The headers.
+    pub fn headers(&self) -> &'a http::HeaderMap {
+        self.headers
+    }
+    /// The extensions (the [`RequestView`] and the [`KeyIdentity`](crate::ext::KeyIdentity)
+    /// earlier layers stored, among others).
+    pub fn extensions(&self) -> &'a http::Extensions {
+        self.extensions
+    }
+    /// The [`RequestView`] an earlier layer stored, if any.
+    pub fn view(&self) -> Option<&'a RequestView> {
+        self.extensions.get::<RequestView>()
+    }
+}
+
+/// A key function of your own: which bucket or circuit a request belongs to. `None` means "no
+/// key" (the layer says what that does). Shared by every layer that keys state by request.
+pub type KeyFn = Arc<dyn Fn(&RequestHead<'_>) -> Option<Arc<str>> + Send + Sync>;
+
+pin_project_lite::pin_project! {
+    /// Makes sure a request carries a [`RequestView`]: the future every layer that needs the
+    /// view runs, so the body is read through one path and parsed once.
+    ///
+    /// When an earlier layer stored a view, the request goes on at once with its body
+    /// untouched. Else the body is buffered (at most `limit` bytes), parsed, the view stored,
+    /// and the request rebuilt with the same bytes (a [`LayerBody`] either way). Requests with
+    /// an empty body (`GET`) get no view.
+    ///
+    /// On failure the head comes back with the error, so the layer can answer.
+    pub struct EnsureView<B> {
+        #[pin]
+        state: EnsureState<B>,
+        estimator: Option<Arc<dyn TokenEstimator>>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = EnsureProj]
+    enum EnsureState<B> {
+        Ready { req: Option<Request<LayerBody<B>>> },
+        Buffering { #[pin] buf: BufferRequest<B> },
+    }
+}
+
+impl<B> std::fmt::Debug for EnsureView<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnsureView").finish_non_exhaustive()
+    }
+}
+
+impl<B: Body> EnsureView<B> {
+    /// Starts on `req`: reads the body only when no view is stored yet.
+    pub fn new(req: Request<B>, limit: usize, estimator: Arc<dyn TokenEstimator>) -> Self {
+        if req.extensions().get::<RequestView>().is_some() || req.body().is_end_stream() {
+            return EnsureView {
+                state: EnsureState::Ready {
+                    req: Some(req.map(LayerBody::new)),
+                },
+                estimator: None,
+            };
+        }
+        EnsureView {
+            state: EnsureState::Buffering {
+                buf: BufferRequest::new(req, limit),
+            },
+            estimator: Some(estimator),
+        }
+    }
+}
+
+impl<B> std::future::Future for EnsureView<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<Request<LayerBody<B>>, (http::request::Parts, ViewError)>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        match this.state.project() {
+            EnsureProj::Ready { req } => {
+                std::task::Poll::Ready(Ok(req.take().expect("EnsureView polled after completion")))
+            }
+            EnsureProj::Buffering { buf } => {
+                let (mut parts, bytes) = match std::task::ready!(buf.poll(cx)) {
+                    Ok(ok) => ok,
+                    Err((parts, e)) => return std::task::Poll::Ready(Err((parts, ViewError::Buffer(e)))),
+                };
+                if !bytes.is_empty() {
+                    let endpoint = Endpoint::from_path(parts.uri.path());
+                    let estimator = this.estimator.take().expect("estimator kept until parsed");
+                    match RequestView::parse(endpoint, &bytes, &*estimator) {
+                        Ok(view) => {
+                            parts.extensions.insert(view.with_path(parts.uri.path()));
+                        }
+                        Err(e) => return std::task::Poll::Ready(Err((parts, ViewError::Parse(e)))),
+                    }
+                }
+                std::task::Poll::Ready(Ok(BufferRequest::<B>::rebuild(parts, bytes)))
+            }
         }
     }
 }

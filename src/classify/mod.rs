@@ -648,7 +648,7 @@ pub fn classify_transport_error(err: &(dyn std::error::Error + 'static)) -> ApiE
         if let Some(api) = e.downcast_ref::<ApiError>() {
             return api.clone();
         }
-        if e.is::<tokio::time::error::Elapsed>() {
+        if e.is::<tokio::time::error::Elapsed>() || e.is::<tower::timeout::error::Elapsed>() {
             kind = Some(std::io::ErrorKind::TimedOut);
             break;
         }
