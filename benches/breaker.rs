@@ -15,7 +15,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use futures_util::FutureExt;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
-use llm_layers::breaker::{CircuitBreakerLayer, Mode};
+use llm_layers::breaker::{CircuitBreakerLayer, CircuitMode};
 use tower::{Layer, Service};
 
 type Body = Full<Bytes>;
@@ -126,7 +126,7 @@ fn benches(c: &mut Criterion) {
         b.iter(|| black_box(once(&mut svc)))
     });
 
-    layer.handle().set_mode(Mode::ForcedOpen);
+    layer.handle().set_mode(CircuitMode::ForcedOpen);
     g.bench_function("llm-layers forced-open rejection with envelope", |b| {
         b.iter(|| black_box(once(&mut svc)))
     });

@@ -19,7 +19,7 @@ mod imp {
     use criterion::{criterion_group, Criterion};
     use futures_util::FutureExt;
     use http::{Request, Response};
-    use llm_layers::rate_limit::{KeyBy, Limits, Quota, RateLimitLayer};
+    use llm_layers::rate_limit::{BucketKey, Limits, Quota, RateLimitLayer};
     use tower::{Layer, Service, ServiceExt};
     use tower_governor::governor::GovernorConfigBuilder;
     use tower_governor::key_extractor::KeyExtractor;
@@ -60,7 +60,7 @@ mod imp {
 
     fn ours() -> RateLimitLayer {
         RateLimitLayer::builder()
-            .key_by(KeyBy::client_ip())
+            .key_by(BucketKey::client_ip())
             .limits(Limits::new().requests(Quota::per_second(100_000_000).burst(1_000_000)))
             .build()
             .unwrap()
@@ -163,7 +163,7 @@ mod imp {
     fn memory() {
         const N: u32 = 1_000_000;
         let layer = RateLimitLayer::builder()
-            .key_by(KeyBy::client_ip())
+            .key_by(BucketKey::client_ip())
             // A key's bucket is full again 2 s after its request and forgotten one cell (2 s)
             // later: all million are live while they are inserted, so eviction on insertion
             // keeps them all.

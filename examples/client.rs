@@ -18,7 +18,7 @@ use llm_layers::auth::{ApiKey, InjectApiKeyLayer};
 use llm_layers::breaker::CircuitBreakerLayer;
 use llm_layers::client::{ApiErrorExt, ApiErrorMiddleware, TowerMiddleware};
 use llm_layers::normalize::NormalizeErrorsLayer;
-use llm_layers::rate_limit::{Limits, Mode, Quota, RateLimitLayer};
+use llm_layers::rate_limit::{Limits, OnLimit, Quota, RateLimitLayer};
 use llm_layers::retry::RetryLayer;
 use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
 
@@ -46,7 +46,7 @@ fn parse_base() -> Result<String, String> {
 fn client(key: ApiKey) -> Result<ClientWithMiddleware, BoxError> {
     let rate_limit = RateLimitLayer::builder()
         .limits(Limits::new().requests(Quota::per_second(5).burst(5)))
-        .mode(Mode::Wait(Duration::from_secs(10)))
+        .mode(OnLimit::Wait(Duration::from_secs(10)))
         .build()?;
     let retry = RetryLayer::builder()
         .max_attempts(3)

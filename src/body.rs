@@ -213,9 +213,15 @@ pub fn announced_length(headers: &HeaderMap) -> Option<u64> {
 
 /// The one limit rule, before a byte is read: `Err` when the announced `content-length` or the
 /// body's size hint is over `limit`.
-pub fn check_limit<B: Body>(headers: &HeaderMap, body: &B, limit: usize) -> Result<(), BufferError> {
+pub fn check_limit<B: Body>(
+    headers: &HeaderMap,
+    body: &B,
+    limit: usize,
+) -> Result<(), BufferError> {
     let limit_u64 = limit as u64;
-    if announced_length(headers).is_some_and(|n| n > limit_u64) || body.size_hint().lower() > limit_u64 {
+    if announced_length(headers).is_some_and(|n| n > limit_u64)
+        || body.size_hint().lower() > limit_u64
+    {
         return Err(BufferError::TooLarge { limit });
     }
     Ok(())
@@ -241,7 +247,8 @@ impl<B: Body> BufferBody<B> {
     /// Buffers `body`, failing once more than `limit` bytes arrive or are announced by the
     /// body's size hint.
     pub fn new(body: B, limit: usize) -> Self {
-        let failed = (body.size_hint().lower() > limit as u64).then_some(BufferError::TooLarge { limit });
+        let failed =
+            (body.size_hint().lower() > limit as u64).then_some(BufferError::TooLarge { limit });
         BufferBody {
             body,
             limit,
@@ -352,7 +359,10 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let out = ready!(this.body.poll(cx));
-        let parts = this.parts.take().expect("BufferRequest polled after completion");
+        let parts = this
+            .parts
+            .take()
+            .expect("BufferRequest polled after completion");
         Poll::Ready(match out {
             Ok(bytes) => Ok((parts, bytes)),
             Err(e) => Err((parts, e)),
@@ -415,7 +425,9 @@ mod tests {
 
     #[tokio::test]
     async fn chunked_bodies_are_joined_and_limited_as_they_grow() {
-        let ok = buffer(chunks(&["he", "", "llo", " world"]), 11).await.unwrap();
+        let ok = buffer(chunks(&["he", "", "llo", " world"]), 11)
+            .await
+            .unwrap();
         assert_eq!(&ok[..], b"hello world");
         let err = buffer(chunks(&["hello", " world"]), 10).await.unwrap_err();
         assert!(matches!(err, BufferError::TooLarge { limit: 10 }));

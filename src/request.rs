@@ -796,7 +796,9 @@ where
             EnsureProj::Buffering { buf } => {
                 let (mut parts, bytes) = match std::task::ready!(buf.poll(cx)) {
                     Ok(ok) => ok,
-                    Err((parts, e)) => return std::task::Poll::Ready(Err((parts, ViewError::Buffer(e)))),
+                    Err((parts, e)) => {
+                        return std::task::Poll::Ready(Err((parts, ViewError::Buffer(e))))
+                    }
                 };
                 if !bytes.is_empty() {
                     let endpoint = Endpoint::from_path(parts.uri.path());

@@ -10,8 +10,8 @@ use axum::body::Body;
 use common_breaker::{chat, chat_at, json, proxy_router, serve, Answer, Logs, Stub, Upstream};
 use http::{Request, Response, StatusCode};
 use llm_layers::breaker::{
-    BreakerEvent, CircuitBreakerLayer, CircuitState, KeyBy, Mode, Outcome, TransitionReason,
-    OVERFLOW_KEY, SINGLE_KEY,
+    BreakerEvent, CircuitBreakerLayer, CircuitKey, CircuitMode, CircuitState, Outcome,
+    TransitionReason, OVERFLOW_KEY, SINGLE_KEY,
 };
 use llm_layers::error::{ApiError, ErrorCode};
 use tower::{Layer, Service, ServiceExt};
@@ -43,7 +43,7 @@ fn retry_after(res: &Response<Body>) -> u64 {
         .unwrap()
 }
 
-fn base() -> llm_layers::breaker::Builder {
+fn base() -> llm_layers::breaker::CircuitBreakerLayerBuilder {
     CircuitBreakerLayer::builder()
         .name("openai")
         .jitter(0.0)
@@ -123,9 +123,9 @@ async fn admits_nothing_while_open_and_counts_down_retry_after() {
 
 #[tokio::test]
 async fn rejection_envelope_names_the_breaker_and_key_not_the_url() {
-    let layer = base().key_by(KeyBy::Upstream).build().unwrap();
+    let layer = base().key_by(CircuitKey::Upstream).build().unwrap();
     let h = layer.handle();
-    h.set_mode_for("api.example.test", Mode::ForcedOpen);
+    h.set_mode_for("api.example.test", CircuitMode::ForcedOpen);
     let up = Upstream::new(Answer::Status(200));
     let svc = guard(&layer, &up);
     let res = send(&svc, chat("gpt-4o")).await;
@@ -456,7 +456,7 @@ async fn the_call_timeout_answers_504_and_counts_as_a_failure() {
     assert_eq!(up.calls(), 3);
     // A call that answers in time is untouched; keyed by model (the body-parsing path) too.
     let layer = base()
-        .key_by(KeyBy::Model)
+        .key_by(CircuitKey::Model)
         .consecutive_failures(1)
         .call_timeout(Duration::from_secs(3))
         .build()
@@ -541,7 +541,7 @@ async fn probes_to_a_dead_upstream_do_not_go_on_forever() {
 #[tokio::test(start_paused = true)]
 async fn circuits_per_model_are_isolated() {
     let layer = base()
-        .key_by(KeyBy::Model)
+        .key_by(CircuitKey::Model)
         .consecutive_failures(2)
         .build()
         .unwrap();
@@ -724,7 +724,7 @@ async fn manual_modes_override_the_automatic_states() {
     let up = Upstream::new(Answer::Status(500));
     let svc = guard(&layer, &up);
 
-    h.set_mode(Mode::Disabled);
+    h.set_mode(CircuitMode::Disabled);
     for _ in 0..5 {
         assert_eq!(status(&svc, "m").await, 500);
     }
@@ -734,24 +734,24 @@ async fn manual_modes_override_the_automatic_states() {
         "disabled records nothing"
     );
 
-    h.set_mode(Mode::MetricsOnly);
+    h.set_mode(CircuitMode::MetricsOnly);
     for _ in 0..5 {
         assert_eq!(status(&svc, "m").await, 500);
     }
     let m = h.metrics(SINGLE_KEY).unwrap();
     assert_eq!(
         (m.state, m.failures, m.mode),
-        (CircuitState::Closed, 5, Mode::MetricsOnly)
+        (CircuitState::Closed, 5, CircuitMode::MetricsOnly)
     );
 
-    h.set_mode(Mode::ForcedOpen);
+    h.set_mode(CircuitMode::ForcedOpen);
     let calls = up.calls();
     let res = send(&svc, chat("m")).await;
     assert_eq!(res.status(), 503);
     assert!(res.headers().get("retry-after").is_none());
     assert_eq!(up.calls(), calls);
 
-    h.set_mode(Mode::Auto);
+    h.set_mode(CircuitMode::Auto);
     assert_eq!(status(&svc, "m").await, 500);
     assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::Open));
     assert!(h.reset(SINGLE_KEY));
@@ -761,7 +761,7 @@ async fn manual_modes_override_the_automatic_states() {
 #[tokio::test(start_paused = true)]
 async fn keys_are_bounded() {
     let layer = base()
-        .key_by(KeyBy::Model)
+        .key_by(CircuitKey::Model)
         .consecutive_failures(1)
         .max_keys(2)
         .build()
@@ -790,7 +790,11 @@ async fn keys_are_bounded() {
 
 #[tokio::test]
 async fn an_oversized_body_keyed_by_model_gets_413() {
-    let layer = base().key_by(KeyBy::Model).body_limit(64).build().unwrap();
+    let layer = base()
+        .key_by(CircuitKey::Model)
+        .body_limit(64)
+        .build()
+        .unwrap();
     let up = Upstream::new(Answer::Status(200));
     let svc = guard(&layer, &up);
     let big = format!(r#"{{"model":"gpt-4o","input":"{}"}}"#, "x".repeat(100));
@@ -918,7 +922,7 @@ async fn http_open_circuit_answers_a_503_envelope_with_retry_after() {
 async fn http_model_fallback_rewrites_the_model_the_upstream_sees() {
     let (stub, stub_url) = Stub::start(200).await;
     let layer = base()
-        .key_by(KeyBy::Model)
+        .key_by(CircuitKey::Model)
         .consecutive_failures(2)
         .fallback_model("gpt-4o-mini")
         .build()
@@ -1093,7 +1097,7 @@ async fn a_slow_stream_body_after_a_fast_head_is_not_a_slow_call() {
 #[tokio::test(start_paused = true)]
 async fn a_model_fallback_is_skipped_when_its_own_circuit_is_open() {
     let layer = base()
-        .key_by(KeyBy::Model)
+        .key_by(CircuitKey::Model)
         .consecutive_failures(1)
         .fallback_model("gpt-4o-mini")
         .fallback_response("canned", StatusCode::OK, "application/json", "{}")
@@ -1123,7 +1127,7 @@ async fn a_model_fallback_is_skipped_when_its_own_circuit_is_open() {
 #[tokio::test(start_paused = true)]
 async fn custom_and_compound_keys() {
     let layer = base()
-        .key_by(KeyBy::custom(|head| {
+        .key_by(CircuitKey::custom(|head| {
             head.headers()
                 .get("x-tenant")
                 .and_then(|v| v.to_str().ok())
@@ -1145,7 +1149,7 @@ async fn custom_and_compound_keys() {
     }
     assert_eq!(h.all_metrics().len(), 1);
 
-    let layer = base().key_by(KeyBy::UpstreamAndModel).build().unwrap();
+    let layer = base().key_by(CircuitKey::UpstreamAndModel).build().unwrap();
     let svc = guard(&layer, &up);
     status(&svc, "gpt-4o").await;
     let keys: Vec<_> = layer
@@ -1223,11 +1227,11 @@ async fn every_refusal_of_its_own_is_marked_refused_locally_and_a_fallback_is_no
     up.release();
     assert_eq!(probe.await.unwrap().status(), 200);
     // Forced open.
-    h.set_mode(Mode::ForcedOpen);
+    h.set_mode(CircuitMode::ForcedOpen);
     let res = send(&svc, chat("m")).await;
     assert_eq!(marked(&res), Some(RefusedLocally::CIRCUIT_BREAKER));
     // The upstream's own 503 is not a local refusal.
-    h.set_mode(Mode::Disabled);
+    h.set_mode(CircuitMode::Disabled);
     up.set_default(Answer::Status(503));
     let res = send(&svc, chat("m")).await;
     assert_eq!(res.status(), 503);
@@ -1257,7 +1261,7 @@ async fn every_refusal_of_its_own_is_marked_refused_locally_and_a_fallback_is_no
     assert_eq!(marked(&res), Some(RefusedLocally::CIRCUIT_BREAKER));
     // Keyed by model, through the path that parses the body.
     let layer = base()
-        .key_by(KeyBy::Model)
+        .key_by(CircuitKey::Model)
         .consecutive_failures(1)
         .build()
         .unwrap();
@@ -1273,7 +1277,7 @@ async fn every_refusal_of_its_own_is_marked_refused_locally_and_a_fallback_is_no
 async fn model_keys_use_the_azure_deployment_in_the_path() {
     use llm_layers::request::{CharEstimator, Endpoint, RequestView};
     let layer = base()
-        .key_by(KeyBy::Model)
+        .key_by(CircuitKey::Model)
         .consecutive_failures(1)
         .build()
         .unwrap();
@@ -1328,7 +1332,7 @@ async fn a_model_name_cannot_forge_log_lines() {
     const FORGED: &str = "2026-12-01T00:00:00.000000Z  WARN forged: admin login";
     let logs = Logs::capture();
     let layer = base()
-        .key_by(KeyBy::Model)
+        .key_by(CircuitKey::Model)
         .consecutive_failures(1)
         .fallback_response("canned", StatusCode::OK, "application/json", "{}")
         .build()
@@ -1345,10 +1349,10 @@ async fn a_model_name_cannot_forge_log_lines() {
     );
     let res = send(&svc, chat_at("/v1/chat/completions", &evil)).await;
     assert_eq!(res.headers()["x-llm-layers-fallback"], "canned");
-    h.set_mode_for(&evil, Mode::ForcedOpen);
+    h.set_mode_for(&evil, CircuitMode::ForcedOpen);
     // Without a hook, the rejection is logged by the service itself.
     let layer = base()
-        .key_by(KeyBy::Model)
+        .key_by(CircuitKey::Model)
         .consecutive_failures(1)
         .build()
         .unwrap();
@@ -1377,7 +1381,7 @@ async fn a_model_name_cannot_forge_log_lines() {
 #[tokio::test(start_paused = true)]
 async fn builder_extremes_are_refused_naming_the_field_or_never_panic() {
     let b = || base().consecutive_failures(2).half_open_probes(1);
-    let cases: Vec<(&str, llm_layers::breaker::Builder)> = vec![
+    let cases: Vec<(&str, llm_layers::breaker::CircuitBreakerLayerBuilder)> = vec![
         (
             "open_duration",
             b().open_duration(Duration::MAX)
@@ -1429,26 +1433,35 @@ async fn builder_extremes_are_refused_naming_the_field_or_never_panic() {
         ("consecutive_failures", b().consecutive_failures(u32::MAX)),
         ("half_open_probes", b().half_open_probes(u16::MAX as u32)),
         ("half_open_probes", b().half_open_probes(u32::MAX)),
-        ("max_keys", base().key_by(KeyBy::Model).max_keys(usize::MAX)),
-        ("max_keys", base().key_by(KeyBy::Model).max_keys(1)),
+        (
+            "max_keys",
+            base().key_by(CircuitKey::Model).max_keys(usize::MAX),
+        ),
+        ("max_keys", base().key_by(CircuitKey::Model).max_keys(1)),
         (
             "body_limit",
-            base().key_by(KeyBy::Model).body_limit(usize::MAX),
+            base().key_by(CircuitKey::Model).body_limit(usize::MAX),
         ),
-        ("body_limit", base().key_by(KeyBy::Model).body_limit(1)),
+        ("body_limit", base().key_by(CircuitKey::Model).body_limit(1)),
         ("call_timeout", b().call_timeout(Duration::MAX)),
         ("call_timeout", b().call_timeout(Duration::ZERO)),
         ("call_timeout", b().call_timeout(Duration::from_nanos(1))),
         (
             "max_key_len",
-            base().key_by(KeyBy::Model).max_key_len(usize::MAX),
+            base().key_by(CircuitKey::Model).max_key_len(usize::MAX),
         ),
-        ("max_key_len", base().key_by(KeyBy::Model).max_key_len(0)),
-        ("max_key_len", base().key_by(KeyBy::Model).max_key_len(64)),
-        ("upstream", b().key_by(KeyBy::Upstream).upstream("")),
+        (
+            "max_key_len",
+            base().key_by(CircuitKey::Model).max_key_len(0),
+        ),
+        (
+            "max_key_len",
+            base().key_by(CircuitKey::Model).max_key_len(64),
+        ),
+        ("upstream", b().key_by(CircuitKey::Upstream).upstream("")),
         (
             "upstream",
-            b().key_by(KeyBy::UpstreamAndModel).upstream("u"),
+            b().key_by(CircuitKey::UpstreamAndModel).upstream("u"),
         ),
     ];
     let mut built = 0;
@@ -1524,7 +1537,7 @@ fn the_toml_stack_sets_the_maximum_open_time_and_names_real_keys() {
 #[tokio::test(start_paused = true)]
 async fn long_keys_are_stored_bounded_and_stay_distinct() {
     let layer = base()
-        .key_by(KeyBy::Model)
+        .key_by(CircuitKey::Model)
         .consecutive_failures(2)
         .build()
         .unwrap();
@@ -1565,7 +1578,11 @@ async fn long_keys_are_stored_bounded_and_stay_distinct() {
     send(&svc, chat_at("/v1/chat/completions", &exact)).await;
     assert!(h.metrics(&exact).is_some_and(|m| *m.key == exact));
     // A smaller bound of your own.
-    let layer = base().key_by(KeyBy::Model).max_key_len(64).build().unwrap();
+    let layer = base()
+        .key_by(CircuitKey::Model)
+        .max_key_len(64)
+        .build()
+        .unwrap();
     let svc = guard(&layer, &up);
     send(&svc, chat_at("/v1/chat/completions", &long(0))).await;
     assert!(layer.handle().all_metrics()[0].key.len() <= 64);
@@ -1574,7 +1591,7 @@ async fn long_keys_are_stored_bounded_and_stay_distinct() {
 #[tokio::test(start_paused = true)]
 async fn churn_of_new_keys_never_resets_a_failing_circuit() {
     let layer = base()
-        .key_by(KeyBy::Model)
+        .key_by(CircuitKey::Model)
         .consecutive_failures(3)
         .max_keys(4)
         .build()
@@ -1616,7 +1633,7 @@ async fn http_a_changed_host_header_does_not_step_around_an_open_circuit() {
     for named in [true, false] {
         let calls = Arc::new(AtomicUsize::new(0));
         let c = calls.clone();
-        let mut b = base().key_by(KeyBy::Upstream).consecutive_failures(2);
+        let mut b = base().key_by(CircuitKey::Upstream).consecutive_failures(2);
         if named {
             b = b.upstream("api.openai.com");
         }
@@ -1657,7 +1674,7 @@ fn the_toml_stack_keys_upstreams_by_name_only() {
     stack
         .breaker()
         .handle()
-        .set_mode_for("api.openai.com", Mode::ForcedOpen);
+        .set_mode_for("api.openai.com", CircuitMode::ForcedOpen);
     assert_eq!(
         stack.breaker().handle().state("api.openai.com"),
         Some(CircuitState::Closed)
@@ -1737,7 +1754,7 @@ proptest::proptest! {
         script in proptest::collection::vec((0u8..4, 0u64..100_000), 1..16),
     ) {
         let mut b = base()
-            .key_by(KeyBy::Model)
+            .key_by(CircuitKey::Model)
             .failure_rate(failure_rate)
             .minimum_calls(minimum)
             .half_open_probes(probes)

@@ -39,9 +39,9 @@ use common_chaos::upstream::{Faults, Health, MAX_GENERATION};
 use common_chaos::{count_panics, env_count, logs, panics, seed, serial};
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
-use llm_layers::breaker::Mode;
+use llm_layers::breaker::CircuitMode;
 use llm_layers::error::ApiError;
-use llm_layers::rate_limit::KeyBy;
+use llm_layers::rate_limit::BucketKey;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -405,7 +405,7 @@ async fn mixed_run() {
     let gw = gateway(
         seed,
         Faults::new(seed ^ 0xFA17, Health::Mixed, true),
-        KeyBy::client_ip().trusted_proxies(["10.0.0.0/8"]),
+        BucketKey::client_ip().trusted_proxies(["10.0.0.0/8"]),
         4096 + n as usize / 50,
     );
     let mut summary = Summary::default();
@@ -597,11 +597,11 @@ async fn amplification() {
     let panics_before = panics();
     let leaks_before = capture.leaks();
     let mut failures = Vec::new();
-    for breaker in [Mode::Auto, Mode::Disabled] {
+    for breaker in [CircuitMode::Auto, CircuitMode::Disabled] {
         let gw = gateway(
             seed,
             Faults::new(seed ^ 0xD0E5, Health::Down, true),
-            KeyBy::client_ip().trusted_proxies(["10.0.0.0/8"]),
+            BucketKey::client_ip().trusted_proxies(["10.0.0.0/8"]),
             4096,
         );
         gw.breaker.set_mode(breaker);
@@ -704,7 +704,7 @@ async fn over_sockets() {
     let gw = gateway(
         seed,
         Faults::new(seed ^ 0x50CE, Health::Mixed, false),
-        KeyBy::client_ip_from(peer).trusted_proxies(["127.0.0.0/8"]),
+        BucketKey::client_ip_from(peer).trusted_proxies(["127.0.0.0/8"]),
         4096 + n as usize / 50,
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -862,7 +862,7 @@ async fn send(http: &reqwest::Client, addr: SocketAddr, spec: &Spec) -> Result<G
 fn control_the_mirror_catches_an_early_opening() {
     use common_chaos::observe::{CountLayer, Counter, Mirror, ObserveLayer};
     use common_chaos::stack::THRESHOLDS;
-    use llm_layers::breaker::{CircuitBreakerLayer, KeyBy as BreakerKeyBy};
+    use llm_layers::breaker::{CircuitBreakerLayer, CircuitKey};
     use llm_layers::validate::ValidateRequestLayer;
     use tower::ServiceBuilder;
 
@@ -871,7 +871,7 @@ fn control_the_mirror_catches_an_early_opening() {
         let mirror = Arc::new(Mirror::new(THRESHOLDS, &[], 16));
         let hook = mirror.clone();
         let breaker = CircuitBreakerLayer::builder()
-            .key_by(BreakerKeyBy::Model)
+            .key_by(CircuitKey::Model)
             .count_window(THRESHOLDS.window as usize)
             .minimum_calls(2)
             .failure_rate(THRESHOLDS.failure_rate)
@@ -1014,7 +1014,7 @@ fn control_the_concurrency_check_sees_a_refusal() {
         let gw = gateway(
             1,
             Faults::new(1, Health::Mixed, true),
-            KeyBy::client_ip().trusted_proxies(["10.0.0.0/8"]),
+            BucketKey::client_ip().trusted_proxies(["10.0.0.0/8"]),
             16,
         );
         assert!(admits_at_once(&gw, &[1], PER_CLIENT_CONCURRENCY)

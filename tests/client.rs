@@ -281,9 +281,9 @@ async fn errors_from_a_layer_without_api_error_middleware_pass_through() {
 #[cfg(feature = "rate-limit")]
 mod rate_limit {
     use super::*;
-    use llm_layers::rate_limit::{Limits, Mode, Quota, RateLimitLayer};
+    use llm_layers::rate_limit::{Limits, OnLimit, Quota, RateLimitLayer};
 
-    fn limit(mode: Mode) -> RateLimitLayer {
+    fn limit(mode: OnLimit) -> RateLimitLayer {
         RateLimitLayer::builder()
             .limits(Limits::new().requests(Quota::per_second(20).burst(1)))
             .mode(mode)
@@ -296,7 +296,7 @@ mod rate_limit {
         let stub = Stub::start(vec![Answer::ok()]).await;
         let client = builder()
             .with(ApiErrorMiddleware::new())
-            .with(TowerMiddleware::new(limit(Mode::Wait(
+            .with(TowerMiddleware::new(limit(OnLimit::Wait(
                 Duration::from_secs(5),
             ))))
             .with(TowerMiddleware::new(NormalizeErrorsLayer::new()))
@@ -313,11 +313,11 @@ mod rate_limit {
     #[tokio::test]
     async fn chain_extensions_reach_the_layer() {
         use llm_layers::ext::KeyIdentity;
-        use llm_layers::rate_limit::KeyBy;
+        use llm_layers::rate_limit::BucketKey;
 
         let stub = Stub::start(vec![Answer::ok()]).await;
         let limit = RateLimitLayer::builder()
-            .key_by(KeyBy::api_key())
+            .key_by(BucketKey::api_key())
             .limits(Limits::new().requests(Quota::per_minute(1).burst(1)))
             .build()
             .unwrap();
@@ -351,7 +351,7 @@ mod rate_limit {
         let stub = Stub::start(vec![Answer::ok()]).await;
         let client = builder()
             .with(ApiErrorMiddleware::new())
-            .with(TowerMiddleware::new(limit(Mode::Reject)))
+            .with(TowerMiddleware::new(limit(OnLimit::Reject)))
             .build();
         let url = stub.url("/v1/chat/completions");
         assert_eq!(post(&client, &url).await.unwrap().status(), 200);

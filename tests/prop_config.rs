@@ -23,7 +23,7 @@ use llm_layers::breaker::CircuitBreakerLayer;
 use llm_layers::config::ConfigError;
 use llm_layers::error::ApiError;
 use llm_layers::normalize::{NormalizeErrorsLayer, NormalizeOptions};
-use llm_layers::rate_limit::{KeyBy, Limits, Mode, Quota, RateLimitLayer};
+use llm_layers::rate_limit::{BucketKey, Limits, OnLimit, Quota, RateLimitLayer};
 use llm_layers::retry::{Backoff, Jitter, RetryBudget, RetryLayer};
 use llm_layers::stack::Stack;
 use llm_layers::validate::ValidateRequestLayer;
@@ -378,7 +378,7 @@ fn breaker_settings() -> impl Strategy<Value = BreakerSettings> {
         )
 }
 
-fn breaker_builder(s: &BreakerSettings) -> llm_layers::breaker::Builder {
+fn breaker_builder(s: &BreakerSettings) -> llm_layers::breaker::CircuitBreakerLayerBuilder {
     let mut b = CircuitBreakerLayer::builder().seed(1);
     b = match s.window.0 {
         0 => b.count_window(s.window.1),
@@ -520,7 +520,7 @@ proptest! {
         gaps in gaps(),
     ) {
         let mut b = RateLimitLayer::builder()
-            .key_by(KeyBy::header(HeaderName::from_static("x-user")))
+            .key_by(BucketKey::header(HeaderName::from_static("x-user")))
             .limits(defaults)
             .global(global)
             .body_limit(body_limit);
@@ -528,7 +528,7 @@ proptest! {
             b = b.tier("pro", t);
         }
         if let Some(w) = wait {
-            b = b.mode(Mode::Wait(w));
+            b = b.mode(OnLimit::Wait(w));
         }
         if let Some((every, interval)) = sweep {
             b = b.sweep(every, interval);

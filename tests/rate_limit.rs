@@ -16,7 +16,7 @@ use bytes::Bytes;
 use common_rate_limit::*;
 use http_body_util::{BodyExt, Full};
 use llm_layers::ext::KeyIdentity;
-use llm_layers::rate_limit::{KeyBy, Limits, Mode, Quota, RateLimitLayer};
+use llm_layers::rate_limit::{BucketKey, Limits, OnLimit, Quota, RateLimitLayer};
 use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
@@ -329,7 +329,7 @@ async fn client_ip_keys_believe_x_forwarded_for_only_from_trusted_proxies() {
     }
     let limits = Limits::new().requests(Quota::per_hour(1).burst(1));
     let trusting = RateLimitLayer::builder()
-        .key_by(KeyBy::client_ip_from(connect_info).trusted_proxies(["127.0.0.0/8"]))
+        .key_by(BucketKey::client_ip_from(connect_info).trusted_proxies(["127.0.0.0/8"]))
         .limits(limits)
         .build()
         .unwrap();
@@ -354,7 +354,7 @@ async fn client_ip_keys_believe_x_forwarded_for_only_from_trusted_proxies() {
     assert_eq!(status("8.8.8.8").await.unwrap().status(), 200);
 
     let untrusting = RateLimitLayer::builder()
-        .key_by(KeyBy::client_ip_from(connect_info))
+        .key_by(BucketKey::client_ip_from(connect_info))
         .limits(limits)
         .build()
         .unwrap();
@@ -395,14 +395,14 @@ fn invalid_configuration_is_rejected_naming_the_field() {
         .tier("a", Limits::new().concurrency(2)));
     assert!(e.contains("tier[\"a\"]") && e.contains("twice"), "{e}");
     let e = err(RateLimitLayer::builder()
-        .key_by(KeyBy::client_ip().trusted_proxies(["10.0.0.0/40"]))
+        .key_by(BucketKey::client_ip().trusted_proxies(["10.0.0.0/40"]))
         .limits(Limits::new().concurrency(1)));
     assert!(
         e.contains("trusted_proxies") && e.contains("10.0.0.0/40"),
         "{e}"
     );
     let e = err(RateLimitLayer::builder()
-        .mode(Mode::Wait(Duration::ZERO))
+        .mode(OnLimit::Wait(Duration::ZERO))
         .limits(Limits::new().concurrency(1)));
     assert!(e.contains("mode"), "{e}");
     let e = err(RateLimitLayer::builder().key_limits(false));
@@ -503,7 +503,7 @@ async fn conforming_traffic_is_never_rejected() {
 async fn wait_mode_paces_requests_up_to_the_maximum_wait() {
     let layer = RateLimitLayer::builder()
         .limits(Limits::new().requests(Quota::per_second(1).burst(1)))
-        .mode(Mode::Wait(Duration::from_millis(1500)))
+        .mode(OnLimit::Wait(Duration::from_millis(1500)))
         .build()
         .unwrap();
     let mut svc = in_process(&layer);
@@ -762,7 +762,7 @@ async fn retry_after_covers_every_bucket_the_request_needs() {
 #[tokio::test]
 async fn keys_by_model_route_header_and_closure() {
     let one = Limits::new().requests(Quota::per_hour(1).burst(1));
-    let run = |key_by: KeyBy| async move {
+    let run = |key_by: BucketKey| async move {
         let layer = RateLimitLayer::builder()
             .key_by(key_by)
             .limits(one)
@@ -782,20 +782,20 @@ async fn keys_by_model_route_header_and_closure() {
         }
         out
     };
-    assert_eq!(run(KeyBy::model()).await, [200, 429, 200]);
-    assert_eq!(run(KeyBy::route()).await, [200, 200, 429]);
+    assert_eq!(run(BucketKey::model()).await, [200, 429, 200]);
+    assert_eq!(run(BucketKey::route()).await, [200, 200, 429]);
     assert_eq!(
-        run(KeyBy::header(http::HeaderName::from_static("x-user"))).await,
+        run(BucketKey::header(http::HeaderName::from_static("x-user"))).await,
         [200, 200, 429]
     );
     assert_eq!(
-        run(KeyBy::custom(|src| {
+        run(BucketKey::custom(|src| {
             Some(src.uri().path().rsplit('/').next()?.into())
         }))
         .await,
         [200, 200, 429]
     );
-    assert_eq!(run(KeyBy::api_key()).await, [200, 429, 429]);
+    assert_eq!(run(BucketKey::api_key()).await, [200, 429, 429]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1189,7 +1189,7 @@ async fn ipv6_clients_are_keyed_by_prefix_and_mapped_ipv4_as_ipv4() {
     }
     let one = Limits::new().requests(Quota::per_hour(1).burst(1));
     let c = client();
-    let statuses = |key_by: KeyBy, hops: &'static [&'static str]| {
+    let statuses = |key_by: BucketKey, hops: &'static [&'static str]| {
         let c = c.clone();
         async move {
             let layer = RateLimitLayer::builder()
@@ -1212,7 +1212,7 @@ async fn ipv6_clients_are_keyed_by_prefix_and_mapped_ipv4_as_ipv4() {
             out
         }
     };
-    let trusted = || KeyBy::client_ip_from(connect_info).trusted_proxies(["127.0.0.0/8"]);
+    let trusted = || BucketKey::client_ip_from(connect_info).trusted_proxies(["127.0.0.0/8"]);
     // Default /64: one network is one client, whatever its interface ids.
     assert_eq!(
         statuses(
@@ -1248,7 +1248,7 @@ async fn ipv6_clients_are_keyed_by_prefix_and_mapped_ipv4_as_ipv4() {
         [200, 429, 200]
     );
     let err = RateLimitLayer::builder()
-        .key_by(KeyBy::client_ip().ipv6_prefix(129))
+        .key_by(BucketKey::client_ip().ipv6_prefix(129))
         .limits(one)
         .build()
         .unwrap_err();
@@ -1258,7 +1258,7 @@ async fn ipv6_clients_are_keyed_by_prefix_and_mapped_ipv4_as_ipv4() {
 #[tokio::test]
 async fn model_keys_use_the_deployment_the_upstream_serves() {
     let layer = RateLimitLayer::builder()
-        .key_by(KeyBy::model())
+        .key_by(BucketKey::model())
         .limits(Limits::new().requests(Quota::per_hour(1).burst(1)))
         .build()
         .unwrap();
@@ -1340,7 +1340,7 @@ mod key_memory {
     #[tokio::test(flavor = "current_thread")]
     async fn long_keys_cost_a_fixed_size_and_stay_distinct() {
         let layer = RateLimitLayer::builder()
-            .key_by(KeyBy::header(http::HeaderName::from_static("x-user")))
+            .key_by(BucketKey::header(http::HeaderName::from_static("x-user")))
             .limits(Limits::new().requests(Quota::per_hour(1).burst(1)))
             .build()
             .unwrap();
@@ -1472,7 +1472,7 @@ mod logs {
         let one = Limits::new().requests(Quota::per_hour(1).burst(1));
         let forged = "evil\n2026-01-01T00:00:00Z ERROR forged: admin logged in";
         let layer = RateLimitLayer::builder()
-            .key_by(KeyBy::model())
+            .key_by(BucketKey::model())
             .limits(one)
             .build()
             .unwrap();
@@ -1488,7 +1488,7 @@ mod logs {
         // A header value may be a credential: it is never logged.
         let secret = "sk-header-secret-0123456789abcdef";
         let layer = RateLimitLayer::builder()
-            .key_by(KeyBy::header(http::HeaderName::from_static("x-user")))
+            .key_by(BucketKey::header(http::HeaderName::from_static("x-user")))
             .limits(one)
             .build()
             .unwrap();
@@ -1610,14 +1610,14 @@ async fn builder_extremes_build_or_name_the_field_and_never_panic() {
         ));
     }
     for wait in [Duration::ZERO, Duration::from_nanos(1), Duration::MAX] {
-        layers.extend(check(base().mode(Mode::Wait(wait)), "mode"));
+        layers.extend(check(base().mode(OnLimit::Wait(wait)), "mode"));
     }
     for len in [0, 1, 32, usize::MAX] {
         layers.extend(check(base().max_key_len(len), "max_key_len"));
     }
     for prefix in [0, 1, 64, 128, 129, u8::MAX] {
         layers.extend(check(
-            base().key_by(KeyBy::client_ip().ipv6_prefix(prefix)),
+            base().key_by(BucketKey::client_ip().ipv6_prefix(prefix)),
             "key_by.ipv6_prefix",
         ));
     }

@@ -326,7 +326,7 @@ async fn header_keys_are_named_by_their_digest_in_the_store() {
         return;
     };
     let layer = RateLimitLayer::builder()
-        .key_by(llm_layers::rate_limit::KeyBy::header(
+        .key_by(llm_layers::rate_limit::BucketKey::header(
             http::HeaderName::from_static("x-user-token"),
         ))
         .limits(Limits::new().requests(Quota::per_hour(10).burst(10)))

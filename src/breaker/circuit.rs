@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::classify::Outcome;
-use super::config::{nanos, Config, Mode, WindowKind};
+use super::config::{nanos, CircuitMode, Config, WindowKind};
 use super::events::{emit, BreakerEvent, CircuitState, TransitionReason};
 use super::window::{Consecutive, CountWindow, TimeWindow, Totals, Window};
 
@@ -53,7 +53,7 @@ impl Common {
         Common {
             config,
             base: Instant::now(),
-            mode: AtomicU8::new(Mode::Auto.to_u8()),
+            mode: AtomicU8::new(CircuitMode::Auto.to_u8()),
             needs_start,
         }
     }
@@ -275,7 +275,7 @@ impl Circuit {
             word: AtomicU64::new(pack(0, 0, CLOSED)),
             open_until: AtomicU64::new(0),
             probe_deadline: AtomicU64::new(0),
-            mode: AtomicU8::new(Mode::Auto.to_u8()),
+            mode: AtomicU8::new(CircuitMode::Auto.to_u8()),
             last_used: AtomicU64::new(0),
             seen: AtomicU64::new(0),
             counters: Counters::default(),
@@ -294,12 +294,12 @@ impl Circuit {
     }
 
     /// The mode in force: the layer-wide one unless it is `Auto`, else this circuit's.
-    pub(crate) fn effective_mode(&self) -> Mode {
+    pub(crate) fn effective_mode(&self) -> CircuitMode {
         let global = self.common.mode.load(Ordering::Relaxed);
         if global != 0 {
-            return Mode::from_u8(global);
+            return CircuitMode::from_u8(global);
         }
-        Mode::from_u8(self.mode.load(Ordering::Relaxed))
+        CircuitMode::from_u8(self.mode.load(Ordering::Relaxed))
     }
 
     /// The automatic state as it stands.
@@ -339,13 +339,13 @@ impl Circuit {
     /// Decides whether a call may pass.
     pub(crate) fn admit(self: &Arc<Self>) -> Result<Permit, Refusal> {
         match self.effective_mode() {
-            Mode::Auto => {}
-            Mode::Disabled => return Ok(Permit::unrecorded()),
-            Mode::ForcedOpen => {
+            CircuitMode::Auto => {}
+            CircuitMode::Disabled => return Ok(Permit::unrecorded()),
+            CircuitMode::ForcedOpen => {
                 self.counters.rejections.fetch_add(1, Ordering::Relaxed);
                 return Err(Refusal::Forced);
             }
-            Mode::MetricsOnly => {
+            CircuitMode::MetricsOnly => {
                 return Ok(Permit {
                     circuit: Some(self.clone()),
                     epoch: 0,

@@ -50,25 +50,25 @@ pub(crate) enum WindowKind {
     Consecutive(u32),
 }
 
-/// A key function, see [`KeyBy::custom`].
+/// A key function, see [`CircuitKey::custom`].
 pub type KeyFn = Arc<dyn Fn(&RequestHead<'_>) -> Option<String> + Send + Sync>;
 
 pub(crate) type EventHook = Arc<dyn Fn(&BreakerEvent) + Send + Sync>;
 
 /// How requests are mapped to circuits.
 #[derive(Clone, Default)]
-pub enum KeyBy {
+pub enum CircuitKey {
     /// One circuit for everything that passes through the layer (the usual choice when the
     /// layer wraps one upstream client).
     #[default]
     Single,
-    /// One circuit per upstream: the name given to [`Builder::upstream`] (set it on a
+    /// One circuit per upstream: the name given to [`CircuitBreakerLayerBuilder::upstream`] (set it on a
     /// server), else the request URI's authority (`api.openai.com`, what a client sends to),
     /// else `"<unknown>"`. The client's `Host` header is never read.
     Upstream,
     /// One circuit per model, read from the [`RequestView`](crate::request::RequestView) in
     /// the extensions or, when no earlier layer stored one, by buffering and parsing the body
-    /// (bounded by [`Builder::body_limit`]).
+    /// (bounded by [`CircuitBreakerLayerBuilder::body_limit`]).
     Model,
     /// One circuit per upstream and model (`api.openai.com/gpt-4o`).
     UpstreamAndModel,
@@ -76,24 +76,24 @@ pub enum KeyBy {
     Custom(KeyFn),
 }
 
-impl KeyBy {
+impl CircuitKey {
     /// A key of your own, computed from the request head.
     pub fn custom<F>(f: F) -> Self
     where
         F: Fn(&RequestHead<'_>) -> Option<String> + Send + Sync + 'static,
     {
-        KeyBy::Custom(Arc::new(f))
+        CircuitKey::Custom(Arc::new(f))
     }
 }
 
-impl fmt::Debug for KeyBy {
+impl fmt::Debug for CircuitKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            KeyBy::Single => "Single",
-            KeyBy::Upstream => "Upstream",
-            KeyBy::Model => "Model",
-            KeyBy::UpstreamAndModel => "UpstreamAndModel",
-            KeyBy::Custom(_) => "Custom",
+            CircuitKey::Single => "Single",
+            CircuitKey::Upstream => "Upstream",
+            CircuitKey::Model => "Model",
+            CircuitKey::UpstreamAndModel => "UpstreamAndModel",
+            CircuitKey::Custom(_) => "Custom",
         })
     }
 }
@@ -171,7 +171,7 @@ impl fmt::Debug for FallbackStep {
 /// A manual override of the automatic state machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
-pub enum Mode {
+pub enum CircuitMode {
     /// The circuit opens, probes and closes on its own (the default).
     Auto,
     /// Every call passes; nothing is recorded.
@@ -183,21 +183,21 @@ pub enum Mode {
     MetricsOnly,
 }
 
-impl Mode {
+impl CircuitMode {
     pub(crate) fn to_u8(self) -> u8 {
         match self {
-            Mode::Auto => 0,
-            Mode::Disabled => 1,
-            Mode::ForcedOpen => 2,
-            Mode::MetricsOnly => 3,
+            CircuitMode::Auto => 0,
+            CircuitMode::Disabled => 1,
+            CircuitMode::ForcedOpen => 2,
+            CircuitMode::MetricsOnly => 3,
         }
     }
-    pub(crate) fn from_u8(v: u8) -> Mode {
+    pub(crate) fn from_u8(v: u8) -> CircuitMode {
         match v {
-            1 => Mode::Disabled,
-            2 => Mode::ForcedOpen,
-            3 => Mode::MetricsOnly,
-            _ => Mode::Auto,
+            1 => CircuitMode::Disabled,
+            2 => CircuitMode::ForcedOpen,
+            3 => CircuitMode::MetricsOnly,
+            _ => CircuitMode::Auto,
         }
     }
 }
@@ -218,7 +218,7 @@ pub(crate) struct Config {
     pub(crate) jitter: f64,
     pub(crate) seed: u64,
     pub(crate) classifier: Classifier,
-    pub(crate) key_by: KeyBy,
+    pub(crate) key_by: CircuitKey,
     pub(crate) upstream: Option<Arc<str>>,
     pub(crate) max_keys: usize,
     pub(crate) max_key_len: usize,
@@ -251,21 +251,21 @@ impl fmt::Debug for Config {
     }
 }
 
-/// Builds a [`CircuitBreakerLayer`]; [`Builder::build`] validates every value.
+/// Builds a [`CircuitBreakerLayer`]; [`CircuitBreakerLayerBuilder::build`] validates every value.
 ///
 /// Defaults: a count window of the last 100 calls, 50 % failure rate, at least 10 calls before
 /// any decision, no slow-call rule, 3 half-open probes with a 30 s probe timeout, 30 s open
 /// growing ×2 per re-opening up to 5 min with ±10 % jitter, 429s not counted, one circuit
-/// ([`KeyBy::Single`]), at most 1,024 keys, no fallback.
+/// ([`CircuitKey::Single`]), at most 1,024 keys, no fallback.
 ///
-/// Extremes: a value that can never work is refused by [`Builder::build`] with a
+/// Extremes: a value that can never work is refused by [`CircuitBreakerLayerBuilder::build`] with a
 /// [`ConfigError`] naming the method (`open_duration`, `count_window`, ...). Durations are
 /// saturated instead: anything longer than `u64::MAX` nanoseconds (about 584 years, so
 /// `Duration::MAX` too) is taken as that, and a wait that far ahead is simply never reached;
 /// an open duration grown past the maximum by the multiplier is capped. No accepted value
 /// panics or wraps while serving requests.
 #[must_use]
-pub struct Builder {
+pub struct CircuitBreakerLayerBuilder {
     name: Arc<str>,
     window: WindowKind,
     failure_rate: f64,
@@ -280,7 +280,7 @@ pub struct Builder {
     jitter: f64,
     seed: Option<u64>,
     classifier: Classifier,
-    key_by: KeyBy,
+    key_by: CircuitKey,
     upstream: Option<Arc<str>>,
     max_keys: usize,
     max_key_len: usize,
@@ -289,18 +289,18 @@ pub struct Builder {
     on_event: Option<EventHook>,
 }
 
-impl fmt::Debug for Builder {
+impl fmt::Debug for CircuitBreakerLayerBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Builder")
+        f.debug_struct("CircuitBreakerLayerBuilder")
             .field("name", &self.name)
             .field("window", &self.window)
             .finish_non_exhaustive()
     }
 }
 
-impl Default for Builder {
+impl Default for CircuitBreakerLayerBuilder {
     fn default() -> Self {
-        Builder {
+        CircuitBreakerLayerBuilder {
             name: Arc::from("upstream"),
             window: WindowKind::Count(100),
             failure_rate: 50.0,
@@ -315,7 +315,7 @@ impl Default for Builder {
             jitter: 0.1,
             seed: None,
             classifier: Classifier::default(),
-            key_by: KeyBy::Single,
+            key_by: CircuitKey::Single,
             upstream: None,
             max_keys: 1024,
             max_key_len: 256,
@@ -326,7 +326,7 @@ impl Default for Builder {
     }
 }
 
-impl Builder {
+impl CircuitBreakerLayerBuilder {
     /// The breaker's name, used in rejection messages, events and the handle (`"openai"`).
     /// Never put a URL with credentials here; it is shown to callers.
     pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
@@ -384,7 +384,7 @@ impl Builder {
     ///
     /// A timer in the probe's response future enforces it: when it fires, the probe is
     /// failed at once (the call itself goes on, unless the [call
-    /// timeout](Builder::call_timeout) ends it; its late answer is ignored). A call that
+    /// timeout](CircuitBreakerLayerBuilder::call_timeout) ends it; its late answer is ignored). A call that
     /// finds every probe slot taken past the newest probe's timeout also counts them as failed
     /// (for futures nobody polls).
     ///
@@ -425,7 +425,7 @@ impl Builder {
     }
 
     /// The longest the circuit stays open, however often it re-opens (default 5 min), keeping
-    /// the multiplier of [`Builder::open_backoff`]. Must not be shorter than the open duration
+    /// the multiplier of [`CircuitBreakerLayerBuilder::open_backoff`]. Must not be shorter than the open duration
     /// (refused as `open_backoff`).
     pub fn max_open_duration(mut self, max: Duration) -> Self {
         self.max_open_duration = max;
@@ -464,13 +464,13 @@ impl Builder {
     }
 
     /// How requests map to circuits.
-    pub fn key_by(mut self, key_by: KeyBy) -> Self {
+    pub fn key_by(mut self, key_by: CircuitKey) -> Self {
         self.key_by = key_by;
         self
     }
 
-    /// The upstream this breaker guards (`"api.openai.com"`): with [`KeyBy::Upstream`] and
-    /// [`KeyBy::UpstreamAndModel`], requests are keyed on this name, whatever they say.
+    /// The upstream this breaker guards (`"api.openai.com"`): with [`CircuitKey::Upstream`] and
+    /// [`CircuitKey::UpstreamAndModel`], requests are keyed on this name, whatever they say.
     ///
     /// Set it on a server-side breaker (on an axum `Router`, a gateway): there the request's
     /// URI authority comes from the client (an absolute-form request line, HTTP/2
@@ -517,7 +517,7 @@ impl Builder {
     /// with the JSON body's `model` set to `model`. The response carries
     /// `x-llm-layers-fallback: <model>`.
     ///
-    /// The body is buffered (at most [`Builder::body_limit`] bytes) only on this degraded
+    /// The body is buffered (at most [`CircuitBreakerLayerBuilder::body_limit`] bytes) only on this degraded
     /// path; with circuits per model, a backup model whose own circuit is open is skipped.
     ///
     /// ```
@@ -525,7 +525,7 @@ impl Builder {
     /// use axum::body::Body;
     /// use http::{Request, Response};
     /// use http_body_util::BodyExt;
-    /// use llm_layers::breaker::{CircuitBreakerLayer, KeyBy, Mode};
+    /// use llm_layers::breaker::{CircuitBreakerLayer, CircuitKey, CircuitMode};
     /// use tower::{Layer, ServiceExt};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
@@ -543,11 +543,11 @@ impl Builder {
     ///     }
     /// });
     /// let layer = CircuitBreakerLayer::builder()
-    ///     .key_by(KeyBy::Model)
+    ///     .key_by(CircuitKey::Model)
     ///     .fallback_model("gpt-4o-mini")
     ///     .build()
     ///     .unwrap();
-    /// layer.handle().set_mode_for("gpt-4o", Mode::ForcedOpen);
+    /// layer.handle().set_mode_for("gpt-4o", CircuitMode::ForcedOpen);
     ///
     /// let req = Request::post("/v1/chat/completions")
     ///     .body(Body::from(r#"{"model":"gpt-4o","messages":[]}"#))

@@ -55,7 +55,7 @@ pub enum TransitionReason {
 }
 
 /// One thing that happened to a breaker, passed to the
-/// [`on_event`](super::Builder::on_event) hook and logged with `tracing`
+/// [`on_event`](super::CircuitBreakerLayerBuilder::on_event) hook and logged with `tracing`
 /// (transitions at `warn`/`info`, rejections and fallbacks at `debug`).
 #[derive(Debug, Clone)]
 #[non_exhaustive]

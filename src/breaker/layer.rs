@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
-use super::config::Builder;
+use super::config::CircuitBreakerLayerBuilder;
 use super::registry::{BreakerHandle, Shared};
 use super::service::CircuitBreaker;
 
@@ -22,9 +22,9 @@ impl std::fmt::Debug for CircuitBreakerLayer {
 }
 
 impl CircuitBreakerLayer {
-    /// A builder with the defaults described on [`Builder`].
-    pub fn builder() -> Builder {
-        Builder::default()
+    /// A builder with the defaults described on [`CircuitBreakerLayerBuilder`].
+    pub fn builder() -> CircuitBreakerLayerBuilder {
+        CircuitBreakerLayerBuilder::default()
     }
 
     pub(crate) fn from_shared(shared: Arc<Shared>) -> Self {

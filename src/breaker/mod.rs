@@ -18,8 +18,8 @@
 //! | half-open with every probe out | `503 service_unavailable`, `retry-after` = the time until the newest probe is overdue |
 //! | forced open by the operator | `503 service_unavailable`, no `retry-after` |
 //! | open, with a fallback chain | the first fallback that answers, marked `x-llm-layers-fallback: <name or model>`; if every step fails, `503` naming the open circuit and each fallback's failure |
-//! | keyed by model, body over [`Builder::body_limit`] | `413 request_too_large` |
-//! | no answer within [`Builder::call_timeout`] (when set) | `504 timeout` naming the breaker; the call counts as a failure |
+//! | keyed by model, body over [`CircuitBreakerLayerBuilder::body_limit`] | `413 request_too_large` |
+//! | no answer within [`CircuitBreakerLayerBuilder::call_timeout`] (when set) | `504 timeout` naming the breaker; the call counts as a failure |
 //!
 //! Every refusal of the breaker's own (open, probing, forced open, a fallback chain that failed
 //! entirely) carries [`RefusedLocally::CIRCUIT_BREAKER`](crate::ext::RefusedLocally) in its
@@ -34,7 +34,7 @@
 //! (including `529`), `timeout`, `service_unavailable`, `upstream_blocked` and transport errors
 //! (`Err` from the inner service) are failures. What the caller caused (invalid request, bad
 //! key, content policy, not found) is ignored. `429` throttling is ignored unless
-//! [`Builder::trip_on_rate_limit`]. A call is slow when its response head (for a stream: the
+//! [`CircuitBreakerLayerBuilder::trip_on_rate_limit`]. A call is slow when its response head (for a stream: the
 //! first byte) takes longer than the slow-call duration. Classification ([`Outcome`]), windows,
 //! state transitions and admission are kept apart.
 //!
@@ -45,11 +45,11 @@
 //!
 //! | the call | counts as |
 //! |---|---|
-//! | ran past [`Builder::call_timeout`] (when set) | answered `504 timeout` by the breaker itself, a failure (`timeouts` in the metrics) |
-//! | a half-open probe, past [`Builder::probe_timeout`] | a failed probe at once, by a timer in its future: the circuit opens again (`ProbeTimedOut`); the call goes on and its late answer is ignored |
+//! | ran past [`CircuitBreakerLayerBuilder::call_timeout`] (when set) | answered `504 timeout` by the breaker itself, a failure (`timeouts` in the metrics) |
+//! | a half-open probe, past [`CircuitBreakerLayerBuilder::probe_timeout`] | a failed probe at once, by a timer in its future: the circuit opens again (`ProbeTimedOut`); the call goes on and its late answer is ignored |
 //! | a half-open probe, dropped before its answer | a failed probe (`ProbeDropped`): the circuit opens again, the slot is not handed back and the probe deadline is not pushed forward, so probes to a dead upstream stay one per open period |
 //! | dropped after running at least the call timeout | a failure (a timeout) |
-//! | dropped after running longer than the slow-call duration | a slow call (not a failure), so the slow-call rate decides; not counted with [`Builder::consecutive_failures`] |
+//! | dropped after running longer than the slow-call duration | a slow call (not a failure), so the slow-call rate decides; not counted with [`CircuitBreakerLayerBuilder::consecutive_failures`] |
 //! | dropped earlier, or when neither a slow-call rule nor a call timeout is set | nothing: a cancelled call says nothing of the upstream |
 //!
 //! Every drop is counted in `dropped`. The timers exist only for probes and, with a call
@@ -96,7 +96,7 @@
 //! # }
 //! ```
 //!
-//! Keys ([`KeyBy`]): one circuit for everything, per upstream, per model, per upstream and
+//! Keys ([`CircuitKey`]): one circuit for everything, per upstream, per model, per upstream and
 //! model, or your own. The model is the one the upstream serves,
 //! [`RequestView::routed_model`](crate::request::RequestView::routed_model): an Azure-style
 //! deployment in the path (`/openai/deployments/{name}/...`) wins over the body's `model`. It is
@@ -104,21 +104,21 @@
 //! the path, else by parsing the body. Client-chosen strings (keys, model names) reach
 //! `tracing` fields escaped (`Debug`), so they cannot forge log lines.
 //!
-//! Fallbacks ([`Builder::fallback_model`], [`Builder::fallback_service`],
-//! [`Builder::fallback_response`]) degrade instead of rejecting. A [`BreakerHandle`] reads
-//! state and counters per key and forces [`Mode`]s at runtime; [`Builder::on_event`] and
+//! Fallbacks ([`CircuitBreakerLayerBuilder::fallback_model`], [`CircuitBreakerLayerBuilder::fallback_service`],
+//! [`CircuitBreakerLayerBuilder::fallback_response`]) degrade instead of rejecting. A [`BreakerHandle`] reads
+//! state and counters per key and forces [`CircuitMode`]s at runtime; [`CircuitBreakerLayerBuilder::on_event`] and
 //! `tracing` report transitions, rejections and fallbacks.
 //!
 //! # Keyed state a client controls
 //!
-//! - **Upstream keys** come from [`Builder::upstream`] when set (do set it on a server: there
+//! - **Upstream keys** come from [`CircuitBreakerLayerBuilder::upstream`] when set (do set it on a server: there
 //!   a request's URI authority is the client's choice), else from the request URI's authority
 //!   (what a client-side breaker sends to), else `"<unknown>"`. The `Host` header is never
 //!   read, so a changed `Host` cannot step around an open circuit.
-//! - **Long keys** are bounded ([`Builder::max_key_len`], 256 bytes by default): a longer key
+//! - **Long keys** are bounded ([`CircuitBreakerLayerBuilder::max_key_len`], 256 bytes by default): a longer key
 //!   is stored as its prefix and a SHA-256 digest, so memory stays within `max_keys × max_key_len`
 //!   while distinct keys keep distinct circuits. The request itself passes unchanged.
-//! - **Eviction** at [`Builder::max_keys`] looks at no more than 16 circuits per new key (a
+//! - **Eviction** at [`CircuitBreakerLayerBuilder::max_keys`] looks at no more than 16 circuits per new key (a
 //!   clock with a second chance), and forgets only a closed, automatic, idle circuit with no
 //!   failure in its window. Open, half-open and failing circuits are kept, so a flood of new
 //!   keys cannot reset a circuit on its way to opening; when nothing looked at can go, the new
@@ -135,7 +135,9 @@ mod service;
 mod window;
 
 pub use classify::{outcome_for_code, Outcome};
-pub use config::{Builder, ConfigError, KeyBy, KeyFn, Mode, RequestHead};
+pub use config::{
+    CircuitBreakerLayerBuilder, CircuitKey, CircuitMode, ConfigError, KeyFn, RequestHead,
+};
 pub use events::{BreakerEvent, CircuitState, TransitionReason};
 pub use future::ResponseFuture;
 pub use layer::CircuitBreakerLayer;

@@ -8,12 +8,12 @@ use std::sync::{Arc, OnceLock, RwLock};
 use sha2::{Digest, Sha256};
 
 use super::circuit::{Circuit, Common};
-use super::config::{Config, Mode};
+use super::config::{CircuitMode, Config};
 use super::events::CircuitState;
 
-/// The key of the circuit used with [`KeyBy::Single`](super::KeyBy::Single).
+/// The key of the circuit used with [`CircuitKey::Single`](super::CircuitKey::Single).
 pub const SINGLE_KEY: &str = "*";
-/// The key of the circuit shared by new keys once [`max_keys`](super::Builder::max_keys)
+/// The key of the circuit shared by new keys once [`max_keys`](super::CircuitBreakerLayerBuilder::max_keys)
 /// circuits exist and none can be forgotten.
 pub const OVERFLOW_KEY: &str = "<overflow>";
 
@@ -21,7 +21,7 @@ pub const OVERFLOW_KEY: &str = "<overflow>";
 const SCAN: usize = 16;
 /// What an over-long key keeps after its prefix: `~sha256:` and 32 hex digits.
 const DIGEST_LEN: usize = 8 + 32;
-/// The shortest [`max_key_len`](super::Builder::max_key_len): room for the digest and a prefix.
+/// The shortest [`max_key_len`](super::CircuitBreakerLayerBuilder::max_key_len): room for the digest and a prefix.
 pub(crate) const MIN_KEY_LEN: usize = 64;
 
 /// `key` as stored: itself when it fits in `max` bytes, else its first bytes (cut at a
@@ -70,7 +70,7 @@ pub(crate) struct Shared {
 /// failing circuit is kept, or churn of new keys would reset it before it trips.
 fn forgettable(c: &Arc<Circuit>) -> bool {
     c.state() == CircuitState::Closed
-        && c.mode.load(Ordering::Relaxed) == Mode::Auto.to_u8()
+        && c.mode.load(Ordering::Relaxed) == CircuitMode::Auto.to_u8()
         && Arc::strong_count(c) <= 2
         && c.window_totals().1 == 0
 }
@@ -99,7 +99,7 @@ impl Shared {
 
     /// The circuit for `key`, if it exists.
     pub(crate) fn get(&self, key: &str) -> Option<Arc<Circuit>> {
-        if matches!(self.config().key_by, super::KeyBy::Single) && key == SINGLE_KEY {
+        if matches!(self.config().key_by, super::CircuitKey::Single) && key == SINGLE_KEY {
             return Some(self.single.clone());
         }
         if key == OVERFLOW_KEY {
@@ -114,7 +114,7 @@ impl Shared {
             .cloned()
     }
 
-    /// The circuit for `key`, created when new (see [`super::Builder::max_keys`]).
+    /// The circuit for `key`, created when new (see [`super::CircuitBreakerLayerBuilder::max_keys`]).
     pub(crate) fn circuit(&self, key: &str) -> Arc<Circuit> {
         let key = bounded_key(key, self.config().max_key_len);
         let tick = self.tick.fetch_add(1, Ordering::Relaxed);
@@ -191,7 +191,8 @@ impl Shared {
     }
 
     pub(crate) fn all(&self) -> Vec<Arc<Circuit>> {
-        let mut v: Vec<Arc<Circuit>> = if matches!(self.config().key_by, super::KeyBy::Single) {
+        let mut v: Vec<Arc<Circuit>> = if matches!(self.config().key_by, super::CircuitKey::Single)
+        {
             vec![self.single.clone()]
         } else {
             self.map
@@ -212,12 +213,12 @@ impl Shared {
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct CircuitMetrics {
-    /// The circuit's key ([`SINGLE_KEY`] with [`KeyBy::Single`](super::KeyBy::Single)).
+    /// The circuit's key ([`SINGLE_KEY`] with [`CircuitKey::Single`](super::CircuitKey::Single)).
     pub key: Arc<str>,
     /// The automatic state.
     pub state: CircuitState,
     /// The manual mode in force (the layer-wide one unless it is `Auto`).
-    pub mode: Mode,
+    pub mode: CircuitMode,
     /// Calls recorded (successes and failures; ignored calls are not counted here).
     pub calls: u64,
     /// Calls that failed.
@@ -291,7 +292,7 @@ impl BreakerHandle {
     }
 
     /// The automatic state of the circuit for `key`, if it exists ([`SINGLE_KEY`] with
-    /// [`KeyBy::Single`](super::KeyBy::Single), [`OVERFLOW_KEY`] for the overflow circuit).
+    /// [`CircuitKey::Single`](super::CircuitKey::Single), [`OVERFLOW_KEY`] for the overflow circuit).
     pub fn state(&self, key: &str) -> Option<CircuitState> {
         self.shared.get(key).map(|c| c.state())
     }
@@ -307,12 +308,12 @@ impl BreakerHandle {
     }
 
     /// The layer-wide mode.
-    pub fn mode(&self) -> Mode {
-        Mode::from_u8(self.shared.common.mode.load(Ordering::Relaxed))
+    pub fn mode(&self) -> CircuitMode {
+        CircuitMode::from_u8(self.shared.common.mode.load(Ordering::Relaxed))
     }
 
-    /// Sets the layer-wide mode; anything but [`Mode::Auto`] overrides every circuit's own.
-    pub fn set_mode(&self, mode: Mode) {
+    /// Sets the layer-wide mode; anything but [`CircuitMode::Auto`] overrides every circuit's own.
+    pub fn set_mode(&self, mode: CircuitMode) {
         self.shared
             .common
             .mode
@@ -321,10 +322,10 @@ impl BreakerHandle {
     }
 
     /// Sets the mode of the circuit for `key`, creating the circuit if needed (so a key can be
-    /// forced open before its first call). With [`KeyBy::Single`](super::KeyBy::Single) the
+    /// forced open before its first call). With [`CircuitKey::Single`](super::CircuitKey::Single) the
     /// key is ignored and the one circuit is set.
-    pub fn set_mode_for(&self, key: &str, mode: Mode) {
-        let c = if matches!(self.shared.config().key_by, super::KeyBy::Single) {
+    pub fn set_mode_for(&self, key: &str, mode: CircuitMode) {
+        let c = if matches!(self.shared.config().key_by, super::CircuitKey::Single) {
             self.shared.single.clone()
         } else {
             self.shared.circuit(key)
@@ -349,7 +350,7 @@ impl BreakerHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::breaker::{CircuitBreakerLayer, KeyBy};
+    use crate::breaker::{CircuitBreakerLayer, CircuitKey};
 
     fn inspected(shared: &Shared) -> u64 {
         shared.map.read().unwrap().inspected
@@ -358,14 +359,14 @@ mod tests {
     #[test]
     fn a_new_key_looks_at_a_bounded_number_of_circuits() {
         let layer = CircuitBreakerLayer::builder()
-            .key_by(KeyBy::Model)
+            .key_by(CircuitKey::Model)
             .max_keys(1000)
             .build()
             .unwrap();
         let h = layer.handle();
         // A full map of circuits that must all be kept.
         for i in 0..1000 {
-            h.set_mode_for(&format!("kept-{i}"), Mode::ForcedOpen);
+            h.set_mode_for(&format!("kept-{i}"), CircuitMode::ForcedOpen);
         }
         assert_eq!(inspected(&h.shared), 0);
         for i in 0..1000 {
@@ -376,7 +377,7 @@ mod tests {
         assert!(looked <= 1000 * SCAN as u64, "{looked} circuits looked at");
         // Once they may go, a new key finds room within the same bound.
         for i in 0..1000 {
-            h.set_mode_for(&format!("kept-{i}"), Mode::Auto);
+            h.set_mode_for(&format!("kept-{i}"), CircuitMode::Auto);
         }
         let before = inspected(&h.shared);
         let c = h.shared.circuit("fresh");

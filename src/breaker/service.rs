@@ -10,7 +10,7 @@ use tower_service::Service;
 
 use super::circuit::{Circuit, Permit, Refusal};
 use super::classify::Outcome;
-use super::config::{Config, DynCall, FallbackStep, KeyBy, RequestHead};
+use super::config::{CircuitKey, Config, DynCall, FallbackStep, RequestHead};
 use super::events::{emit, BreakerEvent};
 use super::future::ResponseFuture;
 use super::registry::{Shared, SINGLE_KEY};
@@ -22,7 +22,7 @@ use crate::request::{deployment_from_path, ensure_view, CharEstimator, RequestVi
 /// A service guarded by circuit breakers. Built by [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
 ///
 /// Rejections are `503 service_unavailable` envelope responses (marked
-/// [`RefusedLocally`]) and a call past the [call timeout](super::Builder::call_timeout) is
+/// [`RefusedLocally`]) and a call past the [call timeout](super::CircuitBreakerLayerBuilder::call_timeout) is
 /// answered `504 timeout`, so `Error` stays the inner service's. The inner service's own `Err`
 /// passes through unchanged (and counts as a failure).
 pub struct CircuitBreaker<S> {
@@ -101,7 +101,7 @@ fn upstream_of<'a, B>(cfg: &'a Config, req: &'a Request<B>) -> &'a str {
 
 /// The key of a model's circuit: the model alone, or behind the upstream.
 fn model_key<'a, B>(cfg: &Config, req: &Request<B>, model: &'a str) -> Cow<'a, str> {
-    if matches!(cfg.key_by, KeyBy::Model) {
+    if matches!(cfg.key_by, CircuitKey::Model) {
         Cow::Borrowed(model)
     } else {
         Cow::Owned(format!("{}/{model}", upstream_of(cfg, req)))
@@ -111,9 +111,9 @@ fn model_key<'a, B>(cfg: &Config, req: &Request<B>, model: &'a str) -> Cow<'a, s
 fn key_of<'a, B>(cfg: &'a Config, req: &'a Request<B>) -> Key<'a> {
     let key_by = &cfg.key_by;
     match key_by {
-        KeyBy::Single => Key::Single,
-        KeyBy::Upstream => Key::Named(Cow::Borrowed(upstream_of(cfg, req))),
-        KeyBy::Model | KeyBy::UpstreamAndModel => {
+        CircuitKey::Single => Key::Single,
+        CircuitKey::Upstream => Key::Named(Cow::Borrowed(upstream_of(cfg, req))),
+        CircuitKey::Model | CircuitKey::UpstreamAndModel => {
             match RequestView::from_extensions(req.extensions()) {
                 // The model the upstream serves: an Azure deployment in the path wins over
                 // the body's `model`.
@@ -128,7 +128,7 @@ fn key_of<'a, B>(cfg: &'a Config, req: &'a Request<B>) -> Key<'a> {
                 },
             }
         }
-        KeyBy::Custom(f) => {
+        CircuitKey::Custom(f) => {
             let head = RequestHead {
                 method: req.method(),
                 uri: req.uri(),
@@ -433,8 +433,8 @@ where
                 };
                 // With circuits per model, a backup model whose own circuit is open is skipped.
                 let backup_key = match cfg.key_by {
-                    KeyBy::Model => Some(model.to_string()),
-                    KeyBy::UpstreamAndModel => {
+                    CircuitKey::Model => Some(model.to_string()),
+                    CircuitKey::UpstreamAndModel => {
                         let r = copy_request(parts, ());
                         Some(format!("{}/{model}", upstream_of(cfg, &r)))
                     }

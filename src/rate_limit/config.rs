@@ -232,7 +232,7 @@ fn config_error(text: String) -> ConfigError {
 
 /// What a rejected request does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Mode {
+pub enum OnLimit {
     /// Answer `429` at once (servers).
     #[default]
     Reject,
@@ -274,7 +274,7 @@ type IpFn = fn(&Extensions) -> Option<IpAddr>;
 
 /// Which bucket a request falls into. Requests without a key share one anonymous bucket.
 #[derive(Clone)]
-pub struct KeyBy(pub(crate) KeyKind);
+pub struct BucketKey(pub(crate) KeyKind);
 
 #[derive(Clone)]
 pub(crate) enum KeyKind {
@@ -290,20 +290,20 @@ pub(crate) enum KeyKind {
     Custom(Arc<KeyFn>),
 }
 
-impl fmt::Debug for KeyBy {
+impl fmt::Debug for BucketKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0 {
-            KeyKind::ApiKey => f.write_str("KeyBy::api_key"),
-            KeyKind::Header(h) => write!(f, "KeyBy::header({h})"),
+            KeyKind::ApiKey => f.write_str("BucketKey::api_key"),
+            KeyKind::Header(h) => write!(f, "BucketKey::header({h})"),
             KeyKind::Ip {
                 trusted, v6_prefix, ..
             } => write!(
                 f,
-                "KeyBy::client_ip(trusted: {trusted:?}, ipv6_prefix: {v6_prefix})"
+                "BucketKey::client_ip(trusted: {trusted:?}, ipv6_prefix: {v6_prefix})"
             ),
-            KeyKind::Route => f.write_str("KeyBy::route"),
-            KeyKind::Model => f.write_str("KeyBy::model"),
-            KeyKind::Custom(_) => f.write_str("KeyBy::custom"),
+            KeyKind::Route => f.write_str("BucketKey::route"),
+            KeyKind::Model => f.write_str("BucketKey::model"),
+            KeyKind::Custom(_) => f.write_str("BucketKey::custom"),
         }
     }
 }
@@ -312,16 +312,16 @@ fn socket_addr(ext: &Extensions) -> Option<IpAddr> {
     ext.get::<std::net::SocketAddr>().map(|a| a.ip())
 }
 
-impl KeyBy {
+impl BucketKey {
     /// The id of the [`KeyIdentity`](crate::ext::KeyIdentity) an authentication layer put in
     /// the request extensions.
-    pub fn api_key() -> KeyBy {
-        KeyBy(KeyKind::ApiKey)
+    pub fn api_key() -> BucketKey {
+        BucketKey(KeyKind::ApiKey)
     }
 
     /// The value of a header (an `x-user-id` set by a trusted gateway, say).
-    pub fn header(name: HeaderName) -> KeyBy {
-        KeyBy(KeyKind::Header(name))
+    pub fn header(name: HeaderName) -> BucketKey {
+        BucketKey(KeyKind::Header(name))
     }
 
     /// The client's IP address, read from a `std::net::SocketAddr` in the request extensions.
@@ -331,35 +331,35 @@ impl KeyBy {
     /// bucket each would let it have as many buckets as it likes. An IPv4-mapped IPv6 address
     /// (`::ffff:a.b.c.d`, as a dual-stack listener reports IPv4 peers) is keyed as the IPv4
     /// address it maps.
-    pub fn client_ip() -> KeyBy {
-        KeyBy::client_ip_from(socket_addr)
+    pub fn client_ip() -> BucketKey {
+        BucketKey::client_ip_from(socket_addr)
     }
 
     /// The client's IP address, read from the extensions by `peer`. With axum's
     /// `into_make_service_with_connect_info::<SocketAddr>()`, pass
     /// `|ext| ext.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip())`.
-    pub fn client_ip_from(peer: fn(&Extensions) -> Option<IpAddr>) -> KeyBy {
-        KeyBy(KeyKind::Ip {
+    pub fn client_ip_from(peer: fn(&Extensions) -> Option<IpAddr>) -> BucketKey {
+        BucketKey(KeyKind::Ip {
             peer,
             trusted: Vec::new(),
             v6_prefix: DEFAULT_IPV6_PREFIX,
         })
     }
 
-    /// For [`KeyBy::client_ip`]: how many leading bits of an IPv6 address make the key
+    /// For [`BucketKey::client_ip`]: how many leading bits of an IPv6 address make the key
     /// (default 64; 128 keys each address, 48 a site, 0 puts every IPv6 client in one bucket).
     /// More than 128 is refused by `build`.
-    pub fn ipv6_prefix(mut self, bits: u8) -> KeyBy {
+    pub fn ipv6_prefix(mut self, bits: u8) -> BucketKey {
         if let KeyKind::Ip { v6_prefix, .. } = &mut self.0 {
             *v6_prefix = bits;
         }
         self
     }
 
-    /// For [`KeyBy::client_ip`]: proxies (addresses or CIDR blocks such as `10.0.0.0/8`) whose
+    /// For [`BucketKey::client_ip`]: proxies (addresses or CIDR blocks such as `10.0.0.0/8`) whose
     /// `x-forwarded-for` is believed. When the peer is trusted, the key is the right-most hop of
     /// `x-forwarded-for` that is not trusted. Invalid entries are reported by `build`.
-    pub fn trusted_proxies<I, S>(mut self, proxies: I) -> KeyBy
+    pub fn trusted_proxies<I, S>(mut self, proxies: I) -> BucketKey
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
@@ -371,23 +371,23 @@ impl KeyBy {
     }
 
     /// The request path (one bucket per route).
-    pub fn route() -> KeyBy {
-        KeyBy(KeyKind::Route)
+    pub fn route() -> BucketKey {
+        BucketKey(KeyKind::Route)
     }
 
     /// The model the upstream serves: the deployment named by an Azure-style path
     /// (`/openai/deployments/{name}/...`), else the `model` of the request body (the body is
     /// buffered once to read it); see [`RequestView::routed_model`](crate::request::RequestView::routed_model).
-    pub fn model() -> KeyBy {
-        KeyBy(KeyKind::Model)
+    pub fn model() -> BucketKey {
+        BucketKey(KeyKind::Model)
     }
 
     /// A key computed by `f`; `None` falls into the anonymous bucket.
-    pub fn custom<F>(f: F) -> KeyBy
+    pub fn custom<F>(f: F) -> BucketKey
     where
         F: Fn(&KeySource<'_>) -> Option<Arc<str>> + Send + Sync + 'static,
     {
-        KeyBy(KeyKind::Custom(Arc::new(f)))
+        BucketKey(KeyKind::Custom(Arc::new(f)))
     }
 }
 
@@ -440,11 +440,11 @@ impl Cidr {
 
 /// Builds a [`RateLimitLayer`]; [`build`](Self::build) validates everything.
 pub struct RateLimitLayerBuilder {
-    pub(crate) key_by: KeyBy,
+    pub(crate) key_by: BucketKey,
     pub(crate) defaults: Limits,
     pub(crate) tiers: Vec<(Arc<str>, Limits)>,
     pub(crate) global: Limits,
-    pub(crate) mode: Mode,
+    pub(crate) mode: OnLimit,
     pub(crate) sweep_every: u64,
     pub(crate) sweep_interval: Duration,
     pub(crate) key_limits: bool,
@@ -472,11 +472,11 @@ impl fmt::Debug for RateLimitLayerBuilder {
 impl Default for RateLimitLayerBuilder {
     fn default() -> Self {
         RateLimitLayerBuilder {
-            key_by: KeyBy::api_key(),
+            key_by: BucketKey::api_key(),
             defaults: Limits::new(),
             tiers: Vec::new(),
             global: Limits::new(),
-            mode: Mode::Reject,
+            mode: OnLimit::Reject,
             sweep_every: 1024,
             sweep_interval: Duration::from_secs(10),
             key_limits: true,
@@ -491,8 +491,8 @@ impl Default for RateLimitLayerBuilder {
 }
 
 impl RateLimitLayerBuilder {
-    /// How requests are keyed (default: [`KeyBy::api_key`]).
-    pub fn key_by(mut self, key_by: KeyBy) -> Self {
+    /// How requests are keyed (default: [`BucketKey::api_key`]).
+    pub fn key_by(mut self, key_by: BucketKey) -> Self {
         self.key_by = key_by;
         self
     }
@@ -516,7 +516,7 @@ impl RateLimitLayerBuilder {
     }
 
     /// Reject (default) or wait.
-    pub fn mode(mut self, mode: Mode) -> Self {
+    pub fn mode(mut self, mode: OnLimit) -> Self {
         self.mode = mode;
         self
     }
@@ -596,10 +596,10 @@ impl RateLimitLayerBuilder {
         if self.sweep_every == 0 {
             return Err(config_error("sweep.every: must be at least 1".into()));
         }
-        if let Mode::Wait(d) = self.mode {
+        if let OnLimit::Wait(d) = self.mode {
             if d.is_zero() {
                 return Err(config_error(
-                    "mode: Wait needs a positive maximum wait; use Mode::Reject".into(),
+                    "mode: Wait needs a positive maximum wait; use OnLimit::Reject".into(),
                 ));
             }
         }

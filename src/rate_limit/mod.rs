@@ -47,7 +47,7 @@
 //!
 //! # Keys, tiers and quotas
 //!
-//! Requests are keyed by [`KeyBy`]: the [`KeyIdentity`](crate::ext::KeyIdentity) an
+//! Requests are keyed by [`BucketKey`]: the [`KeyIdentity`](crate::ext::KeyIdentity) an
 //! authentication layer left in the extensions (default), a header, the client IP (with
 //! trusted proxies and `x-forwarded-for`), the route, the model, or a closure. Requests without
 //! a key share one anonymous bucket. A key's [`Limits`] are those of its tier
@@ -55,8 +55,8 @@
 //! the key's own [`KeyLimits`](crate::ext::KeyLimits) override them. Optional
 //! [global limits](RateLimitLayerBuilder::global) apply to all keys together.
 //!
-//! [`KeyBy::client_ip`] keys an IPv6 client by its /64 ([`KeyBy::ipv6_prefix`]) and an
-//! IPv4-mapped IPv6 address as IPv4. [`KeyBy::model`] keys by the model the upstream serves:
+//! [`BucketKey::client_ip`] keys an IPv6 client by its /64 ([`BucketKey::ipv6_prefix`]) and an
+//! IPv4-mapped IPv6 address as IPv4. [`BucketKey::model`] keys by the model the upstream serves:
 //! the deployment of an Azure-style path (`/openai/deployments/{name}/...`), else the body's
 //! `model` ([`RequestView::routed_model`](crate::request::RequestView::routed_model)). A key
 //! longer than [`RateLimitLayerBuilder::max_key_len`] (256 bytes by default), such as a
@@ -113,7 +113,7 @@
 //!
 //! # Modes
 //!
-//! [`Mode::Reject`] answers at once. [`Mode::Wait`] sleeps (`tokio::time::sleep`, inside the
+//! [`OnLimit::Reject`] answers at once. [`OnLimit::Wait`] sleeps (`tokio::time::sleep`, inside the
 //! response future) until the request conforms if that takes at most the given time, and
 //! answers `429` otherwise. Concurrency refusals are never waited for.
 //!
@@ -154,13 +154,13 @@
 //! use axum::{body::Body, routing::post, Router};
 //! use http::{Request, StatusCode};
 //! use llm_layers::ext::{KeyIdentity, KeyLimits};
-//! use llm_layers::rate_limit::{KeyBy, Limits, Quota, RateLimitLayer};
+//! use llm_layers::rate_limit::{BucketKey, Limits, Quota, RateLimitLayer};
 //! use tower::ServiceExt;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let limit = RateLimitLayer::builder()
-//!     .key_by(KeyBy::api_key())
+//!     .key_by(BucketKey::api_key())
 //!     .tier("free", Limits::new().requests(Quota::per_minute(2).burst(2)))
 //!     .tier("pro", Limits::new().requests(Quota::per_minute(600).burst(60)).concurrency(8))
 //!     .limits(Limits::new().requests(Quota::per_minute(1).burst(1)))
@@ -208,7 +208,9 @@ use http::HeaderName;
 #[cfg(feature = "redis")]
 pub use self::redis::{FailurePolicy, RedisBackend, DEFAULT_TIMEOUT as DEFAULT_REDIS_TIMEOUT};
 pub use body::RateLimitBody;
-pub use config::{ConfigError, KeyBy, KeySource, Limits, Mode, Quota, RateLimitLayerBuilder};
+pub use config::{
+    BucketKey, ConfigError, KeySource, Limits, OnLimit, Quota, RateLimitLayerBuilder,
+};
 pub use future::ResponseFuture;
 pub use layer::RateLimitLayer;
 pub use service::RateLimit;

@@ -12,7 +12,7 @@ use tower_service::Service;
 use crate::request::{ensure_view, ViewError};
 
 use super::body::RateLimitBody;
-use super::config::{KeySource, Mode};
+use super::config::{KeySource, OnLimit};
 use super::future::{ResponseFuture, Slow};
 use super::shared::Shared;
 
@@ -81,7 +81,7 @@ where
             match self.shared.admit(&source(&req)) {
                 Ok(admitted) => return ResponseFuture::called(self.inner.call(req), admitted),
                 Err(rejected) => match (self.shared.mode, rejected.wait) {
-                    (Mode::Wait(max), Some(w)) if w <= max => {}
+                    (OnLimit::Wait(max), Some(w)) if w <= max => {}
                     _ => return ResponseFuture::ready(rejected.into_response()),
                 },
             }
@@ -119,7 +119,7 @@ where
             match decision {
                 Ok(admitted) => return Ok((req, admitted)),
                 Err(rejected) => match (shared.mode, rejected.wait) {
-                    (Mode::Wait(max), Some(w)) if waited.saturating_add(w) <= max => {
+                    (OnLimit::Wait(max), Some(w)) if waited.saturating_add(w) <= max => {
                         drop(rejected);
                         tokio::time::sleep(w).await;
                         waited = waited.saturating_add(w);

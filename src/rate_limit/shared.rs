@@ -15,7 +15,7 @@ use crate::error::{ApiError, ErrorCode};
 use crate::ext::KeyIdentity;
 use crate::request::{RequestView, TokenEstimator};
 
-use super::config::{Cidr, KeyKind, KeySource, Limits, Mode, Quota, RateLimitLayerBuilder};
+use super::config::{Cidr, KeyKind, KeySource, Limits, OnLimit, Quota, RateLimitLayerBuilder};
 use super::fmt_duration;
 use super::store::{Bucket, Inflight, RateKey, Status, Take, TokioClock};
 
@@ -236,7 +236,7 @@ pub(crate) struct Shared {
     /// The shared store, when the limits live in Redis.
     #[cfg(feature = "redis")]
     pub(super) remote: Option<super::redis::Remote>,
-    pub(crate) mode: Mode,
+    pub(crate) mode: OnLimit,
     sweep_every: u64,
     sweep_interval: u64,
     last_sweep: AtomicU64,

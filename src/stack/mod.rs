@@ -104,8 +104,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::auth::{ApiKeyAuthLayer, InMemoryKeyStore};
-use crate::breaker::{CircuitBreakerLayer, KeyBy as BreakerKeyBy};
-use crate::rate_limit::{Limits, Mode as RateMode, Quota, RateLimitLayer};
+use crate::breaker::{CircuitBreakerLayer, CircuitKey};
+use crate::rate_limit::{Limits, OnLimit, Quota, RateLimitLayer};
 use crate::retry::{Backoff, Jitter, RetryBudget, RetryLayer};
 use crate::validate::ValidateRequestLayer;
 
@@ -548,7 +548,7 @@ impl Stack {
                     "must be at least 1 ms; leave it out to answer 429 at once",
                 ))
             }
-            Some(ms) => b = b.mode(RateMode::Wait(Duration::from_millis(ms))),
+            Some(ms) => b = b.mode(OnLimit::Wait(Duration::from_millis(ms))),
             None => {}
         }
         b = rate_limit_backend(r, b)?;
@@ -570,10 +570,10 @@ impl Stack {
         let mut b = CircuitBreakerLayer::builder().name(c.name.as_deref().unwrap_or("upstream"));
         if let Some(key_by) = &c.key_by {
             b = b.key_by(match key_by.as_str() {
-                "single" => BreakerKeyBy::Single,
-                "model" => BreakerKeyBy::Model,
-                "upstream" => BreakerKeyBy::Upstream,
-                "upstream_and_model" => BreakerKeyBy::UpstreamAndModel,
+                "single" => CircuitKey::Single,
+                "model" => CircuitKey::Model,
+                "upstream" => CircuitKey::Upstream,
+                "upstream_and_model" => CircuitKey::UpstreamAndModel,
                 other => {
                     return Err(refuse(
                         "breaker.key_by",

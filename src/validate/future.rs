@@ -20,7 +20,7 @@ use crate::body::BufferError;
 use crate::request::{Endpoint, RequestView};
 
 pin_project! {
-    /// The future of [`ValidateRequest`](super::ValidateRequest): reads the body (bounded),
+    /// The future of [`Validate`](super::Validate): reads the body (bounded),
     /// checks it, then runs the inner service's future, or answers with the rejection.
     ///
     /// It holds no boxed future: reading the body is a named `http_body_util` future.

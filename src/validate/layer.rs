@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use super::config::{Shared, ValidateBuilder};
-use super::service::ValidateRequest;
+use super::service::Validate;
 use crate::error::ApiError;
 use crate::request::RequestView;
 
@@ -46,10 +46,10 @@ impl Default for ValidateRequestLayer {
 }
 
 impl<S> Layer<S> for ValidateRequestLayer {
-    type Service = ValidateRequest<S>;
+    type Service = Validate<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ValidateRequest {
+        Validate {
             inner,
             shared: Arc::clone(&self.shared),
         }

@@ -114,4 +114,4 @@ pub use config::{
 };
 pub use future::ResponseFuture;
 pub use layer::ValidateRequestLayer;
-pub use service::ValidateRequest;
+pub use service::Validate;

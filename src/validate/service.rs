@@ -27,12 +27,12 @@ fn path_deployment_differs(path: &str, view: &RequestView) -> bool {
 /// Validates LLM requests before they reach `S`; built by
 /// [`ValidateRequestLayer`](super::ValidateRequestLayer).
 #[derive(Clone, Debug)]
-pub struct ValidateRequest<S> {
+pub struct Validate<S> {
     pub(crate) inner: S,
     pub(crate) shared: Arc<Shared>,
 }
 
-impl<S> ValidateRequest<S> {
+impl<S> Validate<S> {
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
@@ -49,7 +49,7 @@ impl<S> ValidateRequest<S> {
     }
 }
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ValidateRequest<S>
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Validate<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     ReqBody: Body + From<Bytes>,

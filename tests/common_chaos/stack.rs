@@ -20,9 +20,9 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, MethodRouter};
 use axum::Router;
-use llm_layers::breaker::{BreakerHandle, CircuitBreakerLayer, KeyBy as BreakerKeyBy};
+use llm_layers::breaker::{BreakerHandle, CircuitBreakerLayer, CircuitKey};
 use llm_layers::normalize::NormalizeErrorsLayer;
-use llm_layers::rate_limit::{KeyBy, Limits, Quota, RateLimitHandle, RateLimitLayer};
+use llm_layers::rate_limit::{BucketKey, Limits, Quota, RateLimitHandle, RateLimitLayer};
 use llm_layers::retry::{Backoff, Jitter, RetryBudget, RetryLayer};
 use llm_layers::stack::Stack;
 use tower::util::BoxCloneSyncService;
@@ -150,7 +150,7 @@ pub struct Gateway {
 }
 
 /// Builds the gateway: `key_by` says where the rate limiter finds the client's address.
-pub fn gateway(seed: u64, faults: Faults, key_by: KeyBy, mirror_capacity: usize) -> Gateway {
+pub fn gateway(seed: u64, faults: Faults, key_by: BucketKey, mirror_capacity: usize) -> Gateway {
     let stack = Stack::from_toml_str(&config()).unwrap_or_else(|e| panic!("config: {e}"));
     let upstream = Arc::new(Counter::default());
     let attempts = Arc::new(Counter::default());
@@ -205,7 +205,7 @@ pub fn gateway(seed: u64, faults: Faults, key_by: KeyBy, mirror_capacity: usize)
     let hook = mirror.clone();
     let breaker = CircuitBreakerLayer::builder()
         .name("upstream")
-        .key_by(BreakerKeyBy::Model)
+        .key_by(CircuitKey::Model)
         .count_window(THRESHOLDS.window as usize)
         .minimum_calls(THRESHOLDS.minimum_calls as u64)
         .failure_rate(THRESHOLDS.failure_rate)
