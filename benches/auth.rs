@@ -13,6 +13,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http::{Request, Response};
 use http_body_util::Full;
 use llm_layers::auth::{ApiKeyAuthLayer, CredentialForwarding, InMemoryKeyStore, KeyRecord};
+use llm_layers::body::LayerBody;
 use tower::{service_fn, Layer, Service, ServiceExt};
 
 const KEYS: usize = 100_000;
@@ -47,20 +48,24 @@ fn request(auth: &'static str) -> Request<Full<Bytes>> {
         .unwrap()
 }
 
+async fn upstream<B>(_req: Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(Response::new(Full::new(Bytes::from_static(b"ok"))))
+}
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let bare = service_fn(|_req: Request<Full<Bytes>>| async {
-        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-    });
+    let bare = service_fn(upstream::<Full<Bytes>>);
+    // Behind the layer, the same service takes the body the layer hands on.
+    let behind = service_fn(upstream::<LayerBody<Full<Bytes>>>);
     let store = store();
-    let authed = ApiKeyAuthLayer::new(store.clone()).layer(bare);
+    let authed = ApiKeyAuthLayer::new(store.clone()).layer(behind);
     let keep = ApiKeyAuthLayer::builder(store)
         .forwarding(CredentialForwarding::Keep)
         .build()
         .unwrap()
-        .layer(bare);
+        .layer(behind);
 
     let success: &'static str = Box::leak(format!("Bearer {}", secret(KEYS / 2)).into_boxed_str());
     let restricted: &'static str = Box::leak(format!("Bearer {}", secret(1)).into_boxed_str());

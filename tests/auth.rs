@@ -19,6 +19,7 @@ use llm_layers::auth::{
     InMemoryKeyStore, InjectApiKeyLayer, KeyHash, KeyHeader, KeyRecord, KeyStore, KeyStoreError,
     LookupResult,
 };
+use llm_layers::body::LayerBody;
 use llm_layers::request::{CharEstimator, Endpoint, RequestView};
 use proptest::prelude::*;
 use serde_json::Value;
@@ -752,7 +753,7 @@ async fn a_view_left_by_an_earlier_layer_is_used_without_reading_the_body() {
             req
         })
         .layer(ApiKeyAuthLayer::new(store()))
-        .service(service_fn(|_req: Request<Body>| async {
+        .service(service_fn(|_req: Request<LayerBody<Body>>| async {
             Ok::<_, Infallible>(Response::new(Body::from("upstream")))
         }));
     // The body is not JSON: had the layer read it, the answer would be a 400.
@@ -870,7 +871,7 @@ proptest! {
         api_key in proptest::option::of(header_value()),
     ) {
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let svc = ApiKeyAuthLayer::new(store()).layer(service_fn(|req: Request<Body>| async move {
+        let svc = ApiKeyAuthLayer::new(store()).layer(service_fn(|req: Request<LayerBody<Body>>| async move {
             let id = req
                 .extensions()
                 .get::<llm_layers::ext::KeyIdentity>()
@@ -1043,7 +1044,7 @@ async fn a_stored_view_does_not_hide_the_deployment_of_the_path() {
             req
         })
         .layer(ApiKeyAuthLayer::new(store()))
-        .service(service_fn(|_req: Request<Body>| async {
+        .service(service_fn(|_req: Request<LayerBody<Body>>| async {
             Ok::<_, Infallible>(Response::new(Body::from("upstream")))
         }));
     let call = |path: &'static str| {

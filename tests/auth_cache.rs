@@ -14,6 +14,7 @@ use http::{Request, Response};
 use llm_layers::auth::{
     ApiKeyAuthLayer, CachedKeyStore, KeyHash, KeyRecord, KeyStore, KeyStoreError, LookupResult,
 };
+use llm_layers::body::LayerBody;
 use llm_layers::ext::KeyIdentity;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
@@ -72,12 +73,12 @@ impl KeyStore for Db {
     }
 }
 
-type Svc = tower::util::BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
+type Svc = tower::util::BoxCloneSyncService<Request<Body>, Response<LayerBody<Body>>, Infallible>;
 
 fn app(store: CachedKeyStore<Db>) -> Svc {
     let svc = ServiceBuilder::new()
         .layer(ApiKeyAuthLayer::new(store))
-        .service_fn(|req: Request<Body>| async move {
+        .service_fn(|req: Request<LayerBody<Body>>| async move {
             let id = req
                 .extensions()
                 .get::<KeyIdentity>()
@@ -96,7 +97,9 @@ async fn call(svc: &Svc, key: &str) -> (u16, String) {
         .unwrap();
     let res = svc.clone().oneshot(req).await.unwrap();
     let status = res.status().as_u16();
-    let body = to_bytes(res.into_body(), usize::MAX).await.unwrap();
+    let body = to_bytes(Body::new(res.into_body()), usize::MAX)
+        .await
+        .unwrap();
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 

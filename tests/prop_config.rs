@@ -19,6 +19,7 @@ use axum::body::Body;
 use http::{HeaderName, Request, Response};
 use http_body_util::BodyExt;
 use llm_layers::auth::{ApiKeyAuthLayer, InMemoryKeyStore};
+use llm_layers::body::LayerBody;
 use llm_layers::breaker::CircuitBreakerLayer;
 use llm_layers::config::ConfigError;
 use llm_layers::error::ApiError;
@@ -566,7 +567,13 @@ proptest! {
         )
         .unwrap();
         match ApiKeyAuthLayer::builder(store).body_limit(auth_limit).build() {
-            Ok(layer) => serve(layer.layer(upstream(script.clone())), &gaps)?,
+            Ok(layer) => serve(
+                tower::ServiceBuilder::new()
+                    .layer(layer)
+                    .map_request(|r: Request<LayerBody<Body>>| r.map(Body::new))
+                    .service(upstream(script.clone())),
+                &gaps,
+            )?,
             Err(e) => check_refusal(&e, "auth", &["body_limit", "accepted_headers"])?,
         }
         let layer = NormalizeErrorsLayer::with_options(NormalizeOptions::new().body_limit(normalize_limit));
@@ -625,6 +632,7 @@ proptest! {
         };
         let svc = tower::ServiceBuilder::new()
             .layer(stack.auth())
+            .map_request(|r: Request<LayerBody<Body>>| r.map(Body::new))
             .layer(stack.rate_limit())
             .layer(stack.retry())
             .layer(stack.breaker())

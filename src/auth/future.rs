@@ -15,11 +15,13 @@ use super::inject::{set_credential, strip_credentials};
 use super::layer::{Forward, Shared};
 use super::store::{AuthenticatedKey, KeyHash, KeyRecord, KeyStore, LookupResult};
 use super::time::format_rfc3339;
+use crate::body::{BoxError, LayerBody};
 use crate::error::{ApiError, ErrorCode};
-use crate::request::{deployment_from_path, ensure_view, RequestView, ViewError};
+use crate::request::{deployment_from_path, EnsureView, RequestView};
 
-type ViewFuture<B> =
-    Pin<Box<dyn Future<Output = Result<Request<B>, (Request<B>, ViewError)>> + Send>>;
+/// A rejection, built before the inner body type is known: the envelope bytes, handed on as
+/// [`LayerBody::full`] without a copy.
+pub(crate) type Rejection = Response<Bytes>;
 
 /// Why a bearer token was refused (see `auth::jwt`).
 #[cfg_attr(not(feature = "jwt"), allow(dead_code))]
@@ -37,7 +39,8 @@ pub(crate) type TokenResult = Result<Arc<KeyRecord>, TokenError>;
 /// A bearer token's validation.
 pub(crate) type TokenFuture = Pin<Box<dyn Future<Output = TokenResult> + Send>>;
 
-/// What a request carries while its key is looked up.
+/// What a request carries while its key is looked up. `inner` is a fresh clone of the inner
+/// service, not polled ready yet.
 pub(crate) struct Pending<S, K, B> {
     pub(crate) req: Request<B>,
     pub(crate) inner: S,
@@ -54,9 +57,14 @@ pub(crate) struct Viewing<S, K> {
 
 pin_project! {
     /// The response future of [`ApiKeyAuth`](super::ApiKeyAuth).
+    ///
+    /// It looks the key up, reads the body when the key's allow-list needs the model, and
+    /// only then waits for the inner service (a clone taken in `call`) to be ready and calls
+    /// it: a request whose key is being looked up or whose body is still arriving holds no
+    /// slot of a concurrency limit below.
     pub struct ResponseFuture<S, K, B>
     where
-        S: Service<Request<B>>,
+        S: Service<Request<LayerBody<B>>>,
         K: KeyStore,
     {
         #[pin]
@@ -68,11 +76,11 @@ pin_project! {
     #[project = StateProj]
     enum State<S, K, B>
     where
-        S: Service<Request<B>>,
+        S: Service<Request<LayerBody<B>>>,
         K: KeyStore,
     {
         Rejected {
-            response: Option<S::Response>,
+            response: Option<Rejection>,
         },
         Lookup {
             #[pin]
@@ -84,22 +92,28 @@ pin_project! {
             pending: Option<Pending<S, K, B>>,
         },
         Viewing {
-            view: ViewFuture<B>,
+            #[pin]
+            view: EnsureView<B>,
             ctx: Option<Viewing<S, K>>,
+        },
+        Ready {
+            inner: S,
+            req: Option<Request<LayerBody<B>>>,
         },
         Called {
             #[pin]
             future: S::Future,
         },
+        Done,
     }
 }
 
 impl<S, K, B> ResponseFuture<S, K, B>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<LayerBody<B>>>,
     K: KeyStore,
 {
-    pub(crate) fn rejected(response: S::Response) -> Self {
+    pub(crate) fn rejected(response: Rejection) -> Self {
         ResponseFuture {
             state: State::Rejected {
                 response: Some(response),
@@ -126,32 +140,25 @@ where
         }
     }
 
-    pub(crate) fn called(future: S::Future) -> Self {
-        ResponseFuture {
-            state: State::Called { future },
-        }
-    }
-
-    pub(crate) fn viewing(
+    /// Carries out a decision taken within `call` (the store answered at once).
+    pub(crate) fn decided(
+        decision: Decision,
         req: Request<B>,
         inner: S,
-        shared: Arc<Shared<K>>,
-        record: Arc<KeyRecord>,
+        shared: &Arc<Shared<K>>,
     ) -> Self
     where
-        B: Body + From<Bytes> + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: Body,
     {
         ResponseFuture {
-            state: viewing(req, inner, shared, record),
+            state: proceed(decision, req, inner, shared),
         }
     }
 }
 
 impl<S, K, B> std::fmt::Debug for ResponseFuture<S, K, B>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<LayerBody<B>>>,
     K: KeyStore,
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -160,7 +167,9 @@ where
             State::Lookup { .. } => "looking up the key",
             State::Token { .. } => "validating the bearer token",
             State::Viewing { .. } => "reading the model",
+            State::Ready { .. } => "waiting for the inner service",
             State::Called { .. } => "called",
+            State::Done => "done",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
@@ -174,20 +183,20 @@ const INVALID_TOKEN: HeaderValue = HeaderValue::from_static("Bearer error=\"inva
 const INSUFFICIENT_SCOPE: HeaderValue =
     HeaderValue::from_static("Bearer error=\"insufficient_scope\"");
 
-fn respond<B: From<Bytes>>(err: ApiError, challenge: HeaderValue) -> Response<B> {
+fn respond(err: ApiError, challenge: HeaderValue) -> Rejection {
     tracing::debug!(
         target: "llm_layers::auth",
         code = err.code().as_str(),
         error_message = ?err.message(),
         "request rejected"
     );
-    let mut res = err.to_response::<B>();
+    let mut res = err.to_response::<Bytes>();
     res.headers_mut().insert(WWW_AUTHENTICATE, challenge);
     res
 }
 
 /// The answer for a request whose headers carry no usable key.
-pub(crate) fn reject_credentials<B: From<Bytes>>(e: &CredentialError) -> Response<B> {
+pub(crate) fn reject_credentials(e: &CredentialError) -> Rejection {
     let challenge = if e.is_missing() {
         BEARER
     } else {
@@ -236,11 +245,7 @@ enum Source {
 /// none. Every model the upstream may serve is checked: the deployment the path names (read
 /// from the path itself, as the upstream will route it, so a view built without the path does
 /// not hide it), the body's `model` and each of its `models`.
-fn check_model<B: From<Bytes>>(
-    record: &KeyRecord,
-    view: Option<&RequestView>,
-    path: &str,
-) -> Option<Response<B>> {
+fn check_model(record: &KeyRecord, view: Option<&RequestView>, path: &str) -> Option<Rejection> {
     let from_path = deployment_from_path(path);
     let sources = from_path
         .as_deref()
@@ -299,15 +304,9 @@ fn check_model<B: From<Bytes>>(
     ))
 }
 
-pub(crate) fn admit<S, K, B>(
-    mut req: Request<B>,
-    inner: &mut S,
-    shared: &Shared<K>,
-    record: Arc<KeyRecord>,
-) -> S::Future
-where
-    S: Service<Request<B>>,
-{
+/// Readies an accepted request for the inner service: the credential headers handled as
+/// configured, the identity and the record in the extensions.
+fn admit<B>(req: &mut Request<B>, shared: &Shared<impl Sized>, record: Arc<KeyRecord>) {
     tracing::trace!(target: "llm_layers::auth", key_id = ?record.id(), "API key accepted");
     match &shared.forward {
         Forward::Strip => strip_credentials(req.headers_mut()),
@@ -317,26 +316,22 @@ where
     let ext = req.extensions_mut();
     ext.insert(record.identity().clone());
     ext.insert(AuthenticatedKey(record));
-    inner.call(req)
 }
 
 /// What the lookup's answer means for the request.
-pub(crate) enum Decision<R> {
-    Reject(R),
+pub(crate) enum Decision {
+    Reject(Rejection),
     Admit(Arc<KeyRecord>),
     /// The key is restricted to some models and the request's model is not known yet.
     View(Arc<KeyRecord>),
 }
 
-pub(crate) fn decide<B, K, ResBody>(
+pub(crate) fn decide<B, K>(
     result: LookupResult,
     req: &Request<B>,
     hash: &KeyHash,
     shared: &Shared<K>,
-) -> Decision<Response<ResBody>>
-where
-    ResBody: From<Bytes>,
-{
+) -> Decision {
     let record = match result {
         Ok(Some(record)) if record.hash().ct_eq(hash) => record,
         Ok(_) => {
@@ -353,7 +348,7 @@ where
                     ErrorCode::ServiceUnavailable,
                     "The API key could not be checked right now; try again shortly.",
                 )
-                .to_response(),
+                .to_response::<Bytes>(),
             );
         }
     };
@@ -361,14 +356,7 @@ where
 }
 
 /// The decision for a bearer token's validation.
-fn decide_token<B, K, ResBody>(
-    result: TokenResult,
-    req: &Request<B>,
-    shared: &Shared<K>,
-) -> Decision<Response<ResBody>>
-where
-    ResBody: From<Bytes>,
-{
+fn decide_token<B, K>(result: TokenResult, req: &Request<B>, shared: &Shared<K>) -> Decision {
     match result {
         Ok(record) => decide_record(record, req, shared),
         Err(TokenError::Invalid(why)) => {
@@ -397,20 +385,13 @@ where
                 "The access token could not be checked right now (the identity provider's keys \
                  are not available); try again shortly.",
             )
-            .to_response(),
+            .to_response::<Bytes>(),
         ),
     }
 }
 
 /// What a found record means for the request: revoked, expired, or the models it may use.
-fn decide_record<B, K, ResBody>(
-    record: Arc<KeyRecord>,
-    req: &Request<B>,
-    shared: &Shared<K>,
-) -> Decision<Response<ResBody>>
-where
-    ResBody: From<Bytes>,
-{
+fn decide_record<B, K>(record: Arc<KeyRecord>, req: &Request<B>, shared: &Shared<K>) -> Decision {
     if record.is_revoked() {
         let msg = format!(
             "The API key {} has been revoked; a new key is needed.",
@@ -449,14 +430,11 @@ where
     }
 }
 
-fn after_lookup<S, K, B, ResBody>(result: LookupResult, p: Pending<S, K, B>) -> State<S, K, B>
+fn after_lookup<S, K, B>(result: LookupResult, p: Pending<S, K, B>) -> State<S, K, B>
 where
-    S: Service<Request<B>, Response = Response<ResBody>>,
+    S: Service<Request<LayerBody<B>>>,
     K: KeyStore,
-    B: Body + From<Bytes> + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    ResBody: From<Bytes>,
+    B: Body,
 {
     let Pending {
         req,
@@ -465,17 +443,14 @@ where
         hash,
     } = p;
     let decision = decide(result, &req, &hash, &shared);
-    proceed(decision, req, inner, shared)
+    proceed(decision, req, inner, &shared)
 }
 
-fn after_token<S, K, B, ResBody>(result: TokenResult, p: Pending<S, K, B>) -> State<S, K, B>
+fn after_token<S, K, B>(result: TokenResult, p: Pending<S, K, B>) -> State<S, K, B>
 where
-    S: Service<Request<B>, Response = Response<ResBody>>,
+    S: Service<Request<LayerBody<B>>>,
     K: KeyStore,
-    B: Body + From<Bytes> + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    ResBody: From<Bytes>,
+    B: Body,
 {
     let Pending {
         req,
@@ -484,79 +459,54 @@ where
         hash: _,
     } = p;
     let decision = decide_token(result, &req, &shared);
-    proceed(decision, req, inner, shared)
+    proceed(decision, req, inner, &shared)
 }
 
-/// Carries out a decision on a looked-up key or a checked token.
-fn proceed<S, K, B, ResBody>(
-    decision: Decision<Response<ResBody>>,
-    req: Request<B>,
-    mut inner: S,
-    shared: Arc<Shared<K>>,
-) -> State<S, K, B>
-where
-    S: Service<Request<B>, Response = Response<ResBody>>,
-    K: KeyStore,
-    B: Body + From<Bytes> + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    ResBody: From<Bytes>,
-{
-    match decision {
-        Decision::Reject(res) => reject(res),
-        Decision::Admit(record) => State::Called {
-            future: admit(req, &mut inner, &shared, record),
-        },
-        Decision::View(record) => viewing(req, inner, shared, record),
-    }
-}
-
-fn viewing<S, K, B>(
+/// Carries out a decision on a looked-up key or a checked token. An admitted request's body is
+/// handed on untouched; only a key restricted to some models, with no view stored yet, reads
+/// it (through [`EnsureView`]).
+fn proceed<S, K, B>(
+    decision: Decision,
     req: Request<B>,
     inner: S,
-    shared: Arc<Shared<K>>,
-    record: Arc<KeyRecord>,
+    shared: &Arc<Shared<K>>,
 ) -> State<S, K, B>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<LayerBody<B>>>,
     K: KeyStore,
-    B: Body + From<Bytes> + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body,
 {
-    let limit = shared.body_limit;
-    let estimator = Arc::clone(&shared.estimator);
-    let view: ViewFuture<B> = Box::pin(async move { ensure_view(req, limit, &*estimator).await });
-    State::Viewing {
-        view,
-        ctx: Some(Viewing {
-            inner,
-            shared,
-            record,
-        }),
-    }
-}
-
-fn reject<S, K, B>(response: S::Response) -> State<S, K, B>
-where
-    S: Service<Request<B>>,
-    K: KeyStore,
-{
-    State::Rejected {
-        response: Some(response),
+    match decision {
+        Decision::Reject(res) => State::Rejected {
+            response: Some(res),
+        },
+        Decision::Admit(record) => {
+            let mut req = req.map(LayerBody::new);
+            admit(&mut req, shared, record);
+            State::Ready {
+                inner,
+                req: Some(req),
+            }
+        }
+        Decision::View(record) => State::Viewing {
+            view: EnsureView::new(req, shared.body_limit, Arc::clone(&shared.estimator)),
+            ctx: Some(Viewing {
+                inner,
+                shared: Arc::clone(shared),
+                record,
+            }),
+        },
     }
 }
 
 impl<S, K, B, ResBody> Future for ResponseFuture<S, K, B>
 where
-    S: Service<Request<B>, Response = Response<ResBody>>,
+    S: Service<Request<LayerBody<B>>, Response = Response<ResBody>>,
     K: KeyStore,
-    B: Body + From<Bytes> + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    ResBody: From<Bytes>,
+    B: Body,
+    B::Error: Into<BoxError>,
 {
-    type Output = Result<Response<ResBody>, S::Error>;
+    type Output = Result<Response<LayerBody<ResBody>>, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut state = self.project().state;
@@ -566,7 +516,7 @@ where
                     let res = response
                         .take()
                         .expect("ResponseFuture polled after completion");
-                    return Poll::Ready(Ok(res));
+                    return Poll::Ready(Ok(res.map(LayerBody::full)));
                 }
                 StateProj::Lookup { lookup, pending } => {
                     let result = ready!(lookup.poll(cx));
@@ -588,14 +538,14 @@ where
                     state.set(next);
                 }
                 StateProj::Viewing { view, ctx } => {
-                    let result = ready!(view.as_mut().poll(cx));
+                    let result = ready!(view.poll(cx));
                     let Viewing {
-                        mut inner,
+                        inner,
                         shared,
                         record,
                     } = ctx.take().expect("ResponseFuture polled after completion");
                     let next = match result {
-                        Ok(req) => {
+                        Ok(mut req) => {
                             match check_model(
                                 &record,
                                 RequestView::from_extensions(req.extensions()),
@@ -604,9 +554,13 @@ where
                                 Some(res) => State::Rejected {
                                     response: Some(res),
                                 },
-                                None => State::Called {
-                                    future: admit(req, &mut inner, &shared, record),
-                                },
+                                None => {
+                                    admit(&mut req, &shared, record);
+                                    State::Ready {
+                                        inner,
+                                        req: Some(req),
+                                    }
+                                }
                             }
                         }
                         Err((_, e)) => {
@@ -624,7 +578,21 @@ where
                     };
                     state.set(next);
                 }
-                StateProj::Called { future } => return future.poll(cx),
+                StateProj::Ready { inner, req } => {
+                    if let Err(e) = ready!(inner.poll_ready(cx)) {
+                        // Final: the service is dropped, never polled again.
+                        state.set(State::Done);
+                        return Poll::Ready(Err(e));
+                    }
+                    let req = req.take().expect("ResponseFuture polled after completion");
+                    let future = inner.call(req);
+                    state.set(State::Called { future });
+                }
+                StateProj::Called { future } => {
+                    let res = ready!(future.poll(cx))?;
+                    return Poll::Ready(Ok(res.map(LayerBody::new)));
+                }
+                StateProj::Done => panic!("ResponseFuture polled after completion"),
             }
         }
     }

@@ -2,15 +2,15 @@ use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
 use super::credentials::extract_api_key;
-use super::future::{admit, decide, reject_credentials, Decision, Pending, ResponseFuture};
+use super::future::{decide, reject_credentials, Decision, Pending, ResponseFuture};
 use super::layer::Shared;
 use super::store::{KeyHash, KeyStore};
+use crate::body::{BoxError, LayerBody};
 
 /// Checks the API key of every request against a [`KeyStore`]; see the
 /// [module docs](crate::auth) for what it answers.
@@ -63,19 +63,19 @@ impl<S: fmt::Debug, K: fmt::Debug> fmt::Debug for ApiKeyAuth<S, K> {
 
 impl<S, K, ReqBody, ResBody> Service<Request<ReqBody>> for ApiKeyAuth<S, K>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    S: Service<Request<LayerBody<ReqBody>>, Response = Response<ResBody>> + Clone,
     K: KeyStore,
-    ReqBody: Body + From<Bytes> + Send + 'static,
-    ReqBody::Data: Send,
-    ReqBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    ResBody: From<Bytes>,
+    ReqBody: Body,
+    ReqBody::Error: Into<BoxError>,
 {
-    type Response = Response<ResBody>;
+    type Response = Response<LayerBody<ResBody>>;
     type Error = S::Error;
     type Future = ResponseFuture<S, K, ReqBody>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
+    /// Always ready: the inner service is polled ready by the response future, on a clone,
+    /// once the key is checked and the body (when the key's allow-list needs it) is read.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
@@ -92,11 +92,9 @@ where
                     let token = String::from_utf8_lossy(key).into_owned();
                     let hash = KeyHash::of(key);
                     let validation = jwt.validate(token, self.shared.now());
-                    let clone = self.inner.clone();
-                    let inner = std::mem::replace(&mut self.inner, clone);
                     let pending = Pending {
                         req,
-                        inner,
+                        inner: self.inner.clone(),
                         shared: Arc::clone(&self.shared),
                         hash,
                     };
@@ -107,29 +105,19 @@ where
             Err(e) => return ResponseFuture::rejected(reject_credentials(&e)),
         };
         if let Some(result) = self.shared.store.lookup_now(&hash) {
-            // The store answered at once: no state to carry, no clone of the inner service
-            // unless the body must be read.
+            // The store answered at once: a rejection needs no inner service at all.
             return match decide(result, &req, &hash, &self.shared) {
                 Decision::Reject(res) => ResponseFuture::rejected(res),
-                Decision::Admit(record) => {
-                    ResponseFuture::called(admit(req, &mut self.inner, &self.shared, record))
-                }
-                Decision::View(record) => {
-                    let clone = self.inner.clone();
-                    let inner = std::mem::replace(&mut self.inner, clone);
-                    ResponseFuture::viewing(req, inner, Arc::clone(&self.shared), record)
+                decision => {
+                    ResponseFuture::decided(decision, req, self.inner.clone(), &self.shared)
                 }
             };
         }
-        let lookup = self.shared.store.lookup(&hash);
-        // The instance that was polled ready goes with the request; a clone stays behind.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
         ResponseFuture::lookup(
-            lookup,
+            self.shared.store.lookup(&hash),
             Pending {
                 req,
-                inner,
+                inner: self.inner.clone(),
                 shared: Arc::clone(&self.shared),
                 hash,
             },
