@@ -42,10 +42,69 @@
 //!
 //! The body is read only for keys restricted to some models, and only when no earlier layer
 //! left a [`RequestView`](crate::request::RequestView): it is buffered up to the body limit
-//! with [`ensure_view`](crate::request::ensure_view) and handed on intact, with the view in
+//! with [`EnsureView`](crate::request::EnsureView) and handed on intact, with the view in
 //! the extensions for later layers. Other requests stream through untouched. The body limit
 //! bounds what this layer reads; a later validation layer holds its own limit over the view
 //! (see [`crate::validate`]).
+//!
+//! # Bodies, errors and readiness
+//!
+//! * **Any body.** [`ApiKeyAuth`] takes any `Request<B>` with `B: http_body::Body` (hyper's
+//!   `Incoming`, axum's `Body`, `Full<Bytes>`, a boxed body) whose error converts into
+//!   [`BoxError`](crate::body::BoxError), and asks nothing more of it: no `From<Bytes>`, no
+//!   `Send`, no `'static`. The inner service receives `Request<LayerBody<B>>`
+//!   ([`LayerBody`](crate::body::LayerBody)): the body as it was sent
+//!   ([`LayerBody::new`](crate::body::LayerBody::new)), or the bytes read for the model check
+//!   ([`LayerBody::full`](crate::body::LayerBody::full)). The answer is
+//!   `Response<LayerBody<ResBody>>`: the inner service's body untouched, or a rejection's
+//!   envelope. An axum `Router` takes `LayerBody<Body>` like any body, so `.layer(..)` on a
+//!   router works unchanged.
+//! * **Errors.** The error type is the inner service's (`Infallible` under axum, `BoxError`
+//!   over `tower::timeout::Timeout`), passed on unchanged; rejections are responses, never
+//!   errors.
+//! * **Readiness.** [`ApiKeyAuth`] is always ready. The inner service is cloned in `call`, and
+//!   the clone is polled ready only after the key is checked (an asynchronous store lookup, a
+//!   JWKS fetch) and the body is read (keys restricted to some models): a request waiting for
+//!   its lookup or still uploading its body holds no slot of a
+//!   `tower::limit::ConcurrencyLimit` or `Buffer` below. An error from the inner `poll_ready`
+//!   is the call's error, and that service is not polled again. A rejection never touches the
+//!   inner service.
+//!
+//! ```
+//! use std::convert::Infallible;
+//!
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use http_body_util::{BodyExt, Full};
+//! use llm_layers::auth::{ApiKeyAuthLayer, InMemoryKeyStore, KeyRecord};
+//! use llm_layers::body::LayerBody;
+//! use tower::{service_fn, Layer, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = InMemoryKeyStore::new([KeyRecord::builder("team-a")
+//!     .secret("sk-team-a-0123456789abcdef")
+//!     .build()?])?;
+//! // The inner service receives the request body wrapped in a `LayerBody`.
+//! let upstream = service_fn(|req: Request<LayerBody<Full<Bytes>>>| async move {
+//!     let body = req.into_body().collect().await?.to_bytes();
+//!     Ok::<_, Infallible>(Response::new(Full::new(body)))
+//! });
+//! let svc = ApiKeyAuthLayer::new(store).layer(upstream);
+//!
+//! let req = Request::post("/v1/chat/completions")
+//!     .header("authorization", "Bearer sk-team-a-0123456789abcdef")
+//!     .body(Full::new(Bytes::from_static(br#"{"model":"gpt-4o"}"#)))?;
+//! let res: Response<LayerBody<Full<Bytes>>> = svc.oneshot(req).await?;
+//! assert_eq!(res.status(), 200);
+//! assert_eq!(res.into_body().collect().await?.to_bytes(), r#"{"model":"gpt-4o"}"#);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Around a plain hyper server, the same layer wraps `Request<Incoming>`, with a hyper-util
+//! client (behind a `tower::timeout::TimeoutLayer`, say) as the inner service over
+//! `Request<LayerBody<Incoming>>`.
 //!
 //! # Which models a restricted key's request uses
 //!
