@@ -29,12 +29,14 @@ pub(crate) fn config_error(
 pub const MAX_ATTEMPTS_LIMIT: u32 = 10;
 
 /// What the layer answers when the inner service's last attempt failed with an `Err`
-/// (connection refused or reset, a broken body).
+/// (connection refused or reset, a broken body, a `tower::timeout` timeout). A `poll_ready`
+/// error of the inner service is not an attempt that failed: it is returned at once in either
+/// mode (see [Readiness](crate::retry#readiness)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TransportErrors {
-    /// Answer with the envelope from [`crate::classify::classify_transport_error`]
+    /// Answer with the envelope from [`crate::policy::classify_error_ref`]
     /// (`502 service_unavailable` or `504 timeout`). The default: a gateway answers its
-    /// callers, and the service never fails.
+    /// callers, and a call fails only when the inner service cannot become ready.
     #[default]
     Envelope,
     /// Return the inner service's last `Err` unchanged, for client stacks that want to see
