@@ -2025,3 +2025,49 @@ async fn the_policy_decides_which_answers_are_failures_and_of_what_kind() {
         Some(&RetryStop::NotRetryable)
     );
 }
+
+/// An error type the crate does not know, whose chain holds a timed-out io error.
+#[derive(Debug)]
+struct Unknown(std::io::Error);
+
+impl std::fmt::Display for Unknown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("client error")
+    }
+}
+
+impl std::error::Error for Unknown {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_whole_chain_of_an_error_of_any_type_is_classified() {
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    let upstream = tower::service_fn(move |_req: Request<LayerBody<Body>>| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        async {
+            Err::<Response<Body>, _>(Unknown(std::io::Error::from(std::io::ErrorKind::TimedOut)))
+        }
+    });
+    let res = fast()
+        .max_attempts(2)
+        .build()
+        .unwrap()
+        .layer(upstream)
+        .oneshot(
+            Request::post("/v1/chat/completions")
+                .body(Body::from(CHAT))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 504);
+    assert_eq!(
+        res.extensions().get::<ApiError>().unwrap().code(),
+        ErrorCode::Timeout
+    );
+    assert_eq!(count.load(Ordering::SeqCst), 2);
+}

@@ -34,7 +34,7 @@ pub const MAX_ATTEMPTS_LIMIT: u32 = 10;
 /// mode (see [Readiness](crate::retry#readiness)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TransportErrors {
-    /// Answer with the envelope from [`crate::policy::classify_error_ref`]
+    /// Answer with the envelope from [`crate::policy::classify_error`]
     /// (`502 service_unavailable` or `504 timeout`). The default: a gateway answers its
     /// callers, and a call fails only when the inner service cannot become ready.
     #[default]

@@ -20,7 +20,7 @@ use crate::body::{announced_length, check_limit, BoxError, BufferError, BufferRe
 use crate::classify::classify_head;
 use crate::error::{ApiError, ErrorCode, X_SHOULD_RETRY};
 use crate::ext::{Attempts, RefusedLocally};
-use crate::policy::{classify_error_ref, Classify, FailureKind, Outcome};
+use crate::policy::{classify_error, classify_error_ref, Classify, FailureKind, Outcome};
 
 use super::backoff::uniform;
 use super::config::{RetryEvent, RetryStop, Shared, TransportErrors};
@@ -347,18 +347,26 @@ where
                     }
                 }
                 Ended::Transport(e) => {
-                    // Any error type: a tower `Elapsed` in a `BoxError` is a timeout.
-                    let err = classify_error_ref(&e);
+                    // Any error type: a tower `Elapsed` in a `BoxError` is a timeout. An error
+                    // that may still be returned is looked at where it is; one that never is
+                    // (the envelope mode) is taken, so that its whole chain is read whatever
+                    // its type.
+                    let (err, kept) = if this.shared.transport_errors == TransportErrors::Propagate
+                    {
+                        (classify_error_ref(&e), Some(e))
+                    } else {
+                        (classify_error(e), None)
+                    };
                     let kind = FailureKind::of(err.code());
                     match this.decide(&err, kind, None) {
                         Ok(delay) => {
-                            drop(e);
+                            drop(kept);
                             this.schedule(delay, &err);
                         }
                         Err(stop) => {
                             this.state.set(State::Done);
                             log_stop(attempt, stop, &err);
-                            if this.shared.transport_errors == TransportErrors::Propagate {
+                            if let Some(e) = kept {
                                 return Poll::Ready(Err(e));
                             }
                             let stop = this.skipped.or(Some(stop));

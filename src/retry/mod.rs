@@ -57,9 +57,16 @@
 //! [predicate](RetryLayerBuilder::retry_if) asks. The wait hint and the upstream's
 //! `x-should-retry` are read from the normalizer's [`ApiError`], else from
 //! [`classify_head`](crate::classify::classify_head). A transport error (the inner service's
-//! `Err`, of any type that is `Into<BoxError>`) is classified by
-//! [`classify_error_ref`](crate::policy::classify_error_ref) and goes by the same table: a
-//! `tower::timeout` `Elapsed` inside a `BoxError` is a `timeout`, and retried.
+//! `Err`, of any type that is `Into<BoxError>`) goes by the same table, classified as
+//! [`classify_transport_error`](crate::classify::classify_transport_error) reads its chain:
+//! `timeout` when a timeout is anywhere in it (a `tower::timeout` `Elapsed` inside a
+//! `BoxError` included), else `service_unavailable`; both are retried. With
+//! [`TransportErrors::Envelope`] (the default) the error is never returned, so the layer takes
+//! it ([`classify_error`](crate::policy::classify_error)) and reads the chain of any type;
+//! with [`TransportErrors::Propagate`] it keeps it to return it and looks at it in place
+//! ([`classify_error_ref`](crate::policy::classify_error_ref)), which knows the common error
+//! types (`BoxError`, `std::io::Error`, `Elapsed`, hyper's and reqwest's) and calls any other a
+//! plain `service_unavailable`.
 //!
 //! # Which requests are retried
 //!
@@ -159,7 +166,7 @@
 //! end on an upstream error (the [`RetryStop`] reason is in the extensions and the
 //! `x-llm-layers-retry-stop` header). When
 //! the last attempt failed with a transport error: by default the envelope from
-//! [`classify_error_ref`](crate::policy::classify_error_ref) (`502 service_unavailable` or
+//! [`classify_error`](crate::policy::classify_error) (`502 service_unavailable` or
 //! `504 timeout`), so the service fits an axum router; with [`TransportErrors::Propagate`] the
 //! inner service's own `Err`. An attempt cut by the per-attempt timeout or the deadline is
 //! answered with `504 timeout`. The layer's `Error` is always the inner service's
