@@ -16,6 +16,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use futures_util::FutureExt;
 use http::{Request, Response};
 use http_body_util::Full;
+use llm_layers::body::LayerBody;
 use llm_layers::retry::RetryLayer;
 use tower::{Layer, Service};
 
@@ -93,7 +94,7 @@ fn benches(c: &mut Criterion) {
         .unwrap();
 
     {
-        let mut svc = default_layer.layer(bare::<Full<Bytes>>());
+        let mut svc = default_layer.layer(bare::<LayerBody<Full<Bytes>>>());
         ready(&mut svc);
         let fut = svc.call(chat());
         println!(
@@ -131,7 +132,7 @@ fn benches(c: &mut Criterion) {
         .no_budget()
         .build()
         .unwrap();
-    let mut svc = single.layer(bare::<Full<Bytes>>());
+    let mut svc = single.layer(bare::<LayerBody<Full<Bytes>>>());
     g.bench_function("retry (max_attempts 1: no replay copy)", |b| {
         b.iter_batched(
             chat,
@@ -139,7 +140,7 @@ fn benches(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
-    let mut svc = default_layer.layer(bare::<Full<Bytes>>());
+    let mut svc = default_layer.layer(bare::<LayerBody<Full<Bytes>>>());
     g.bench_function("retry (default budget)", |b| {
         b.iter_batched(
             chat,
@@ -147,7 +148,7 @@ fn benches(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
-    let mut svc = no_budget.layer(bare::<Full<Bytes>>());
+    let mut svc = no_budget.layer(bare::<LayerBody<Full<Bytes>>>());
     g.bench_function("retry (no budget)", |b| {
         b.iter_batched(
             chat,
@@ -155,7 +156,7 @@ fn benches(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
-    let mut svc = quiet.layer(bare::<Full<Bytes>>());
+    let mut svc = quiet.layer(bare::<LayerBody<Full<Bytes>>>());
     g.bench_function("retry (no budget, no headers)", |b| {
         b.iter_batched(
             chat,
@@ -177,7 +178,7 @@ fn benches(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
-    let mut svc = default_layer.layer(bare::<Full<Bytes>>());
+    let mut svc = default_layer.layer(bare::<LayerBody<Full<Bytes>>>());
     g.bench_function("retry, one chunk", |b| {
         b.iter_batched(
             || big_one_chunk(&data),
@@ -193,7 +194,7 @@ fn benches(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
-    let mut svc = default_layer.layer(bare::<StreamedBody>());
+    let mut svc = default_layer.layer(bare::<LayerBody<StreamedBody>>());
     g.bench_function("retry, 16 chunks", |b| {
         b.iter_batched(
             || big_chunked(&data),

@@ -685,7 +685,11 @@ async fn head_through_retry_and_breaker_is_one_upstream_call_and_a_200() {
         .layer(RetryLayer::builder().seed(3).build().unwrap())
         .layer(breaker)
         .layer(NormalizeErrorsLayer::new())
-        .service(hyper_client());
+        // The retry layer hands on `LayerBody<Full<Bytes>>`.
+        .service(
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<llm_layers::body::LayerBody<Full<Bytes>>>(),
+        );
     for _ in 0..3 {
         let res = client
             .clone()
@@ -1379,4 +1383,98 @@ async fn expose_upstream_shows_the_upstreams_own_code_type_and_message() {
     let (_, _, body) = answer_of(plain, "sse-balance").await;
     let event = sse_error_of(std::str::from_utf8(&body).unwrap());
     assert!(event["error"].get("upstream").is_none(), "{event}");
+}
+
+// ---------- errors of any type, readiness errors passed on ----------
+
+#[tokio::test(start_paused = true)]
+async fn over_tower_timeout_a_slow_upstream_is_a_504_timeout_envelope() {
+    let slow = tower::service_fn(|_req: Request<Full<Bytes>>| async {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        Ok::<_, std::io::Error>(Response::new(Full::new(Bytes::from_static(b"late"))))
+    });
+    let svc = ServiceBuilder::new()
+        .layer(NormalizeErrorsLayer::new())
+        .layer(tower::timeout::TimeoutLayer::new(Duration::from_secs(2)))
+        .service(slow);
+    let t0 = tokio::time::Instant::now();
+    // The layer's error type is the inner one: `BoxError` over a `Timeout`.
+    let res: Result<_, llm_layers::body::BoxError> =
+        svc.oneshot(Request::new(Full::default())).await;
+    let res = res.unwrap();
+    assert_eq!(t0.elapsed(), Duration::from_secs(2));
+    assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(
+        res.extensions().get::<ApiError>().unwrap().code(),
+        ErrorCode::Timeout
+    );
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let json: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["error"]["code"], "timeout");
+}
+
+/// Fails `poll_ready` with its own error; counts the polls; panics when called.
+#[derive(Clone, Default)]
+struct NeverReady {
+    polls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl tower::Service<Request<Full<Bytes>>> for NeverReady {
+    type Response = Response<Full<Bytes>>;
+    type Error = std::io::Error;
+    type Future = std::future::Ready<Result<Response<Full<Bytes>>, std::io::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.polls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::task::Poll::Ready(Err(std::io::Error::new(
+            std::io::ErrorKind::BrokenPipe,
+            "worker gone",
+        )))
+    }
+
+    fn call(&mut self, _req: Request<Full<Bytes>>) -> Self::Future {
+        panic!("a service whose poll_ready failed was called")
+    }
+}
+
+#[tokio::test]
+async fn a_poll_ready_error_is_passed_on_unchanged() {
+    let inner = NeverReady::default();
+    let mut svc = NormalizeErrorsLayer::new().layer(inner.clone());
+    let err = match svc.ready().await {
+        Ok(_) => panic!("a failed readiness became ready"),
+        Err(e) => e,
+    };
+    // The inner error itself, not an envelope and not a copy of another type.
+    assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe);
+    assert_eq!(err.to_string(), "worker gone");
+    assert_eq!(inner.polls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // `oneshot` sees the same error and never calls the service.
+    let err = NormalizeErrorsLayer::new()
+        .layer(NeverReady::default())
+        .oneshot(Request::new(Full::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe);
+}
+
+#[tokio::test]
+async fn an_infallible_inner_service_keeps_the_layer_infallible() {
+    let inner = tower::service_fn(|_req: Request<Full<Bytes>>| async {
+        Ok::<_, std::convert::Infallible>(
+            Response::builder()
+                .status(503)
+                .body(Full::default())
+                .unwrap(),
+        )
+    });
+    let res: Result<_, std::convert::Infallible> = NormalizeErrorsLayer::new()
+        .layer(inner)
+        .oneshot(Request::new(Full::default()))
+        .await;
+    let Ok(res) = res;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
 }

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use common_retry::*;
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
+use llm_layers::body::LayerBody;
 use llm_layers::error::{ApiError, ErrorCode};
 use llm_layers::ext::{Attempts, RefusedLocally};
 use llm_layers::retry::{
@@ -243,6 +244,7 @@ async fn client_stack_over_hyper_util_can_propagate_transport_errors() {
                 .build()
                 .unwrap(),
         )
+        .map_request(|req: Request<LayerBody<Body>>| req.map(Body::new))
         .map_response(|res: Response<hyper::body::Incoming>| res.map(Body::new))
         .service(upstream_client());
     let req = Request::post(format!("http://{}/v1/embeddings", stub.addr))
@@ -269,11 +271,11 @@ async fn client_stack_over_a_reqwest_service_fn() {
     ])
     .await;
     let http = reqwest::Client::new();
-    let upstream = tower::service_fn(move |req: Request<Body>| {
+    let upstream = tower::service_fn(move |req: Request<LayerBody<Body>>| {
         let http = http.clone();
         async move {
             let (parts, body) = req.into_parts();
-            let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+            let bytes = body.collect().await.unwrap().to_bytes();
             let req = reqwest::Request::try_from(Request::from_parts(parts, bytes))?;
             let res = http.execute(req).await?;
             Ok::<_, reqwest::Error>(Response::from(res).map(Body::new))
@@ -297,7 +299,7 @@ fn call(
     rec: &Recorder,
     script: ScriptFn,
     body: Body,
-) -> impl std::future::Future<Output = Result<Response<Body>, std::io::Error>> {
+) -> impl std::future::Future<Output = Result<Response<LayerBody<Body>>, std::io::Error>> {
     let svc = layer.layer(scripted(rec.clone(), script));
     let req = Request::post("/v1/chat/completions").body(body).unwrap();
     svc.oneshot(req)
@@ -677,7 +679,7 @@ async fn the_deadline_cuts_a_hanging_attempt_with_504() {
         .unwrap();
     let rec = Recorder::default();
     let rec2 = rec.clone();
-    let svc = layer.layer(tower::service_fn(move |_req: Request<Body>| {
+    let svc = layer.layer(tower::service_fn(move |_req: Request<LayerBody<Body>>| {
         let rec = rec2.clone();
         async move {
             rec.arrivals.lock().unwrap().push(Instant::now());
@@ -717,7 +719,7 @@ async fn the_deadline_cuts_a_hanging_attempt_with_504() {
 async fn outage(requests: usize, layer: RetryLayer) -> usize {
     let attempts = Arc::new(AtomicUsize::new(0));
     let a = attempts.clone();
-    let upstream = tower::service_fn(move |_req: Request<Body>| {
+    let upstream = tower::service_fn(move |_req: Request<LayerBody<Body>>| {
         a.fetch_add(1, Ordering::Relaxed);
         async { Ok::<_, std::io::Error>(status(503)) }
     });
@@ -820,7 +822,7 @@ struct StuckAfterOne {
     calls: Arc<AtomicUsize>,
 }
 
-impl Service<Request<Body>> for StuckAfterOne {
+impl Service<Request<LayerBody<Body>>> for StuckAfterOne {
     type Response = Response<Body>;
     type Error = std::io::Error;
     type Future = std::future::Ready<Result<Response<Body>, std::io::Error>>;
@@ -836,7 +838,7 @@ impl Service<Request<Body>> for StuckAfterOne {
         }
     }
 
-    fn call(&mut self, _req: Request<Body>) -> Self::Future {
+    fn call(&mut self, _req: Request<LayerBody<Body>>) -> Self::Future {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let mut res = Response::new(Body::empty());
         *res.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
@@ -904,7 +906,7 @@ fn send(
     rec: &Recorder,
     script: ScriptFn,
     req: Request<Body>,
-) -> impl std::future::Future<Output = Result<Response<Body>, std::io::Error>> {
+) -> impl std::future::Future<Output = Result<Response<LayerBody<Body>>, std::io::Error>> {
     layer.layer(scripted(rec.clone(), script)).oneshot(req)
 }
 
@@ -1699,4 +1701,373 @@ async fn behind_the_normalizer_the_upstreams_x_should_retry_is_obeyed_too() {
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["x-llm-layers-attempts"], "2");
     assert_eq!(stub.count(), 2);
+}
+
+// ---------- any error type: directly over `tower::timeout::Timeout` ----------
+
+/// An in-process upstream that hangs (paused time) on the attempts `slow` names and answers
+/// `200` on the others, counting attempts.
+fn slow_on(
+    slow: fn(usize) -> bool,
+    count: Arc<AtomicUsize>,
+) -> impl Service<
+    Request<LayerBody<Body>>,
+    Response = Response<Body>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Clone {
+    tower::service_fn(move |_req: Request<LayerBody<Body>>| {
+        let n = count.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if slow(n) {
+                tokio::time::sleep(secs(3600)).await;
+            }
+            Ok::<_, std::io::Error>(status(200))
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn over_tower_timeout_a_timed_out_attempt_is_a_retried_timeout() {
+    let count = Arc::new(AtomicUsize::new(0));
+    let codes = Arc::new(Mutex::new(Vec::new()));
+    let seen = codes.clone();
+    let svc = ServiceBuilder::new()
+        .layer(
+            fast()
+                .on_retry(move |e| seen.lock().unwrap().push(e.error().code()))
+                .build()
+                .unwrap(),
+        )
+        .layer(tower::timeout::TimeoutLayer::new(secs(1)))
+        .service(slow_on(|n| n == 0, count.clone()));
+    let t0 = Instant::now();
+    let res: Result<_, llm_layers::body::BoxError> = svc
+        .oneshot(
+            Request::post("/v1/chat/completions")
+                .body(Body::from(CHAT))
+                .unwrap(),
+        )
+        .await;
+    let res = res.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.extensions().get::<Attempts>(), Some(&Attempts(2)));
+    assert_eq!(count.load(Ordering::SeqCst), 2);
+    assert_eq!(*codes.lock().unwrap(), vec![ErrorCode::Timeout]);
+    assert!(Instant::now() - t0 >= secs(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn over_tower_timeout_the_last_timeout_comes_back_as_the_err() {
+    let count = Arc::new(AtomicUsize::new(0));
+    let svc = ServiceBuilder::new()
+        .layer(
+            fast()
+                .max_attempts(3)
+                .transport_errors(TransportErrors::Propagate)
+                .build()
+                .unwrap(),
+        )
+        .layer(tower::timeout::TimeoutLayer::new(secs(1)))
+        .service(slow_on(|_| true, count.clone()));
+    let err = svc
+        .oneshot(
+            Request::post("/v1/chat/completions")
+                .body(Body::from(CHAT))
+                .unwrap(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.downcast_ref::<tower::timeout::error::Elapsed>()
+            .is_some(),
+        "{err:?}"
+    );
+    assert_eq!(count.load(Ordering::SeqCst), 3, "every attempt was made");
+
+    // With the default envelope, the same stop is a 504 timeout.
+    let count = Arc::new(AtomicUsize::new(0));
+    let svc = ServiceBuilder::new()
+        .layer(fast().max_attempts(2).build().unwrap())
+        .layer(tower::timeout::TimeoutLayer::new(secs(1)))
+        .service(slow_on(|_| true, count.clone()));
+    let res = svc
+        .oneshot(
+            Request::post("/v1/chat/completions")
+                .body(Body::from(CHAT))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 504);
+    assert_eq!(
+        res.extensions().get::<ApiError>().unwrap().code(),
+        ErrorCode::Timeout
+    );
+    assert_eq!(
+        res.extensions().get::<RetryStop>(),
+        Some(&RetryStop::AttemptsExhausted)
+    );
+    assert_eq!(count.load(Ordering::SeqCst), 2);
+}
+
+// ---------- readiness: the body is buffered before the inner service is polled ready ----------
+
+type Chunk = Result<http_body::Frame<Bytes>, std::convert::Infallible>;
+
+/// A request body fed through a channel: it is still being uploaded until the sender is
+/// dropped.
+fn uploading() -> (
+    tokio::sync::mpsc::UnboundedSender<Chunk>,
+    impl http_body::Body<Data = Bytes, Error = std::convert::Infallible> + Send + Unpin + 'static,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Chunk>();
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    });
+    (tx, http_body_util::StreamBody::new(Box::pin(stream)))
+}
+
+fn chunk(s: &'static str) -> Chunk {
+    Ok(http_body::Frame::data(Bytes::from_static(s.as_bytes())))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_upload_does_not_hold_the_slot_of_a_concurrency_limit() {
+    let rec = Recorder::default();
+    let svc = ServiceBuilder::new()
+        .layer(fast().build().unwrap())
+        .layer(tower::limit::ConcurrencyLimitLayer::new(1))
+        .service(scripted(rec.clone(), Arc::new(|_| Ok(status(200)))));
+
+    // The first request is still uploading its body.
+    let (slow_tx, slow_body) = uploading();
+    slow_tx.send(chunk(r#"{"model":"gpt-4o","#)).unwrap();
+    let slow = tokio::spawn(
+        svc.clone().oneshot(
+            Request::post("/v1/chat/completions")
+                .body(slow_body)
+                .unwrap(),
+        ),
+    );
+    tokio::task::yield_now().await;
+
+    // A second request goes through the one slot meanwhile.
+    let (fast_tx, fast_body) = uploading();
+    fast_tx.send(chunk(CHAT)).unwrap();
+    drop(fast_tx);
+    let res = tokio::time::timeout(
+        secs(60),
+        svc.clone().oneshot(
+            Request::post("/v1/chat/completions")
+                .body(fast_body)
+                .unwrap(),
+        ),
+    )
+    .await
+    .expect("the second request is not held behind the upload")
+    .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(!slow.is_finished());
+    assert_eq!(rec.count(), 1);
+
+    // The upload ends; the first request is served too, with its whole body.
+    slow_tx.send(chunk(r#""messages":[]}"#)).unwrap();
+    drop(slow_tx);
+    let res = slow.await.unwrap().unwrap();
+    assert_eq!(res.status(), 200);
+    let bodies = rec.bodies.lock().unwrap().clone();
+    assert_eq!(bodies[0], CHAT.as_bytes());
+    assert_eq!(bodies[1], r#"{"model":"gpt-4o","messages":[]}"#.as_bytes());
+}
+
+/// Ready `ok_polls` times, then fails `poll_ready`; answers `503`; counts both.
+#[derive(Clone)]
+struct FailsReady {
+    ok_polls: usize,
+    polls: Arc<AtomicUsize>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Service<Request<LayerBody<Body>>> for FailsReady {
+    type Response = Response<Body>;
+    type Error = std::io::Error;
+    type Future = std::future::Ready<Result<Response<Body>, std::io::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        let n = self.polls.fetch_add(1, Ordering::SeqCst);
+        std::task::Poll::Ready(if n < self.ok_polls {
+            Ok(())
+        } else {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "worker gone",
+            ))
+        })
+    }
+
+    fn call(&mut self, _req: Request<LayerBody<Body>>) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Ok(status(503)))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_poll_ready_error_is_final_and_the_service_is_not_polled_again() {
+    for ok_polls in [0, 1] {
+        let inner = FailsReady {
+            ok_polls,
+            polls: Arc::default(),
+            calls: Arc::default(),
+        };
+        // Envelope mode: even so, a readiness error is the call's `Err`, not an answer.
+        let layer = fast().max_attempts(5).no_budget().build().unwrap();
+        let call = layer.layer(inner.clone()).oneshot(
+            Request::post("/v1/chat/completions")
+                .body(Body::from(CHAT))
+                .unwrap(),
+        );
+        // A layer that went on polling the failed service would never answer.
+        let err = tokio::time::timeout(secs(600), call)
+            .await
+            .expect("answered at once")
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe, "{ok_polls}");
+        assert_eq!(
+            inner.polls.load(Ordering::SeqCst),
+            ok_polls + 1,
+            "{ok_polls}"
+        );
+        assert_eq!(inner.calls.load(Ordering::SeqCst), ok_polls, "{ok_polls}");
+    }
+}
+
+// ---------- the policy decides what an answer means ----------
+
+#[tokio::test(start_paused = true)]
+async fn the_policy_decides_which_answers_are_failures_and_of_what_kind() {
+    use llm_layers::policy::{Classify, DefaultPolicy, FailureKind, Outcome};
+    let script: ScriptFn = Arc::new(|n| Ok(status(if n == 0 { 404 } else { 200 })));
+
+    // By default a 404 is `not_found`, not retried.
+    let rec = Recorder::default();
+    let res = call(
+        &fast().build().unwrap(),
+        &rec,
+        script.clone(),
+        Body::from(CHAT),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 404);
+    assert_eq!(rec.count(), 1);
+
+    // A policy that calls it transient ("not deployed yet") has it retried.
+    let layer = fast()
+        .policy(
+            |status: http::StatusCode, headers: &http::HeaderMap, err: Option<&ApiError>| {
+                if status == http::StatusCode::NOT_FOUND {
+                    return Outcome::failure(ErrorCode::NotFound, FailureKind::Transient);
+                }
+                DefaultPolicy.classify_response(status, headers, err)
+            },
+        )
+        .build()
+        .unwrap();
+    let rec = Recorder::default();
+    let res = call(&layer, &rec, script, Body::from(CHAT)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(rec.count(), 2);
+
+    // A success is never retried, whatever the status.
+    let layer = fast()
+        .policy(|_: http::StatusCode, _: &http::HeaderMap, _: Option<&ApiError>| Outcome::Success)
+        .build()
+        .unwrap();
+    let rec = Recorder::default();
+    let res = call(
+        &layer,
+        &rec,
+        Arc::new(|_| Ok(status(503))),
+        Body::from(CHAT),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(rec.count(), 1);
+    assert_eq!(res.extensions().get::<RetryStop>(), None);
+
+    // A kind that is never retried is not, even when the status alone would be.
+    let layer = fast()
+        .policy(
+            |_: http::StatusCode, _: &http::HeaderMap, _: Option<&ApiError>| {
+                Outcome::failure(ErrorCode::UpstreamBlocked, FailureKind::Blocked)
+            },
+        )
+        .build()
+        .unwrap();
+    let rec = Recorder::default();
+    let res = call(
+        &layer,
+        &rec,
+        Arc::new(|_| Ok(status(503))),
+        Body::from(CHAT),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(rec.count(), 1);
+    assert_eq!(
+        res.extensions().get::<RetryStop>(),
+        Some(&RetryStop::NotRetryable)
+    );
+}
+
+/// An error type the crate does not know, whose chain holds a timed-out io error.
+#[derive(Debug)]
+struct Unknown(std::io::Error);
+
+impl std::fmt::Display for Unknown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("client error")
+    }
+}
+
+impl std::error::Error for Unknown {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_whole_chain_of_an_error_of_any_type_is_classified() {
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    let upstream = tower::service_fn(move |_req: Request<LayerBody<Body>>| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        async {
+            Err::<Response<Body>, _>(Unknown(std::io::Error::from(std::io::ErrorKind::TimedOut)))
+        }
+    });
+    let res = fast()
+        .max_attempts(2)
+        .build()
+        .unwrap()
+        .layer(upstream)
+        .oneshot(
+            Request::post("/v1/chat/completions")
+                .body(Body::from(CHAT))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 504);
+    assert_eq!(
+        res.extensions().get::<ApiError>().unwrap().code(),
+        ErrorCode::Timeout
+    );
+    assert_eq!(count.load(Ordering::SeqCst), 2);
 }

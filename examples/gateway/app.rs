@@ -49,7 +49,6 @@
 //! answers `502 service_unavailable` with a message naming TLS and the certificate, and
 //! `x-should-retry: false` (the next attempt would be refused the same way).
 
-use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -267,7 +266,7 @@ pub fn tls_config(ca: Option<&Path>, field: &str) -> Result<rustls::ClientConfig
 }
 
 /// The service that answers one proxied request: every layer around the upstream call.
-pub type Upstream = BoxCloneSyncService<Request, Response, Infallible>;
+pub type Upstream = BoxCloneSyncService<Request, Response, llm_layers::body::BoxError>;
 
 /// The HTTP client that sends one attempt: `/v1/x` on the gateway is `{base}/x` upstream,
 /// credentials, `host`, `content-length` and hop-by-hop headers are removed and the upstream
@@ -405,7 +404,9 @@ pub fn upstream_with(
         // The client's headers are filtered before the layers, so headers a layer adds for
         // the upstream reach it.
         .map_request(move |req| forward_only(req, &forward))
+        .map_response(IntoResponse::into_response)
         .layer(stack.retry())
+        .map_request(|req: Request<llm_layers::body::LayerBody<Body>>| req.map(Body::new))
         .layer(stack.breaker())
         .map_response(IntoResponse::into_response)
         // The attempt timeout covers the head; the error body is read within the same bound.
@@ -418,8 +419,11 @@ pub fn upstream_with(
 }
 
 async fn proxy(State(upstream): State<Upstream>, req: Request) -> Response {
-    let Ok(res) = upstream.oneshot(req).await;
-    res
+    match upstream.oneshot(req).await {
+        Ok(res) => res,
+        // Only a service that failed to become ready gets here.
+        Err(e) => llm_layers::policy::classify_error(e).to_response(),
+    }
 }
 
 /// The route's own stack, as its `[routes."/path"]` policy says: auth (with `auth`), then

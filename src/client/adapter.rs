@@ -177,6 +177,19 @@ impl<B: Into<reqwest::Body>> Service<http::Request<B>> for NextService {
     }
 }
 
+/// A request body a layer handed on (the one it was given, or bytes it buffered or replays)
+/// as the `reqwest::Body` it stands for.
+impl<B: Into<reqwest::Body>> From<crate::body::LayerBody<B>> for reqwest::Body {
+    fn from(body: crate::body::LayerBody<B>) -> reqwest::Body {
+        match body {
+            crate::body::LayerBody::Inner { body } => body.into(),
+            crate::body::LayerBody::Full { data } => {
+                data.map_or_else(reqwest::Body::default, reqwest::Body::from)
+            }
+        }
+    }
+}
+
 /// The response future of [`NextService`].
 pub struct NextFuture {
     state: Option<Result<oneshot::Receiver<Reply>, reqwest_middleware::Error>>,

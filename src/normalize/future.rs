@@ -1,4 +1,3 @@
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,8 +12,10 @@ use tokio::time::Sleep;
 
 use super::body::{NormalizeBody, SseEvents};
 use super::NormalizeOptions;
-use crate::classify::{classify_response, classify_transport_error, code_for_status, Classifier};
+use crate::body::BoxError;
+use crate::classify::{classify_response, code_for_status, Classifier};
 use crate::error::{ApiError, ErrorCode};
+use crate::policy::classify_error;
 
 pin_project! {
     /// The response future of [`NormalizeErrors`](super::NormalizeErrors).
@@ -56,9 +57,6 @@ pin_project! {
             // The body opened like an error object: read on (bounded) and classify.
             suspect: bool,
             deadline: Deadline,
-        },
-        Failed {
-            err: Option<ApiError>,
         },
     }
 }
@@ -125,24 +123,15 @@ impl<F, B> ResponseFuture<F, B> {
             classifier,
         }
     }
-
-    pub(super) fn error(err: ApiError, options: NormalizeOptions) -> Self {
-        ResponseFuture {
-            state: State::Failed { err: Some(err) },
-            options,
-            head: false,
-            classifier: None,
-        }
-    }
 }
 
 impl<F, B, E> Future for ResponseFuture<F, B>
 where
     F: Future<Output = Result<Response<B>, E>>,
-    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: Into<BoxError>,
     B: Body<Data = Bytes>,
 {
-    type Output = Result<Response<NormalizeBody<B>>, Infallible>;
+    type Output = Result<Response<NormalizeBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -152,8 +141,8 @@ where
                     let res = match ready!(fut.poll(cx)) {
                         Ok(res) => res,
                         Err(e) => {
-                            let e: Box<dyn std::error::Error + Send + Sync> = e.into();
-                            let err = classify_transport_error(&*e);
+                            // Any error type: a tower `Elapsed` in a `BoxError` is a timeout.
+                            let err = classify_error(e);
                             tracing::debug!(code = %err.code(), "upstream transport error");
                             return Poll::Ready(Ok(envelope(&err, None, this.options)));
                         }
@@ -378,10 +367,6 @@ where
                         }
                     };
                     return Poll::Ready(Ok(Response::from_parts(parts, body)));
-                }
-                StateProj::Failed { err } => {
-                    let err = err.take().expect("ResponseFuture polled after completion");
-                    return Poll::Ready(Ok(envelope(&err, None, this.options)));
                 }
             }
         }

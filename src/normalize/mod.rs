@@ -25,8 +25,21 @@
 //!   is also put in the response extensions, so outer layers (retry, breaker) read it without
 //!   parsing again.
 //! - **transport errors** (connection refused or reset, timeouts from an inner timeout layer):
-//!   `502 service_unavailable` or `504 timeout` envelopes, so the layer's error type is
-//!   [`Infallible`](std::convert::Infallible) and it fits an axum router.
+//!   a call that fails with an `Err` of any type that is `Into<BoxError>` answers
+//!   `502 service_unavailable`, or `504 timeout` for a timeout anywhere in the error's chain
+//!   (`tower::timeout`'s `Elapsed` inside a `BoxError` included), through
+//!   [`policy::classify_error`](crate::policy::classify_error). So a call never fails.
+//!
+//! # Errors and readiness
+//!
+//! The layer's error type is the inner service's (`type Error = S::Error`), so an inner
+//! [`Infallible`](std::convert::Infallible) service (an axum router, a handler) stays
+//! infallible and fits a router. The only `Err` the layer can return is the inner service's
+//! `poll_ready` error, passed on unchanged: a service that failed to become ready is broken
+//! (tower's rule), so the error is final. The layer does not turn it into an answer, keeps no
+//! copy of it and does not poll that service again; it is the caller's (a `tower::buffer`, a
+//! balancer, a server) to drop the service. Over a `tower::timeout::Timeout` the error type is
+//! `BoxError`; `.map_err(..)` or a `match` at the edge turns it into what the server needs.
 //!
 //! # Rules
 //!

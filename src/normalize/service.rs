@@ -1,4 +1,3 @@
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -9,8 +8,8 @@ use tower_service::Service;
 use super::body::NormalizeBody;
 use super::future::ResponseFuture;
 use super::NormalizeOptions;
-use crate::classify::{classify_transport_error, Classifier};
-use crate::error::ApiError;
+use crate::body::BoxError;
+use crate::classify::Classifier;
 
 /// The service built by [`NormalizeErrorsLayer`](super::NormalizeErrorsLayer).
 #[derive(Debug, Clone)]
@@ -19,8 +18,6 @@ pub struct NormalizeErrors<S> {
     options: NormalizeOptions,
     /// The application's rules; `None` when there are none, so that a request clones nothing.
     classifier: Option<Arc<Classifier>>,
-    /// An error the inner service returned from `poll_ready`, answered on the next call.
-    ready_error: Option<ApiError>,
 }
 
 impl<S> NormalizeErrors<S> {
@@ -35,7 +32,6 @@ impl<S> NormalizeErrors<S> {
             inner,
             options,
             classifier: None,
-            ready_error: None,
         }
     }
 
@@ -70,39 +66,23 @@ impl<S> NormalizeErrors<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for NormalizeErrors<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Error: Into<BoxError>,
     ResBody: http_body::Body<Data = Bytes>,
 {
     type Response = Response<NormalizeBody<ResBody>>;
-    type Error = Infallible;
+    type Error = S::Error;
     type Future = ResponseFuture<S::Future, ResBody>;
 
+    /// The inner service's readiness, passed on unchanged: an `Err` is final (tower's rule),
+    /// the layer neither answers it as an envelope nor polls the failed service again.
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // An inner service that fails to become ready is reported on the call: stay ready and
-        // let `call` answer with the envelope for that error.
-        match self.inner.poll_ready(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(())) => {
-                self.ready_error = None;
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(e)) => {
-                let e: Box<dyn std::error::Error + Send + Sync> = e.into();
-                self.ready_error = Some(classify_transport_error(&*e));
-                Poll::Ready(Ok(()))
-            }
-        }
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        match self.ready_error.take() {
-            Some(err) => ResponseFuture::error(err, self.options),
-            None => {
-                let head = req.method() == http::Method::HEAD;
-                // `None` when no rules are set: nothing is cloned.
-                let classifier = self.classifier.clone();
-                ResponseFuture::new(self.inner.call(req), self.options, head, classifier)
-            }
-        }
+        let head = req.method() == http::Method::HEAD;
+        // `None` when no rules are set: nothing is cloned.
+        let classifier = self.classifier.clone();
+        ResponseFuture::new(self.inner.call(req), self.options, head, classifier)
     }
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 use http::Method;
 
 use crate::body::DEFAULT_BODY_LIMIT;
-use crate::error::{ApiError, ErrorCode};
+use crate::error::ApiError;
+use crate::policy::{Classify, FailureKind, SharedPolicy};
 use crate::request::normalize_path;
 
 use super::backoff::Backoff;
@@ -28,12 +29,14 @@ pub(crate) fn config_error(
 pub const MAX_ATTEMPTS_LIMIT: u32 = 10;
 
 /// What the layer answers when the inner service's last attempt failed with an `Err`
-/// (connection refused or reset, a broken body).
+/// (connection refused or reset, a broken body, a `tower::timeout` timeout). A `poll_ready`
+/// error of the inner service is not an attempt that failed: it is returned at once in either
+/// mode (see [Readiness](crate::retry#readiness)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TransportErrors {
-    /// Answer with the envelope from [`crate::classify::classify_transport_error`]
+    /// Answer with the envelope from [`crate::policy::classify_error`]
     /// (`502 service_unavailable` or `504 timeout`). The default: a gateway answers its
-    /// callers, and the service never fails.
+    /// callers, and a call fails only when the inner service cannot become ready.
     #[default]
     Envelope,
     /// Return the inner service's last `Err` unchanged, for client stacks that want to see
@@ -144,6 +147,7 @@ pub(crate) struct Shared {
     pub(crate) requests: Option<RequestPredicate>,
     pub(crate) idempotency_keys: bool,
     pub(crate) on_retry: Option<Hook>,
+    pub(crate) policy: SharedPolicy,
 }
 
 impl fmt::Debug for Shared {
@@ -165,45 +169,40 @@ impl fmt::Debug for Shared {
             .field("requests", &self.requests.is_some())
             .field("idempotency_keys", &self.idempotency_keys)
             .field("on_retry", &self.on_retry.is_some())
+            .field("policy", &self.policy)
             .finish()
     }
 }
 
-/// Codes a retry can never fix, whatever the predicate says: bad keys, missing permission,
-/// no quota, invalid or oversized requests, refused content, a blocked upstream.
-pub(crate) const fn never_retried(code: ErrorCode) -> bool {
-    matches!(
-        code,
-        ErrorCode::InvalidApiKey
-            | ErrorCode::ExpiredApiKey
-            | ErrorCode::RevokedApiKey
-            | ErrorCode::PermissionDenied
-            | ErrorCode::InsufficientQuota
-            | ErrorCode::MissingRequiredField
-            | ErrorCode::InvalidValue
-            | ErrorCode::ModelNotSupported
-            | ErrorCode::ContextLengthExceeded
-            | ErrorCode::ContentPolicyViolation
-            | ErrorCode::UpstreamBlocked
-            | ErrorCode::RequestTooLarge
-    )
-}
-
 impl Shared {
-    /// Whether to retry after `err`. `said` is the upstream's own `x-should-retry` on a raw
-    /// answer: `false` is never retried; `true` is retried whatever the code (as the official
-    /// SDKs do), unless the predicate refuses; without it the code and the predicate decide.
-    pub(crate) fn wants_retry(&self, err: &ApiError, said: Option<bool>) -> bool {
+    /// Whether to retry after `err`, a failure of `kind` (the policy's word for an answer,
+    /// the built-in table for a transport error). `said` is the upstream's own
+    /// `x-should-retry` on a raw answer: `false` is never retried; `true` is retried whatever
+    /// the kind (as the official SDKs do), unless the predicate refuses; without it the kind
+    /// and the predicate decide: a kind that is never retried
+    /// ([`FailureKind::never_retried`]) is not, whatever the predicate says; else the
+    /// predicate, else [`FailureKind::retried_by_default`] (with, when the kind is the
+    /// built-in one for the error's code, [`ApiError::is_retryable`]'s word on long waits and
+    /// requests that can never fit).
+    pub(crate) fn wants_retry(
+        &self,
+        err: &ApiError,
+        kind: FailureKind,
+        said: Option<bool>,
+    ) -> bool {
         match said {
             Some(false) => false,
             Some(true) => self.predicate.as_ref().is_none_or(|p| p(err)),
             None => {
-                if never_retried(err.code()) {
+                if kind.never_retried() {
                     return false;
                 }
                 match &self.predicate {
                     Some(p) => p(err),
-                    None => err.is_retryable(),
+                    None => {
+                        kind.retried_by_default()
+                            && (kind != FailureKind::of(err.code()) || err.is_retryable())
+                    }
                 }
             }
         }
@@ -250,6 +249,7 @@ pub struct RetryLayerBuilder {
     requests: Option<RequestPredicate>,
     idempotency_keys: bool,
     on_retry: Option<Hook>,
+    policy: SharedPolicy,
 }
 
 impl fmt::Debug for RetryLayerBuilder {
@@ -281,6 +281,7 @@ impl Default for RetryLayerBuilder {
             requests: None,
             idempotency_keys: false,
             on_retry: None,
+            policy: SharedPolicy::default(),
         }
     }
 }
@@ -389,10 +390,12 @@ impl RetryLayerBuilder {
         self
     }
 
-    /// Replaces the default decision ([`ApiError::is_retryable`]) with `predicate`. Codes a
-    /// retry can never fix (auth, permission, quota, invalid or oversized requests, content
-    /// policy, `upstream_blocked`) are never retried, whatever it answers, unless the upstream
-    /// answered `x-should-retry: true`; an upstream `x-should-retry: false` is never retried.
+    /// Replaces the default decision (the failure's [`FailureKind`] is
+    /// [retried by default](FailureKind::retried_by_default), and [`ApiError::is_retryable`])
+    /// with `predicate`. Failures a retry can never fix ([`FailureKind::never_retried`]: auth,
+    /// permission, quota, invalid or oversized requests, content policy, `upstream_blocked`)
+    /// are never retried, whatever it answers, unless the upstream answered
+    /// `x-should-retry: true`; an upstream `x-should-retry: false` is never retried.
     /// `predicate` is still asked (and may refuse) when the upstream said `true`.
     pub fn retry_if<F>(mut self, predicate: F) -> Self
     where
@@ -437,6 +440,19 @@ impl RetryLayerBuilder {
         self
     }
 
+    /// What a response head means (default [`DefaultPolicy`](crate::policy::DefaultPolicy),
+    /// the crate's [table](crate::policy)): the policy sees the status, the headers and the
+    /// [`ApiError`] an inner normalizer left in the extensions. An answer it calls a
+    /// [success](crate::policy::Outcome::Success) is never retried; a failure is retried
+    /// according to its [`FailureKind`] (see [`retry_if`](Self::retry_if) and the
+    /// [module docs](crate::retry#what-is-retried)). The wait hint and the upstream's
+    /// `x-should-retry` are still read from the answer. Any closure
+    /// `Fn(StatusCode, &HeaderMap, Option<&ApiError>) -> Outcome` is a policy.
+    pub fn policy(mut self, policy: impl Classify) -> Self {
+        self.policy = SharedPolicy::new(policy);
+        self
+    }
+
     /// Checks the settings and builds the layer.
     pub fn build(self) -> Result<RetryLayer, ConfigError> {
         if self.max_attempts == 0 || self.max_attempts > MAX_ATTEMPTS_LIMIT {
@@ -478,6 +494,7 @@ impl RetryLayerBuilder {
             requests: self.requests,
             idempotency_keys: self.idempotency_keys,
             on_retry: self.on_retry,
+            policy: self.policy,
         };
         Ok(RetryLayer::from_shared(Arc::new(shared)))
     }

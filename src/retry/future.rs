@@ -1,4 +1,4 @@
-//! The response future: a state machine over buffering, attempts and waits.
+//! The response future: a state machine over buffering, readiness, attempts and waits.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::header::{HeaderValue, CONTENT_LENGTH};
+use bytes::Bytes;
+use http::header::HeaderValue;
 use http::request::Parts;
 use http::{Request, Response};
 use http_body::Body;
@@ -16,15 +16,16 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
-use crate::body::BufferError;
-use crate::classify::{classify_head, classify_transport_error};
+use crate::body::{announced_length, check_limit, BoxError, BufferError, BufferRequest, LayerBody};
+use crate::classify::classify_head;
 use crate::error::{ApiError, ErrorCode, X_SHOULD_RETRY};
 use crate::ext::{Attempts, RefusedLocally};
+use crate::policy::{classify_error, classify_error_ref, Classify, FailureKind, Outcome};
 
 use super::backoff::uniform;
 use super::config::{RetryEvent, RetryStop, Shared, TransportErrors};
 use super::safety::{generate_key, idempotent, IDEMPOTENCY_KEY};
-use super::{BoxError, X_ATTEMPTS, X_RETRY_STOP};
+use super::{X_ATTEMPTS, X_RETRY_STOP};
 
 const ATTEMPT_VALUES: [&str; 11] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10"];
 
@@ -42,16 +43,15 @@ fn later(now: Instant, d: Duration) -> Instant {
 pin_project! {
     #[project = StateProj]
     enum State<F, B> {
-        // Reading the request body into `bytes` so it can be replayed.
-        Buffering { #[pin] body: B },
-        // The first attempt is ready to go with this request.
-        Start { req: Option<Request<B>> },
+        // Reading the request body so it can be replayed; the inner service is not polled yet.
+        Buffering { #[pin] buf: BufferRequest<B> },
+        // Waiting for the inner service to be ready for the next attempt. `once` is the
+        // request sent once, unbuffered; without it the buffered request is replayed.
+        Ready { once: Option<Request<LayerBody<B>>> },
         // An attempt is in flight.
         Calling { #[pin] fut: F },
         // Waiting out the backoff (the timer holds the wait).
         Waiting,
-        // The wait is over; waiting for the service to be ready again.
-        Ready,
         Done,
     }
 }
@@ -59,13 +59,15 @@ pin_project! {
 pin_project! {
     /// The response future of [`super::Retry`].
     ///
-    /// A state machine: buffer the body, call, classify, wait, call again. It holds the ready
-    /// inner service, the request head and the buffered body for replays, and one timer that
-    /// serves both as the per-attempt timeout and as the backoff sleep.
+    /// A state machine: buffer the body, wait for the inner service to be ready, call,
+    /// classify, wait, and again. It holds its own clone of the inner service (polled ready
+    /// only once the body is buffered), the request head and the buffered body for replays,
+    /// and one timer that serves as the per-attempt timeout, the deadline and the backoff
+    /// sleep.
     #[project = FutProj]
     pub struct ResponseFuture<S, B>
     where
-        S: Service<Request<B>>,
+        S: Service<Request<LayerBody<B>>>,
     {
         #[pin]
         state: State<S::Future, B>,
@@ -77,7 +79,6 @@ pin_project! {
         // The head to replay; `None` when the request is not replayable.
         parts: Option<Parts>,
         bytes: Bytes,
-        acc: BytesMut,
         attempt: u32,
         deadline: Option<Instant>,
         prev_delay: Duration,
@@ -86,7 +87,8 @@ pin_project! {
     }
 }
 
-enum Outcome<R, E> {
+/// How an attempt ended.
+enum Ended<R, E> {
     Response(R),
     Transport(E),
     TimedOut,
@@ -94,11 +96,10 @@ enum Outcome<R, E> {
 
 impl<S, B, ResB> ResponseFuture<S, B>
 where
-    S: Service<Request<B>, Response = Response<ResB>>,
-    S::Error: std::error::Error + 'static,
-    B: Body + From<Bytes>,
+    S: Service<Request<LayerBody<B>>, Response = Response<ResB>>,
+    S::Error: Into<BoxError> + 'static,
+    B: Body,
     B::Error: Into<BoxError>,
-    ResB: From<Bytes>,
 {
     pub(crate) fn new(service: S, shared: Arc<Shared>, mut req: Request<B>) -> Self {
         let needs_now = shared.budget.is_some() || shared.deadline.is_some();
@@ -110,17 +111,11 @@ where
             }
             deadline = shared.deadline.map(|d| later(now, d));
         }
-        let limit = shared.body_limit as u64;
-        let mut skipped = None;
+        let once = |req: Request<B>| State::Ready {
+            once: Some(req.map(LayerBody::new)),
+        };
         if shared.max_attempts == 1 {
-            return Self::with(
-                State::Start { req: Some(req) },
-                None,
-                service,
-                shared,
-                deadline,
-                None,
-            );
+            return Self::with(once(req), None, service, shared, deadline, None);
         }
         if shared.idempotency_keys
             && !idempotent(req.method())
@@ -130,40 +125,30 @@ where
         }
         if !shared.replayable(&req) {
             // Sent once, untouched and unbuffered: a second copy could do the work twice.
-            return Self::with(
-                State::Start { req: Some(req) },
-                None,
-                service,
-                shared,
-                deadline,
-                Some(RetryStop::NotIdempotent),
-            );
+            let stop = Some(RetryStop::NotIdempotent);
+            return Self::with(once(req), None, service, shared, deadline, stop);
         }
-        let announced = req
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        let hint = req.body().size_hint();
-        let (state, parts) = if announced.is_some_and(|n| n > limit) || hint.lower() > limit {
+        let limit = shared.body_limit;
+        if check_limit(req.headers(), req.body(), limit).is_err() {
             tracing::debug!(
                 target: "llm_layers::retry",
                 limit,
-                announced = announced.unwrap_or(hint.lower()),
+                announced = announced_length(req.headers()).unwrap_or(req.body().size_hint().lower()),
                 "request body over the replay limit: sent once, without retries"
             );
-            skipped = Some(RetryStop::BodyTooLarge);
-            (State::Start { req: Some(req) }, None)
-        } else {
-            let (parts, body) = req.into_parts();
-            if hint.exact() == Some(0) {
-                let req = Request::from_parts(parts.clone(), B::from(Bytes::new()));
-                (State::Start { req: Some(req) }, Some(parts))
-            } else {
-                (State::Buffering { body }, Some(parts))
-            }
+            let stop = Some(RetryStop::BodyTooLarge);
+            return Self::with(once(req), None, service, shared, deadline, stop);
+        }
+        if req.body().size_hint().exact() == Some(0) {
+            // Nothing to read: replayed with an empty body.
+            let (parts, _) = req.into_parts();
+            let state = State::Ready { once: None };
+            return Self::with(state, Some(parts), service, shared, deadline, None);
+        }
+        let state = State::Buffering {
+            buf: BufferRequest::new(req, limit),
         };
-        Self::with(state, parts, service, shared, deadline, skipped)
+        Self::with(state, None, service, shared, deadline, None)
     }
 
     fn with(
@@ -182,7 +167,6 @@ where
             shared,
             parts,
             bytes: Bytes::new(),
-            acc: BytesMut::new(),
             attempt: 0,
             deadline,
             prev_delay: Duration::ZERO,
@@ -194,115 +178,43 @@ where
 
 impl<S, B, ResB> Future for ResponseFuture<S, B>
 where
-    S: Service<Request<B>, Response = Response<ResB>>,
-    S::Error: std::error::Error + 'static,
-    B: Body + From<Bytes>,
+    S: Service<Request<LayerBody<B>>, Response = Response<ResB>>,
+    S::Error: Into<BoxError> + 'static,
+    B: Body,
     B::Error: Into<BoxError>,
-    ResB: From<Bytes>,
 {
-    type Output = Result<Response<ResB>, S::Error>;
+    type Output = Result<Response<LayerBody<ResB>>, S::Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             let mut this = self.as_mut().project();
-            let outcome = match this.state.as_mut().project() {
-                StateProj::Buffering { mut body } => {
-                    let limit = this.shared.body_limit;
-                    loop {
-                        match ready!(body.as_mut().poll_frame(cx)) {
-                            None => break,
-                            Some(Err(e)) => {
-                                let err = BufferError::Read(e.into()).to_api_error();
-                                this.state.set(State::Done);
-                                return Poll::Ready(Ok(local_rejection(&err, this.shared)));
-                            }
-                            Some(Ok(frame)) => {
-                                // Request trailers are not replayed; LLM APIs do not use them.
-                                let Ok(mut data) = frame.into_data() else {
-                                    continue;
-                                };
-                                let n = data.remaining();
-                                // Once `acc` is in use it holds everything read so far.
-                                let read = if this.acc.is_empty() {
-                                    this.bytes.len()
-                                } else {
-                                    this.acc.len()
-                                };
-                                if read + n > limit {
-                                    // Part of the body is consumed and cannot be handed on:
-                                    // the honest answer is 413.
-                                    tracing::debug!(
-                                        target: "llm_layers::retry",
-                                        limit,
-                                        "chunked request body grew past the replay limit"
-                                    );
-                                    let err = BufferError::TooLarge { limit }.to_api_error();
-                                    this.state.set(State::Done);
-                                    return Poll::Ready(Ok(local_rejection(&err, this.shared)));
-                                }
-                                if this.bytes.is_empty() && this.acc.is_empty() {
-                                    *this.bytes = data.copy_to_bytes(n);
-                                } else {
-                                    if this.acc.is_empty() {
-                                        this.acc.reserve(this.bytes.len() + n);
-                                        this.acc.extend_from_slice(this.bytes);
-                                    }
-                                    this.acc.put(data);
-                                }
-                            }
-                        }
+            let ended = match this.state.as_mut().project() {
+                StateProj::Buffering { buf } => match ready!(buf.poll(cx)) {
+                    Ok((parts, bytes)) => {
+                        *this.parts = Some(parts);
+                        *this.bytes = bytes;
+                        this.state.set(State::Ready { once: None });
+                        continue;
                     }
-                    if !this.acc.is_empty() {
-                        *this.bytes = std::mem::take(this.acc).freeze();
-                    }
-                    let req = replay(this.parts.as_ref(), this.bytes);
-                    this.state.set(State::Start { req: Some(req) });
-                    continue;
-                }
-                StateProj::Start { req } => {
-                    let req = req.take().expect("polled after start");
-                    *this.attempt += 1;
-                    let fut = this.service.call(req);
-                    this.state.set(State::Calling { fut });
-                    arm_attempt_timer(
-                        this.timer.as_mut(),
-                        this.timer_armed,
-                        this.shared,
-                        *this.deadline,
-                    );
-                    continue;
-                }
-                StateProj::Calling { fut } => match fut.poll(cx) {
-                    Poll::Ready(Ok(res)) => Outcome::Response(res),
-                    Poll::Ready(Err(e)) => Outcome::Transport(e),
-                    Poll::Pending => {
-                        if !*this.timer_armed {
-                            return Poll::Pending;
+                    Err((_, e)) => {
+                        // A body that grew past the limit is partly consumed and cannot be
+                        // handed on: the honest answer is 413 (400 for a broken body).
+                        if let BufferError::TooLarge { limit } = e {
+                            tracing::debug!(
+                                target: "llm_layers::retry",
+                                limit,
+                                "chunked request body grew past the replay limit"
+                            );
                         }
-                        let fired = this
-                            .timer
-                            .as_mut()
-                            .as_pin_mut()
-                            .is_some_and(|t| t.poll(cx).is_ready());
-                        if !fired {
-                            return Poll::Pending;
-                        }
-                        *this.timer_armed = false;
-                        Outcome::TimedOut
+                        let err = e.to_api_error();
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(local_rejection(&err, this.shared)));
                     }
                 },
-                StateProj::Waiting => {
-                    if let Some(t) = this.timer.as_mut().as_pin_mut() {
-                        ready!(t.poll(cx));
-                    }
-                    *this.timer_armed = false;
-                    this.state.set(State::Ready);
-                    continue;
-                }
-                StateProj::Ready => match this.service.poll_ready(cx) {
+                StateProj::Ready { once } => match this.service.poll_ready(cx) {
                     Poll::Pending => {
-                        // Waiting for the inner service to take the next attempt counts
-                        // against the deadline too.
+                        // Waiting for the inner service to take the attempt counts against
+                        // the deadline too.
                         let Some(deadline) = *this.deadline else {
                             return Poll::Pending;
                         };
@@ -319,31 +231,80 @@ where
                             return Poll::Pending;
                         }
                         *this.timer_armed = false;
-                        Outcome::TimedOut
+                        Ended::TimedOut
                     }
                     Poll::Ready(Ok(())) => {
-                        let req = replay(this.parts.as_ref(), this.bytes);
-                        this.state.set(State::Start { req: Some(req) });
+                        let req = match once.take() {
+                            Some(req) => req,
+                            None => replay(this.parts.as_ref(), this.bytes),
+                        };
+                        *this.attempt += 1;
+                        let fut = this.service.call(req);
+                        this.state.set(State::Calling { fut });
+                        arm_attempt_timer(
+                            this.timer.as_mut(),
+                            this.timer_armed,
+                            this.shared,
+                            *this.deadline,
+                        );
                         continue;
                     }
-                    Poll::Ready(Err(e)) => Outcome::Transport(e),
+                    Poll::Ready(Err(e)) => {
+                        // A service that failed to become ready is broken (tower's rule): its
+                        // error is final, and the service is not polled again.
+                        tracing::debug!(
+                            target: "llm_layers::retry",
+                            attempt = *this.attempt,
+                            "inner service failed to become ready: not retrying"
+                        );
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(e));
+                    }
                 },
+                StateProj::Calling { fut } => match fut.poll(cx) {
+                    Poll::Ready(Ok(res)) => Ended::Response(res),
+                    Poll::Ready(Err(e)) => Ended::Transport(e),
+                    Poll::Pending => {
+                        if !*this.timer_armed {
+                            return Poll::Pending;
+                        }
+                        let fired = this
+                            .timer
+                            .as_mut()
+                            .as_pin_mut()
+                            .is_some_and(|t| t.poll(cx).is_ready());
+                        if !fired {
+                            return Poll::Pending;
+                        }
+                        *this.timer_armed = false;
+                        Ended::TimedOut
+                    }
+                },
+                StateProj::Waiting => {
+                    if let Some(t) = this.timer.as_mut().as_pin_mut() {
+                        ready!(t.poll(cx));
+                    }
+                    *this.timer_armed = false;
+                    this.state.set(State::Ready { once: None });
+                    continue;
+                }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             };
 
             // An attempt ended: decide whether to answer or to go again.
             let attempt = *this.attempt;
-            match outcome {
-                Outcome::Response(res) => {
-                    // An inner layer's `ApiError` is its whole classification, else the head is
-                    // classified; either way the upstream's own `x-should-retry` travels in it.
-                    let err = match res.extensions().get::<ApiError>() {
-                        Some(e) => Some(e.clone()),
-                        None => classify_head(res.status(), res.headers()),
-                    };
-                    let said = err.as_ref().and_then(ApiError::upstream_should_retry);
-                    let Some(err) = err else {
+            match ended {
+                Ended::Response(res) => {
+                    // The policy says what the head means, seeing the `ApiError` an inner
+                    // layer left (its whole classification) when there is one.
+                    let found = res.extensions().get::<ApiError>();
+                    let outcome =
+                        this.shared
+                            .policy
+                            .classify_response(res.status(), res.headers(), found);
+                    let Outcome::Failure { code, kind } = outcome else {
                         this.state.set(State::Done);
+                        let res = res.map(LayerBody::new);
                         return Poll::Ready(Ok(finish(res, attempt, *this.skipped, this.shared)));
                     };
                     if let Some(refused) = res.extensions().get::<RefusedLocally>() {
@@ -357,9 +318,21 @@ where
                         );
                         this.state.set(State::Done);
                         let stop = Some(RetryStop::RefusedLocally);
+                        let res = res.map(LayerBody::new);
                         return Poll::Ready(Ok(finish(res, attempt, stop, this.shared)));
                     }
-                    match this.decide(&err, said) {
+                    // The wait and the upstream's own `x-should-retry` travel in the error:
+                    // the inner layer's, else the head's classification.
+                    let err = match found {
+                        Some(e) => e.clone(),
+                        None => classify_head(res.status(), res.headers()).unwrap_or_else(|| {
+                            ApiError::new(code, "The policy classified the answer as a failure.")
+                                .with_upstream_status(res.status())
+                        }),
+                    }
+                    .with_code(code);
+                    let said = err.upstream_should_retry();
+                    match this.decide(&err, kind, said) {
                         Ok(delay) => {
                             drop(res);
                             this.schedule(delay, &err);
@@ -368,21 +341,32 @@ where
                             this.state.set(State::Done);
                             log_stop(attempt, stop, &err);
                             let stop = this.skipped.or(Some(stop));
+                            let res = res.map(LayerBody::new);
                             return Poll::Ready(Ok(finish(res, attempt, stop, this.shared)));
                         }
                     }
                 }
-                Outcome::Transport(e) => {
-                    let err = classify_transport_error(&e);
-                    match this.decide(&err, None) {
+                Ended::Transport(e) => {
+                    // Any error type: a tower `Elapsed` in a `BoxError` is a timeout. An error
+                    // that may still be returned is looked at where it is; one that never is
+                    // (the envelope mode) is taken, so that its whole chain is read whatever
+                    // its type.
+                    let (err, kept) = if this.shared.transport_errors == TransportErrors::Propagate
+                    {
+                        (classify_error_ref(&e), Some(e))
+                    } else {
+                        (classify_error(e), None)
+                    };
+                    let kind = FailureKind::of(err.code());
+                    match this.decide(&err, kind, None) {
                         Ok(delay) => {
-                            drop(e);
+                            drop(kept);
                             this.schedule(delay, &err);
                         }
                         Err(stop) => {
                             this.state.set(State::Done);
                             log_stop(attempt, stop, &err);
-                            if this.shared.transport_errors == TransportErrors::Propagate {
+                            if let Some(e) = kept {
                                 return Poll::Ready(Err(e));
                             }
                             let stop = this.skipped.or(Some(stop));
@@ -391,7 +375,7 @@ where
                         }
                     }
                 }
-                Outcome::TimedOut => {
+                Ended::TimedOut => {
                     let past_deadline = this.deadline.is_some_and(|d| Instant::now() >= d);
                     let err = ApiError::new(
                         ErrorCode::Timeout,
@@ -404,7 +388,7 @@ where
                     let decision = if past_deadline {
                         Err(RetryStop::Deadline)
                     } else {
-                        this.decide(&err, None)
+                        this.decide(&err, FailureKind::of(ErrorCode::Timeout), None)
                     };
                     match decision {
                         Ok(delay) => this.schedule(delay, &err),
@@ -424,13 +408,18 @@ where
 
 impl<S, B> FutProj<'_, S, B>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<LayerBody<B>>>,
 {
-    /// Whether (and after which wait) to try again after `err`; `said` is the upstream's
-    /// `x-should-retry`.
-    fn decide(&mut self, err: &ApiError, said: Option<bool>) -> Result<Duration, RetryStop> {
+    /// Whether (and after which wait) to try again after `err`, a failure of `kind`; `said`
+    /// is the upstream's `x-should-retry`.
+    fn decide(
+        &mut self,
+        err: &ApiError,
+        kind: FailureKind,
+        said: Option<bool>,
+    ) -> Result<Duration, RetryStop> {
         let shared = &**self.shared;
-        if !shared.wants_retry(err, said) {
+        if !shared.wants_retry(err, kind, said) {
             return Err(RetryStop::NotRetryable);
         }
         if self.parts.is_none() {
@@ -525,11 +514,11 @@ fn arm_attempt_timer(
     *armed = true;
 }
 
-fn replay<B: From<Bytes>>(parts: Option<&Parts>, bytes: &Bytes) -> Request<B> {
+fn replay<B>(parts: Option<&Parts>, bytes: &Bytes) -> Request<LayerBody<B>> {
     let parts = parts
         .expect("only replayable requests are replayed")
         .clone();
-    Request::from_parts(parts, B::from(bytes.clone()))
+    Request::from_parts(parts, LayerBody::full(bytes.clone()))
 }
 
 fn finish<R>(
@@ -582,7 +571,7 @@ fn finish<R>(
     res
 }
 
-fn local_rejection<R: From<Bytes>>(err: &ApiError, shared: &Shared) -> Response<R> {
+fn local_rejection<R>(err: &ApiError, shared: &Shared) -> Response<LayerBody<R>> {
     finish(err.to_response(), 0, None, shared)
 }
 

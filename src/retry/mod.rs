@@ -11,15 +11,15 @@
 //!   to generation endpoints, and any request with an `Idempotency-Key` (see
 //!   [Which requests](#which-requests-are-retried)). A file upload or a fine-tuning job is
 //!   sent once.
-//! - **What is retried** is decided by the crate's classification: the [`ApiError`] an inner
-//!   normalizer left in the response extensions, else
-//!   [`classify_head`](crate::classify::classify_head) on the status and headers. Only
-//!   [`ApiError::is_retryable`] errors (`rate_limit_exceeded`, `concurrent_limit_exceeded`,
-//!   `internal_error`, `service_unavailable`, `timeout`) and transport errors
-//!   ([`classify_transport_error`](crate::classify::classify_transport_error)) are retried.
-//!   A [predicate](RetryLayerBuilder::retry_if) can change the decision, but auth and
+//! - **What is retried** is decided by the crate's one failure vocabulary
+//!   ([`policy`](crate::policy)); see [What is retried](#what-is-retried). Only failures of a
+//!   kind [retried by default](crate::policy::FailureKind::retried_by_default)
+//!   (`rate_limit_exceeded`, `concurrent_limit_exceeded`, `internal_error`,
+//!   `service_unavailable`, `timeout`) and transport errors are retried. A
+//!   [predicate](RetryLayerBuilder::retry_if) can change the decision, but auth and
 //!   permission codes, `insufficient_quota`, invalid or oversized requests,
-//!   `content_policy_violation` and `upstream_blocked` are never retried, unless the upstream
+//!   `content_policy_violation` and `upstream_blocked`
+//!   ([never retried](crate::policy::FailureKind::never_retried)) are not, unless the upstream
 //!   itself says so ([below](#the-upstreams-x-should-retry)).
 //! - **A refusal by a layer of this crate is never waited on.** An open circuit breaker
 //!   answers `503` with `retry-after` set to the time until it half-opens, and marks the
@@ -45,6 +45,28 @@
 //! - **No setting can overflow the clock**: deadlines, attempt timeouts and waits are added to
 //!   the current instant saturated (at 30 years, as tokio does), so `Duration::MAX` means
 //!   "never" and is never a panic.
+//!
+//! # What is retried
+//!
+//! A response head is judged by the layer's [policy](RetryLayerBuilder::policy)
+//! ([`DefaultPolicy`](crate::policy::DefaultPolicy) unless set): it sees the status, the
+//! headers and the [`ApiError`] an inner normalizer left in the response extensions, and says
+//! [`Success`](crate::policy::Outcome::Success) (never retried) or a failure with a code and
+//! a [`FailureKind`](crate::policy::FailureKind), which decides: `Transient` and `Throttled`
+//! are retried, `Blocked` and `Caller` never, `Other` only when a
+//! [predicate](RetryLayerBuilder::retry_if) asks. The wait hint and the upstream's
+//! `x-should-retry` are read from the normalizer's [`ApiError`], else from
+//! [`classify_head`](crate::classify::classify_head). A transport error (the inner service's
+//! `Err`, of any type that is `Into<BoxError>`) goes by the same table, classified as
+//! [`classify_transport_error`](crate::classify::classify_transport_error) reads its chain:
+//! `timeout` when a timeout is anywhere in it (a `tower::timeout` `Elapsed` inside a
+//! `BoxError` included), else `service_unavailable`; both are retried. With
+//! [`TransportErrors::Envelope`] (the default) the error is never returned, so the layer takes
+//! it ([`classify_error`](crate::policy::classify_error)) and reads the chain of any type;
+//! with [`TransportErrors::Propagate`] it keeps it to return it and looks at it in place
+//! ([`classify_error_ref`](crate::policy::classify_error_ref)), which knows the common error
+//! types (`BoxError`, `std::io::Error`, `Elapsed`, hyper's and reqwest's) and calls any other a
+//! plain `service_unavailable`.
 //!
 //! # Which requests are retried
 //!
@@ -106,19 +128,37 @@
 //!
 //! # Replaying the body
 //!
-//! The request body (any `B: http_body::Body + From<Bytes>`, axum's non-`Clone` `Body`
-//! included) is read into memory up to [`body_limit`](RetryLayerBuilder::body_limit) (4 MiB)
-//! and rebuilt with `B::from(bytes.clone())` for each attempt. A body announced larger than
-//! the limit (`content-length` or the size hint) is sent once, untouched, without retries:
-//! the response says `x-llm-layers-attempts: 1` and `x-llm-layers-retry-stop: body-too-large`,
-//! and a tracing event records it. A chunked body that turns out larger than the limit while
-//! it is read has been partly consumed and cannot be handed on intact, so it is answered with
-//! `413 request_too_large` (and a body that fails to read with `400 invalid_value`); the
-//! upstream is not called and the attempts header says `0`. Request trailers are not replayed
-//! (LLM APIs do not use them).
+//! The request body may be any `B: http_body::Body` (hyper's `Incoming`, axum's non-`Clone`
+//! `Body`, `Full`, a boxed body); the inner service receives `Request<LayerBody<B>>`
+//! ([`LayerBody`](crate::body::LayerBody)). A request that may be retried is read into memory
+//! up to [`body_limit`](RetryLayerBuilder::body_limit) (4 MiB) through the crate's one
+//! buffering future, [`BufferRequest`](crate::body::BufferRequest), and each attempt gets
+//! `LayerBody::full(bytes.clone())` (a reference count, not a copy). A request sent once (not
+//! safe to send twice, `max_attempts(1)`, or a body over the limit) gets
+//! `LayerBody::new(body)`, untouched and unbuffered.
+//!
+//! The limit is the core's rule ([`check_limit`](crate::body::check_limit)): a body announced
+//! larger than the limit (`content-length` or the size hint) is sent once, untouched, without
+//! retries: the response says `x-llm-layers-attempts: 1` and
+//! `x-llm-layers-retry-stop: body-too-large`, and a tracing event records it. A chunked body
+//! that turns out larger than the limit while it is read has been partly consumed and cannot
+//! be handed on intact, so it is answered with `413 request_too_large` (and a body that fails
+//! to read with `400 invalid_value`); the upstream is not called and the attempts header says
+//! `0`. Request trailers are not replayed (LLM APIs do not use them).
 //!
 //! The future is a state machine (no boxing); its timers are tokio's, so the layer needs a
 //! tokio runtime with time enabled only when it has to wait (retries, deadline, attempt timeout).
+//!
+//! # Readiness
+//!
+//! Buffering a body takes as long as the client takes to upload it, so the layer reserves
+//! nothing of the inner service first: [`Retry`]'s `poll_ready` is always ready without
+//! polling the inner service; `call` takes a fresh clone of it; the response future buffers the
+//! body and only then drives that clone's `poll_ready`, before each attempt. Behind a
+//! `tower::limit::ConcurrencyLimit`, a `Buffer` or a rate limiter further in, a slow uploader
+//! holds no slot. The wait for readiness counts against the deadline. A `poll_ready` error is
+//! final (tower's rule): the call returns that `Err` at once, whatever
+//! [`TransportErrors`] says, and the service that failed is not polled again.
 //!
 //! # What it answers with
 //!
@@ -126,10 +166,13 @@
 //! end on an upstream error (the [`RetryStop`] reason is in the extensions and the
 //! `x-llm-layers-retry-stop` header). When
 //! the last attempt failed with a transport error: by default the envelope from
-//! `classify_transport_error` (`502 service_unavailable` or `504 timeout`), so the service
-//! fits an axum router; with [`TransportErrors::Propagate`] the inner service's own `Err`.
-//! An attempt cut by the per-attempt timeout or the deadline is answered with
-//! `504 timeout`. The layer's `Error` is always the inner service's.
+//! [`classify_error`](crate::policy::classify_error) (`502 service_unavailable` or
+//! `504 timeout`), so the service fits an axum router; with [`TransportErrors::Propagate`] the
+//! inner service's own `Err`. An attempt cut by the per-attempt timeout or the deadline is
+//! answered with `504 timeout`. The layer's `Error` is always the inner service's
+//! (`type Error = S::Error`, with `S::Error: Into<BoxError> + 'static`), and its response body
+//! is `LayerBody<ResB>`: the inner answer wrapped with `LayerBody::new`, or an envelope the
+//! layer wrote.
 //!
 //! Every response carries [`Attempts`](crate::ext::Attempts) in its extensions and, unless
 //! turned off, an `x-llm-layers-attempts` header.
@@ -208,5 +251,3 @@ pub const X_ATTEMPTS: HeaderName = HeaderName::from_static("x-llm-layers-attempt
 /// `x-llm-layers-retry-stop`: why the layer did not retry (further), when the answer is an
 /// error or the request was not replayable.
 pub const X_RETRY_STOP: HeaderName = HeaderName::from_static("x-llm-layers-retry-stop");
-
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -3,14 +3,13 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
 use super::config::Shared;
 use super::future::ResponseFuture;
-use super::BoxError;
+use crate::body::{BoxError, LayerBody};
 
 /// Retries its inner service; made by [`super::RetryLayer`].
 #[derive(Debug, Clone)]
@@ -42,24 +41,24 @@ impl<S> Retry<S> {
 
 impl<S, B, ResB> Service<Request<B>> for Retry<S>
 where
-    S: Service<Request<B>, Response = Response<ResB>> + Clone,
-    S::Error: std::error::Error + 'static,
-    B: Body + From<Bytes>,
+    S: Service<Request<LayerBody<B>>, Response = Response<ResB>> + Clone,
+    S::Error: Into<BoxError> + 'static,
+    B: Body,
     B::Error: Into<BoxError>,
-    ResB: From<Bytes>,
 {
-    type Response = Response<ResB>;
+    type Response = Response<LayerBody<ResB>>;
     type Error = S::Error;
     type Future = ResponseFuture<S, B>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+    /// Always ready: the inner service is polled ready by each call's future, on its own
+    /// clone, once the request body is buffered, so a slow upload holds no slot of a
+    /// concurrency limit (or a buffer) further in.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        // The ready service goes into the future; a fresh clone waits for the next call.
-        let clone = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::new(ready, self.shared.clone(), req)
+        // A fresh, un-ready clone: the future drives its readiness after buffering.
+        ResponseFuture::new(self.inner.clone(), self.shared.clone(), req)
     }
 }

@@ -11,7 +11,6 @@
 //! rate limiter keyed by client IP are built with their builders, with the same values a
 //! gateway configuration would give.
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -123,7 +122,7 @@ rate_limit = false
 }
 
 /// The service the routes hand proxied requests to.
-pub type Upstream = BoxCloneSyncService<Request, Response, Infallible>;
+pub type Upstream = BoxCloneSyncService<Request, Response, llm_layers::body::BoxError>;
 
 /// A built gateway and its measuring points.
 pub struct Gateway {
@@ -219,7 +218,13 @@ pub fn gateway(seed: u64, faults: Faults, key_by: BucketKey, mirror_capacity: us
         .expect("breaker settings");
 
     let svc = ServiceBuilder::new()
+        .map_response(IntoResponse::into_response)
         .layer(retry)
+        .map_request(
+            |req: Request<llm_layers::body::LayerBody<axum::body::Body>>| {
+                req.map(axum::body::Body::new)
+            },
+        )
         .layer(CountLayer::around_breaker(attempts.clone()))
         .layer(breaker.clone())
         .layer(ObserveLayer(mirror.clone()))
@@ -231,8 +236,10 @@ pub fn gateway(seed: u64, faults: Faults, key_by: BucketKey, mirror_capacity: us
     let svc: Upstream = BoxCloneSyncService::new(svc);
 
     async fn proxy(State(upstream): State<Upstream>, req: Request) -> Response {
-        let Ok(res) = upstream.oneshot(req).await;
-        res
+        match upstream.oneshot(req).await {
+            Ok(res) => res,
+            Err(e) => llm_layers::policy::classify_error(e).to_response(),
+        }
     }
 
     // Per route, innermost first (as the gateway example does): rate limit, validation, auth.

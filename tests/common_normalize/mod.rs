@@ -325,12 +325,12 @@ where
     S: Service<
             Request<Full<Bytes>>,
             Response = Response<llm_layers::normalize::NormalizeBody<hyper::body::Incoming>>,
-            Error = Infallible,
         > + Clone
         + Send
         + Sync
         + 'static,
     S::Future: Send,
+    S::Error: std::fmt::Debug,
 {
     let app = Router::new().fallback(move |req: Request<Body>| {
         let client = client.clone();

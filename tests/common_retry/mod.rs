@@ -14,6 +14,7 @@ use http::{Request, Response, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use llm_layers::body::LayerBody;
 use llm_layers::retry::RetryLayer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -156,7 +157,9 @@ pub fn upstream_client() -> Client<HttpConnector, Body> {
 /// layer wrapped around the hyper-util client.
 pub async fn gateway(upstream: SocketAddr, layer: RetryLayer) -> SocketAddr {
     let svc = ServiceBuilder::new()
+        .map_response(|res: Response<LayerBody<Body>>| res.map(Body::new))
         .layer(layer)
+        .map_request(|req: Request<LayerBody<Body>>| req.map(Body::new))
         .map_response(|res: Response<hyper::body::Incoming>| res.map(Body::new))
         .service(upstream_client());
     serve_proxy(upstream, svc).await
@@ -166,7 +169,9 @@ pub async fn gateway(upstream: SocketAddr, layer: RetryLayer) -> SocketAddr {
 /// recommended order has it.
 pub async fn gateway_normalized(upstream: SocketAddr, layer: RetryLayer) -> SocketAddr {
     let svc = ServiceBuilder::new()
+        .map_response(|res: Response<LayerBody<Body>>| res.map(Body::new))
         .layer(layer)
+        .map_request(|req: Request<LayerBody<Body>>| req.map(Body::new))
         .map_response(|res: Response<_>| res.map(Body::new))
         .layer(llm_layers::normalize::NormalizeErrorsLayer::new())
         .service(upstream_client());
@@ -240,14 +245,19 @@ impl Recorder {
 
 pub type ScriptFn = Arc<dyn Fn(usize) -> Result<Response<Body>, std::io::Error> + Send + Sync>;
 
-/// A `service_fn` upstream: attempt `n` (0-based) is answered by `script(n)`.
-pub fn scripted(
+/// A `service_fn` upstream: attempt `n` (0-based) is answered by `script(n)`. Takes any
+/// request body (the retry layer hands on `LayerBody<B>`).
+pub fn scripted<B>(
     rec: Recorder,
     script: ScriptFn,
-) -> impl Service<Request<Body>, Response = Response<Body>, Error = std::io::Error, Future = impl Send>
+) -> impl Service<Request<B>, Response = Response<Body>, Error = std::io::Error, Future = impl Send>
        + Clone
-       + Send {
-    tower::service_fn(move |req: Request<Body>| {
+       + Send
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tower::service_fn(move |req: Request<B>| {
         let rec = rec.clone();
         let script = script.clone();
         async move {
@@ -258,9 +268,10 @@ pub fn scripted(
             };
             let (parts, body) = req.into_parts();
             rec.heads.lock().unwrap().push(parts);
-            let body = axum::body::to_bytes(body, usize::MAX)
+            let body = http_body_util::BodyExt::collect(body)
                 .await
-                .map_err(std::io::Error::other)?;
+                .map_err(|e| std::io::Error::other(e.into()))?
+                .to_bytes();
             rec.bodies.lock().unwrap().push(body);
             script(n)
         }
