@@ -684,6 +684,12 @@ async fn head_through_retry_and_breaker_is_one_upstream_call_and_a_200() {
     let client = ServiceBuilder::new()
         .layer(RetryLayer::builder().seed(3).build().unwrap())
         .layer(breaker)
+        .map_request(|r: Request<llm_layers::body::LayerBody<Full<Bytes>>>| {
+            r.map(|b| match b {
+                llm_layers::body::LayerBody::Inner { body } => body,
+                llm_layers::body::LayerBody::Full { data } => Full::new(data.unwrap_or_default()),
+            })
+        })
         .layer(NormalizeErrorsLayer::new())
         .service(hyper_client());
     for _ in 0..3 {

@@ -1632,7 +1632,12 @@ async fn an_open_circuit_of_the_real_breaker_fails_fast_through_the_retry_layer(
         .unwrap();
     let layer = fast().max_attempts(4).build().unwrap();
     let rec = Recorder::default();
-    let svc = layer.layer(breaker.layer(scripted(rec.clone(), Arc::new(|_| Ok(status(503))))));
+    let svc = layer.layer(
+        breaker.layer(
+            scripted(rec.clone(), Arc::new(|_| Ok(status(503))))
+                .map_request(|r: Request<llm_layers::body::LayerBody<Body>>| r.map(Body::new)),
+        ),
+    );
     let t0 = Instant::now();
     let res = svc
         .clone()

@@ -406,7 +406,11 @@ pub fn upstream_with(
         // the upstream reach it.
         .map_request(move |req| forward_only(req, &forward))
         .layer(stack.retry())
+        .map_response(IntoResponse::into_response)
         .layer(stack.breaker())
+        .map_request(
+            |req: axum::http::Request<llm_layers::body::LayerBody<Body>>| req.map(Body::new),
+        )
         .map_response(IntoResponse::into_response)
         // The attempt timeout covers the head; the error body is read within the same bound.
         .layer(NormalizeErrorsLayer::with_options(

@@ -153,6 +153,17 @@ impl fmt::Debug for NextService {
     }
 }
 
+/// A request body a layer handed on (the `reqwest::Body` it was given, or bytes it produced),
+/// as the next middleware takes it.
+impl<B: Into<reqwest::Body>> From<crate::body::LayerBody<B>> for reqwest::Body {
+    fn from(body: crate::body::LayerBody<B>) -> Self {
+        match body {
+            crate::body::LayerBody::Inner { body } => body.into(),
+            crate::body::LayerBody::Full { data } => reqwest::Body::from(data.unwrap_or_default()),
+        }
+    }
+}
+
 impl<B: Into<reqwest::Body>> Service<http::Request<B>> for NextService {
     type Response = http::Response<reqwest::Body>;
     type Error = reqwest_middleware::Error;
