@@ -775,14 +775,13 @@ impl CircuitBreakerLayerBuilder<NoFallback> {
     /// backup upstream or provider). The response carries `x-llm-layers-fallback: <name>`.
     ///
     /// The service is typed: the layer becomes a `CircuitBreakerLayer<ServiceFallback<S>>`,
-    /// and the breaker
-    /// is a service only when `S` takes the same requests as the guarded service
-    /// (`Request<LayerBody<B>>`) and answers the same responses and errors
-    /// (`S: Service<Request<LayerBody<B>>, Response = Response<ResBody>, Error = Inner::Error>
-    /// + Clone`). A mismatch does not compile. One fallback service per layer; its place in
-    /// the chain is where this is called.
+    /// and the breaker is a service only when `S` takes the same requests as the guarded
+    /// service (`Request<LayerBody<B>>`) and answers the same responses and errors, that is
+    /// `S: Service<Request<LayerBody<B>>, Response = Response<ResBody>, Error =
+    /// Inner::Error> + Clone`. A mismatch does not compile. One fallback service per layer;
+    /// its place in the chain is where this is called.
     ///
-    /// ```compile_fail
+    /// ```compile_fail,E0599
     /// use std::convert::Infallible;
     /// use bytes::Bytes;
     /// use http::{Request, Response};

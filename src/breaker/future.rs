@@ -531,12 +531,27 @@ fn poll_timers(
     None
 }
 
+/// The fallback chain's current step, pinned.
+type StepOf<'a, S, F, B> = Pin<
+    &'a mut Step<
+        S,
+        <S as Service<Request<LayerBody<B>>>>::Future,
+        F,
+        <F as Fallback<
+            Request<LayerBody<B>>,
+            <S as Service<Request<LayerBody<B>>>>::Response,
+            <S as Service<Request<LayerBody<B>>>>::Error,
+        >>::Future,
+        B,
+    >,
+>;
+
 /// Walks the fallback chain: one step at a time, each driven ready before it is called.
 fn poll_chain<S, F, B, ResBody>(
     shared: &Shared,
     inner: &mut Option<S>,
     fallback: &mut Option<F>,
-    mut step: Pin<&mut Step<S, S::Future, F, F::Future, B>>,
+    mut step: StepOf<'_, S, F, B>,
     chain: &mut Chain<B>,
     cx: &mut Context<'_>,
 ) -> Poll<Result<Out<ResBody>, S::Error>>
