@@ -15,27 +15,30 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use futures_util::FutureExt;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
+use llm_layers::body::LayerBody;
 use llm_layers::breaker::{CircuitBreakerLayer, CircuitMode};
 use tower::{Layer, Service};
 
 type Body = Full<Bytes>;
 
-fn bare() -> impl Service<
-    Request<Body>,
+/// A service that answers at once, for any request body (the breaker hands on a
+/// `LayerBody<Body>`).
+fn bare<B>() -> impl Service<
+    Request<B>,
     Response = Response<Body>,
     Error = Infallible,
     Future = std::future::Ready<Result<Response<Body>, Infallible>>,
 > + Clone {
-    tower::service_fn(|_req: Request<Body>| std::future::ready(Ok(Response::new(Body::default()))))
+    tower::service_fn(|_req: Request<B>| std::future::ready(Ok(Response::new(Body::default()))))
 }
 
-fn failing() -> impl Service<
-    Request<Body>,
+fn failing<B>() -> impl Service<
+    Request<B>,
     Response = Response<Body>,
     Error = std::io::Error,
     Future = std::future::Ready<Result<Response<Body>, std::io::Error>>,
 > + Clone {
-    tower::service_fn(|_req: Request<Body>| std::future::ready(Err(std::io::Error::other("down"))))
+    tower::service_fn(|_req: Request<B>| std::future::ready(Err(std::io::Error::other("down"))))
 }
 
 fn ready<S: Service<R>, R>(svc: &mut S) {
@@ -66,7 +69,7 @@ fn benches(c: &mut Criterion) {
     let mut g = c.benchmark_group("closed");
     g.warm_up_time(Duration::from_secs(1));
     g.measurement_time(Duration::from_secs(2));
-    let mut svc = bare();
+    let mut svc = bare::<Body>();
     g.bench_function("bare service", |b| b.iter(|| black_box(once(&mut svc))));
 
     let layer = CircuitBreakerLayer::builder().build().unwrap();
@@ -115,7 +118,7 @@ fn benches(c: &mut Criterion) {
         .unwrap();
     let mut svc = layer.layer(bare());
     // Open it through a failing twin sharing the same circuits.
-    let mut trip = layer.layer(tower::service_fn(|_req: Request<Body>| {
+    let mut trip = layer.layer(tower::service_fn(|_req: Request<LayerBody<Body>>| {
         let mut res = Response::new(Body::default());
         *res.status_mut() = StatusCode::BAD_GATEWAY;
         std::future::ready(Ok::<_, Infallible>(res))

@@ -106,6 +106,27 @@ impl<B> LayerBody<B> {
     }
 }
 
+impl<B> LayerBody<LayerBody<B>> {
+    /// One level of `LayerBody` instead of two, for a service that two body-reading layers
+    /// wrap (each hands on a `LayerBody` of what it was given): the inner body untouched, or the
+    /// bytes whichever layer produced them. Nothing is copied.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use llm_layers::body::LayerBody;
+    ///
+    /// let twice: LayerBody<LayerBody<Full<Bytes>>> = LayerBody::new(LayerBody::full(Bytes::from_static(b"x")));
+    /// assert!(twice.flatten().is_produced());
+    /// ```
+    pub fn flatten(self) -> LayerBody<B> {
+        match self {
+            LayerBody::Inner { body } => body,
+            LayerBody::Full { data } => LayerBody::Full { data },
+        }
+    }
+}
+
 impl<B> Default for LayerBody<B> {
     fn default() -> Self {
         LayerBody::empty()

@@ -9,25 +9,41 @@ use std::time::Duration;
 use axum::body::Body;
 use common_breaker::{chat, chat_at, json, proxy_router, serve, Answer, Logs, Stub, Upstream};
 use http::{Request, Response, StatusCode};
+use llm_layers::body::LayerBody;
 use llm_layers::breaker::{
-    BreakerEvent, CircuitBreakerLayer, CircuitKey, CircuitMode, CircuitState, Outcome,
-    TransitionReason, OVERFLOW_KEY, SINGLE_KEY,
+    BreakerEvent, CircuitBreakerLayer, CircuitKey, CircuitMode, CircuitState, TransitionReason,
+    OVERFLOW_KEY, SINGLE_KEY,
 };
 use llm_layers::error::{ApiError, ErrorCode};
+use llm_layers::policy::{FailureKind, Outcome};
 use tower::{Layer, Service, ServiceExt};
 
 type Svc = tower::util::BoxCloneService<Request<Body>, Response<Body>, std::io::Error>;
 
 fn guard(layer: &CircuitBreakerLayer, up: &Upstream) -> Svc {
-    tower::util::BoxCloneService::new(layer.layer(up.service()))
+    tower::util::BoxCloneService::new(
+        layer
+            .layer(up.service())
+            .map_response(|res| res.map(Body::new)),
+    )
 }
 
+/// Sends `req` and reads the answer's body to its end, as an HTTP client does: the breaker
+/// records a successful call when its body ends.
 fn send(
     svc: &Svc,
     req: Request<Body>,
 ) -> impl std::future::Future<Output = Response<Body>> + Send + 'static {
     let svc = svc.clone();
-    async move { svc.oneshot(req).await.expect("no transport error") }
+    async move {
+        let res = svc.oneshot(req).await.expect("no transport error");
+        let (parts, body) = res.into_parts();
+        let bytes = http_body_util::BodyExt::collect(body)
+            .await
+            .expect("a whole body")
+            .to_bytes();
+        Response::from_parts(parts, Body::from(bytes))
+    }
 }
 
 fn status(svc: &Svc, model: &str) -> impl std::future::Future<Output = u16> + Send + 'static {
@@ -652,7 +668,7 @@ async fn the_error_an_inner_layer_left_wins_and_transport_errors_fail() {
     let layer = base().consecutive_failures(2).build().unwrap();
     let h = layer.handle();
     // An inner normalizer turned a 200 with an error body into a timeout envelope.
-    let inner = tower::service_fn(|_req: Request<Body>| async {
+    let inner = tower::service_fn(|_req: Request<LayerBody<Body>>| async {
         let mut res = Response::new(Body::empty());
         res.extensions_mut()
             .insert(ApiError::new(ErrorCode::Timeout, "upstream timed out"));
@@ -673,9 +689,9 @@ async fn the_error_an_inner_layer_left_wins_and_transport_errors_fail() {
 async fn a_custom_classifier_decides() {
     let layer = base()
         .consecutive_failures(1)
-        .classify(|status, _err| {
+        .policy(|status, _: &http::HeaderMap, _: Option<&ApiError>| {
             if status == StatusCode::IM_A_TEAPOT {
-                Outcome::Failure
+                Outcome::failure(ErrorCode::InternalError, FailureKind::Transient)
             } else {
                 Outcome::Success
             }
@@ -808,7 +824,8 @@ async fn an_oversized_body_keyed_by_model_gets_413() {
     assert_eq!(res.status(), 413);
     assert_eq!(json(res).await["error"]["code"], "request_too_large");
     assert_eq!(up.calls(), 0);
-    // A body that is not JSON has no model: it goes through unguarded, for the upstream to refuse.
+    // A body that is not JSON has no model to key on: the one parse of the request view
+    // refuses it, `400 invalid_value`, before it reaches the upstream.
     let res = send(
         &svc,
         Request::post("/v1/embeddings")
@@ -816,8 +833,9 @@ async fn an_oversized_body_keyed_by_model_gets_413() {
             .unwrap(),
     )
     .await;
-    assert_eq!(res.status(), 200);
-    assert_eq!(up.bodies()[0], "nope");
+    assert_eq!(res.status(), 400);
+    assert_eq!(json(res).await["error"]["code"], "invalid_value");
+    assert_eq!(up.calls(), 0);
 }
 
 #[test]
@@ -960,7 +978,7 @@ async fn http_fallback_chain_reports_both_causes_then_degrades() {
         let mut b = base()
             .name("primary")
             .consecutive_failures(1)
-            .fallback_service::<_, Body, Body>("backup-provider", backup_svc.clone())
+            .fallback_service("backup-provider", backup_svc.clone())
             .on_event(move |e| {
                 if matches!(e, BreakerEvent::Fallback { .. }) {
                     ev.fetch_add(1, Ordering::SeqCst);
@@ -1068,7 +1086,7 @@ async fn a_slow_stream_body_after_a_fast_head_is_not_a_slow_call() {
         .unwrap();
     let h = layer.handle();
     // The head arrives at once; the events trickle in over 10 s.
-    let inner = tower::service_fn(|_req: Request<Body>| async {
+    let inner = tower::service_fn(|_req: Request<LayerBody<Body>>| async {
         let chunks = futures_util::stream::unfold(0u8, |n| async move {
             if n == 5 {
                 return None;
@@ -1131,7 +1149,7 @@ async fn custom_and_compound_keys() {
             head.headers()
                 .get("x-tenant")
                 .and_then(|v| v.to_str().ok())
-                .map(|t| format!("tenant:{t}"))
+                .map(|t| Arc::from(format!("tenant:{t}")))
         }))
         .consecutive_failures(1)
         .build()
@@ -1822,4 +1840,207 @@ fn configuration_extremes_mostly_build() {
         "{}",
         EXTREMES_BUILT.load(Ordering::Relaxed)
     );
+}
+
+/// A request body fed by a channel: it is still being uploaded until the sender is dropped.
+type Uploaded = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, std::io::Error>;
+
+fn uploading() -> (
+    tokio::sync::mpsc::Sender<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>,
+    Uploaded,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|frame| (frame, rx))
+    });
+    (
+        tx,
+        http_body_util::BodyExt::boxed_unsync(http_body_util::StreamBody::new(frames)),
+    )
+}
+
+fn whole(body: &'static str) -> Uploaded {
+    use http_body_util::BodyExt;
+    http_body_util::Full::new(bytes::Bytes::from_static(body.as_bytes()))
+        .map_err(|e| match e {})
+        .boxed_unsync()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_model_keyed_request_still_uploading_holds_no_concurrency_slot() {
+    let layer = base().key_by(CircuitKey::Model).build().unwrap();
+    let up = Upstream::new(Answer::Status(200));
+    let svc = layer.layer(
+        tower::limit::ConcurrencyLimitLayer::new(1).layer(up.service::<LayerBody<Uploaded>>()),
+    );
+    // The first request sends half its body, and then nothing for now.
+    let (tx, body) = uploading();
+    let first = tokio::spawn(
+        svc.clone().oneshot(
+            Request::post("http://api.example.test/v1/chat/completions")
+                .body(body)
+                .unwrap(),
+        ),
+    );
+    tx.send(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+        br#"{"model":"gpt-4o","#,
+    ))))
+    .await
+    .unwrap();
+    tokio::task::yield_now().await;
+    // The second completes while the first is still uploading: the breaker reads the model
+    // before it asks the limit for a slot.
+    let second = svc.clone().oneshot(
+        Request::post("http://api.example.test/v1/chat/completions")
+            .body(whole(r#"{"model":"gpt-4o","messages":[]}"#))
+            .unwrap(),
+    );
+    let res = tokio::time::timeout(Duration::from_secs(60), second)
+        .await
+        .expect("the second request does not wait for the first's upload")
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(up.calls(), 1);
+    assert!(!first.is_finished());
+    // The first one finishes its upload and goes through with its whole body.
+    tx.send(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+        br#""messages":[]}"#,
+    ))))
+    .await
+    .unwrap();
+    drop(tx);
+    let res = first.await.unwrap().unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(up.calls(), 2);
+    assert_eq!(&up.bodies()[1][..], br#"{"model":"gpt-4o","messages":[]}"#);
+}
+
+/// Counts the `poll_ready` calls its inner service gets.
+#[derive(Clone)]
+struct CountReady<S> {
+    inner: S,
+    polls: Arc<AtomicUsize>,
+}
+
+impl<S: Service<R>, R> Service<R> for CountReady<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.polls.fetch_add(1, Ordering::SeqCst);
+        self.inner.poll_ready(cx)
+    }
+    fn call(&mut self, req: R) -> S::Future {
+        self.inner.call(req)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_request_never_polls_the_inner_service() {
+    let layer = base().consecutive_failures(1).build().unwrap();
+    let up = Upstream::new(Answer::Status(500));
+    let polls = Arc::new(AtomicUsize::new(0));
+    let svc = layer.layer(CountReady {
+        inner: up.service::<LayerBody<Body>>(),
+        polls: polls.clone(),
+    });
+    let res = svc.clone().oneshot(chat("m")).await.unwrap();
+    assert_eq!(res.status(), 500);
+    assert_eq!(polls.load(Ordering::SeqCst), 1);
+    assert_eq!(layer.handle().state(SINGLE_KEY), Some(CircuitState::Open));
+    for _ in 0..3 {
+        let res = svc.clone().oneshot(chat("m")).await.unwrap();
+        assert_eq!(res.status(), 503);
+    }
+    assert_eq!(
+        polls.load(Ordering::SeqCst),
+        1,
+        "refusals never reach poll_ready"
+    );
+    assert_eq!(up.calls(), 1);
+}
+
+/// An inner service whose 200 answers send one event and then fail their body.
+fn cut_stream(
+) -> impl Service<Request<LayerBody<Body>>, Response = Response<Body>, Error = std::io::Error> + Clone
+{
+    tower::service_fn(|_req: Request<LayerBody<Body>>| async {
+        let frames = futures_util::stream::iter([
+            Ok(bytes::Bytes::from_static(b"data: {}\n\n")),
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "upstream went away",
+            )),
+        ]);
+        Ok::<_, std::io::Error>(Response::new(Body::from_stream(frames)))
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_success_is_recorded_when_its_body_ends_and_a_cut_body_is_a_failure() {
+    let layer = base().consecutive_failures(2).build().unwrap();
+    let h = layer.handle();
+    let svc = layer.layer(cut_stream());
+    for i in 1..=2u64 {
+        let res = svc.clone().oneshot(chat("m")).await.unwrap();
+        assert_eq!(res.status(), 200);
+        // The head alone decides nothing.
+        assert_eq!(h.metrics(SINGLE_KEY).unwrap().calls, i - 1);
+        let read = http_body_util::BodyExt::collect(res.into_body()).await;
+        assert!(read.is_err());
+        let m = h.metrics(SINGLE_KEY).unwrap();
+        assert_eq!((m.calls, m.failures), (i, i));
+    }
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::Open));
+
+    // A whole body is a success, counted at its end.
+    let layer = base().consecutive_failures(1).build().unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Status(200));
+    let svc = layer.layer(up.service::<LayerBody<Body>>());
+    let res = svc.clone().oneshot(chat("m")).await.unwrap();
+    assert_eq!(h.metrics(SINGLE_KEY).unwrap().calls, 0);
+    http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap();
+    let m = h.metrics(SINGLE_KEY).unwrap();
+    assert_eq!((m.calls, m.failures, m.dropped), (1, 0, 0));
+    // A body dropped by the client before its end is neither.
+    drop(svc.clone().oneshot(chat("m")).await.unwrap());
+    let m = h.metrics(SINGLE_KEY).unwrap();
+    assert_eq!((m.calls, m.failures, m.dropped), (1, 0, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_whose_body_is_dropped_gives_its_slot_back() {
+    let layer = base()
+        .consecutive_failures(1)
+        .half_open_probes(1)
+        .open_duration(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let up = Upstream::new(Answer::Status(200));
+    let svc = layer.layer(up.service::<LayerBody<Body>>());
+    up.script([Answer::Status(500)]);
+    svc.clone().oneshot(chat("m")).await.unwrap();
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::Open));
+    tokio::time::advance(Duration::from_secs(11)).await;
+    // The probe's answer is a 200, but its caller goes away before the end.
+    let probe = svc.clone().oneshot(chat("m")).await.unwrap();
+    assert_eq!(probe.status(), 200);
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::HalfOpen));
+    drop(probe);
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::HalfOpen));
+    // The slot is free again: the next call is the probe, and its whole answer closes.
+    let res = svc.clone().oneshot(chat("m")).await.unwrap();
+    assert_eq!(res.status(), 200);
+    http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap();
+    assert_eq!(h.state(SINGLE_KEY), Some(CircuitState::Closed));
+    assert_eq!(up.calls(), 3);
 }

@@ -881,10 +881,11 @@ fn control_the_mirror_catches_an_early_opening() {
         let svc = ServiceBuilder::new()
             .layer(ValidateRequestLayer::builder().build().unwrap())
             .layer(CountLayer::around_breaker(Arc::new(Counter::default())))
+            .map_response(|r: http::Response<_>| r.map(axum::body::Body::new))
             .layer(breaker)
             .layer(ObserveLayer(mirror.clone()))
             .service(tower::service_fn(
-                |_req: http::Request<axum::body::Body>| async {
+                |_req: http::Request<llm_layers::body::LayerBody<axum::body::Body>>| async {
                     Ok::<_, std::convert::Infallible>(
                         http::Response::builder()
                             .status(503)

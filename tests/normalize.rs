@@ -10,6 +10,7 @@ use common_normalize::*;
 use futures_util::StreamExt;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
+use llm_layers::body::LayerBody;
 use llm_layers::error::{ApiError, ErrorCode, TypeStyle};
 use llm_layers::normalize::{NormalizeErrorsLayer, NormalizeOptions};
 use serde_json::Value;
@@ -684,11 +685,12 @@ async fn head_through_retry_and_breaker_is_one_upstream_call_and_a_200() {
     let client = ServiceBuilder::new()
         .layer(RetryLayer::builder().seed(3).build().unwrap())
         .layer(breaker)
+        // Retry and breaker each hand on a `LayerBody` of what they were given.
+        .map_request(|r: Request<LayerBody<LayerBody<Full<Bytes>>>>| r.map(LayerBody::flatten))
         .layer(NormalizeErrorsLayer::new())
-        // The retry layer hands on `LayerBody<Full<Bytes>>`.
         .service(
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<llm_layers::body::LayerBody<Full<Bytes>>>(),
+                .build_http::<LayerBody<Full<Bytes>>>(),
         );
     for _ in 0..3 {
         let res = client

@@ -492,7 +492,7 @@ proptest! {
     #[test]
     fn breaker_extremes_build_or_refuse(s in breaker_settings(), script in answers(), gaps in gaps()) {
         match breaker_builder(&s).build() {
-            Ok(layer) => serve(layer.layer(upstream(script)), &gaps)?,
+            Ok(layer) => serve(layer.layer(upstream(script).map_request(|r: Request<llm_layers::body::LayerBody<Body>>| r.map(Body::new))), &gaps)?,
             Err(e) => check_refusal(&e, "circuit breaker", BREAKER_FIELDS)?,
         }
     }
@@ -502,7 +502,7 @@ proptest! {
     #[test]
     fn breaker_windows_of_any_size(n in usizex(), gaps in gaps()) {
         match CircuitBreakerLayer::builder().count_window(n).minimum_calls(1).build() {
-            Ok(layer) => serve(layer.layer(upstream(vec![Answer::Ok, Answer::Busy])), &gaps)?,
+            Ok(layer) => serve(layer.layer(upstream(vec![Answer::Ok, Answer::Busy]).map_request(|r: Request<llm_layers::body::LayerBody<Body>>| r.map(Body::new))), &gaps)?,
             Err(e) => check_refusal(&e, "circuit breaker", BREAKER_FIELDS)?,
         }
     }
@@ -636,6 +636,7 @@ proptest! {
             .layer(stack.rate_limit())
             .layer(stack.retry())
             .layer(stack.breaker())
+            .map_request(|r: Request<LayerBody<LayerBody<Body>>>| r.map(Body::new))
             .map_response(|r: Response<_>| r.map(Body::new))
             .layer(NormalizeErrorsLayer::new())
             .layer(tower::timeout::TimeoutLayer::new(stack.attempt_timeout()))

@@ -407,7 +407,11 @@ pub fn upstream_with(
         .map_response(IntoResponse::into_response)
         .layer(stack.retry())
         .map_request(|req: Request<llm_layers::body::LayerBody<Body>>| req.map(Body::new))
+        .map_response(IntoResponse::into_response)
         .layer(stack.breaker())
+        .map_request(
+            |req: axum::http::Request<llm_layers::body::LayerBody<Body>>| req.map(Body::new),
+        )
         .map_response(IntoResponse::into_response)
         // The attempt timeout covers the head; the error body is read within the same bound.
         .layer(NormalizeErrorsLayer::with_options(

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::classify::Outcome;
 use super::config::{nanos, CircuitMode, Config, WindowKind};
 use super::events::{emit, BreakerEvent, CircuitState, TransitionReason};
 use super::window::{Consecutive, CountWindow, TimeWindow, Totals, Window};
@@ -141,17 +140,61 @@ enum Kind {
     Spent,
 }
 
+/// What one call means for the circuit, once the policy's [`Outcome`](crate::policy::Outcome)
+/// is read with [`FailureKind::counts_against_circuit`](crate::policy::FailureKind::counts_against_circuit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// The upstream served the call.
+    Success,
+    /// The upstream failed the call: it counts towards opening.
+    Failure,
+    /// Neither (the caller's fault, a failure that says nothing of the upstream): not
+    /// counted; a probe's slot is given back.
+    Ignored,
+}
+
+impl Verdict {
+    /// The verdict of the policy's `outcome`: a failure counts when its kind counts against
+    /// a circuit (throttling only with `trip_on_rate_limit`).
+    pub(crate) fn of(outcome: crate::policy::Outcome, trip_on_rate_limit: bool) -> Verdict {
+        match outcome {
+            crate::policy::Outcome::Success => Verdict::Success,
+            crate::policy::Outcome::Failure { kind, .. }
+                if kind.counts_against_circuit(trip_on_rate_limit) =>
+            {
+                Verdict::Failure
+            }
+            crate::policy::Outcome::Failure { .. } => Verdict::Ignored,
+        }
+    }
+}
+
+/// The verdict of the configured policy on a response head: the [`ApiError`](crate::ApiError)
+/// an inner layer left in the extensions, else the status.
+pub(crate) fn head_verdict<B>(cfg: &Config, res: &http::Response<B>) -> Verdict {
+    use crate::policy::Classify;
+    let outcome = cfg.policy.classify_response(
+        res.status(),
+        res.headers(),
+        res.extensions().get::<crate::error::ApiError>(),
+    );
+    Verdict::of(outcome, cfg.trip_on_rate_limit)
+}
+
 /// How a call ended, for the record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum End {
-    /// It answered; the classified outcome.
-    Answered(Outcome),
+    /// It answered (the head, or for a success the end of its body); the verdict.
+    Answered(Verdict),
     /// The breaker's call timeout fired (the caller gets a `504 timeout`).
     CallTimedOut,
     /// A probe passed its probe timeout; the call goes on, but counts as failed now.
     ProbeTimedOut,
     /// The caller dropped the call before its answer (a timeout outside, a disconnect).
     Dropped,
+    /// The caller dropped a successful answer's body before its end: neither a success nor
+    /// a failure (a probe's slot is given back).
+    BodyDropped,
 }
 
 /// A timer a call in flight needs: when it fires, and what it means.
@@ -169,6 +212,9 @@ pub(crate) struct Permit {
     epoch: u64,
     kind: Kind,
     start: u64,
+    /// When the head of a successful answer arrived, once it did (`0` when no rule needs the
+    /// time): the call's outcome waits for the end of its body, its slowness does not.
+    head: Option<u64>,
 }
 
 impl Permit {
@@ -179,20 +225,67 @@ impl Permit {
             epoch: 0,
             kind: Kind::Normal,
             start: 0,
+            head: None,
         }
     }
 
-    /// Classifies an answer with the configured classifier (`Ignored` when unrecorded).
-    pub(crate) fn classify<B>(&self, res: &http::Response<B>) -> Outcome {
+    /// Whether this permit records anything.
+    pub(crate) fn is_recorded(&self) -> bool {
+        self.circuit.is_some()
+    }
+
+    /// The verdict on a response head, by the configured policy (`Ignored` when unrecorded).
+    pub(crate) fn classify<B>(&self, res: &http::Response<B>) -> Verdict {
         match &self.circuit {
-            Some(c) => c.common.config.classifier.response(res),
-            None => Outcome::Ignored,
+            Some(c) => head_verdict(&c.common.config, res),
+            None => Verdict::Ignored,
         }
     }
 
-    /// Records the call's outcome.
-    pub(crate) fn complete(self, outcome: Outcome) {
-        self.end(End::Answered(outcome));
+    /// The verdict on a transport error of the inner service (`Err` from `poll_ready` or
+    /// `call`): its code through [`policy::classify_error_ref`](crate::policy::classify_error_ref)
+    /// (`timeout` or `service_unavailable`), so a failure.
+    pub(crate) fn classify_error<E: 'static>(&self, err: &E) -> Verdict {
+        match &self.circuit {
+            Some(c) => {
+                let code = crate::policy::classify_error_ref(err).code();
+                Verdict::of(
+                    crate::policy::Outcome::for_code(code),
+                    c.common.config.trip_on_rate_limit,
+                )
+            }
+            None => Verdict::Ignored,
+        }
+    }
+
+    /// The head of a successful answer arrived: its slowness is measured now, its outcome
+    /// waits for [`Permit::stream_end`] (or the drop of its body).
+    pub(crate) fn head_arrived(&mut self) {
+        if let Some(c) = &self.circuit {
+            self.head = Some(if c.common.needs_start {
+                c.common.now()
+            } else {
+                0
+            });
+        }
+    }
+
+    /// The body of a successful answer ended: the policy's verdict on how.
+    pub(crate) fn stream_end(self, end: &crate::policy::StreamEnd<'_>) {
+        use crate::policy::Classify;
+        let verdict = match &self.circuit {
+            Some(c) => {
+                let cfg = &c.common.config;
+                Verdict::of(cfg.policy.classify_eos(end), cfg.trip_on_rate_limit)
+            }
+            None => return,
+        };
+        self.complete(verdict);
+    }
+
+    /// Records the call's verdict.
+    pub(crate) fn complete(self, verdict: Verdict) {
+        self.end(End::Answered(verdict));
     }
 
     /// Records how the call ended.
@@ -200,7 +293,7 @@ impl Permit {
         let Some(c) = self.circuit.take() else {
             return;
         };
-        c.record(self.epoch, self.kind, self.start, end);
+        c.record(self.epoch, self.kind, self.start, self.head, end);
     }
 
     /// The first timer this call needs: the probe timeout for a probe, the call timeout when
@@ -233,7 +326,13 @@ impl Permit {
         if self.kind != Kind::Probe {
             return None;
         }
-        c.record(self.epoch, Kind::Probe, self.start, End::ProbeTimedOut);
+        c.record(
+            self.epoch,
+            Kind::Probe,
+            self.start,
+            None,
+            End::ProbeTimedOut,
+        );
         self.kind = Kind::Spent;
         let at = self
             .start
@@ -253,7 +352,12 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(c) = self.circuit.take() {
-            c.record(self.epoch, self.kind, self.start, End::Dropped);
+            let end = if self.head.is_some() {
+                End::BodyDropped
+            } else {
+                End::Dropped
+            };
+            c.record(self.epoch, self.kind, self.start, self.head, end);
         }
     }
 }
@@ -351,6 +455,7 @@ impl Circuit {
                     epoch: 0,
                     kind: Kind::MetricsOnly,
                     start: self.start(),
+                    head: None,
                 })
             }
         }
@@ -363,6 +468,7 @@ impl Circuit {
                         epoch: epoch_of(w),
                         kind: Kind::Normal,
                         start: self.start(),
+                        head: None,
                     })
                 }
                 OPEN => {
@@ -405,6 +511,7 @@ impl Circuit {
                             epoch,
                             kind: Kind::Probe,
                             start: now,
+                            head: None,
                         });
                     }
                 }
@@ -428,6 +535,7 @@ impl Circuit {
                                     epoch: epoch_of(w),
                                     kind: Kind::Probe,
                                     start: now,
+                                    head: None,
                                 });
                             }
                             Err(cur) => {
@@ -573,22 +681,31 @@ impl Circuit {
         None
     }
 
-    fn record(&self, epoch: u64, kind: Kind, start: u64, end: End) {
+    fn record(&self, epoch: u64, kind: Kind, start: u64, head: Option<u64>, end: End) {
         if kind == Kind::Spent {
             return;
         }
         let cfg = &self.common.config;
         let needs_now = self.common.needs_start || matches!(cfg.window, WindowKind::Time(..));
         let (failure, probe_reason) = match end {
-            End::Answered(Outcome::Ignored) => {
+            End::Answered(Verdict::Ignored) => {
                 self.counters.ignored.fetch_add(1, Ordering::Relaxed);
                 if kind == Kind::Probe {
                     self.release_probe(epoch);
                 }
                 return;
             }
-            End::Answered(Outcome::Failure) => (true, TransitionReason::ProbeFailed),
-            End::Answered(Outcome::Success) => (false, TransitionReason::ProbeFailed),
+            End::BodyDropped => {
+                // The caller stopped reading an answer the upstream was serving: it says
+                // nothing of the upstream either way.
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                if kind == Kind::Probe {
+                    self.release_probe(epoch);
+                }
+                return;
+            }
+            End::Answered(Verdict::Failure) => (true, TransitionReason::ProbeFailed),
+            End::Answered(Verdict::Success) => (false, TransitionReason::ProbeFailed),
             End::CallTimedOut | End::ProbeTimedOut => {
                 self.counters.timeouts.fetch_add(1, Ordering::Relaxed);
                 (true, TransitionReason::ProbeTimedOut)
@@ -617,8 +734,9 @@ impl Circuit {
             }
         };
         let now = if needs_now { self.common.now() } else { 0 };
+        // Slowness is the time to the head (for a stream: its first byte), not to its end.
         let slow = match cfg.slow_call {
-            Some((d, _)) => now.saturating_sub(start) > nanos(d),
+            Some((d, _)) => head.unwrap_or(now).saturating_sub(start) > nanos(d),
             None => false,
         };
         self.counters.calls.fetch_add(1, Ordering::Relaxed);

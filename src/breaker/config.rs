@@ -1,21 +1,18 @@
 //! Configuration: the builder, its validation, and the knobs' types.
 
-use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
-use tower_service::Service;
+use http::{HeaderMap, HeaderValue, StatusCode};
 
-use super::classify::{Classifier, Outcome};
 use super::events::BreakerEvent;
+use super::fallback::{NoFallback, ServiceFallback};
 use super::layer::CircuitBreakerLayer;
 use super::registry::Shared;
-use super::BoxError;
-use crate::error::ApiError;
+use crate::policy::{Classify, SharedPolicy};
+use crate::request::{CharEstimator, KeyFn, RequestHead, TokenEstimator};
 
 pub use crate::config::ConfigError;
 
@@ -50,9 +47,6 @@ pub(crate) enum WindowKind {
     Consecutive(u32),
 }
 
-/// A key function, see [`CircuitKey::custom`].
-pub type KeyFn = Arc<dyn Fn(&RequestHead<'_>) -> Option<String> + Send + Sync>;
-
 pub(crate) type EventHook = Arc<dyn Fn(&BreakerEvent) + Send + Sync>;
 
 /// How requests are mapped to circuits.
@@ -68,19 +62,24 @@ pub enum CircuitKey {
     Upstream,
     /// One circuit per model, read from the [`RequestView`](crate::request::RequestView) in
     /// the extensions or, when no earlier layer stored one, by buffering and parsing the body
-    /// (bounded by [`CircuitBreakerLayerBuilder::body_limit`]).
+    /// once through [`EnsureView`](crate::request::EnsureView) (bounded by
+    /// [`CircuitBreakerLayerBuilder::body_limit`]; a body that is not JSON is answered `400
+    /// invalid_value`). A request without a model goes through unguarded.
     Model,
     /// One circuit per upstream and model (`api.openai.com/gpt-4o`).
     UpstreamAndModel,
-    /// A key of your own. Returning `None` sends the request through unguarded.
+    /// A key of your own ([`crate::request::KeyFn`], shared with the rate limiter). Returning
+    /// `None` sends the request through unguarded.
     Custom(KeyFn),
 }
 
 impl CircuitKey {
-    /// A key of your own, computed from the request head.
+    /// A key of your own, computed from the request head ([`RequestHead`]: method, URI,
+    /// headers, extensions and the [`RequestView`](crate::request::RequestView) an earlier
+    /// layer stored). It never reads the body.
     pub fn custom<F>(f: F) -> Self
     where
-        F: Fn(&RequestHead<'_>) -> Option<String> + Send + Sync + 'static,
+        F: Fn(&RequestHead<'_>) -> Option<Arc<str>> + Send + Sync + 'static,
     {
         CircuitKey::Custom(Arc::new(f))
     }
@@ -98,46 +97,12 @@ impl fmt::Debug for CircuitKey {
     }
 }
 
-/// The parts of a request a custom key function may look at.
-#[derive(Debug)]
-pub struct RequestHead<'a> {
-    pub(crate) method: &'a http::Method,
-    pub(crate) uri: &'a http::Uri,
-    pub(crate) headers: &'a HeaderMap,
-    pub(crate) extensions: &'a http::Extensions,
-}
-
-impl RequestHead<'_> {
-    /// The request method.
-    pub fn method(&self) -> &http::Method {
-        self.method
-    }
-    /// The request URI.
-    pub fn uri(&self) -> &http::Uri {
-        self.uri
-    }
-    /// The request headers.
-    pub fn headers(&self) -> &HeaderMap {
-        self.headers
-    }
-    /// The request extensions (a [`RequestView`](crate::request::RequestView), a
-    /// [`KeyIdentity`](crate::ext::KeyIdentity), ...).
-    pub fn extensions(&self) -> &http::Extensions {
-        self.extensions
-    }
-}
-
-pub(crate) type DynCall<B, R> =
-    Arc<dyn Fn(Request<B>) -> BoxFuture<'static, Result<Response<R>, BoxError>> + Send + Sync>;
-
 /// One step of the fallback chain.
 #[derive(Clone)]
 pub(crate) enum FallbackStep {
-    /// Another service; holds a `DynCall<B, R>` erased, checked against the body types at call.
-    Service {
-        name: Arc<str>,
-        call: Arc<dyn Any + Send + Sync>,
-    },
+    /// The layer's fallback service (typed on the layer, see
+    /// [`CircuitBreakerLayerBuilder::fallback_service`]).
+    Service { name: Arc<str> },
     /// The same upstream with the body's `model` rewritten.
     Model { model: Arc<str> },
     /// A fixed response.
@@ -217,7 +182,9 @@ pub(crate) struct Config {
     pub(crate) max_open_duration: Duration,
     pub(crate) jitter: f64,
     pub(crate) seed: u64,
-    pub(crate) classifier: Classifier,
+    pub(crate) policy: SharedPolicy,
+    pub(crate) trip_on_rate_limit: bool,
+    pub(crate) estimator: Arc<dyn TokenEstimator>,
     pub(crate) key_by: CircuitKey,
     pub(crate) upstream: Option<Arc<str>>,
     pub(crate) max_keys: usize,
@@ -242,6 +209,7 @@ impl fmt::Debug for Config {
             .field("backoff_multiplier", &self.backoff_multiplier)
             .field("max_open_duration", &self.max_open_duration)
             .field("jitter", &self.jitter)
+            .field("trip_on_rate_limit", &self.trip_on_rate_limit)
             .field("key_by", &self.key_by)
             .field("upstream", &self.upstream)
             .field("max_keys", &self.max_keys)
@@ -256,7 +224,11 @@ impl fmt::Debug for Config {
 /// Defaults: a count window of the last 100 calls, 50 % failure rate, at least 10 calls before
 /// any decision, no slow-call rule, 3 half-open probes with a 30 s probe timeout, 30 s open
 /// growing ×2 per re-opening up to 5 min with ±10 % jitter, 429s not counted, one circuit
-/// ([`CircuitKey::Single`]), at most 1,024 keys, no fallback.
+/// ([`CircuitKey::Single`]), at most 1,024 keys, no fallback, the crate's
+/// [`DefaultPolicy`](crate::policy::DefaultPolicy).
+///
+/// `F` is the type of the fallback service, [`NoFallback`] until
+/// [`fallback_service`](CircuitBreakerLayerBuilder::fallback_service) sets one.
 ///
 /// Extremes: a value that can never work is refused by [`CircuitBreakerLayerBuilder::build`] with a
 /// [`ConfigError`] naming the method (`open_duration`, `count_window`, ...). Durations are
@@ -265,7 +237,7 @@ impl fmt::Debug for Config {
 /// an open duration grown past the maximum by the multiplier is capped. No accepted value
 /// panics or wraps while serving requests.
 #[must_use]
-pub struct CircuitBreakerLayerBuilder {
+pub struct CircuitBreakerLayerBuilder<F = NoFallback> {
     name: Arc<str>,
     window: WindowKind,
     failure_rate: f64,
@@ -279,17 +251,19 @@ pub struct CircuitBreakerLayerBuilder {
     max_open_duration: Duration,
     jitter: f64,
     seed: Option<u64>,
-    classifier: Classifier,
+    policy: SharedPolicy,
+    trip_on_rate_limit: bool,
     key_by: CircuitKey,
     upstream: Option<Arc<str>>,
     max_keys: usize,
     max_key_len: usize,
     body_limit: usize,
     fallbacks: Vec<FallbackStep>,
+    fallback: F,
     on_event: Option<EventHook>,
 }
 
-impl fmt::Debug for CircuitBreakerLayerBuilder {
+impl<F> fmt::Debug for CircuitBreakerLayerBuilder<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CircuitBreakerLayerBuilder")
             .field("name", &self.name)
@@ -314,19 +288,21 @@ impl Default for CircuitBreakerLayerBuilder {
             max_open_duration: Duration::from_secs(300),
             jitter: 0.1,
             seed: None,
-            classifier: Classifier::default(),
+            policy: SharedPolicy::default(),
+            trip_on_rate_limit: false,
             key_by: CircuitKey::Single,
             upstream: None,
             max_keys: 1024,
             max_key_len: 256,
             body_limit: crate::body::DEFAULT_BODY_LIMIT,
             fallbacks: Vec::new(),
+            fallback: NoFallback,
             on_event: None,
         }
     }
 }
 
-impl CircuitBreakerLayerBuilder {
+impl<F> CircuitBreakerLayerBuilder<F> {
     /// The breaker's name, used in rejection messages, events and the handle (`"openai"`).
     /// Never put a URL with credentials here; it is shown to callers.
     pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
@@ -448,18 +424,42 @@ impl CircuitBreakerLayerBuilder {
     /// Count 429 throttling (`rate_limit_exceeded`, `concurrent_limit_exceeded`) as failures.
     /// Off by default: throttling says the caller is too fast, not that the upstream is down.
     pub fn trip_on_rate_limit(mut self, trip: bool) -> Self {
-        self.classifier.trip_on_rate_limit = trip;
+        self.trip_on_rate_limit = trip;
         self
     }
 
-    /// Your own classification of an answer; `error` is the [`ApiError`] read from the
-    /// response extensions or classified from the status, `None` for a success. Transport
-    /// errors (`Err` from the inner service) always count as failures.
-    pub fn classify<F>(mut self, f: F) -> Self
-    where
-        F: Fn(StatusCode, Option<&ApiError>) -> Outcome + Send + Sync + 'static,
-    {
-        self.classifier.custom = Some(Arc::new(f));
+    /// The failure policy ([`crate::policy`]) that classifies each answer: per response head
+    /// and, for a successful head, at the end of its body. A failure counts against the
+    /// circuit when its [`FailureKind`](crate::policy::FailureKind) says so
+    /// ([`counts_against_circuit`](crate::policy::FailureKind::counts_against_circuit), with
+    /// [`trip_on_rate_limit`](Self::trip_on_rate_limit)); a `Caller` or `Other` failure is
+    /// ignored. Default: [`DefaultPolicy`](crate::policy::DefaultPolicy). A closure
+    /// `Fn(StatusCode, &HeaderMap, Option<&ApiError>) -> Outcome` is a policy too.
+    ///
+    /// Transport errors (`Err` from the inner service) are not the policy's: they are
+    /// classified by [`policy::classify_error_ref`](crate::policy::classify_error_ref)
+    /// (`timeout` or `service_unavailable`) and always count as failures.
+    ///
+    /// ```
+    /// use http::StatusCode;
+    /// use llm_layers::breaker::CircuitBreakerLayer;
+    /// use llm_layers::policy::{Classify, DefaultPolicy, FailureKind, Outcome};
+    /// use llm_layers::ErrorCode;
+    ///
+    /// // This upstream answers 404 while a model is being deployed: count it.
+    /// let layer = CircuitBreakerLayer::builder()
+    ///     .policy(|status: StatusCode, headers: &http::HeaderMap, err: Option<&llm_layers::ApiError>| {
+    ///         if status == StatusCode::NOT_FOUND {
+    ///             return Outcome::failure(ErrorCode::NotFound, FailureKind::Transient);
+    ///         }
+    ///         DefaultPolicy.classify_response(status, headers, err)
+    ///     })
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = layer;
+    /// ```
+    pub fn policy(mut self, policy: impl Classify) -> Self {
+        self.policy = SharedPolicy::new(policy);
         self
     }
 
@@ -518,13 +518,15 @@ impl CircuitBreakerLayerBuilder {
     /// `x-llm-layers-fallback: <model>`.
     ///
     /// The body is buffered (at most [`CircuitBreakerLayerBuilder::body_limit`] bytes) only on this degraded
-    /// path; with circuits per model, a backup model whose own circuit is open is skipped.
+    /// path, and not again when the breaker already read it for the model; with circuits per
+    /// model, a backup model whose own circuit is open is skipped.
     ///
     /// ```
     /// use std::sync::{Arc, Mutex};
     /// use axum::body::Body;
     /// use http::{Request, Response};
     /// use http_body_util::BodyExt;
+    /// use llm_layers::body::LayerBody;
     /// use llm_layers::breaker::{CircuitBreakerLayer, CircuitKey, CircuitMode};
     /// use tower::{Layer, ServiceExt};
     ///
@@ -533,7 +535,7 @@ impl CircuitBreakerLayerBuilder {
     /// let seen = Arc::new(Mutex::new(Vec::new()));
     /// let upstream = tower::service_fn({
     ///     let seen = seen.clone();
-    ///     move |req: Request<Body>| {
+    ///     move |req: Request<LayerBody<Body>>| {
     ///         let seen = seen.clone();
     ///         async move {
     ///             let body = req.into_body().collect().await.unwrap().to_bytes();
@@ -564,35 +566,6 @@ impl CircuitBreakerLayerBuilder {
         self
     }
 
-    /// Adds a fallback step: while the circuit is open, send the request to `service` (a
-    /// backup upstream or provider). Its request and response bodies must be the guarded
-    /// service's; a step whose types do not match is skipped with a warning. The response
-    /// carries `x-llm-layers-fallback: <name>`. A service generic over its body (an axum
-    /// `Router`) needs them named: `fallback_service::<_, Body, Body>("backup", router)`.
-    pub fn fallback_service<S, B, R>(mut self, name: impl Into<Arc<str>>, service: S) -> Self
-    where
-        S: Service<Request<B>, Response = Response<R>> + Clone + Send + Sync + 'static,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
-        B: Send + 'static,
-        R: Send + 'static,
-    {
-        let call: DynCall<B, R> = Arc::new(move |req: Request<B>| {
-            let mut svc = service.clone();
-            Box::pin(async move {
-                futures_util::future::poll_fn(|cx| svc.poll_ready(cx))
-                    .await
-                    .map_err(Into::into)?;
-                svc.call(req).await.map_err(Into::into)
-            })
-        });
-        self.fallbacks.push(FallbackStep::Service {
-            name: name.into(),
-            call: Arc::new(call),
-        });
-        self
-    }
-
     /// Adds a fallback step: while the circuit is open, answer with this fixed response
     /// (`x-llm-layers-fallback: <name>` is added).
     pub fn fallback_response(
@@ -618,16 +591,16 @@ impl CircuitBreakerLayerBuilder {
 
     /// Calls `f` for every state transition, rejection and fallback (after the tracing
     /// event). Keep it quick: it runs inline.
-    pub fn on_event<F>(mut self, f: F) -> Self
+    pub fn on_event<H>(mut self, f: H) -> Self
     where
-        F: Fn(&BreakerEvent) + Send + Sync + 'static,
+        H: Fn(&BreakerEvent) + Send + Sync + 'static,
     {
         self.on_event = Some(Arc::new(f));
         self
     }
 
     /// Validates the configuration and builds the layer.
-    pub fn build(self) -> Result<CircuitBreakerLayer, ConfigError> {
+    pub fn build(self) -> Result<CircuitBreakerLayer<F>, ConfigError> {
         let pct = |field, v: f64| {
             if v.is_finite() && v > 0.0 && v <= 100.0 {
                 Ok(v)
@@ -779,7 +752,9 @@ impl CircuitBreakerLayerBuilder {
             max_open_duration: self.max_open_duration,
             jitter: self.jitter,
             seed: self.seed.unwrap_or_else(|| fastrand::u64(..)),
-            classifier: self.classifier,
+            policy: self.policy,
+            trip_on_rate_limit: self.trip_on_rate_limit,
+            estimator: Arc::new(CharEstimator),
             key_by: self.key_by,
             upstream: self.upstream,
             max_keys: self.max_keys,
@@ -788,8 +763,101 @@ impl CircuitBreakerLayerBuilder {
             fallbacks: self.fallbacks,
             on_event: self.on_event,
         };
-        Ok(CircuitBreakerLayer::from_shared(Arc::new(Shared::new(
-            config,
-        ))))
+        Ok(CircuitBreakerLayer::from_parts(
+            Arc::new(Shared::new(config)),
+            self.fallback,
+        ))
+    }
+}
+
+impl CircuitBreakerLayerBuilder<NoFallback> {
+    /// Adds a fallback step: while the circuit is open, send the request to `service` (a
+    /// backup upstream or provider). The response carries `x-llm-layers-fallback: <name>`.
+    ///
+    /// The service is typed: the layer becomes a `CircuitBreakerLayer<ServiceFallback<S>>`,
+    /// and the breaker is a service only when `S` takes the same requests as the guarded
+    /// service (`Request<LayerBody<B>>`) and answers the same responses and errors, that is
+    /// `S: Service<Request<LayerBody<B>>, Response = Response<ResBody>, Error =
+    /// Inner::Error> + Clone`. A mismatch does not compile. One fallback service per layer;
+    /// its place in the chain is where this is called.
+    ///
+    /// ```compile_fail,E0599
+    /// use std::convert::Infallible;
+    /// use bytes::Bytes;
+    /// use http::{Request, Response};
+    /// use http_body_util::Full;
+    /// use llm_layers::body::LayerBody;
+    /// use llm_layers::breaker::CircuitBreakerLayer;
+    /// use tower::{Layer, ServiceExt};
+    ///
+    /// // The guarded service answers `Full<Bytes>` bodies ...
+    /// let upstream = tower::service_fn(|_: Request<LayerBody<Full<Bytes>>>| async {
+    ///     Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    /// });
+    /// // ... the backup answers `String` bodies: the breaker is no service.
+    /// let backup = tower::service_fn(|_: Request<LayerBody<Full<Bytes>>>| async {
+    ///     Ok::<_, Infallible>(Response::new(String::new()))
+    /// });
+    /// let layer = CircuitBreakerLayer::builder().fallback_service("backup", backup).build().unwrap();
+    /// let _ = layer.layer(upstream).oneshot(Request::new(Full::new(Bytes::new())));
+    /// ```
+    ///
+    /// With matching types it does:
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use bytes::Bytes;
+    /// use http::{Request, Response, StatusCode};
+    /// use http_body_util::Full;
+    /// use llm_layers::body::LayerBody;
+    /// use llm_layers::breaker::{CircuitBreakerLayer, CircuitMode};
+    /// use tower::{Layer, ServiceExt};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let upstream = tower::service_fn(|_: Request<LayerBody<Full<Bytes>>>| async {
+    ///     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("primary"))))
+    /// });
+    /// let backup = tower::service_fn(|_: Request<LayerBody<Full<Bytes>>>| async {
+    ///     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("backup"))))
+    /// });
+    /// let layer = CircuitBreakerLayer::builder().fallback_service("backup", backup).build().unwrap();
+    /// layer.handle().set_mode(CircuitMode::ForcedOpen);
+    /// let res = layer.layer(upstream).oneshot(Request::new(Full::new(Bytes::new()))).await.unwrap();
+    /// assert_eq!(res.status(), StatusCode::OK);
+    /// assert_eq!(res.headers()["x-llm-layers-fallback"], "backup");
+    /// # }
+    /// ```
+    pub fn fallback_service<S>(
+        self,
+        name: impl Into<Arc<str>>,
+        service: S,
+    ) -> CircuitBreakerLayerBuilder<ServiceFallback<S>> {
+        let mut fallbacks = self.fallbacks;
+        fallbacks.push(FallbackStep::Service { name: name.into() });
+        CircuitBreakerLayerBuilder {
+            name: self.name,
+            window: self.window,
+            failure_rate: self.failure_rate,
+            slow_call: self.slow_call,
+            minimum_calls: self.minimum_calls,
+            probes: self.probes,
+            probe_timeout: self.probe_timeout,
+            call_timeout: self.call_timeout,
+            open_duration: self.open_duration,
+            backoff_multiplier: self.backoff_multiplier,
+            max_open_duration: self.max_open_duration,
+            jitter: self.jitter,
+            seed: self.seed,
+            policy: self.policy,
+            trip_on_rate_limit: self.trip_on_rate_limit,
+            key_by: self.key_by,
+            upstream: self.upstream,
+            max_keys: self.max_keys,
+            max_key_len: self.max_key_len,
+            body_limit: self.body_limit,
+            fallbacks,
+            fallback: ServiceFallback(service),
+            on_event: self.on_event,
+        }
     }
 }

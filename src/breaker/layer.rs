@@ -3,17 +3,22 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use super::config::CircuitBreakerLayerBuilder;
+use super::fallback::NoFallback;
 use super::registry::{BreakerHandle, Shared};
 use super::service::CircuitBreaker;
 
 /// Wraps a service in a [`CircuitBreaker`]. Every service it builds (one per connection on a
 /// server) shares the same circuits, so state is per layer, not per clone.
+///
+/// `F` is the fallback service's type ([`NoFallback`] without one), see
+/// [`CircuitBreakerLayerBuilder::fallback_service`].
 #[derive(Clone)]
-pub struct CircuitBreakerLayer {
+pub struct CircuitBreakerLayer<F = NoFallback> {
     shared: Arc<Shared>,
+    fallback: F,
 }
 
-impl std::fmt::Debug for CircuitBreakerLayer {
+impl<F> std::fmt::Debug for CircuitBreakerLayer<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CircuitBreakerLayer")
             .field("config", self.shared.config())
@@ -26,9 +31,11 @@ impl CircuitBreakerLayer {
     pub fn builder() -> CircuitBreakerLayerBuilder {
         CircuitBreakerLayerBuilder::default()
     }
+}
 
-    pub(crate) fn from_shared(shared: Arc<Shared>) -> Self {
-        CircuitBreakerLayer { shared }
+impl<F> CircuitBreakerLayer<F> {
+    pub(crate) fn from_parts(shared: Arc<Shared>, fallback: F) -> Self {
+        CircuitBreakerLayer { shared, fallback }
     }
 
     /// A handle to read state and metrics and to force states at runtime.
@@ -39,10 +46,10 @@ impl CircuitBreakerLayer {
     }
 }
 
-impl<S> Layer<S> for CircuitBreakerLayer {
-    type Service = CircuitBreaker<S>;
+impl<S, F: Clone> Layer<S> for CircuitBreakerLayer<F> {
+    type Service = CircuitBreaker<S, F>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CircuitBreaker::new(inner, self.shared.clone())
+        CircuitBreaker::new(inner, self.shared.clone(), self.fallback.clone())
     }
 }

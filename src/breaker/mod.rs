@@ -19,6 +19,7 @@
 //! | forced open by the operator | `503 service_unavailable`, no `retry-after` |
 //! | open, with a fallback chain | the first fallback that answers, marked `x-llm-layers-fallback: <name or model>`; if every step fails, `503` naming the open circuit and each fallback's failure |
 //! | keyed by model, body over [`CircuitBreakerLayerBuilder::body_limit`] | `413 request_too_large` |
+//! | keyed by model, a body that is not JSON (no model to key on) | `400 invalid_value` naming the parser's line and column |
 //! | no answer within [`CircuitBreakerLayerBuilder::call_timeout`] (when set) | `504 timeout` naming the breaker; the call counts as a failure |
 //!
 //! Every refusal of the breaker's own (open, probing, forced open, a fallback chain that failed
@@ -29,14 +30,58 @@
 //!
 //! # What counts
 //!
-//! Outcomes go through the crate's error taxonomy: the [`ApiError`](crate::ApiError) an inner
-//! layer put in the response extensions, else the status ([`crate::classify`]). `5xx`
-//! (including `529`), `timeout`, `service_unavailable`, `upstream_blocked` and transport errors
-//! (`Err` from the inner service) are failures. What the caller caused (invalid request, bad
-//! key, content policy, not found) is ignored. `429` throttling is ignored unless
-//! [`CircuitBreakerLayerBuilder::trip_on_rate_limit`]. A call is slow when its response head (for a stream: the
-//! first byte) takes longer than the slow-call duration. Classification ([`Outcome`]), windows,
-//! state transitions and admission are kept apart.
+//! Outcomes are the crate's one failure vocabulary, [`crate::policy`]: the builder takes any
+//! [`Classify`](crate::policy::Classify) policy ([`CircuitBreakerLayerBuilder::policy`],
+//! [`DefaultPolicy`](crate::policy::DefaultPolicy) by default, which reads the
+//! [`ApiError`](crate::ApiError) an inner layer put in the response extensions, else the
+//! status). A failure counts against the circuit when its
+//! [`FailureKind`](crate::policy::FailureKind) does
+//! ([`counts_against_circuit`](crate::policy::FailureKind::counts_against_circuit)): `5xx`
+//! (including `529`), `timeout`, `service_unavailable`, `upstream_blocked`. What the caller
+//! caused (`Caller`: invalid request, bad key, content policy) and `Other` (`not_found`) are
+//! ignored (a probe's slot is given back). `429` throttling counts only with
+//! [`CircuitBreakerLayerBuilder::trip_on_rate_limit`]. Transport errors (`Err` from the inner
+//! service's `poll_ready` or `call`, of any type) are failures, classified by
+//! [`policy::classify_error_ref`](crate::policy::classify_error_ref): a
+//! `tower::timeout::error::Elapsed` inside a `BoxError` is a `timeout`. A call is slow when its
+//! response head (for a stream: the first byte) takes longer than the slow-call duration.
+//! Classification, windows, state transitions and admission are kept apart.
+//!
+//! # The end of the stream
+//!
+//! A successful head is not yet a successful call: an upstream may send `200` and then cut
+//! the stream. So the outcome of a success is recorded when its body ends: the breaker's
+//! response body, [`GuardedBody`], holds the call's permit until then.
+//!
+//! | the body of a successful answer | counts as |
+//! |---|---|
+//! | ends cleanly (a body already at its end when the head arrives is recorded at once) | the policy's [`classify_eos`](crate::policy::Classify::classify_eos) of [`StreamEnd::Complete`](crate::policy::StreamEnd::Complete): a success by default |
+//! | fails (the upstream cut the connection, a frame error) | `classify_eos` of [`StreamEnd::Cut`](crate::policy::StreamEnd::Cut): a transient `service_unavailable` by default, a failure |
+//! | is dropped by the client before its end | neither: nothing is recorded (`dropped` in the metrics); a probe's slot is given back |
+//!
+//! An answer that failed at its head is recorded at once. A probe holds its slot until its
+//! body ends; past the probe timeout, a caller that finds every slot taken counts it failed.
+//! A body that is read to its end by the client (hyper, axum, reqwest all do) records
+//! itself; a test that only looks at the status and drops the body records nothing.
+//!
+//! # Bodies and readiness
+//!
+//! The breaker takes any request body `B` (`hyper::body::Incoming`, axum's `Body`, ...) and
+//! any response body: its inner service receives `Request<LayerBody<B>>`
+//! ([`LayerBody`](crate::body::LayerBody): the body untouched, or the bytes the breaker read),
+//! and it answers `Response<LayerBody<GuardedBody<ResBody>>>` (its refusals are bytes of its
+//! own). A single-circuit, upstream-keyed or custom-keyed breaker never reads the body. A
+//! model-keyed one reads the model from the [`RequestView`](crate::request::RequestView) an
+//! earlier layer stored, else from the path, else it buffers and parses the body once through
+//! [`EnsureView`](crate::request::EnsureView), which stores the view for the layers inside.
+//!
+//! `poll_ready` is ready at once and never polls the inner service; each call takes a fresh
+//! clone of it. The call's future first reads the model (when it must), then asks the
+//! circuit, and only then drives the clone's `poll_ready` (an `Err` there is final: it is the
+//! call's answer, and a failure) and calls it. So a client still uploading its body holds no
+//! slot of a `ConcurrencyLimit` or `Buffer` inside the breaker, and a refused request never
+//! reaches the inner service at all, not even its `poll_ready`. Errors keep the inner
+//! service's type (`type Error = S::Error`, `Infallible` under axum).
 //!
 //! # Calls that hang, and calls dropped by their caller
 //!
@@ -97,7 +142,8 @@
 //! ```
 //!
 //! Keys ([`CircuitKey`]): one circuit for everything, per upstream, per model, per upstream and
-//! model, or your own. The model is the one the upstream serves,
+//! model, or your own ([`CircuitKey::custom`]: a [`KeyFn`](crate::request::KeyFn) over the
+//! [`RequestHead`](crate::request::RequestHead), the same type the rate limiter keys on). The model is the one the upstream serves,
 //! [`RequestView::routed_model`](crate::request::RequestView::routed_model): an Azure-style
 //! deployment in the path (`/openai/deployments/{name}/...`) wins over the body's `model`. It is
 //! read from the [`RequestView`](crate::request::RequestView) an earlier layer left, else from
@@ -105,7 +151,13 @@
 //! `tracing` fields escaped (`Debug`), so they cannot forge log lines.
 //!
 //! Fallbacks ([`CircuitBreakerLayerBuilder::fallback_model`], [`CircuitBreakerLayerBuilder::fallback_service`],
-//! [`CircuitBreakerLayerBuilder::fallback_response`]) degrade instead of rejecting. A [`BreakerHandle`] reads
+//! [`CircuitBreakerLayerBuilder::fallback_response`]) degrade instead of rejecting. A
+//! fallback service is typed at compile time (`CircuitBreakerLayer<ServiceFallback<S>>`): it
+//! must take the guarded service's requests and answer its responses and errors, or the
+//! breaker does not compile as a service. The fallback chain runs in the same future, step by
+//! step, each service driven ready before it is called; the body is read once (through the
+//! core's [`BufferRequest`](crate::body::BufferRequest)) only when a step replays or
+//! rewrites it. A [`BreakerHandle`] reads
 //! state and counters per key and forces [`CircuitMode`]s at runtime; [`CircuitBreakerLayerBuilder::on_event`] and
 //! `tracing` report transitions, rejections and fallbacks.
 //!
@@ -124,28 +176,25 @@
 //!   keys cannot reset a circuit on its way to opening; when nothing looked at can go, the new
 //!   key shares the `"<overflow>"` circuit.
 
+mod body;
 mod circuit;
-mod classify;
 mod config;
 mod events;
+mod fallback;
 mod future;
 mod layer;
 mod registry;
 mod service;
 mod window;
 
-pub use classify::{outcome_for_code, Outcome};
-pub use config::{
-    CircuitBreakerLayerBuilder, CircuitKey, CircuitMode, ConfigError, KeyFn, RequestHead,
-};
+pub use body::GuardedBody;
+pub use config::{CircuitBreakerLayerBuilder, CircuitKey, CircuitMode, ConfigError};
 pub use events::{BreakerEvent, CircuitState, TransitionReason};
+pub use fallback::{Fallback, NoFallback, ServiceFallback};
 pub use future::ResponseFuture;
 pub use layer::CircuitBreakerLayer;
 pub use registry::{BreakerHandle, CircuitMetrics, OVERFLOW_KEY, SINGLE_KEY};
 pub use service::CircuitBreaker;
-
-/// The boxed error type fallback services are converted to.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// `x-llm-layers-fallback`: on a response from a fallback, which one answered (the backup
 /// model for a model fallback, else the fallback's name).

@@ -237,7 +237,8 @@ pub struct CircuitMetrics {
     /// a probe passed its probe timeout, or a call was dropped after the call timeout.
     pub timeouts: u64,
     /// Calls dropped by their caller before the answer (counted or not, see the module
-    /// documentation).
+    /// documentation), or whose successful answer's body was dropped before its end (never
+    /// counted).
     pub dropped: u64,
     /// Calls in the current window.
     pub window_calls: u64,

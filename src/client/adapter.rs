@@ -153,6 +153,17 @@ impl fmt::Debug for NextService {
     }
 }
 
+/// A request body a layer handed on (the `reqwest::Body` it was given, or bytes it produced),
+/// as the next middleware takes it.
+impl<B: Into<reqwest::Body>> From<crate::body::LayerBody<B>> for reqwest::Body {
+    fn from(body: crate::body::LayerBody<B>) -> Self {
+        match body {
+            crate::body::LayerBody::Inner { body } => body.into(),
+            crate::body::LayerBody::Full { data } => reqwest::Body::from(data.unwrap_or_default()),
+        }
+    }
+}
+
 impl<B: Into<reqwest::Body>> Service<http::Request<B>> for NextService {
     type Response = http::Response<reqwest::Body>;
     type Error = reqwest_middleware::Error;
@@ -173,19 +184,6 @@ impl<B: Into<reqwest::Body>> Service<http::Request<B>> for NextService {
                 state: Some(Ok(rx)),
             },
             Err(_) => NextFuture::failed(reqwest_middleware::Error::middleware(ChainEnded)),
-        }
-    }
-}
-
-/// A request body a layer handed on (the one it was given, or bytes it buffered or replays)
-/// as the `reqwest::Body` it stands for.
-impl<B: Into<reqwest::Body>> From<crate::body::LayerBody<B>> for reqwest::Body {
-    fn from(body: crate::body::LayerBody<B>) -> reqwest::Body {
-        match body {
-            crate::body::LayerBody::Inner { body } => body.into(),
-            crate::body::LayerBody::Full { data } => {
-                data.map_or_else(reqwest::Body::default, reqwest::Body::from)
-            }
         }
     }
 }

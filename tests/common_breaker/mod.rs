@@ -90,19 +90,23 @@ impl Upstream {
         self.gate.notify_waiters();
     }
 
-    /// The upstream as a tower service.
-    pub fn service(
+    /// The upstream as a tower service, for any request body.
+    pub fn service<B>(
         &self,
     ) -> impl tower::Service<
-        Request<Body>,
+        Request<B>,
         Response = Response<Body>,
         Error = std::io::Error,
         Future = UpstreamFuture,
     > + Clone
            + Send
-           + 'static {
+           + 'static
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: std::fmt::Debug,
+    {
         let this = self.clone();
-        tower::service_fn(move |req: Request<Body>| {
+        tower::service_fn(move |req: Request<B>| {
             let this = this.clone();
             let fut: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
                 // Register for the gate before anything else can release it.

@@ -13,9 +13,7 @@ use std::time::Duration;
 use axum::body::Body;
 use http::{Request, Response};
 use http_body::Frame;
-use llm_layers::breaker::{
-    outcome_for_code, BreakerEvent, CircuitState, Outcome, TransitionReason,
-};
+use llm_layers::breaker::{BreakerEvent, CircuitState, TransitionReason};
 use llm_layers::classify::code_for_status;
 use llm_layers::error::ApiError;
 use llm_layers::request::RequestView;
@@ -96,7 +94,8 @@ impl http_body::Body for Guarded {
 thread_local! {
     /// Set while the counting layer just outside the breaker is inside the breaker's `call`:
     /// a call that reaches the [`Observed`] layer then is one the breaker admitted on its
-    /// circuit. Fallback calls are made later, from the breaker's own future.
+    /// circuit (the breaker calls from its future, so its polls are marked too). A model
+    /// fallback's call carries no parsed view and is recorded nowhere.
     static IN_BREAKER_CALL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
@@ -160,14 +159,23 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let guard = self.counter.enter();
-        let fut = if self.marks_breaker_call {
-            IN_BREAKER_CALL.with(|f| f.set(true));
-            let fut = self.inner.call(req);
-            IN_BREAKER_CALL.with(|f| f.set(false));
-            fut
-        } else {
-            self.inner.call(req)
+        let marks = self.marks_breaker_call;
+        let mark = move |on: bool| {
+            if marks {
+                IN_BREAKER_CALL.with(|f| f.set(on));
+            }
         };
+        mark(true);
+        let mut fut = Box::pin(self.inner.call(req));
+        mark(false);
+        // The breaker calls the inner service from its future (once the circuit admitted the
+        // call and the inner service is ready): its polls are within the breaker's call too.
+        let fut = std::future::poll_fn(move |cx| {
+            mark(true);
+            let out = fut.as_mut().poll(cx);
+            mark(false);
+            out
+        });
         Box::pin(async move {
             let res = fut.await?;
             Ok(res.map(|b| {
@@ -494,6 +502,23 @@ impl<S> tower::Layer<S> for ObserveLayer {
     }
 }
 
+/// What one call means for a circuit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Success,
+    Failure,
+    Ignored,
+}
+
+/// The outcome of a failure's code by the crate's one table (`trip_on_rate_limit` off).
+fn outcome_for_code(code: llm_layers::ErrorCode, trip_on_rate_limit: bool) -> Outcome {
+    if llm_layers::policy::FailureKind::of(code).counts_against_circuit(trip_on_rate_limit) {
+        Outcome::Failure
+    } else {
+        Outcome::Ignored
+    }
+}
+
 /// The breaker's default classification of an answer (`trip_on_rate_limit` off).
 fn outcome_of<B>(res: &Response<B>) -> Outcome {
     if let Some(err) = res.extensions().get::<ApiError>() {
@@ -538,10 +563,61 @@ where
         Box::pin(async move {
             let res = fut.await?;
             if let Some(tag) = pending.tag.take() {
-                pending.mirror.record(tag, outcome_of(&res));
+                let outcome = outcome_of(&res);
+                // As the breaker does: a success is recorded when its body ends.
+                if outcome == Outcome::Success && !http_body::Body::is_end_stream(res.body()) {
+                    let mirror = pending.mirror.clone();
+                    return Ok(res.map(|inner| {
+                        Body::new(RecordAtEnd {
+                            inner,
+                            pending: Some((mirror, tag)),
+                        })
+                    }));
+                }
+                pending.mirror.record(tag, outcome);
             }
             Ok(res)
         })
+    }
+}
+
+/// The body of a successful answer: the mirror records the call when it ends, as the breaker
+/// does (a clean end a success, a body error a failure, a body dropped before its end
+/// nothing).
+struct RecordAtEnd {
+    inner: Body,
+    pending: Option<(Arc<Mirror>, (u64, u32))>,
+}
+
+impl http_body::Body for RecordAtEnd {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<bytes::Bytes>, axum::Error>>> {
+        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let end = match &frame {
+            None => Some(Outcome::Success),
+            Some(Err(_)) => Some(Outcome::Failure),
+            Some(Ok(_)) if self.inner.is_end_stream() => Some(Outcome::Success),
+            Some(Ok(_)) => None,
+        };
+        if let Some(outcome) = end {
+            if let Some((mirror, tag)) = self.pending.take() {
+                mirror.record(tag, outcome);
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

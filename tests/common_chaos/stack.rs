@@ -226,8 +226,14 @@ pub fn gateway(seed: u64, faults: Faults, key_by: BucketKey, mirror_capacity: us
             },
         )
         .layer(CountLayer::around_breaker(attempts.clone()))
+        .map_response(IntoResponse::into_response)
         .layer(breaker.clone())
         .layer(ObserveLayer(mirror.clone()))
+        .map_request(
+            |r: http::Request<llm_layers::body::LayerBody<axum::body::Body>>| {
+                r.map(axum::body::Body::new)
+            },
+        )
         .map_response(IntoResponse::into_response)
         .layer(NormalizeErrorsLayer::new())
         .timeout(ATTEMPT_TIMEOUT)
