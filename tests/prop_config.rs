@@ -163,14 +163,14 @@ fn respond(a: Answer) -> Response<Body> {
 
 /// An upstream answering the script in a loop, already normalized as the recommended order
 /// has it (the normalizer sits next to the upstream).
-fn upstream(
+fn upstream<B: Send + 'static>(
     script: Vec<Answer>,
-) -> impl Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future: Send>
+) -> impl Service<Request<B>, Response = Response<Body>, Error = Infallible, Future: Send>
        + Clone
        + Send
        + 'static {
     let n = Arc::new(AtomicUsize::new(0));
-    let inner = tower::service_fn(move |_req: Request<Body>| {
+    let inner = tower::service_fn(move |_req: Request<B>| {
         let i = n.fetch_add(1, Ordering::Relaxed);
         let a = script[i % script.len()];
         async move { Ok::<_, Infallible>(respond(a)) }

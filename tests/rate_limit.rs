@@ -569,7 +569,7 @@ async fn dropping_the_response_future_releases_the_slot() {
         .limits(Limits::new().concurrency(1))
         .build()
         .unwrap();
-    let pending = tower::service_fn(|_req: http::Request<Full<Bytes>>| async {
+    let pending = tower::service_fn(|_req: http::Request<Inner>| async {
         std::future::pending::<Result<http::Response<Full<Bytes>>, Infallible>>().await
     });
     let mut svc = tower::Layer::layer(&layer, pending);
@@ -676,7 +676,7 @@ mod props {
                     .limits(Limits::new().tokens(Quota::per_hour(1000).burst(1000)))
                     .build()
                     .unwrap();
-                let upstream = tower::service_fn(move |_req: http::Request<Full<Bytes>>| {
+                let upstream = tower::service_fn(move |_req: http::Request<Inner>| {
                     let chunks = chunks.clone();
                     async move {
                         let stream = futures_util::stream::iter(
@@ -978,7 +978,7 @@ async fn an_inner_service_error_keeps_the_charge() {
     let layer = tokens_1000_per_hour();
     let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let seen = calls.clone();
-    let inner = tower::service_fn(move |_req: http::Request<Full<Bytes>>| {
+    let inner = tower::service_fn(move |_req: http::Request<Inner>| {
         let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         async move {
             if n == 0 {
@@ -1015,12 +1015,12 @@ async fn an_inner_service_error_keeps_the_charge() {
 fn held_sse(
     release: std::sync::Arc<tokio::sync::Notify>,
 ) -> impl Service<
-    http::Request<Full<Bytes>>,
+    http::Request<Inner>,
     Response = http::Response<axum::body::Body>,
     Error = Infallible,
     Future = impl Send,
 > + Clone {
-    tower::service_fn(move |req: http::Request<Full<Bytes>>| {
+    tower::service_fn(move |req: http::Request<Inner>| {
         let release = release.clone();
         async move {
             if !req.headers().contains_key("x-hold") {
@@ -1093,12 +1093,12 @@ async fn an_overrun_reported_after_a_sweep_is_still_charged() {
 fn json_usage(
     usage: &'static str,
 ) -> impl Service<
-    http::Request<Full<Bytes>>,
+    http::Request<Inner>,
     Response = http::Response<Full<Bytes>>,
     Error = Infallible,
     Future = impl Send,
 > + Clone {
-    tower::service_fn(move |_req: http::Request<Full<Bytes>>| async move {
+    tower::service_fn(move |_req: http::Request<Inner>| async move {
         let body = format!(r#"{{"choices":[],"usage":{{"total_tokens":{usage}}}}}"#);
         Ok::<_, Infallible>(
             http::Response::builder()

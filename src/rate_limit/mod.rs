@@ -208,9 +208,7 @@ use http::HeaderName;
 #[cfg(feature = "redis")]
 pub use self::redis::{FailurePolicy, RedisBackend, DEFAULT_TIMEOUT as DEFAULT_REDIS_TIMEOUT};
 pub use body::RateLimitBody;
-pub use config::{
-    BucketKey, ConfigError, KeySource, Limits, OnLimit, Quota, RateLimitLayerBuilder,
-};
+pub use config::{BucketKey, ConfigError, Limits, OnLimit, Quota, RateLimitLayerBuilder};
 pub use future::ResponseFuture;
 pub use layer::RateLimitLayer;
 pub use service::RateLimit;
