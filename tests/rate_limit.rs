@@ -1966,3 +1966,76 @@ mod readiness {
         assert_eq!(inner.polls.load(Ordering::SeqCst), 2);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Bodies: read only for a token estimate, and only when they may be JSON.
+
+/// Under a token quota a JSON body is read for the estimate and handed on as the bytes read; a
+/// body whose content type is not JSON (a multipart upload) is handed on unread and charged
+/// nothing at admission; a body that says it is JSON and is not is refused before the inner
+/// service.
+#[tokio::test(start_paused = true)]
+async fn only_bodies_that_may_be_json_are_read_for_the_estimate() {
+    let layer = RateLimitLayer::builder()
+        .limits(Limits::new().tokens(Quota::per_hour(1000).burst(1000)))
+        .build()
+        .unwrap();
+    let inner = tower::service_fn(|req: http::Request<Inner>| async move {
+        let read = req.body().is_produced();
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        Ok::<_, Infallible>(
+            http::Response::builder()
+                .header("x-read", read.to_string())
+                .body(Full::new(body))
+                .unwrap(),
+        )
+    });
+    let mut svc = tower::Layer::layer(&layer, inner);
+    let mut call = |req| {
+        let fut = svc.ready().now_or_never().unwrap().unwrap().call(req);
+        async move {
+            let res = fut.await.unwrap();
+            let (parts, body) = res.into_parts();
+            (parts, body.collect().await.unwrap().to_bytes())
+        }
+    };
+    use futures_util::FutureExt;
+
+    let (res, body) = call(chat_request("k", "gpt-4o", 10)).await;
+    assert_eq!(res.status, 200);
+    assert_eq!(res.headers["x-read"], "true");
+    let remaining: u32 = res.headers["x-ratelimit-remaining-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(remaining < 1000 - 10, "{remaining}");
+    assert!(body.starts_with(b"{\"m"), "{body:?}");
+
+    let form = Bytes::from_static(
+        b"--b\r\ncontent-disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--b--\r\n",
+    );
+    let mut upload = http::Request::post("/v1/audio/transcriptions")
+        .header("content-type", "multipart/form-data; boundary=b")
+        .body(Full::new(form.clone()))
+        .unwrap();
+    upload.extensions_mut().insert(KeyIdentity::new("k"));
+    let (res, body) = call(upload).await;
+    assert_eq!(res.status, 200);
+    assert_eq!(res.headers["x-read"], "false");
+    assert_eq!(
+        res.headers["x-ratelimit-remaining-tokens"],
+        remaining.to_string()
+    );
+    assert_eq!(body, form);
+
+    let broken = http::Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{\"model\": ")))
+        .unwrap();
+    let (res, body) = call(broken).await;
+    assert_eq!(res.status, 400);
+    assert!(!res.headers.contains_key("x-read"));
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["code"], "invalid_value");
+}

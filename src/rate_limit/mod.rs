@@ -32,6 +32,10 @@
 //!   then only through the core's [`EnsureView`](crate::request::EnsureView), which reads
 //!   nothing when an earlier layer left a [`RequestView`](crate::request::RequestView).
 //!   Without a token quota the body is passed on as it came, and needs no bound but `Body`.
+//!   Only a body that may be JSON is read: no `content-type`, `application/json` or a `+json`
+//!   type. Another (a multipart upload to `/v1/audio/transcriptions`) passes unread, charged
+//!   nothing at admission and then what its answer's `usage` reports; a body that says it is
+//!   JSON and does not parse is refused `400 invalid_value`.
 //! * **Slow work before readiness.** [`RateLimit`]'s `poll_ready` is always ready and reserves
 //!   nothing of the inner service. Each call takes a fresh clone of the inner service; its
 //!   [`ResponseFuture`] reads the body (if it must), decides on admission, waits in

@@ -67,11 +67,51 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let shared = self.shared.clone();
-        if shared.needs_view(req.extensions()) {
+        if shared.needs_view(req.extensions()) && may_be_json(req.headers()) {
             // Read the body to estimate tokens (or to key by model) before anything else.
             let view = EnsureView::new(req, shared.body_limit, shared.estimator.clone());
             return ResponseFuture::viewing(view, &self.inner, shared);
         }
         ResponseFuture::admitting(req.map(LayerBody::new), &self.inner, shared)
+    }
+}
+
+/// Whether a request body may be JSON, and so is read for the token estimate: no
+/// `content-type`, `application/json`, or a `+json` type. Another body (a multipart upload to
+/// `/v1/audio/transcriptions`, say) passes unread: charged nothing at admission, then what its
+/// answer's `usage` reports.
+fn may_be_json(headers: &http::HeaderMap) -> bool {
+    let Some(value) = headers.get(http::header::CONTENT_TYPE) else {
+        return true;
+    };
+    // A header value that is a string is visible ASCII: byte offsets are char boundaries.
+    let Ok(value) = value.to_str() else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or_default().trim();
+    essence.eq_ignore_ascii_case("application/json")
+        || essence
+            .get(essence.len().saturating_sub(5)..)
+            .is_some_and(|end| end.eq_ignore_ascii_case("+json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::may_be_json;
+
+    #[test]
+    fn json_content_types() {
+        let with = |ct: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(http::header::CONTENT_TYPE, ct.parse().unwrap());
+            may_be_json(&h)
+        };
+        assert!(may_be_json(&http::HeaderMap::new()));
+        assert!(with("application/json"));
+        assert!(with("Application/JSON; charset=utf-8"));
+        assert!(with("application/vnd.api+json"));
+        assert!(!with("multipart/form-data; boundary=x"));
+        assert!(!with("text/plain"));
+        assert!(!with("json"));
     }
 }
