@@ -19,6 +19,7 @@ mod imp {
     use criterion::{criterion_group, Criterion};
     use futures_util::FutureExt;
     use http::{Request, Response};
+    use llm_layers::body::LayerBody;
     use llm_layers::rate_limit::{BucketKey, Limits, Quota, RateLimitLayer};
     use tower::{Layer, Service, ServiceExt};
     use tower_governor::governor::GovernorConfigBuilder;
@@ -27,14 +28,20 @@ mod imp {
 
     const KEYS: u32 = 10_000;
 
-    type Bare =
-        tower::util::ServiceFn<fn(Request<Body>) -> Ready<Result<Response<Body>, Infallible>>>;
+    type Bare<B = Body> =
+        tower::util::ServiceFn<fn(Request<B>) -> Ready<Result<Response<Body>, Infallible>>>;
 
-    fn bare() -> Bare {
-        fn ok(_req: Request<Body>) -> Ready<Result<Response<Body>, Infallible>> {
+    /// The inner service: answers at once, whatever the request body type.
+    fn bare<B>() -> Bare<B> {
+        fn ok<B>(_req: Request<B>) -> Ready<Result<Response<Body>, Infallible>> {
             ready(Ok(Response::new(Body::empty())))
         }
-        tower::service_fn(ok as fn(_) -> _)
+        tower::service_fn(ok::<B> as fn(_) -> _)
+    }
+
+    /// The inner service behind our layer, which hands it `Request<LayerBody<Body>>`.
+    fn bare_inner() -> Bare<LayerBody<Body>> {
+        bare()
     }
 
     fn request(i: u32) -> Request<Body> {
@@ -108,7 +115,7 @@ mod imp {
         };
         let mut svc = bare();
         g.bench_function("bare", |b| b.iter(|| call(&mut svc, request(next()))));
-        let mut svc = ours().layer(bare());
+        let mut svc = ours().layer(bare_inner());
         g.bench_function("llm_layers", |b| {
             b.iter(|| call_ours(&mut svc, request(next())))
         });
@@ -142,7 +149,7 @@ mod imp {
             });
             start.elapsed()
         }
-        let svc = ours().layer(bare());
+        let svc = ours().layer(bare_inner());
         g.bench_function("llm_layers", |b| b.iter_custom(|n| run(svc.clone(), n)));
         let svc = theirs().layer(bare());
         g.bench_function("tower_governor", |b| b.iter_custom(|n| run(svc.clone(), n)));
@@ -173,7 +180,7 @@ mod imp {
             .build()
             .unwrap();
         let handle = layer.handle();
-        let mut svc = layer.layer(bare());
+        let mut svc = layer.layer(bare_inner());
         let baseline = rss_mib();
         for i in 0..N {
             call_ours(&mut svc, request(i));
@@ -210,7 +217,7 @@ mod imp {
     fn paired() {
         const ROUNDS: usize = 31;
         const BATCH: u32 = 20_000;
-        let mut ours_svc = ours().layer(bare());
+        let mut ours_svc = ours().layer(bare_inner());
         let mut theirs_svc = theirs().layer(bare());
         let mut bare_svc = bare();
         let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());

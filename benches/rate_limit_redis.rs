@@ -16,6 +16,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{Request, Response};
 use http_body_util::Full;
+use llm_layers::body::LayerBody;
 use llm_layers::ext::KeyIdentity;
 use llm_layers::rate_limit::{Limits, Quota, RateLimitLayer, RedisBackend};
 use tower::{Layer, Service, ServiceExt};
@@ -38,7 +39,7 @@ fn request() -> Request<Full<Bytes>> {
 }
 
 async fn measure(name: &str, layer: RateLimitLayer) {
-    let inner = tower::service_fn(|_req: Request<Full<Bytes>>| async {
+    let inner = tower::service_fn(|_req: Request<LayerBody<Full<Bytes>>>| async {
         Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
     });
     let svc = layer.layer(inner);

@@ -569,7 +569,7 @@ async fn dropping_the_response_future_releases_the_slot() {
         .limits(Limits::new().concurrency(1))
         .build()
         .unwrap();
-    let pending = tower::service_fn(|_req: http::Request<Full<Bytes>>| async {
+    let pending = tower::service_fn(|_req: http::Request<Inner>| async {
         std::future::pending::<Result<http::Response<Full<Bytes>>, Infallible>>().await
     });
     let mut svc = tower::Layer::layer(&layer, pending);
@@ -676,7 +676,7 @@ mod props {
                     .limits(Limits::new().tokens(Quota::per_hour(1000).burst(1000)))
                     .build()
                     .unwrap();
-                let upstream = tower::service_fn(move |_req: http::Request<Full<Bytes>>| {
+                let upstream = tower::service_fn(move |_req: http::Request<Inner>| {
                     let chunks = chunks.clone();
                     async move {
                         let stream = futures_util::stream::iter(
@@ -978,7 +978,7 @@ async fn an_inner_service_error_keeps_the_charge() {
     let layer = tokens_1000_per_hour();
     let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let seen = calls.clone();
-    let inner = tower::service_fn(move |_req: http::Request<Full<Bytes>>| {
+    let inner = tower::service_fn(move |_req: http::Request<Inner>| {
         let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         async move {
             if n == 0 {
@@ -1015,12 +1015,12 @@ async fn an_inner_service_error_keeps_the_charge() {
 fn held_sse(
     release: std::sync::Arc<tokio::sync::Notify>,
 ) -> impl Service<
-    http::Request<Full<Bytes>>,
+    http::Request<Inner>,
     Response = http::Response<axum::body::Body>,
     Error = Infallible,
     Future = impl Send,
 > + Clone {
-    tower::service_fn(move |req: http::Request<Full<Bytes>>| {
+    tower::service_fn(move |req: http::Request<Inner>| {
         let release = release.clone();
         async move {
             if !req.headers().contains_key("x-hold") {
@@ -1093,12 +1093,12 @@ async fn an_overrun_reported_after_a_sweep_is_still_charged() {
 fn json_usage(
     usage: &'static str,
 ) -> impl Service<
-    http::Request<Full<Bytes>>,
+    http::Request<Inner>,
     Response = http::Response<Full<Bytes>>,
     Error = Infallible,
     Future = impl Send,
 > + Clone {
-    tower::service_fn(move |_req: http::Request<Full<Bytes>>| async move {
+    tower::service_fn(move |_req: http::Request<Inner>| async move {
         let body = format!(r#"{{"choices":[],"usage":{{"total_tokens":{usage}}}}}"#);
         Ok::<_, Infallible>(
             http::Response::builder()
@@ -1749,4 +1749,293 @@ async fn toml_rate_limit_keys_at_their_extremes() {
     let err =
         Stack::from_toml_str("[rate_limit.defaults]\nrpm = 1\nburst = 4294967295\n").unwrap_err();
     assert_eq!(err.field(), "rate_limit.defaults.burst", "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Readiness: the slow work comes before the inner service is asked to be ready.
+
+mod readiness {
+    use super::*;
+
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use futures_util::FutureExt;
+    use http_body::Frame;
+    use llm_layers::body::LayerBody;
+    use tower::limit::ConcurrencyLimitLayer;
+    use tower::ServiceBuilder;
+
+    type Chunk = Result<Frame<Bytes>, Infallible>;
+
+    /// A request body fed through a channel: it ends when the sender is dropped.
+    fn upload() -> (
+        tokio::sync::mpsc::UnboundedSender<Chunk>,
+        impl http_body::Body<Data = Bytes, Error = Infallible> + Send + Unpin,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Chunk>();
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|chunk| (chunk, rx))
+        });
+        (tx, http_body_util::StreamBody::new(Box::pin(stream)))
+    }
+
+    fn data(s: &str) -> Chunk {
+        Ok(Frame::data(Bytes::from(s.to_owned())))
+    }
+
+    /// An inner service that reads the body it is handed and answers with it.
+    async fn echo<B>(req: http::Request<B>) -> Result<http::Response<Full<Bytes>>, Infallible>
+    where
+        B: http_body::Body,
+        B::Error: std::fmt::Debug,
+    {
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        Ok(http::Response::new(Full::new(body)))
+    }
+
+    fn chat_post<B>(body: B) -> http::Request<B> {
+        http::Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(body)
+            .unwrap()
+    }
+
+    /// Behind `ConcurrencyLimit(1)` inside the layer, a request whose body is still being
+    /// uploaded (read by the layer for its token estimate) does not hold the inner slot: a
+    /// second request completes meanwhile, and the first completes, intact, once its upload
+    /// ends.
+    #[tokio::test(start_paused = true)]
+    async fn an_upload_read_for_its_token_estimate_does_not_hold_the_inner_slot() {
+        let layer = RateLimitLayer::builder()
+            .limits(Limits::new().tokens(Quota::per_minute(100_000).burst(100_000)))
+            .build()
+            .unwrap();
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .layer(ConcurrencyLimitLayer::new(1))
+            .service(tower::service_fn(echo));
+
+        let (slow_tx, slow_body) = upload();
+        slow_tx.send(data(r#"{"model":"gpt-4o","#)).unwrap();
+        let mut first = Box::pin(svc.clone().oneshot(chat_post(slow_body)));
+        assert!((&mut first).now_or_never().is_none(), "still uploading");
+
+        let full = chat(&"x".repeat(40), 10);
+        let (tx, body) = upload();
+        tx.send(data(&full)).unwrap();
+        drop(tx);
+        let second = tokio::time::timeout(
+            Duration::from_secs(60),
+            svc.clone().oneshot(chat_post(body)),
+        )
+        .await
+        .expect("the second request is not held up by the first one's upload")
+        .unwrap();
+        assert_eq!(second.status(), 200);
+        assert!(second
+            .headers()
+            .contains_key("x-ratelimit-remaining-tokens"));
+        assert_eq!(second.into_body().collect().await.unwrap().to_bytes(), full);
+        assert!(
+            (&mut first).now_or_never().is_none(),
+            "the first is still uploading"
+        );
+
+        let rest = r#""messages":[{"role":"user","content":"hi"}],"max_tokens":5}"#;
+        slow_tx.send(data(rest)).unwrap();
+        drop(slow_tx);
+        let first = first.await.unwrap();
+        assert_eq!(first.status(), 200);
+        assert_eq!(
+            first.into_body().collect().await.unwrap().to_bytes(),
+            format!(r#"{{"model":"gpt-4o",{rest}"#)
+        );
+    }
+
+    /// Behind `ConcurrencyLimit(1)` inside the layer, a request waiting for its bucket in
+    /// `OnLimit::Wait` does not hold the inner slot: another key's request completes while it
+    /// waits, and the waiting one is admitted when its bucket has room.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waiting_for_its_bucket_does_not_hold_the_inner_slot() {
+        let layer = RateLimitLayer::builder()
+            .key_by(BucketKey::header(http::HeaderName::from_static("x-user")))
+            .limits(Limits::new().requests(Quota::per_minute(60).burst(1)))
+            .mode(OnLimit::Wait(Duration::from_secs(5)))
+            .build()
+            .unwrap();
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .layer(ConcurrencyLimitLayer::new(1))
+            .service(tower::service_fn(echo));
+        let from = |user: &str| {
+            http::Request::post("/v1/chat/completions")
+                .header("x-user", user)
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .unwrap()
+        };
+
+        let res = svc.clone().oneshot(from("a")).await.unwrap();
+        assert_eq!(res.status(), 200);
+        let start = Instant::now();
+        let mut waiting = Box::pin(svc.clone().oneshot(from("a")));
+        assert!(
+            (&mut waiting).now_or_never().is_none(),
+            "a's bucket is empty"
+        );
+
+        let other = svc
+            .clone()
+            .oneshot(from("b"))
+            .now_or_never()
+            .expect("b is not held up by a's wait")
+            .unwrap();
+        assert_eq!(other.status(), 200);
+        assert!((&mut waiting).now_or_never().is_none(), "a still waits");
+
+        let res = waiting.await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(Instant::now() - start, Duration::from_secs(1));
+    }
+
+    /// An inner service whose `poll_ready` fails while `fail` is set, counting its polls.
+    #[derive(Clone)]
+    struct Failing {
+        fail: Arc<AtomicBool>,
+        polls: Arc<AtomicUsize>,
+    }
+
+    impl Service<http::Request<LayerBody<Full<Bytes>>>> for Failing {
+        type Response = http::Response<Full<Bytes>>;
+        type Error = &'static str;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            self.polls.fetch_add(1, Ordering::SeqCst);
+            if self.fail.load(Ordering::SeqCst) {
+                Poll::Ready(Err("upstream pool closed"))
+            } else {
+                Poll::Ready(Ok(()))
+            }
+        }
+
+        fn call(&mut self, _req: http::Request<LayerBody<Full<Bytes>>>) -> Self::Future {
+            assert!(
+                !self.fail.load(Ordering::SeqCst),
+                "called after a poll_ready error"
+            );
+            std::future::ready(Ok(http::Response::new(Full::new(Bytes::new()))))
+        }
+    }
+
+    /// The layer is ready without asking the inner service; the inner service's `poll_ready`
+    /// error is the call's error, final (the service is not polled again), and the tokens the
+    /// request was charged are given back: the request never left.
+    #[tokio::test(start_paused = true)]
+    async fn an_inner_poll_ready_error_is_the_calls_error() {
+        let layer = RateLimitLayer::builder()
+            .limits(Limits::new().tokens(Quota::per_hour(1000).burst(1000)))
+            .build()
+            .unwrap();
+        let inner = Failing {
+            fail: Arc::new(AtomicBool::new(true)),
+            polls: Arc::new(AtomicUsize::new(0)),
+        };
+        let mut svc = tower::Layer::layer(&layer, inner.clone());
+
+        svc.ready().await.expect("the layer's readiness is its own");
+        assert_eq!(inner.polls.load(Ordering::SeqCst), 0);
+        let err = svc
+            .call(chat_request("k", "gpt-4o", 600))
+            .await
+            .unwrap_err();
+        assert_eq!(err, "upstream pool closed");
+        assert_eq!(inner.polls.load(Ordering::SeqCst), 1);
+
+        // The 600-odd tokens came back: a second request of the same cost fits the bucket
+        // of 1000 (it would be refused had the first kept its charge).
+        inner.fail.store(false, Ordering::SeqCst);
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(chat_request("k", "gpt-4o", 600))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(inner.polls.load(Ordering::SeqCst), 2);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bodies: read only for a token estimate, and only when they may be JSON.
+
+/// Under a token quota a JSON body is read for the estimate and handed on as the bytes read; a
+/// body whose content type is not JSON (a multipart upload) is handed on unread and charged
+/// nothing at admission; a body that says it is JSON and is not is refused before the inner
+/// service.
+#[tokio::test(start_paused = true)]
+async fn only_bodies_that_may_be_json_are_read_for_the_estimate() {
+    let layer = RateLimitLayer::builder()
+        .limits(Limits::new().tokens(Quota::per_hour(1000).burst(1000)))
+        .build()
+        .unwrap();
+    let inner = tower::service_fn(|req: http::Request<Inner>| async move {
+        let read = req.body().is_produced();
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        Ok::<_, Infallible>(
+            http::Response::builder()
+                .header("x-read", read.to_string())
+                .body(Full::new(body))
+                .unwrap(),
+        )
+    });
+    let mut svc = tower::Layer::layer(&layer, inner);
+    let mut call = |req| {
+        let fut = svc.ready().now_or_never().unwrap().unwrap().call(req);
+        async move {
+            let res = fut.await.unwrap();
+            let (parts, body) = res.into_parts();
+            (parts, body.collect().await.unwrap().to_bytes())
+        }
+    };
+    use futures_util::FutureExt;
+
+    let (res, body) = call(chat_request("k", "gpt-4o", 10)).await;
+    assert_eq!(res.status, 200);
+    assert_eq!(res.headers["x-read"], "true");
+    let remaining: u32 = res.headers["x-ratelimit-remaining-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(remaining < 1000 - 10, "{remaining}");
+    assert!(body.starts_with(b"{\"m"), "{body:?}");
+
+    let form = Bytes::from_static(
+        b"--b\r\ncontent-disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--b--\r\n",
+    );
+    let mut upload = http::Request::post("/v1/audio/transcriptions")
+        .header("content-type", "multipart/form-data; boundary=b")
+        .body(Full::new(form.clone()))
+        .unwrap();
+    upload.extensions_mut().insert(KeyIdentity::new("k"));
+    let (res, body) = call(upload).await;
+    assert_eq!(res.status, 200);
+    assert_eq!(res.headers["x-read"], "false");
+    assert_eq!(
+        res.headers["x-ratelimit-remaining-tokens"],
+        remaining.to_string()
+    );
+    assert_eq!(body, form);
+
+    let broken = http::Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{\"model\": ")))
+        .unwrap();
+    let (res, body) = call(broken).await;
+    assert_eq!(res.status, 400);
+    assert!(!res.headers.contains_key("x-read"));
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["code"], "invalid_value");
 }

@@ -9,6 +9,8 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use serde_json::Value;
 
+use crate::body::LayerBody;
+
 use super::shared::{InflightGuard, TokenCharge, MAX_USAGE};
 
 /// The most bytes of a non-streaming JSON body copied aside to read its `usage` at the end; a
@@ -18,11 +20,15 @@ const JSON_KEEP: usize = 1 << 20;
 const SSE_LINE: usize = 64 << 10;
 
 pin_project! {
-    /// The response body of [`RateLimit`](super::RateLimit): the inner body, passed through
-    /// frame by frame, plus what the request holds until the body is done.
+    /// The response body of [`RateLimit`](super::RateLimit): the inner service's body, passed
+    /// through frame by frame, or the bytes of the layer's own answer (a `429` envelope), plus
+    /// what the request holds until the body is done.
+    ///
+    /// It asks nothing of the inner body type but [`Body`]: the layer's own answers are a
+    /// [`LayerBody`] of bytes, so the inner body needs no `From<Bytes>`.
     pub struct RateLimitBody<B> {
         #[pin]
-        inner: B,
+        inner: LayerBody<B>,
         guard: Option<InflightGuard>,
         meter: Option<Box<Meter>>,
     }
@@ -31,15 +37,24 @@ pin_project! {
 impl<B> RateLimitBody<B> {
     pub(crate) fn new(inner: B, guard: Option<InflightGuard>, meter: Option<Box<Meter>>) -> Self {
         RateLimitBody {
-            inner,
+            inner: LayerBody::new(inner),
             guard,
             meter,
         }
     }
 
-    /// The inner body.
-    pub fn get_ref(&self) -> &B {
-        &self.inner
+    /// The inner service's body; `None` for an answer the layer produced itself.
+    pub fn get_ref(&self) -> Option<&B> {
+        match &self.inner {
+            LayerBody::Inner { body } => Some(body),
+            LayerBody::Full { .. } => None,
+        }
+    }
+
+    /// Whether this is an answer the layer produced itself (a refusal) rather than the inner
+    /// service's body.
+    pub fn is_produced(&self) -> bool {
+        self.inner.is_produced()
     }
 
     /// Whether the body still holds a concurrency slot.
@@ -48,14 +63,18 @@ impl<B> RateLimitBody<B> {
     }
 }
 
-impl<B: From<Bytes>> From<Bytes> for RateLimitBody<B> {
+impl<B> From<Bytes> for RateLimitBody<B> {
     fn from(bytes: Bytes) -> Self {
-        RateLimitBody::new(B::from(bytes), None, None)
+        RateLimitBody {
+            inner: LayerBody::full(bytes),
+            guard: None,
+            meter: None,
+        }
     }
 }
 
-impl<B: Body> Body for RateLimitBody<B> {
-    type Data = B::Data;
+impl<B: Body<Data = Bytes>> Body for RateLimitBody<B> {
+    type Data = Bytes;
     type Error = B::Error;
 
     fn poll_frame(

@@ -6,10 +6,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Extensions, HeaderMap, HeaderName, Method, Uri};
+use http::{Extensions, HeaderName};
 
 use crate::body::DEFAULT_BODY_LIMIT;
-use crate::request::{CharEstimator, TokenEstimator};
+use crate::request::{CharEstimator, KeyFn, RequestHead, TokenEstimator};
 
 use super::layer::RateLimitLayer;
 use super::shared::Shared;
@@ -241,35 +241,6 @@ pub enum OnLimit {
     Wait(Duration),
 }
 
-/// The borrowed head of a request, handed to a custom key function.
-#[derive(Debug, Clone, Copy)]
-pub struct KeySource<'a> {
-    pub(crate) method: &'a Method,
-    pub(crate) uri: &'a Uri,
-    pub(crate) headers: &'a HeaderMap,
-    pub(crate) extensions: &'a Extensions,
-}
-
-impl<'a> KeySource<'a> {
-    /// The method.
-    pub fn method(&self) -> &'a Method {
-        self.method
-    }
-    /// The URI.
-    pub fn uri(&self) -> &'a Uri {
-        self.uri
-    }
-    /// The headers.
-    pub fn headers(&self) -> &'a HeaderMap {
-        self.headers
-    }
-    /// The extensions.
-    pub fn extensions(&self) -> &'a Extensions {
-        self.extensions
-    }
-}
-
-type KeyFn = dyn Fn(&KeySource<'_>) -> Option<Arc<str>> + Send + Sync;
 type IpFn = fn(&Extensions) -> Option<IpAddr>;
 
 /// Which bucket a request falls into. Requests without a key share one anonymous bucket.
@@ -287,7 +258,7 @@ pub(crate) enum KeyKind {
     },
     Route,
     Model,
-    Custom(Arc<KeyFn>),
+    Custom(KeyFn),
 }
 
 impl fmt::Debug for BucketKey {
@@ -382,10 +353,13 @@ impl BucketKey {
         BucketKey(KeyKind::Model)
     }
 
-    /// A key computed by `f`; `None` falls into the anonymous bucket.
+    /// A key computed by `f` from the request's [`RequestHead`] (method, URI, headers,
+    /// extensions, and the [`RequestView`](crate::request::RequestView) when the body was
+    /// read); `None` falls into the anonymous bucket. The same key function type,
+    /// [`KeyFn`], keys circuits too.
     pub fn custom<F>(f: F) -> BucketKey
     where
-        F: Fn(&KeySource<'_>) -> Option<Arc<str>> + Send + Sync + 'static,
+        F: Fn(&RequestHead<'_>) -> Option<Arc<str>> + Send + Sync + 'static,
     {
         BucketKey(KeyKind::Custom(Arc::new(f)))
     }

@@ -2,111 +2,256 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use http::{Request, Response};
+use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
+use crate::body::{BoxError, LayerBody};
+use crate::request::{EnsureView, RequestHead};
+
 use super::body::{Meter, RateLimitBody};
-use super::shared::Admitted;
+use super::config::OnLimit;
+use super::shared::{Admitted, Rejected, Shared};
 
-type SlowOutput<ReqBody, ResBody> =
-    Result<(Request<ReqBody>, Admitted), Response<RateLimitBody<ResBody>>>;
+/// A decision of the shared store, under way (feature `redis`).
+#[cfg(feature = "redis")]
+type Remote = super::redis::Admission;
+/// Without the `redis` feature no decision is remote: a future that cannot exist.
+#[cfg(not(feature = "redis"))]
+type Remote = NoRemote;
 
-/// The boxed admission of a request that had to read its body or wait.
-pub(crate) type Slow<ReqBody, ResBody> =
-    Pin<Box<dyn Future<Output = SlowOutput<ReqBody, ResBody>> + Send>>;
+/// The remote admission of a build without the `redis` feature: no value of it exists.
+#[cfg(not(feature = "redis"))]
+pub(crate) enum NoRemote {}
+
+#[cfg(not(feature = "redis"))]
+impl Future for NoRemote {
+    type Output = (http::request::Parts, Result<Admitted, Box<Rejected>>);
+
+    fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
+        match *self {}
+    }
+}
 
 pin_project! {
     /// The response future of [`RateLimit`](super::RateLimit).
     ///
+    /// It does the slow work first — reading the body when a token quota applies (through
+    /// [`EnsureView`]), deciding on admission, waiting in [`OnLimit::Wait`] — and only then
+    /// drives its own clone of the inner service to readiness and calls it, so a request that
+    /// is still uploading or waiting for its bucket holds none of the inner service's capacity.
+    /// A `poll_ready` error of the inner service is the call's error.
+    ///
     /// An admitted request's concurrency slot lives here until the response head arrives, then
     /// in the response body; dropping the future releases it.
-    pub struct ResponseFuture<S, ReqBody, ResBody>
+    pub struct ResponseFuture<S, B, ResBody>
     where
-        S: Service<Request<ReqBody>>,
+        S: Service<Request<LayerBody<B>>>,
     {
         #[pin]
-        state: State<S, ReqBody, ResBody>,
+        state: State<S, B, ResBody>,
+        svc: Option<S>,
+        shared: Arc<Shared>,
+        waited: Duration,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<S, ReqBody, ResBody>
+    enum State<S, B, ResBody>
     where
-        S: Service<Request<ReqBody>>,
+        S: Service<Request<LayerBody<B>>>,
     {
-        Admitting {
-            fut: Slow<ReqBody, ResBody>,
-            svc: Option<S>,
+        // Reading the body for the token estimate.
+        Viewing {
+            #[pin]
+            view: EnsureView<B>,
+        },
+        // The shared store decides; it holds the head, the body waits here.
+        Remote {
+            fut: Remote,
+            body: Option<LayerBody<B>>,
+        },
+        // Refused for now; waits `wait`, then asks again.
+        Paused {
+            wait: Duration,
+            req: Option<Request<LayerBody<B>>>,
+        },
+        Waiting {
+            #[pin]
+            sleep: tokio::time::Sleep,
+            req: Option<Request<LayerBody<B>>>,
+        },
+        // Admitted: the inner service is driven to readiness.
+        Readying {
+            req: Option<Request<LayerBody<B>>>,
+            admitted: Option<Admitted>,
         },
         Called {
             #[pin]
             fut: S::Future,
             admitted: Option<Admitted>,
         },
-        Ready {
+        Done {
             res: Option<Box<Response<RateLimitBody<ResBody>>>>,
         },
     }
 }
 
-impl<S, ReqBody, ResBody> ResponseFuture<S, ReqBody, ResBody>
+impl<S, B, ResBody> ResponseFuture<S, B, ResBody>
 where
-    S: Service<Request<ReqBody>>,
+    S: Service<Request<LayerBody<B>>> + Clone,
 {
-    pub(crate) fn called(fut: S::Future, admitted: Admitted) -> Self {
+    /// Reads the body first.
+    pub(crate) fn viewing(view: EnsureView<B>, inner: &S, shared: Arc<Shared>) -> Self {
         ResponseFuture {
-            state: State::Called {
-                fut,
-                admitted: Some(admitted),
-            },
+            state: State::Viewing { view },
+            svc: Some(inner.clone()),
+            shared,
+            waited: Duration::ZERO,
         }
     }
 
-    pub(crate) fn ready(res: Response<RateLimitBody<ResBody>>) -> Self {
+    /// Decides on `req` now (in memory) or starts the store's decision; the inner service is
+    /// cloned only when the request is not refused at once.
+    pub(crate) fn admitting(req: Request<LayerBody<B>>, inner: &S, shared: Arc<Shared>) -> Self {
+        let mut waited = Duration::ZERO;
+        let state = decide(&shared, &mut waited, req);
+        let svc = (!matches!(state, State::Done { .. })).then(|| inner.clone());
         ResponseFuture {
-            state: State::Ready {
-                res: Some(Box::new(res)),
-            },
-        }
-    }
-
-    pub(crate) fn admitting(fut: Slow<ReqBody, ResBody>, svc: S) -> Self {
-        ResponseFuture {
-            state: State::Admitting {
-                fut,
-                svc: Some(svc),
-            },
+            state,
+            svc,
+            shared,
+            waited,
         }
     }
 }
 
-impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody, ResBody>
+/// Asks for admission of `req`.
+fn decide<S, B, ResBody>(
+    shared: &Arc<Shared>,
+    waited: &mut Duration,
+    req: Request<LayerBody<B>>,
+) -> State<S, B, ResBody>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S: Service<Request<LayerBody<B>>>,
+{
+    #[cfg(feature = "redis")]
+    if shared.is_remote() {
+        let (parts, body) = req.into_parts();
+        return State::Remote {
+            fut: super::redis::admission(shared.clone(), parts),
+            body: Some(body),
+        };
+    }
+    let decision = shared.admit(&RequestHead::of(&req));
+    on_decision(shared, waited, req, decision)
+}
+
+/// What a decision leads to: readiness, a wait, or the refusal.
+fn on_decision<S, B, ResBody>(
+    shared: &Shared,
+    waited: &mut Duration,
+    req: Request<LayerBody<B>>,
+    decision: Result<Admitted, Box<Rejected>>,
+) -> State<S, B, ResBody>
+where
+    S: Service<Request<LayerBody<B>>>,
+{
+    match decision {
+        Ok(admitted) => State::Readying {
+            req: Some(req),
+            admitted: Some(admitted),
+        },
+        Err(rejected) => match (shared.mode, rejected.wait) {
+            (OnLimit::Wait(max), Some(w)) if waited.saturating_add(w) <= max => {
+                *waited = waited.saturating_add(w);
+                State::Paused {
+                    wait: w,
+                    req: Some(req),
+                }
+            }
+            _ => done(rejected.into_response()),
+        },
+    }
+}
+
+fn done<S, B, ResBody>(res: Response<RateLimitBody<ResBody>>) -> State<S, B, ResBody>
+where
+    S: Service<Request<LayerBody<B>>>,
+{
+    State::Done {
+        res: Some(Box::new(res)),
+    }
+}
+
+impl<S, B, ResBody> Future for ResponseFuture<S, B, ResBody>
+where
+    S: Service<Request<LayerBody<B>>, Response = Response<ResBody>>,
+    B: Body,
+    B::Error: Into<BoxError>,
 {
     type Output = Result<Response<RateLimitBody<ResBody>>, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
-            match this.state.as_mut().project() {
-                StateProj::Admitting { fut, svc } => match ready!(fut.as_mut().poll(cx)) {
-                    Ok((req, admitted)) => {
-                        let Some(mut svc) = svc.take() else {
-                            unreachable!("the admission completes once");
-                        };
-                        let fut = svc.call(req);
-                        this.state.set(State::Called {
-                            fut,
-                            admitted: Some(admitted),
-                        });
-                    }
-                    Err(res) => return Poll::Ready(Ok(res)),
+            let next = match this.state.as_mut().project() {
+                StateProj::Viewing { view } => match ready!(view.poll(cx)) {
+                    Ok(req) => decide(this.shared, this.waited, req),
+                    // Too large, unreadable, or not JSON: nothing to charge it by.
+                    Err((_, e)) => done(e.to_api_error().to_response()),
                 },
+                StateProj::Remote { fut, body } => {
+                    let (parts, decision) = ready!(Pin::new(fut).poll(cx));
+                    let Some(body) = body.take() else {
+                        unreachable!("the store decides once");
+                    };
+                    let req = Request::from_parts(parts, body);
+                    on_decision(this.shared, this.waited, req, decision)
+                }
+                StateProj::Paused { wait, req } => State::Waiting {
+                    sleep: tokio::time::sleep(*wait),
+                    req: req.take(),
+                },
+                StateProj::Waiting { sleep, req } => {
+                    ready!(sleep.poll(cx));
+                    let Some(req) = req.take() else {
+                        unreachable!("a wait ends once");
+                    };
+                    decide(this.shared, this.waited, req)
+                }
+                StateProj::Readying { req, admitted } => {
+                    let Some(svc) = this.svc.as_mut() else {
+                        unreachable!("the service is kept until it is called");
+                    };
+                    match svc.poll_ready(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Err(e)) => {
+                            // Final: the service is not polled again. The request never left,
+                            // so its tokens are given back; its slot is released.
+                            *this.svc = None;
+                            if let Some(charge) = admitted.take().and_then(|a| a.charge) {
+                                charge.settle(0);
+                            }
+                            return Poll::Ready(Err(e));
+                        }
+                        Poll::Ready(Ok(())) => {
+                            let (Some(mut svc), Some(req)) = (this.svc.take(), req.take()) else {
+                                unreachable!("the service is called once");
+                            };
+                            State::Called {
+                                fut: svc.call(req),
+                                admitted: admitted.take(),
+                            }
+                        }
+                    }
+                }
                 StateProj::Called { fut, admitted } => {
                     let res = match ready!(fut.poll(cx)) {
                         Ok(res) => res,
@@ -130,20 +275,21 @@ where
                     let body = RateLimitBody::new(body, admitted.guard, meter);
                     return Poll::Ready(Ok(Response::from_parts(parts, body)));
                 }
-                StateProj::Ready { res } => {
+                StateProj::Done { res } => {
                     let Some(res) = res.take() else {
                         unreachable!("polled after completion");
                     };
                     return Poll::Ready(Ok(*res));
                 }
-            }
+            };
+            this.state.set(next);
         }
     }
 }
 
-impl<S, ReqBody, ResBody> std::fmt::Debug for ResponseFuture<S, ReqBody, ResBody>
+impl<S, B, ResBody> std::fmt::Debug for ResponseFuture<S, B, ResBody>
 where
-    S: Service<Request<ReqBody>>,
+    S: Service<Request<LayerBody<B>>>,
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()

@@ -17,7 +17,33 @@
 //! | a request or token bucket is empty | 429 | `rate_limit_exceeded`, with `retry-after` and `retry-after-ms` | `true` |
 //! | the request's token cost is larger than the bucket | 429 | `rate_limit_exceeded` (`param: max_tokens`) | `false` |
 //! | too many of the key's requests in flight | 429 | `concurrent_limit_exceeded` | `true` |
-//! | the body could not be read to estimate tokens | 413 / 400 | `request_too_large` / `invalid_value` | `false` |
+//! | the body could not be read to estimate tokens, or is not JSON | 413 / 400 | `request_too_large` / `invalid_value` | `false` |
+//!
+//! # Bodies, errors and readiness
+//!
+//! The layer takes any request body `B: http_body::Body` (hyper's `Incoming`, axum's `Body`,
+//! `Full<Bytes>`, a boxed body) and any response body, and asks neither for `From<Bytes>`.
+//! Its inner service receives `Request<LayerBody<B>>` ([`LayerBody`](crate::body::LayerBody)):
+//! the body untouched, or, when the layer read it, the same bytes again. It answers
+//! `Response<RateLimitBody<ResBody>>`: the inner service's body, or the bytes of the layer's
+//! own refusal. Its error type is the inner service's (`S::Error`).
+//!
+//! * **The body is read only when it must be**: for a token quota, or to key by model, and
+//!   then only through the core's [`EnsureView`](crate::request::EnsureView), which reads
+//!   nothing when an earlier layer left a [`RequestView`](crate::request::RequestView).
+//!   Without a token quota the body is passed on as it came, and needs no bound but `Body`.
+//!   Only a body that may be JSON is read: no `content-type`, `application/json` or a `+json`
+//!   type. Another (a multipart upload to `/v1/audio/transcriptions`) passes unread, charged
+//!   nothing at admission and then what its answer's `usage` reports; a body that says it is
+//!   JSON and does not parse is refused `400 invalid_value`.
+//! * **Slow work before readiness.** [`RateLimit`]'s `poll_ready` is always ready and reserves
+//!   nothing of the inner service. Each call takes a fresh clone of the inner service; its
+//!   [`ResponseFuture`] reads the body (if it must), decides on admission, waits in
+//!   [`OnLimit::Wait`], and only then drives its clone with `poll_ready` and calls it. A
+//!   client that uploads slowly or waits for its bucket therefore holds no slot of a
+//!   `ConcurrencyLimit` or `Buffer` inside the layer.
+//! * **A `poll_ready` error is final**: it is returned as the call's error, the clone is not
+//!   polled again, and the request's tokens are given back (it was never sent).
 //!
 //! # Which limits a response reports
 //!
@@ -49,7 +75,9 @@
 //!
 //! Requests are keyed by [`BucketKey`]: the [`KeyIdentity`](crate::ext::KeyIdentity) an
 //! authentication layer left in the extensions (default), a header, the client IP (with
-//! trusted proxies and `x-forwarded-for`), the route, the model, or a closure. Requests without
+//! trusted proxies and `x-forwarded-for`), the route, the model, or a closure of the request's
+//! [`RequestHead`](crate::request::RequestHead) ([`BucketKey::custom`], the core's
+//! [`KeyFn`](crate::request::KeyFn)). Requests without
 //! a key share one anonymous bucket. A key's [`Limits`] are those of its tier
 //! ([`RateLimitLayerBuilder::tier`]), else the defaults ([`RateLimitLayerBuilder::limits`]);
 //! the key's own [`KeyLimits`](crate::ext::KeyLimits) override them. Optional
@@ -73,7 +101,7 @@
 //! # Token charging and its correction
 //!
 //! A request under a token quota is charged [`RequestView::token_cost`](crate::request::RequestView::token_cost)
-//! at admission (the body is read once with [`ensure_view`](crate::request::ensure_view), only
+//! at admission (the body is read once with [`EnsureView`](crate::request::EnsureView), only
 //! when a token quota applies). When the response body ends, the `usage` it reported replaces
 //! the estimate. governor's buckets cannot give cells back, so the layer keeps each bucket's
 //! state (its theoretical arrival time, TAT) in its own store and corrects it directly: an
@@ -97,6 +125,7 @@
 //! | a stream cut midway (an error frame) or dropped before its end | the estimate stays, or the `usage` already reported if that is more |
 //! | a 5xx (the upstream may have generated, then failed), `408`, a `504 timeout` after retries | the estimate stays |
 //! | an `Err` from the inner service, or the response future dropped before the head (the layer cannot see whether the request was sent) | the estimate stays |
+//! | a `poll_ready` error of the inner service (the request was never sent) | refunded in full |
 //! | a 4xx other than 408 (400, 401, 403, 404, 413, 422, 429 ...), a 3xx | refunded in full |
 //! | a refusal marked [`RefusedLocally`](crate::ext::RefusedLocally) (an open circuit inside this layer) | refunded in full |
 //!
@@ -114,8 +143,9 @@
 //! # Modes
 //!
 //! [`OnLimit::Reject`] answers at once. [`OnLimit::Wait`] sleeps (`tokio::time::sleep`, inside the
-//! response future) until the request conforms if that takes at most the given time, and
-//! answers `429` otherwise. Concurrency refusals are never waited for.
+//! response future, before the inner service is asked to be ready) until the request conforms
+//! if that takes at most the given time, and answers `429` otherwise. Concurrency refusals are
+//! never waited for.
 //!
 //! # Time and memory
 //!
@@ -208,9 +238,7 @@ use http::HeaderName;
 #[cfg(feature = "redis")]
 pub use self::redis::{FailurePolicy, RedisBackend, DEFAULT_TIMEOUT as DEFAULT_REDIS_TIMEOUT};
 pub use body::RateLimitBody;
-pub use config::{
-    BucketKey, ConfigError, KeySource, Limits, OnLimit, Quota, RateLimitLayerBuilder,
-};
+pub use config::{BucketKey, ConfigError, Limits, OnLimit, Quota, RateLimitLayerBuilder};
 pub use future::ResponseFuture;
 pub use layer::RateLimitLayer;
 pub use service::RateLimit;

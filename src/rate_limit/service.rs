@@ -2,18 +2,16 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
-use crate::request::{ensure_view, ViewError};
+use crate::body::{BoxError, LayerBody};
+use crate::request::EnsureView;
 
 use super::body::RateLimitBody;
-use super::config::{KeySource, OnLimit};
-use super::future::{ResponseFuture, Slow};
+use super::future::ResponseFuture;
 use super::shared::Shared;
 
 /// Limits the requests, tokens and requests in flight of each key; see the
@@ -51,82 +49,69 @@ impl<S> std::fmt::Debug for RateLimit<S> {
     }
 }
 
-fn source<B>(req: &Request<B>) -> KeySource<'_> {
-    KeySource {
-        method: req.method(),
-        uri: req.uri(),
-        headers: req.headers(),
-        extensions: req.extensions(),
-    }
-}
-
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
-    ReqBody: Body + From<Bytes> + Send + 'static,
-    ReqBody::Data: Send,
-    ReqBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    ResBody: From<Bytes> + Send + 'static,
+    S: Service<Request<LayerBody<ReqBody>>, Response = Response<ResBody>> + Clone,
+    ReqBody: Body,
+    ReqBody::Error: Into<BoxError>,
 {
     type Response = Response<RateLimitBody<ResBody>>;
     type Error = S::Error;
     type Future = ResponseFuture<S, ReqBody, ResBody>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+    /// Always ready: the inner service is driven to readiness by each response future, on its
+    /// own clone, once the request is admitted (see [`ResponseFuture`]).
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        if !self.shared.needs_view(req.extensions()) && !self.shared.is_remote() {
-            match self.shared.admit(&source(&req)) {
-                Ok(admitted) => return ResponseFuture::called(self.inner.call(req), admitted),
-                Err(rejected) => match (self.shared.mode, rejected.wait) {
-                    (OnLimit::Wait(max), Some(w)) if w <= max => {}
-                    _ => return ResponseFuture::ready(rejected.into_response()),
-                },
-            }
+        let shared = self.shared.clone();
+        if shared.needs_view(req.extensions()) && may_be_json(req.headers()) {
+            // Read the body to estimate tokens (or to key by model) before anything else.
+            let view = EnsureView::new(req, shared.body_limit, shared.estimator.clone());
+            return ResponseFuture::viewing(view, &self.inner, shared);
         }
-        // Read the body to estimate tokens, or wait for the bucket.
-        let clone = self.inner.clone();
-        let svc = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::admitting(slow(self.shared.clone(), req), svc)
+        ResponseFuture::admitting(req.map(LayerBody::new), &self.inner, shared)
     }
 }
 
-fn slow<ReqBody, ResBody>(shared: Arc<Shared>, req: Request<ReqBody>) -> Slow<ReqBody, ResBody>
-where
-    ReqBody: Body + From<Bytes> + Send + 'static,
-    ReqBody::Data: Send,
-    ReqBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    ResBody: From<Bytes> + Send + 'static,
-{
-    Box::pin(async move {
-        let mut req = req;
-        if shared.needs_view(req.extensions()) {
-            req = match ensure_view(req, shared.body_limit, &*shared.estimator).await {
-                Ok(req) => req,
-                // Not JSON: nothing to estimate; the response's usage, if any, is charged.
-                Err((req, ViewError::Parse(_))) => req,
-                Err((_, e)) => return Err(e.to_api_error().to_response()),
-            };
-        }
-        let mut waited = Duration::ZERO;
-        loop {
-            #[cfg(feature = "redis")]
-            let decision = super::redis::admit(&shared, &source(&req)).await;
-            #[cfg(not(feature = "redis"))]
-            let decision = shared.admit(&source(&req));
-            match decision {
-                Ok(admitted) => return Ok((req, admitted)),
-                Err(rejected) => match (shared.mode, rejected.wait) {
-                    (OnLimit::Wait(max), Some(w)) if waited.saturating_add(w) <= max => {
-                        drop(rejected);
-                        tokio::time::sleep(w).await;
-                        waited = waited.saturating_add(w);
-                    }
-                    _ => return Err(rejected.into_response()),
-                },
-            }
-        }
-    })
+/// Whether a request body may be JSON, and so is read for the token estimate: no
+/// `content-type`, `application/json`, or a `+json` type. Another body (a multipart upload to
+/// `/v1/audio/transcriptions`, say) passes unread: charged nothing at admission, then what its
+/// answer's `usage` reports.
+fn may_be_json(headers: &http::HeaderMap) -> bool {
+    let Some(value) = headers.get(http::header::CONTENT_TYPE) else {
+        return true;
+    };
+    // A header value that is a string is visible ASCII: byte offsets are char boundaries.
+    let Ok(value) = value.to_str() else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or_default().trim();
+    essence.eq_ignore_ascii_case("application/json")
+        || essence
+            .get(essence.len().saturating_sub(5)..)
+            .is_some_and(|end| end.eq_ignore_ascii_case("+json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::may_be_json;
+
+    #[test]
+    fn json_content_types() {
+        let with = |ct: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(http::header::CONTENT_TYPE, ct.parse().unwrap());
+            may_be_json(&h)
+        };
+        assert!(may_be_json(&http::HeaderMap::new()));
+        assert!(with("application/json"));
+        assert!(with("Application/JSON; charset=utf-8"));
+        assert!(with("application/vnd.api+json"));
+        assert!(!with("multipart/form-data; boundary=x"));
+        assert!(!with("text/plain"));
+        assert!(!with("json"));
+    }
 }

@@ -13,9 +13,9 @@ use http::{HeaderMap, HeaderName};
 
 use crate::error::{ApiError, ErrorCode};
 use crate::ext::KeyIdentity;
-use crate::request::{RequestView, TokenEstimator};
+use crate::request::{RequestHead, RequestView, TokenEstimator};
 
-use super::config::{Cidr, KeyKind, KeySource, Limits, OnLimit, Quota, RateLimitLayerBuilder};
+use super::config::{Cidr, KeyKind, Limits, OnLimit, Quota, RateLimitLayerBuilder};
 use super::fmt_duration;
 use super::store::{Bucket, Inflight, RateKey, Status, Take, TokioClock};
 
@@ -361,12 +361,10 @@ impl Shared {
     }
 
     /// Whether the buckets live in a shared store (admission then awaits it).
+    #[cfg(feature = "redis")]
     #[inline]
     pub(crate) fn is_remote(&self) -> bool {
-        #[cfg(feature = "redis")]
-        return self.remote.is_some();
-        #[cfg(not(feature = "redis"))]
-        false
+        self.remote.is_some()
     }
 
     /// Whether this request may be charged tokens or keyed by model, so its body must be read.
@@ -393,33 +391,33 @@ impl Shared {
                 .is_some()
     }
 
-    pub(super) fn key(&self, src: &KeySource<'_>) -> RateKey {
+    pub(super) fn key(&self, src: &RequestHead<'_>) -> RateKey {
         let key = match &self.key_kind {
             KeyKind::ApiKey => src
-                .extensions
+                .extensions()
                 .get::<KeyIdentity>()
                 .map(|k| self.shared_key(k.id_arc())),
             KeyKind::Header(name) => src
-                .headers
+                .headers()
                 .get(name)
                 .and_then(|v| v.to_str().ok())
                 .map(|v| self.str_key(v)),
             KeyKind::Ip {
                 peer, v6_prefix, ..
-            } => peer(src.extensions).map(|ip| {
+            } => peer(src.extensions()).map(|ip| {
                 let ip = if self.trusted.is_empty() {
                     ip
                 } else {
-                    client_ip(ip, src.headers, &self.trusted)
+                    client_ip(ip, src.headers(), &self.trusted)
                 };
                 RateKey::Ip(ip_key(ip, *v6_prefix))
             }),
-            KeyKind::Route => Some(self.str_key(src.uri.path())),
-            KeyKind::Model => match RequestView::from_extensions(src.extensions) {
+            KeyKind::Route => Some(self.str_key(src.uri().path())),
+            KeyKind::Model => match RequestView::from_extensions(src.extensions()) {
                 Some(view) => view.routed_model().map(|m| self.str_key(m)),
                 // No body to read (a `GET`): the deployment in the path, if any.
                 None => {
-                    crate::request::deployment_from_path(src.uri.path()).map(|m| self.str_key(&m))
+                    crate::request::deployment_from_path(src.uri().path()).map(|m| self.str_key(&m))
                 }
             },
             KeyKind::Custom(f) => f(src).map(|k| self.shared_key(&k)),
@@ -478,10 +476,13 @@ impl Shared {
 
     /// Decides on one request: concurrency first (it costs nothing), then the token buckets,
     /// then the request buckets. Cells taken before a later refusal are given back.
-    pub(crate) fn admit(self: &Arc<Self>, src: &KeySource<'_>) -> Result<Admitted, Box<Rejected>> {
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        src: &RequestHead<'_>,
+    ) -> Result<Admitted, Box<Rejected>> {
         self.maybe_sweep();
         let key = self.key(src);
-        let ident = src.extensions.get::<KeyIdentity>();
+        let ident = src.extensions().get::<KeyIdentity>();
         let plan = self.plan(ident);
         let headers = |plan: &Plan<'_>, key: &RateKey| RateHeaders {
             requests: plan.requests.as_ref().map(|b| b.status(key)).or_else(|| {
@@ -533,7 +534,7 @@ impl Shared {
         }
 
         // Tokens.
-        let view = RequestView::from_extensions(src.extensions);
+        let view = RequestView::from_extensions(src.extensions());
         let token_quota = plan.tokens.is_some() || self.global.tokens.is_some();
         let cost = if token_quota {
             view.map_or(0, RequestView::token_cost)

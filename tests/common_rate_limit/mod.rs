@@ -13,6 +13,7 @@ use axum::routing::post;
 use axum::Router;
 use bytes::Bytes;
 use http_body_util::Full;
+use llm_layers::body::LayerBody;
 use llm_layers::ext::{KeyIdentity, KeyLimits};
 use llm_layers::rate_limit::{RateLimit, RateLimitLayer};
 use tokio::sync::Notify;
@@ -243,17 +244,20 @@ pub async fn error_code(res: reqwest::Response) -> (String, String) {
     )
 }
 
+/// The request body an in-process upstream behind the layer receives.
+pub type Inner = LayerBody<Full<Bytes>>;
+
 /// An in-process upstream answering 200 with an empty body, for paused-time tests.
 pub type InProcess = RateLimit<
     tower::util::ServiceFn<
         fn(
-            http::Request<Full<Bytes>>,
+            http::Request<Inner>,
         ) -> std::future::Ready<Result<http::Response<Full<Bytes>>, Infallible>>,
     >,
 >;
 
 fn ok(
-    _req: http::Request<Full<Bytes>>,
+    _req: http::Request<Inner>,
 ) -> std::future::Ready<Result<http::Response<Full<Bytes>>, Infallible>> {
     std::future::ready(Ok(http::Response::new(Full::new(Bytes::new()))))
 }

@@ -10,9 +10,9 @@ use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{Client, RedisError, Script, ScriptInvocation};
 
 use crate::error::{ApiError, ErrorCode};
-use crate::request::RequestView;
+use crate::request::{RequestHead, RequestView};
 
-use super::config::{ConfigError, KeySource};
+use super::config::ConfigError;
 use super::shared::{
     concurrent, limited, never_fits, Admitted, InflightGuard, RateHeaders, Rejected, Shared,
     TokenCharge,
@@ -428,7 +428,7 @@ impl Inner {
     }
 
     /// The decision while the store does not answer.
-    fn on_failure(&self, src: &KeySource<'_>) -> Result<Admitted, Box<Rejected>> {
+    fn on_failure(&self, src: &RequestHead<'_>) -> Result<Admitted, Box<Rejected>> {
         match self.policy {
             FailurePolicy::FailOpen => self.fallback.admit(src),
             FailurePolicy::FailClosed => Err(Box::new(Rejected {
@@ -561,14 +561,14 @@ impl Settle {
 /// Decides on one request in the store; see [`RedisBackend`].
 pub(crate) async fn admit(
     shared: &Arc<Shared>,
-    src: &KeySource<'_>,
+    src: &RequestHead<'_>,
 ) -> Result<Admitted, Box<Rejected>> {
     let Some(remote) = shared.remote.as_ref() else {
         return shared.admit(src);
     };
     let inner = &remote.inner;
     let key = shared.key(src);
-    let ident = src.extensions.get::<crate::ext::KeyIdentity>();
+    let ident = src.extensions().get::<crate::ext::KeyIdentity>();
     let plan = shared.plan(ident);
     let g = &shared.global;
     let key_req = plan.requests.as_ref().map(|b| b.quota());
@@ -591,7 +591,7 @@ pub(crate) async fn admit(
         return borrowed(shared, inner, src, key, q).await;
     }
 
-    let view = RequestView::from_extensions(src.extensions);
+    let view = RequestView::from_extensions(src.extensions());
     let token_quota = key_tok.is_some() || glob_tok.is_some();
     let cost = if token_quota {
         view.map_or(0, RequestView::token_cost)
@@ -704,7 +704,7 @@ pub(crate) async fn admit(
 async fn borrowed(
     shared: &Arc<Shared>,
     inner: &Arc<Inner>,
-    src: &KeySource<'_>,
+    src: &RequestHead<'_>,
     key: RateKey,
     q: Quota,
 ) -> Result<Admitted, Box<Rejected>> {
@@ -802,4 +802,21 @@ fn admitted_with(status: Status) -> Admitted {
             tokens: None,
         },
     }
+}
+
+/// An admission in the store, owning the request head while it runs (the body stays with the
+/// response future); it gives the head back with the decision.
+pub(crate) type Admission = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = (http::request::Parts, Result<Admitted, Box<Rejected>>)>
+            + Send,
+    >,
+>;
+
+/// Starts the admission of the request whose head is `parts` in the store.
+pub(crate) fn admission(shared: Arc<Shared>, parts: http::request::Parts) -> Admission {
+    Box::pin(async move {
+        let decision = admit(&shared, &RequestHead::from_parts(&parts)).await;
+        (parts, decision)
+    })
 }
