@@ -636,7 +636,6 @@ proptest! {
             .layer(stack.rate_limit())
             .layer(stack.retry())
             .layer(stack.breaker())
-            .map_request(|r: Request<LayerBody<LayerBody<Body>>>| r.map(Body::new))
             .map_response(|r: Response<_>| r.map(Body::new))
             .layer(NormalizeErrorsLayer::new())
             .layer(tower::timeout::TimeoutLayer::new(stack.attempt_timeout()))

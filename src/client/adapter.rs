@@ -188,27 +188,6 @@ impl<B: Into<reqwest::Body>> Service<http::Request<B>> for NextService {
     }
 }
 
-/// A request a layer handed on as a [`LayerBody`](crate::body::LayerBody): the body it was
-/// given, or bytes it produced.
-impl<B: Into<reqwest::Body>> Service<http::Request<crate::body::LayerBody<B>>> for NextService {
-    type Response = http::Response<reqwest::Body>;
-    type Error = reqwest_middleware::Error;
-    type Future = NextFuture;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<crate::body::LayerBody<B>>) -> NextFuture {
-        use crate::body::LayerBody;
-        let req = req.map(|body| match body {
-            LayerBody::Inner { body } => body.into(),
-            LayerBody::Full { data } => reqwest::Body::from(data.unwrap_or_default()),
-        });
-        Service::<http::Request<reqwest::Body>>::call(self, req)
-    }
-}
-
 /// The response future of [`NextService`].
 pub struct NextFuture {
     state: Option<Result<oneshot::Receiver<Reply>, reqwest_middleware::Error>>,
