@@ -363,7 +363,9 @@ impl<B: Body> BufferRequest<B> {
             body,
         }
     }
+}
 
+impl<B> BufferRequest<B> {
     /// The request with `bytes` as its body.
     pub fn rebuild(parts: Parts, bytes: Bytes) -> Request<LayerBody<B>> {
         Request::from_parts(parts, LayerBody::full(bytes))

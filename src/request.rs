@@ -735,7 +735,8 @@ pin_project_lite::pin_project! {
     /// and the request rebuilt with the same bytes (a [`LayerBody`] either way). Requests with
     /// an empty body (`GET`) get no view.
     ///
-    /// On failure the head comes back with the error, so the layer can answer.
+    /// On failure a [`ViewFailure`] comes back: the head, and the body when only parsing
+    /// failed, so the layer can answer or pass the request on.
     pub struct EnsureView<B> {
         #[pin]
         state: EnsureState<B>,
@@ -748,6 +749,50 @@ pin_project_lite::pin_project! {
     enum EnsureState<B> {
         Ready { req: Option<Request<LayerBody<B>>> },
         Buffering { #[pin] buf: BufferRequest<B> },
+    }
+}
+
+/// Why [`EnsureView`] gave no view, with what is left of the request: the head always, and
+/// the whole body when it was read but did not parse (a body that is not JSON, such as a
+/// multipart upload). A layer that can do without the view passes the request on with
+/// [`ViewFailure::into_request`]; one that cannot answers [`ViewError::to_api_error`].
+pub struct ViewFailure<B> {
+    parts: http::request::Parts,
+    bytes: Option<Bytes>,
+    error: ViewError,
+    _body: std::marker::PhantomData<fn() -> B>,
+}
+
+impl<B> ViewFailure<B> {
+    /// What went wrong.
+    pub fn error(&self) -> &ViewError {
+        &self.error
+    }
+    /// The request's head.
+    pub fn parts(&self) -> &http::request::Parts {
+        &self.parts
+    }
+    /// The request with its body intact, when the body was read whole and only parsing
+    /// failed; else the head and the error (the body is gone: too large or unreadable).
+    #[allow(clippy::result_large_err)]
+    pub fn into_request(self) -> Result<Request<LayerBody<B>>, (http::request::Parts, ViewError)> {
+        match self.bytes {
+            Some(bytes) => Ok(BufferRequest::<B>::rebuild(self.parts, bytes)),
+            None => Err((self.parts, self.error)),
+        }
+    }
+    /// The head and the error.
+    pub fn into_parts(self) -> (http::request::Parts, ViewError) {
+        (self.parts, self.error)
+    }
+}
+
+impl<B> std::fmt::Debug for ViewFailure<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ViewFailure")
+            .field("error", &self.error)
+            .field("body_kept", &self.bytes.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -782,7 +827,7 @@ where
     B: Body,
     B::Error: Into<BoxError>,
 {
-    type Output = Result<Request<LayerBody<B>>, (http::request::Parts, ViewError)>;
+    type Output = Result<Request<LayerBody<B>>, ViewFailure<B>>;
 
     fn poll(
         self: std::pin::Pin<&mut Self>,
@@ -797,7 +842,12 @@ where
                 let (mut parts, bytes) = match std::task::ready!(buf.poll(cx)) {
                     Ok(ok) => ok,
                     Err((parts, e)) => {
-                        return std::task::Poll::Ready(Err((parts, ViewError::Buffer(e))))
+                        return std::task::Poll::Ready(Err(ViewFailure {
+                            parts,
+                            bytes: None,
+                            error: ViewError::Buffer(e),
+                            _body: std::marker::PhantomData,
+                        }))
                     }
                 };
                 if !bytes.is_empty() {
@@ -807,7 +857,14 @@ where
                         Ok(view) => {
                             parts.extensions.insert(view.with_path(parts.uri.path()));
                         }
-                        Err(e) => return std::task::Poll::Ready(Err((parts, ViewError::Parse(e)))),
+                        Err(e) => {
+                            return std::task::Poll::Ready(Err(ViewFailure {
+                                parts,
+                                bytes: Some(bytes),
+                                error: ViewError::Parse(e),
+                                _body: std::marker::PhantomData,
+                            }))
+                        }
                     }
                 }
                 std::task::Poll::Ready(Ok(BufferRequest::<B>::rebuild(parts, bytes)))

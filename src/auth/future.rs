@@ -563,8 +563,8 @@ where
                                 }
                             }
                         }
-                        Err((_, e)) => {
-                            let err = e.to_api_error();
+                        Err(failure) => {
+                            let err = failure.error().to_api_error();
                             tracing::debug!(
                                 target: "llm_layers::auth",
                                 code = err.code().as_str(),

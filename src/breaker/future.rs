@@ -401,10 +401,18 @@ where
                                 }
                             },
                         },
-                        // Over the limit, unreadable, or not JSON: no model to key on.
-                        Err((_, e)) => State::Answer {
-                            err: Some(e.to_api_error()),
-                            local: false,
+                        // Not JSON (a multipart upload, say): no model to key on, so the
+                        // request goes through unguarded, its body intact.
+                        Err(failure) => match failure.into_request() {
+                            Ok(req) => State::Ready {
+                                svc: this.inner.take(),
+                                req: Some(req),
+                            },
+                            // Over the limit or unreadable: the body is gone.
+                            Err((_, e)) => State::Answer {
+                                err: Some(e.to_api_error()),
+                                local: false,
+                            },
                         },
                     };
                     this.state.set(next);

@@ -204,8 +204,13 @@ where
             let next = match this.state.as_mut().project() {
                 StateProj::Viewing { view } => match ready!(view.poll(cx)) {
                     Ok(req) => decide(this.shared, this.waited, req),
-                    // Too large, unreadable, or not JSON: nothing to charge it by.
-                    Err((_, e)) => done(e.to_api_error().to_response()),
+                    Err(failure) => match failure.into_request() {
+                        // Not JSON: no estimate, so nothing is charged at admission (the
+                        // answer's `usage` is, when it reports one).
+                        Ok(req) => decide(this.shared, this.waited, req),
+                        // Too large or unreadable: the body is gone.
+                        Err((_, e)) => done(e.to_api_error().to_response()),
+                    },
                 },
                 StateProj::Remote { fut, body } => {
                     let (parts, decision) = ready!(Pin::new(fut).poll(cx));
