@@ -47,6 +47,10 @@ fn the_shipped_config_parses_and_builds() {
     assert!(!health.auth && !health.validate && !health.rate_limit);
     let chat = stack.policy("/v1/chat/completions");
     assert!(chat.auth && chat.validate && chat.rate_limit);
+    // The legacy completions route has retry and breaker settings of its own.
+    assert!(stack.has_own_upstream_layers("/v1/completions"));
+    assert!(!stack.has_own_upstream_layers("/v1/chat/completions"));
+    assert!(stack.policy("/v1/embeddings").rate_limit);
     // Also through the file API, as `--config examples/gateway.toml` reads it.
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gateway.toml");
     let (stack, _) = app::load(&std::fs::read_to_string(path).unwrap()).unwrap();

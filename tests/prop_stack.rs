@@ -305,7 +305,8 @@ fn render(doc: &[Table]) -> String {
 }
 
 /// Whether `field` names something the document has: a table, a key of it (written or
-/// missing), or a key inside an inline table written in it.
+/// missing), or a place inside a value written in it (an inline table's key, an array's
+/// item).
 fn names_a_field(doc: &[Table], field: &str) -> bool {
     doc.iter().any(|t| {
         field == t.path
@@ -317,6 +318,8 @@ fn names_a_field(doc: &[Table], field: &str) -> bool {
                 field == key
                     || (v.starts_with('{')
                         && field.strip_prefix(&key).is_some_and(|r| r.starts_with('.')))
+                    || (v.starts_with('[')
+                        && field.strip_prefix(&key).is_some_and(|r| r.starts_with('[')))
             })
     })
 }

@@ -442,6 +442,9 @@ fn toml_path(path: &serde_path_to_error::Path) -> Option<String> {
     for segment in path.iter() {
         match segment {
             Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            // How the TOML parser hands a datetime to serde (a map of one private key): the
+            // value is the datetime itself.
+            Segment::Map { key } if key == "$__toml_private_datetime" => break,
             // A route is always written quoted, as its table header is.
             Segment::Map { key } if out == "routes" => {
                 out.push('.');

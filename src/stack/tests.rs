@@ -122,6 +122,9 @@ fn errors_name_the_toml_path_of_a_route_override() {
     assert_eq!(err.field(), "routes.\"/v1/x\".breaker.key_by", "{err}");
     let err = Stack::from_toml_str("[routes.\"/v1/x\"]\nvalidate = 3\n").unwrap_err();
     assert_eq!(err.field(), "routes.\"/v1/x\".validate", "{err}");
+    let err = Stack::from_toml_str("[routes.\"/v1/x\"]\nrate_limit = 2026-12-31T23:59:59Z\n")
+        .unwrap_err();
+    assert_eq!(err.field(), "routes.\"/v1/x\".rate_limit", "{err}");
     // The stack's own checks and the builders', at the route's section.
     let err =
         Stack::from_toml_str("[routes.\"/v1/x\".rate_limit]\nredis_borrow = 3\n").unwrap_err();
