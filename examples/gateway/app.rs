@@ -249,8 +249,8 @@ pub fn tls_config(ca: Option<&Path>, field: &str) -> Result<rustls::ClientConfig
 pub type UpstreamService = BoxCloneSyncService<Request, Response, Infallible>;
 
 /// The upstream services of the gateway's routes: a route whose `[routes."/path"]` entry
-/// overrides `retry` or `breaker` has its own (with its own retry budget and circuits), the
-/// others share one.
+/// overrides `retry`, `breaker` or `upstream` has its own (with its own retry budget,
+/// circuits and attempt timeout), the others share one.
 #[derive(Clone)]
 pub struct Upstream {
     shared: UpstreamService,
@@ -399,9 +399,13 @@ pub fn upstream_with(
     let client = http_client(base, key, tls);
     let chain = |path: Option<&str>| {
         let forward = forward.clone();
-        let (retry, breaker) = match path {
-            Some(path) => (stack.retry_for(path), stack.breaker_for(path)),
-            None => (stack.retry(), stack.breaker()),
+        let (retry, breaker, timeout) = match path {
+            Some(path) => (
+                stack.retry_for(path),
+                stack.breaker_for(path),
+                stack.attempt_timeout_for(path),
+            ),
+            None => (stack.retry(), stack.breaker(), stack.attempt_timeout()),
         };
         let svc = ServiceBuilder::new()
             // The client's headers are filtered before the layers, so headers a layer adds
@@ -413,9 +417,9 @@ pub fn upstream_with(
             // The attempt timeout covers the head; the error body is read within the same
             // bound.
             .layer(NormalizeErrorsLayer::with_options(
-                NormalizeOptions::new().error_body_timeout(Some(stack.attempt_timeout())),
+                NormalizeOptions::new().error_body_timeout(Some(timeout)),
             ))
-            .timeout(stack.attempt_timeout())
+            .timeout(timeout)
             .service(client.clone());
         BoxCloneSyncService::new(svc)
     };

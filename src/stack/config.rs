@@ -581,7 +581,7 @@ impl<'de, P: Deserialize<'de>> Deserialize<'de> for Switch<P> {
 /// `[routes."/path"]`: the layers of one route and their settings.
 ///
 /// `auth`, `validate` and `rate_limit` are on unless set to `false`; `validate`,
-/// `rate_limit`, `retry` and `breaker` may instead be tables that override the top-level
+/// `rate_limit`, `retry`, `breaker` and `upstream` may instead be tables that override the top-level
 /// section's keys for this route (a key left out keeps the top-level value). A route with an
 /// override table gets a layer of its own (its own buckets, budget or circuits); the others
 /// share the top-level layers.
@@ -598,6 +598,8 @@ pub struct RouteConfig {
     pub retry: Option<RetryOverride>,
     /// Overrides of `[breaker]` for this route's upstream calls.
     pub breaker: Option<BreakerOverride>,
+    /// Overrides of `[upstream]` for this route's upstream calls.
+    pub upstream: Option<UpstreamOverride>,
 }
 
 impl Default for RouteConfig {
@@ -608,6 +610,7 @@ impl Default for RouteConfig {
             rate_limit: Switch::On,
             retry: None,
             breaker: None,
+            upstream: None,
         }
     }
 }

@@ -27,8 +27,8 @@
 //! # Routes: switches and overrides
 //!
 //! `[routes."/path"]` sets a route's layers. `auth`, `validate` and `rate_limit` are on unless
-//! set to `false`. `validate`, `rate_limit`, `retry` and `breaker` may instead be *tables*
-//! that override the top-level section for that route:
+//! set to `false`. `validate`, `rate_limit`, `retry`, `breaker` and `upstream` may instead be
+//! *tables* that override the top-level section for that route:
 //!
 //! ```toml
 //! [rate_limit.defaults]
@@ -55,8 +55,8 @@
 //! [`Stack::route_layer`] gives a route's whole edge stack (auth, validation, rate limit, as
 //! its entry says) as one [`RouteLayer`], so a route is guarded with a single
 //! `post(handler).layer(stack.route_layer(path))`: no chain of `.layer(a).layer(b)` on a
-//! `MethodRouter`, whose inference fails (E0283). The layers of the upstream call (retry,
-//! breaker) are per route too: [`Stack::retry_for`], [`Stack::breaker_for`].
+//! `MethodRouter`, whose inference fails (E0283). The settings of the upstream call are per
+//! route too: [`Stack::retry_for`], [`Stack::breaker_for`], [`Stack::attempt_timeout_for`].
 //!
 //! # Errors
 //!
@@ -190,6 +190,7 @@ struct RouteLayers {
     rate_limit: Option<RateLimitLayer>,
     retry: Option<RetryLayer>,
     breaker: Option<CircuitBreakerLayer>,
+    attempt_timeout: Option<Duration>,
 }
 
 /// The layers built from a [`StackConfig`]. Cloning a layer out of it shares its state.
@@ -272,6 +273,10 @@ impl Stack {
                     )?),
                     None => None,
                 },
+                attempt_timeout: route.upstream.as_ref().map(|p| {
+                    let u = config::merged(&config.upstream, p);
+                    Duration::from_millis(u.attempt_timeout_ms.get())
+                }),
             };
             routes.insert(path.clone(), layers);
         }
@@ -381,11 +386,21 @@ impl Stack {
         }
     }
 
-    /// Whether a listed route has a retry layer or breaker of its own (an override table).
-    pub fn has_own_upstream_layers(&self, path: &str) -> bool {
+    /// The per-attempt timeout of the route's upstream calls: its `upstream` override, else
+    /// the top-level one.
+    pub fn attempt_timeout_for(&self, path: &str) -> Duration {
         self.routes
             .get(path)
-            .is_some_and(|r| r.retry.is_some() || r.breaker.is_some())
+            .and_then(|r| r.attempt_timeout)
+            .unwrap_or(self.attempt_timeout)
+    }
+
+    /// Whether a listed route overrides the settings of its upstream calls (`retry`,
+    /// `breaker` or `upstream`), so that it needs an upstream service of its own.
+    pub fn has_own_upstream_layers(&self, path: &str) -> bool {
+        self.routes.get(path).is_some_and(|r| {
+            r.retry.is_some() || r.breaker.is_some() || r.attempt_timeout.is_some()
+        })
     }
 
     /// The route's whole edge stack as one layer: auth (outermost), validation, rate limit,

@@ -169,6 +169,8 @@ fn an_override_merges_field_by_field() {
         rpm = 6
         [routes."/a".retry]
         max_attempts = 1
+        [routes."/a".upstream]
+        attempt_timeout_ms = 50
     "#;
     let config: StackConfig = parse_toml(text).unwrap();
     let route = &config.routes["/a"];
@@ -191,6 +193,8 @@ fn an_override_merges_field_by_field() {
     assert!(stack.has_own_upstream_layers("/a"));
     assert!(!stack.has_own_upstream_layers("/b"));
     assert_eq!(stack.policy("/a"), RoutePolicy::default());
+    assert_eq!(stack.attempt_timeout_for("/a"), Duration::from_millis(50));
+    assert_eq!(stack.attempt_timeout_for("/b"), Duration::from_secs(60));
 }
 
 #[test]
