@@ -47,6 +47,10 @@ fn the_shipped_config_parses_and_builds() {
     assert!(!health.auth && !health.validate && !health.rate_limit);
     let chat = stack.policy("/v1/chat/completions");
     assert!(chat.auth && chat.validate && chat.rate_limit);
+    // The legacy completions route has retry and breaker settings of its own.
+    assert!(stack.has_own_upstream_layers("/v1/completions"));
+    assert!(!stack.has_own_upstream_layers("/v1/chat/completions"));
+    assert!(stack.policy("/v1/embeddings").rate_limit);
     // Also through the file API, as `--config examples/gateway.toml` reads it.
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gateway.toml");
     let (stack, _) = app::load(&std::fs::read_to_string(path).unwrap()).unwrap();
@@ -80,13 +84,22 @@ fn a_bad_config_is_refused_naming_the_field() {
             CONFIG.replace("attempt_timeout_ms = 20000", "attempt_timout_ms = 20000"),
             "upstream.attempt_timout_ms",
         ),
+        // Refused by the retry layer's builder: at the section, the message names the setting.
         (
             CONFIG.replace("max_attempts = 3", "max_attempts = 30"),
-            "retry.max_attempts",
+            "retry",
         ),
         (
             CONFIG.replace("budget_ratio = 0.2", "budget_ratio = -1.0"),
-            "retry.budget_ratio",
+            "retry",
+        ),
+        (
+            CONFIG.replace("key_by = \"model\" ", "key_by = \"modle\" "),
+            "breaker.key_by",
+        ),
+        (
+            CONFIG.replace("validate = false\nrate_limit = false\n\n[routes.\"/healthz\"]", "validate = false\nrate_limit = { defaults = { rpm = 0 } }\n\n[routes.\"/healthz\"]"),
+            "routes.\"/v1/models\".rate_limit.defaults.rpm",
         ),
         (
             CONFIG.replace("body_limit = 1048576", "body_limit = 0"),
@@ -450,7 +463,7 @@ fn the_gateway_table_is_checked_at_start() {
             "forward_headers = [\"transfer-encoding\"]",
             "gateway.forward_headers[0]",
         ),
-        ("forward_headers = \"accept\"", "gateway"),
+        ("forward_headers = \"accept\"", "gateway.forward_headers"),
         ("forward = []", "gateway.forward"),
     ];
     for (line, field) in cases {
@@ -465,8 +478,10 @@ fn the_gateway_table_is_checked_at_start() {
         .unwrap();
     assert_eq!(err.field(), "breaker.window", "{err}");
     assert!(err.to_string().contains("line 5"), "{err}");
-    // A `gateway` key that is not a `[gateway]` table is refused, not ignored.
-    let err = app::load("gateway.forward_headers = []\n").err().unwrap();
+    // Dotted keys are the same table to TOML, and read the same.
+    let (_, gw) = app::load("gateway.forward_headers = [\"accept\"]\n").unwrap();
+    assert_eq!(gw.forward_headers, ["accept"]);
+    let err = app::load("gateway = 3\n").err().unwrap();
     assert_eq!(err.field(), "gateway", "{err}");
 
     // A CA file that is missing or holds no certificate.
@@ -784,4 +799,225 @@ async fn the_binary_reloads_its_key_file() {
 
     child.kill().await.unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+// ---- Per-route overrides from `[routes."/path"]` tables ----
+
+/// POSTs a JSON body to a path with a key.
+async fn post_json(
+    client: &reqwest::Client,
+    addr: SocketAddr,
+    path: &str,
+    key: &str,
+    body: &serde_json::Value,
+) -> common_gateway::Got {
+    let res = client
+        .post(format!("http://{addr}{path}"))
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("the gateway answers");
+    common_gateway::Got {
+        status: res.status(),
+        headers: res.headers().clone(),
+        body: res.bytes().await.unwrap(),
+    }
+}
+
+/// A stub answering every call with `status` (a completion for 200), recording the paths.
+async fn path_stub(status: u16) -> (Stub, Arc<Mutex<Vec<String>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let stub = Stub::start(move |call| {
+        log.lock().unwrap().push(call.path.to_owned());
+        if status == 200 {
+            completion(call.json)
+        } else {
+            common_gateway::answer(
+                status,
+                "application/json",
+                r#"{"error":{"message":"down","type":"server_error","code":null}}"#,
+            )
+        }
+    })
+    .await;
+    (stub, seen)
+}
+
+fn count(seen: &Mutex<Vec<String>>, path: &str) -> usize {
+    seen.lock().unwrap().iter().filter(|p| *p == path).count()
+}
+
+#[tokio::test]
+async fn a_route_with_its_own_rate_limit() {
+    let (stub, _) = path_stub(200).await;
+    let config = small_config(
+        "[rate_limit.defaults]\nrpm = 100\ntpm = 1000000\n\
+         [routes.\"/v1/embeddings\".rate_limit.defaults]\nrpm = 1\n",
+    );
+    let (addr, stack) = gateway(&config, &stub.base()).await;
+    assert!(stack.policy("/v1/embeddings").rate_limit);
+    let client = reqwest::Client::new();
+    let body = json!({"model": "text-embedding-3-small", "input": "hi"});
+    let key = common_gateway::FULL;
+    let first = post_json(&client, addr, "/v1/embeddings", key, &body).await;
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    assert_eq!(first.header("x-ratelimit-limit-requests"), Some("1"));
+    let second = post_json(&client, addr, "/v1/embeddings", key, &body).await;
+    assert_eq!(second.status, StatusCode::TOO_MANY_REQUESTS, "{second:?}");
+    assert_envelope(&second);
+    assert_eq!(second.code(), "rate_limit_exceeded");
+    // The other routes keep the top-level quota, and their own buckets.
+    for _ in 0..3 {
+        let got = chat(&client, addr, key, &hello("gpt-4o-mini"), &[]).await;
+        assert_eq!(got.status, StatusCode::OK, "{got:?}");
+        assert_eq!(got.header("x-ratelimit-limit-requests"), Some("100"));
+    }
+    // The override kept the top-level token quota (merged field by field).
+    assert_eq!(first.header("x-ratelimit-limit-tokens"), Some("1000000"));
+}
+
+#[tokio::test]
+async fn a_route_with_its_own_retry_attempts() {
+    let (stub, seen) = path_stub(503).await;
+    let config = small_config(
+        "[retry]\nmax_attempts = 3\nbackoff_base_ms = 1\nbackoff_cap_ms = 2\n\
+         [routes.\"/v1/completions\".retry]\nmax_attempts = 1\n",
+    );
+    let (addr, _) = gateway(&config, &stub.base()).await;
+    let client = reqwest::Client::new();
+    let got = chat(
+        &client,
+        addr,
+        common_gateway::FULL,
+        &hello("gpt-4o-mini"),
+        &[],
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE, "{got:?}");
+    assert_eq!(count(&seen, "/v1/chat/completions"), 3);
+    let body = json!({"model": "gpt-3.5-turbo-instruct", "prompt": "hi"});
+    let got = post_json(
+        &client,
+        addr,
+        "/v1/completions",
+        common_gateway::FULL,
+        &body,
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE, "{got:?}");
+    assert_eq!(count(&seen, "/v1/completions"), 1, "no retry on this route");
+}
+
+#[tokio::test]
+async fn a_route_with_its_own_validation_limit() {
+    let (stub, seen) = path_stub(200).await;
+    let config = small_config(
+        "[validation]\nallowed_models = [\"gpt-4o-mini\", \"text-embedding-3-small\"]\n\
+         [routes.\"/v1/embeddings\".validate]\nbody_limit = 200\n",
+    );
+    let (addr, _) = gateway(&config, &stub.base()).await;
+    let client = reqwest::Client::new();
+    let key = common_gateway::FULL;
+    let big = "x".repeat(300);
+    let body = json!({"model": "text-embedding-3-small", "input": big});
+    let got = post_json(&client, addr, "/v1/embeddings", key, &body).await;
+    assert_eq!(got.status, StatusCode::PAYLOAD_TOO_LARGE, "{got:?}");
+    assert_envelope(&got);
+    // The same size passes on the chat route (the top-level limit).
+    let chat_body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": big}]});
+    let got = chat(&client, addr, key, &chat_body, &[]).await;
+    assert_eq!(got.status, StatusCode::OK, "{got:?}");
+    // The override kept the top-level model list.
+    let body = json!({"model": "gpt-4o", "input": "hi"});
+    let got = post_json(&client, addr, "/v1/embeddings", key, &body).await;
+    assert_eq!(got.status, StatusCode::BAD_REQUEST, "{got:?}");
+    let body = json!({"model": "text-embedding-3-small", "input": "hi"});
+    let got = post_json(&client, addr, "/v1/embeddings", key, &body).await;
+    assert_eq!(got.status, StatusCode::OK, "{got:?}");
+    assert_eq!(count(&seen, "/v1/embeddings"), 1);
+}
+
+#[tokio::test]
+async fn a_route_with_its_own_breaker_threshold() {
+    let (stub, seen) = path_stub(500).await;
+    let config = small_config(
+        "[retry]\nmax_attempts = 1\n\
+         [breaker]\nwindow = 20\nminimum_calls = 10\nfailure_rate = 50.0\n\
+         [routes.\"/v1/completions\".breaker]\nwindow = 2\nminimum_calls = 2\n",
+    );
+    let (addr, _) = gateway(&config, &stub.base()).await;
+    let client = reqwest::Client::new();
+    let key = common_gateway::FULL;
+    let body = json!({"model": "gpt-3.5-turbo-instruct", "prompt": "hi"});
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let got = post_json(&client, addr, "/v1/completions", key, &body).await;
+        assert_envelope(&got);
+        statuses.push(got.status.as_u16());
+    }
+    // Two failures open this route's circuit: the next calls do not reach the upstream.
+    assert_eq!(count(&seen, "/v1/completions"), 2, "{statuses:?}");
+    assert_eq!(statuses[..2], [500, 500], "{statuses:?}");
+    assert!(statuses[2..].iter().all(|s| *s == 503), "{statuses:?}");
+    // The chat route's circuit (the top-level threshold) is still closed after as many
+    // failures.
+    for _ in 0..4 {
+        let got = chat(&client, addr, key, &hello("gpt-4o-mini"), &[]).await;
+        assert_eq!(got.status, StatusCode::INTERNAL_SERVER_ERROR, "{got:?}");
+    }
+    assert_eq!(count(&seen, "/v1/chat/completions"), 4);
+}
+
+/// `post(handler).layer(stack.route_layer(path))` on a plain axum router: one layer per
+/// route, the edge stack its entry asks for.
+#[tokio::test]
+async fn one_route_layer_per_route_on_an_axum_router() {
+    use axum::routing::{get as get_route, post};
+    let stack = Stack::from_toml_str(&format!(
+        "[[keys]]\nid = \"full\"\nsecret = \"{FULL}\"\n\
+         [validation]\nallowed_models = [\"gpt-4o-mini\"]\n\
+         [routes.\"/v1/chat/completions\".rate_limit.defaults]\nrpm = 2\n\
+         [routes.\"/healthz\"]\nauth = false\nvalidate = false\nrate_limit = false\n"
+    ))
+    .unwrap();
+    let app = axum::Router::new()
+        .route(
+            "/v1/chat/completions",
+            post(|| async { axum::Json(json!({"object": "chat.completion"})) })
+                .layer(stack.route_layer("/v1/chat/completions")),
+        )
+        .route(
+            "/healthz",
+            get_route(|| async { "ok" }).layer(stack.route_layer("/healthz")),
+        );
+    let addr = serve(app).await;
+    let client = reqwest::Client::new();
+    // Auth refuses a request without a key, with the envelope.
+    let res = client
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .body(hello("gpt-4o-mini").to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let json: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(json["error"]["code"], "invalid_api_key", "{json}");
+    // A good request passes every layer.
+    let got = chat(&client, addr, FULL, &hello("gpt-4o-mini"), &[]).await;
+    assert_eq!(got.status, StatusCode::OK, "{got:?}");
+    assert_eq!(got.json()["object"], "chat.completion");
+    // Validation, then the route's own quota.
+    let got = chat(&client, addr, FULL, &hello("gpt-4o"), &[]).await;
+    assert_eq!(got.status, StatusCode::BAD_REQUEST, "{got:?}");
+    let got = chat(&client, addr, FULL, &hello("gpt-4o-mini"), &[]).await;
+    assert_eq!(got.status, StatusCode::OK, "{got:?}");
+    let got = chat(&client, addr, FULL, &hello("gpt-4o-mini"), &[]).await;
+    assert_eq!(got.status, StatusCode::TOO_MANY_REQUESTS, "{got:?}");
+    // The route with every layer off.
+    let got = get(&client, addr, "/healthz", None).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(&got.body[..], b"ok");
 }

@@ -236,7 +236,7 @@ fn table(header: String, path: String, schema: Schema) -> impl Strategy<Value = 
 }
 
 /// A document of the stack's own tables with values of the right type, the wrong type and
-/// extreme sizes.
+/// extreme sizes, routes that switch layers and routes that override their settings.
 fn document() -> impl Strategy<Value = Vec<Table>> {
     let keys = prop::collection::vec(Just(()), 0..3).prop_flat_map(|v| {
         (0..v.len())
@@ -267,6 +267,39 @@ fn document() -> impl Strategy<Value = Vec<Table>> {
             })
             .collect::<Vec<_>>()
     });
+    // Routes whose sections override the top-level ones (`[routes."/A".retry]`, ...); their
+    // paths cannot collide with those above.
+    let overrides = prop::collection::btree_set("/[A-Z]{1,3}", 0..3).prop_flat_map(|paths| {
+        paths
+            .into_iter()
+            .map(|p| {
+                let section = |name: &str, schema: Schema| {
+                    proptest::option::weighted(
+                        0.5,
+                        table(
+                            format!("[routes.\"{p}\".{name}]"),
+                            format!("routes.\"{p}\".{name}"),
+                            schema,
+                        ),
+                    )
+                };
+                (
+                    section("validate", VALIDATION),
+                    section("rate_limit", RATE_LIMIT),
+                    section("rate_limit.defaults", LIMITS),
+                    section("retry", RETRY),
+                    section("breaker", BREAKER),
+                    section("upstream", UPSTREAM),
+                )
+                    .prop_map(|(v, r, d, re, b, u)| {
+                        [v, r, d, re, b, u]
+                            .into_iter()
+                            .flatten()
+                            .collect::<Vec<_>>()
+                    })
+            })
+            .collect::<Vec<_>>()
+    });
     let single = |name: &'static str, schema: Schema| {
         proptest::option::weighted(0.5, table(format!("[{name}]"), name.to_owned(), schema))
     };
@@ -280,13 +313,15 @@ fn document() -> impl Strategy<Value = Vec<Table>> {
         single("breaker", BREAKER),
         single("upstream", UPSTREAM),
         routes,
+        overrides,
     )
-        .prop_map(|(keys, v, r, d, tiers, re, b, u, routes)| {
+        .prop_map(|(keys, v, r, d, tiers, re, b, u, routes, overrides)| {
             let mut out = keys;
             out.extend([v, r, d].into_iter().flatten());
             out.extend(tiers);
             out.extend([re, b, u].into_iter().flatten());
             out.extend(routes);
+            out.extend(overrides.into_iter().flatten());
             out
         })
 }
@@ -305,7 +340,8 @@ fn render(doc: &[Table]) -> String {
 }
 
 /// Whether `field` names something the document has: a table, a key of it (written or
-/// missing), or a key inside an inline table written in it.
+/// missing), or a place inside a value written in it (an inline table's key, an array's
+/// item).
 fn names_a_field(doc: &[Table], field: &str) -> bool {
     doc.iter().any(|t| {
         field == t.path
@@ -317,6 +353,8 @@ fn names_a_field(doc: &[Table], field: &str) -> bool {
                 field == key
                     || (v.starts_with('{')
                         && field.strip_prefix(&key).is_some_and(|r| r.starts_with('.')))
+                    || (v.starts_with('[')
+                        && field.strip_prefix(&key).is_some_and(|r| r.starts_with('[')))
             })
     })
 }

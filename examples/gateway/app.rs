@@ -49,6 +49,7 @@
 //! answers `502 service_unavailable` with a message naming TLS and the certificate, and
 //! `x-should-retry: false` (the next attempt would be refused the same way).
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -64,7 +65,10 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use llm_layers::auth::{ApiKeyAuthLayer, KeyStore};
 use llm_layers::normalize::{NormalizeErrorsLayer, NormalizeOptions};
-use llm_layers::stack::{ConfigError, Stack};
+use llm_layers::stack::{
+    parse_toml, BreakerConfig, ConfigError, KeyConfig, RateLimitConfig, RetryConfig, RouteConfig,
+    Stack, StackConfig, UpstreamConfig, ValidationConfig,
+};
 use llm_layers::{ApiError, ErrorCode};
 use serde::Deserialize;
 use tower::util::BoxCloneSyncService;
@@ -106,6 +110,21 @@ fn refuse(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
 struct GatewayToml {
     forward_headers: Option<Vec<String>>,
     upstream_ca: Option<PathBuf>,
+}
+
+/// The configuration file: the stack's sections ([`StackConfig`]) and the `[gateway]` table,
+/// read in one pass so that every error names its TOML path and line.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct GatewayFile {
+    gateway: GatewayToml,
+    keys: Vec<KeyConfig>,
+    validation: ValidationConfig,
+    rate_limit: RateLimitConfig,
+    retry: RetryConfig,
+    breaker: BreakerConfig,
+    upstream: UpstreamConfig,
+    routes: BTreeMap<String, RouteConfig>,
 }
 
 /// What the example reads from the `[gateway]` table (and its flags), next to the [`Stack`].
@@ -163,71 +182,31 @@ fn forwardable(field: &str, name: &str) -> Result<HeaderName, ConfigError> {
 }
 
 /// Parses a configuration file: the [`Stack`] document and the example's own `[gateway]`
-/// table. The table is written as a `[gateway]` section; errors name the field
-/// (`gateway.forward_headers[2]`), and the stack's errors keep their line numbers.
+/// table. Errors name the TOML path (`gateway.forward_headers[2]`, `breaker.window`) and the
+/// line.
 pub fn load(text: &str) -> Result<(Stack, GatewayConfig), ConfigError> {
-    let Ok(mut table) = text.parse::<toml::Table>() else {
-        // Not TOML: the stack's own parser names the line.
-        return Stack::from_toml_str(text).map(|stack| (stack, GatewayConfig::default()));
-    };
-    let Some(raw) = table.remove("gateway") else {
-        return Ok((Stack::from_toml_str(text)?, GatewayConfig::default()));
-    };
-    let raw: GatewayToml = raw.try_into().map_err(|e: toml::de::Error| {
-        let message = e.message().trim().to_owned();
-        let field = message
-            .split('`')
-            .nth(1)
-            .filter(|_| message.starts_with("unknown field"))
-            .map_or("gateway".to_owned(), |f| format!("gateway.{f}"));
-        refuse(field, message)
-    })?;
+    let file: GatewayFile = parse_toml(text)?;
     let mut gateway = GatewayConfig {
-        upstream_ca: raw.upstream_ca,
+        upstream_ca: file.gateway.upstream_ca,
         ..GatewayConfig::default()
     };
-    if let Some(names) = raw.forward_headers {
+    if let Some(names) = &file.gateway.forward_headers {
         gateway.forward_headers = names
             .iter()
             .enumerate()
             .map(|(i, name)| forwardable(&format!("gateway.forward_headers[{i}]"), name))
             .collect::<Result<_, _>>()?;
     }
-    // The rest goes to the stack with the `[gateway]` lines blanked, so its errors keep
-    // their line numbers.
-    let rest = without_section(text, "gateway");
-    if rest.parse::<toml::Table>().ok() != Some(table) {
-        return Err(refuse(
-            "gateway",
-            "write it as one `[gateway]` table (no inline or dotted `gateway` keys elsewhere)",
-        ));
-    }
-    Ok((Stack::from_toml_str(&rest)?, gateway))
-}
-
-/// `text` with the lines of the `[name]` table blanked (its header up to the next header).
-fn without_section(text: &str, name: &str) -> String {
-    let header = |line: &str| {
-        let line = line.split('#').next().unwrap_or("").trim();
-        (line.starts_with('[') && line.ends_with(']')).then(|| {
-            line.trim_matches(|c| c == '[' || c == ']')
-                .trim()
-                .to_owned()
-        })
-    };
-    let mut inside = false;
-    let mut out = String::with_capacity(text.len());
-    for line in text.split_inclusive('\n') {
-        if let Some(h) = header(line) {
-            inside = h == name;
-        }
-        if inside {
-            out.push_str(if line.ends_with('\n') { "\n" } else { "" });
-        } else {
-            out.push_str(line);
-        }
-    }
-    out
+    let stack = Stack::build(&StackConfig {
+        keys: file.keys,
+        validation: file.validation,
+        rate_limit: file.rate_limit,
+        retry: file.retry,
+        breaker: file.breaker,
+        upstream: file.upstream,
+        routes: file.routes,
+    })?;
+    Ok((stack, gateway))
 }
 
 /// The TLS settings for `https://` upstreams: the Mozilla roots of `webpki-roots`, plus the
@@ -266,7 +245,23 @@ pub fn tls_config(ca: Option<&Path>, field: &str) -> Result<rustls::ClientConfig
 }
 
 /// The service that answers one proxied request: every layer around the upstream call.
-pub type Upstream = BoxCloneSyncService<Request, Response, llm_layers::body::BoxError>;
+pub type UpstreamService = BoxCloneSyncService<Request, Response, llm_layers::body::BoxError>;
+
+/// The upstream services of the gateway's routes: a route whose `[routes."/path"]` entry
+/// overrides `retry`, `breaker` or `upstream` has its own (with its own retry budget,
+/// circuits and attempt timeout), the others share one.
+#[derive(Clone)]
+pub struct Upstream {
+    shared: UpstreamService,
+    own: Arc<HashMap<String, UpstreamService>>,
+}
+
+impl Upstream {
+    /// The service of the route at `path`.
+    pub fn for_route(&self, path: &str) -> UpstreamService {
+        self.own.get(path).unwrap_or(&self.shared).clone()
+    }
+}
 
 /// The HTTP client that sends one attempt: `/v1/x` on the gateway is `{base}/x` upstream,
 /// credentials, `host`, `content-length` and hop-by-hop headers are removed and the upstream
@@ -400,56 +395,55 @@ pub fn upstream_with(
     key: Option<HeaderValue>,
 ) -> Upstream {
     let forward: Arc<[HeaderName]> = forward_headers.into();
-    let svc = ServiceBuilder::new()
-        // The client's headers are filtered before the layers, so headers a layer adds for
-        // the upstream reach it.
-        .map_request(move |req| forward_only(req, &forward))
-        .map_response(IntoResponse::into_response)
-        .layer(stack.retry())
-        .map_request(|req: Request<llm_layers::body::LayerBody<Body>>| req.map(Body::new))
-        .map_response(IntoResponse::into_response)
-        .layer(stack.breaker())
-        .map_request(
-            |req: axum::http::Request<llm_layers::body::LayerBody<Body>>| req.map(Body::new),
-        )
-        .map_response(IntoResponse::into_response)
-        // The attempt timeout covers the head; the error body is read within the same bound.
-        .layer(NormalizeErrorsLayer::with_options(
-            NormalizeOptions::new().error_body_timeout(Some(stack.attempt_timeout())),
-        ))
-        .timeout(stack.attempt_timeout())
-        .service(http_client(base, key, tls));
-    BoxCloneSyncService::new(svc)
+    let client = http_client(base, key, tls);
+    let chain = |path: Option<&str>| {
+        let forward = forward.clone();
+        let (retry, breaker, timeout) = match path {
+            Some(path) => (
+                stack.retry_for(path),
+                stack.breaker_for(path),
+                stack.attempt_timeout_for(path),
+            ),
+            None => (stack.retry(), stack.breaker(), stack.attempt_timeout()),
+        };
+        let svc = ServiceBuilder::new()
+            // The client's headers are filtered before the layers, so headers a layer adds
+            // for the upstream reach it.
+            .map_request(move |req| forward_only(req, &forward))
+            .map_response(IntoResponse::into_response)
+            .layer(retry)
+            .map_request(|req: Request<llm_layers::body::LayerBody<Body>>| req.map(Body::new))
+            .map_response(IntoResponse::into_response)
+            .layer(breaker)
+            .map_request(|req: Request<llm_layers::body::LayerBody<Body>>| req.map(Body::new))
+            .map_response(IntoResponse::into_response)
+            // The attempt timeout covers the head; the error body is read within the same
+            // bound.
+            .layer(NormalizeErrorsLayer::with_options(
+                NormalizeOptions::new().error_body_timeout(Some(timeout)),
+            ))
+            .timeout(timeout)
+            .service(client.clone());
+        BoxCloneSyncService::new(svc)
+    };
+    let own = stack
+        .routes()
+        .map(|(path, _)| path)
+        .filter(|path| stack.has_own_upstream_layers(path))
+        .map(|path| (path.to_owned(), chain(Some(path))))
+        .collect();
+    Upstream {
+        shared: chain(None),
+        own: Arc::new(own),
+    }
 }
 
 async fn proxy(State(upstream): State<Upstream>, req: Request) -> Response {
-    match upstream.oneshot(req).await {
+    match upstream.for_route(req.uri().path()).oneshot(req).await {
         Ok(res) => res,
         // Only a service that failed to become ready gets here.
         Err(e) => llm_layers::policy::classify_error(e).to_response(),
     }
-}
-
-/// The route's own stack, as its `[routes."/path"]` policy says: auth (with `auth`), then
-/// validation, then rate limit (outermost first). `MethodRouter::layer` is applied innermost
-/// first.
-fn guarded<K: KeyStore>(
-    stack: &Stack,
-    auth: &ApiKeyAuthLayer<K>,
-    path: &str,
-    route: MethodRouter<Upstream>,
-) -> MethodRouter<Upstream> {
-    let mut route = route;
-    if let Some(layer) = stack.rate_limit_for(path) {
-        route = route.layer(layer);
-    }
-    if let Some(layer) = stack.validate_for(path) {
-        route = route.layer(layer);
-    }
-    if stack.policy(path).auth {
-        route = route.layer(auth.clone());
-    }
-    route
 }
 
 /// The gateway: per-route stacks, then request ids and tracing around everything. The keys
@@ -475,7 +469,10 @@ pub fn router_with_auth<K: KeyStore>(
     ];
     let mut app = Router::new();
     for (path, route) in routes {
-        app = app.route(path, guarded(stack, auth, path, route));
+        // The route's edge stack as one layer: auth, validation, rate limit, as its
+        // `[routes."/path"]` entry says.
+        let edge = stack.route_layer(path).with_auth(auth.clone());
+        app = app.route(path, route.layer(edge));
     }
     app.with_state(upstream).layer(
         ServiceBuilder::new()

@@ -10,30 +10,68 @@
 //!
 //! | section | builds |
 //! |---|---|
-//! | `[[keys]]` | the key store of [`ApiKeyAuthLayer`] (the auth layer's own `[[keys]]` format) |
-//! | `[validation]` | [`ValidateRequestLayer`] |
-//! | `[rate_limit]` | [`RateLimitLayer`] (defaults and tiers; each key's own `rpm`/`tpm`/`concurrency` override them) |
-//! | `[retry]` | [`RetryLayer`]: attempts, backoff, deadline and budget |
-//! | `[breaker]` | [`CircuitBreakerLayer`] with its fallback model |
-//! | `[upstream]` | the per-attempt timeout |
-//! | `[routes."/path"]` | a [`RoutePolicy`]: which edge layers guard that route |
+//! | `[[keys]]` | the key store of [`ApiKeyAuthLayer`] ([`KeyConfig`]: the auth layer's `[[keys]]` format) |
+//! | `[validation]` | [`ValidateRequestLayer`] ([`ValidationConfig`]) |
+//! | `[rate_limit]` | [`RateLimitLayer`] ([`RateLimitConfig`]: defaults and tiers; each key's own `rpm`/`tpm`/`concurrency` override them) |
+//! | `[retry]` | [`RetryLayer`] ([`RetryConfig`]): attempts, backoff, deadline and budget |
+//! | `[breaker]` | [`CircuitBreakerLayer`] ([`BreakerConfig`]) with its fallback model |
+//! | `[upstream]` | the per-attempt timeout ([`UpstreamConfig`]) |
+//! | `[routes."/path"]` | a route's own layers and settings ([`RouteConfig`]) |
 //!
-//! The layers stay independent: [`Stack`] only hands out clones of them (they share their
-//! state through an `Arc`, so every clone counts against the same circuits and buckets), and
-//! you stack them where you want: router-wide, or per route with `MethodRouter::layer` as in
-//! the example below (one `.layer` per present layer, so routes with and without a layer
-//! need no common service type), or around a client with `tower::ServiceBuilder`.
+//! Each section is a serde struct with `deny_unknown_fields`; string choices are enums
+//! ([`BreakerKey`], [`JitterConfig`], [`Backend`], [`RedisFailure`]); a key left out takes the
+//! value of the section's `Default` impl (or, where that is `None`, the layer builder's own
+//! default). Values with a range the stack knows are checked while the document is read
+//! (non-zero durations and counts, percentages, digests, times).
+//!
+//! # Routes: switches and overrides
+//!
+//! `[routes."/path"]` sets a route's layers. `auth`, `validate` and `rate_limit` are on unless
+//! set to `false`. `validate`, `rate_limit`, `retry`, `breaker` and `upstream` may instead be
+//! *tables* that override the top-level section for that route:
+//!
+//! ```toml
+//! [rate_limit.defaults]
+//! rpm = 600
+//! tpm = 1000000
+//!
+//! [routes."/v1/embeddings".rate_limit.defaults]
+//! rpm = 60            # this route: 60 requests a minute, tpm still 1000000
+//!
+//! [routes."/v1/completions".retry]
+//! max_attempts = 1    # no retries here; backoff, budget... as in [retry]
+//! ```
+//!
+//! **The merge rule:** the route's table is laid over the top-level section key by key. A key
+//! the table gives replaces the top-level value; a key it leaves out keeps the top-level value
+//! (and a top-level key left out keeps its default). Sub-tables merge the same way one level
+//! down (`defaults`, each tier of `tiers`, each model of `context_windows`); lists
+//! (`allowed_models`) are replaced whole. A route with an override table gets a layer of its
+//! own built from the merged settings (its own buckets, retry budget or circuits); routes
+//! without one share the top-level layers. See [`Merge`].
+//!
+//! # One layer per route
+//!
+//! [`Stack::route_layer`] gives a route's whole edge stack (auth, validation, rate limit, as
+//! its entry says) as one [`RouteLayer`], so a route is guarded with a single
+//! `post(handler).layer(stack.route_layer(path))`: no chain of `.layer(a).layer(b)` on a
+//! `MethodRouter`, whose inference fails (E0283). The settings of the upstream call are per
+//! route too: [`Stack::retry_for`], [`Stack::breaker_for`], [`Stack::attempt_timeout_for`].
 //!
 //! # Errors
 //!
 //! Every error is the crate's [`ConfigError`] (layer `"configuration"`) whose
-//! [`field`](ConfigError::field) is the TOML path of the refused value (`breaker.failure_rate`,
-//! `keys[2].sha256`, `routes."/v1/models".auth`) and whose message never quotes a secret.
+//! [`field`](ConfigError::field) is the TOML path of the refused value, as serde reached it
+//! (`breaker.failure_rate`, `keys[2].sha256`, `routes."/v1/chat/completions".rate_limit.defaults.rpm`).
+//! A value refused by a layer's builder is reported at the path of the section that was being
+//! built (`retry`, `routes."/v1/completions".breaker`), with the builder's message, which
+//! names its setting. No message quotes a value of the document (a value may be a secret):
+//! where the parser would quote one, `"…"` stands instead.
 //!
 //! # Example
 //!
 //! ```
-//! use axum::routing::{get, post, MethodRouter};
+//! use axum::routing::{get, post};
 //! use axum::Router;
 //! use axum::body::Body;
 //! use llm_layers::stack::Stack;
@@ -59,26 +97,15 @@
 //!     [routes."/healthz"]
 //!     auth = false
 //!     validate = false
+//!     rate_limit = false
 //! "#)?;
 //!
-//! // Per route: the layers the route's policy asks for. `MethodRouter::layer` wraps what is
-//! // already there, so the innermost layer comes first: auth ends up outermost.
-//! let guarded = |path: &str, mut route: MethodRouter| {
-//!     if let Some(layer) = stack.rate_limit_for(path) {
-//!         route = route.layer(layer);
-//!     }
-//!     if let Some(layer) = stack.validate_for(path) {
-//!         route = route.layer(layer);
-//!     }
-//!     if let Some(layer) = stack.auth_for(path) {
-//!         route = route.layer(layer);
-//!     }
-//!     route
-//! };
+//! // One layer per route: the layers its entry asks for, auth outermost.
+//! let route = |path: &str| stack.route_layer(path);
 //! let app: Router = Router::new()
-//!     .route("/v1/chat/completions", guarded("/v1/chat/completions", post(|| async { "{}" })))
-//!     .route("/v1/models", guarded("/v1/models", get(|| async { "{}" })))
-//!     .route("/healthz", guarded("/healthz", get(|| async { "ok" })));
+//!     .route("/v1/chat/completions", post(|| async { "{}" }).layer(route("/v1/chat/completions")))
+//!     .route("/v1/models", get(|| async { "{}" }).layer(route("/v1/models")))
+//!     .route("/healthz", get(|| async { "ok" }).layer(route("/healthz")));
 //!
 //! // No key: /healthz answers, the chat route refuses with the envelope.
 //! let call = |path: &str| {
@@ -92,23 +119,36 @@
 //! // A wrong value is refused, naming the field.
 //! let err = Stack::from_toml_str("[breaker]\nfailure_rate = 120.0").unwrap_err();
 //! assert_eq!(err.field(), "breaker.failure_rate");
+//! let err = Stack::from_toml_str("[routes.\"/v1/chat\".retry]\nmax_attempts = \"two\"").unwrap_err();
+//! assert_eq!(err.field(), "routes.\"/v1/chat\".retry.max_attempts");
 //! # Ok(())
 //! # }
 //! ```
+
+mod build;
+mod config;
+mod route;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 use crate::auth::{ApiKeyAuthLayer, InMemoryKeyStore};
-use crate::breaker::{CircuitBreakerLayer, CircuitKey};
-use crate::rate_limit::{Limits, OnLimit, Quota, RateLimitLayer};
-use crate::retry::{Backoff, Jitter, RetryBudget, RetryLayer};
+use crate::breaker::CircuitBreakerLayer;
+use crate::rate_limit::RateLimitLayer;
+use crate::retry::RetryLayer;
 use crate::validate::ValidateRequestLayer;
 
+pub use self::config::{
+    Backend, BreakerConfig, BreakerKey, BreakerOverride, Expiry, JitterConfig, KeyConfig,
+    LimitsConfig, LimitsOverride, Merge, Name, Percent, RateLimitConfig, RateLimitOverride,
+    RedisFailure, RedisUrl, RetryConfig, RetryOverride, RouteConfig, Secret, Sha256Hex,
+    StackConfig, Switch, UpstreamConfig, UpstreamOverride, ValidationConfig, ValidationOverride,
+};
+pub use self::route::{EdgeLayers, RouteLayer, Toggle, ToggleBody, ToggleFuture, ToggleService};
 pub use crate::config::ConfigError;
 
 /// A refused value at a TOML path.
@@ -119,353 +159,16 @@ fn refuse(
     ConfigError::new("configuration", field, message)
 }
 
-/// The whole configuration file. Every section is optional; an empty document is valid (no
-/// keys: every authenticated route answers `401`).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StackConfig {
-    /// API keys, in the auth layer's `[[keys]]` format (see
-    /// [`InMemoryKeyStore::from_toml_str`]).
-    #[serde(default)]
-    pub keys: Vec<toml::Table>,
-    /// Request validation.
-    #[serde(default)]
-    pub validation: ValidationConfig,
-    /// Rate limits per key.
-    #[serde(default)]
-    pub rate_limit: RateLimitConfig,
-    /// Retries around the upstream call.
-    #[serde(default)]
-    pub retry: RetryConfig,
-    /// The circuit breaker around the upstream.
-    #[serde(default)]
-    pub breaker: BreakerConfig,
-    /// The upstream call.
-    #[serde(default)]
-    pub upstream: UpstreamConfig,
-    /// Policies by route path; a route not listed gets [`RoutePolicy::default`] (everything on).
-    #[serde(default)]
-    pub routes: BTreeMap<String, RoutePolicy>,
-}
-
-/// `[validation]`: settings of [`ValidateRequestLayer`].
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ValidationConfig {
-    /// Models accepted (empty: any).
-    #[serde(default)]
-    pub allowed_models: Vec<String>,
-    /// Extra context windows, model name → tokens.
-    #[serde(default)]
-    pub context_windows: BTreeMap<String, u64>,
-    /// The most a request body may weigh, in bytes (default 4 MiB).
-    pub body_limit: Option<usize>,
-}
-
-/// `[rate_limit]`: settings of [`RateLimitLayer`], keyed by the authenticated key.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimitConfig {
-    /// Wait up to this many milliseconds for a bucket instead of answering `429` at once
-    /// (default: answer at once).
-    pub wait_ms: Option<u64>,
-    /// Limits of keys without a tier and without limits of their own.
-    #[serde(default)]
-    pub defaults: LimitsConfig,
-    /// Limits by tier name (`[rate_limit.tiers.free]`).
-    #[serde(default)]
-    pub tiers: BTreeMap<String, LimitsConfig>,
-    /// Where the buckets live: `"memory"` (default, this process) or `"redis"` (shared by
-    /// every replica pointed at the same server; needs the crate feature `redis`).
-    pub backend: Option<String>,
-    /// With `backend = "redis"`: the server, `redis://[:password@]host:port/[db]`. Never
-    /// shown by `Debug`.
-    pub redis_url: Option<RedisUrl>,
-    /// With `backend = "redis"`: the longest one call may take, in milliseconds (default 50).
-    pub redis_timeout_ms: Option<u64>,
-    /// With `backend = "redis"`: `"open"` (default: decide on a local limiter at each quota
-    /// divided by `replicas`) or `"closed"` (answer `503`) while the server does not answer.
-    pub redis_failure: Option<String>,
-    /// With `backend = "redis"`: how many replicas share the quotas (default 1).
-    pub replicas: Option<u32>,
-    /// With `backend = "redis"`: the prefix of the keys written (default `llm-layers:rl:`).
-    pub redis_key_prefix: Option<String>,
-    /// With `backend = "redis"`: requests a replica borrows at once for a key whose only
-    /// limit is a request quota, and admits locally (default 0: off).
-    pub redis_borrow: Option<u32>,
-    /// With `redis_borrow`: how long a lease of borrowed requests lasts, in milliseconds
-    /// (default 100).
-    pub redis_borrow_lease_ms: Option<u64>,
-}
-
-/// A Redis URL, which may carry a password: `Debug` does not show it.
-#[derive(Clone, Default, Deserialize)]
-#[serde(transparent)]
-pub struct RedisUrl(pub String);
-
-impl std::fmt::Debug for RedisUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RedisUrl(<hidden>)")
-    }
-}
-
-/// Requests, tokens and concurrency of one key.
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsConfig {
-    /// Requests per minute.
-    pub rpm: Option<u64>,
-    /// Requests admitted at once from a full bucket (default: `rpm`).
-    pub burst: Option<u32>,
-    /// LLM tokens per minute (estimated prompt + `max_tokens`, corrected from `usage`).
-    pub tpm: Option<u64>,
-    /// Requests in flight at once.
-    pub concurrency: Option<u32>,
-}
-
-/// Applies `backend` and the `redis_*` keys of `[rate_limit]`.
-fn rate_limit_backend(
-    r: &RateLimitConfig,
-    b: crate::rate_limit::RateLimitLayerBuilder,
-) -> Result<crate::rate_limit::RateLimitLayerBuilder, ConfigError> {
-    let redis = match r.backend.as_deref() {
-        None | Some("memory") => false,
-        Some("redis") => true,
-        Some(other) => {
-            return Err(refuse(
-                "rate_limit.backend",
-                format!("{other:?} is not a backend; use \"memory\" or \"redis\""),
-            ))
-        }
-    };
-    if !redis {
-        let stray = [
-            ("redis_url", r.redis_url.is_some()),
-            ("redis_timeout_ms", r.redis_timeout_ms.is_some()),
-            ("redis_failure", r.redis_failure.is_some()),
-            ("replicas", r.replicas.is_some()),
-            ("redis_key_prefix", r.redis_key_prefix.is_some()),
-            ("redis_borrow", r.redis_borrow.is_some()),
-            ("redis_borrow_lease_ms", r.redis_borrow_lease_ms.is_some()),
-        ];
-        if let Some((name, _)) = stray.iter().find(|(_, set)| *set) {
-            return Err(refuse(
-                format!("rate_limit.{name}"),
-                "only applies with backend = \"redis\"",
-            ));
-        }
-        return Ok(b);
-    }
-    #[cfg(not(feature = "redis"))]
-    {
-        let _ = b;
-        Err(refuse(
-            "rate_limit.backend",
-            "\"redis\" needs the crate built with the `redis` feature",
-        ))
-    }
-    #[cfg(feature = "redis")]
-    {
-        use crate::rate_limit::{FailurePolicy, RedisBackend};
-        let Some(url) = &r.redis_url else {
-            return Err(refuse(
-                "rate_limit.redis_url",
-                "required with backend = \"redis\"",
-            ));
-        };
-        let mut backend = RedisBackend::new(url.0.clone());
-        match r.redis_timeout_ms {
-            Some(0) => return Err(refuse("rate_limit.redis_timeout_ms", "must be at least 1")),
-            Some(ms) => backend = backend.timeout(Duration::from_millis(ms)),
-            None => {}
-        }
-        match r.redis_failure.as_deref() {
-            None | Some("open") => {}
-            Some("closed") => backend = backend.on_failure(FailurePolicy::FailClosed),
-            Some(other) => {
-                return Err(refuse(
-                    "rate_limit.redis_failure",
-                    format!("{other:?} is not a policy; use \"open\" or \"closed\""),
-                ))
-            }
-        }
-        if let Some(n) = r.replicas {
-            backend = backend.replicas(n);
-        }
-        if let Some(p) = &r.redis_key_prefix {
-            backend = backend.key_prefix(p.clone());
-        }
-        match (r.redis_borrow, r.redis_borrow_lease_ms) {
-            (_, Some(0)) => {
-                return Err(refuse(
-                    "rate_limit.redis_borrow_lease_ms",
-                    "must be at least 1",
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(refuse(
-                    "rate_limit.redis_borrow_lease_ms",
-                    "only applies with `redis_borrow`",
-                ))
-            }
-            (Some(n), ms) => {
-                let lease = Duration::from_millis(ms.unwrap_or(100));
-                backend = backend.pre_borrow(n, lease);
-            }
-            (None, None) => {}
-        }
-        Ok(b.redis(backend))
-    }
-}
-
-impl LimitsConfig {
-    fn to_limits(self, path: &str) -> Result<Limits, ConfigError> {
-        let mut limits = Limits::new();
-        let too_big = |n: u64| u32::try_from(n).is_err();
-        if let Some(rpm) = self.rpm {
-            if rpm == 0 || too_big(rpm) {
-                return Err(refuse(
-                    format!("{path}.rpm"),
-                    "must be within 1..=4294967295",
-                ));
-            }
-            let burst = self.burst.unwrap_or(rpm as u32);
-            if burst == 0 {
-                return Err(refuse(format!("{path}.burst"), "must be at least 1"));
-            }
-            let quota = Quota::per_minute(rpm).burst(burst);
-            if !quota.fill_time_fits() {
-                return Err(refuse(
-                    format!("{path}.burst"),
-                    format!(
-                        "{burst} requests at {rpm} per minute take more than 73 years to refill; lower the burst or raise `rpm`"
-                    ),
-                ));
-            }
-            limits = limits.requests(quota);
-        } else if self.burst.is_some() {
-            return Err(refuse(format!("{path}.burst"), "a burst needs an `rpm`"));
-        }
-        if let Some(tpm) = self.tpm {
-            if tpm == 0 || too_big(tpm) {
-                return Err(refuse(
-                    format!("{path}.tpm"),
-                    "must be within 1..=4294967295",
-                ));
-            }
-            limits = limits.tokens(Quota::per_minute(tpm).burst(tpm as u32));
-        }
-        if let Some(n) = self.concurrency {
-            if n == 0 {
-                return Err(refuse(format!("{path}.concurrency"), "must be at least 1"));
-            }
-            limits = limits.concurrency(n);
-        }
-        Ok(limits)
-    }
-}
-
-/// `[retry]`: settings of [`RetryLayer`].
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RetryConfig {
-    /// Attempts in total, the first one included (default 3; 1 turns retries off).
-    pub max_attempts: Option<u32>,
-    /// The first backoff's upper bound, in milliseconds (default 500).
-    pub backoff_base_ms: Option<u64>,
-    /// The largest backoff, in milliseconds (default 8 000).
-    pub backoff_cap_ms: Option<u64>,
-    /// `"full"` (default), `"equal"`, `"decorrelated"` or `"none"`.
-    pub jitter: Option<String>,
-    /// The time all attempts and waits may take together, in milliseconds (default: none).
-    pub deadline_ms: Option<u64>,
-    /// A server's `retry-after` longer than this ends the retries, in milliseconds
-    /// (default 60 000).
-    pub max_retry_after_ms: Option<u64>,
-    /// Retries allowed per request, on top of the floor (default 0.2). `0` with a floor of `0`
-    /// turns retries off under load.
-    pub budget_ratio: Option<f32>,
-    /// Retries per second always allowed (default 10).
-    pub budget_min_per_sec: Option<u32>,
-    /// The budget's window, in milliseconds (default 10 000).
-    pub budget_ttl_ms: Option<u64>,
-    /// Once retries are exhausted, answer `x-should-retry: false`, so that clients (the
-    /// official SDKs retry on their own) do not multiply the attempts (default `true`).
-    #[serde(default)]
-    pub mark_exhausted: Option<bool>,
-    /// Add a generated `Idempotency-Key` to each `POST`/`PATCH` without one, so that every
-    /// request becomes retryable (default `false`: only idempotent methods and `POST`s to
-    /// generation endpoints are retried).
-    pub idempotency_keys: Option<bool>,
-    /// Seed of the backoff jitter.
-    pub seed: Option<u64>,
-}
-
-/// `[breaker]`: settings of [`CircuitBreakerLayer`].
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BreakerConfig {
-    /// The breaker's name in messages and logs (default `"upstream"`).
-    pub name: Option<String>,
-    /// `"single"` (default), `"model"`, `"upstream"` or `"upstream_and_model"`. The last two
-    /// need `upstream`.
-    pub key_by: Option<String>,
-    /// The name of the upstream the breaker guards (`"api.openai.com"`), the key of its
-    /// circuit with `key_by = "upstream"` (never the client's `Host`).
-    pub upstream: Option<String>,
-    /// Calls in the sliding window (default 100).
-    pub window: Option<usize>,
-    /// Calls before any decision (default 10).
-    pub minimum_calls: Option<u64>,
-    /// Failure percentage that opens the circuit (default 50).
-    pub failure_rate: Option<f64>,
-    /// How long the circuit stays open at first, in milliseconds (default 30 000).
-    pub open_ms: Option<u64>,
-    /// The longest the circuit stays open as re-openings double the open time, in
-    /// milliseconds (default 300 000, or `open_ms` when that is longer).
-    pub max_open_ms: Option<u64>,
-    /// Probe calls admitted when half-open (default 3).
-    pub half_open_probes: Option<u32>,
-    /// A call is slow when its response head takes longer than this, in milliseconds (no
-    /// slow-call rule by default). Calls dropped by their caller after this long count as slow
-    /// too, so a hanging upstream opens the circuit even when clients give up first.
-    pub slow_call_ms: Option<u64>,
-    /// The percentage of slow calls that opens the circuit (default 80; needs `slow_call_ms`).
-    pub slow_call_rate: Option<f64>,
-    /// The breaker's own timeout of each call, in milliseconds: an upstream that has not
-    /// answered by then gets the caller a `504 timeout` and counts as a failure (default: none).
-    pub call_timeout_ms: Option<u64>,
-    /// The model to degrade to while the circuit is open.
-    pub fallback_model: Option<String>,
-    /// Seed of the open-duration jitter.
-    pub seed: Option<u64>,
-}
-
-/// `[upstream]`: the call to the upstream.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpstreamConfig {
-    /// The time one attempt may take to the response head, in milliseconds (default 60 000).
-    pub attempt_timeout_ms: Option<u64>,
-}
-
-/// `[routes."/path"]`: which edge layers guard a route. Each is on unless set to `false`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Which edge layers guard a route, as its `[routes."/path"]` entry says (all on for a route
+/// not listed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoutePolicy {
     /// API-key authentication.
-    #[serde(default = "yes")]
     pub auth: bool,
     /// Request validation.
-    #[serde(default = "yes")]
     pub validate: bool,
     /// Rate limiting.
-    #[serde(default = "yes")]
     pub rate_limit: bool,
-}
-
-fn yes() -> bool {
-    true
 }
 
 impl Default for RoutePolicy {
@@ -478,6 +181,18 @@ impl Default for RoutePolicy {
     }
 }
 
+/// The layers of one listed route: its policy, and the layers it has of its own (built from
+/// its override tables merged over the top-level sections).
+#[derive(Debug, Clone)]
+struct RouteLayers {
+    policy: RoutePolicy,
+    validate: Option<ValidateRequestLayer>,
+    rate_limit: Option<RateLimitLayer>,
+    retry: Option<RetryLayer>,
+    breaker: Option<CircuitBreakerLayer>,
+    attempt_timeout: Option<Duration>,
+}
+
 /// The layers built from a [`StackConfig`]. Cloning a layer out of it shares its state.
 #[derive(Debug, Clone)]
 pub struct Stack {
@@ -487,15 +202,14 @@ pub struct Stack {
     retry: RetryLayer,
     breaker: CircuitBreakerLayer,
     attempt_timeout: Duration,
-    routes: BTreeMap<String, RoutePolicy>,
+    routes: BTreeMap<String, RouteLayers>,
     keys: usize,
 }
 
 impl Stack {
     /// Parses and builds a TOML document.
     pub fn from_toml_str(text: &str) -> Result<Stack, ConfigError> {
-        let config: StackConfig = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
-        Stack::build(&config)
+        Stack::build(&parse_toml::<StackConfig>(text)?)
     }
 
     /// Reads, parses and builds a TOML file.
@@ -508,167 +222,63 @@ impl Stack {
 
     /// Builds the layers, checking every value.
     pub fn build(config: &StackConfig) -> Result<Stack, ConfigError> {
-        let store = key_store(&config.keys)?;
+        let store = build::key_store(&config.keys)?;
         let auth = ApiKeyAuthLayer::builder(store)
             .build()
-            .map_err(|e| refuse(format!("auth.{}", e.field()), e.message().to_owned()))?;
+            .map_err(|e| refuse("keys", e.to_string()))?;
+        let validate = build::validate("validation", &config.validation)?;
+        let rate_limit = build::rate_limit("rate_limit", &config.rate_limit)?;
+        let retry = build::retry("retry", &config.retry)?;
+        let breaker = build::breaker("breaker", &config.breaker)?;
+        let attempt_timeout = Duration::from_millis(config.upstream.attempt_timeout_ms.get());
 
-        let v = &config.validation;
-        let mut b = ValidateRequestLayer::builder();
-        if !v.allowed_models.is_empty() {
-            b = b.allowed_models(v.allowed_models.iter().cloned());
-        }
-        for (model, tokens) in &v.context_windows {
-            b = b.context_window(model.clone(), *tokens);
-        }
-        if let Some(n) = v.body_limit {
-            b = b.body_limit(n);
-        }
-        let validate = b.build().map_err(|e| {
-            // The builder names its methods; the file's key is the plural table.
-            let field = match e.field() {
-                "context_window" => "context_windows",
-                other => other,
-            };
-            refuse(format!("validation.{field}"), e.message().to_owned())
-        })?;
-
-        let r = &config.rate_limit;
-        let mut b = RateLimitLayer::builder().limits(r.defaults.to_limits("rate_limit.defaults")?);
-        for (name, limits) in &r.tiers {
-            b = b.tier(
-                name.as_str(),
-                limits.to_limits(&format!("rate_limit.tiers.{name}"))?,
-            );
-        }
-        match r.wait_ms {
-            Some(0) => {
-                return Err(refuse(
-                    "rate_limit.wait_ms",
-                    "must be at least 1 ms; leave it out to answer 429 at once",
-                ))
-            }
-            Some(ms) => b = b.mode(OnLimit::Wait(Duration::from_millis(ms))),
-            None => {}
-        }
-        b = rate_limit_backend(r, b)?;
-        let rate_limit = b.build().map_err(|e| {
-            // The backend's own fields under their TOML names.
-            let field = match e.field() {
-                "redis.url" => "redis_url",
-                "redis.timeout" => "redis_timeout_ms",
-                "redis.replicas" => "replicas",
-                "redis.pre_borrow" => "redis_borrow_lease_ms",
-                other => other,
-            };
-            refuse(format!("rate_limit.{field}"), e.message().to_owned())
-        })?;
-
-        let retry = retry_layer(&config.retry)?;
-
-        let c = &config.breaker;
-        let mut b = CircuitBreakerLayer::builder().name(c.name.as_deref().unwrap_or("upstream"));
-        if let Some(key_by) = &c.key_by {
-            b = b.key_by(match key_by.as_str() {
-                "single" => CircuitKey::Single,
-                "model" => CircuitKey::Model,
-                "upstream" => CircuitKey::Upstream,
-                "upstream_and_model" => CircuitKey::UpstreamAndModel,
-                other => {
-                    return Err(refuse(
-                        "breaker.key_by",
-                        format!("expected \"single\", \"model\", \"upstream\" or \"upstream_and_model\", got {other:?}"),
-                    ))
-                }
-            });
-        }
-        if let Some(name) = &c.upstream {
-            b = b.upstream(name.as_str());
-        } else if matches!(c.key_by.as_deref(), Some("upstream" | "upstream_and_model")) {
-            // A gateway's requests name no upstream the breaker could trust.
-            return Err(refuse(
-                "breaker.upstream",
-                "key_by = \"upstream\" needs the upstream's name (`upstream = \"api.openai.com\"`)",
-            ));
-        }
-        if let Some(n) = c.window {
-            b = b.count_window(n);
-        }
-        if let Some(n) = c.minimum_calls {
-            b = b.minimum_calls(n);
-        }
-        if let Some(p) = c.failure_rate {
-            b = b.failure_rate(p);
-        }
-        if let Some(ms) = c.open_ms {
-            b = b.open_duration(Duration::from_millis(ms));
-        }
-        match (c.max_open_ms, c.open_ms) {
-            (Some(max), _) => b = b.max_open_duration(Duration::from_millis(max)),
-            // The default maximum (5 min) follows a longer first open time.
-            (None, Some(open)) if open > 300_000 => {
-                b = b.max_open_duration(Duration::from_millis(open))
-            }
-            _ => {}
-        }
-        if let Some(n) = c.half_open_probes {
-            b = b.half_open_probes(n);
-        }
-        match (c.slow_call_ms, c.slow_call_rate) {
-            (Some(0), _) => return Err(refuse("breaker.slow_call_ms", "must be at least 1 ms")),
-            (Some(ms), rate) => {
-                b = b.slow_calls(Duration::from_millis(ms), rate.unwrap_or(80.0));
-            }
-            (None, Some(_)) => {
-                return Err(refuse(
-                    "breaker.slow_call_rate",
-                    "needs `slow_call_ms`, the duration that makes a call slow",
-                ))
-            }
-            (None, None) => {}
-        }
-        if let Some(ms) = c.call_timeout_ms {
-            b = b.call_timeout(Duration::from_millis(ms));
-        }
-        if let Some(m) = &c.fallback_model {
-            b = b.fallback_model(m.as_str());
-        }
-        if let Some(seed) = c.seed {
-            b = b.seed(seed);
-        }
-        let breaker = b.build().map_err(|e| {
-            // The breaker names its builder methods; map them to the file's keys.
-            let field = match e.field() {
-                "count_window" => "window",
-                "open_duration" => "open_ms",
-                "call_timeout" => "call_timeout_ms",
-                // A zero duration is refused above: only the rate can be wrong here.
-                "slow_calls" => "slow_call_rate",
-                // The multiplier has no key: only the maximum can be wrong here.
-                "open_backoff" => "max_open_ms",
-                "fallback" | "fallback_model" => "fallback_model",
-                other => other,
-            };
-            refuse(format!("breaker.{field}"), e.message().to_owned())
-        })?;
-
-        let attempt_timeout = match config.upstream.attempt_timeout_ms {
-            Some(0) => {
-                return Err(refuse(
-                    "upstream.attempt_timeout_ms",
-                    "must be at least 1 ms",
-                ))
-            }
-            Some(ms) => Duration::from_millis(ms),
-            None => Duration::from_secs(60),
-        };
-        for path in config.routes.keys() {
+        let mut routes = BTreeMap::new();
+        for (path, route) in &config.routes {
+            let at = format!("routes.{}", route_segment(path));
             if !path.starts_with('/') {
-                return Err(refuse(
-                    format!("routes.{path:?}"),
-                    "a route is a path starting with `/`",
-                ));
+                return Err(refuse(at, "a route is a path starting with `/`"));
             }
+            let own = |section: &str| format!("{at}.{section}");
+            let layers = RouteLayers {
+                policy: RoutePolicy {
+                    auth: route.auth,
+                    validate: route.validate.is_on(),
+                    rate_limit: route.rate_limit.is_on(),
+                },
+                validate: match route.validate.overrides() {
+                    Some(p) => Some(build::validate(
+                        &own("validate"),
+                        &config::merged(&config.validation, p),
+                    )?),
+                    None => None,
+                },
+                rate_limit: match route.rate_limit.overrides() {
+                    Some(p) => Some(build::rate_limit(
+                        &own("rate_limit"),
+                        &config::merged(&config.rate_limit, p),
+                    )?),
+                    None => None,
+                },
+                retry: match &route.retry {
+                    Some(p) => Some(build::retry(
+                        &own("retry"),
+                        &config::merged(&config.retry, p),
+                    )?),
+                    None => None,
+                },
+                breaker: match &route.breaker {
+                    Some(p) => Some(build::breaker(
+                        &own("breaker"),
+                        &config::merged(&config.breaker, p),
+                    )?),
+                    None => None,
+                },
+                attempt_timeout: route.upstream.as_ref().map(|p| {
+                    let u = config::merged(&config.upstream, p);
+                    Duration::from_millis(u.attempt_timeout_ms.get())
+                }),
+            };
+            routes.insert(path.clone(), layers);
         }
         Ok(Stack {
             auth,
@@ -677,7 +287,7 @@ impl Stack {
             retry,
             breaker,
             attempt_timeout,
-            routes: config.routes.clone(),
+            routes,
             keys: config.keys.len(),
         })
     }
@@ -692,22 +302,22 @@ impl Stack {
         self.auth.clone()
     }
 
-    /// The validation layer.
+    /// The top-level validation layer.
     pub fn validate(&self) -> ValidateRequestLayer {
         self.validate.clone()
     }
 
-    /// The rate limiter (buckets shared with every clone).
+    /// The top-level rate limiter (buckets shared with every clone).
     pub fn rate_limit(&self) -> RateLimitLayer {
         self.rate_limit.clone()
     }
 
-    /// The retry layer (budget shared with every clone).
+    /// The top-level retry layer (budget shared with every clone).
     pub fn retry(&self) -> RetryLayer {
         self.retry.clone()
     }
 
-    /// The circuit breaker (state shared with every clone).
+    /// The top-level circuit breaker (state shared with every clone).
     pub fn breaker(&self) -> CircuitBreakerLayer {
         self.breaker.clone()
     }
@@ -717,14 +327,14 @@ impl Stack {
         self.attempt_timeout
     }
 
-    /// The policy of a route: its `[routes."/path"]` entry, else everything on.
+    /// Which edge layers guard a route: its `[routes."/path"]` entry, else everything on.
     pub fn policy(&self, path: &str) -> RoutePolicy {
-        self.routes.get(path).copied().unwrap_or_default()
+        self.routes.get(path).map(|r| r.policy).unwrap_or_default()
     }
 
-    /// The routes with a policy of their own.
+    /// The routes listed in the document, with their policies.
     pub fn routes(&self) -> impl Iterator<Item = (&str, &RoutePolicy)> {
-        self.routes.iter().map(|(k, v)| (k.as_str(), v))
+        self.routes.iter().map(|(k, v)| (k.as_str(), &v.policy))
     }
 
     /// The auth layer if the route's policy asks for it.
@@ -732,312 +342,203 @@ impl Stack {
         self.policy(path).auth.then(|| self.auth())
     }
 
-    /// The rate limiter if the route's policy asks for it.
+    /// The route's rate limiter if its policy asks for one: its own (with its own buckets)
+    /// when the route overrides `rate_limit`, else the top-level one.
     pub fn rate_limit_for(&self, path: &str) -> Option<RateLimitLayer> {
-        self.policy(path).rate_limit.then(|| self.rate_limit())
+        match self.routes.get(path) {
+            Some(r) if !r.policy.rate_limit => None,
+            Some(RouteLayers {
+                rate_limit: Some(own),
+                ..
+            }) => Some(own.clone()),
+            _ => Some(self.rate_limit()),
+        }
     }
 
-    /// The validation layer if the route's policy asks for it.
+    /// The route's validation layer if its policy asks for one: its own when the route
+    /// overrides `validate`, else the top-level one.
     pub fn validate_for(&self, path: &str) -> Option<ValidateRequestLayer> {
-        self.policy(path).validate.then(|| self.validate())
+        match self.routes.get(path) {
+            Some(r) if !r.policy.validate => None,
+            Some(RouteLayers {
+                validate: Some(own),
+                ..
+            }) => Some(own.clone()),
+            _ => Some(self.validate()),
+        }
+    }
+
+    /// The retry layer of the route's upstream calls: its own (with its own budget) when the
+    /// route overrides `retry`, else the top-level one.
+    pub fn retry_for(&self, path: &str) -> RetryLayer {
+        match self.routes.get(path).and_then(|r| r.retry.as_ref()) {
+            Some(own) => own.clone(),
+            None => self.retry(),
+        }
+    }
+
+    /// The circuit breaker of the route's upstream calls: its own (with its own circuits)
+    /// when the route overrides `breaker`, else the top-level one.
+    pub fn breaker_for(&self, path: &str) -> CircuitBreakerLayer {
+        match self.routes.get(path).and_then(|r| r.breaker.as_ref()) {
+            Some(own) => own.clone(),
+            None => self.breaker(),
+        }
+    }
+
+    /// The per-attempt timeout of the route's upstream calls: its `upstream` override, else
+    /// the top-level one.
+    pub fn attempt_timeout_for(&self, path: &str) -> Duration {
+        self.routes
+            .get(path)
+            .and_then(|r| r.attempt_timeout)
+            .unwrap_or(self.attempt_timeout)
+    }
+
+    /// Whether a listed route overrides the settings of its upstream calls (`retry`,
+    /// `breaker` or `upstream`), so that it needs an upstream service of its own.
+    pub fn has_own_upstream_layers(&self, path: &str) -> bool {
+        self.routes.get(path).is_some_and(|r| {
+            r.retry.is_some() || r.breaker.is_some() || r.attempt_timeout.is_some()
+        })
+    }
+
+    /// The route's whole edge stack as one layer: auth (outermost), validation, rate limit,
+    /// as [`auth_for`](Self::auth_for), [`validate_for`](Self::validate_for) and
+    /// [`rate_limit_for`](Self::rate_limit_for) give them. Use it as
+    /// `post(handler).layer(stack.route_layer(path))`; [`RouteLayer::with_auth`] puts another
+    /// auth layer in.
+    pub fn route_layer(&self, path: &str) -> RouteLayer {
+        RouteLayer {
+            auth: self.auth_for(path),
+            validate: self.validate_for(path),
+            rate_limit: self.rate_limit_for(path),
+        }
     }
 }
 
-fn retry_layer(r: &RetryConfig) -> Result<RetryLayer, ConfigError> {
-    let ms = Duration::from_millis;
-    // The retry layer names its builder's settings; map them to the file's keys.
-    let err = |e: ConfigError| {
-        let field = match e.field() {
-            "backoff.base" => "backoff_base_ms",
-            "backoff.cap" => "backoff_cap_ms",
-            "deadline" => "deadline_ms",
-            "max_retry_after" => "max_retry_after_ms",
-            "budget.ttl" => "budget_ttl_ms",
-            "budget.ratio" => "budget_ratio",
-            "budget.min_per_sec" => "budget_min_per_sec",
-            other => other,
+/// Reads a TOML document into any serde type, the way [`Stack::from_toml_str`] reads a
+/// [`StackConfig`]: a refused value is a [`ConfigError`] at its TOML path (from
+/// `serde_path_to_error`), with its line, and without quoting values of the document. Use it
+/// for a document that holds a stack's sections beside tables of your own.
+pub fn parse_toml<T: DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
+    let line_of = |span: Option<std::ops::Range<usize>>| {
+        span.map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+    };
+    let de = toml::Deserializer::parse(text).map_err(|e| {
+        let message = redact(e.message().trim());
+        match line_of(e.span()) {
+            Some(n) => refuse(format!("line {n}"), format!("{message} (line {n})")),
+            None => refuse("toml", message),
+        }
+    })?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = toml_path(e.path());
+        let inner = e.inner();
+        let mut message = redact(inner.message().trim());
+        let line = line_of(inner.span());
+        if let Some(n) = line {
+            message.push_str(&format!(" (line {n})"));
+        }
+        let field = match (field, line) {
+            (Some(f), _) => f,
+            (None, Some(n)) => format!("line {n}"),
+            (None, None) => "toml".to_owned(),
         };
-        refuse(format!("retry.{field}"), e.message().to_owned())
-    };
-    let mut b = RetryLayer::builder();
-    if let Some(n) = r.max_attempts {
-        b = b.max_attempts(n);
-    }
-    let jitter = match r.jitter.as_deref() {
-        None | Some("full") => Jitter::Full,
-        Some("equal") => Jitter::Equal,
-        Some("decorrelated") => Jitter::Decorrelated,
-        Some("none") => Jitter::None,
-        Some(other) => {
-            return Err(refuse(
-                "retry.jitter",
-                format!(
-                    "expected \"full\", \"equal\", \"decorrelated\" or \"none\", got {other:?}"
-                ),
-            ))
-        }
-    };
-    let base = ms(r.backoff_base_ms.unwrap_or(500));
-    let cap = ms(r
-        .backoff_cap_ms
-        .unwrap_or(8_000u64.max(r.backoff_base_ms.unwrap_or(0))));
-    b = b.backoff(Backoff::new(base, cap, jitter).map_err(err)?);
-    if let Some(d) = r.deadline_ms {
-        b = b.deadline(ms(d));
-    }
-    if let Some(d) = r.max_retry_after_ms {
-        b = b.max_retry_after(ms(d));
-    }
-    if r.budget_ratio.is_some() || r.budget_min_per_sec.is_some() || r.budget_ttl_ms.is_some() {
-        let budget = RetryBudget::new(
-            ms(r.budget_ttl_ms.unwrap_or(10_000)),
-            r.budget_min_per_sec.unwrap_or(10),
-            r.budget_ratio.unwrap_or(0.2),
-        )
-        .map_err(err)?;
-        b = b.budget(budget);
-    }
-    if let Some(seed) = r.seed {
-        b = b.seed(seed);
-    }
-    b.mark_exhausted(r.mark_exhausted.unwrap_or(true))
-        .idempotency_keys(r.idempotency_keys.unwrap_or(false))
-        .build()
-        .map_err(err)
+        refuse(field, message)
+    })
 }
 
-/// The auth layer owns the `[[keys]]` format and reads it from a document of its own: each
-/// key is handed over alone first, so that an error is reported as `keys[i].field`.
-fn key_store(keys: &[toml::Table]) -> Result<InMemoryKeyStore, ConfigError> {
-    let encode = |keys: &[toml::Table]| {
-        let mut doc = toml::Table::new();
-        doc.insert(
-            "keys".to_owned(),
-            toml::Value::Array(keys.iter().cloned().map(toml::Value::Table).collect()),
-        );
-        toml::to_string(&doc).map_err(|e| refuse("keys", format!("cannot re-encode the keys: {e}")))
-    };
-    for (i, key) in keys.iter().enumerate() {
-        let doc = encode(std::slice::from_ref(key))?;
-        if let Err(e) = InMemoryKeyStore::from_toml_str(&doc) {
-            let field = match e.field().strip_prefix("keys[0]") {
-                Some(rest) => format!("keys[{i}]{rest}"),
-                // A type error: the auth layer gives the line of its own document.
-                None => match e
-                    .field()
-                    .strip_prefix("line ")
-                    .and_then(|n| n.parse::<usize>().ok())
-                {
-                    Some(n) => {
-                        let lines: Vec<&str> = doc.lines().collect();
-                        let line = lines.get(n.saturating_sub(1)).copied().unwrap_or("");
-                        // A value of a nested table sits under its own header (`[keys.labels]`).
-                        let within = lines[..n.saturating_sub(1).min(lines.len())]
-                            .iter()
-                            .rev()
-                            .map(|l| l.trim())
-                            .find(|l| l.starts_with('['))
-                            .map(|h| h.trim_matches(|c| c == '[' || c == ']').trim())
-                            .and_then(|h| h.strip_prefix("keys."))
-                            .map(|sub| format!(".{sub}"))
-                            .unwrap_or_default();
-                        match line.split_once('=') {
-                            Some((name, _)) => format!("keys[{i}]{within}.{}", name.trim()),
-                            None => format!("keys[{i}]{within}"),
-                        }
-                    }
-                    None => format!("keys[{i}]"),
-                },
-            };
-            return Err(refuse(field, without_values(e.message())));
+/// A serde path as TOML writes it: `routes."/v1/chat".retry`, `keys[2].sha256`. `None` for
+/// the document itself.
+fn toml_path(path: &serde_path_to_error::Path) -> Option<String> {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            // How the TOML parser hands a datetime to serde (a map of one private key): the
+            // value is the datetime itself.
+            Segment::Map { key } if key == "$__toml_private_datetime" => break,
+            // A route is always written quoted, as its table header is.
+            Segment::Map { key } if out == "routes" => {
+                out.push('.');
+                out.push_str(&route_segment(key));
+            }
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(&key_segment(key));
+            }
+            Segment::Unknown => {}
         }
     }
-    InMemoryKeyStore::from_toml_str(&encode(keys)?)
-        .map_err(|e| refuse(e.field().to_owned(), without_values(e.message())))
+    (!out.is_empty()).then_some(out)
+}
+
+/// One key of a TOML path: bare when TOML allows it, else quoted; a key that does not look
+/// like a name or a route path is not repeated (a stray value written as a key may be a
+/// secret).
+fn key_segment(key: &str) -> Cow<'_, str> {
+    let bare = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    let path_like = |c: char| bare(c) || "./*:{}".contains(c);
+    if !key.is_empty() && key.chars().all(bare) {
+        Cow::Borrowed(key)
+    } else if key.len() <= 200 && key.chars().all(path_like) {
+        Cow::Owned(format!("\"{key}\""))
+    } else {
+        Cow::Borrowed("\"…\"")
+    }
+}
+
+/// A route's key in a TOML path: always quoted (`routes."/v1/chat/completions"`).
+fn route_segment(key: &str) -> Cow<'_, str> {
+    match key_segment(key) {
+        Cow::Borrowed(k) if k == key => Cow::Owned(format!("\"{key}\"")),
+        other => other,
+    }
 }
 
 /// A parser message without the values it quotes (`invalid type: string "sk-..."`,
-/// ``unknown variant `...` ``): a value in a configuration file may be a secret. Key names stay.
-fn without_values(message: &str) -> String {
+/// ``unknown variant `sk-...` ``): a value of a configuration file may be a secret. Names of
+/// keys and variants (plain identifiers and numbers) stay.
+fn redact(message: &str) -> String {
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 64
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-')
+            && !s.contains("sk-")
+    };
     let mut out = String::with_capacity(message.len());
     let mut rest = message;
-    while let Some(i) = rest.find('"') {
+    while let Some(i) = rest.find(['"', '`']) {
+        let quote = rest.as_bytes()[i] as char;
         out.push_str(&rest[..i]);
-        match rest[i + 1..].find('"') {
+        let after = &rest[i + 1..];
+        match after.find(quote) {
             Some(j) => {
-                out.push_str("\"…\"");
-                rest = &rest[i + 1 + j + 1..];
+                let inner = &after[..j];
+                out.push(quote);
+                out.push_str(if quote == '`' && plain(inner) {
+                    inner
+                } else {
+                    "…"
+                });
+                out.push(quote);
+                rest = &after[j + 1..];
             }
             None => {
-                out.push_str("\"…");
+                out.push(quote);
+                out.push('…');
                 rest = "";
             }
         }
     }
     out.push_str(rest);
-    match out.find("unknown variant `") {
-        Some(i) => {
-            let start = i + "unknown variant `".len();
-            match out[start..].find('`') {
-                Some(j) => format!("{}…{}", &out[..start], &out[start + j..]),
-                None => out,
-            }
-        }
-        None => out,
-    }
-}
-
-/// Turns a TOML syntax or type error into a [`ConfigError`] naming the TOML path of the value.
-fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
-    let message = without_values(e.message().trim());
-    let Some(span) = e.span() else {
-        return refuse("toml", message);
-    };
-    let start = span.start.min(text.len());
-    let line_no = text[..start].matches('\n').count() + 1;
-    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
-    let line = text[line_start..].lines().next().unwrap_or("").trim();
-    // The table header on the error's line, else the innermost one above it.
-    let header = |l: &str| {
-        l.split('#')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .trim_matches(|c| c == '[' || c == ']')
-            .trim()
-            .to_owned()
-    };
-    // Only text that can be a TOML path names a field: a broken header line
-    // (`[secret = "sk-..."`) is not echoed.
-    let path_like = |s: &str| {
-        s.len() <= 200
-            && s.chars().all(|c| {
-                c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '"' | '/' | ' ')
-            })
-    };
-    let table = if line.starts_with('[') {
-        Some(header(line)).filter(|h| path_like(h))
-    } else {
-        text[..line_start]
-            .lines()
-            .rev()
-            .map(str::trim)
-            .find(|l| l.starts_with('['))
-            .map(header)
-            .filter(|h| path_like(h))
-    };
-    let key = line
-        .split_once('=')
-        .map(|(k, _)| k.trim())
-        .filter(|k| !k.is_empty() && !k.starts_with('[') && path_like(k));
-    let table = table.filter(|t| !t.is_empty());
-    let field = match (table, key) {
-        (Some(t), Some(k)) => format!("{t}.{k}"),
-        (None, Some(k)) => k.to_owned(),
-        (Some(t), None) => t,
-        (None, None) => format!("line {line_no}"),
-    };
-    refuse(field, format!("{message} (line {line_no})"))
+    out
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn empty_document_builds() {
-        let stack = Stack::from_toml_str("").unwrap();
-        assert_eq!(stack.key_count(), 0);
-        assert_eq!(stack.policy("/v1/chat/completions"), RoutePolicy::default());
-    }
-
-    #[test]
-    fn type_errors_name_the_field() {
-        let err = Stack::from_toml_str("[breaker]\nwindow = \"ten\"\n").unwrap_err();
-        assert_eq!(err.field(), "breaker.window", "{err}");
-        let err =
-            Stack::from_toml_str("[upstream]\nattempt_timeout_ms = 3\n[retri]\n").unwrap_err();
-        assert_eq!(err.field(), "retri", "{err}");
-        let err = Stack::from_toml_str("[upstream]\ntimeout = 3\n").unwrap_err();
-        assert_eq!(err.field(), "upstream.timeout", "{err}");
-        assert!(err.message().contains("unknown field"), "{err}");
-    }
-
-    #[test]
-    fn key_errors_name_the_key_and_hide_the_secret() {
-        let err = Stack::from_toml_str(
-            "[[keys]]\nid = \"a\"\nsecret = \"sk-aaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"\n[[keys]]\nid = \"b\"\nsha256 = \"zz\"\n",
-        )
-        .unwrap_err();
-        assert_eq!(err.field(), "keys[1].sha256", "{err}");
-        assert!(!err.to_string().contains("sk-aaaa"));
-    }
-
-    #[test]
-    fn layer_errors_name_the_field() {
-        let err = Stack::from_toml_str("[breaker]\nfailure_rate = 120.0\n").unwrap_err();
-        assert_eq!(err.field(), "breaker.failure_rate", "{err}");
-        let err = Stack::from_toml_str("[breaker]\nkey_by = \"nope\"\n").unwrap_err();
-        assert_eq!(err.field(), "breaker.key_by", "{err}");
-        let err = Stack::from_toml_str("[rate_limit.tiers.free]\nrpm = 0\n").unwrap_err();
-        assert_eq!(err.field(), "rate_limit.tiers.free.rpm", "{err}");
-        let err = Stack::from_toml_str("[retry]\nmax_attempts = 50\n").unwrap_err();
-        assert_eq!(err.field(), "retry.max_attempts", "{err}");
-        let err = Stack::from_toml_str("[retry]\nbackoff_base_ms = 0\n").unwrap_err();
-        assert_eq!(err.field(), "retry.backoff_base_ms", "{err}");
-        let err = Stack::from_toml_str("[retry]\nbudget_ratio = -1.0\n").unwrap_err();
-        assert_eq!(err.field(), "retry.budget_ratio", "{err}");
-        let err = Stack::from_toml_str("[upstream]\nattempt_timeout_ms = 0\n").unwrap_err();
-        assert_eq!(err.field(), "upstream.attempt_timeout_ms", "{err}");
-        let err = Stack::from_toml_str("[routes.\"v1\"]\nauth = false\n").unwrap_err();
-        assert_eq!(err.field(), "routes.\"v1\"", "{err}");
-    }
-
-    #[test]
-    fn rate_limit_backend_keys() {
-        let err = Stack::from_toml_str("[rate_limit]\nbackend = \"etcd\"\n").unwrap_err();
-        assert_eq!(err.field(), "rate_limit.backend", "{err}");
-        let err = Stack::from_toml_str("[rate_limit]\nreplicas = 3\n").unwrap_err();
-        assert_eq!(err.field(), "rate_limit.replicas", "{err}");
-        let config = "[rate_limit]\nbackend = \"redis\"\nredis_url = \"redis://:pw-s3cret@127.0.0.1:6379/\"\nredis_timeout_ms = 20\nredis_failure = \"closed\"\nreplicas = 3\n[rate_limit.defaults]\nrpm = 60\n";
-        #[cfg(feature = "redis")]
-        {
-            assert!(Stack::from_toml_str(config).is_ok());
-            let parsed: StackConfig = toml::from_str(config).unwrap();
-            assert!(!format!("{parsed:?}").contains("pw-s3cret"));
-            let err = Stack::from_toml_str("[rate_limit]\nbackend = \"redis\"\n").unwrap_err();
-            assert_eq!(err.field(), "rate_limit.redis_url", "{err}");
-            let bad = config.replace("replicas = 3", "replicas = 0");
-            let err = Stack::from_toml_str(&bad).unwrap_err();
-            assert_eq!(err.field(), "rate_limit.replicas", "{err}");
-            let borrow = format!("{config}redis_borrow = 16\nredis_borrow_lease_ms = 50\n")
-                .replace("[rate_limit.defaults]\nrpm = 60\n", "")
-                + "[rate_limit.defaults]\nrpm = 60\n";
-            assert!(Stack::from_toml_str(&borrow).is_ok());
-            let bad = borrow.replace("lease_ms = 50", "lease_ms = 0");
-            let err = Stack::from_toml_str(&bad).unwrap_err();
-            assert_eq!(err.field(), "rate_limit.redis_borrow_lease_ms", "{err}");
-            let bad = config.replace("\"closed\"", "\"maybe\"");
-            let err = Stack::from_toml_str(&bad).unwrap_err();
-            assert_eq!(err.field(), "rate_limit.redis_failure", "{err}");
-            let bad = config.replace("redis://", "http://");
-            let err = Stack::from_toml_str(&bad).unwrap_err();
-            assert_eq!(err.field(), "rate_limit.redis_url", "{err}");
-            assert!(!err.to_string().contains("pw-s3cret"), "{err}");
-        }
-        #[cfg(not(feature = "redis"))]
-        {
-            let err = Stack::from_toml_str(config).unwrap_err();
-            assert_eq!(err.field(), "rate_limit.backend", "{err}");
-        }
-    }
-
-    #[test]
-    fn route_policies() {
-        let stack = Stack::from_toml_str("[routes.\"/healthz\"]\nauth = false\nvalidate = false\n")
-            .unwrap();
-        assert!(stack.auth_for("/healthz").is_none());
-        assert!(stack.validate_for("/healthz").is_none());
-        assert!(stack.auth_for("/v1/chat/completions").is_some());
-    }
-}
+mod tests;
