@@ -19,7 +19,7 @@
 //! | forced open by the operator | `503 service_unavailable`, no `retry-after` |
 //! | open, with a fallback chain | the first fallback that answers, marked `x-llm-layers-fallback: <name or model>`; if every step fails, `503` naming the open circuit and each fallback's failure |
 //! | keyed by model, body over [`CircuitBreakerLayerBuilder::body_limit`] | `413 request_too_large` |
-//! | keyed by model, a body that is not JSON (no model to key on) | `400 invalid_value` naming the parser's line and column |
+//! | keyed by model, a body that is not JSON (no model to key on) | passed on unguarded, its body intact |
 //! | no answer within [`CircuitBreakerLayerBuilder::call_timeout`] (when set) | `504 timeout` naming the breaker; the call counts as a failure |
 //!
 //! Every refusal of the breaker's own (open, probing, forced open, a fallback chain that failed

@@ -17,7 +17,7 @@
 //! | a request or token bucket is empty | 429 | `rate_limit_exceeded`, with `retry-after` and `retry-after-ms` | `true` |
 //! | the request's token cost is larger than the bucket | 429 | `rate_limit_exceeded` (`param: max_tokens`) | `false` |
 //! | too many of the key's requests in flight | 429 | `concurrent_limit_exceeded` | `true` |
-//! | the body could not be read to estimate tokens, or is not JSON | 413 / 400 | `request_too_large` / `invalid_value` | `false` |
+//! | the body could not be read to estimate tokens (over the body limit, or broken off) | 413 / 400 | `request_too_large` / `invalid_value` | `false` |
 //!
 //! # Bodies, errors and readiness
 //!
@@ -34,8 +34,9 @@
 //!   Without a token quota the body is passed on as it came, and needs no bound but `Body`.
 //!   Only a body that may be JSON is read: no `content-type`, `application/json` or a `+json`
 //!   type. Another (a multipart upload to `/v1/audio/transcriptions`) passes unread, charged
-//!   nothing at admission and then what its answer's `usage` reports; a body that says it is
-//!   JSON and does not parse is refused `400 invalid_value`.
+//!   nothing at admission and then what its answer's `usage` reports; so does a body that says
+//!   it is JSON and does not parse (handed on as the bytes read: the upstream, or a validation
+//!   layer in front, refuses it).
 //! * **Slow work before readiness.** [`RateLimit`]'s `poll_ready` is always ready and reserves
 //!   nothing of the inner service. Each call takes a fresh clone of the inner service; its
 //!   [`ResponseFuture`] reads the body (if it must), decides on admission, waits in
