@@ -252,13 +252,231 @@ mod imp {
     );
     }
 
-    criterion_group!(benches, keyed, contention);
+    /// A realistic OpenAI chat stream sent with `include_usage` (every chunk says
+    /// `"usage":null`, the last one reports the figures) and an Anthropic stream: one event per
+    /// frame, as upstreams send them.
+    fn streams() -> [(&'static str, Vec<bytes::Bytes>); 2] {
+        let mut openai = Vec::new();
+        for i in 0..300 {
+            openai.push(bytes::Bytes::from(format!(
+                "data: {{\"id\":\"chatcmpl-AZ9fQ2pLmT\",\"object\":\"chat.completion.chunk\",\"created\":1733050000,\"model\":\"gpt-4o-mini-2024-07-18\",\"system_fingerprint\":\"fp_0ba0d124f1\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" token{i}\"}},\"logprobs\":null,\"finish_reason\":null}}],\"usage\":null}}\n\n"
+            )));
+        }
+        openai.push(bytes::Bytes::from_static(b"data: {\"id\":\"chatcmpl-AZ9fQ2pLmT\",\"object\":\"chat.completion.chunk\",\"created\":1733050000,\"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[],\"usage\":{\"prompt_tokens\":812,\"completion_tokens\":300,\"total_tokens\":1112}}\n\ndata: [DONE]\n\n"));
+        let mut anthropic = vec![bytes::Bytes::from_static(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_01XFDUDYJgAACzvnptvVoYEL\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"claude-sonnet-4-20250514\",\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":1200,\"output_tokens\":1}}}\n\n")];
+        for i in 0..300 {
+            anthropic.push(bytes::Bytes::from(format!(
+                "event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\" token{i}\"}}}}\n\n"
+            )));
+        }
+        anthropic.push(bytes::Bytes::from_static(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":300}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"));
+        [("openai_chat", openai), ("anthropic", anthropic)]
+    }
+
+    /// The meter the layer had before it read every dialect, kept here to compare: each line
+    /// copied aside, a line naming `"usage"` parsed into a `serde_json::Value`.
+    mod old_meter {
+        use serde_json::Value;
+
+        #[derive(Default)]
+        pub struct Meter {
+            line: Vec<u8>,
+            skipping: bool,
+            pub total: Option<u64>,
+            pub input: Option<u64>,
+            pub output: Option<u64>,
+        }
+
+        impl Meter {
+            pub fn feed(&mut self, data: &[u8]) {
+                let mut rest = data;
+                while !rest.is_empty() {
+                    match rest.iter().position(|&b| b == b'\n') {
+                        Some(i) => {
+                            if !self.skipping && self.line.len() + i <= 64 << 10 {
+                                self.line.extend_from_slice(&rest[..i]);
+                                let line = std::mem::take(&mut self.line);
+                                self.sse_line(&line);
+                                self.line = line;
+                            }
+                            self.line.clear();
+                            self.skipping = false;
+                            rest = &rest[i + 1..];
+                        }
+                        None => {
+                            if self.line.len() + rest.len() > 64 << 10 {
+                                self.skipping = true;
+                                self.line.clear();
+                            } else if !self.skipping {
+                                self.line.extend_from_slice(rest);
+                            }
+                            rest = &[];
+                        }
+                    }
+                }
+            }
+
+            fn sse_line(&mut self, line: &[u8]) {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                let Some(data) = line.strip_prefix(b"data:") else {
+                    return;
+                };
+                if !data.windows(7).any(|w| w == b"\"usage\"") {
+                    return;
+                }
+                let Ok(v) = serde_json::from_slice::<Value>(data) else {
+                    return;
+                };
+                let Some(u) = v.get("usage").filter(|u| u.is_object()) else {
+                    return;
+                };
+                let n = |k: &str| u.get(k).and_then(Value::as_u64);
+                if let Some(t) = n("total_tokens") {
+                    self.total = Some(t);
+                }
+                if let Some(x) = n("prompt_tokens").or(n("input_tokens")) {
+                    self.input = Some(self.input.map_or(x, |s| s.max(x)));
+                }
+                if let Some(x) = n("completion_tokens").or(n("output_tokens")) {
+                    self.output = Some(self.output.map_or(x, |s| s.max(x)));
+                }
+            }
+        }
+    }
+
+    /// The layer with a request quota only (nothing metered) or a token quota (the answer
+    /// metered), answering `frames` as an event stream.
+    fn stream_layer(
+        tokens: bool,
+        frames: Vec<bytes::Bytes>,
+    ) -> impl Service<
+        Request<Body>,
+        Response = Response<llm_layers::rate_limit::RateLimitBody<Body>>,
+        Error = Infallible,
+    > {
+        let limits = if tokens {
+            Limits::new().tokens(Quota::per_second(1_000_000_000).burst(u32::MAX))
+        } else {
+            Limits::new().requests(Quota::per_second(100_000_000).burst(1_000_000))
+        };
+        let layer = RateLimitLayer::builder().limits(limits).build().unwrap();
+        let frames = std::sync::Arc::new(frames);
+        layer.layer(tower::service_fn(move |_req: Request<LayerBody<Body>>| {
+            let frames = frames.clone();
+            let chunks = (0..frames.len()).map(move |i| Ok::<_, Infallible>(frames[i].clone()));
+            ready(Ok::<_, Infallible>(
+                Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(Body::from_stream(futures_util::stream::iter(chunks)))
+                    .unwrap(),
+            ))
+        }))
+    }
+
+    const STREAM_REQUEST: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"max_tokens":500,"stream":true}"#;
+
+    /// One streamed call: the request, then every frame of the answer.
+    fn stream_call<S>(svc: &mut S) -> usize
+    where
+        S: Service<Request<Body>, Response = Response<llm_layers::rate_limit::RateLimitBody<Body>>>,
+        S::Error: std::fmt::Debug,
+    {
+        use http_body_util::BodyExt;
+        let req = Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Body::from(STREAM_REQUEST))
+            .unwrap();
+        let svc = svc.ready().now_or_never().unwrap().unwrap();
+        let mut body = svc.call(req).now_or_never().unwrap().unwrap().into_body();
+        let mut n = 0;
+        while let Some(f) = body.frame().now_or_never().unwrap() {
+            n += f.unwrap().into_data().map_or(0, |d| d.len());
+        }
+        n
+    }
+
+    fn metering(c: &mut Criterion) {
+        for (name, frames) in streams() {
+            let mut g = c.benchmark_group(format!("metered_stream_{name}"));
+            g.warm_up_time(Duration::from_secs(1))
+                .measurement_time(Duration::from_secs(2));
+            let mut svc = stream_layer(false, frames.clone());
+            g.bench_function("layer_unmetered", |b| {
+                b.iter(|| black_box(stream_call(&mut svc)))
+            });
+            let mut svc = stream_layer(true, frames.clone());
+            g.bench_function("layer_metered", |b| {
+                b.iter(|| black_box(stream_call(&mut svc)))
+            });
+            g.bench_function("old_meter_alone", |b| {
+                b.iter(|| {
+                    let mut m = old_meter::Meter::default();
+                    for f in &frames {
+                        m.feed(f);
+                    }
+                    black_box((m.total, m.input, m.output))
+                })
+            });
+            g.finish();
+        }
+    }
+
+    /// Alternates batches of the unmetered layer, the metered layer and the old meter over the
+    /// same stream, and compares medians: the metering cost now is metered − unmetered.
+    fn paired_metering() {
+        const ROUNDS: usize = 21;
+        const BATCH: u32 = 200;
+        for (name, frames) in streams() {
+            let mut plain = stream_layer(false, frames.clone());
+            let mut metered = stream_layer(true, frames.clone());
+            let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+            let per_call = |d: Duration| d.as_nanos() as f64 / f64::from(BATCH);
+            for _ in 0..ROUNDS {
+                let t = Instant::now();
+                for _ in 0..BATCH {
+                    black_box(stream_call(&mut plain));
+                }
+                a.push(per_call(t.elapsed()));
+                let t = Instant::now();
+                for _ in 0..BATCH {
+                    black_box(stream_call(&mut metered));
+                }
+                b.push(per_call(t.elapsed()));
+                let t = Instant::now();
+                for _ in 0..BATCH {
+                    let mut m = old_meter::Meter::default();
+                    for f in &frames {
+                        m.feed(f);
+                    }
+                    black_box((m.total, m.input, m.output));
+                }
+                c.push(per_call(t.elapsed()));
+            }
+            let median = |v: &mut Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let (a, b, c) = (median(&mut a), median(&mut b), median(&mut c));
+            let bytes: usize = frames.iter().map(|f| f.len()).sum();
+            println!(
+                "metering {name} ({} frames, {bytes} bytes), paired medians per stream: layer unmetered {a:.0} ns, \
+                 metered {b:.0} ns (metering {:.0} ns incl. the token estimate); old meter alone {c:.0} ns; \
+                 old/new metering {:.1}",
+                frames.len(),
+                b - a,
+                c / (b - a)
+            );
+        }
+    }
+
+    criterion_group!(benches, keyed, contention, metering);
 
     pub fn main() {
         if std::env::var_os("SKIP_MEMORY").is_none() {
             memory();
         }
         paired();
+        paired_metering();
         benches();
         Criterion::default().configure_from_args().final_summary();
     }

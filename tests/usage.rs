@@ -316,12 +316,17 @@ async fn a_stream_split_at_any_byte_is_metered_the_same() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_long_stream_is_metered_without_an_allocation_per_frame() {
-    // 200 KiB of OpenAI chunks sent with `include_usage`: every one says `"usage":null`, so a
-    // search for the name alone does not skip them; the last one reports 1,000 tokens.
-    let chunk = "data: {\"id\":\"chatcmpl-AZ9fQ2pLmT\",\"object\":\"chat.completion.chunk\",\"created\":1733050000,\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" word\"},\"logprobs\":null,\"finish_reason\":null}],\"usage\":null}\n\n";
+    // 200 KiB of chat chunks: OpenAI's sent with `include_usage` (`"usage":null`, never
+    // parsed) between vLLM's with `continuous_usage_stats` (cumulative usage on every chunk,
+    // each one parsed); the last reports 1,000 tokens, fewer than the chunk before it: the
+    // last report wins. Every frame names `usage`.
+    let null = "data: {\"id\":\"chatcmpl-AZ9fQ2pLmT\",\"object\":\"chat.completion.chunk\",\"created\":1733050000,\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" word\"},\"logprobs\":null,\"finish_reason\":null}],\"usage\":null}\n\n";
     let mut text = String::new();
+    let mut i = 0;
     while text.len() < 200 << 10 {
-        text.push_str(chunk);
+        i += 1;
+        text.push_str(null);
+        text.push_str(&format!("data: {{\"id\":\"chatcmpl-5c7a0d4e\",\"object\":\"chat.completion.chunk\",\"model\":\"meta-llama/Llama-3.1-8B-Instruct\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" word\"}},\"logprobs\":null,\"finish_reason\":null}}],\"usage\":{{\"prompt_tokens\":800,\"total_tokens\":{},\"completion_tokens\":{i}}}}}\n\n", 800 + i));
     }
     text.push_str("data: {\"id\":\"chatcmpl-AZ9fQ2pLmT\",\"choices\":[],\"usage\":{\"prompt_tokens\":800,\"completion_tokens\":200,\"total_tokens\":1000}}\n\ndata: [DONE]\n\n");
     let events = text.matches("data: ").count();

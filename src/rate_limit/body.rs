@@ -580,15 +580,16 @@ impl<'de> Deserialize<'de> for Doc {
     }
 }
 
-/// Whether a JSON text may report usage: it names `usage`, `Usage` (`usageMetadata`) or
-/// Ollama's `eval_count`. Most stream frames do not, and are never parsed.
+/// Whether a JSON text may report usage: it names `usage` (not as `"usage": null`), `Usage`
+/// (`usageMetadata`) or Ollama's `eval_count`. Most stream frames do not, and are never
+/// parsed.
 fn may_report(json: &[u8]) -> bool {
     let mut from = 0;
     while let Some(i) = find(&json[from..], b'g') {
         let g = from + i;
         if g >= 3 && json[g - 2..g] == *b"sa" && json.get(g + 1) == Some(&b'e') {
             let u = json[g - 3];
-            if u == b'u' || u == b'U' {
+            if (u == b'u' || u == b'U') && !null_after(&json[g + 2..]) {
                 return true;
             }
         }
@@ -603,6 +604,20 @@ fn may_report(json: &[u8]) -> bool {
         from = at + 1;
     }
     false
+}
+
+/// Whether `rest` (what follows a name) is `": null`: OpenAI chat chunks sent with
+/// `include_usage` all say `"usage":null` but the last.
+fn null_after(rest: &[u8]) -> bool {
+    let trim = |s: &[u8]| -> usize { s.iter().take_while(|b| b.is_ascii_whitespace()).count() };
+    let Some(rest) = rest.strip_prefix(b"\"") else {
+        return false;
+    };
+    let rest = &rest[trim(rest)..];
+    let Some(rest) = rest.strip_prefix(b":") else {
+        return false;
+    };
+    rest[trim(rest)..].starts_with(b"null")
 }
 
 /// The first `b` in `hay`, eight bytes at a time.
@@ -1031,6 +1046,8 @@ mod tests {
             b"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxUsage",
             b"{\"eval_count\":1}",
             b"{\"prompt_eval_count\":1}",
+            b"{\"usage\":null,\"x\":{\"usage\":{}}}",
+            b"{\"usage\" : nul",
         ] {
             assert!(may_report(yes), "{}", String::from_utf8_lossy(yes));
         }
@@ -1038,6 +1055,8 @@ mod tests {
             &b"[DONE]"[..],
             b"{\"choices\":[{\"delta\":{\"content\":\"sage and garbage\"}}]}",
             b"{\"eval\":1,\"_count\":2}",
+            b"{\"choices\":[],\"usage\":null}",
+            b"{\"usage\" :\n null}",
             b"",
         ] {
             assert!(!may_report(no), "{}", String::from_utf8_lossy(no));
