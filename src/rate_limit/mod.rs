@@ -7,8 +7,9 @@
 //! to stay under the quota it was given. Counting requests is not enough: one request may ask
 //! for 30 tokens or for 30 000. This layer keeps a GCRA token bucket (governor's) per key for
 //! requests and one for tokens, charges each request its estimated prompt tokens plus its
-//! `max_tokens` on admission, and corrects the charge from the `usage` the upstream reports
-//! (in the JSON body, or in the final chunk of an SSE stream) when the response body ends.
+//! `max_tokens` on admission, and corrects the charge from the usage the upstream reports
+//! (in a JSON body or in a stream's events, in every dialect: see
+//! [Usage in every dialect](#usage-in-every-dialect)) when the response body ends.
 //!
 //! # What it answers
 //!
@@ -134,6 +135,27 @@
 //! above 2^24 tokens (16,777,216, eight times the largest context windows) is read as 2^24. Negative numbers, strings and `null` count as no usage.
 //! An overrun settled after a sweep forgot the key (its bucket was full) enters the key again
 //! with the debt. A bucket's debt never reaches more than about 73 years.
+//!
+//! # Usage in every dialect
+//!
+//! | dialect | plain body | stream |
+//! |---|---|---|
+//! | OpenAI chat | `usage.total_tokens` (else prompt + completion) | the `usage` chunk (`stream_options.include_usage`) |
+//! | OpenAI Responses | `usage.total_tokens` (else input + output) | `response.completed`: `response.usage` |
+//! | Anthropic Messages | `usage`: input + cache writes + cache reads + output | `message_start.message.usage`, then the cumulative `message_delta.usage.output_tokens` |
+//! | Gemini | `usageMetadata.totalTokenCount` (else prompt + candidates + thoughts + tool-use prompt) | each chunk's `usageMetadata` (SSE or the JSON array form) |
+//! | vLLM, llama.cpp, Ollama `/v1` | OpenAI's `usage` | OpenAI's `usage` chunk(s) |
+//! | Ollama native | `prompt_eval_count + eval_count` | the NDJSON line with them |
+//!
+//! Design rules: each figure's last report wins (stream figures are cumulative), nothing is
+//! summed across events, and a reported total wins over the sum of its parts. The
+//! `content-type` decides the reading: `text/event-stream` (SSE `data:` lines),
+//! `application/x-ndjson` / `application/jsonl` (a document a line), else one JSON document.
+//! The stream passes through uncopied; a line that does not name `usage`, `Usage` or
+//! `eval_count` (or only as `"usage": null`) is not parsed, one that may is read by a typed
+//! partial parse that skips everything else in place (no `serde_json::Value`, no copy); only a
+//! `data:` line cut by a frame boundary is copied aside, at most 64 KiB. Every slice of a
+//! non-contiguous buffer is read.
 //!
 //! # Concurrency
 //!
