@@ -235,6 +235,8 @@ async fn an_anthropic_stream_of_1200_input_and_300_output_tokens_is_charged_1500
     assert_eq!(remaining(&headers), BURST - 1500);
 }
 
+type Answer = std::future::Ready<Result<Response<Replay>, Infallible>>;
+
 /// An in-process upstream answering `fixture` cut where the request's `x-cut` header says.
 fn cut_upstream(
     name: &'static str,
@@ -242,7 +244,7 @@ fn cut_upstream(
     Request<LayerBody<Full<Bytes>>>,
     Response = Response<Replay>,
     Error = Infallible,
-    Future = std::future::Ready<Result<Response<Replay>, Infallible>>,
+    Future = Answer,
 > + Clone {
     let bytes = fixture(name);
     tower::service_fn(move |req: Request<LayerBody<Full<Bytes>>>| {
