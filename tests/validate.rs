@@ -11,6 +11,7 @@ use axum::Router;
 use bytes::Bytes;
 use common_validate::{chat, post_json, post_raw, post_with, serve};
 use futures_util::StreamExt;
+use llm_layers::body::LayerBody;
 use llm_layers::request::{CharEstimator, Endpoint, RequestView};
 use llm_layers::validate::ValidateRequestLayer;
 use proptest::prelude::*;
@@ -27,6 +28,9 @@ async fn upstream(req: Request) -> axum::Json<Value> {
         .unwrap();
     axum::Json(json!({"ok": true, "len": bytes.len(), "view": had_view}))
 }
+
+/// What a service behind the layer receives.
+type Inner = http::Request<LayerBody<Body>>;
 
 fn app(layer: ValidateRequestLayer) -> Router {
     Router::new()
@@ -61,7 +65,11 @@ async fn valid_chat_passes_with_body_intact_and_view_in_extensions() {
                 assert_eq!(view.max_tokens(), Some(50));
                 assert_eq!(view.message_count(), Some(1));
                 assert_eq!(view.endpoint(), Endpoint::ChatCompletions);
-                assert_eq!(view.json().unwrap()["x_custom"]["a"][1], 2);
+                // The view keeps the body's bytes (one buffer with the body handed on).
+                let kept = view.bytes().expect("the view keeps the body");
+                assert_eq!(&kept[..], body);
+                let json: Value = serde_json::from_slice(kept).unwrap();
+                assert_eq!(json["x_custom"]["a"][1], 2);
                 let got = axum::body::to_bytes(req.into_body(), usize::MAX)
                     .await
                     .unwrap();
@@ -532,14 +540,13 @@ async fn streaming_request_passes_and_sse_streams_through() {
 async fn a_view_stored_by_an_earlier_layer_is_reused() {
     // The earlier layer parsed a different (valid) document than the bytes on the wire and
     // counted tokens its own way; validation must use that view, not parse the body again.
-    let stored =
-        Arc::new(json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}));
+    let stored = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
     let huge = |_: &str, _: &str| 1_000_000u64;
     let counting = ValidateRequestLayer::new();
     let svc = tower::ServiceBuilder::new()
         .layer(counting)
-        .service(tower::service_fn(|req: Request| async move {
-            let len = axum::body::to_bytes(req.into_body(), usize::MAX)
+        .service(tower::service_fn(|req: Inner| async move {
+            let len = axum::body::to_bytes(Body::new(req.into_body()), usize::MAX)
                 .await
                 .unwrap()
                 .len();
@@ -556,20 +563,22 @@ async fn a_view_stored_by_an_earlier_layer_is_reused() {
         req.extensions_mut().insert(view);
         req
     };
-    let view = RequestView::from_json(Endpoint::ChatCompletions, stored.clone(), &CharEstimator);
+    let view = RequestView::from_json(Endpoint::ChatCompletions, &stored, &CharEstimator);
     let res = svc.clone().oneshot(request(view)).await.unwrap();
     assert_eq!(
         res.status(),
         200,
         "the stored view is valid; the wire body is not"
     );
-    let got = axum::body::to_bytes(res.into_body(), 1024).await.unwrap();
+    let got = axum::body::to_bytes(Body::new(res.into_body()), 1024)
+        .await
+        .unwrap();
     assert_eq!(got, wire.len().to_string(), "body handed on untouched");
 
-    let view = RequestView::from_json(Endpoint::ChatCompletions, stored, &huge);
+    let view = RequestView::from_json(Endpoint::ChatCompletions, &stored, &huge);
     let res = svc.oneshot(request(view)).await.unwrap();
     assert_eq!(res.status(), 400);
-    let got = axum::body::to_bytes(res.into_body(), 1 << 16)
+    let got = axum::body::to_bytes(Body::new(res.into_body()), 1 << 16)
         .await
         .unwrap();
     let env: Value = serde_json::from_slice(&got).unwrap();
@@ -641,7 +650,7 @@ fn context_windows_match_exact_then_longest_prefix() {
         let exact = |n: u64| {
             let json = json!({"model": model, "messages": [{"role": "user", "content": "x"}]});
             let est = move |_: &str, _: &str| n;
-            let view = RequestView::from_json(Endpoint::ChatCompletions, Arc::new(json), &est);
+            let view = RequestView::from_json(Endpoint::ChatCompletions, &json, &est);
             layer.check(&view)
         };
         // 1 message = 4 tokens of overhead on top of the estimate.
@@ -663,7 +672,7 @@ fn context_windows_match_exact_then_longest_prefix() {
     // Unknown names, and names that only share characters with an entry, are not checked.
     let json = json!({"model": "gpt-4.5x", "messages": [{"role": "user", "content": "x"}]});
     let est = |_: &str, _: &str| u64::MAX / 2;
-    let view = RequestView::from_json(Endpoint::ChatCompletions, Arc::new(json), &est);
+    let view = RequestView::from_json(Endpoint::ChatCompletions, &json, &est);
     assert!(layer.check(&view).is_ok());
 }
 
@@ -676,7 +685,7 @@ fn pass_or_envelope(rt: &tokio::runtime::Runtime, body: Vec<u8>) -> Result<(), T
         .unwrap();
     let svc = tower::ServiceBuilder::new()
         .layer(svc)
-        .service(tower::service_fn(|_req: Request| async {
+        .service(tower::service_fn(|_req: Inner| async {
             Ok::<_, std::convert::Infallible>(axum::response::Response::new(Body::from("passed")))
         }));
     let req = http::Request::post("/v1/chat/completions")
@@ -688,7 +697,7 @@ fn pass_or_envelope(rt: &tokio::runtime::Runtime, body: Vec<u8>) -> Result<(), T
         let status = res.status();
         (
             status,
-            axum::body::to_bytes(res.into_body(), 1 << 20)
+            axum::body::to_bytes(Body::new(res.into_body()), 1 << 20)
                 .await
                 .unwrap(),
         )
@@ -812,7 +821,7 @@ async fn with_every_body_check_off_the_body_is_not_read() {
 async fn a_body_that_fails_mid_read_is_refused() {
     let svc = tower::ServiceBuilder::new()
         .layer(ValidateRequestLayer::new())
-        .service(tower::service_fn(|_req: Request| async {
+        .service(tower::service_fn(|_req: Inner| async {
             Ok::<_, std::convert::Infallible>(axum::response::Response::new(Body::from("passed")))
         }));
     let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
@@ -828,7 +837,7 @@ async fn a_body_that_fails_mid_read_is_refused() {
         .unwrap();
     let res = svc.oneshot(req).await.unwrap();
     assert_eq!(res.status(), 400);
-    let bytes = axum::body::to_bytes(res.into_body(), 1 << 16)
+    let bytes = axum::body::to_bytes(Body::new(res.into_body()), 1 << 16)
         .await
         .unwrap();
     let env: Value = serde_json::from_slice(&bytes).unwrap();
@@ -846,7 +855,7 @@ async fn works_with_any_body_types() {
     let svc = tower::ServiceBuilder::new()
         .layer(ValidateRequestLayer::new())
         .service(tower::service_fn(
-            |req: http::Request<Full<Bytes>>| async move {
+            |req: http::Request<LayerBody<Full<Bytes>>>| async move {
                 let body = req.into_body().collect().await.unwrap().to_bytes();
                 Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(body)))
             },
@@ -1008,7 +1017,7 @@ async fn a_stored_view_is_checked_against_the_deployment_of_the_path() {
         .unwrap();
     let svc = tower::ServiceBuilder::new()
         .layer(layer)
-        .service(tower::service_fn(|req: Request| async move {
+        .service(tower::service_fn(|req: Inner| async move {
             let routed = RequestView::from_extensions(req.extensions())
                 .and_then(|v| v.routed_model().map(str::to_owned));
             Ok::<_, std::convert::Infallible>(axum::response::Response::new(Body::from(
@@ -1038,7 +1047,9 @@ async fn a_stored_view_is_checked_against_the_deployment_of_the_path() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    let got = axum::body::to_bytes(res.into_body(), 1024).await.unwrap();
+    let got = axum::body::to_bytes(Body::new(res.into_body()), 1024)
+        .await
+        .unwrap();
     assert_eq!(got, "gpt-4o-mini", "later layers see the deployment too");
 }
 

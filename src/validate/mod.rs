@@ -104,8 +104,10 @@
 //! ```
 
 mod config;
+mod fields;
 mod future;
 mod layer;
+mod rule;
 mod rules;
 mod service;
 
@@ -114,4 +116,5 @@ pub use config::{
 };
 pub use future::ResponseFuture;
 pub use layer::ValidateRequestLayer;
+pub use rule::ValidationRule;
 pub use service::Validate;
