@@ -5,8 +5,13 @@
 //! model, validation checks everything. The body is parsed **once**: the first layer that needs
 //! the view buffers the body (bounded), parses it, stores a [`RequestView`] in the request
 //! extensions and hands the body on intact; every later layer reads it from there
-//! ([`RequestView::from_extensions`]) or computes it through the same function
-//! ([`ensure_view`]).
+//! ([`RequestView::from_extensions`]) or computes it through the same future
+//! ([`EnsureView`]).
+//!
+//! The parse is typed and cheap: serde visitors read the few fields layers use and skip every
+//! other value without building it (no `serde_json::Value` tree), borrowing strings from the
+//! body. The view keeps the body's [`Bytes`] (a handle on the buffer the request is handed on
+//! with, not a copy) for checks that read other fields ([`RequestView::bytes`]).
 //!
 //! ```
 //! use llm_layers::request::{Endpoint, RequestView, CharEstimator};

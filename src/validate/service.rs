@@ -69,11 +69,12 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        // A fresh clone, driven to readiness by the future; `self.inner` was never polled.
-        let inner = self.inner.clone();
+        // Each call gets a fresh clone, driven to readiness by the future; `self.inner` is never
+        // polled.
+        let inner = &self.inner;
         let endpoint = Endpoint::from_path(req.uri().path());
         if req.method() != Method::POST || endpoint == Endpoint::Other {
-            return ResponseFuture::ready(inner, req.map(LayerBody::new));
+            return ResponseFuture::ready(inner.clone(), req.map(LayerBody::new));
         }
         let shared = &*self.shared;
         if shared.checks.content_type {
@@ -82,7 +83,7 @@ where
             }
         }
         if !shared.needs_body() {
-            return ResponseFuture::ready(inner, req.map(LayerBody::new));
+            return ResponseFuture::ready(inner.clone(), req.map(LayerBody::new));
         }
         let limit = shared.body_limit;
         if let Err(e) = check_limit(req.headers(), req.body(), limit) {
@@ -103,14 +104,14 @@ where
             let view = RequestView::from_extensions(req.extensions()).expect("stored above");
             let Some(bytes) = view.bytes() else {
                 // A view that kept no body: the checks of the body's fields read it here.
-                return ResponseFuture::buffering(inner, req, Arc::clone(&self.shared));
+                return ResponseFuture::buffering(inner.clone(), req, Arc::clone(&self.shared));
             };
             let verdict = super::future::verdict(shared, &RequestHead::of(&req), view, bytes);
             return match verdict {
-                Ok(()) => ResponseFuture::ready(inner, req.map(LayerBody::new)),
+                Ok(()) => ResponseFuture::ready(inner.clone(), req.map(LayerBody::new)),
                 Err(e) => ResponseFuture::rejected(e),
             };
         }
-        ResponseFuture::parsing(inner, req, Arc::clone(&self.shared))
+        ResponseFuture::parsing(inner.clone(), req, Arc::clone(&self.shared))
     }
 }
