@@ -201,6 +201,14 @@ pub fn deployment_from_path(path: &str) -> Option<String> {
 pub trait TokenEstimator: Send + Sync + 'static {
     /// The number of tokens `text` takes for `model` (which may be empty when unknown).
     fn estimate(&self, model: &str, text: &str) -> u64;
+
+    /// Whether the estimate depends on the model name (by default it may). An estimator that
+    /// says `false` lets [`RequestView::parse`] count each text as it reads it, even before the
+    /// body's `model` (which the OpenAI SDKs send after `messages`); otherwise texts read before
+    /// `model` wait for it.
+    fn uses_model(&self) -> bool {
+        true
+    }
 }
 
 impl<F> TokenEstimator for F
@@ -218,19 +226,47 @@ where
 pub struct CharEstimator;
 
 impl TokenEstimator for CharEstimator {
+    fn uses_model(&self) -> bool {
+        false
+    }
+
     fn estimate(&self, _model: &str, text: &str) -> u64 {
         if text.is_ascii() {
             return (text.len() as u64).div_ceil(4);
         }
-        let (mut cjk, mut other) = (0u64, 0u64);
-        for c in text.chars() {
-            if is_cjk(c) {
-                cjk += 1;
-            } else {
-                other += 1;
+        // Over the bytes rather than the characters: every byte that is no UTF-8 continuation
+        // byte starts a character, and every CJK character is a three- or four-byte sequence,
+        // so only the blocks holding such a lead byte are decoded.
+        const BLOCK: usize = 32;
+        let bytes = text.as_bytes();
+        let (mut chars, mut cjk) = (0u64, 0u64);
+        for (i, block) in bytes.chunks(BLOCK).enumerate() {
+            // One pass the compiler vectorizes: the characters started, and whether a three-
+            // or four-byte sequence starts in the block.
+            let (mut starts, mut long) = (0u32, false);
+            for &b in block {
+                starts += u32::from((b as i8) >= -64);
+                long |= b >= 0xE0;
+            }
+            chars += u64::from(starts);
+            if long {
+                let at = i * BLOCK;
+                for (j, &b) in block.iter().enumerate() {
+                    if b >= 0xE0 {
+                        // The sequence is whole: the text is UTF-8.
+                        let next =
+                            |k: usize| u32::from(bytes.get(at + j + k).map_or(0, |c| c & 0x3F));
+                        let point = if b < 0xF0 {
+                            (u32::from(b & 0x0F) << 12) | (next(1) << 6) | next(2)
+                        } else {
+                            (u32::from(b & 0x07) << 18) | (next(1) << 12) | (next(2) << 6) | next(3)
+                        };
+                        cjk += u64::from(is_cjk_point(point));
+                    }
+                }
             }
         }
-        cjk + other.div_ceil(4)
+        cjk + (chars - cjk).div_ceil(4)
     }
 }
 
@@ -297,7 +333,11 @@ impl TokenEstimator for TiktokenEstimator {
 }
 
 fn is_cjk(c: char) -> bool {
-    matches!(c as u32,
+    is_cjk_point(c as u32)
+}
+
+fn is_cjk_point(c: u32) -> bool {
+    matches!(c,
         0x1100..=0x11FF        // Hangul Jamo
         | 0x2E80..=0x2FDF      // CJK radicals
         | 0x3000..=0x30FF      // CJK symbols, Hiragana, Katakana
@@ -696,7 +736,8 @@ mod typed {
     pub(super) struct Gathered<'de, 'e> {
         estimator: &'e dyn TokenEstimator,
         model: Option<Cow<'de, str>>,
-        /// Whether the `model` key was seen: texts before it wait for the model name.
+        /// Whether texts can be counted as they are read: the `model` key was seen, or the
+        /// estimate does not depend on it. Texts before it wait for the model name.
         model_seen: bool,
         fallbacks: Option<Vec<Arc<str>>>,
         stream: bool,
@@ -713,7 +754,8 @@ mod typed {
             Gathered {
                 estimator,
                 model: None,
-                model_seen: false,
+                // An estimate that ignores the model need not wait for it.
+                model_seen: !estimator.uses_model(),
                 fallbacks: None,
                 stream: false,
                 max: [None; 3],
@@ -1417,6 +1459,29 @@ mod tests {
         assert_eq!(CharEstimator.estimate("", "你好世界"), 4);
         assert_eq!(CharEstimator.estimate("", "abcdefgh"), 2);
         assert_eq!(CharEstimator.estimate("", "héllo"), 2);
+    }
+
+    #[test]
+    fn the_byte_count_agrees_with_counting_characters() {
+        let by_chars = |text: &str| {
+            let cjk = text.chars().filter(|c| is_cjk(*c)).count() as u64;
+            cjk + (text.chars().count() as u64 - cjk).div_ceil(4)
+        };
+        let mut rng = fastrand::Rng::with_seed(5);
+        let alphabet = [
+            'a', ' ', 'é', 'ß', '你', 'ア', '한', 'Ａ', '€', '𠀀', '😀', 'ᄀ', '\u{2e80}',
+            '\u{ffef}', '\u{fff0}',
+        ];
+        for _ in 0..20_000 {
+            let text: String = (0..rng.usize(0..40))
+                .map(|_| alphabet[rng.usize(..alphabet.len())])
+                .collect();
+            assert_eq!(
+                CharEstimator.estimate("", &text),
+                by_chars(&text),
+                "{text:?}"
+            );
+        }
     }
 
     #[cfg(feature = "tiktoken")]
