@@ -124,6 +124,8 @@ mod config;
 mod fields;
 mod future;
 mod layer;
+#[cfg(test)]
+mod reference;
 mod rule;
 mod rules;
 mod service;

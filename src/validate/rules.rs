@@ -466,3 +466,180 @@ fn wrong_type(key: &str, expected: &str, got: &str) -> ApiError {
     )
     .with_param(key.to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    //! The typed checks against the checks they replaced (over a `serde_json::Value`, kept in
+    //! `super::super::reference`): the same verdict, code, param and message on random
+    //! requests.
+
+    use serde_json::{json, Value};
+
+    use super::super::reference;
+    use crate::request::{CharEstimator, Endpoint, RequestView};
+    use crate::validate::ValidateRequestLayer;
+
+    fn value(rng: &mut fastrand::Rng, depth: u32) -> Value {
+        const WORDS: [&str; 9] = [
+            "gpt-4o",
+            "",
+            "user",
+            "assistant",
+            "tool",
+            "bot",
+            "system",
+            "c1",
+            "tiny",
+        ];
+        match rng.u32(0..if depth == 0 { 7 } else { 9 }) {
+            0 => Value::Null,
+            1 => Value::Bool(rng.bool()),
+            2 => json!(rng.i64(-3..5)),
+            3 => json!(rng.f64() * 6.0 - 3.0),
+            4 => json!(u64::MAX - rng.u64(0..2)),
+            5 | 6 => json!(WORDS[rng.usize(..WORDS.len())]),
+            7 => Value::Array(
+                (0..rng.usize(0..3))
+                    .map(|_| value(rng, depth - 1))
+                    .collect(),
+            ),
+            _ => Value::Object(
+                (0..rng.usize(0..3))
+                    .map(|_| ("content".to_owned(), value(rng, depth - 1)))
+                    .collect(),
+            ),
+        }
+    }
+
+    fn message(rng: &mut fastrand::Rng) -> Value {
+        const KEYS: [&str; 7] = [
+            "role",
+            "content",
+            "tool_call_id",
+            "tool_calls",
+            "function_call",
+            "audio",
+            "name",
+        ];
+        if rng.u8(0..10) == 0 {
+            return value(rng, 1);
+        }
+        let mut m = serde_json::Map::new();
+        for key in KEYS {
+            if rng.u8(0..3) > 0 {
+                m.insert(key.to_owned(), value(rng, 2));
+            }
+        }
+        if rng.bool() {
+            let role = ["user", "assistant", "tool", "system", "developer"][rng.usize(..5)];
+            m.insert("role".to_owned(), json!(role));
+        }
+        Value::Object(m)
+    }
+
+    fn request(rng: &mut fastrand::Rng) -> Value {
+        const KEYS: [&str; 17] = [
+            "model",
+            "prompt",
+            "input",
+            "previous_response_id",
+            "conversation",
+            "temperature",
+            "top_p",
+            "presence_penalty",
+            "frequency_penalty",
+            "n",
+            "max_tokens",
+            "max_completion_tokens",
+            "max_output_tokens",
+            "stream",
+            "models",
+            "system",
+            "x",
+        ];
+        let mut obj = serde_json::Map::new();
+        for _ in 0..rng.usize(0..6) {
+            let key = KEYS[rng.usize(..KEYS.len())];
+            obj.insert(key.to_owned(), value(rng, 2));
+        }
+        if rng.u8(0..4) > 0 {
+            obj.insert(
+                "model".to_owned(),
+                json!(["gpt-4o", "tiny", "other"][rng.usize(..3)]),
+            );
+        }
+        match rng.u8(0..4) {
+            0 => {}
+            1 => {
+                obj.insert("messages".to_owned(), value(rng, 2));
+            }
+            _ => {
+                let messages = (0..rng.usize(0..4)).map(|_| message(rng)).collect();
+                obj.insert("messages".to_owned(), Value::Array(messages));
+            }
+        }
+        Value::Object(obj)
+    }
+
+    #[test]
+    fn the_typed_checks_answer_as_the_value_checks_did() {
+        let layers = [
+            ValidateRequestLayer::new(),
+            ValidateRequestLayer::builder()
+                .allowed_models(["gpt-4o", "tiny"])
+                .context_window("tiny", 12)
+                .build()
+                .unwrap(),
+            ValidateRequestLayer::builder()
+                .check_params(false)
+                .check_messages(false)
+                .allowed_models(["gpt-4o"])
+                .build()
+                .unwrap(),
+            ValidateRequestLayer::builder()
+                .check_required_fields(false)
+                .check_endpoint(false)
+                .build()
+                .unwrap(),
+        ];
+        let endpoints = [
+            ("/v1/chat/completions", Endpoint::ChatCompletions),
+            ("/v1/completions", Endpoint::Completions),
+            ("/v1/embeddings", Endpoint::Embeddings),
+            ("/v1/responses", Endpoint::Responses),
+            (
+                "/openai/deployments/tiny/chat/completions",
+                Endpoint::ChatCompletions,
+            ),
+        ];
+        let mut rng = fastrand::Rng::with_seed(99);
+        let mut refused = 0;
+        for i in 0..20_000 {
+            let doc = request(&mut rng);
+            let bytes = bytes::Bytes::from(serde_json::to_vec(&doc).unwrap());
+            // The old checks read the body as a `Value` parse gave it.
+            let doc: Value = serde_json::from_slice(&bytes).unwrap();
+            let (path, endpoint) = endpoints[rng.usize(..endpoints.len())];
+            let view = RequestView::parse_bytes(endpoint, bytes, &CharEstimator)
+                .unwrap()
+                .with_path(path);
+            for layer in &layers {
+                let typed = layer.check(&view);
+                let old = reference::check(&layer.shared, &view, &doc);
+                let show = |r: &Result<(), crate::ApiError>| {
+                    r.as_ref().err().map(|e| {
+                        (
+                            e.code(),
+                            e.param().map(str::to_owned),
+                            e.message().to_owned(),
+                        )
+                    })
+                };
+                assert_eq!(show(&typed), show(&old), "case {i}: {path} {doc}");
+                refused += usize::from(typed.is_err());
+            }
+        }
+        // The random requests reach both verdicts.
+        assert!(refused > 1_000 && refused < 80_000 - 1_000, "{refused}");
+    }
+}
