@@ -332,6 +332,7 @@ impl TokenEstimator for TiktokenEstimator {
     }
 }
 
+#[cfg(test)]
 fn is_cjk(c: char) -> bool {
     is_cjk_point(c as u32)
 }
