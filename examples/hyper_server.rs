@@ -61,7 +61,7 @@ pub fn edge(
         .layer(ValidateRequestLayer::new())
         .layer(
             RateLimitLayer::builder()
-                .limits(Limits::new().requests(Quota::per_minute(600)))
+                .limits(Limits::new().requests(Quota::per_minute(600).burst(60)))
                 .build()
                 .expect("valid limits"),
         )
@@ -103,10 +103,16 @@ pub async fn serve(listener: TcpListener, upstream: Uri) {
 async fn main() -> Result<(), BoxError> {
     let mut args = std::env::args().skip(1);
     let addr: SocketAddr = args.next().as_deref().unwrap_or("127.0.0.1:8080").parse()?;
-    let upstream: Uri = args.next().as_deref().unwrap_or("http://127.0.0.1:9000/").parse()?;
+    let upstream: Uri = args
+        .next()
+        .as_deref()
+        .unwrap_or("http://127.0.0.1:9000/")
+        .parse()?;
     let listener = TcpListener::bind(addr).await?;
-    println!("listening on http://{}, upstream {upstream}", listener.local_addr()?);
+    println!(
+        "listening on http://{}, upstream {upstream}",
+        listener.local_addr()?
+    );
     serve(listener, upstream).await;
     Ok::<_, BoxError>(())
 }
-

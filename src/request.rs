@@ -35,7 +35,7 @@ use http::Request;
 use http_body::Body;
 use serde::de;
 
-use crate::body::{buffer_request, BoxError, BufferError, BufferRequest, LayerBody};
+use crate::body::{BoxError, BufferError, BufferRequest, LayerBody};
 
 /// Which OpenAI-style endpoint a request goes to, from its path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -360,8 +360,8 @@ const PER_MESSAGE_OVERHEAD: u64 = 4;
 /// `max_tokens` / `max_completion_tokens` / `max_output_tokens`, the text of `messages` —
 /// content parts and tool-call arguments included — and of `prompt`, `input`, `instructions`
 /// and `system`) and skips every other value without building it. The view holds no tree of
-/// the body: a view built from the request ([`RequestView::parse_bytes`], [`EnsureView`],
-/// [`ensure_view`]) keeps the body's [`Bytes`], which share the buffer the request is handed on
+/// the body: a view built from the request ([`RequestView::parse_bytes`], [`EnsureView`])
+/// keeps the body's [`Bytes`], which share the buffer the request is handed on
 /// with, so checks of their own can read the body again ([`RequestView::bytes`]) without a
 /// second copy in memory.
 ///
@@ -1245,7 +1245,7 @@ mod typed {
     }
 }
 
-/// Why [`ensure_view`] could not produce a view.
+/// Why [`EnsureView`] could not produce a view.
 #[derive(Debug)]
 pub enum ViewError {
     /// The body could not be buffered.
@@ -1264,43 +1264,6 @@ impl ViewError {
                 crate::error::ErrorCode::InvalidValue,
                 p.message().to_owned(),
             ),
-        }
-    }
-}
-
-/// Makes sure the request carries a [`RequestView`]: returns it unchanged when an earlier
-/// layer stored one, else buffers the body (at most `limit` bytes), parses it, stores the view
-/// and rebuilds the request with the same bytes. Requests without a body (`GET`) get no view.
-pub async fn ensure_view<B>(
-    req: Request<B>,
-    limit: usize,
-    estimator: &dyn TokenEstimator,
-) -> Result<Request<B>, (Request<B>, ViewError)>
-where
-    B: Body + From<Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    if req.extensions().get::<RequestView>().is_some() {
-        return Ok(req);
-    }
-    let endpoint = Endpoint::from_path(req.uri().path());
-    match buffer_request(req, limit).await {
-        Ok((mut req, bytes)) => {
-            if bytes.is_empty() {
-                return Ok(req);
-            }
-            match RequestView::parse_bytes(endpoint, bytes, estimator) {
-                Ok(view) => {
-                    let view = view.with_path(req.uri().path());
-                    req.extensions_mut().insert(view);
-                    Ok(req)
-                }
-                Err(e) => Err((req, ViewError::Parse(e))),
-            }
-        }
-        Err(e) => {
-            // The body is gone; answer with an empty request so the caller can still respond.
-            Err((Request::new(B::from(Bytes::new())), ViewError::Buffer(e)))
         }
     }
 }

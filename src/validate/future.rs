@@ -170,7 +170,7 @@ where
                             Ok(()) => State::Ready { req: Some(req) },
                             Err(e) => rejected(e),
                         },
-                        Err((_, e)) => rejected(e.to_api_error()),
+                        Err(failure) => rejected(failure.error().to_api_error()),
                     }
                 }
                 StateProj::Buffering { buf } => {
