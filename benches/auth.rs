@@ -3,7 +3,8 @@
 //! The store holds 100,000 keys; the request carries one of them as a bearer token. The
 //! `model_check` case adds a key restricted to `gpt-4o-mini*`, whose body is buffered and
 //! parsed; `keep_headers` leaves the client's credential headers on the request instead of
-//! stripping them; `unknown_key` is the rejection path.
+//! stripping them; `unknown_key` is the rejection path. The `auth_parts` group times the
+//! pieces of the success path one by one.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -124,5 +125,50 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// The pieces of the success path, one by one, to see where the time goes: reading the key
+/// from the headers, its SHA-256 digest, the lookup with the constant-time confirmation, and
+/// the two extension values handed on (`http::Extensions` allocates the map, its table and
+/// one box per value).
+fn parts(c: &mut Criterion) {
+    use http::Extensions;
+    use llm_layers::auth::{extract_api_key, AcceptedHeaders, KeyHash};
+    use std::hint::black_box;
+
+    let store = store();
+    let key = secret(KEYS / 2);
+    let bearer = format!("Bearer {key}");
+    let req = request(Box::leak(bearer.into_boxed_str()));
+    let hash = KeyHash::of(key.as_bytes());
+    let record = store.get(&hash).unwrap().clone();
+
+    let mut group = c.benchmark_group("auth_parts");
+    group
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2));
+    group.bench_function("extract_api_key", |b| {
+        b.iter(|| {
+            extract_api_key(black_box(req.headers()), AcceptedHeaders::all()).map(|k| k.len())
+        })
+    });
+    group.bench_function("sha256", |b| {
+        b.iter(|| KeyHash::of(black_box(key.as_bytes())))
+    });
+    group.bench_function("lookup_100k", |b| {
+        b.iter(|| store.get(black_box(&hash)).map(|r| r.hash().ct_eq(&hash)))
+    });
+    group.bench_function("extensions_identity_and_record", |b| {
+        b.iter(|| {
+            let mut ext = Extensions::new();
+            ext.insert(record.identity().clone());
+            ext.insert(record.clone());
+            black_box(ext)
+        })
+    });
+    group.bench_function("identity_clone_drop", |b| {
+        b.iter(|| black_box(record.identity().clone()))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench, parts);
 criterion_main!(benches);
