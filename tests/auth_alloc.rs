@@ -124,16 +124,17 @@ fn seen<B>(req: &Request<B>) -> Seen {
     }
 }
 
+/// What the inner service saw of the last request.
+type Slot = Arc<std::sync::Mutex<Option<Seen>>>;
+/// The inner service's answer, ready at once.
+type Answer = std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>;
+
 /// An upstream that allocates nothing: it notes what it saw in `seen` (checked after the
 /// count) and answers a static body.
 fn upstream<B>(
-    seen_slot: Arc<std::sync::Mutex<Option<Seen>>>,
-) -> impl Service<
-    Request<B>,
-    Response = Response<Full<Bytes>>,
-    Error = Infallible,
-    Future = std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>,
-> + Clone {
+    seen_slot: Slot,
+) -> impl Service<Request<B>, Response = Response<Full<Bytes>>, Error = Infallible, Future = Answer>
+       + Clone {
     tower::service_fn(move |req: Request<B>| {
         // What the upstream notes is the test's, not the layer's: not counted.
         let counting = COUNTING.with(|c| c.replace(false));

@@ -64,7 +64,8 @@ pin_project! {
     /// It looks the key up, reads the body when the key's allow-list needs the model, and
     /// only then waits for the inner service (a clone taken in `call`) to be ready and calls
     /// it: a request whose key is being looked up or whose body is still arriving holds no
-    /// slot of a concurrency limit below.
+    /// slot of a concurrency limit below. A request admitted within `call` arrives here with
+    /// the inner service already called, or, when that was not ready, still to be driven.
     pub struct ResponseFuture<S, K, B>
     where
         S: Service<Request<LayerBody<B>>>,
