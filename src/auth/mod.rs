@@ -83,7 +83,7 @@
 //! allocates nothing of its own. What it hands on does allocate: `http::Extensions` boxes each
 //! value, so the [`KeyIdentity`](crate::ext::KeyIdentity) and the [`AuthenticatedKey`] cost
 //! four allocations when the request had no extensions yet (the map, its table, one box each)
-//! and two when it had. A key restricted to some models also pays for reading the body and
+//! and one box each when it had (plus one when their table must grow). A key restricted to some models also pays for reading the body and
 //! building the [`RequestView`](crate::request::RequestView), unless an earlier layer did.
 //! `tests/auth_alloc.rs` counts these; the README gives the measured time.
 //!
