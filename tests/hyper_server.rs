@@ -55,7 +55,7 @@ mod example;
 async fn example_server(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let upstream: http::Uri = format!("http://{upstream}/").parse().unwrap();
+    let upstream: http::Uri = format!("http://{upstream}/v1").parse().unwrap();
     tokio::spawn(example::serve(listener, upstream));
     addr
 }
