@@ -8,6 +8,7 @@ use axum::body::Body;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use http::{Request, Response};
+use llm_layers::body::LayerBody;
 use llm_layers::request::{CharEstimator, Endpoint, RequestView};
 use llm_layers::validate::ValidateRequestLayer;
 use serde_json::{json, Value};
@@ -48,7 +49,11 @@ fn bench(c: &mut Criterion) {
     let bare = tower::service_fn(|_req: Request<Body>| async {
         Ok::<_, Infallible>(Response::new(Body::empty()))
     });
-    let layered = ValidateRequestLayer::new().layer(bare);
+    let layered = ValidateRequestLayer::new().layer(tower::service_fn(
+        |_req: Request<LayerBody<Body>>| async {
+            Ok::<_, Infallible>(Response::new(Body::empty()))
+        },
+    ));
 
     let mut group = c.benchmark_group("validate");
     group.warm_up_time(Duration::from_secs(1));

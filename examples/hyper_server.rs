@@ -2,10 +2,15 @@
 //! proxying to an OpenAI-compatible upstream through hyper-util's client.
 //!
 //! ```sh
-//! cargo run --example hyper_server -- 127.0.0.1:8080 http://127.0.0.1:9000
-//! curl -s localhost:8080/v1/chat/completions -H 'authorization: Bearer sk-demo-0123456789abcdef' \
+//! cargo run --example hyper_server -- 127.0.0.1:8081 http://127.0.0.1:11434/v1
+//! curl -s localhost:8081/v1/chat/completions -H 'authorization: Bearer sk-demo-0123456789abcdef' \
+//!      -H 'content-type: application/json' \
 //!      -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
 //! ```
+//!
+//! The upstream is any OpenAI-compatible `http://` base URL (a local vLLM or Ollama, or the
+//! example gateway's embedded mock); `/v1/x` here is `{base}/x` there. The demo key may use
+//! `gpt-4o` and `gpt-4o-mini*`.
 //!
 //! The layers, outermost first, in the crate's recommended order: auth → validation → rate
 //! limit → retry → breaker → normalizer → per-attempt timeout → client. None of them asks more
@@ -38,7 +43,8 @@ use tower::{BoxError, ServiceBuilder};
 /// The key the example accepts.
 pub const DEMO_KEY: &str = "sk-demo-0123456789abcdef";
 
-/// Every layer around a hyper-util client that sends each request to `upstream`.
+/// Every layer around a hyper-util client that sends each request to the OpenAI-compatible
+/// base URL `upstream` (`http://127.0.0.1:11434/v1`, say).
 pub fn edge(
     upstream: Uri,
 ) -> impl tower::Service<
@@ -56,12 +62,13 @@ pub fn edge(
         .expect("a valid key");
     let keys = InMemoryKeyStore::new([demo]).expect("a valid key store");
     let client: Client<HttpConnector, _> = Client::builder(TokioExecutor::new()).build_http();
+    let base = upstream.to_string();
     ServiceBuilder::new()
         .layer(ApiKeyAuthLayer::new(keys))
         .layer(ValidateRequestLayer::new())
         .layer(
             RateLimitLayer::builder()
-                .limits(Limits::new().requests(Quota::per_minute(600)))
+                .limits(Limits::new().requests(Quota::per_minute(600).burst(60)))
                 .build()
                 .expect("valid limits"),
         )
@@ -74,10 +81,16 @@ pub fn edge(
         )
         .layer(NormalizeErrorsLayer::new())
         .timeout(Duration::from_secs(60))
+        // `/v1/x` here is `{base}/x` upstream, as with the example gateway.
         .map_request(move |mut req: Request<_>| {
             let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-            let uri = format!("{upstream}{}", pq.trim_start_matches('/'));
-            *req.uri_mut() = uri.parse().expect("a valid upstream URI");
+            let rest = pq.strip_prefix("/v1").unwrap_or(pq);
+            let uri = format!("{}{rest}", base.trim_end_matches('/'));
+            // Always a valid URI (a valid base and a path that was one); a request without
+            // one would be answered `502` by the client, never a panic.
+            if let Ok(uri) = uri.parse() {
+                *req.uri_mut() = uri;
+            }
             req
         })
         .service(client)
@@ -103,10 +116,16 @@ pub async fn serve(listener: TcpListener, upstream: Uri) {
 async fn main() -> Result<(), BoxError> {
     let mut args = std::env::args().skip(1);
     let addr: SocketAddr = args.next().as_deref().unwrap_or("127.0.0.1:8080").parse()?;
-    let upstream: Uri = args.next().as_deref().unwrap_or("http://127.0.0.1:9000/").parse()?;
+    let upstream: Uri = args
+        .next()
+        .as_deref()
+        .unwrap_or("http://127.0.0.1:9000/")
+        .parse()?;
     let listener = TcpListener::bind(addr).await?;
-    println!("listening on http://{}, upstream {upstream}", listener.local_addr()?);
+    println!(
+        "listening on http://{}, upstream {upstream}",
+        listener.local_addr()?
+    );
     serve(listener, upstream).await;
     Ok::<_, BoxError>(())
 }
-

@@ -403,23 +403,6 @@ where
     BufferBody::new(body, limit).await
 }
 
-/// Buffers a request's body (at most `limit` bytes) and puts the same bytes back into a body
-/// of the same type. Kept for bodies that are `From<Bytes>`; layers use [`BufferRequest`].
-#[doc(hidden)]
-pub async fn buffer_request<B>(
-    req: Request<B>,
-    limit: usize,
-) -> Result<(Request<B>, Bytes), BufferError>
-where
-    B: Body + From<Bytes>,
-    B::Error: Into<BoxError>,
-{
-    match BufferRequest::new(req, limit).await {
-        Ok((parts, bytes)) => Ok((Request::from_parts(parts, B::from(bytes.clone())), bytes)),
-        Err((_, e)) => Err(e),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,8 +5,13 @@
 //! model, validation checks everything. The body is parsed **once**: the first layer that needs
 //! the view buffers the body (bounded), parses it, stores a [`RequestView`] in the request
 //! extensions and hands the body on intact; every later layer reads it from there
-//! ([`RequestView::from_extensions`]) or computes it through the same function
-//! ([`ensure_view`]).
+//! ([`RequestView::from_extensions`]) or computes it through the same future
+//! ([`EnsureView`]).
+//!
+//! The parse is typed and cheap: serde visitors read the few fields layers use and skip every
+//! other value without building it (no `serde_json::Value` tree), borrowing strings from the
+//! body. The view keeps the body's [`Bytes`] (a handle on the buffer the request is handed on
+//! with, not a copy) for checks that read other fields ([`RequestView::bytes`]).
 //!
 //! ```
 //! use llm_layers::request::{Endpoint, RequestView, CharEstimator};
@@ -28,9 +33,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::Request;
 use http_body::Body;
-use serde_json::Value;
+use serde::de;
 
-use crate::body::{buffer_request, BoxError, BufferError, BufferRequest, LayerBody};
+use crate::body::{BoxError, BufferError, BufferRequest, LayerBody};
 
 /// Which OpenAI-style endpoint a request goes to, from its path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -196,6 +201,14 @@ pub fn deployment_from_path(path: &str) -> Option<String> {
 pub trait TokenEstimator: Send + Sync + 'static {
     /// The number of tokens `text` takes for `model` (which may be empty when unknown).
     fn estimate(&self, model: &str, text: &str) -> u64;
+
+    /// Whether the estimate depends on the model name (by default it may). An estimator that
+    /// says `false` lets [`RequestView::parse`] count each text as it reads it, even before the
+    /// body's `model` (which the OpenAI SDKs send after `messages`); otherwise texts read before
+    /// `model` wait for it.
+    fn uses_model(&self) -> bool {
+        true
+    }
 }
 
 impl<F> TokenEstimator for F
@@ -213,19 +226,47 @@ where
 pub struct CharEstimator;
 
 impl TokenEstimator for CharEstimator {
+    fn uses_model(&self) -> bool {
+        false
+    }
+
     fn estimate(&self, _model: &str, text: &str) -> u64 {
         if text.is_ascii() {
             return (text.len() as u64).div_ceil(4);
         }
-        let (mut cjk, mut other) = (0u64, 0u64);
-        for c in text.chars() {
-            if is_cjk(c) {
-                cjk += 1;
-            } else {
-                other += 1;
+        // Over the bytes rather than the characters: every byte that is no UTF-8 continuation
+        // byte starts a character, and every CJK character is a three- or four-byte sequence,
+        // so only the blocks holding such a lead byte are decoded.
+        const BLOCK: usize = 32;
+        let bytes = text.as_bytes();
+        let (mut chars, mut cjk) = (0u64, 0u64);
+        for (i, block) in bytes.chunks(BLOCK).enumerate() {
+            // One pass the compiler vectorizes: the characters started, and whether a three-
+            // or four-byte sequence starts in the block.
+            let (mut starts, mut long) = (0u32, false);
+            for &b in block {
+                starts += u32::from((b as i8) >= -64);
+                long |= b >= 0xE0;
+            }
+            chars += u64::from(starts);
+            if long {
+                let at = i * BLOCK;
+                for (j, &b) in block.iter().enumerate() {
+                    if b >= 0xE0 {
+                        // The sequence is whole: the text is UTF-8.
+                        let next =
+                            |k: usize| u32::from(bytes.get(at + j + k).map_or(0, |c| c & 0x3F));
+                        let point = if b < 0xF0 {
+                            (u32::from(b & 0x0F) << 12) | (next(1) << 6) | next(2)
+                        } else {
+                            (u32::from(b & 0x07) << 18) | (next(1) << 12) | (next(2) << 6) | next(3)
+                        };
+                        cjk += u64::from(is_cjk_point(point));
+                    }
+                }
             }
         }
-        cjk + other.div_ceil(4)
+        cjk + (chars - cjk).div_ceil(4)
     }
 }
 
@@ -291,8 +332,13 @@ impl TokenEstimator for TiktokenEstimator {
     }
 }
 
+#[cfg(test)]
 fn is_cjk(c: char) -> bool {
-    matches!(c as u32,
+    is_cjk_point(c as u32)
+}
+
+fn is_cjk_point(c: u32) -> bool {
+    matches!(c,
         0x1100..=0x11FF        // Hangul Jamo
         | 0x2E80..=0x2FDF      // CJK radicals
         | 0x3000..=0x30FF      // CJK symbols, Hiragana, Katakana
@@ -309,7 +355,21 @@ fn is_cjk(c: char) -> bool {
 const PER_MESSAGE_OVERHEAD: u64 = 4;
 
 /// What an LLM request asks for, parsed once and shared through the request extensions.
-#[derive(Debug, Clone)]
+///
+/// The parse is typed: it reads only the fields layers use (`model`, `models`, `stream`,
+/// `max_tokens` / `max_completion_tokens` / `max_output_tokens`, the text of `messages` —
+/// content parts and tool-call arguments included — and of `prompt`, `input`, `instructions`
+/// and `system`) and skips every other value without building it. The view holds no tree of
+/// the body: a view built from the request ([`RequestView::parse_bytes`], [`EnsureView`])
+/// keeps the body's [`Bytes`], which share the buffer the request is handed on
+/// with, so checks of their own can read the body again ([`RequestView::bytes`]) without a
+/// second copy in memory.
+///
+/// Every value is checked for JSON syntax and UTF-8, including those the view does not read.
+/// The limits of a `serde_json::Value` parse are not applied to values the view skips: a
+/// number beyond `f64`, an escaped lone surrogate or nesting deeper than 128 levels is refused
+/// only in a field the view reads. A key that occurs twice counts by its last occurrence.
+#[derive(Clone)]
 pub struct RequestView {
     endpoint: Endpoint,
     model: Option<Arc<str>>,
@@ -319,8 +379,26 @@ pub struct RequestView {
     max_tokens: Option<u64>,
     message_count: Option<usize>,
     prompt_tokens: u64,
-    json: Option<Arc<Value>>,
+    body: Option<Bytes>,
     body_len: Option<usize>,
+}
+
+impl std::fmt::Debug for RequestView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The body itself is not shown: it may hold anything the client sent.
+        f.debug_struct("RequestView")
+            .field("endpoint", &self.endpoint)
+            .field("model", &self.model)
+            .field("deployment", &self.deployment)
+            .field("fallback_models", &self.fallback_models)
+            .field("stream", &self.stream)
+            .field("max_tokens", &self.max_tokens)
+            .field("message_count", &self.message_count)
+            .field("prompt_tokens", &self.prompt_tokens)
+            .field("body", &self.body.as_ref().map(|b| b.len()))
+            .field("body_len", &self.body_len)
+            .finish()
+    }
 }
 
 /// The body was not a JSON object.
@@ -356,105 +434,68 @@ impl std::error::Error for ParseError {}
 
 impl RequestView {
     /// Parses a request body for `endpoint`. The body must be a JSON object.
+    ///
+    /// The view does not keep the body (it has only a borrowed slice);
+    /// [`RequestView::parse_bytes`] does.
     pub fn parse(
         endpoint: Endpoint,
         body: &[u8],
         estimator: &dyn TokenEstimator,
     ) -> Result<RequestView, ParseError> {
-        let value: Value = serde_json::from_slice(body).map_err(|e| ParseError {
-            message: format!(
-                "The request body is not valid JSON: {} (line {}, column {}).",
-                strip_position(&e.to_string()),
-                e.line(),
-                e.column()
-            ),
-            line: e.line(),
-            column: e.column(),
-        })?;
-        if !value.is_object() {
-            return Err(ParseError {
-                message: format!(
-                    "The request body must be a JSON object, not {}.",
-                    json_kind(&value)
-                ),
-                line: 0,
-                column: 0,
-            });
-        }
-        Ok(RequestView::from_json(endpoint, Arc::new(value), estimator).with_body_len(body.len()))
+        let text = json_text(body)?;
+        let mut de = serde_json::Deserializer::from_str(text);
+        let top = de::Deserializer::deserialize_any(&mut de, typed::Top { estimator })
+            .and_then(|top| de.end().map(|()| top))
+            .map_err(|e| refusal(text, e))?;
+        let gathered = top.map_err(not_an_object)?;
+        Ok(gathered
+            .into_view(endpoint, estimator)
+            .with_body_len(body.len()))
     }
 
-    /// The view of an already parsed JSON object.
+    /// [`RequestView::parse`], keeping `body` in the view ([`RequestView::bytes`]): a clone of
+    /// the `Bytes`, so the view and the request handed on share one buffer.
+    pub fn parse_bytes(
+        endpoint: Endpoint,
+        body: Bytes,
+        estimator: &dyn TokenEstimator,
+    ) -> Result<RequestView, ParseError> {
+        let mut view = RequestView::parse(endpoint, &body, estimator)?;
+        view.body = Some(body);
+        Ok(view)
+    }
+
+    /// The view of an already parsed JSON document: the document is written out once and
+    /// parsed as [`RequestView::parse_bytes`] does, so the view holds those bytes. A document
+    /// that is not an object gives a view with no fields.
     pub fn from_json(
         endpoint: Endpoint,
-        json: Arc<Value>,
+        json: &serde_json::Value,
         estimator: &dyn TokenEstimator,
     ) -> RequestView {
-        // One pass over the top-level fields and one over each message's fields: cheaper than
-        // a map lookup per field of interest.
-        let (mut model, mut stream, mut messages) = (None, false, None);
-        let mut fallbacks: Option<&Vec<Value>> = None;
-        let mut max = [None; 3]; // max_completion_tokens, max_tokens, max_output_tokens
-        let mut texts: [Option<&Value>; 4] = [None; 4]; // prompt, input, instructions, system
-        if let Some(obj) = json.as_object() {
-            for (key, value) in obj {
-                match key.as_str() {
-                    "model" => model = value.as_str(),
-                    "models" => fallbacks = value.as_array(),
-                    "stream" => stream = value.as_bool().unwrap_or(false),
-                    "messages" => messages = value.as_array(),
-                    "max_completion_tokens" => max[0] = value.as_u64(),
-                    "max_tokens" => max[1] = value.as_u64(),
-                    "max_output_tokens" => max[2] = value.as_u64(),
-                    "prompt" => texts[0] = Some(value),
-                    "input" => texts[1] = Some(value),
-                    "instructions" => texts[2] = Some(value),
-                    "system" => texts[3] = Some(value),
-                    _ => {}
-                }
-            }
+        let bytes = Bytes::from(serde_json::to_vec(json).unwrap_or_default());
+        match RequestView::parse_bytes(endpoint, bytes.clone(), estimator) {
+            Ok(view) => view,
+            Err(_) => RequestView {
+                endpoint,
+                model: None,
+                deployment: None,
+                fallback_models: Box::default(),
+                stream: false,
+                max_tokens: None,
+                message_count: None,
+                prompt_tokens: 0,
+                body_len: Some(bytes.len()),
+                body: Some(bytes),
+            },
         }
-        let max_tokens = max.into_iter().flatten().next();
-        let message_count = messages.map(Vec::len);
-        let model_name = model.unwrap_or("");
-        let mut tokens = 0u64;
-        let mut count = |text: &str| tokens += estimator.estimate(model_name, text);
-        for m in messages.into_iter().flatten().filter_map(Value::as_object) {
-            for (key, value) in m {
-                match key.as_str() {
-                    "content" | "name" => count_text(Some(value), &mut count),
-                    "tool_calls" => {
-                        for c in value.as_array().into_iter().flatten() {
-                            count_text(c.pointer("/function/arguments"), &mut count);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
-        for text in texts {
-            count_text(text, &mut count);
-        }
-        let model = model.map(Arc::<str>::from);
-        tokens += PER_MESSAGE_OVERHEAD * message_count.unwrap_or(0) as u64;
-        let fallback_models = fallbacks
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .map(Arc::<str>::from)
-            .collect();
-        RequestView {
-            endpoint,
-            model,
-            deployment: None,
-            fallback_models,
-            stream,
-            max_tokens,
-            message_count,
-            prompt_tokens: tokens,
-            json: Some(json),
-            body_len: None,
-        }
+    }
+
+    /// The body the view was parsed from, when the view keeps it ([`RequestView::parse_bytes`],
+    /// [`RequestView::from_json`], and every view the crate's layers store): for checks that
+    /// read fields the view does not. `None` for a view built with [`RequestView::parse`].
+    pub fn bytes(&self) -> Option<&Bytes> {
+        self.body.as_ref()
     }
 
     /// Records the length in bytes of the body the view was parsed from ([`RequestView::parse`]
@@ -466,8 +507,8 @@ impl RequestView {
     }
 
     /// The length in bytes of the body the view was parsed from, when known (set by
-    /// [`RequestView::parse`] and [`RequestView::with_body_len`]; `None` for a view built with
-    /// [`RequestView::from_json`] alone).
+    /// [`RequestView::parse`], [`RequestView::parse_bytes`], [`RequestView::from_json`] and
+    /// [`RequestView::with_body_len`]).
     pub fn body_len(&self) -> Option<usize> {
         self.body_len
     }
@@ -566,32 +607,62 @@ impl RequestView {
         self.prompt_tokens
             .saturating_add(self.max_tokens.unwrap_or(0))
     }
-    /// The parsed body.
-    pub fn json(&self) -> Option<&Value> {
-        self.json.as_deref()
-    }
-    /// The parsed body, shared.
-    pub fn json_arc(&self) -> Option<&Arc<Value>> {
-        self.json.as_ref()
-    }
 }
 
-fn count_text(v: Option<&Value>, count: &mut impl FnMut(&str)) {
-    match v {
-        Some(Value::String(s)) => count(s),
-        Some(Value::Array(items)) => {
-            for item in items {
-                match item {
-                    Value::String(s) => count(s),
-                    Value::Object(o) => {
-                        count_text(o.get("text"), count);
-                        count_text(o.get("content"), count);
-                    }
-                    _ => {}
+/// The text of a JSON body, or the error a `serde_json::Value` parse gives when it is not
+/// UTF-8 (line and column of the first bad byte).
+pub(crate) fn json_text(body: &[u8]) -> Result<&str, ParseError> {
+    std::str::from_utf8(body).map_err(|e| {
+        // The rare path: let serde_json say where, as it always did.
+        match serde_json::from_slice::<serde_json::Value>(body) {
+            Err(json) => syntax_error(json),
+            Ok(_) => {
+                let before = &body[..e.valid_up_to()];
+                let line = 1 + before.iter().filter(|&&b| b == b'\n').count();
+                let column = before.len() - before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) + 1;
+                ParseError {
+                    message: format!(
+                        "The request body is not valid JSON: invalid unicode code point (line {line}, column {column})."
+                    ),
+                    line,
+                    column,
                 }
             }
         }
-        _ => {}
+    })
+}
+
+/// The error for a body the typed parse refused with `e`: the one a `serde_json::Value` parse
+/// gives, word for word. The two fail at the same place, but may word it differently where the
+/// typed parse skips a value (a number cut short is "invalid number" to one, "EOF while
+/// parsing a value" to the other); the rare path parses again to say it as it was always said.
+pub(crate) fn refusal(text: &str, e: serde_json::Error) -> ParseError {
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Err(value) => syntax_error(value),
+        Ok(_) => syntax_error(e),
+    }
+}
+
+/// The error for a body that is not JSON, naming serde_json's line and column.
+pub(crate) fn syntax_error(e: serde_json::Error) -> ParseError {
+    ParseError {
+        message: format!(
+            "The request body is not valid JSON: {} (line {}, column {}).",
+            strip_position(&e.to_string()),
+            e.line(),
+            e.column()
+        ),
+        line: e.line(),
+        column: e.column(),
+    }
+}
+
+/// The error for a body that is JSON but not an object; `kind` is "an array", "null", ...
+pub(crate) fn not_an_object(kind: &'static str) -> ParseError {
+    ParseError {
+        message: format!("The request body must be a JSON object, not {kind}."),
+        line: 0,
+        column: 0,
     }
 }
 
@@ -599,18 +670,582 @@ fn strip_position(msg: &str) -> &str {
     msg.find(" at line ").map_or(msg, |i| &msg[..i])
 }
 
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+pub(crate) use typed::skip_others;
+
+/// The typed parse of [`RequestView::parse`]: serde visitors that read the fields the view
+/// holds and skip every other value with [`IgnoredAny`], borrowing strings from the body.
+mod typed {
+    use std::borrow::Cow;
+    use std::fmt;
+    use std::sync::Arc;
+
+    use serde::de::{
+        self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor,
+    };
+
+    use super::{Endpoint, RequestView, TokenEstimator, PER_MESSAGE_OVERHEAD};
+
+    /// The visitor methods of the JSON kinds a visitor does not look into: each skips what it
+    /// was given and answers `$v`.
+    macro_rules! skip_others {
+        ($v:expr => $($kind:ident)*) => { $( skip_others!(@$kind $v); )* };
+        (@bool $v:expr) => {
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> { Ok($v) }
+        };
+        (@i64 $v:expr) => {
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> { Ok($v) }
+        };
+        (@u64 $v:expr) => {
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> { Ok($v) }
+        };
+        (@f64 $v:expr) => {
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> { Ok($v) }
+        };
+        (@str $v:expr) => {
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> { Ok($v) }
+        };
+        (@unit $v:expr) => {
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> { Ok($v) }
+        };
+        (@seq $v:expr) => {
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok($v)
+            }
+        };
+        (@map $v:expr) => {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok($v)
+            }
+        };
+    }
+    pub(crate) use skip_others;
+
+    /// Where a counted text comes from: a top-level field that occurs twice counts by its last
+    /// occurrence only, so each one's tokens are kept apart until the end.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    pub(super) enum Slot {
+        Messages = 0,
+        Prompt = 1,
+        Input = 2,
+        Instructions = 3,
+        System = 4,
+    }
+
+    /// What the parse gathered: the view's fields and the tokens counted so far.
+    pub(super) struct Gathered<'de, 'e> {
+        estimator: &'e dyn TokenEstimator,
+        model: Option<Cow<'de, str>>,
+        /// Whether texts can be counted as they are read: the `model` key was seen, or the
+        /// estimate does not depend on it. Texts before it wait for the model name.
+        model_seen: bool,
+        fallbacks: Option<Vec<Arc<str>>>,
+        stream: bool,
+        /// `max_completion_tokens`, `max_tokens`, `max_output_tokens`.
+        max: [Option<u64>; 3],
+        message_count: Option<usize>,
+        tokens: [u64; 5],
+        /// Texts met before the model name, counted at the end.
+        deferred: Vec<(Slot, Cow<'de, str>)>,
+    }
+
+    impl<'de, 'e> Gathered<'de, 'e> {
+        fn new(estimator: &'e dyn TokenEstimator) -> Self {
+            Gathered {
+                estimator,
+                model: None,
+                // An estimate that ignores the model need not wait for it.
+                model_seen: !estimator.uses_model(),
+                fallbacks: None,
+                stream: false,
+                max: [None; 3],
+                message_count: None,
+                tokens: [0; 5],
+                deferred: Vec::new(),
+            }
+        }
+
+        fn reset(&mut self, slot: Slot) {
+            self.tokens[slot as usize] = 0;
+            if !self.deferred.is_empty() {
+                self.deferred.retain(|(s, _)| *s != slot);
+            }
+        }
+
+        fn estimate(&self, text: &str) -> u64 {
+            self.estimator
+                .estimate(self.model.as_deref().unwrap_or(""), text)
+        }
+
+        /// Counts a text borrowed from the body.
+        fn count_borrowed(&mut self, slot: Slot, text: &'de str) {
+            if self.model_seen {
+                let n = self.estimate(text);
+                self.tokens[slot as usize] = self.tokens[slot as usize].saturating_add(n);
+            } else {
+                self.deferred.push((slot, Cow::Borrowed(text)));
+            }
+        }
+
+        /// Counts a text the parser unescaped into its scratch space.
+        fn count_transient(&mut self, slot: Slot, text: &str) {
+            if self.model_seen {
+                let n = self.estimate(text);
+                self.tokens[slot as usize] = self.tokens[slot as usize].saturating_add(n);
+            } else {
+                self.deferred.push((slot, Cow::Owned(text.to_owned())));
+            }
+        }
+
+        pub(super) fn into_view(
+            mut self,
+            endpoint: Endpoint,
+            estimator: &dyn TokenEstimator,
+        ) -> RequestView {
+            let model_name = self.model.as_deref().unwrap_or("");
+            for (slot, text) in &self.deferred {
+                let n = estimator.estimate(model_name, text);
+                self.tokens[*slot as usize] = self.tokens[*slot as usize].saturating_add(n);
+            }
+            let overhead =
+                PER_MESSAGE_OVERHEAD.saturating_mul(self.message_count.unwrap_or(0) as u64);
+            let prompt_tokens = self
+                .tokens
+                .iter()
+                .fold(overhead, |sum, n| sum.saturating_add(*n));
+            RequestView {
+                endpoint,
+                model: self.model.as_deref().map(Arc::from),
+                deployment: None,
+                fallback_models: self.fallbacks.unwrap_or_default().into_boxed_slice(),
+                stream: self.stream,
+                max_tokens: self.max.into_iter().flatten().next(),
+                message_count: self.message_count,
+                prompt_tokens,
+                body: None,
+                body_len: None,
+            }
+        }
+    }
+
+    /// The top-level object. Its value is `Err(kind)` for a document that is not an object.
+    pub(super) struct Top<'e> {
+        pub(super) estimator: &'e dyn TokenEstimator,
+    }
+
+    /// The top-level keys the view reads.
+    enum TopKey {
+        Model,
+        Models,
+        Stream,
+        Max(usize),
+        Messages,
+        Text(Slot),
+        Other,
+    }
+
+    impl<'de> de::Deserialize<'de> for TopKey {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = TopKey;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a key")
+                }
+                fn visit_str<E: de::Error>(self, key: &str) -> Result<TopKey, E> {
+                    Ok(match key {
+                        "model" => TopKey::Model,
+                        "models" => TopKey::Models,
+                        "stream" => TopKey::Stream,
+                        "messages" => TopKey::Messages,
+                        "max_completion_tokens" => TopKey::Max(0),
+                        "max_tokens" => TopKey::Max(1),
+                        "max_output_tokens" => TopKey::Max(2),
+                        "prompt" => TopKey::Text(Slot::Prompt),
+                        "input" => TopKey::Text(Slot::Input),
+                        "instructions" => TopKey::Text(Slot::Instructions),
+                        "system" => TopKey::Text(Slot::System),
+                        _ => TopKey::Other,
+                    })
+                }
+            }
+            d.deserialize_str(V)
+        }
+    }
+
+    impl<'de, 'e> Visitor<'de> for Top<'e> {
+        type Value = Result<Gathered<'de, 'e>, &'static str>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut g = Gathered::new(self.estimator);
+            while let Some(key) = map.next_key::<TopKey>()? {
+                match key {
+                    TopKey::Model => {
+                        g.model = map.next_value::<Str<'de>>()?.0;
+                        g.model_seen = true;
+                    }
+                    TopKey::Models => g.fallbacks = map.next_value::<StrList>()?.0,
+                    TopKey::Stream => g.stream = map.next_value::<Flag>()?.0.unwrap_or(false),
+                    TopKey::Max(i) => g.max[i] = map.next_value::<Count>()?.0,
+                    TopKey::Messages => {
+                        g.reset(Slot::Messages);
+                        g.message_count = map.next_value_seed(Messages(&mut g))?;
+                    }
+                    TopKey::Text(slot) => {
+                        g.reset(slot);
+                        map.next_value_seed(Texts { g: &mut g, slot })?;
+                    }
+                    TopKey::Other => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(Ok(g))
+        }
+
+        skip_others!(Err("a boolean") => bool);
+        skip_others!(Err("a number") => i64 u64 f64);
+        skip_others!(Err("a string") => str);
+        skip_others!(Err("null") => unit);
+        skip_others!(Err("an array") => seq);
+    }
+
+    /// A string value, borrowed when it has no escapes; `None` for any other kind.
+    pub(crate) struct Str<'de>(pub(crate) Option<Cow<'de, str>>);
+
+    impl<'de> de::Deserialize<'de> for Str<'de> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Str<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("any value")
+                }
+                fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Str<'de>, E> {
+                    Ok(Str(Some(Cow::Borrowed(s))))
+                }
+                fn visit_str<E: de::Error>(self, s: &str) -> Result<Str<'de>, E> {
+                    Ok(Str(Some(Cow::Owned(s.to_owned()))))
+                }
+                skip_others!(Str(None) => bool i64 u64 f64 unit seq map);
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    /// The strings of an array (other items skipped); `None` when the value is no array.
+    struct StrList(Option<Vec<Arc<str>>>);
+
+    impl<'de> de::Deserialize<'de> for StrList {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = StrList;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("any value")
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<StrList, A::Error> {
+                    let mut list = Vec::new();
+                    while let Some(item) = seq.next_element::<Str<'de>>()? {
+                        if let Some(s) = item.0 {
+                            list.push(Arc::from(&*s));
+                        }
+                    }
+                    Ok(StrList(Some(list)))
+                }
+                skip_others!(StrList(None) => bool i64 u64 f64 str unit map);
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    /// A boolean; `None` for any other kind.
+    struct Flag(Option<bool>);
+
+    impl<'de> de::Deserialize<'de> for Flag {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Flag;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("any value")
+                }
+                fn visit_bool<E: de::Error>(self, b: bool) -> Result<Flag, E> {
+                    Ok(Flag(Some(b)))
+                }
+                skip_others!(Flag(None) => i64 u64 f64 str unit seq map);
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    /// A non-negative integer; `None` for any other value (negative, fractional, not a number).
+    struct Count(Option<u64>);
+
+    impl<'de> de::Deserialize<'de> for Count {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Count;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("any value")
+                }
+                fn visit_u64<E: de::Error>(self, n: u64) -> Result<Count, E> {
+                    Ok(Count(Some(n)))
+                }
+                skip_others!(Count(None) => bool i64 f64 str unit seq map);
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    /// A map key looked up in a short list of names: its index, or `None`. Never allocates.
+    struct KeyIn(&'static [&'static str]);
+
+    impl<'de> DeserializeSeed<'de> for KeyIn {
+        type Value = Option<usize>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for KeyIn {
+        type Value = Option<usize>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a key")
+        }
+        fn visit_str<E: de::Error>(self, key: &str) -> Result<Option<usize>, E> {
+            Ok(self.0.iter().position(|name| *name == key))
+        }
+    }
+
+    /// `messages`: counts the text of each message; the number of messages when it is an
+    /// array.
+    struct Messages<'g, 'de, 'e>(&'g mut Gathered<'de, 'e>);
+
+    impl<'de> DeserializeSeed<'de> for Messages<'_, 'de, '_> {
+        type Value = Option<usize>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Messages<'_, 'de, '_> {
+        type Value = Option<usize>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any value")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<usize>, A::Error> {
+            let mut n = 0;
+            while seq.next_element_seed(Message(&mut *self.0))?.is_some() {
+                n += 1;
+            }
+            Ok(Some(n))
+        }
+        skip_others!(None => bool i64 u64 f64 str unit map);
+    }
+
+    /// One message: its `content` and `name`, and the arguments of its `tool_calls`.
+    struct Message<'g, 'de, 'e>(&'g mut Gathered<'de, 'e>);
+
+    impl<'de> DeserializeSeed<'de> for Message<'_, 'de, '_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Message<'_, 'de, '_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any value")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while let Some(key) = map.next_key_seed(KeyIn(&["content", "name", "tool_calls"]))? {
+                match key {
+                    Some(0 | 1) => map.next_value_seed(Texts {
+                        g: &mut *self.0,
+                        slot: Slot::Messages,
+                    })?,
+                    Some(_) => map.next_value_seed(Nested {
+                        g: &mut *self.0,
+                        path: &["function", "arguments"],
+                    })?,
+                    None => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(())
+        }
+        skip_others!(() => bool i64 u64 f64 str unit seq);
+    }
+
+    /// `tool_calls`: each call's `function.arguments` (`path` left to walk in each call).
+    struct Nested<'g, 'de, 'e> {
+        g: &'g mut Gathered<'de, 'e>,
+        path: &'static [&'static str],
+    }
+
+    impl<'de> DeserializeSeed<'de> for Nested<'_, 'de, '_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Nested<'_, 'de, '_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any value")
+        }
+        /// The list of calls.
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while seq
+                .next_element_seed(Call {
+                    g: &mut *self.g,
+                    path: self.path,
+                })?
+                .is_some()
+            {}
+            Ok(())
+        }
+        skip_others!(() => bool i64 u64 f64 str unit map);
+    }
+
+    /// One object on the way to the arguments: follows `path`, then counts the text there.
+    struct Call<'g, 'de, 'e> {
+        g: &'g mut Gathered<'de, 'e>,
+        path: &'static [&'static str],
+    }
+
+    impl<'de> DeserializeSeed<'de> for Call<'_, 'de, '_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            match self.path {
+                [] => Texts {
+                    g: self.g,
+                    slot: Slot::Messages,
+                }
+                .deserialize(d),
+                _ => d.deserialize_any(self),
+            }
+        }
+    }
+
+    impl<'de> Visitor<'de> for Call<'_, 'de, '_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any value")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let (name, rest) = self.path.split_first().expect("a path to follow");
+            while let Some(key) = map.next_key_seed(KeyIn(std::slice::from_ref(name)))? {
+                match key {
+                    Some(_) => map.next_value_seed(Call {
+                        g: &mut *self.g,
+                        path: rest,
+                    })?,
+                    None => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(())
+        }
+        skip_others!(() => bool i64 u64 f64 str unit seq);
+    }
+
+    /// A text field: a string, or an array of strings and content parts (`text` and
+    /// `content` of each part counted, recursively).
+    struct Texts<'g, 'de, 'e> {
+        g: &'g mut Gathered<'de, 'e>,
+        slot: Slot,
+    }
+
+    impl<'de> DeserializeSeed<'de> for Texts<'_, 'de, '_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Texts<'_, 'de, '_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any value")
+        }
+        fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<(), E> {
+            self.g.count_borrowed(self.slot, s);
+            Ok(())
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<(), E> {
+            self.g.count_transient(self.slot, s);
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while seq
+                .next_element_seed(Part {
+                    g: &mut *self.g,
+                    slot: self.slot,
+                })?
+                .is_some()
+            {}
+            Ok(())
+        }
+        skip_others!(() => bool i64 u64 f64 unit map);
+    }
+
+    /// One item of a text array: a string, or a part whose `text` and `content` count.
+    struct Part<'g, 'de, 'e> {
+        g: &'g mut Gathered<'de, 'e>,
+        slot: Slot,
+    }
+
+    impl<'de> DeserializeSeed<'de> for Part<'_, 'de, '_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Part<'_, 'de, '_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any value")
+        }
+        fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<(), E> {
+            self.g.count_borrowed(self.slot, s);
+            Ok(())
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<(), E> {
+            self.g.count_transient(self.slot, s);
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while let Some(key) = map.next_key_seed(KeyIn(&["text", "content"]))? {
+                match key {
+                    Some(_) => map.next_value_seed(Texts {
+                        g: &mut *self.g,
+                        slot: self.slot,
+                    })?,
+                    None => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(())
+        }
+        skip_others!(() => bool i64 u64 f64 unit seq);
     }
 }
 
-/// Why [`ensure_view`] could not produce a view.
+/// Why [`EnsureView`] could not produce a view.
 #[derive(Debug)]
 pub enum ViewError {
     /// The body could not be buffered.
@@ -629,43 +1264,6 @@ impl ViewError {
                 crate::error::ErrorCode::InvalidValue,
                 p.message().to_owned(),
             ),
-        }
-    }
-}
-
-/// Makes sure the request carries a [`RequestView`]: returns it unchanged when an earlier
-/// layer stored one, else buffers the body (at most `limit` bytes), parses it, stores the view
-/// and rebuilds the request with the same bytes. Requests without a body (`GET`) get no view.
-pub async fn ensure_view<B>(
-    req: Request<B>,
-    limit: usize,
-    estimator: &dyn TokenEstimator,
-) -> Result<Request<B>, (Request<B>, ViewError)>
-where
-    B: Body + From<Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    if req.extensions().get::<RequestView>().is_some() {
-        return Ok(req);
-    }
-    let endpoint = Endpoint::from_path(req.uri().path());
-    match buffer_request(req, limit).await {
-        Ok((mut req, bytes)) => {
-            if bytes.is_empty() {
-                return Ok(req);
-            }
-            match RequestView::parse(endpoint, &bytes, estimator) {
-                Ok(view) => {
-                    let view = view.with_path(req.uri().path());
-                    req.extensions_mut().insert(view);
-                    Ok(req)
-                }
-                Err(e) => Err((req, ViewError::Parse(e))),
-            }
-        }
-        Err(e) => {
-            // The body is gone; answer with an empty request so the caller can still respond.
-            Err((Request::new(B::from(Bytes::new())), ViewError::Buffer(e)))
         }
     }
 }
@@ -853,7 +1451,7 @@ where
                 if !bytes.is_empty() {
                     let endpoint = Endpoint::from_path(parts.uri.path());
                     let estimator = this.estimator.take().expect("estimator kept until parsed");
-                    match RequestView::parse(endpoint, &bytes, &*estimator) {
+                    match RequestView::parse_bytes(endpoint, bytes.clone(), &*estimator) {
                         Ok(view) => {
                             parts.extensions.insert(view.with_path(parts.uri.path()));
                         }
@@ -882,6 +1480,29 @@ mod tests {
         assert_eq!(CharEstimator.estimate("", "你好世界"), 4);
         assert_eq!(CharEstimator.estimate("", "abcdefgh"), 2);
         assert_eq!(CharEstimator.estimate("", "héllo"), 2);
+    }
+
+    #[test]
+    fn the_byte_count_agrees_with_counting_characters() {
+        let by_chars = |text: &str| {
+            let cjk = text.chars().filter(|c| is_cjk(*c)).count() as u64;
+            cjk + (text.chars().count() as u64 - cjk).div_ceil(4)
+        };
+        let mut rng = fastrand::Rng::with_seed(5);
+        let alphabet = [
+            'a', ' ', 'é', 'ß', '你', 'ア', '한', 'Ａ', '€', '𠀀', '😀', 'ᄀ', '\u{2e80}',
+            '\u{ffef}', '\u{fff0}',
+        ];
+        for _ in 0..20_000 {
+            let text: String = (0..rng.usize(0..40))
+                .map(|_| alphabet[rng.usize(..alphabet.len())])
+                .collect();
+            assert_eq!(
+                CharEstimator.estimate("", &text),
+                by_chars(&text),
+                "{text:?}"
+            );
+        }
     }
 
     #[cfg(feature = "tiktoken")]
@@ -1013,5 +1634,318 @@ mod tests {
         assert!(e.message().contains("line 2"), "{}", e.message());
         let e = RequestView::parse(Endpoint::ChatCompletions, b"[1]", &CharEstimator).unwrap_err();
         assert!(e.message().contains("an array"));
+    }
+}
+
+#[cfg(test)]
+mod typed_tests {
+    //! The typed parse against the parse it replaced: a `serde_json::Value` tree walked field
+    //! by field, kept here as the reference.
+
+    use super::*;
+    use serde_json::{json, Value};
+
+    /// What the view held when it parsed a `Value`: model, fallbacks, stream, max tokens,
+    /// message count, prompt tokens.
+    type Reference = (
+        Option<String>,
+        Vec<String>,
+        bool,
+        Option<u64>,
+        Option<usize>,
+        u64,
+    );
+
+    fn reference(json: &Value, estimator: &dyn TokenEstimator) -> Reference {
+        fn count_text(v: Option<&Value>, count: &mut impl FnMut(&str)) {
+            match v {
+                Some(Value::String(s)) => count(s),
+                Some(Value::Array(items)) => {
+                    for item in items {
+                        match item {
+                            Value::String(s) => count(s),
+                            Value::Object(o) => {
+                                count_text(o.get("text"), count);
+                                count_text(o.get("content"), count);
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let obj = json.as_object().unwrap();
+        let model = obj.get("model").and_then(Value::as_str);
+        let fallbacks = obj
+            .get("models")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect();
+        let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let messages = obj.get("messages").and_then(Value::as_array);
+        let max = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+            .iter()
+            .find_map(|k| obj.get(*k).and_then(Value::as_u64));
+        let model_name = model.unwrap_or("");
+        let mut tokens = 0u64;
+        let mut count = |text: &str| tokens += estimator.estimate(model_name, text);
+        for m in messages.into_iter().flatten().filter_map(Value::as_object) {
+            for (key, value) in m {
+                match key.as_str() {
+                    "content" | "name" => count_text(Some(value), &mut count),
+                    "tool_calls" => {
+                        for c in value.as_array().into_iter().flatten() {
+                            count_text(c.pointer("/function/arguments"), &mut count);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for key in ["prompt", "input", "instructions", "system"] {
+            count_text(obj.get(key), &mut count);
+        }
+        let count = messages.map(Vec::len);
+        tokens += PER_MESSAGE_OVERHEAD * count.unwrap_or(0) as u64;
+        (
+            model.map(str::to_owned),
+            fallbacks,
+            stream,
+            max,
+            count,
+            tokens,
+        )
+    }
+
+    fn typed(view: &RequestView) -> Reference {
+        (
+            view.model().map(str::to_owned),
+            view.fallback_models()
+                .iter()
+                .map(|m| m.to_string())
+                .collect(),
+            view.stream(),
+            view.max_tokens(),
+            view.message_count(),
+            view.prompt_tokens(),
+        )
+    }
+
+    /// A random value of the shapes LLM requests have, `depth` levels deep at most.
+    fn value(rng: &mut fastrand::Rng, depth: u32) -> Value {
+        const KEYS: [&str; 14] = [
+            "model",
+            "models",
+            "content",
+            "name",
+            "text",
+            "tool_calls",
+            "function",
+            "arguments",
+            "role",
+            "stream",
+            "max_tokens",
+            "x",
+            "input",
+            "type",
+        ];
+        const WORDS: [&str; 7] = [
+            "gpt-4o",
+            "",
+            "hi there",
+            "你好世界",
+            "a\"b\\n\tc",
+            "é",
+            "user",
+        ];
+        match rng.u32(0..if depth == 0 { 6 } else { 8 }) {
+            0 => Value::Null,
+            1 => Value::Bool(rng.bool()),
+            2 => json!(rng.i64(-5..100_000)),
+            3 => json!(rng.f64() * 10.0 - 2.0),
+            4 | 5 => json!(WORDS[rng.usize(..WORDS.len())].repeat(rng.usize(1..4))),
+            6 => Value::Array(
+                (0..rng.usize(0..4))
+                    .map(|_| value(rng, depth - 1))
+                    .collect(),
+            ),
+            _ => Value::Object(
+                (0..rng.usize(0..5))
+                    .map(|_| {
+                        (
+                            KEYS[rng.usize(..KEYS.len())].to_owned(),
+                            value(rng, depth - 1),
+                        )
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    fn document(rng: &mut fastrand::Rng) -> Value {
+        const TOP: [&str; 14] = [
+            "model",
+            "models",
+            "stream",
+            "messages",
+            "max_completion_tokens",
+            "max_tokens",
+            "max_output_tokens",
+            "prompt",
+            "input",
+            "instructions",
+            "system",
+            "temperature",
+            "tools",
+            "metadata",
+        ];
+        let mut obj = serde_json::Map::new();
+        for _ in 0..rng.usize(0..10) {
+            let key = TOP[rng.usize(..TOP.len())];
+            let v = match key {
+                "messages" => Value::Array(
+                    (0..rng.usize(0..5))
+                        .map(|_| {
+                            let mut m = value(rng, 3);
+                            if rng.bool() {
+                                m = json!({"role": "assistant", "content": value(rng, 2),
+                                    "tool_calls": [{"function": {"arguments": value(rng, 2)}}]});
+                            }
+                            m
+                        })
+                        .collect(),
+                ),
+                _ => value(rng, 3),
+            };
+            obj.insert(key.to_owned(), v);
+        }
+        Value::Object(obj)
+    }
+
+    #[test]
+    fn the_typed_parse_gives_what_the_value_walk_gave() {
+        let mut rng = fastrand::Rng::with_seed(12);
+        // An estimator that tells the model apart, so deferred texts must be counted with the
+        // right name.
+        let by_model = |model: &str, text: &str| (model.len() as u64 + 1) * text.len() as u64;
+        for i in 0..5_000 {
+            let doc = document(&mut rng);
+            let bytes = if rng.bool() {
+                serde_json::to_vec(&doc).unwrap()
+            } else {
+                serde_json::to_vec_pretty(&doc).unwrap()
+            };
+            for est in [&CharEstimator as &dyn TokenEstimator, &by_model] {
+                let view = RequestView::parse(Endpoint::ChatCompletions, &bytes, est).unwrap();
+                assert_eq!(typed(&view), reference(&doc, est), "case {i}: {doc}");
+                assert_eq!(view.body_len(), Some(bytes.len()));
+            }
+        }
+    }
+
+    #[test]
+    fn broken_documents_fail_as_a_value_parse_does() {
+        let mut rng = fastrand::Rng::with_seed(34);
+        let noise = b"{}[]\",:0-e.tfn\\ ax\x7f";
+        for i in 0..20_000 {
+            let mut bytes = serde_json::to_vec(&document(&mut rng)).unwrap();
+            for _ in 0..rng.usize(1..3) {
+                let at = rng.usize(..bytes.len());
+                match rng.u8(0..3) {
+                    0 => bytes[at] = noise[rng.usize(..noise.len())],
+                    1 => {
+                        bytes.remove(at);
+                    }
+                    _ => bytes.truncate(at),
+                }
+                if bytes.is_empty() {
+                    break;
+                }
+            }
+            let typed = RequestView::parse(Endpoint::ChatCompletions, &bytes, &CharEstimator);
+            let value: Result<Value, _> = serde_json::from_slice(&bytes);
+            match (typed, value) {
+                (Ok(_), Ok(v)) => assert!(v.is_object(), "case {i}"),
+                (Err(e), Ok(v)) => {
+                    assert!(!v.is_object(), "case {i}: {e}");
+                    assert_eq!(e.line(), 0);
+                }
+                // The one documented difference: a number beyond `f64` in a skipped value.
+                (Ok(_), Err(e)) => assert!(
+                    e.to_string().starts_with("number out of range"),
+                    "case {i}: accepted, a Value parse says {e}"
+                ),
+                (Err(t), Err(v)) => {
+                    assert_eq!(
+                        (t.line(), t.column()),
+                        (v.line(), v.column()),
+                        "case {i}: {t} / {v} in {}",
+                        String::from_utf8_lossy(&bytes)
+                    );
+                    assert_eq!(t, syntax_error(v), "case {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn non_utf8_and_non_objects_are_refused_with_their_position() {
+        let e = RequestView::parse(
+            Endpoint::ChatCompletions,
+            b"{\"model\":\"gpt-4o\",\n\"x\":\"\xff\"}",
+            &CharEstimator,
+        )
+        .unwrap_err();
+        assert_eq!(e.line(), 2, "{e}");
+        assert!(e.message().contains("invalid unicode code point"), "{e}");
+        for (body, kind) in [
+            (&b"null"[..], "null"),
+            (b" true ", "a boolean"),
+            (b"-1.5", "a number"),
+            (b"\"x\"", "a string"),
+            (b"[{\"model\":1}]", "an array"),
+        ] {
+            let e =
+                RequestView::parse(Endpoint::ChatCompletions, body, &CharEstimator).unwrap_err();
+            assert_eq!(
+                e.message(),
+                format!("The request body must be a JSON object, not {kind}.")
+            );
+        }
+        let e = RequestView::parse(Endpoint::ChatCompletions, b"{} x", &CharEstimator).unwrap_err();
+        assert!(e.message().contains("trailing characters"), "{e}");
+    }
+
+    #[test]
+    fn a_key_that_occurs_twice_counts_by_its_last_occurrence() {
+        let body = br#"{"messages":[{"content":"aaaaaaaa"}],"model":"m","stream":true,
+            "messages":[{"content":"aaaa"}],"stream":false,"model":"gpt-4o","max_tokens":9}"#;
+        let view = RequestView::parse(Endpoint::ChatCompletions, body, &CharEstimator).unwrap();
+        assert_eq!(view.model(), Some("gpt-4o"));
+        assert!(!view.stream());
+        assert_eq!(view.message_count(), Some(1));
+        assert_eq!(view.prompt_tokens(), 1 + PER_MESSAGE_OVERHEAD);
+    }
+
+    #[test]
+    fn parse_bytes_keeps_the_buffer_and_debug_hides_it() {
+        let body = Bytes::from_static(br#"{"model":"gpt-4o","metadata":{"secret":"s3cr3t"}}"#);
+        let view =
+            RequestView::parse_bytes(Endpoint::ChatCompletions, body.clone(), &CharEstimator)
+                .unwrap();
+        assert_eq!(view.bytes().unwrap().as_ptr(), body.as_ptr(), "no copy");
+        assert!(
+            RequestView::parse(Endpoint::ChatCompletions, &body, &CharEstimator)
+                .unwrap()
+                .bytes()
+                .is_none()
+        );
+        let debug = format!("{view:?}");
+        assert!(!debug.contains("s3cr3t"), "{debug}");
+        assert!(debug.contains("gpt-4o"), "{debug}");
     }
 }

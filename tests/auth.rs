@@ -1111,3 +1111,27 @@ async fn client_chosen_strings_reach_logs_escaped() {
     assert!(logs.contains(r"gpt-4o\n1999-01-01"), "{logs}");
     assert!(logs.contains(r"team\n1999-01-01"), "{logs}");
 }
+
+#[tokio::test]
+async fn credential_headers_that_are_not_accepted_are_stripped_too() {
+    let bearer_only = ApiKeyAuthLayer::builder(store())
+        .accepted_headers(AcceptedHeaders::none().bearer(true))
+        .build()
+        .unwrap();
+    let base = serve(app(bearer_only)).await;
+    let res = post(&base, "/v1/chat/completions")
+        .bearer_auth(ACTIVE)
+        .header("x-api-key", "sk-ignored-0123456789abcdefghijklmn")
+        .header("api-key", "sk-ignored-too-0123456789abcdefghij")
+        .body(chat("gpt-4o"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let headers = res.json::<Value>().await.unwrap()["headers"].clone();
+    assert_eq!(
+        headers,
+        serde_json::json!({"authorization": [], "x-api-key": [], "api-key": []}),
+        "headers the layer does not read are still credentials: none reaches the upstream"
+    );
+}

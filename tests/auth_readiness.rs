@@ -312,3 +312,115 @@ async fn any_body_is_accepted_and_an_unrestricted_keys_body_is_handed_on_unread(
         "bytes the layer read for the model"
     );
 }
+
+/// An inner service that counts its clones and answers when `gate` lets it.
+#[derive(Default)]
+struct Counted {
+    clones: Arc<AtomicUsize>,
+    gate: Option<Arc<Semaphore>>,
+}
+
+impl Clone for Counted {
+    fn clone(&self) -> Self {
+        self.clones.fetch_add(1, Ordering::SeqCst);
+        Counted {
+            clones: Arc::clone(&self.clones),
+            gate: self.gate.clone(),
+        }
+    }
+}
+
+impl<B> Service<Request<B>> for Counted {
+    type Response = Response<String>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<String>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _req: Request<B>) -> Self::Future {
+        let gate = self.gate.clone();
+        Box::pin(async move {
+            if let Some(gate) = gate {
+                gate.acquire().await.unwrap().forget();
+            }
+            Ok(Response::new("upstream".to_owned()))
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_key_decided_within_call_reaches_a_ready_inner_service_without_a_clone() {
+    let inner = Counted::default();
+    let clones = Arc::clone(&inner.clones);
+    let mut svc = ApiKeyAuthLayer::new(store()).layer(inner);
+    let full = || Full::new(Bytes::from_static(br#"{"model":"gpt-4o"}"#));
+    for _ in 0..3 {
+        let res = ServiceExt::<Request<Full<Bytes>>>::ready(&mut svc)
+            .await
+            .unwrap()
+            .call(request(ACTIVE, full()))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(text(res).await, "upstream");
+    }
+    assert_eq!(clones.load(Ordering::SeqCst), 0, "no clone per request");
+
+    // A key restricted to some models reads the body first: that takes a clone.
+    let res = svc
+        .call(request(
+            MINI,
+            Full::new(Bytes::from_static(br#"{"model":"gpt-4o-mini"}"#)),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(clones.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn an_inner_service_not_ready_within_call_is_driven_by_the_response_future() {
+    // A concurrency limit of one below the layer: the first request holds the slot until the
+    // gate opens, so the second finds the inner service not ready when it is called.
+    let gate = Arc::new(Semaphore::new(0));
+    let inner = Counted {
+        clones: Arc::default(),
+        gate: Some(Arc::clone(&gate)),
+    };
+    let mut svc = ApiKeyAuthLayer::new(store()).layer(ConcurrencyLimitLayer::new(1).layer(inner));
+    let full = || Full::new(Bytes::from_static(br#"{"model":"gpt-4o"}"#));
+
+    // Boxed, to be dropped once answered: the limit's permit goes with its future.
+    let mut first = Box::pin(svc.call(request(ACTIVE, full())));
+    assert!(poll!(first.as_mut()).is_pending(), "the upstream waits");
+    let mut second = Box::pin(svc.call(request(ROTATE_OLD, full())));
+    assert!(
+        poll!(second.as_mut()).is_pending(),
+        "the slot is taken by the first request"
+    );
+    // A rejection is answered at once, whatever the inner service's readiness.
+    let res = svc.call(request(UNKNOWN, full())).await.unwrap();
+    assert_eq!(res.status(), 401);
+
+    gate.add_permits(2);
+    let res = first.as_mut().await.unwrap();
+    assert_eq!(res.status(), 200);
+    drop(first);
+    // The second request was woken by the freed slot: its future drives the inner service.
+    let res = tokio::time::timeout(Duration::from_secs(5), second.as_mut())
+        .await
+        .expect("the second request is woken when the slot frees")
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    drop(second);
+
+    // The service left in the layer holds no slot: a third request goes through.
+    gate.add_permits(1);
+    let res = tokio::time::timeout(Duration::from_secs(5), svc.call(request(ACTIVE, full())))
+        .await
+        .expect("no slot is held by the layer itself")
+        .unwrap();
+    assert_eq!(res.status(), 200);
+}

@@ -880,6 +880,11 @@ fn control_the_mirror_catches_an_early_opening() {
             .unwrap();
         let svc = ServiceBuilder::new()
             .layer(ValidateRequestLayer::builder().build().unwrap())
+            .map_request(
+                |req: http::Request<llm_layers::body::LayerBody<axum::body::Body>>| {
+                    req.map(axum::body::Body::new)
+                },
+            )
             .layer(CountLayer::around_breaker(Arc::new(Counter::default())))
             .map_response(|r: http::Response<_>| r.map(axum::body::Body::new))
             .layer(breaker)

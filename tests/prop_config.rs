@@ -559,7 +559,7 @@ proptest! {
             .allowed_models(["gpt-4o-mini"])
             .build()
         {
-            Ok(layer) => serve(layer.layer(upstream(script.clone())), &gaps)?,
+            Ok(layer) => serve(layer.layer(upstream(script.clone()).map_request(|r: Request<llm_layers::body::LayerBody<Body>>| r.map(Body::new))), &gaps)?,
             Err(e) => check_refusal(&e, "validation", &["body_limit", "max_listed_models", "context_window", "allowed_models"])?,
         }
         let store = InMemoryKeyStore::from_toml_str(

@@ -11,12 +11,14 @@ use axum::Router;
 use bytes::Bytes;
 use common_validate::{chat, post_json, post_raw, post_with, serve};
 use futures_util::StreamExt;
-use llm_layers::request::{CharEstimator, Endpoint, RequestView};
-use llm_layers::validate::ValidateRequestLayer;
+use llm_layers::body::LayerBody;
+use llm_layers::request::{CharEstimator, Endpoint, RequestHead, RequestView};
+use llm_layers::validate::{ValidateRequestLayer, ValidationRule};
+use llm_layers::{ApiError, ErrorCode};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
-use tower::ServiceExt;
+use tower::{Layer, ServiceExt};
 
 /// An upstream stub: every LLM endpoint answers 200 with the body length and whether it saw a
 /// `RequestView`.
@@ -27,6 +29,9 @@ async fn upstream(req: Request) -> axum::Json<Value> {
         .unwrap();
     axum::Json(json!({"ok": true, "len": bytes.len(), "view": had_view}))
 }
+
+/// What a service behind the layer receives.
+type Inner = http::Request<LayerBody<Body>>;
 
 fn app(layer: ValidateRequestLayer) -> Router {
     Router::new()
@@ -61,7 +66,11 @@ async fn valid_chat_passes_with_body_intact_and_view_in_extensions() {
                 assert_eq!(view.max_tokens(), Some(50));
                 assert_eq!(view.message_count(), Some(1));
                 assert_eq!(view.endpoint(), Endpoint::ChatCompletions);
-                assert_eq!(view.json().unwrap()["x_custom"]["a"][1], 2);
+                // The view keeps the body's bytes (one buffer with the body handed on).
+                let kept = view.bytes().expect("the view keeps the body");
+                assert_eq!(&kept[..], body);
+                let json: Value = serde_json::from_slice(kept).unwrap();
+                assert_eq!(json["x_custom"]["a"][1], 2);
                 let got = axum::body::to_bytes(req.into_body(), usize::MAX)
                     .await
                     .unwrap();
@@ -532,14 +541,13 @@ async fn streaming_request_passes_and_sse_streams_through() {
 async fn a_view_stored_by_an_earlier_layer_is_reused() {
     // The earlier layer parsed a different (valid) document than the bytes on the wire and
     // counted tokens its own way; validation must use that view, not parse the body again.
-    let stored =
-        Arc::new(json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}));
+    let stored = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
     let huge = |_: &str, _: &str| 1_000_000u64;
     let counting = ValidateRequestLayer::new();
     let svc = tower::ServiceBuilder::new()
         .layer(counting)
-        .service(tower::service_fn(|req: Request| async move {
-            let len = axum::body::to_bytes(req.into_body(), usize::MAX)
+        .service(tower::service_fn(|req: Inner| async move {
+            let len = axum::body::to_bytes(Body::new(req.into_body()), usize::MAX)
                 .await
                 .unwrap()
                 .len();
@@ -556,20 +564,22 @@ async fn a_view_stored_by_an_earlier_layer_is_reused() {
         req.extensions_mut().insert(view);
         req
     };
-    let view = RequestView::from_json(Endpoint::ChatCompletions, stored.clone(), &CharEstimator);
+    let view = RequestView::from_json(Endpoint::ChatCompletions, &stored, &CharEstimator);
     let res = svc.clone().oneshot(request(view)).await.unwrap();
     assert_eq!(
         res.status(),
         200,
         "the stored view is valid; the wire body is not"
     );
-    let got = axum::body::to_bytes(res.into_body(), 1024).await.unwrap();
+    let got = axum::body::to_bytes(Body::new(res.into_body()), 1024)
+        .await
+        .unwrap();
     assert_eq!(got, wire.len().to_string(), "body handed on untouched");
 
-    let view = RequestView::from_json(Endpoint::ChatCompletions, stored, &huge);
+    let view = RequestView::from_json(Endpoint::ChatCompletions, &stored, &huge);
     let res = svc.oneshot(request(view)).await.unwrap();
     assert_eq!(res.status(), 400);
-    let got = axum::body::to_bytes(res.into_body(), 1 << 16)
+    let got = axum::body::to_bytes(Body::new(res.into_body()), 1 << 16)
         .await
         .unwrap();
     let env: Value = serde_json::from_slice(&got).unwrap();
@@ -641,7 +651,7 @@ fn context_windows_match_exact_then_longest_prefix() {
         let exact = |n: u64| {
             let json = json!({"model": model, "messages": [{"role": "user", "content": "x"}]});
             let est = move |_: &str, _: &str| n;
-            let view = RequestView::from_json(Endpoint::ChatCompletions, Arc::new(json), &est);
+            let view = RequestView::from_json(Endpoint::ChatCompletions, &json, &est);
             layer.check(&view)
         };
         // 1 message = 4 tokens of overhead on top of the estimate.
@@ -663,7 +673,7 @@ fn context_windows_match_exact_then_longest_prefix() {
     // Unknown names, and names that only share characters with an entry, are not checked.
     let json = json!({"model": "gpt-4.5x", "messages": [{"role": "user", "content": "x"}]});
     let est = |_: &str, _: &str| u64::MAX / 2;
-    let view = RequestView::from_json(Endpoint::ChatCompletions, Arc::new(json), &est);
+    let view = RequestView::from_json(Endpoint::ChatCompletions, &json, &est);
     assert!(layer.check(&view).is_ok());
 }
 
@@ -676,7 +686,7 @@ fn pass_or_envelope(rt: &tokio::runtime::Runtime, body: Vec<u8>) -> Result<(), T
         .unwrap();
     let svc = tower::ServiceBuilder::new()
         .layer(svc)
-        .service(tower::service_fn(|_req: Request| async {
+        .service(tower::service_fn(|_req: Inner| async {
             Ok::<_, std::convert::Infallible>(axum::response::Response::new(Body::from("passed")))
         }));
     let req = http::Request::post("/v1/chat/completions")
@@ -688,7 +698,7 @@ fn pass_or_envelope(rt: &tokio::runtime::Runtime, body: Vec<u8>) -> Result<(), T
         let status = res.status();
         (
             status,
-            axum::body::to_bytes(res.into_body(), 1 << 20)
+            axum::body::to_bytes(Body::new(res.into_body()), 1 << 20)
                 .await
                 .unwrap(),
         )
@@ -812,7 +822,7 @@ async fn with_every_body_check_off_the_body_is_not_read() {
 async fn a_body_that_fails_mid_read_is_refused() {
     let svc = tower::ServiceBuilder::new()
         .layer(ValidateRequestLayer::new())
-        .service(tower::service_fn(|_req: Request| async {
+        .service(tower::service_fn(|_req: Inner| async {
             Ok::<_, std::convert::Infallible>(axum::response::Response::new(Body::from("passed")))
         }));
     let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
@@ -828,7 +838,7 @@ async fn a_body_that_fails_mid_read_is_refused() {
         .unwrap();
     let res = svc.oneshot(req).await.unwrap();
     assert_eq!(res.status(), 400);
-    let bytes = axum::body::to_bytes(res.into_body(), 1 << 16)
+    let bytes = axum::body::to_bytes(Body::new(res.into_body()), 1 << 16)
         .await
         .unwrap();
     let env: Value = serde_json::from_slice(&bytes).unwrap();
@@ -846,7 +856,7 @@ async fn works_with_any_body_types() {
     let svc = tower::ServiceBuilder::new()
         .layer(ValidateRequestLayer::new())
         .service(tower::service_fn(
-            |req: http::Request<Full<Bytes>>| async move {
+            |req: http::Request<LayerBody<Full<Bytes>>>| async move {
                 let body = req.into_body().collect().await.unwrap().to_bytes();
                 Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(body)))
             },
@@ -1008,7 +1018,7 @@ async fn a_stored_view_is_checked_against_the_deployment_of_the_path() {
         .unwrap();
     let svc = tower::ServiceBuilder::new()
         .layer(layer)
-        .service(tower::service_fn(|req: Request| async move {
+        .service(tower::service_fn(|req: Inner| async move {
             let routed = RequestView::from_extensions(req.extensions())
                 .and_then(|v| v.routed_model().map(str::to_owned));
             Ok::<_, std::convert::Infallible>(axum::response::Response::new(Body::from(
@@ -1038,7 +1048,9 @@ async fn a_stored_view_is_checked_against_the_deployment_of_the_path() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    let got = axum::body::to_bytes(res.into_body(), 1024).await.unwrap();
+    let got = axum::body::to_bytes(Body::new(res.into_body()), 1024)
+        .await
+        .unwrap();
     assert_eq!(got, "gpt-4o-mini", "later layers see the deployment too");
 }
 
@@ -1162,4 +1174,286 @@ async fn encoded_and_dot_segment_paths_are_validated_like_the_plain_path() {
     }
     let a = post_raw(&base, "/v1/%65mbeddings", json!({"model": "x"}).to_string()).await;
     assert_eq!((a.status, a.param()), (400, Some("input")), "{}", a.text);
+}
+
+/// An upstream that counts the requests it sees.
+fn counting_app(layer: ValidateRequestLayer) -> (Router, Arc<std::sync::atomic::AtomicUsize>) {
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = hits.clone();
+    let app = Router::new()
+        .fallback(move |req: Request| {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            upstream(req)
+        })
+        .layer(layer);
+    (app, hits)
+}
+
+/// A rule of one's own as a type: refuses streaming for clients of the batch tier, reading the
+/// header and the view.
+struct NoStreamingForBatch;
+
+impl ValidationRule for NoStreamingForBatch {
+    fn check(&self, head: &RequestHead<'_>, _body: &Bytes) -> Result<(), ApiError> {
+        let batch = head.headers().get("x-tier").is_some_and(|v| v == "batch");
+        if batch && head.view().expect("rules see the view").stream() {
+            return Err(
+                ApiError::new(ErrorCode::InvalidValue, "The batch tier does not stream.")
+                    .with_param("stream"),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn rules_of_ones_own_run_after_the_built_ins_and_answer_their_envelope() {
+    let layer = ValidateRequestLayer::builder()
+        .rule(NoStreamingForBatch)
+        // A closure reading a field the view does not: `user` is required here.
+        .rule(|_head: &RequestHead<'_>, body: &Bytes| {
+            let json: Value = serde_json::from_slice(body).expect("the body passed the checks");
+            match json.get("user") {
+                Some(Value::String(_)) => Ok(()),
+                _ => Err(ApiError::new(
+                    ErrorCode::MissingRequiredField,
+                    "Send `user`: this gateway bills per user.",
+                )
+                .with_param("user")),
+            }
+        })
+        .build()
+        .unwrap();
+    let (app, hits) = counting_app(layer);
+    let base = serve(app).await;
+    let client = reqwest::Client::new();
+    let send = |tier: &'static str, body: Value| {
+        client
+            .post(format!("{base}/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .header("x-tier", tier)
+            .body(body.to_string())
+            .send()
+    };
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+
+    // Both rules pass.
+    let res = send(
+        "batch",
+        json!({"model": "gpt-4o", "user": "u1", "messages": msgs}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // The first rule refuses, with its own error as the envelope.
+    let res = send(
+        "batch",
+        json!({"model": "gpt-4o", "user": "u1", "stream": true, "messages": msgs}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 400);
+    assert_eq!(res.headers()["content-type"], "application/json");
+    let env: Value = res.json().await.unwrap();
+    assert_eq!(env["error"]["code"], "invalid_value");
+    assert_eq!(env["error"]["param"], "stream");
+    assert_eq!(env["error"]["message"], "The batch tier does not stream.");
+
+    // The same request from another tier passes the first rule; the closure refuses a
+    // request without `user`.
+    let res = send(
+        "interactive",
+        json!({"model": "gpt-4o", "user": "u1", "stream": true, "messages": msgs}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 200);
+    let res = send("interactive", json!({"model": "gpt-4o", "messages": msgs}))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let env: Value = res.json().await.unwrap();
+    assert_eq!(env["error"]["code"], "missing_required_field");
+    assert_eq!(env["error"]["param"], "user");
+
+    // The built-in checks come first: a bad temperature is named, not the missing `user`.
+    let res = send(
+        "batch",
+        json!({"model": "gpt-4o", "temperature": 9, "stream": true, "messages": msgs}),
+    )
+    .await
+    .unwrap();
+    let env: Value = res.json().await.unwrap();
+    assert_eq!(env["error"]["param"], "temperature");
+
+    // Refused requests never reached the upstream.
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_rule_reads_the_body_with_every_built_in_check_off_and_only_on_validated_requests() {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    let layer = ValidateRequestLayer::builder()
+        .check_required_fields(false)
+        .check_params(false)
+        .check_messages(false)
+        .check_endpoint(false)
+        .check_context_length(false)
+        .rule(move |head: &RequestHead<'_>, body: &Bytes| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            assert_eq!(head.method(), http::Method::POST);
+            if body.windows(7).any(|w| w == b"forbid!") {
+                return Err(ApiError::new(ErrorCode::InvalidValue, "Forbidden word."));
+            }
+            Ok(())
+        })
+        .build()
+        .unwrap();
+    let (app, hits) = counting_app(layer);
+    let base = serve(app).await;
+    let a = post_json(
+        &base,
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o","prompt":"forbid!"}"#,
+    )
+    .await;
+    assert_eq!((a.status, a.code()), (400, "invalid_value"), "{}", a.text);
+    assert_eq!(a.message(), "Forbidden word.");
+    let a = post_json(&base, "/v1/chat/completions", r#"{"model":"gpt-4o"}"#).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.body["view"], true, "the body was read for the rule");
+    // Not an LLM request: the rule does not run.
+    let a = post_with(&base, "/v1/files", Some("text/plain"), "forbid!").await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+/// A body fed through a channel: the upload goes on as long as the test sends chunks.
+type ChannelBody = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
+
+fn channel_body() -> (tokio::sync::mpsc::Sender<Bytes>, ChannelBody) {
+    use http_body_util::BodyExt;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+        let chunk = rx.recv().await?;
+        Some((Ok(http_body::Frame::data(chunk)), rx))
+    });
+    (tx, http_body_util::StreamBody::new(frames).boxed_unsync())
+}
+
+fn full_body(bytes: &'static str) -> ChannelBody {
+    use http_body_util::BodyExt;
+    http_body_util::Full::new(Bytes::from_static(bytes.as_bytes()))
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_upload_does_not_hold_a_concurrency_slot_behind_the_layer() {
+    use http_body_util::BodyExt;
+    let upstream = tower::service_fn(|req: http::Request<LayerBody<ChannelBody>>| async move {
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(body)))
+    });
+    let svc = tower::ServiceBuilder::new()
+        .layer(ValidateRequestLayer::new())
+        .layer(tower::limit::ConcurrencyLimitLayer::new(1))
+        .service(upstream);
+    let post = |body: ChannelBody| {
+        http::Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(body)
+            .unwrap()
+    };
+    let whole = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+
+    // The first client sends half its body and stalls.
+    let (tx, body) = channel_body();
+    tx.send(Bytes::from_static(&whole.as_bytes()[..20]))
+        .await
+        .unwrap();
+    let first = svc.clone().oneshot(post(body));
+    tokio::pin!(first);
+    assert!(
+        futures_util::poll!(&mut first).is_pending(),
+        "still uploading"
+    );
+
+    // A second request goes through the only slot meanwhile.
+    let second = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        svc.clone().oneshot(post(full_body(whole))),
+    )
+    .await
+    .expect("the slow upload must not hold the slot")
+    .unwrap();
+    assert_eq!(second.status(), 200);
+    let got = second.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(got, whole);
+
+    // The first upload ends; its request goes through too, intact.
+    tx.send(Bytes::from_static(&whole.as_bytes()[20..]))
+        .await
+        .unwrap();
+    drop(tx);
+    let first = first.await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.into_body().collect().await.unwrap().to_bytes(), whole);
+}
+
+/// A service whose `poll_ready` fails, counting how often it is polled and called.
+#[derive(Clone, Default)]
+struct Broken {
+    polls: Arc<std::sync::atomic::AtomicUsize>,
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl tower::Service<Inner> for Broken {
+    type Response = http::Response<Body>;
+    type Error = std::io::Error;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.polls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::task::Poll::Ready(Err(std::io::Error::other("down")))
+    }
+
+    fn call(&mut self, _req: Inner) -> Self::Future {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::future::ready(Ok(http::Response::new(Body::empty())))
+    }
+}
+
+#[tokio::test]
+async fn a_readiness_error_of_the_inner_service_is_final_and_rejections_never_poll_it() {
+    let broken = Broken::default();
+    let svc = ValidateRequestLayer::new().layer(broken.clone());
+    let req = |body: &'static str| {
+        http::Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let err = svc
+        .clone()
+        .oneshot(req(
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.to_string(), "down");
+    use std::sync::atomic::Ordering::SeqCst;
+    assert_eq!(broken.polls.load(SeqCst), 1, "polled once, never again");
+    assert_eq!(broken.calls.load(SeqCst), 0);
+    // A rejected request answers without touching the inner service.
+    let res = svc.oneshot(req(r#"{"model":"gpt-4o"}"#)).await.unwrap();
+    assert_eq!(res.status(), 400);
+    assert_eq!(broken.polls.load(SeqCst), 1);
 }

@@ -270,10 +270,18 @@ fn check_key<'a>(key: &'a [u8], header: &'static str) -> Result<&'a [u8], Creden
     if key.is_empty() {
         return Err(CredentialError::EmptyKey { header });
     }
-    if !key.iter().all(|b| is_key_byte(*b)) {
+    if !all_key_bytes(key) {
         return Err(CredentialError::InvalidCharacters { header });
     }
     Ok(key)
+}
+
+/// Whether every byte is visible ASCII. Folds over the whole key without stopping early, so
+/// that the loop vectorizes (and its time depends only on the key's length).
+fn all_key_bytes(key: &[u8]) -> bool {
+    key.iter()
+        .fold(0u8, |bad, b| bad | u8::from(!is_key_byte(*b)))
+        == 0
 }
 
 fn parse_authorization(value: &[u8]) -> Result<&[u8], CredentialError> {
@@ -342,6 +350,33 @@ pub fn extract_api_key(
     headers: &HeaderMap,
     accepted: AcceptedHeaders,
 ) -> Result<&[u8], CredentialError> {
+    extract(headers, accepted).map(|(key, _)| key)
+}
+
+/// The credential headers a request may still carry after [`extract`]: an accepted header
+/// that was looked up and is absent is known to be absent; every other one may be present.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MaybePresent {
+    pub(crate) authorization: bool,
+    pub(crate) x_api_key: bool,
+    pub(crate) api_key: bool,
+}
+
+impl MaybePresent {
+    /// Nothing known: every credential header may be present.
+    pub(crate) const ALL: MaybePresent = MaybePresent {
+        authorization: true,
+        x_api_key: true,
+        api_key: true,
+    };
+}
+
+/// [`extract_api_key`], also telling which credential headers may be present, so that
+/// stripping them later looks up only those.
+pub(crate) fn extract(
+    headers: &HeaderMap,
+    accepted: AcceptedHeaders,
+) -> Result<(&[u8], MaybePresent), CredentialError> {
     let mut found: [(Option<&[u8]>, &'static str); 3] = [(None, ""); 3];
     if accepted.bearer {
         if let Some(v) = single(headers, &AUTHORIZATION, "Authorization")? {
@@ -358,6 +393,11 @@ pub fn extract_api_key(
             found[2] = (Some(check_key(trim_ows(v), "api-key")?), "api-key");
         }
     }
+    let present = MaybePresent {
+        authorization: !accepted.bearer || found[0].0.is_some(),
+        x_api_key: !accepted.x_api_key || found[1].0.is_some(),
+        api_key: !accepted.api_key || found[2].0.is_some(),
+    };
     let mut key: Option<(&[u8], &'static str)> = None;
     for (value, header) in found {
         let Some(value) = value else { continue };
@@ -374,7 +414,7 @@ pub fn extract_api_key(
         }
     }
     if let Some((key, _)) = key {
-        return Ok(key);
+        return Ok((key, present));
     }
     let ignored = [
         (!accepted.bearer, &AUTHORIZATION, "Authorization"),
@@ -509,6 +549,22 @@ mod tests {
                 "{pairs:?}"
             );
             assert!(!want.message().contains("secret"));
+        }
+        // A bad byte anywhere in a long key, first, last or in between.
+        let key = b"sk-0123456789abcdefghijklmnopqrstuvwxyz0123456789";
+        for i in [0, 1, 17, key.len() - 1] {
+            for bad in [0x80u8, 0xc3, 0xff] {
+                let mut k = key.to_vec();
+                k[i] = bad;
+                let h = headers(&[("x-api-key", &k)]);
+                assert_eq!(
+                    extract_api_key(&h, all),
+                    Err(CredentialError::InvalidCharacters {
+                        header: "x-api-key"
+                    }),
+                    "byte {i} = {bad:#x}"
+                );
+            }
         }
         let same = headers(&[("authorization", b"Bearer a"), ("api-key", b"a")]);
         assert_eq!(extract_api_key(&same, all), Ok(&b"a"[..]));

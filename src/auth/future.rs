@@ -10,7 +10,7 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use super::credentials::{extract_api_key, mask_key, CredentialError};
+use super::credentials::{extract_api_key, mask_key, CredentialError, MaybePresent};
 use super::inject::{set_credential, strip_credentials};
 use super::layer::{Forward, Shared};
 use super::store::{AuthenticatedKey, KeyHash, KeyRecord, KeyStore, LookupResult};
@@ -46,6 +46,8 @@ pub(crate) struct Pending<S, K, B> {
     pub(crate) inner: S,
     pub(crate) shared: Arc<Shared<K>>,
     pub(crate) hash: KeyHash,
+    /// The credential headers the request may carry, to strip.
+    pub(crate) present: MaybePresent,
 }
 
 /// What a request carries while its body is read for the model.
@@ -53,6 +55,7 @@ pub(crate) struct Viewing<S, K> {
     inner: S,
     shared: Arc<Shared<K>>,
     record: Arc<KeyRecord>,
+    present: MaybePresent,
 }
 
 pin_project! {
@@ -61,7 +64,8 @@ pin_project! {
     /// It looks the key up, reads the body when the key's allow-list needs the model, and
     /// only then waits for the inner service (a clone taken in `call`) to be ready and calls
     /// it: a request whose key is being looked up or whose body is still arriving holds no
-    /// slot of a concurrency limit below.
+    /// slot of a concurrency limit below. A request admitted within `call` arrives here with
+    /// the inner service already called, or, when that was not ready, still to be driven.
     pub struct ResponseFuture<S, K, B>
     where
         S: Service<Request<LayerBody<B>>>,
@@ -99,6 +103,9 @@ pin_project! {
         Ready {
             inner: S,
             req: Option<Request<LayerBody<B>>>,
+        },
+        Failed {
+            error: Option<S::Error>,
         },
         Called {
             #[pin]
@@ -140,18 +147,43 @@ where
         }
     }
 
+    /// The inner service, called within `call`.
+    pub(crate) fn called(future: S::Future) -> Self {
+        ResponseFuture {
+            state: State::Called { future },
+        }
+    }
+
+    /// The inner service, polled within `call`, was not ready yet: this future drives it.
+    pub(crate) fn ready(inner: S, req: Request<LayerBody<B>>) -> Self {
+        ResponseFuture {
+            state: State::Ready {
+                inner,
+                req: Some(req),
+            },
+        }
+    }
+
+    /// The inner service's `poll_ready` failed within `call`.
+    pub(crate) fn failed(error: S::Error) -> Self {
+        ResponseFuture {
+            state: State::Failed { error: Some(error) },
+        }
+    }
+
     /// Carries out a decision taken within `call` (the store answered at once).
     pub(crate) fn decided(
         decision: Decision,
         req: Request<B>,
         inner: S,
         shared: &Arc<Shared<K>>,
+        present: MaybePresent,
     ) -> Self
     where
         B: Body,
     {
         ResponseFuture {
-            state: proceed(decision, req, inner, shared),
+            state: proceed(decision, req, inner, shared, present),
         }
     }
 }
@@ -168,6 +200,7 @@ where
             State::Token { .. } => "validating the bearer token",
             State::Viewing { .. } => "reading the model",
             State::Ready { .. } => "waiting for the inner service",
+            State::Failed { .. } => "failed",
             State::Called { .. } => "called",
             State::Done => "done",
         };
@@ -306,12 +339,19 @@ fn check_model(record: &KeyRecord, view: Option<&RequestView>, path: &str) -> Op
 
 /// Readies an accepted request for the inner service: the credential headers handled as
 /// configured, the identity and the record in the extensions.
-fn admit<B>(req: &mut Request<B>, shared: &Shared<impl Sized>, record: Arc<KeyRecord>) {
+pub(crate) fn admit<B>(
+    req: &mut Request<B>,
+    shared: &Shared<impl Sized>,
+    record: Arc<KeyRecord>,
+    present: MaybePresent,
+) {
     tracing::trace!(target: "llm_layers::auth", key_id = ?record.id(), "API key accepted");
     match &shared.forward {
-        Forward::Strip => strip_credentials(req.headers_mut()),
+        Forward::Strip => strip_credentials(req.headers_mut(), present),
         Forward::Keep => {}
-        Forward::Replace(header, value) => set_credential(req.headers_mut(), *header, value),
+        Forward::Replace(header, value) => {
+            set_credential(req.headers_mut(), *header, value, present)
+        }
     }
     let ext = req.extensions_mut();
     ext.insert(record.identity().clone());
@@ -441,9 +481,10 @@ where
         inner,
         shared,
         hash,
+        present,
     } = p;
     let decision = decide(result, &req, &hash, &shared);
-    proceed(decision, req, inner, &shared)
+    proceed(decision, req, inner, &shared, present)
 }
 
 fn after_token<S, K, B>(result: TokenResult, p: Pending<S, K, B>) -> State<S, K, B>
@@ -457,9 +498,10 @@ where
         inner,
         shared,
         hash: _,
+        present,
     } = p;
     let decision = decide_token(result, &req, &shared);
-    proceed(decision, req, inner, &shared)
+    proceed(decision, req, inner, &shared, present)
 }
 
 /// Carries out a decision on a looked-up key or a checked token. An admitted request's body is
@@ -470,6 +512,7 @@ fn proceed<S, K, B>(
     req: Request<B>,
     inner: S,
     shared: &Arc<Shared<K>>,
+    present: MaybePresent,
 ) -> State<S, K, B>
 where
     S: Service<Request<LayerBody<B>>>,
@@ -482,7 +525,7 @@ where
         },
         Decision::Admit(record) => {
             let mut req = req.map(LayerBody::new);
-            admit(&mut req, shared, record);
+            admit(&mut req, shared, record, present);
             State::Ready {
                 inner,
                 req: Some(req),
@@ -494,6 +537,7 @@ where
                 inner,
                 shared: Arc::clone(shared),
                 record,
+                present,
             }),
         },
     }
@@ -543,6 +587,7 @@ where
                         inner,
                         shared,
                         record,
+                        present,
                     } = ctx.take().expect("ResponseFuture polled after completion");
                     let next = match result {
                         Ok(mut req) => {
@@ -555,7 +600,7 @@ where
                                     response: Some(res),
                                 },
                                 None => {
-                                    admit(&mut req, &shared, record);
+                                    admit(&mut req, &shared, record, present);
                                     State::Ready {
                                         inner,
                                         req: Some(req),
@@ -587,6 +632,13 @@ where
                     let req = req.take().expect("ResponseFuture polled after completion");
                     let future = inner.call(req);
                     state.set(State::Called { future });
+                }
+                StateProj::Failed { error } => {
+                    let e = error
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    state.set(State::Done);
+                    return Poll::Ready(Err(e));
                 }
                 StateProj::Called { future } => {
                     let res = ready!(future.poll(cx))?;

@@ -8,7 +8,7 @@ use http::{HeaderMap, Request};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::credentials::{API_KEY, X_API_KEY};
+use super::credentials::{MaybePresent, API_KEY, X_API_KEY};
 use super::{config_error, ConfigError};
 
 /// Which header carries a key upstream.
@@ -91,16 +91,28 @@ impl fmt::Display for ApiKey {
     }
 }
 
-/// Removes every credential header (`authorization`, `x-api-key`, `api-key`).
-pub(crate) fn strip_credentials(headers: &mut HeaderMap) {
-    headers.remove(AUTHORIZATION);
-    headers.remove(X_API_KEY);
-    headers.remove(API_KEY);
+/// Removes every credential header (`authorization`, `x-api-key`, `api-key`) that may be
+/// present; `present` says which ones are known to be absent already.
+pub(crate) fn strip_credentials(headers: &mut HeaderMap, present: MaybePresent) {
+    if present.authorization {
+        headers.remove(AUTHORIZATION);
+    }
+    if present.x_api_key {
+        headers.remove(X_API_KEY);
+    }
+    if present.api_key {
+        headers.remove(API_KEY);
+    }
 }
 
 /// Sets `value` as the only credential header, under `header`.
-pub(crate) fn set_credential(headers: &mut HeaderMap, header: KeyHeader, value: &HeaderValue) {
-    strip_credentials(headers);
+pub(crate) fn set_credential(
+    headers: &mut HeaderMap,
+    header: KeyHeader,
+    value: &HeaderValue,
+    present: MaybePresent,
+) {
+    strip_credentials(headers, present);
     headers.insert(header.name(), value.clone());
 }
 
@@ -242,7 +254,12 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> S::Future {
-        set_credential(req.headers_mut(), self.header, &self.value);
+        set_credential(
+            req.headers_mut(),
+            self.header,
+            &self.value,
+            MaybePresent::ALL,
+        );
         self.inner.call(req)
     }
 }

@@ -1,13 +1,13 @@
 use std::fmt;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
-use super::credentials::extract_api_key;
-use super::future::{decide, reject_credentials, Decision, Pending, ResponseFuture};
+use super::credentials::extract;
+use super::future::{admit, decide, reject_credentials, Decision, Pending, ResponseFuture};
 use super::layer::Shared;
 use super::store::{KeyHash, KeyStore};
 use crate::body::{BoxError, LayerBody};
@@ -61,6 +61,37 @@ impl<S: fmt::Debug, K: fmt::Debug> fmt::Debug for ApiKeyAuth<S, K> {
     }
 }
 
+impl<S, K> ApiKeyAuth<S, K> {
+    /// Calls the inner service for a request admitted within `call`: nothing slow came
+    /// first, so the inner service is asked for readiness now (with a no-op waker) and, when
+    /// it is ready, called as it is, without a clone. When it is not ready, it moves into the
+    /// response future, which drives it with the task's waker, and a fresh clone takes its
+    /// place here; when its `poll_ready` fails, the failed service is dropped, never polled
+    /// again, and a clone of it serves the next calls (as every call took a fresh clone).
+    fn call_now<B, ResBody>(&mut self, req: Request<LayerBody<B>>) -> ResponseFuture<S, K, B>
+    where
+        S: Service<Request<LayerBody<B>>, Response = Response<ResBody>> + Clone,
+        K: KeyStore,
+    {
+        match self
+            .inner
+            .poll_ready(&mut Context::from_waker(Waker::noop()))
+        {
+            Poll::Ready(Ok(())) => ResponseFuture::called(self.inner.call(req)),
+            Poll::Ready(Err(e)) => {
+                let fresh = self.inner.clone();
+                drop(std::mem::replace(&mut self.inner, fresh));
+                ResponseFuture::failed(e)
+            }
+            Poll::Pending => {
+                let fresh = self.inner.clone();
+                let polled = std::mem::replace(&mut self.inner, fresh);
+                ResponseFuture::ready(polled, req)
+            }
+        }
+    }
+}
+
 impl<S, K, ReqBody, ResBody> Service<Request<ReqBody>> for ApiKeyAuth<S, K>
 where
     S: Service<Request<LayerBody<ReqBody>>, Response = Response<ResBody>> + Clone,
@@ -72,15 +103,17 @@ where
     type Error = S::Error;
     type Future = ResponseFuture<S, K, ReqBody>;
 
-    /// Always ready: the inner service is polled ready by the response future, on a clone,
-    /// once the key is checked and the body (when the key's allow-list needs it) is read.
+    /// Always ready: the inner service is polled ready only once the key is checked and the
+    /// body (when the key's allow-list needs it) is read. When the store answered within
+    /// `call` and no body needs reading, that is within `call` itself; otherwise the response
+    /// future polls a clone taken in `call`.
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let hash = match extract_api_key(req.headers(), self.shared.accepted) {
-            Ok(key) => {
+        let (hash, present) = match extract(req.headers(), self.shared.accepted) {
+            Ok((key, present)) => {
                 #[cfg(feature = "jwt")]
                 if let Some(jwt) = self
                     .shared
@@ -97,10 +130,11 @@ where
                         inner: self.inner.clone(),
                         shared: Arc::clone(&self.shared),
                         hash,
+                        present,
                     };
                     return ResponseFuture::token(validation, pending);
                 }
-                KeyHash::of(key)
+                (KeyHash::of(key), present)
             }
             Err(e) => return ResponseFuture::rejected(reject_credentials(&e)),
         };
@@ -108,9 +142,18 @@ where
             // The store answered at once: a rejection needs no inner service at all.
             return match decide(result, &req, &hash, &self.shared) {
                 Decision::Reject(res) => ResponseFuture::rejected(res),
-                decision => {
-                    ResponseFuture::decided(decision, req, self.inner.clone(), &self.shared)
+                Decision::Admit(record) => {
+                    let mut req = req.map(LayerBody::new);
+                    admit(&mut req, &self.shared, record, present);
+                    self.call_now(req)
                 }
+                decision => ResponseFuture::decided(
+                    decision,
+                    req,
+                    self.inner.clone(),
+                    &self.shared,
+                    present,
+                ),
             };
         }
         ResponseFuture::lookup(
@@ -120,6 +163,7 @@ where
                 inner: self.inner.clone(),
                 shared: Arc::clone(&self.shared),
                 hash,
+                present,
             },
         )
     }

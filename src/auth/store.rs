@@ -17,8 +17,15 @@ use crate::ext::{KeyIdentity, KeyLimits};
 /// The SHA-256 digest of a key. Stores are keyed by it, so the secret itself is never kept.
 ///
 /// `Debug` prints only that it is a digest, never its bytes.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct KeyHash([u8; 32]);
+
+impl std::hash::Hash for KeyHash {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // A fixed-size value: no length prefix needed.
+        state.write(&self.0);
+    }
+}
 
 impl KeyHash {
     /// The digest of a presented or configured key.
@@ -62,9 +69,20 @@ impl KeyHash {
         out
     }
 
-    /// Compares two digests in constant time.
+    /// Compares two digests in constant time: all 32 bytes are compared, as four 64-bit words
+    /// through `subtle`, whatever their contents.
     pub fn ct_eq(&self, other: &KeyHash) -> bool {
-        self.0.ct_eq(&other.0).into()
+        self.words()[..].ct_eq(&other.words()[..]).into()
+    }
+
+    fn words(&self) -> [u64; 4] {
+        let mut words = [0u64; 4];
+        for (word, bytes) in words.iter_mut().zip(self.0.chunks_exact(8)) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(bytes);
+            *word = u64::from_ne_bytes(b);
+        }
+        words
     }
 }
 
@@ -493,11 +511,11 @@ impl Hasher for DigestHasher {
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
-        }
+        // A digest is already uniform: its first 8 bytes are as good a hash as any.
+        let mut word = [0u8; 8];
+        let n = bytes.len().min(8);
+        word[..n].copy_from_slice(&bytes[..n]);
+        self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
     }
 }
 
@@ -650,6 +668,17 @@ mod tests {
         assert_eq!(KeyHash::from_hex(&"g".repeat(64)), None);
         assert!(h.ct_eq(&KeyHash::of(b"password")));
         assert!(!format!("{h:?}").contains("5e88"));
+        // Every byte takes part in the comparison.
+        for i in 0..32 {
+            for bit in [0x01u8, 0x80] {
+                let mut bytes = *h.as_bytes();
+                bytes[i] ^= bit;
+                assert!(
+                    !h.ct_eq(&KeyHash::from_bytes(bytes)),
+                    "byte {i}, bit {bit:#x}"
+                );
+            }
+        }
     }
 
     #[test]

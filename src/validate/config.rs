@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::body::DEFAULT_BODY_LIMIT;
 use crate::request::{CharEstimator, TokenEstimator};
 
-use super::ValidateRequestLayer;
+use super::{ValidateRequestLayer, ValidationRule};
 
 /// The context windows (prompt plus output, in tokens) known out of the box.
 ///
@@ -74,11 +74,13 @@ pub(crate) type ModelList = (Vec<Box<str>>, HashSet<Box<str>>);
 pub(crate) struct Shared {
     pub(crate) checks: Checks,
     pub(crate) body_limit: usize,
-    pub(crate) estimator: Box<dyn TokenEstimator>,
+    pub(crate) estimator: Arc<dyn TokenEstimator>,
     /// The allow-list in configuration order, and the same names for lookups.
     pub(crate) models: Option<ModelList>,
     pub(crate) max_listed_models: usize,
     pub(crate) windows: Vec<(Box<str>, u64)>,
+    /// The rules of the user's own, in the order added.
+    pub(crate) rules: Vec<Box<dyn ValidationRule>>,
 }
 
 impl Shared {
@@ -91,6 +93,7 @@ impl Shared {
             || c.endpoint
             || c.context_length
             || self.models.is_some()
+            || !self.rules.is_empty()
     }
 
     /// The context window of `model`: exact name, then the longest matching prefix.
@@ -125,6 +128,7 @@ impl fmt::Debug for Shared {
             .field("body_limit", &self.body_limit)
             .field("models", &self.models.as_ref().map(|(list, _)| list.len()))
             .field("context_windows", &self.windows.len())
+            .field("rules", &self.rules.len())
             .finish_non_exhaustive()
     }
 }
@@ -151,10 +155,11 @@ impl fmt::Debug for Shared {
 pub struct ValidateBuilder {
     checks: Checks,
     body_limit: usize,
-    estimator: Box<dyn TokenEstimator>,
+    estimator: Arc<dyn TokenEstimator>,
     models: Option<Vec<String>>,
     max_listed_models: usize,
     windows: Vec<(String, u64)>,
+    rules: Vec<Box<dyn ValidationRule>>,
 }
 
 impl fmt::Debug for ValidateBuilder {
@@ -162,6 +167,7 @@ impl fmt::Debug for ValidateBuilder {
         f.debug_struct("ValidateBuilder")
             .field("checks", &self.checks)
             .field("body_limit", &self.body_limit)
+            .field("rules", &self.rules.len())
             .finish_non_exhaustive()
     }
 }
@@ -186,13 +192,14 @@ impl ValidateBuilder {
                 context_length: true,
             },
             body_limit: DEFAULT_BODY_LIMIT,
-            estimator: Box::new(CharEstimator),
+            estimator: Arc::new(CharEstimator),
             models: None,
             max_listed_models: DEFAULT_MAX_LISTED_MODELS,
             windows: DEFAULT_CONTEXT_WINDOWS
                 .iter()
                 .map(|(n, w)| ((*n).to_owned(), *w))
                 .collect(),
+            rules: Vec::new(),
         }
     }
 
@@ -286,7 +293,17 @@ impl ValidateBuilder {
 
     /// The token estimator for the context check (default [`CharEstimator`]).
     pub fn estimator(mut self, estimator: impl TokenEstimator) -> Self {
-        self.estimator = Box::new(estimator);
+        self.estimator = Arc::new(estimator);
+        self
+    }
+
+    /// Adds a rule of your own ([`ValidationRule`], or a closure
+    /// `Fn(&RequestHead<'_>, &Bytes) -> Result<(), ApiError>`), run after the built-in checks
+    /// and the rules added before it. A rule that fails answers the request with its
+    /// [`ApiError`](crate::ApiError)'s envelope. A layer with a rule reads the body of every
+    /// request it validates, whichever built-in checks are switched off.
+    pub fn rule(mut self, rule: impl ValidationRule) -> Self {
+        self.rules.push(Box::new(rule));
         self
     }
 
@@ -343,6 +360,7 @@ impl ValidateBuilder {
                 .into_iter()
                 .map(|(n, w)| (n.into_boxed_str(), w))
                 .collect(),
+            rules: self.rules,
         };
         Ok(ValidateRequestLayer {
             shared: Arc::new(shared),

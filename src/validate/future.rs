@@ -6,32 +6,46 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use http::request::Parts;
 use http::{Request, Response};
 use http_body::Body;
-use http_body_util::combinators::Collect;
-use http_body_util::{LengthLimitError, Limited};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::config::Shared;
 use super::rules;
-use crate::body::BufferError;
-use crate::request::{Endpoint, RequestView};
+use crate::body::{BoxError, BufferRequest, LayerBody};
+use crate::error::ApiError;
+use crate::request::{Endpoint, EnsureView, RequestHead, RequestView, ViewError};
+
+/// The built-in checks, then the user's rules, on a request whose body is `bytes`.
+pub(crate) fn verdict(
+    shared: &Shared,
+    head: &RequestHead<'_>,
+    view: &RequestView,
+    bytes: &Bytes,
+) -> Result<(), ApiError> {
+    rules::check(shared, view, Some(bytes))?;
+    for rule in &shared.rules {
+        rule.check(head, bytes)?;
+    }
+    Ok(())
+}
 
 pin_project! {
-    /// The future of [`Validate`](super::Validate): reads the body (bounded),
-    /// checks it, then runs the inner service's future, or answers with the rejection.
+    /// The future of [`Validate`](super::Validate): reads the body (bounded, through
+    /// [`EnsureView`] or [`BufferRequest`]), checks it, then drives its own clone of the inner
+    /// service to readiness and runs its future — or answers with the rejection.
     ///
-    /// It holds no boxed future: reading the body is a named `http_body_util` future.
+    /// It holds no boxed future. A `poll_ready` error of the inner service is its output, and
+    /// that service is not polled again.
     pub struct ResponseFuture<S, ReqBody, ResBody>
     where
-        S: Service<Request<ReqBody>>,
-        ReqBody: Body,
-        ReqBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        S: Service<Request<LayerBody<ReqBody>>>,
     {
         #[pin]
         state: State<S, ReqBody, ResBody>,
+        inner: Option<S>,
+        shared: Option<Arc<Shared>>,
     }
 }
 
@@ -39,150 +53,193 @@ pin_project! {
     #[project = StateProj]
     enum State<S, ReqBody, ResBody>
     where
-        S: Service<Request<ReqBody>>,
-        ReqBody: Body,
-        ReqBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        S: Service<Request<LayerBody<ReqBody>>>,
     {
+        // No view yet: the body is read and parsed into one.
+        Parsing {
+            #[pin]
+            ensure: EnsureView<ReqBody>,
+        },
+        // A stored view that kept no body: the body is read for the checks of its fields.
         Buffering {
             #[pin]
-            collect: Collect<Limited<ReqBody>>,
-            parts: Option<Parts>,
-            endpoint: Endpoint,
-            inner: Option<S>,
-            shared: Arc<Shared>,
+            buf: BufferRequest<ReqBody>,
+        },
+        // Checked: the inner service is driven to readiness, then called.
+        Ready {
+            req: Option<Request<LayerBody<ReqBody>>>,
         },
         Called {
             #[pin]
             future: S::Future,
         },
         Rejected {
-            response: Option<Response<ResBody>>,
+            error: Option<ApiError>,
+            _body: std::marker::PhantomData<fn() -> ResBody>,
         },
     }
 }
 
 impl<S, ReqBody, ResBody> ResponseFuture<S, ReqBody, ResBody>
 where
-    S: Service<Request<ReqBody>>,
+    S: Service<Request<LayerBody<ReqBody>>>,
     ReqBody: Body,
-    ReqBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    pub(crate) fn called(future: S::Future) -> Self {
+    pub(crate) fn ready(inner: S, req: Request<LayerBody<ReqBody>>) -> Self {
         ResponseFuture {
-            state: State::Called { future },
+            state: State::Ready { req: Some(req) },
+            inner: Some(inner),
+            shared: None,
         }
     }
 
-    pub(crate) fn rejected(response: Response<ResBody>) -> Self {
+    pub(crate) fn rejected(error: ApiError) -> Self {
         ResponseFuture {
             state: State::Rejected {
-                response: Some(response),
+                error: Some(error),
+                _body: std::marker::PhantomData,
             },
+            inner: None,
+            shared: None,
         }
     }
 
-    pub(crate) fn buffering(
-        collect: Collect<Limited<ReqBody>>,
-        parts: Parts,
-        endpoint: Endpoint,
-        inner: S,
-        shared: Arc<Shared>,
-    ) -> Self {
+    pub(crate) fn parsing(inner: S, req: Request<ReqBody>, shared: Arc<Shared>) -> Self {
+        ResponseFuture {
+            state: State::Parsing {
+                ensure: EnsureView::new(req, shared.body_limit, Arc::clone(&shared.estimator)),
+            },
+            inner: Some(inner),
+            shared: Some(shared),
+        }
+    }
+
+    pub(crate) fn buffering(inner: S, req: Request<ReqBody>, shared: Arc<Shared>) -> Self {
         ResponseFuture {
             state: State::Buffering {
-                collect,
-                parts: Some(parts),
-                endpoint,
-                inner: Some(inner),
-                shared,
+                buf: BufferRequest::new(req, shared.body_limit),
             },
+            inner: Some(inner),
+            shared: Some(shared),
+        }
+    }
+}
+
+/// The checks on a request the [`EnsureView`] handed back: it holds the view (and its bytes)
+/// unless the body was empty.
+fn check_parsed<B>(shared: &Shared, req: &Request<LayerBody<B>>) -> Result<(), ApiError> {
+    let view = RequestView::from_extensions(req.extensions());
+    match view.and_then(|v| v.bytes().map(|b| (v, b))) {
+        Some((view, bytes)) => verdict(shared, &RequestHead::of(req), view, bytes),
+        None => {
+            // An empty body: not JSON.
+            let endpoint = Endpoint::from_path(req.uri().path());
+            match RequestView::parse(endpoint, b"", &*shared.estimator) {
+                Err(e) => Err(ViewError::Parse(e).to_api_error()),
+                Ok(_) => Ok(()),
+            }
         }
     }
 }
 
 impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody, ResBody>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ReqBody: Body + From<Bytes>,
-    ReqBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    ResBody: From<Bytes>,
+    S: Service<Request<LayerBody<ReqBody>>, Response = Response<ResBody>>,
+    ReqBody: Body,
+    ReqBody::Error: Into<BoxError>,
 {
-    type Output = Result<Response<ResBody>, S::Error>;
+    type Output = Result<Response<LayerBody<ResBody>>, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
-            match this.state.as_mut().project() {
-                StateProj::Called { future } => return future.poll(cx),
-                StateProj::Rejected { response } => {
-                    return Poll::Ready(Ok(response
-                        .take()
-                        .expect("ResponseFuture polled after completion")));
+            let next = match this.state.as_mut().project() {
+                StateProj::Called { future } => {
+                    return future.poll(cx).map_ok(|res| res.map(LayerBody::new));
                 }
-                StateProj::Buffering {
-                    collect,
-                    parts,
-                    endpoint,
-                    inner,
-                    shared,
-                } => {
-                    let collected = ready!(collect.poll(cx));
-                    let bytes = match collected {
-                        Ok(c) => c.to_bytes(),
-                        Err(e) => {
-                            let err = if e.is::<LengthLimitError>() {
-                                BufferError::TooLarge {
-                                    limit: shared.body_limit,
-                                }
-                            } else {
-                                BufferError::Read(e)
-                            };
-                            let response = err.to_api_error().to_response();
-                            this.state.set(State::Rejected {
-                                response: Some(response),
-                            });
-                            continue;
-                        }
-                    };
-                    let path = parts.as_ref().map_or("", |p| p.uri.path());
-                    let verdict = RequestView::parse(*endpoint, &bytes, &*shared.estimator)
-                        .map(|view| view.with_path(path))
-                        .map_err(|e| crate::request::ViewError::Parse(e).to_api_error())
-                        .and_then(|view| rules::check(shared, &view).map(|()| view));
-                    let next = match verdict {
-                        Ok(view) => {
-                            let parts = parts
-                                .take()
-                                .expect("ResponseFuture polled after completion");
-                            let mut inner = inner
-                                .take()
-                                .expect("ResponseFuture polled after completion");
-                            let mut req = Request::from_parts(parts, ReqBody::from(bytes));
-                            req.extensions_mut().insert(view);
-                            State::Called {
-                                future: inner.call(req),
+                StateProj::Rejected { error, .. } => {
+                    let error = error
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    return Poll::Ready(Ok(error.to_response()));
+                }
+                StateProj::Parsing { ensure } => {
+                    let shared = this.shared.as_deref().expect("kept until checked");
+                    match ready!(ensure.poll(cx)) {
+                        Ok(req) => match check_parsed(shared, &req) {
+                            Ok(()) => State::Ready { req: Some(req) },
+                            Err(e) => rejected(e),
+                        },
+                        Err(failure) => rejected(failure.error().to_api_error()),
+                    }
+                }
+                StateProj::Buffering { buf } => {
+                    let shared = this.shared.as_deref().expect("kept until checked");
+                    match ready!(buf.poll(cx)) {
+                        Ok((parts, bytes)) => {
+                            let view = RequestView::from_extensions(&parts.extensions)
+                                .expect("buffering only for a stored view");
+                            let head = RequestHead::from_parts(&parts);
+                            match verdict(shared, &head, view, &bytes) {
+                                Ok(()) => State::Ready {
+                                    req: Some(BufferRequest::<ReqBody>::rebuild(parts, bytes)),
+                                },
+                                Err(e) => rejected(e),
                             }
                         }
-                        Err(e) => State::Rejected {
-                            response: Some(e.to_response()),
-                        },
-                    };
-                    this.state.set(next);
+                        Err((_, e)) => rejected(e.to_api_error()),
+                    }
                 }
-            }
+                StateProj::Ready { req } => {
+                    let inner = this.inner.as_mut().expect("kept until called");
+                    // An error is final: it is the answer, and the service is not polled again.
+                    if let Err(e) = ready!(inner.poll_ready(cx)) {
+                        *this.inner = None;
+                        this.state.set(rejected_done());
+                        return Poll::Ready(Err(e));
+                    }
+                    let req = req.take().expect("ResponseFuture polled after completion");
+                    let future = inner.call(req);
+                    *this.inner = None;
+                    *this.shared = None;
+                    State::Called { future }
+                }
+            };
+            this.state.set(next);
         }
+    }
+}
+
+fn rejected<S, ReqBody, ResBody>(error: ApiError) -> State<S, ReqBody, ResBody>
+where
+    S: Service<Request<LayerBody<ReqBody>>>,
+{
+    State::Rejected {
+        error: Some(error),
+        _body: std::marker::PhantomData,
+    }
+}
+
+/// The state after the future gave its output: polling it again panics.
+fn rejected_done<S, ReqBody, ResBody>() -> State<S, ReqBody, ResBody>
+where
+    S: Service<Request<LayerBody<ReqBody>>>,
+{
+    State::Rejected {
+        error: None,
+        _body: std::marker::PhantomData,
     }
 }
 
 impl<S, ReqBody, ResBody> std::fmt::Debug for ResponseFuture<S, ReqBody, ResBody>
 where
-    S: Service<Request<ReqBody>>,
-    ReqBody: Body,
-    ReqBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: Service<Request<LayerBody<ReqBody>>>,
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = match &self.state {
+            State::Parsing { .. } => "parsing",
             State::Buffering { .. } => "buffering",
+            State::Ready { .. } => "ready",
             State::Called { .. } => "called",
             State::Rejected { .. } => "rejected",
         };

@@ -31,11 +31,14 @@ impl ValidateRequestLayer {
         ValidateBuilder::new()
     }
 
-    /// Runs the body checks of this configuration on an already parsed request, without a
-    /// service: `Ok` when the request would pass, else the error it would be answered with.
-    /// (The `content-type` and size checks need the HTTP request and are not run here.)
+    /// Runs the built-in body checks of this configuration on an already parsed request,
+    /// without a service: `Ok` when the request would pass, else the error it would be
+    /// answered with. The checks of the body's fields read [`RequestView::bytes`]; a view that
+    /// kept no body is checked for its models and context length only. (The `content-type`
+    /// and size checks and the [rules](super::ValidationRule) of your own need the HTTP
+    /// request and are not run here.)
     pub fn check(&self, view: &RequestView) -> Result<(), ApiError> {
-        super::rules::check(&self.shared, view)
+        super::rules::check(&self.shared, view, view.bytes().map(|b| &b[..]))
     }
 }
 

@@ -14,21 +14,34 @@
 //! `/v1/chat/%63ompletions` and `/v1/models/../chat/completions` are validated as chat
 //! completions. Every other request (`GET /v1/models`, say) passes through untouched and
 //! unbuffered. The body is read once, at most [`body_limit`](ValidateBuilder::body_limit)
-//! bytes, parsed into a [`RequestView`](crate::request::RequestView) that is stored in the
-//! request extensions for later layers, and handed on byte for byte. Unknown fields pass
-//! untouched.
+//! bytes, through the crate's one buffering future ([`EnsureView`](crate::request::EnsureView)),
+//! parsed into a [`RequestView`](crate::request::RequestView) that is stored in the request
+//! extensions for later layers, and handed on byte for byte. Unknown fields pass untouched.
 //!
 //! # Rules
 //!
+//! * **Typed parses, no tree.** The view is a typed parse that reads only the fields layers
+//!   use; the checks below read the fields they check with a typed parse of their own, from the
+//!   bytes the view keeps ([`RequestView::bytes`](crate::request::RequestView::bytes), the same
+//!   buffer the request is handed on with). No `serde_json::Value` of the body is built, and no
+//!   second copy of it is kept.
+//! * **Any body, one body type back.** The layer takes any request body
+//!   ([`http_body::Body`]: hyper's `Incoming`, axum's `Body`, `Full`), and hands the inner
+//!   service a [`LayerBody`](crate::body::LayerBody): the body untouched when the layer did not
+//!   read it, the bytes it read otherwise. Its own rejections and the inner service's answers
+//!   come back as [`LayerBody`](crate::body::LayerBody) too. The inner error type is kept.
+//! * **Readiness is not held while the body arrives.** [`Validate`] is always ready; each call
+//!   reads and checks the body first, then drives a fresh clone of the inner service to
+//!   readiness and calls it. Behind a concurrency limit, a client that uploads slowly holds no
+//!   slot while it uploads. A `poll_ready` error of the inner service is the call's error, and
+//!   that service is not polled again. A refused request never touches the inner service.
 //! * **The body limit holds whoever parsed first.** A view an earlier layer stored (the auth
-//!   layer, for a key restricted to some models) is reused, parsed JSON included, without
-//!   reading the body again; the request is still refused `413` when its `content-length`, the
-//!   body's known size, or the length the view recorded
-//!   ([`RequestView::body_len`](crate::request::RequestView::body_len), set by
-//!   [`RequestView::parse`](crate::request::RequestView::parse) and
-//!   [`ensure_view`](crate::request::ensure_view)) is over this layer's limit. (A view built
-//!   with `from_json` alone and a body of unknown length cannot be measured: record the length
-//!   with [`with_body_len`](crate::request::RequestView::with_body_len).)
+//!   layer, for a key restricted to some models) is reused without reading the body again; the
+//!   request is still refused `413` when its `content-length`, the body's known size, or the
+//!   length the view recorded
+//!   ([`RequestView::body_len`](crate::request::RequestView::body_len)) is over this layer's
+//!   limit. A stored view that kept no body ([`RequestView::parse`](crate::request::RequestView::parse)
+//!   on a slice) is reused too; the body is then read here for the checks of its fields.
 //! * **Every model the upstream may use is checked** against
 //!   [`allowed_models`](ValidateBuilder::allowed_models): the Azure-style deployment the path
 //!   names (`/openai/deployments/{name}/...`, which the upstream serves whatever the body says),
@@ -52,7 +65,11 @@
 //! | a model outside [`allowed_models`](ValidateBuilder::allowed_models): the path's deployment, `model`, or one of `models` (the message lists the accepted ones) | 400 | `model_not_supported` | `model` / `models` |
 //! | estimated prompt tokens plus `max_tokens` beyond the model's context window | 400 | `context_length_exceeded` | `messages` / `prompt` / `input` |
 //!
-//! Each check can be switched off on the [`ValidateBuilder`]. The prompt size is an estimate
+//! Each check can be switched off on the [`ValidateBuilder`]. Rules of your own
+//! ([`ValidationRule`], or a closure, added with [`rule`](ValidateBuilder::rule)) run after the
+//! built-in checks, in the order added, on the same requests, and see the request head (with
+//! the view) and the body bytes; one that fails answers with its
+//! [`ApiError`](crate::ApiError)'s envelope. The prompt size is an estimate
 //! from a [`TokenEstimator`](crate::request::TokenEstimator): by default the fast
 //! [`CharEstimator`](crate::request::CharEstimator) (one token per CJK character, about four
 //! Latin characters per token); with the `tiktoken` feature, the exact
@@ -104,8 +121,12 @@
 //! ```
 
 mod config;
+mod fields;
 mod future;
 mod layer;
+#[cfg(test)]
+mod reference;
+mod rule;
 mod rules;
 mod service;
 
@@ -114,4 +135,5 @@ pub use config::{
 };
 pub use future::ResponseFuture;
 pub use layer::ValidateRequestLayer;
+pub use rule::ValidationRule;
 pub use service::Validate;

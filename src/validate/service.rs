@@ -3,17 +3,15 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body::Body;
-use http_body_util::{BodyExt, Limited};
 use tower_service::Service;
 
 use super::config::Shared;
 use super::future::ResponseFuture;
 use super::rules;
-use crate::body::BufferError;
-use crate::request::{deployment_from_path, Endpoint, RequestView};
+use crate::body::{check_limit, BoxError, BufferError, LayerBody};
+use crate::request::{deployment_from_path, Endpoint, RequestHead, RequestView};
 
 /// Whether the deployment `path` names differs from the one `view` holds. Allocates only for
 /// paths that name a deployment.
@@ -26,6 +24,11 @@ fn path_deployment_differs(path: &str, view: &RequestView) -> bool {
 
 /// Validates LLM requests before they reach `S`; built by
 /// [`ValidateRequestLayer`](super::ValidateRequestLayer).
+///
+/// It takes any request body and hands `S` a [`LayerBody`]: the body untouched when it was not
+/// read, the bytes it read otherwise. Its rejections and `S`'s answers come back as
+/// [`LayerBody`] too. It is always ready: each call drives a fresh clone of `S` to readiness
+/// once the body is read and checked (see the [module docs](super)).
 #[derive(Clone, Debug)]
 pub struct Validate<S> {
     pub(crate) inner: S,
@@ -51,79 +54,64 @@ impl<S> Validate<S> {
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Validate<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
-    ReqBody: Body + From<Bytes>,
-    ReqBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    ResBody: From<Bytes>,
+    S: Service<Request<LayerBody<ReqBody>>, Response = Response<ResBody>> + Clone,
+    ReqBody: Body,
+    ReqBody::Error: Into<BoxError>,
 {
-    type Response = Response<ResBody>;
+    type Response = Response<LayerBody<ResBody>>;
     type Error = S::Error;
     type Future = ResponseFuture<S, ReqBody, ResBody>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+    /// Always ready: the inner service is driven to readiness in the response future, after
+    /// the body was read (a slow upload holds no slot of a concurrency limit behind).
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        // Each call gets a fresh clone, driven to readiness by the future; `self.inner` is never
+        // polled.
+        let inner = &self.inner;
         let endpoint = Endpoint::from_path(req.uri().path());
         if req.method() != Method::POST || endpoint == Endpoint::Other {
-            return ResponseFuture::called(self.inner.call(req));
+            return ResponseFuture::ready(inner.clone(), req.map(LayerBody::new));
         }
         let shared = &*self.shared;
         if shared.checks.content_type {
             if let Err(e) = rules::check_content_type(req.headers()) {
-                return ResponseFuture::rejected(e.to_response());
+                return ResponseFuture::rejected(e);
             }
         }
         if !shared.needs_body() {
-            return ResponseFuture::called(self.inner.call(req));
+            return ResponseFuture::ready(inner.clone(), req.map(LayerBody::new));
         }
         let limit = shared.body_limit;
-        let announced = req
-            .headers()
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        let too_large = || BufferError::TooLarge { limit }.to_api_error().to_response();
-        if announced.is_some_and(|n| n > limit as u64)
-            || req.body().size_hint().lower() > limit as u64
-        {
-            return ResponseFuture::rejected(too_large());
+        if let Err(e) = check_limit(req.headers(), req.body(), limit) {
+            return ResponseFuture::rejected(e.to_api_error());
         }
-        // A view parsed by an earlier layer is reused, body untouched; the limit holds all the
-        // same, by the length the view recorded.
+        // A view parsed by an earlier layer is reused; the limit holds all the same, by the
+        // length the view recorded.
         if let Some(view) = RequestView::from_extensions(req.extensions()) {
-            if view.json().is_some() {
-                if view.body_len().is_some_and(|n| n > limit) {
-                    return ResponseFuture::rejected(too_large());
-                }
-                let verdict = match path_deployment_differs(req.uri().path(), view) {
-                    // The view was built without the path's deployment: check (and hand on)
-                    // the view of what the upstream will serve.
-                    true => {
-                        let view = view.clone().with_path(req.uri().path());
-                        let verdict = rules::check(shared, &view);
-                        req.extensions_mut().insert(view);
-                        verdict
-                    }
-                    false => rules::check(shared, view),
-                };
-                return match verdict {
-                    Ok(()) => ResponseFuture::called(self.inner.call(req)),
-                    Err(e) => ResponseFuture::rejected(e.to_response()),
-                };
+            if view.body_len().is_some_and(|n| n > limit) {
+                return ResponseFuture::rejected(BufferError::TooLarge { limit }.to_api_error());
             }
+            if path_deployment_differs(req.uri().path(), view) {
+                // The view was built without the path's deployment: check (and hand on) the
+                // view of what the upstream will serve.
+                let view = view.clone().with_path(req.uri().path());
+                req.extensions_mut().insert(view);
+            }
+            let view = RequestView::from_extensions(req.extensions()).expect("stored above");
+            let Some(bytes) = view.bytes() else {
+                // A view that kept no body: the checks of the body's fields read it here.
+                return ResponseFuture::buffering(inner.clone(), req, Arc::clone(&self.shared));
+            };
+            let verdict = super::future::verdict(shared, &RequestHead::of(&req), view, bytes);
+            return match verdict {
+                Ok(()) => ResponseFuture::ready(inner.clone(), req.map(LayerBody::new)),
+                Err(e) => ResponseFuture::rejected(e),
+            };
         }
-        let (parts, body) = req.into_parts();
-        // The service that was driven to readiness goes into the future; a clone stays here.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::buffering(
-            Limited::new(body, limit).collect(),
-            parts,
-            endpoint,
-            inner,
-            Arc::clone(&self.shared),
-        )
+        ResponseFuture::parsing(inner.clone(), req, Arc::clone(&self.shared))
     }
 }

@@ -1,0 +1,539 @@
+//! The fields the built-in checks read, parsed from the body bytes with a typed serde parse of
+//! their own: each value is read as far as a check looks at it (its JSON kind, a number, a
+//! role) and everything else is skipped with [`IgnoredAny`], without building a tree.
+
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::Number;
+
+use crate::request::{json_text, refusal, skip_others, ParseError};
+
+/// A value as the checks see it: its JSON kind, and the number when it is one.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Shallow {
+    Null,
+    Bool,
+    Number(Number),
+    Str { empty: bool },
+    Array { empty: bool },
+    Object,
+}
+
+impl Shallow {
+    /// The kind, as the messages name it ("a string", "an array", ...).
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Shallow::Null => "null",
+            Shallow::Bool => "a boolean",
+            Shallow::Number(_) => "a number",
+            Shallow::Str { .. } => "a string",
+            Shallow::Array { .. } => "an array",
+            Shallow::Object => "an object",
+        }
+    }
+
+    pub(crate) fn is_null(&self) -> bool {
+        matches!(self, Shallow::Null)
+    }
+}
+
+struct ShallowVisitor;
+
+impl<'de> Visitor<'de> for ShallowVisitor {
+    type Value = Shallow;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any value")
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Shallow, E> {
+        Ok(Shallow::Bool)
+    }
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<Shallow, E> {
+        Ok(Shallow::Number(n.into()))
+    }
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<Shallow, E> {
+        Ok(Shallow::Number(n.into()))
+    }
+    fn visit_f64<E: de::Error>(self, n: f64) -> Result<Shallow, E> {
+        Number::from_f64(n)
+            .map(Shallow::Number)
+            .ok_or_else(|| E::custom("number out of range"))
+    }
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Shallow, E> {
+        Ok(Shallow::Str {
+            empty: s.is_empty(),
+        })
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Shallow, E> {
+        Ok(Shallow::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shallow, A::Error> {
+        let empty = seq.next_element::<IgnoredAny>()?.is_none();
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Shallow::Array { empty })
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Shallow, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Shallow::Object)
+    }
+}
+
+impl<'de> de::Deserialize<'de> for Shallow {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ShallowVisitor)
+    }
+}
+
+/// The roles a chat message may have.
+const ROLES: [&str; 6] = [
+    "system",
+    "user",
+    "assistant",
+    "tool",
+    "developer",
+    "function",
+];
+
+/// A message's `role` as read.
+enum Role {
+    Known(&'static str),
+    /// A string that is no role, cut to 64 characters for the message.
+    Unknown(String),
+    Null,
+    Other(&'static str),
+}
+
+impl<'de> de::Deserialize<'de> for Role {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Role;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Role, E> {
+                Ok(match ROLES.iter().find(|r| **r == s) {
+                    Some(r) => Role::Known(r),
+                    None => Role::Unknown(truncate(s, 64).to_owned()),
+                })
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Role, E> {
+                Ok(Role::Null)
+            }
+            skip_others!(Role::Other("a boolean") => bool);
+            skip_others!(Role::Other("a number") => i64 u64 f64);
+            skip_others!(Role::Other("an array") => seq);
+            skip_others!(Role::Other("an object") => map);
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The first thing wrong with a chat message.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Fault {
+    /// The message is no object; the kind it is.
+    NotObject(&'static str),
+    /// The role is a string that names no role (cut to 64 characters).
+    UnknownRole(String),
+    /// No role, or a null one.
+    MissingRole,
+    /// The role is no string; the kind it is.
+    RoleType(&'static str),
+    /// The content is neither a string nor an array; the kind it is.
+    ContentType(&'static str),
+    /// The message needs content and has none; its role.
+    ContentMissing(&'static str),
+    /// A tool message without a string `tool_call_id`.
+    ToolCallId,
+}
+
+/// One message: `None` when nothing is wrong with it.
+struct MessageCheck;
+
+impl<'de> DeserializeSeed<'de> for MessageCheck {
+    type Value = Option<Fault>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<Fault>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for MessageCheck {
+    type Value = Option<Fault>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any value")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<Fault>, A::Error> {
+        // A key that occurs twice counts by its last occurrence.
+        let (mut role, mut content, mut tool_call_id) = (None, None, None);
+        let mut calls = [false; 3];
+        const KEYS: &[&str] = &[
+            "role",
+            "content",
+            "tool_call_id",
+            "tool_calls",
+            "function_call",
+            "audio",
+        ];
+        while let Some(key) = map.next_key_seed(KeyIn(KEYS))? {
+            match key {
+                Some(0) => role = Some(map.next_value::<Role>()?),
+                Some(1) => content = Some(map.next_value::<Shallow>()?),
+                Some(2) => tool_call_id = Some(map.next_value::<Shallow>()?),
+                Some(i) => calls[i - 3] = !map.next_value::<Shallow>()?.is_null(),
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        let role = match role {
+            Some(Role::Known(r)) => r,
+            Some(Role::Unknown(r)) => return Ok(Some(Fault::UnknownRole(r))),
+            None | Some(Role::Null) => return Ok(Some(Fault::MissingRole)),
+            Some(Role::Other(kind)) => return Ok(Some(Fault::RoleType(kind))),
+        };
+        let content = content.filter(|c| !c.is_null());
+        if let Some(c) = &content {
+            if !matches!(c, Shallow::Str { .. } | Shallow::Array { .. }) {
+                return Ok(Some(Fault::ContentType(c.kind())));
+            }
+        }
+        let has_calls = calls.iter().any(|c| *c);
+        if (role != "assistant" || !has_calls) && content.is_none() {
+            return Ok(Some(Fault::ContentMissing(role)));
+        }
+        if role == "tool" && !matches!(tool_call_id, Some(Shallow::Str { .. })) {
+            return Ok(Some(Fault::ToolCallId));
+        }
+        Ok(None)
+    }
+    skip_others!(Some(Fault::NotObject("a boolean")) => bool);
+    skip_others!(Some(Fault::NotObject("a number")) => i64 u64 f64);
+    skip_others!(Some(Fault::NotObject("a string")) => str);
+    skip_others!(Some(Fault::NotObject("null")) => unit);
+    skip_others!(Some(Fault::NotObject("an array")) => seq);
+}
+
+/// `messages` as the checks see it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum MessagesField {
+    /// An array: its length, and the first message at fault (when messages are checked).
+    Array {
+        len: usize,
+        fault: Option<(usize, Fault)>,
+    },
+    /// Any other value.
+    Other(Shallow),
+}
+
+/// `messages`, each message checked until the first fault when `scan` is set.
+struct MessagesSeed {
+    scan: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for MessagesSeed {
+    type Value = MessagesField;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<MessagesField, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for MessagesSeed {
+    type Value = MessagesField;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any value")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<MessagesField, A::Error> {
+        let (mut len, mut fault) = (0, None);
+        loop {
+            if self.scan && fault.is_none() {
+                match seq.next_element_seed(MessageCheck)? {
+                    None => break,
+                    Some(Some(f)) => fault = Some((len, f)),
+                    Some(None) => {}
+                }
+            } else if seq.next_element::<IgnoredAny>()?.is_none() {
+                break;
+            }
+            len += 1;
+        }
+        Ok(MessagesField::Array { len, fault })
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<MessagesField, E> {
+        ShallowVisitor.visit_bool(v).map(MessagesField::Other)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<MessagesField, E> {
+        ShallowVisitor.visit_i64(v).map(MessagesField::Other)
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<MessagesField, E> {
+        ShallowVisitor.visit_u64(v).map(MessagesField::Other)
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<MessagesField, E> {
+        ShallowVisitor.visit_f64(v).map(MessagesField::Other)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<MessagesField, E> {
+        ShallowVisitor.visit_str(v).map(MessagesField::Other)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<MessagesField, E> {
+        Ok(MessagesField::Other(Shallow::Null))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<MessagesField, A::Error> {
+        ShallowVisitor.visit_map(map).map(MessagesField::Other)
+    }
+}
+
+/// What is wrong with an item of `models`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum ModelFault {
+    Empty,
+    NotString(&'static str),
+}
+
+/// `models` as the checks see it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum ModelsField {
+    /// An array, and its first item that is no model name.
+    Array(Option<(usize, ModelFault)>),
+    /// Any other value.
+    Other(Shallow),
+}
+
+impl<'de> de::Deserialize<'de> for ModelsField {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ModelsField;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ModelsField, A::Error> {
+                let mut bad = None;
+                let mut i = 0;
+                while let Some(item) = seq.next_element::<Shallow>()? {
+                    let fault = match item {
+                        Shallow::Str { empty: false } => None,
+                        Shallow::Str { empty: true } => Some(ModelFault::Empty),
+                        other => Some(ModelFault::NotString(other.kind())),
+                    };
+                    if bad.is_none() {
+                        bad = fault.map(|f| (i, f));
+                    }
+                    i += 1;
+                }
+                Ok(ModelsField::Array(bad))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<ModelsField, E> {
+                ShallowVisitor.visit_bool(v).map(ModelsField::Other)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ModelsField, E> {
+                ShallowVisitor.visit_i64(v).map(ModelsField::Other)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ModelsField, E> {
+                ShallowVisitor.visit_u64(v).map(ModelsField::Other)
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<ModelsField, E> {
+                ShallowVisitor.visit_f64(v).map(ModelsField::Other)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ModelsField, E> {
+                ShallowVisitor.visit_str(v).map(ModelsField::Other)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<ModelsField, E> {
+                Ok(ModelsField::Other(Shallow::Null))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ModelsField, A::Error> {
+                ShallowVisitor.visit_map(map).map(ModelsField::Other)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The fields the checks read; `None` where the body has no such key. A key that occurs twice
+/// counts by its last occurrence.
+#[derive(Debug, Default)]
+pub(crate) struct Fields {
+    pub(crate) model: Option<Shallow>,
+    pub(crate) messages: Option<MessagesField>,
+    pub(crate) prompt: Option<Shallow>,
+    pub(crate) input: Option<Shallow>,
+    pub(crate) previous_response_id: Option<Shallow>,
+    pub(crate) conversation: Option<Shallow>,
+    pub(crate) temperature: Option<Shallow>,
+    pub(crate) top_p: Option<Shallow>,
+    pub(crate) presence_penalty: Option<Shallow>,
+    pub(crate) frequency_penalty: Option<Shallow>,
+    pub(crate) n: Option<Shallow>,
+    pub(crate) max_tokens: Option<Shallow>,
+    pub(crate) max_completion_tokens: Option<Shallow>,
+    pub(crate) max_output_tokens: Option<Shallow>,
+    pub(crate) stream: Option<Shallow>,
+    pub(crate) models: Option<ModelsField>,
+}
+
+impl Fields {
+    /// Parses `body`. `Ok(None)` when it is JSON but no object; `scan_messages` checks each
+    /// chat message (until the first at fault).
+    pub(crate) fn parse(body: &[u8], scan_messages: bool) -> Result<Option<Fields>, ParseError> {
+        let text = json_text(body)?;
+        let mut de = serde_json::Deserializer::from_str(text);
+        de::Deserializer::deserialize_any(
+            &mut de,
+            TopSeed {
+                scan: scan_messages,
+            },
+        )
+        .and_then(|fields| de.end().map(|()| fields))
+        .map_err(|e| refusal(text, e))
+    }
+}
+
+struct TopSeed {
+    scan: bool,
+}
+
+impl<'de> Visitor<'de> for TopSeed {
+    type Value = Option<Fields>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<Fields>, A::Error> {
+        const KEYS: &[&str] = &[
+            "model",
+            "messages",
+            "prompt",
+            "input",
+            "previous_response_id",
+            "conversation",
+            "temperature",
+            "top_p",
+            "presence_penalty",
+            "frequency_penalty",
+            "n",
+            "max_tokens",
+            "max_completion_tokens",
+            "max_output_tokens",
+            "stream",
+            "models",
+        ];
+        let mut f = Fields::default();
+        while let Some(key) = map.next_key_seed(KeyIn(KEYS))? {
+            let Some(key) = key else {
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            };
+            let slot = match key {
+                1 => {
+                    f.messages = Some(map.next_value_seed(MessagesSeed { scan: self.scan })?);
+                    continue;
+                }
+                15 => {
+                    f.models = Some(map.next_value::<ModelsField>()?);
+                    continue;
+                }
+                0 => &mut f.model,
+                2 => &mut f.prompt,
+                3 => &mut f.input,
+                4 => &mut f.previous_response_id,
+                5 => &mut f.conversation,
+                6 => &mut f.temperature,
+                7 => &mut f.top_p,
+                8 => &mut f.presence_penalty,
+                9 => &mut f.frequency_penalty,
+                10 => &mut f.n,
+                11 => &mut f.max_tokens,
+                12 => &mut f.max_completion_tokens,
+                13 => &mut f.max_output_tokens,
+                _ => &mut f.stream,
+            };
+            *slot = Some(map.next_value::<Shallow>()?);
+        }
+        Ok(Some(f))
+    }
+    skip_others!(None => bool i64 u64 f64 str unit seq);
+}
+
+/// A map key looked up in a list of names: its index, or `None`. Never allocates.
+struct KeyIn(&'static [&'static str]);
+
+impl<'de> DeserializeSeed<'de> for KeyIn {
+    type Value = Option<usize>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyIn {
+    type Value = Option<usize>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a key")
+    }
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<Option<usize>, E> {
+        Ok(self.0.iter().position(|name| *name == key))
+    }
+}
+
+/// `s` cut to at most `max` characters.
+pub(crate) fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Fields {
+        Fields::parse(body.as_bytes(), true).unwrap().unwrap()
+    }
+
+    #[test]
+    fn kinds_numbers_and_presence() {
+        let f = parse(
+            r#"{"model":"","temperature":2.5,"n":-3,"stream":null,"input":[],"x":{"model":1}}"#,
+        );
+        assert_eq!(f.model, Some(Shallow::Str { empty: true }));
+        assert_eq!(
+            f.temperature,
+            Some(Shallow::Number(Number::from_f64(2.5).unwrap()))
+        );
+        assert_eq!(f.n, Some(Shallow::Number((-3i64).into())));
+        assert_eq!(f.stream, Some(Shallow::Null));
+        assert_eq!(f.input, Some(Shallow::Array { empty: true }));
+        assert_eq!(f.prompt, None);
+        assert!(Fields::parse(b"[1]", true).unwrap().is_none());
+        assert!(Fields::parse(b"{\"a\":", true).is_err());
+    }
+
+    #[test]
+    fn the_first_message_at_fault_is_found_and_the_last_key_counts() {
+        let f = parse(
+            r#"{"messages":[{"role":"user","content":"a"},{"role":"tool","content":"x"},{"role":"bot"}]}"#,
+        );
+        assert_eq!(
+            f.messages,
+            Some(MessagesField::Array {
+                len: 3,
+                fault: Some((1, Fault::ToolCallId))
+            })
+        );
+        let f =
+            parse(r#"{"messages":[{"role":"user","content":"a","content":null}],"messages":[]}"#);
+        assert_eq!(
+            f.messages,
+            Some(MessagesField::Array {
+                len: 0,
+                fault: None
+            })
+        );
+        let f = parse(r#"{"messages":[{"role":"user","content":"a","content":null}]}"#);
+        assert_eq!(
+            f.messages,
+            Some(MessagesField::Array {
+                len: 1,
+                fault: Some((0, Fault::ContentMissing("user")))
+            })
+        );
+    }
+}
