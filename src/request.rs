@@ -540,11 +540,12 @@ const PER_MESSAGE_OVERHEAD: u64 = 4;
 ///   [`default_output`](TokenEstimator::default_output) for the body's `model` (configurable
 ///   with [`OutputDefaults`]); 0 for embeddings;
 /// - [`RequestView::choices`] is `n`, and for legacy completions the larger of `n` and
-///   `best_of`. The view holds no tree of
-/// the body: a view built from the request ([`RequestView::parse_bytes`], [`EnsureView`])
-/// keeps the body's [`Bytes`], which share the buffer the request is handed on
-/// with, so checks of their own can read the body again ([`RequestView::bytes`]) without a
-/// second copy in memory.
+///   `best_of`.
+///
+/// The view holds no tree of the body: a view built from the request
+/// ([`RequestView::parse_bytes`], [`EnsureView`]) keeps the body's [`Bytes`], which share the
+/// buffer the request is handed on with, so checks of their own can read the body again
+/// ([`RequestView::bytes`]) without a second copy in memory.
 ///
 /// Every value is checked for JSON syntax and UTF-8, including those the view does not read.
 /// The limits of a `serde_json::Value` parse are not applied to values the view skips: a
