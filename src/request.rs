@@ -209,7 +209,169 @@ pub trait TokenEstimator: Send + Sync + 'static {
     fn uses_model(&self) -> bool {
         true
     }
+
+    /// The output tokens a request for `model` is charged when it sets no `max_tokens` (nor
+    /// `max_completion_tokens` / `max_output_tokens`): by default [`DEFAULT_OUTPUT_TOKENS`]
+    /// for every model. [`TokenEstimator::with_output_defaults`] sets a table by model prefix.
+    fn default_output(&self, model: &str) -> u64 {
+        let _ = model;
+        DEFAULT_OUTPUT_TOKENS
+    }
+
+    /// This estimator, with the output defaults of `defaults` for requests without
+    /// `max_tokens`: what to hand the `estimator(..)` setter of a layer's builder.
+    ///
+    /// ```
+    /// use llm_layers::request::{CharEstimator, Endpoint, OutputDefaults, RequestView, TokenEstimator};
+    ///
+    /// let estimator = CharEstimator
+    ///     .with_output_defaults(OutputDefaults::new(4096).prefix("gpt-4o-mini", 1024));
+    /// let body = br#"{"model":"gpt-4o-mini-2024-07-18","messages":[]}"#;
+    /// let view = RequestView::parse(Endpoint::ChatCompletions, body, &estimator).unwrap();
+    /// assert_eq!(view.max_tokens(), None);
+    /// assert_eq!(view.output_tokens(), 1024);
+    /// ```
+    fn with_output_defaults(self, defaults: OutputDefaults) -> WithOutputDefaults
+    where
+        Self: Sized,
+    {
+        WithOutputDefaults::new(self, defaults)
+    }
 }
+
+/// The output tokens charged for a request without `max_tokens` when nothing else is set
+/// ([`TokenEstimator::default_output`], [`OutputDefaults::default`]).
+pub const DEFAULT_OUTPUT_TOKENS: u64 = 4096;
+
+/// Output tokens by model for requests that set no `max_tokens`: a short table of model-name
+/// prefixes (the longest matching prefix wins) and one fallback for every other model.
+///
+/// The default has no prefixes and the fallback [`DEFAULT_OUTPUT_TOKENS`].
+///
+/// ```
+/// use llm_layers::request::OutputDefaults;
+///
+/// let defaults = OutputDefaults::new(4096).prefix("gpt-4o", 16_384).prefix("gpt-4o-mini", 2048);
+/// assert_eq!(defaults.for_model("gpt-4o-2024-08-06"), 16_384);
+/// assert_eq!(defaults.for_model("gpt-4o-mini"), 2048);
+/// assert_eq!(defaults.for_model("llama-3"), 4096);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputDefaults {
+    prefixes: Vec<(Box<str>, u64)>,
+    fallback: u64,
+}
+
+impl Default for OutputDefaults {
+    fn default() -> Self {
+        OutputDefaults::new(DEFAULT_OUTPUT_TOKENS)
+    }
+}
+
+impl OutputDefaults {
+    /// No prefixes; every model gets `fallback`.
+    pub fn new(fallback: u64) -> Self {
+        OutputDefaults {
+            prefixes: Vec::new(),
+            fallback,
+        }
+    }
+
+    /// Models whose name starts with `prefix` get `tokens` (replacing an earlier entry for the
+    /// same prefix).
+    pub fn prefix(mut self, prefix: impl Into<Box<str>>, tokens: u64) -> Self {
+        let prefix = prefix.into();
+        self.prefixes.retain(|(p, _)| *p != prefix);
+        self.prefixes.push((prefix, tokens));
+        self
+    }
+
+    /// The fallback for models no prefix matches.
+    pub fn fallback_tokens(&self) -> u64 {
+        self.fallback
+    }
+
+    /// The default output of `model`: the longest matching prefix's, else the fallback.
+    pub fn for_model(&self, model: &str) -> u64 {
+        self.prefixes
+            .iter()
+            .filter(|(p, _)| model.starts_with(&**p))
+            .max_by_key(|(p, _)| p.len())
+            .map_or(self.fallback, |(_, n)| *n)
+    }
+}
+
+/// An estimator with its own [`OutputDefaults`] ([`TokenEstimator::with_output_defaults`]):
+/// counts texts as the estimator it wraps does.
+#[derive(Clone)]
+pub struct WithOutputDefaults {
+    estimator: Arc<dyn TokenEstimator>,
+    defaults: OutputDefaults,
+}
+
+impl WithOutputDefaults {
+    /// `estimator` with `defaults`.
+    pub fn new(estimator: impl TokenEstimator, defaults: OutputDefaults) -> Self {
+        WithOutputDefaults::shared(Arc::new(estimator), defaults)
+    }
+
+    /// A shared estimator (as a layer's builder holds it) with `defaults`.
+    pub fn shared(estimator: Arc<dyn TokenEstimator>, defaults: OutputDefaults) -> Self {
+        WithOutputDefaults {
+            estimator,
+            defaults,
+        }
+    }
+
+    /// The defaults.
+    pub fn defaults(&self) -> &OutputDefaults {
+        &self.defaults
+    }
+}
+
+impl std::fmt::Debug for WithOutputDefaults {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WithOutputDefaults")
+            .field("defaults", &self.defaults)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenEstimator for WithOutputDefaults {
+    fn estimate(&self, model: &str, text: &str) -> u64 {
+        self.estimator.estimate(model, text)
+    }
+    fn uses_model(&self) -> bool {
+        self.estimator.uses_model()
+    }
+    fn default_output(&self, model: &str) -> u64 {
+        self.defaults.for_model(model)
+    }
+}
+
+/// An image part in OpenAI's format (`image_url` in chat, `input_image` in Responses) with
+/// `detail: "low"`: a flat 85 tokens.
+pub const IMAGE_LOW_TOKENS: u64 = 85;
+
+/// An OpenAI image part with `detail` `high`, `auto` or unset. OpenAI's tile rule (GPT-4o,
+/// GPT-4.1, the `o` series) is 85 tokens plus 170 per 512-px tile of the image scaled to fit
+/// 2048×2048 and then to a shortest side of 768 px. The size of an image behind a URL or in
+/// base64 is not read, so the largest count the rule gives is assumed: 8 tiles (a 768×2048
+/// image), 85 + 8 × 170 = 1445 tokens.
+pub const IMAGE_HIGH_TOKENS: u64 = 85 + 8 * 170;
+
+/// An Anthropic `image` block. Anthropic counts `(width × height) / 750`, on images scaled to
+/// at most about 1.15 megapixels; the size is not read, so that maximum is assumed: 1600
+/// tokens.
+pub const ANTHROPIC_IMAGE_TOKENS: u64 = 1600;
+
+/// An audio part (`input_audio` in chat and Responses, `audio`): a fixed 600 tokens, one
+/// minute at OpenAI's 10 audio tokens a second. The duration is not read.
+pub const AUDIO_PART_TOKENS: u64 = 600;
+
+/// A file part (`file` in chat, `input_file` in Responses, an Anthropic `document` block): a
+/// fixed 1500 tokens, about one page of a PDF. The file is not read.
+pub const FILE_PART_TOKENS: u64 = 1500;
 
 impl<F> TokenEstimator for F
 where
@@ -357,13 +519,33 @@ const PER_MESSAGE_OVERHEAD: u64 = 4;
 /// What an LLM request asks for, parsed once and shared through the request extensions.
 ///
 /// The parse is typed: it reads only the fields layers use (`model`, `models`, `stream`,
-/// `max_tokens` / `max_completion_tokens` / `max_output_tokens`, the text of `messages` —
-/// content parts and tool-call arguments included — and of `prompt`, `input`, `instructions`
-/// and `system`) and skips every other value without building it. The view holds no tree of
-/// the body: a view built from the request ([`RequestView::parse_bytes`], [`EnsureView`])
-/// keeps the body's [`Bytes`], which share the buffer the request is handed on
-/// with, so checks of their own can read the body again ([`RequestView::bytes`]) without a
-/// second copy in memory.
+/// `max_tokens` / `max_completion_tokens` / `max_output_tokens`, `n`, `best_of`, the text of
+/// `messages` — content parts and tool-call arguments included — and of `prompt`, `input`,
+/// `instructions` and `system`, the strings of `tools`, `functions`, `response_format` and
+/// `text.format`) and skips every other value without building it.
+///
+/// # The estimate
+///
+/// [`RequestView::token_cost`] is `prompt_tokens + output_tokens × choices`:
+/// - texts count through the [`TokenEstimator`], plus 4 tokens per chat message;
+/// - a schema (`tools`, `functions`, `response_format`, the Responses API's `text.format`)
+///   counts every string in it, object keys included, through the estimator (numbers,
+///   booleans and structure are not counted);
+/// - a content part counts by its `type` at a fixed figure, since the media is not read: an
+///   OpenAI image (`image_url`, `input_image`) [`IMAGE_LOW_TOKENS`] with `detail: "low"`,
+///   else [`IMAGE_HIGH_TOKENS`]; an Anthropic `image` [`ANTHROPIC_IMAGE_TOKENS`]; audio
+///   (`input_audio`, `audio`) [`AUDIO_PART_TOKENS`]; a file (`file`, `input_file`,
+///   `document`) [`FILE_PART_TOKENS`]. URLs and base64 data are not counted as text;
+/// - the output of a choice is the `max_tokens` set, else the estimator's
+///   [`default_output`](TokenEstimator::default_output) for the body's `model` (configurable
+///   with [`OutputDefaults`]); 0 for embeddings;
+/// - [`RequestView::choices`] is `n`, and for legacy completions the larger of `n` and
+///   `best_of`.
+///
+/// The view holds no tree of the body: a view built from the request
+/// ([`RequestView::parse_bytes`], [`EnsureView`]) keeps the body's [`Bytes`], which share the
+/// buffer the request is handed on with, so checks of their own can read the body again
+/// ([`RequestView::bytes`]) without a second copy in memory.
 ///
 /// Every value is checked for JSON syntax and UTF-8, including those the view does not read.
 /// The limits of a `serde_json::Value` parse are not applied to values the view skips: a
@@ -377,6 +559,10 @@ pub struct RequestView {
     fallback_models: Box<[Arc<str>]>,
     stream: bool,
     max_tokens: Option<u64>,
+    /// `max_tokens`, or the estimator's default output when it is unset (0 for embeddings).
+    output_tokens: u64,
+    /// `n` (and `best_of` for completions), at least 1.
+    choices: u64,
     message_count: Option<usize>,
     prompt_tokens: u64,
     body: Option<Bytes>,
@@ -393,6 +579,8 @@ impl std::fmt::Debug for RequestView {
             .field("fallback_models", &self.fallback_models)
             .field("stream", &self.stream)
             .field("max_tokens", &self.max_tokens)
+            .field("output_tokens", &self.output_tokens)
+            .field("choices", &self.choices)
             .field("message_count", &self.message_count)
             .field("prompt_tokens", &self.prompt_tokens)
             .field("body", &self.body.as_ref().map(|b| b.len()))
@@ -483,6 +671,8 @@ impl RequestView {
                 fallback_models: Box::default(),
                 stream: false,
                 max_tokens: None,
+                output_tokens: 0,
+                choices: 1,
                 message_count: None,
                 prompt_tokens: 0,
                 body_len: Some(bytes.len()),
@@ -602,10 +792,33 @@ impl RequestView {
     pub fn prompt_tokens(&self) -> u64 {
         self.prompt_tokens
     }
-    /// What the request may cost at most: prompt tokens plus `max_tokens` (0 when unset).
+    /// The output tokens one choice may take: `max_tokens` when set, else the estimator's
+    /// default for the body's `model` ([`TokenEstimator::default_output`], by default
+    /// [`DEFAULT_OUTPUT_TOKENS`]); 0 for embeddings, which have no output.
+    pub fn output_tokens(&self) -> u64 {
+        self.output_tokens
+    }
+    /// How many choices the upstream generates: `n`, or for legacy completions the larger of
+    /// `n` and `best_of` (each generated completion is billed); 1 when unset or 0.
+    pub fn choices(&self) -> u64 {
+        self.choices
+    }
+    /// What the request may cost at most: the prompt tokens plus the output tokens of every
+    /// choice, `prompt_tokens() + output_tokens() × choices()`.
+    ///
+    /// ```
+    /// use llm_layers::request::{CharEstimator, Endpoint, RequestView, DEFAULT_OUTPUT_TOKENS};
+    ///
+    /// let body = br#"{"model":"gpt-4o","n":3,"max_tokens":100,"messages":[]}"#;
+    /// let view = RequestView::parse(Endpoint::ChatCompletions, body, &CharEstimator).unwrap();
+    /// assert_eq!(view.token_cost(), 300);
+    /// let body = br#"{"model":"gpt-4o","messages":[]}"#;
+    /// let view = RequestView::parse(Endpoint::ChatCompletions, body, &CharEstimator).unwrap();
+    /// assert_eq!(view.token_cost(), DEFAULT_OUTPUT_TOKENS);
+    /// ```
     pub fn token_cost(&self) -> u64 {
         self.prompt_tokens
-            .saturating_add(self.max_tokens.unwrap_or(0))
+            .saturating_add(self.output_tokens.saturating_mul(self.choices))
     }
 }
 
@@ -731,7 +944,14 @@ mod typed {
         Input = 2,
         Instructions = 3,
         System = 4,
+        Tools = 5,
+        Functions = 6,
+        ResponseFormat = 7,
+        Text = 8,
     }
+
+    /// The number of slots.
+    const SLOTS: usize = 9;
 
     /// What the parse gathered: the view's fields and the tokens counted so far.
     pub(super) struct Gathered<'de, 'e> {
@@ -745,7 +965,9 @@ mod typed {
         /// `max_completion_tokens`, `max_tokens`, `max_output_tokens`.
         max: [Option<u64>; 3],
         message_count: Option<usize>,
-        tokens: [u64; 5],
+        /// `n`, `best_of`.
+        choices: [Option<u64>; 2],
+        tokens: [u64; SLOTS],
         /// Texts met before the model name, counted at the end.
         deferred: Vec<(Slot, Cow<'de, str>)>,
     }
@@ -761,7 +983,8 @@ mod typed {
                 stream: false,
                 max: [None; 3],
                 message_count: None,
-                tokens: [0; 5],
+                choices: [None; 2],
+                tokens: [0; SLOTS],
                 deferred: Vec::new(),
             }
         }
@@ -776,6 +999,11 @@ mod typed {
         fn estimate(&self, text: &str) -> u64 {
             self.estimator
                 .estimate(self.model.as_deref().unwrap_or(""), text)
+        }
+
+        /// Adds a fixed count (a media part) to `slot`.
+        fn add(&mut self, slot: Slot, n: u64) {
+            self.tokens[slot as usize] = self.tokens[slot as usize].saturating_add(n);
         }
 
         /// Counts a text borrowed from the body.
@@ -814,13 +1042,24 @@ mod typed {
                 .tokens
                 .iter()
                 .fold(overhead, |sum, n| sum.saturating_add(*n));
+            let max_tokens = self.max.into_iter().flatten().next();
+            let output_tokens = match (endpoint, max_tokens) {
+                (Endpoint::Embeddings, _) => 0,
+                (_, Some(max)) => max,
+                (_, None) => estimator.default_output(model_name),
+            };
+            let [n, best_of] = self.choices;
+            let best_of = best_of.filter(|_| endpoint == Endpoint::Completions);
+            let choices = n.unwrap_or(1).max(best_of.unwrap_or(1)).max(1);
             RequestView {
                 endpoint,
                 model: self.model.as_deref().map(Arc::from),
                 deployment: None,
                 fallback_models: self.fallbacks.unwrap_or_default().into_boxed_slice(),
                 stream: self.stream,
-                max_tokens: self.max.into_iter().flatten().next(),
+                max_tokens,
+                output_tokens,
+                choices,
                 message_count: self.message_count,
                 prompt_tokens,
                 body: None,
@@ -840,8 +1079,11 @@ mod typed {
         Models,
         Stream,
         Max(usize),
+        Choices(usize),
         Messages,
         Text(Slot),
+        Schema(Slot),
+        TextFormat,
         Other,
     }
 
@@ -866,6 +1108,12 @@ mod typed {
                         "input" => TopKey::Text(Slot::Input),
                         "instructions" => TopKey::Text(Slot::Instructions),
                         "system" => TopKey::Text(Slot::System),
+                        "n" => TopKey::Choices(0),
+                        "best_of" => TopKey::Choices(1),
+                        "tools" => TopKey::Schema(Slot::Tools),
+                        "functions" => TopKey::Schema(Slot::Functions),
+                        "response_format" => TopKey::Schema(Slot::ResponseFormat),
+                        "text" => TopKey::TextFormat,
                         _ => TopKey::Other,
                     })
                 }
@@ -899,6 +1147,15 @@ mod typed {
                     TopKey::Text(slot) => {
                         g.reset(slot);
                         map.next_value_seed(Texts { g: &mut g, slot })?;
+                    }
+                    TopKey::Choices(i) => g.choices[i] = map.next_value::<Count>()?.0,
+                    TopKey::Schema(slot) => {
+                        g.reset(slot);
+                        map.next_value_seed(Schema { g: &mut g, slot })?;
+                    }
+                    TopKey::TextFormat => {
+                        g.reset(Slot::Text);
+                        map.next_value_seed(TextFormat(&mut g))?;
                     }
                     TopKey::Other => {
                         map.next_value::<IgnoredAny>()?;
@@ -1228,11 +1485,231 @@ mod typed {
             Ok(())
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-            while let Some(key) = map.next_key_seed(KeyIn(&["text", "content"]))? {
+            let (mut kind, mut detail, mut url_detail) = (Media::None, None, None);
+            while let Some(key) =
+                map.next_key_seed(KeyIn(&["text", "content", "type", "image_url", "detail"]))?
+            {
                 match key {
-                    Some(_) => map.next_value_seed(Texts {
+                    Some(0 | 1) => map.next_value_seed(Texts {
                         g: &mut *self.g,
                         slot: self.slot,
+                    })?,
+                    Some(2) => kind = map.next_value::<Media>()?,
+                    Some(3) => url_detail = map.next_value::<ImageUrl>()?.0,
+                    Some(_) => detail = map.next_value::<Detail>()?.0,
+                    None => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            let low = url_detail.or(detail).unwrap_or(false);
+            let n = match kind {
+                Media::None => 0,
+                Media::OpenAiImage if low => super::IMAGE_LOW_TOKENS,
+                Media::OpenAiImage => super::IMAGE_HIGH_TOKENS,
+                Media::AnthropicImage => super::ANTHROPIC_IMAGE_TOKENS,
+                Media::Audio => super::AUDIO_PART_TOKENS,
+                Media::File => super::FILE_PART_TOKENS,
+            };
+            if n > 0 {
+                self.g.add(self.slot, n);
+            }
+            Ok(())
+        }
+        skip_others!(() => bool i64 u64 f64 unit seq);
+    }
+
+    /// The kind of a content part, from its `type`.
+    #[derive(Clone, Copy)]
+    enum Media {
+        /// Text or anything else: no fixed count.
+        None,
+        /// `image_url` (chat), `input_image` (Responses).
+        OpenAiImage,
+        /// `image` (Anthropic).
+        AnthropicImage,
+        /// `input_audio`, `audio`.
+        Audio,
+        /// `file`, `input_file`, `document`.
+        File,
+    }
+
+    impl<'de> de::Deserialize<'de> for Media {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Media;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("any value")
+                }
+                fn visit_str<E: de::Error>(self, kind: &str) -> Result<Media, E> {
+                    Ok(match kind {
+                        "image_url" | "input_image" => Media::OpenAiImage,
+                        "image" => Media::AnthropicImage,
+                        "input_audio" | "audio" => Media::Audio,
+                        "file" | "input_file" | "document" => Media::File,
+                        _ => Media::None,
+                    })
+                }
+                skip_others!(Media::None => bool i64 u64 f64 unit seq map);
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    /// A `detail` value: `Some(true)` for `"low"`, `Some(false)` for any other string.
+    struct Detail(Option<bool>);
+
+    impl<'de> de::Deserialize<'de> for Detail {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Detail;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("any value")
+                }
+                fn visit_str<E: de::Error>(self, detail: &str) -> Result<Detail, E> {
+                    Ok(Detail(Some(detail == "low")))
+                }
+                skip_others!(Detail(None) => bool i64 u64 f64 unit seq map);
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    /// A chat part's `image_url`: the `detail` of the object (a string URL has none).
+    struct ImageUrl(Option<bool>);
+
+    impl<'de> de::Deserialize<'de> for ImageUrl {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = ImageUrl;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("any value")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ImageUrl, A::Error> {
+                    let mut detail = None;
+                    while let Some(key) = map.next_key_seed(KeyIn(&["detail"]))? {
+                        match key {
+                            Some(_) => detail = map.next_value::<Detail>()?.0,
+                            None => {
+                                map.next_value::<IgnoredAny>()?;
+                            }
+                        }
+                    }
+                    Ok(ImageUrl(detail))
+                }
+                skip_others!(ImageUrl(None) => bool i64 u64 f64 str unit seq);
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    /// A schema (`tools`, `functions`, `response_format`, `text.format`): every string in it,
+    /// object keys included, is counted as prompt text; numbers, booleans and nulls are not.
+    struct Schema<'g, 'de, 'e> {
+        g: &'g mut Gathered<'de, 'e>,
+        slot: Slot,
+    }
+
+    impl<'de> DeserializeSeed<'de> for Schema<'_, 'de, '_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Schema<'_, 'de, '_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any value")
+        }
+        fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<(), E> {
+            self.g.count_borrowed(self.slot, s);
+            Ok(())
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<(), E> {
+            self.g.count_transient(self.slot, s);
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while seq
+                .next_element_seed(Schema {
+                    g: &mut *self.g,
+                    slot: self.slot,
+                })?
+                .is_some()
+            {}
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while map
+                .next_key_seed(SchemaKey {
+                    g: &mut *self.g,
+                    slot: self.slot,
+                })?
+                .is_some()
+            {
+                map.next_value_seed(Schema {
+                    g: &mut *self.g,
+                    slot: self.slot,
+                })?;
+            }
+            Ok(())
+        }
+        skip_others!(() => bool i64 u64 f64 unit);
+    }
+
+    /// A key of an object in a schema, counted.
+    struct SchemaKey<'g, 'de, 'e> {
+        g: &'g mut Gathered<'de, 'e>,
+        slot: Slot,
+    }
+
+    impl<'de> DeserializeSeed<'de> for SchemaKey<'_, 'de, '_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for SchemaKey<'_, 'de, '_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a key")
+        }
+        fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<(), E> {
+            self.g.count_borrowed(self.slot, s);
+            Ok(())
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<(), E> {
+            self.g.count_transient(self.slot, s);
+            Ok(())
+        }
+    }
+
+    /// The Responses API's `text`: its `format` counted as a schema.
+    struct TextFormat<'g, 'de, 'e>(&'g mut Gathered<'de, 'e>);
+
+    impl<'de> DeserializeSeed<'de> for TextFormat<'_, 'de, '_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for TextFormat<'_, 'de, '_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any value")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while let Some(key) = map.next_key_seed(KeyIn(&["format"]))? {
+                match key {
+                    Some(_) => map.next_value_seed(Schema {
+                        g: &mut *self.0,
+                        slot: Slot::Text,
                     })?,
                     None => {
                         map.next_value::<IgnoredAny>()?;
@@ -1241,7 +1718,7 @@ mod typed {
             }
             Ok(())
         }
-        skip_others!(() => bool i64 u64 f64 unit seq);
+        skip_others!(() => bool i64 u64 f64 str unit seq);
     }
 }
 
@@ -1654,10 +2131,11 @@ mod typed_tests {
         Option<u64>,
         Option<usize>,
         u64,
+        u64,
     );
 
     fn reference(json: &Value, estimator: &dyn TokenEstimator) -> Reference {
-        fn count_text(v: Option<&Value>, count: &mut impl FnMut(&str)) {
+        fn count_text(v: Option<&Value>, count: &mut impl FnMut(&str), media: &mut u64) {
             match v {
                 Some(Value::String(s)) => count(s),
                 Some(Value::Array(items)) => {
@@ -1665,11 +2143,38 @@ mod typed_tests {
                         match item {
                             Value::String(s) => count(s),
                             Value::Object(o) => {
-                                count_text(o.get("text"), count);
-                                count_text(o.get("content"), count);
+                                count_text(o.get("text"), count, media);
+                                count_text(o.get("content"), count, media);
+                                let in_url = o
+                                    .get("image_url")
+                                    .and_then(|u| u.get("detail"))
+                                    .and_then(Value::as_str);
+                                let on_part = o.get("detail").and_then(Value::as_str);
+                                let low = in_url.or(on_part) == Some("low");
+                                *media += match o.get("type").and_then(Value::as_str) {
+                                    Some("image_url" | "input_image") if low => IMAGE_LOW_TOKENS,
+                                    Some("image_url" | "input_image") => IMAGE_HIGH_TOKENS,
+                                    Some("image") => ANTHROPIC_IMAGE_TOKENS,
+                                    Some("input_audio" | "audio") => AUDIO_PART_TOKENS,
+                                    Some("file" | "input_file" | "document") => FILE_PART_TOKENS,
+                                    _ => 0,
+                                };
                             }
                             _ => {}
                         }
+                    }
+                }
+                _ => {}
+            }
+        }
+        fn count_schema(v: &Value, count: &mut impl FnMut(&str)) {
+            match v {
+                Value::String(s) => count(s),
+                Value::Array(items) => items.iter().for_each(|i| count_schema(i, count)),
+                Value::Object(o) => {
+                    for (k, v) in o {
+                        count(k);
+                        count_schema(v, count);
                     }
                 }
                 _ => {}
@@ -1692,14 +2197,15 @@ mod typed_tests {
             .find_map(|k| obj.get(*k).and_then(Value::as_u64));
         let model_name = model.unwrap_or("");
         let mut tokens = 0u64;
+        let mut media = 0u64;
         let mut count = |text: &str| tokens += estimator.estimate(model_name, text);
         for m in messages.into_iter().flatten().filter_map(Value::as_object) {
             for (key, value) in m {
                 match key.as_str() {
-                    "content" | "name" => count_text(Some(value), &mut count),
+                    "content" | "name" => count_text(Some(value), &mut count, &mut media),
                     "tool_calls" => {
                         for c in value.as_array().into_iter().flatten() {
-                            count_text(c.pointer("/function/arguments"), &mut count);
+                            count_text(c.pointer("/function/arguments"), &mut count, &mut media);
                         }
                     }
                     _ => {}
@@ -1707,10 +2213,20 @@ mod typed_tests {
             }
         }
         for key in ["prompt", "input", "instructions", "system"] {
-            count_text(obj.get(key), &mut count);
+            count_text(obj.get(key), &mut count, &mut media);
+        }
+        for key in ["tools", "functions", "response_format"] {
+            if let Some(v) = obj.get(key) {
+                count_schema(v, &mut count);
+            }
+        }
+        if let Some(format) = obj.get("text").and_then(|t| t.get("format")) {
+            count_schema(format, &mut count);
         }
         let count = messages.map(Vec::len);
-        tokens += PER_MESSAGE_OVERHEAD * count.unwrap_or(0) as u64;
+        tokens += media + PER_MESSAGE_OVERHEAD * count.unwrap_or(0) as u64;
+        let n = obj.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
+        let output = max.unwrap_or_else(|| estimator.default_output(model_name));
         (
             model.map(str::to_owned),
             fallbacks,
@@ -1718,6 +2234,7 @@ mod typed_tests {
             max,
             count,
             tokens,
+            tokens + output * n,
         )
     }
 
@@ -1732,12 +2249,13 @@ mod typed_tests {
             view.max_tokens(),
             view.message_count(),
             view.prompt_tokens(),
+            view.token_cost(),
         )
     }
 
     /// A random value of the shapes LLM requests have, `depth` levels deep at most.
     fn value(rng: &mut fastrand::Rng, depth: u32) -> Value {
-        const KEYS: [&str; 14] = [
+        const KEYS: [&str; 17] = [
             "model",
             "models",
             "content",
@@ -1752,8 +2270,11 @@ mod typed_tests {
             "x",
             "input",
             "type",
+            "image_url",
+            "detail",
+            "format",
         ];
-        const WORDS: [&str; 7] = [
+        const WORDS: [&str; 13] = [
             "gpt-4o",
             "",
             "hi there",
@@ -1761,6 +2282,12 @@ mod typed_tests {
             "a\"b\\n\tc",
             "é",
             "user",
+            "image_url",
+            "input_image",
+            "low",
+            "image",
+            "input_audio",
+            "document",
         ];
         match rng.u32(0..if depth == 0 { 6 } else { 8 }) {
             0 => Value::Null,
@@ -1787,7 +2314,7 @@ mod typed_tests {
     }
 
     fn document(rng: &mut fastrand::Rng) -> Value {
-        const TOP: [&str; 14] = [
+        const TOP: [&str; 19] = [
             "model",
             "models",
             "stream",
@@ -1802,6 +2329,11 @@ mod typed_tests {
             "temperature",
             "tools",
             "metadata",
+            "n",
+            "functions",
+            "response_format",
+            "text",
+            "best_of",
         ];
         let mut obj = serde_json::Map::new();
         for _ in 0..rng.usize(0..10) {
