@@ -221,13 +221,11 @@ impl Timers {
 pub(super) fn terminal_event(out: &mut BytesMut, err: &ApiError, dialect: Dialect) {
     match dialect {
         Dialect::Anthropic => {
-            let body = serde_json::json!({
-                "type": "error",
-                "error": {
-                    "type": err.code().error_type(TypeStyle::Descriptive),
-                    "message": err.message(),
-                },
-            });
+            // Anthropic's own order: `type` first.
+            let message = serde_json::to_string(err.message()).unwrap_or_default();
+            let kind = err.code().error_type(TypeStyle::Descriptive);
+            let body =
+                format!(r#"{{"type":"error","error":{{"type":"{kind}","message":{message}}}}}"#);
             out.extend_from_slice(b"event: error\ndata: ");
             out.extend_from_slice(body.to_string().as_bytes());
             out.extend_from_slice(b"\n\n");
