@@ -421,12 +421,12 @@ type ChanBody = StreamBody<
     std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send>>,
 >;
 
+type ChanUpstream =
+    tower::util::BoxCloneService<Request<Full<Bytes>>, Response<ChanBody>, Infallible>;
+
 /// An in-process upstream answering `200 text/event-stream` with a body fed by the returned
 /// sender.
-fn channel_upstream() -> (
-    tower::util::BoxCloneService<Request<Full<Bytes>>, Response<ChanBody>, Infallible>,
-    Arc<Mutex<Option<Tx>>>,
-) {
+fn channel_upstream() -> (ChanUpstream, Arc<Mutex<Option<Tx>>>) {
     let tx_slot: Arc<Mutex<Option<Tx>>> = Arc::new(Mutex::new(None));
     let slot = tx_slot.clone();
     let svc = tower::service_fn(move |_req: Request<Full<Bytes>>| {

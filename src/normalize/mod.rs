@@ -73,6 +73,80 @@
 //!   larger than the read limit is handed on unchanged without being classified. A body that
 //!   breaks off before anything was handed on is a `502 service_unavailable`.
 //!
+//! # Streams
+//!
+//! For a 2xx `text/event-stream` answer the layer can decide on the first event and time the
+//! stream. Every setting is off by default; the stack reads them from `[upstream]` (see
+//! [`crate::stack::UpstreamConfig`]), per route too.
+//!
+//! | option | default | |
+//! |---|---|---|
+//! | [`hold_first_event`](NormalizeOptions::hold_first_event) | off | hold the head until the first event |
+//! | [`first_event_max_bytes`](NormalizeOptions::first_event_max_bytes) | 64 KiB | the most bytes held before it |
+//! | [`first_event_timeout`](NormalizeOptions::first_event_timeout) | none | the longest wait for it, from the head |
+//! | [`stream_idle_timeout`](NormalizeOptions::stream_idle_timeout) | none | the longest silence between chunks |
+//! | [`stream_total_timeout`](NormalizeOptions::stream_total_timeout) | none | the longest stream, from the head |
+//!
+//! - **The first event decides.** With the hold on, the head waits for the first event: a
+//!   block with a `data:` line ended by a blank line (comment lines are held too, but are no
+//!   event). An error event (OpenAI's `data: {"error":...}`, Anthropic's `event: error`, every
+//!   shape [`classify_sse_event`](crate::classify::classify_sse_event) reads), or an end or a
+//!   break before any event, turns the answer into an ordinary error answer (the envelope, its
+//!   status, `x-should-retry`, the retry headers, the upstream's request-id and rate-limit
+//!   headers, the [`ApiError`](crate::error::ApiError) in the extensions): nothing had reached
+//!   the client, so retry, breaker and fallback outside treat it as any failure. Otherwise the
+//!   head and the held bytes go on at once and the rest is handed on chunk for chunk, through
+//!   the same in-band rewriting as any stream. More than `first_event_max_bytes` without a
+//!   complete event hands everything on undecided. The hold is off by default: it changes what
+//!   a client sees for a stream that fails before its first event, delays the head to the first
+//!   event and costs one allocation per held stream (and one copy when the first event spans
+//!   chunks). Answers that are not 2xx event streams are never held.
+//! - **Timeouts.** While the head is held, running out of the first-event or total time is a
+//!   `504 timeout` answer (retryable). After the head, it ends the stream with one terminal
+//!   in-band error event in the stream's dialect, and the body ends: `data: {"error":{...,
+//!   "code":"timeout"}}` then `data: [DONE]` for OpenAI-style streams (the SDKs raise on an
+//!   `error` key; hand-written readers wait for `[DONE]`), `event: error` +
+//!   `data: {"type":"error","error":{"type":"timeout_error",...}}` for a stream that opened
+//!   with Anthropic's `message_start`. Without the hold, the first-event time runs to the
+//!   stream's first byte. The idle time restarts on every chunk, keep-alive comments
+//!   included. The timers are tokio's (exact under `tokio::time::pause`; no runtime, no bound)
+//!   and cost nothing when unset.
+//! - **Outcomes.** A failure before the first byte is an error answer. After it, the terminal
+//!   event ends the body cleanly (the body's error type is the upstream's, so the layer has no
+//!   error of its own to end it with): an outcome recorder at the end of the body, such as the
+//!   breaker's, sees a clean end.
+//!
+//! ```
+//! use std::time::Duration;
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::Full;
+//! use llm_layers::normalize::{NormalizeErrorsLayer, NormalizeOptions};
+//! use tower::{service_fn, Layer, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! // A 200 stream whose first event is a rate-limit error.
+//! let upstream = service_fn(|_req: Request<Full<Bytes>>| async {
+//!     let event = r#"data: {"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#;
+//!     Ok::<_, std::io::Error>(
+//!         Response::builder()
+//!             .header("content-type", "text/event-stream")
+//!             .body(Full::new(Bytes::from(format!("{event}\n\n"))))
+//!             .unwrap(),
+//!     )
+//! });
+//! let options = NormalizeOptions::new()
+//!     .hold_first_event(true)
+//!     .first_event_timeout(Some(Duration::from_secs(10)))
+//!     .stream_idle_timeout(Some(Duration::from_secs(30)));
+//! let client = NormalizeErrorsLayer::with_options(options).layer(upstream);
+//! let res = client.oneshot(Request::new(Full::default())).await.unwrap();
+//! assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+//! assert_eq!(res.headers()["x-should-retry"], "true");
+//! # }
+//! ```
+//!
 //! # Application rules
 //!
 //! [`NormalizeErrorsLayer::classifier`] (or [`NormalizeErrors::classifier`]) gives the layer a
