@@ -607,3 +607,67 @@ async fn the_total_limit_ends_a_stream_that_keeps_talking() {
     assert!(all[7].contains("total time limit"), "{text}");
     feeder.abort();
 }
+
+#[tokio::test(start_paused = true)]
+async fn answers_that_are_not_event_streams_are_never_held() {
+    let (tx, rx) = mpsc::unbounded_channel::<Result<Frame<Bytes>, Infallible>>();
+    let frames = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+    let body: ChanBody = StreamBody::new(Box::pin(frames));
+    let slot = Arc::new(Mutex::new(Some(body)));
+    let up = tower::service_fn(move |_req: Request<Full<Bytes>>| {
+        let body = slot.lock().unwrap().take().unwrap();
+        async move {
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .unwrap(),
+            )
+        }
+    });
+    let options = held()
+        .first_event_timeout(Some(Duration::from_secs(1)))
+        .stream_idle_timeout(Some(Duration::from_secs(1)));
+    let svc = NormalizeErrorsLayer::with_options(options).layer(up);
+    let start = Instant::now();
+    let res = svc.oneshot(Request::new(Full::default())).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(res.status(), StatusCode::OK);
+    // Nor timed: a JSON body silent for a minute is no stream timeout.
+    let feeder = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"{\"id\":\"x\"}"))));
+    });
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "{\"id\":\"x\"}");
+    assert_eq!(start.elapsed(), Duration::from_secs(60));
+    feeder.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_anthropic_stream_behind_keep_alive_comments_ends_in_its_own_dialect() {
+    let (up, tx) = channel_upstream();
+    let options = NormalizeOptions::new().stream_idle_timeout(Some(Duration::from_secs(1)));
+    let svc = NormalizeErrorsLayer::with_options(options).layer(up);
+    let fut = tokio::spawn(svc.oneshot(Request::new(Full::default())));
+    tokio::task::yield_now().await;
+    push(&tx, ": keep-alive\n\n");
+    let res = fut.await.unwrap().unwrap();
+    let mut body = res.into_body();
+    assert_eq!(
+        body.frame().await.unwrap().unwrap().into_data().unwrap(),
+        ": keep-alive\n\n"
+    );
+    push(
+        &tx,
+        "event: message_start\ndata: {\"type\":\"message_start\"}\n\n",
+    );
+    body.frame().await.unwrap().unwrap();
+    let last = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    let text = String::from_utf8_lossy(&last);
+    assert!(
+        text.starts_with("event: error\ndata: {\"type\":\"error\""),
+        "{text}"
+    );
+    assert!(body.frame().await.is_none());
+}

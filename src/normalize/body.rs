@@ -80,13 +80,15 @@ pub(super) enum Dialect {
 }
 
 impl Dialect {
-    /// The dialect of a stream, from its first bytes: Anthropic's streams open with
-    /// `message_start`.
+    /// The dialect of a stream, from its first chunk with data: Anthropic's streams open
+    /// with `message_start`. A chunk without a `data:` field (comments) decides nothing.
     pub(super) fn of(data: &[u8]) -> Dialect {
         if data.windows(13).any(|w| w == b"message_start") {
             Dialect::Anthropic
-        } else {
+        } else if data.windows(5).any(|w| w == b"data:") {
             Dialect::OpenAi
+        } else {
+            Dialect::Unknown
         }
     }
 }
@@ -180,20 +182,25 @@ impl Timers {
     /// Bytes arrived: the idle time starts again.
     fn on_data(self: Pin<&mut Self>, data: &[u8]) {
         let this = self.project();
+        if this.idle.is_none() && (this.sleep.is_none() || *this.started) {
+            // Nothing to time, or only the total deadline, already set.
+            return;
+        }
         if *this.dialect == Dialect::Unknown {
             *this.dialect = Dialect::of(data);
         }
-        let Some(sleep) = this.sleep.as_mut() else {
-            return;
-        };
-        if this.idle.is_none() && *this.started {
-            // Only the total deadline is left, already set.
-            return;
-        }
         *this.started = true;
-        match earliest(after(Instant::now(), *this.idle), *this.total_at) {
-            Some(at) => sleep.as_mut().reset(at),
-            None => *this.sleep = None,
+        match (
+            earliest(after(Instant::now(), *this.idle), *this.total_at),
+            this.sleep.as_mut(),
+        ) {
+            (Some(at), Some(sleep)) => sleep.as_mut().reset(at),
+            (Some(at), None) => {
+                if tokio::runtime::Handle::try_current().is_ok() {
+                    *this.sleep = Some(Box::pin(tokio::time::sleep_until(at)));
+                }
+            }
+            (None, _) => *this.sleep = None,
         }
     }
 
@@ -929,5 +936,24 @@ mod tests {
         passed += framer.finish().len();
         assert_eq!(passed, 1500 * 1000);
         assert!(!framer.mid_line());
+    }
+}
+
+#[cfg(test)]
+mod dialect_tests {
+    use super::Dialect;
+
+    #[test]
+    fn the_dialect_comes_from_the_first_chunk_with_data() {
+        assert_eq!(
+            Dialect::of(b"event: message_start\ndata: {\"type\":\"message_start\"}\n\n"),
+            Dialect::Anthropic
+        );
+        assert_eq!(Dialect::of(b"data: {\"choices\":[]}\n\n"), Dialect::OpenAi);
+        assert_eq!(
+            Dialect::of(b"event: response.created\ndata: {}\n\n"),
+            Dialect::OpenAi
+        );
+        assert_eq!(Dialect::of(b": keep-alive\n\n"), Dialect::Unknown);
     }
 }
