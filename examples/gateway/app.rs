@@ -64,7 +64,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use llm_layers::auth::{ApiKeyAuthLayer, KeyStore};
-use llm_layers::normalize::{NormalizeErrorsLayer, NormalizeOptions};
+use llm_layers::normalize::NormalizeErrorsLayer;
 use llm_layers::stack::{
     parse_toml, BreakerConfig, ConfigError, KeyConfig, RateLimitConfig, RetryConfig, RouteConfig,
     Stack, StackConfig, UpstreamConfig, ValidationConfig,
@@ -398,13 +398,19 @@ pub fn upstream_with(
     let client = http_client(base, key, tls);
     let chain = |path: Option<&str>| {
         let forward = forward.clone();
-        let (retry, breaker, timeout) = match path {
+        let (retry, breaker, timeout, normalize) = match path {
             Some(path) => (
                 stack.retry_for(path),
                 stack.breaker_for(path),
                 stack.attempt_timeout_for(path),
+                stack.normalize_options_for(path),
             ),
-            None => (stack.retry(), stack.breaker(), stack.attempt_timeout()),
+            None => (
+                stack.retry(),
+                stack.breaker(),
+                stack.attempt_timeout(),
+                stack.normalize_options(),
+            ),
         };
         let svc = ServiceBuilder::new()
             // The client's headers are filtered before the layers, so headers a layer adds
@@ -418,9 +424,10 @@ pub fn upstream_with(
             .map_request(|req: Request<llm_layers::body::LayerBody<Body>>| req.map(Body::new))
             .map_response(IntoResponse::into_response)
             // The attempt timeout covers the head; the error body is read within the same
-            // bound.
+            // bound. The stream settings of `[upstream]` (first event, stream timers) apply
+            // after the head.
             .layer(NormalizeErrorsLayer::with_options(
-                NormalizeOptions::new().error_body_timeout(Some(timeout)),
+                normalize.error_body_timeout(Some(timeout)),
             ))
             .timeout(timeout)
             .service(client.clone());

@@ -1,11 +1,14 @@
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use std::future::Future;
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
 
 use crate::classify::{classify_sse_event, Classifier};
 use crate::error::{ApiError, EnvelopeOptions, ErrorCode, TypeStyle};
@@ -29,11 +32,12 @@ pin_project! {
         },
         Sse {
             #[pin]
-            inner: B,
-            framer: SseFramer,
-            // A frame to hand on before the next one is read.
-            queued: Option<Frame<Bytes>>,
-            done: bool,
+            sse: SseStream<B>,
+        },
+        // A stream whose head was held until its first event.
+        SseHeld {
+            #[pin]
+            sse: SseStream<Pin<Box<B>>>,
         },
         Full {
             data: Option<Bytes>,
@@ -47,6 +51,200 @@ pin_project! {
     }
 }
 
+pin_project! {
+    /// A 2xx event stream: framed by line for in-band errors, timed when timers are set.
+    struct SseStream<B> {
+        #[pin]
+        inner: B,
+        framer: SseFramer,
+        // Bytes read before the head went out, handed on first (through the framer).
+        first: Option<Bytes>,
+        // A frame to hand on before the next one is read.
+        queued: Option<Frame<Bytes>>,
+        done: bool,
+        #[pin]
+        timers: Timers,
+    }
+}
+
+/// The dialect a stream's terminal error event is written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Dialect {
+    /// Not known yet (no byte seen).
+    Unknown,
+    /// `data: {"error":{...}}` then `data: [DONE]` (OpenAI chat and Responses, and the
+    /// OpenAI-compatible servers).
+    OpenAi,
+    /// `event: error` + `data: {"type":"error","error":{...}}` (Anthropic Messages).
+    Anthropic,
+}
+
+impl Dialect {
+    /// The dialect of a stream, from its first chunk with data: Anthropic's streams open
+    /// with `message_start`. A chunk without a `data:` field (comments) decides nothing.
+    pub(super) fn of(data: &[u8]) -> Dialect {
+        if data.windows(13).any(|w| w == b"message_start") {
+            Dialect::Anthropic
+        } else if data.windows(5).any(|w| w == b"data:") {
+            Dialect::OpenAi
+        } else {
+            Dialect::Unknown
+        }
+    }
+}
+
+/// Which stream timer ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Expired {
+    FirstEvent,
+    Idle,
+    Total,
+}
+
+impl Expired {
+    pub(super) fn error(self) -> ApiError {
+        let message = match self {
+            Expired::FirstEvent => "The upstream stream sent no event within its time limit.",
+            Expired::Idle => "The upstream stream went silent for longer than its idle limit.",
+            Expired::Total => "The upstream stream ran past its total time limit.",
+        };
+        ApiError::new(ErrorCode::Timeout, message)
+    }
+}
+
+/// The earlier of two optional instants.
+pub(super) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
+/// `now + d`, `None` when it does not fit (no bound).
+pub(super) fn after(now: Instant, d: Option<Duration>) -> Option<Instant> {
+    d.and_then(|d| now.checked_add(d))
+}
+
+pin_project! {
+    /// The stream timers of one event stream: one tokio `Sleep` at the nearest deadline,
+    /// reset as bytes arrive. No `Sleep` (and no cost) when no timer is set; the `Sleep` is
+    /// boxed so that the body stays `Unpin` when the upstream's is.
+    pub(super) struct Timers {
+        sleep: Option<Pin<Box<Sleep>>>,
+        idle: Option<Duration>,
+        total_at: Option<Instant>,
+        // The stream's first bytes (its first event, when the head was held) arrived.
+        started: bool,
+        dialect: Dialect,
+    }
+}
+
+impl Timers {
+    /// No timer.
+    pub(super) const fn none() -> Self {
+        Timers {
+            sleep: None,
+            idle: None,
+            total_at: None,
+            started: false,
+            dialect: Dialect::Unknown,
+        }
+    }
+
+    /// Timers from now: `first` until the first bytes (unless `started`), `idle` between
+    /// chunks after them, and the whole stream ending by `total_at`. Without a tokio runtime
+    /// there is no timer (no bound).
+    pub(super) fn new(
+        first: Option<Duration>,
+        idle: Option<Duration>,
+        total_at: Option<Instant>,
+        started: bool,
+    ) -> Self {
+        let now = Instant::now();
+        let next = if started {
+            earliest(after(now, idle), total_at)
+        } else {
+            earliest(after(now, first), total_at)
+        };
+        let sleep = next
+            .filter(|_| tokio::runtime::Handle::try_current().is_ok())
+            .map(|at| Box::pin(tokio::time::sleep_until(at)));
+        Timers {
+            sleep,
+            idle,
+            total_at,
+            started,
+            dialect: Dialect::Unknown,
+        }
+    }
+
+    /// Bytes arrived: the idle time starts again.
+    fn on_data(self: Pin<&mut Self>, data: &[u8]) {
+        let this = self.project();
+        if this.idle.is_none() && (this.sleep.is_none() || *this.started) {
+            // Nothing to time, or only the total deadline, already set.
+            return;
+        }
+        if *this.dialect == Dialect::Unknown {
+            *this.dialect = Dialect::of(data);
+        }
+        *this.started = true;
+        match (
+            earliest(after(Instant::now(), *this.idle), *this.total_at),
+            this.sleep.as_mut(),
+        ) {
+            (Some(at), Some(sleep)) => sleep.as_mut().reset(at),
+            (Some(at), None) => {
+                if tokio::runtime::Handle::try_current().is_ok() {
+                    *this.sleep = Some(Box::pin(tokio::time::sleep_until(at)));
+                }
+            }
+            (None, _) => *this.sleep = None,
+        }
+    }
+
+    /// Called when the upstream is not ready: which timer ran out, if one did (the task is
+    /// woken when one does).
+    fn poll_expired(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Option<Expired> {
+        let this = self.project();
+        let sleep = this.sleep.as_mut()?;
+        if sleep.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        *this.sleep = None;
+        Some(if this.total_at.is_some_and(|at| at <= Instant::now()) {
+            Expired::Total
+        } else if *this.started {
+            Expired::Idle
+        } else {
+            Expired::FirstEvent
+        })
+    }
+}
+
+/// The terminal in-band event for `err` in `dialect`: OpenAI's `data: {"error":...}` followed
+/// by `data: [DONE]`, or Anthropic's `event: error` with `{"type":"error","error":{...}}`.
+pub(super) fn terminal_event(out: &mut BytesMut, err: &ApiError, dialect: Dialect) {
+    match dialect {
+        Dialect::Anthropic => {
+            // Anthropic's own order: `type` first.
+            let message = serde_json::to_string(err.message()).unwrap_or_default();
+            let kind = err.code().error_type(TypeStyle::Descriptive);
+            let body =
+                format!(r#"{{"type":"error","error":{{"type":"{kind}","message":{message}}}}}"#);
+            out.extend_from_slice(b"event: error\ndata: ");
+            out.extend_from_slice(body.to_string().as_bytes());
+            out.extend_from_slice(b"\n\n");
+        }
+        Dialect::OpenAi | Dialect::Unknown => {
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(&err.envelope(TypeStyle::OpenAi));
+            out.extend_from_slice(b"\n\ndata: [DONE]\n\n");
+        }
+    }
+}
+
 impl<B> NormalizeBody<B> {
     pub(super) fn passthrough(inner: B) -> Self {
         NormalizeBody {
@@ -54,13 +252,39 @@ impl<B> NormalizeBody<B> {
         }
     }
 
-    pub(super) fn sse(inner: B, line_limit: usize, events: SseEvents) -> Self {
+    pub(super) fn sse(inner: B, line_limit: usize, events: SseEvents, timers: Timers) -> Self {
         NormalizeBody {
             kind: Kind::Sse {
-                inner,
-                framer: SseFramer::with_events(line_limit, events),
-                queued: None,
-                done: false,
+                sse: SseStream {
+                    inner,
+                    framer: SseFramer::with_events(line_limit, events),
+                    first: None,
+                    queued: None,
+                    done: false,
+                    timers,
+                },
+            },
+        }
+    }
+
+    /// A stream whose head was held: `first` (read already) goes on first.
+    pub(super) fn sse_held(
+        inner: Pin<Box<B>>,
+        first: Bytes,
+        line_limit: usize,
+        events: SseEvents,
+        timers: Timers,
+    ) -> Self {
+        NormalizeBody {
+            kind: Kind::SseHeld {
+                sse: SseStream {
+                    inner,
+                    framer: SseFramer::with_events(line_limit, events),
+                    first: (!first.is_empty()).then_some(first),
+                    queued: None,
+                    done: false,
+                    timers,
+                },
             },
         }
     }
@@ -105,6 +329,7 @@ impl<B> std::fmt::Debug for NormalizeBody<B> {
         let kind = match &self.kind {
             Kind::Passthrough { .. } => "passthrough",
             Kind::Sse { .. } => "sse",
+            Kind::SseHeld { .. } => "sse (held)",
             Kind::Full { .. } => "full",
             Kind::Prefixed { .. } => "prefixed",
         };
@@ -139,86 +364,16 @@ where
                 }
                 None => inner.as_mut().poll_frame(cx),
             },
-            KindProj::Sse {
-                mut inner,
-                framer,
-                queued,
-                done,
-            } => loop {
-                if let Some(frame) = queued.take() {
-                    return Poll::Ready(Some(Ok(frame)));
-                }
-                if *done {
-                    return Poll::Ready(None);
-                }
-                match ready!(inner.as_mut().poll_frame(cx)) {
-                    Some(Ok(frame)) => match frame.into_data() {
-                        Ok(data) => {
-                            let (head, rest) = framer.push(data);
-                            match (head.is_empty(), rest.is_empty()) {
-                                (true, true) => {}
-                                (false, true) => return Poll::Ready(Some(Ok(Frame::data(head)))),
-                                (true, false) => return Poll::Ready(Some(Ok(Frame::data(rest)))),
-                                (false, false) => {
-                                    *queued = Some(Frame::data(rest));
-                                    return Poll::Ready(Some(Ok(Frame::data(head))));
-                                }
-                            }
-                        }
-                        Err(trailers) => {
-                            // The held end of the stream goes before the trailers.
-                            let rest = framer.finish();
-                            if rest.is_empty() {
-                                return Poll::Ready(Some(Ok(trailers)));
-                            }
-                            *queued = Some(trailers);
-                            return Poll::Ready(Some(Ok(Frame::data(rest))));
-                        }
-                    },
-                    Some(Err(_)) => {
-                        // The stream broke off after the head was sent: the caller cannot be
-                        // answered with a status any more, so tell it in-band, the way providers
-                        // report errors inside a stream, and end the stream cleanly.
-                        *done = true;
-                        let api = ApiError::new(
-                            ErrorCode::ServiceUnavailable,
-                            "The upstream stream broke off before it finished.",
-                        );
-                        tracing::debug!(code = %api.code(), "upstream stream broke off");
-                        // What was held goes out as it came; the event starts on a line of its
-                        // own.
-                        let mid_line = framer.mid_line();
-                        let mut out = BytesMut::from(&framer.take_held()[..]);
-                        if mid_line {
-                            out.extend_from_slice(b"\n\n");
-                        }
-                        out.extend_from_slice(b"data: ");
-                        out.extend_from_slice(&api.envelope(TypeStyle::OpenAi));
-                        out.extend_from_slice(b"\n\n");
-                        return Poll::Ready(Some(Ok(Frame::data(out.freeze()))));
-                    }
-                    None => {
-                        *done = true;
-                        let rest = framer.finish();
-                        if rest.is_empty() {
-                            return Poll::Ready(None);
-                        }
-                        return Poll::Ready(Some(Ok(Frame::data(rest))));
-                    }
-                }
-            },
+            KindProj::Sse { sse } => sse.poll_frame(cx),
+            KindProj::SseHeld { sse } => sse.poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Passthrough { inner } => inner.is_end_stream(),
-            Kind::Sse {
-                inner,
-                framer,
-                queued,
-                done,
-            } => queued.is_none() && (*done || (framer.is_empty() && inner.is_end_stream())),
+            Kind::Sse { sse } => sse.is_end_stream(),
+            Kind::SseHeld { sse } => sse.is_end_stream(),
             Kind::Full { data } => data.is_none(),
             Kind::Prefixed { first, inner, .. } => first.is_none() && inner.is_end_stream(),
         }
@@ -227,7 +382,7 @@ where
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Passthrough { inner } => inner.size_hint(),
-            Kind::Sse { .. } => SizeHint::default(),
+            Kind::Sse { .. } | Kind::SseHeld { .. } => SizeHint::default(),
             Kind::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
@@ -247,6 +402,119 @@ where
             }
         }
     }
+}
+
+impl<B> SseStream<B>
+where
+    B: Body<Data = Bytes>,
+{
+    fn is_end_stream(&self) -> bool {
+        self.queued.is_none()
+            && self.first.is_none()
+            && (self.done || (self.framer.is_empty() && self.inner.is_end_stream()))
+    }
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let mut this = self.project();
+        loop {
+            if let Some(frame) = this.queued.take() {
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            if *this.done {
+                return Poll::Ready(None);
+            }
+            let frame = match this.first.take() {
+                Some(first) => Some(Ok(Frame::data(first))),
+                None => match this.inner.as_mut().poll_frame(cx) {
+                    Poll::Ready(frame) => frame,
+                    Poll::Pending => {
+                        let Some(expired) = this.timers.as_mut().poll_expired(cx) else {
+                            return Poll::Pending;
+                        };
+                        // The head went out: the caller is told in-band, in the stream's
+                        // dialect, and the stream ends.
+                        *this.done = true;
+                        let api = expired.error();
+                        tracing::debug!(code = %api.code(), timer = ?expired, "stream timed out");
+                        let out = terminal(this.framer, &api, this.timers.dialect);
+                        return Poll::Ready(Some(Ok(Frame::data(out))));
+                    }
+                },
+            };
+            match frame {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        if !data.is_empty() {
+                            this.timers.as_mut().on_data(&data);
+                        }
+                        let (head, rest) = this.framer.push(data);
+                        match (head.is_empty(), rest.is_empty()) {
+                            (true, true) => {}
+                            (false, true) => return Poll::Ready(Some(Ok(Frame::data(head)))),
+                            (true, false) => return Poll::Ready(Some(Ok(Frame::data(rest)))),
+                            (false, false) => {
+                                *this.queued = Some(Frame::data(rest));
+                                return Poll::Ready(Some(Ok(Frame::data(head))));
+                            }
+                        }
+                    }
+                    Err(trailers) => {
+                        // The held end of the stream goes before the trailers.
+                        let rest = this.framer.finish();
+                        if rest.is_empty() {
+                            return Poll::Ready(Some(Ok(trailers)));
+                        }
+                        *this.queued = Some(trailers);
+                        return Poll::Ready(Some(Ok(Frame::data(rest))));
+                    }
+                },
+                Some(Err(_)) => {
+                    // The stream broke off after the head was sent: the caller cannot be
+                    // answered with a status any more, so tell it in-band, the way providers
+                    // report errors inside a stream, and end the stream cleanly.
+                    *this.done = true;
+                    let api = ApiError::new(
+                        ErrorCode::ServiceUnavailable,
+                        "The upstream stream broke off before it finished.",
+                    );
+                    tracing::debug!(code = %api.code(), "upstream stream broke off");
+                    // What was held goes out as it came; the event starts on a line of its
+                    // own.
+                    let mid_line = this.framer.mid_line();
+                    let mut out = BytesMut::from(&this.framer.take_held()[..]);
+                    if mid_line {
+                        out.extend_from_slice(b"\n\n");
+                    }
+                    out.extend_from_slice(b"data: ");
+                    out.extend_from_slice(&api.envelope(TypeStyle::OpenAi));
+                    out.extend_from_slice(b"\n\n");
+                    return Poll::Ready(Some(Ok(Frame::data(out.freeze()))));
+                }
+                None => {
+                    *this.done = true;
+                    let rest = this.framer.finish();
+                    if rest.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(rest))));
+                }
+            }
+        }
+    }
+}
+
+/// What was held (as it came, ended as an event) and the terminal event for `err`.
+fn terminal(framer: &mut SseFramer, err: &ApiError, dialect: Dialect) -> Bytes {
+    let mid_line = framer.mid_line();
+    let mut out = BytesMut::from(&framer.take_held()[..]);
+    if mid_line {
+        out.extend_from_slice(b"\n\n");
+    }
+    terminal_event(&mut out, err, dialect);
+    out.freeze()
 }
 
 /// How in-band error events of one stream are classified and written.
@@ -668,5 +936,24 @@ mod tests {
         passed += framer.finish().len();
         assert_eq!(passed, 1500 * 1000);
         assert!(!framer.mid_line());
+    }
+}
+
+#[cfg(test)]
+mod dialect_tests {
+    use super::Dialect;
+
+    #[test]
+    fn the_dialect_comes_from_the_first_chunk_with_data() {
+        assert_eq!(
+            Dialect::of(b"event: message_start\ndata: {\"type\":\"message_start\"}\n\n"),
+            Dialect::Anthropic
+        );
+        assert_eq!(Dialect::of(b"data: {\"choices\":[]}\n\n"), Dialect::OpenAi);
+        assert_eq!(
+            Dialect::of(b"event: response.created\ndata: {}\n\n"),
+            Dialect::OpenAi
+        );
+        assert_eq!(Dialect::of(b": keep-alive\n\n"), Dialect::Unknown);
     }
 }

@@ -8,12 +8,12 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Response, StatusCode};
 use http_body::Body;
 use pin_project_lite::pin_project;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
-use super::body::{NormalizeBody, SseEvents};
+use super::body::{after, earliest, Expired, NormalizeBody, SseEvents, Timers};
 use super::NormalizeOptions;
 use crate::body::BoxError;
-use crate::classify::{classify_response, code_for_status, Classifier};
+use crate::classify::{classify_response, classify_sse_event, code_for_status, Classifier};
 use crate::error::{ApiError, ErrorCode};
 use crate::policy::classify_error;
 
@@ -57,6 +57,18 @@ pin_project! {
             // The body opened like an error object: read on (bounded) and classify.
             suspect: bool,
             deadline: Deadline,
+        },
+        // A 2xx event stream whose head is held until its first event.
+        Holding {
+            parts: Option<http::response::Parts>,
+            body: Option<Pin<Box<B>>>,
+            // The one chunk read so far, without a copy; `buf` once there are more.
+            single: Option<Bytes>,
+            buf: BytesMut,
+            sleep: Option<Pin<Box<Sleep>>>,
+            // When the time to the first event runs out (`None`: never).
+            first_at: Option<Instant>,
+            total_at: Option<Instant>,
         },
     }
 }
@@ -158,19 +170,54 @@ where
                             // inspect, and its empty body is not an empty answer.
                             return Poll::Ready(Ok(res.map(NormalizeBody::passthrough)));
                         }
-                        if this.options.rewrites_sse() && is_sse(res.headers()) {
+                        let opts = &*this.options;
+                        let sse = (opts.rewrites_sse()
+                            || opts.holds_first_event()
+                            || opts.times_streams())
+                            && is_sse(res.headers());
+                        if sse && opts.holds_first_event() {
+                            let (parts, body) = res.into_parts();
+                            let now = Instant::now();
+                            let first_at = after(now, opts.ttft());
+                            let total_at = after(now, opts.total());
+                            let sleep = earliest(first_at, total_at)
+                                .filter(|_| tokio::runtime::Handle::try_current().is_ok())
+                                .map(|at| Box::pin(tokio::time::sleep_until(at)));
+                            this.state.set(State::Holding {
+                                parts: Some(parts),
+                                body: Some(Box::pin(body)),
+                                single: None,
+                                buf: BytesMut::new(),
+                                sleep,
+                                first_at,
+                                total_at,
+                            });
+                            continue;
+                        }
+                        if sse {
                             let mut res = res;
                             // A rewritten event changes the length of the stream.
                             res.headers_mut().remove(http::header::CONTENT_LENGTH);
-                            let limit = this.options.line_limit();
+                            let limit = line_limit(opts);
                             let events = SseEvents::new(
                                 this.classifier.as_ref(),
                                 status,
                                 res.headers(),
                                 this.options.exposes_upstream(),
                             );
+                            let timers = if opts.times_streams() {
+                                let now = Instant::now();
+                                Timers::new(
+                                    opts.ttft(),
+                                    opts.idle(),
+                                    after(now, opts.total()),
+                                    false,
+                                )
+                            } else {
+                                Timers::none()
+                            };
                             return Poll::Ready(Ok(
-                                res.map(|b| NormalizeBody::sse(b, limit, events))
+                                res.map(|b| NormalizeBody::sse(b, limit, events, timers))
                             ));
                         }
                         if status == StatusCode::OK
@@ -368,8 +415,247 @@ where
                     };
                     return Poll::Ready(Ok(Response::from_parts(parts, body)));
                 }
+                StateProj::Holding {
+                    parts,
+                    body,
+                    single,
+                    buf,
+                    sleep,
+                    first_at,
+                    total_at,
+                } => {
+                    let opts = &*this.options;
+                    let inner = body
+                        .as_mut()
+                        .expect("ResponseFuture polled after completion");
+                    let held = loop {
+                        let frame = match inner.as_mut().poll_frame(cx) {
+                            Poll::Ready(frame) => frame,
+                            Poll::Pending => {
+                                let fired = sleep
+                                    .as_mut()
+                                    .is_some_and(|s| s.as_mut().poll(cx).is_ready());
+                                if !fired {
+                                    return Poll::Pending;
+                                }
+                                let now = Instant::now();
+                                let which = if total_at.is_some_and(|at| at <= now)
+                                    && !first_at.is_some_and(|at| at <= now)
+                                {
+                                    Expired::Total
+                                } else {
+                                    Expired::FirstEvent
+                                };
+                                let err = which.error();
+                                tracing::debug!(code = %err.code(), timer = ?which, "held stream timed out");
+                                let parts = parts.as_ref().map(|p| &p.headers);
+                                return Poll::Ready(Ok(envelope(&err, parts, opts)));
+                            }
+                        };
+                        let data = match frame {
+                            Some(Ok(frame)) => match frame.into_data() {
+                                Ok(data) => data,
+                                // Trailers before any event: the stream ended.
+                                Err(_) => break Held::Ended,
+                            },
+                            Some(Err(_)) => break Held::BrokeOff,
+                            None => break Held::Ended,
+                        };
+                        if data.is_empty() {
+                            continue;
+                        }
+                        let view: &[u8] = match single.take() {
+                            None if buf.is_empty() => &*single.insert(data),
+                            prev => {
+                                if let Some(prev) = prev {
+                                    buf.extend_from_slice(&prev);
+                                }
+                                buf.extend_from_slice(&data);
+                                buf
+                            }
+                        };
+                        match first_event(view, false) {
+                            Some(event) => {
+                                break Held::Event(
+                                    event.verdict(
+                                        this.classifier,
+                                        &parts
+                                            .as_ref()
+                                            .expect("ResponseFuture polled after completion")
+                                            .headers,
+                                    ),
+                                )
+                            }
+                            None if view.len() > opts.first_event_limit() => break Held::Undecided,
+                            None => {}
+                        }
+                    };
+                    let mut parts = parts
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    let body = body.take().expect("ResponseFuture polled after completion");
+                    let bytes = match single.take() {
+                        Some(b) => b,
+                        None => std::mem::take(buf).freeze(),
+                    };
+                    let err = match held {
+                        Held::Event(Some(err)) => Some(err),
+                        Held::Event(None) | Held::Undecided => None,
+                        Held::Ended | Held::BrokeOff => {
+                            // An event cut off by the end is read as one.
+                            match first_event(&bytes, true) {
+                                Some(event) => event.verdict(this.classifier, &parts.headers),
+                                None => {
+                                    let message = if matches!(held, Held::Ended) {
+                                        "The upstream stream ended before its first event."
+                                    } else {
+                                        "The upstream stream broke off before its first event."
+                                    };
+                                    Some(
+                                        ApiError::new(ErrorCode::ServiceUnavailable, message)
+                                            .with_status(StatusCode::BAD_GATEWAY),
+                                    )
+                                }
+                            }
+                        }
+                    };
+                    if let Some(err) = err {
+                        tracing::debug!(code = %err.code(), "a stream's first event was an error");
+                        return Poll::Ready(Ok(envelope(&err, Some(&parts.headers), opts)));
+                    }
+                    // The first event is not an error: the head and the held bytes go on, and
+                    // the rest streams as it comes.
+                    parts.headers.remove(http::header::CONTENT_LENGTH);
+                    let events = SseEvents::new(
+                        this.classifier.as_ref(),
+                        parts.status,
+                        &parts.headers,
+                        opts.exposes_upstream(),
+                    );
+                    let timers = if opts.idle().is_some() || total_at.is_some() {
+                        Timers::new(None, opts.idle(), *total_at, true)
+                    } else {
+                        Timers::none()
+                    };
+                    let body =
+                        NormalizeBody::sse_held(body, bytes, line_limit(opts), events, timers);
+                    return Poll::Ready(Ok(Response::from_parts(parts, body)));
+                }
             }
         }
+    }
+}
+
+/// How holding a stream's head ended.
+enum Held {
+    /// The first event arrived: an error, or `None` when it is not one.
+    Event(Option<ApiError>),
+    /// Too many bytes without a complete event: hand on undecided.
+    Undecided,
+    /// The stream ended before an event completed.
+    Ended,
+    /// The stream broke off before an event completed.
+    BrokeOff,
+}
+
+/// The line limit of the framer: `0` (nothing inspected) when in-band errors are not
+/// rewritten.
+fn line_limit(opts: &NormalizeOptions) -> usize {
+    if opts.rewrites_sse() {
+        opts.line_limit()
+    } else {
+        0
+    }
+}
+
+/// The first event of a stream (a block with at least one `data:` line, ended by a blank
+/// line; with `at_end`, the end of `data` ends it too). Comment-only blocks are skipped.
+struct FirstEvent<'a> {
+    name: Option<&'a [u8]>,
+    data: std::borrow::Cow<'a, [u8]>,
+}
+
+fn first_event(data: &[u8], at_end: bool) -> Option<FirstEvent<'_>> {
+    let mut name = None;
+    let mut payload: Option<std::borrow::Cow<'_, [u8]>> = None;
+    let mut start = 0;
+    while start < data.len() {
+        let Some(i) = data[start..]
+            .iter()
+            .position(|&b| b == b'\n' || b == b'\r')
+            .map(|i| start + i)
+        else {
+            if !at_end {
+                return None;
+            }
+            // The last line, unended.
+            field(&data[start..], &mut name, &mut payload);
+            break;
+        };
+        let line = &data[start..i];
+        start = if data[i] == b'\r' && data.get(i + 1) == Some(&b'\n') {
+            i + 2
+        } else {
+            i + 1
+        };
+        if line.is_empty() {
+            if let Some(data) = payload.take() {
+                return Some(FirstEvent { name, data });
+            }
+            name = None;
+            continue;
+        }
+        field(line, &mut name, &mut payload);
+    }
+    if at_end {
+        return payload.map(|data| FirstEvent { name, data });
+    }
+    None
+}
+
+/// Reads one SSE line into the event being built.
+fn field<'a>(
+    line: &'a [u8],
+    name: &mut Option<&'a [u8]>,
+    payload: &mut Option<std::borrow::Cow<'a, [u8]>>,
+) {
+    let value = |v: &'a [u8]| v.strip_prefix(b" ").unwrap_or(v);
+    if let Some(v) = line.strip_prefix(b"data:") {
+        let v = value(v);
+        match payload {
+            None => *payload = Some(std::borrow::Cow::Borrowed(v)),
+            Some(p) => {
+                let p = p.to_mut();
+                p.push(b'\n');
+                p.extend_from_slice(v);
+            }
+        }
+    } else if let Some(v) = line.strip_prefix(b"event:") {
+        *name = Some(value(v));
+    }
+}
+
+impl FirstEvent<'_> {
+    /// The event's error, if it is one.
+    fn verdict(
+        &self,
+        classifier: &Option<Arc<Classifier>>,
+        headers: &HeaderMap,
+    ) -> Option<ApiError> {
+        let found = classify_sse_event(&self.data);
+        let mut err = match (found, self.name) {
+            (Some(err), _) => err,
+            (None, Some(b"error")) => ApiError::new(
+                ErrorCode::ServiceUnavailable,
+                "The upstream stream's first event was an error.",
+            )
+            .with_status(StatusCode::BAD_GATEWAY),
+            (None, _) => return None,
+        };
+        if let Some(c) = classifier {
+            err = c.apply(StatusCode::OK, headers, &self.data, err);
+        }
+        Some(err)
     }
 }
 

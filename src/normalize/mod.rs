@@ -73,6 +73,80 @@
 //!   larger than the read limit is handed on unchanged without being classified. A body that
 //!   breaks off before anything was handed on is a `502 service_unavailable`.
 //!
+//! # Streams
+//!
+//! For a 2xx `text/event-stream` answer the layer can decide on the first event and time the
+//! stream. Every setting is off by default; the stack reads them from `[upstream]` (see
+//! [`crate::stack::UpstreamConfig`]), per route too.
+//!
+//! | option | default | |
+//! |---|---|---|
+//! | [`hold_first_event`](NormalizeOptions::hold_first_event) | off | hold the head until the first event |
+//! | [`first_event_max_bytes`](NormalizeOptions::first_event_max_bytes) | 64 KiB | the most bytes held before it |
+//! | [`first_event_timeout`](NormalizeOptions::first_event_timeout) | none | the longest wait for it, from the head |
+//! | [`stream_idle_timeout`](NormalizeOptions::stream_idle_timeout) | none | the longest silence between chunks |
+//! | [`stream_total_timeout`](NormalizeOptions::stream_total_timeout) | none | the longest stream, from the head |
+//!
+//! - **The first event decides.** With the hold on, the head waits for the first event: a
+//!   block with a `data:` line ended by a blank line (comment lines are held too, but are no
+//!   event). An error event (OpenAI's `data: {"error":...}`, Anthropic's `event: error`, every
+//!   shape [`classify_sse_event`](crate::classify::classify_sse_event) reads), or an end or a
+//!   break before any event, turns the answer into an ordinary error answer (the envelope, its
+//!   status, `x-should-retry`, the retry headers, the upstream's request-id and rate-limit
+//!   headers, the [`ApiError`](crate::error::ApiError) in the extensions): nothing had reached
+//!   the client, so retry, breaker and fallback outside treat it as any failure. Otherwise the
+//!   head and the held bytes go on at once and the rest is handed on chunk for chunk, through
+//!   the same in-band rewriting as any stream. More than `first_event_max_bytes` without a
+//!   complete event hands everything on undecided. The hold is off by default: it changes what
+//!   a client sees for a stream that fails before its first event, delays the head to the first
+//!   event and costs one allocation per held stream (and one copy when the first event spans
+//!   chunks). Answers that are not 2xx event streams are never held.
+//! - **Timeouts.** While the head is held, running out of the first-event or total time is a
+//!   `504 timeout` answer (retryable). After the head, it ends the stream with one terminal
+//!   in-band error event in the stream's dialect, and the body ends: `data: {"error":{...,
+//!   "code":"timeout"}}` then `data: [DONE]` for OpenAI-style streams (the SDKs raise on an
+//!   `error` key; hand-written readers wait for `[DONE]`), `event: error` +
+//!   `data: {"type":"error","error":{"type":"timeout_error",...}}` for a stream that opened
+//!   with Anthropic's `message_start`. Without the hold, the first-event time runs to the
+//!   stream's first byte. The idle time restarts on every chunk, keep-alive comments
+//!   included. The timers are tokio's (exact under `tokio::time::pause`; no runtime, no bound)
+//!   and cost nothing when unset.
+//! - **Outcomes.** A failure before the first byte is an error answer. After it, the terminal
+//!   event ends the body cleanly (the body's error type is the upstream's, so the layer has no
+//!   error of its own to end it with): an outcome recorder at the end of the body, such as the
+//!   breaker's, sees a clean end.
+//!
+//! ```
+//! use std::time::Duration;
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::Full;
+//! use llm_layers::normalize::{NormalizeErrorsLayer, NormalizeOptions};
+//! use tower::{service_fn, Layer, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! // A 200 stream whose first event is a rate-limit error.
+//! let upstream = service_fn(|_req: Request<Full<Bytes>>| async {
+//!     let event = r#"data: {"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#;
+//!     Ok::<_, std::io::Error>(
+//!         Response::builder()
+//!             .header("content-type", "text/event-stream")
+//!             .body(Full::new(Bytes::from(format!("{event}\n\n"))))
+//!             .unwrap(),
+//!     )
+//! });
+//! let options = NormalizeOptions::new()
+//!     .hold_first_event(true)
+//!     .first_event_timeout(Some(Duration::from_secs(10)))
+//!     .stream_idle_timeout(Some(Duration::from_secs(30)));
+//! let client = NormalizeErrorsLayer::with_options(options).layer(upstream);
+//! let res = client.oneshot(Request::new(Full::default())).await.unwrap();
+//! assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+//! assert_eq!(res.headers()["x-should-retry"], "true");
+//! # }
+//! ```
+//!
 //! # Application rules
 //!
 //! [`NormalizeErrorsLayer::classifier`] (or [`NormalizeErrors::classifier`]) gives the layer a
@@ -186,6 +260,9 @@ pub const DEFAULT_ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The default longest SSE line that is held back and inspected: 64 KiB.
 pub const DEFAULT_SSE_LINE_LIMIT: usize = 64 * 1024;
 
+/// The default most bytes of a held event stream before its first event: 64 KiB.
+pub const DEFAULT_FIRST_EVENT_MAX_BYTES: usize = 64 * 1024;
+
 /// Options of the normalizer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NormalizeOptions {
@@ -195,6 +272,11 @@ pub struct NormalizeOptions {
     envelope: EnvelopeOptions,
     rewrite_sse: bool,
     inspect_ok_json: bool,
+    hold_first_event: bool,
+    first_event_max_bytes: usize,
+    first_event_timeout: Option<Duration>,
+    stream_idle_timeout: Option<Duration>,
+    stream_total_timeout: Option<Duration>,
 }
 
 impl Default for NormalizeOptions {
@@ -214,6 +296,11 @@ impl NormalizeOptions {
             envelope: EnvelopeOptions::new(),
             rewrite_sse: true,
             inspect_ok_json: false,
+            hold_first_event: false,
+            first_event_max_bytes: DEFAULT_FIRST_EVENT_MAX_BYTES,
+            first_event_timeout: None,
+            stream_idle_timeout: None,
+            stream_total_timeout: None,
         }
     }
 
@@ -295,6 +382,88 @@ impl NormalizeOptions {
     pub const fn inspect_ok_json(mut self, inspect: bool) -> Self {
         self.inspect_ok_json = inspect;
         self
+    }
+
+    /// Hold the head of a 2xx `text/event-stream` answer until its first event (off by
+    /// default; see [Streams](self#streams)).
+    ///
+    /// When the first event is an error (an OpenAI `data: {"error":...}`, Anthropic's
+    /// `event: error`, any shape [`classify_sse_event`](crate::classify::classify_sse_event)
+    /// reads), or the stream ends or breaks off before any event, the answer becomes an
+    /// ordinary error answer: the envelope with the error's status, `x-should-retry`, the
+    /// retry headers and the [`ApiError`](crate::error::ApiError) in the extensions, so retry,
+    /// breaker and fallback outside treat it as any failure. Otherwise the head and the held
+    /// bytes go on together and the rest of the stream is handed on as it comes. The hold is
+    /// bounded by [`first_event_max_bytes`](Self::first_event_max_bytes) and
+    /// [`first_event_timeout`](Self::first_event_timeout) (and the total timeout). Answers
+    /// that are not 2xx event streams are never held. Costs, only for held streams: one
+    /// allocation for the body, and one copy when the first event spans several chunks.
+    pub const fn hold_first_event(mut self, hold: bool) -> Self {
+        self.hold_first_event = hold;
+        self
+    }
+
+    /// How many bytes of a held stream may arrive before the first event is complete (64 KiB
+    /// by default). Beyond it, the head and what was held are handed on undecided and the
+    /// stream goes on as it comes. Comment lines (`: keep-alive`) count too.
+    pub const fn first_event_max_bytes(mut self, bytes: usize) -> Self {
+        self.first_event_max_bytes = bytes;
+        self
+    }
+
+    /// The longest wait, from the stream's head, for its first event (no bound by default).
+    ///
+    /// While the head is held ([`hold_first_event`](Self::hold_first_event)), running out is
+    /// an ordinary `504 timeout` answer (retryable). Without the hold, the head has already
+    /// gone out: the time runs to the stream's first byte, and running out ends the stream
+    /// with one terminal in-band `timeout` error event.
+    pub const fn first_event_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.first_event_timeout = timeout;
+        self
+    }
+
+    /// The longest silence between two chunks of a 2xx event stream once it has started (no
+    /// bound by default). Any bytes from the upstream count, keep-alive comments included.
+    /// Running out ends the stream with one terminal in-band `timeout` error event in the
+    /// stream's dialect.
+    pub const fn stream_idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.stream_idle_timeout = timeout;
+        self
+    }
+
+    /// The longest a 2xx event stream may last, from its head to its end (no bound by
+    /// default). Running out while the head is held is a `504 timeout` answer; after it, one
+    /// terminal in-band `timeout` error event ends the stream.
+    pub const fn stream_total_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.stream_total_timeout = timeout;
+        self
+    }
+
+    pub(crate) const fn holds_first_event(&self) -> bool {
+        self.hold_first_event
+    }
+
+    pub(crate) const fn first_event_limit(&self) -> usize {
+        self.first_event_max_bytes
+    }
+
+    pub(crate) const fn ttft(&self) -> Option<Duration> {
+        self.first_event_timeout
+    }
+
+    pub(crate) const fn idle(&self) -> Option<Duration> {
+        self.stream_idle_timeout
+    }
+
+    pub(crate) const fn total(&self) -> Option<Duration> {
+        self.stream_total_timeout
+    }
+
+    /// Whether any stream timer is set.
+    pub(crate) const fn times_streams(&self) -> bool {
+        self.first_event_timeout.is_some()
+            || self.stream_idle_timeout.is_some()
+            || self.stream_total_timeout.is_some()
     }
 
     pub(crate) const fn inspects_ok_json(&self) -> bool {

@@ -527,6 +527,35 @@ section! {
     pub struct UpstreamConfig, override UpstreamOverride {
         /// The time one attempt may take to the response head, in milliseconds.
         attempt_timeout_ms: NonZeroU64 = NonZeroU64::new(60_000).expect("not zero"),
+        /// Hold the head of a 2xx event stream until its first event, so that a first event
+        /// that is an error becomes an error answer (see
+        /// [`NormalizeOptions::hold_first_event`](crate::normalize::NormalizeOptions::hold_first_event)).
+        hold_first_event: bool = false,
+        /// The most bytes held before the first event; beyond it the stream goes on
+        /// undecided.
+        first_event_max_bytes: NonZeroUsize =
+            NonZeroUsize::new(crate::normalize::DEFAULT_FIRST_EVENT_MAX_BYTES).expect("not zero"),
+        /// The longest wait for a stream's first event, in milliseconds (none by default).
+        first_event_timeout_ms: Option<NonZeroU64> = None,
+        /// The longest silence between two chunks of a stream, in milliseconds (none by
+        /// default).
+        stream_idle_timeout_ms: Option<NonZeroU64> = None,
+        /// The longest a stream may last, in milliseconds (none by default).
+        stream_total_timeout_ms: Option<NonZeroU64> = None,
+    }
+}
+
+impl UpstreamConfig {
+    /// The normalizer's stream settings from this section (the other options at their
+    /// defaults).
+    pub fn normalize_options(&self) -> crate::normalize::NormalizeOptions {
+        let ms = |v: Option<NonZeroU64>| v.map(|v| std::time::Duration::from_millis(v.get()));
+        crate::normalize::NormalizeOptions::new()
+            .hold_first_event(self.hold_first_event)
+            .first_event_max_bytes(self.first_event_max_bytes.get())
+            .first_event_timeout(ms(self.first_event_timeout_ms))
+            .stream_idle_timeout(ms(self.stream_idle_timeout_ms))
+            .stream_total_timeout(ms(self.stream_total_timeout_ms))
     }
 }
 

@@ -15,7 +15,7 @@
 //! | `[rate_limit]` | [`RateLimitLayer`] ([`RateLimitConfig`]: defaults and tiers; each key's own `rpm`/`tpm`/`concurrency` override them) |
 //! | `[retry]` | [`RetryLayer`] ([`RetryConfig`]): attempts, backoff, deadline and budget |
 //! | `[breaker]` | [`CircuitBreakerLayer`] ([`BreakerConfig`]) with its fallback model |
-//! | `[upstream]` | the per-attempt timeout ([`UpstreamConfig`]) |
+//! | `[upstream]` | the per-attempt timeout and the normalizer's stream settings ([`UpstreamConfig`], [`Stack::normalize_options`]) |
 //! | `[routes."/path"]` | a route's own layers and settings ([`RouteConfig`]) |
 //!
 //! Each section is a serde struct with `deny_unknown_fields`; string choices are enums
@@ -56,7 +56,8 @@
 //! its entry says) as one [`RouteLayer`], so a route is guarded with a single
 //! `post(handler).layer(stack.route_layer(path))`: no chain of `.layer(a).layer(b)` on a
 //! `MethodRouter`, whose inference fails (E0283). The settings of the upstream call are per
-//! route too: [`Stack::retry_for`], [`Stack::breaker_for`], [`Stack::attempt_timeout_for`].
+//! route too: [`Stack::retry_for`], [`Stack::breaker_for`], [`Stack::attempt_timeout_for`],
+//! [`Stack::normalize_options_for`].
 //!
 //! # Errors
 //!
@@ -138,6 +139,7 @@ use serde::de::DeserializeOwned;
 
 use crate::auth::{ApiKeyAuthLayer, InMemoryKeyStore};
 use crate::breaker::CircuitBreakerLayer;
+use crate::normalize::NormalizeOptions;
 use crate::rate_limit::RateLimitLayer;
 use crate::retry::RetryLayer;
 use crate::validate::ValidateRequestLayer;
@@ -191,6 +193,7 @@ struct RouteLayers {
     retry: Option<RetryLayer>,
     breaker: Option<CircuitBreakerLayer>,
     attempt_timeout: Option<Duration>,
+    normalize: Option<NormalizeOptions>,
 }
 
 /// The layers built from a [`StackConfig`]. Cloning a layer out of it shares its state.
@@ -202,6 +205,7 @@ pub struct Stack {
     retry: RetryLayer,
     breaker: CircuitBreakerLayer,
     attempt_timeout: Duration,
+    normalize: NormalizeOptions,
     routes: BTreeMap<String, RouteLayers>,
     keys: usize,
 }
@@ -231,6 +235,7 @@ impl Stack {
         let retry = build::retry("retry", &config.retry)?;
         let breaker = build::breaker("breaker", &config.breaker)?;
         let attempt_timeout = Duration::from_millis(config.upstream.attempt_timeout_ms.get());
+        let normalize = config.upstream.normalize_options();
 
         let mut routes = BTreeMap::new();
         for (path, route) in &config.routes {
@@ -277,6 +282,10 @@ impl Stack {
                     let u = config::merged(&config.upstream, p);
                     Duration::from_millis(u.attempt_timeout_ms.get())
                 }),
+                normalize: route
+                    .upstream
+                    .as_ref()
+                    .map(|p| config::merged(&config.upstream, p).normalize_options()),
             };
             routes.insert(path.clone(), layers);
         }
@@ -287,6 +296,7 @@ impl Stack {
             retry,
             breaker,
             attempt_timeout,
+            normalize,
             routes,
             keys: config.keys.len(),
         })
@@ -325,6 +335,23 @@ impl Stack {
     /// The per-attempt timeout of upstream calls.
     pub fn attempt_timeout(&self) -> Duration {
         self.attempt_timeout
+    }
+
+    /// The normalizer's options of upstream calls: the stream settings of `[upstream]`
+    /// (`hold_first_event`, `first_event_max_bytes`, `first_event_timeout_ms`,
+    /// `stream_idle_timeout_ms`, `stream_total_timeout_ms`), the other options at their
+    /// defaults.
+    pub fn normalize_options(&self) -> NormalizeOptions {
+        self.normalize
+    }
+
+    /// The normalizer's options of the route's upstream calls: its `upstream` override merged
+    /// over `[upstream]`, else the top-level ones.
+    pub fn normalize_options_for(&self, path: &str) -> NormalizeOptions {
+        self.routes
+            .get(path)
+            .and_then(|r| r.normalize)
+            .unwrap_or(self.normalize)
     }
 
     /// Which edge layers guard a route: its `[routes."/path"]` entry, else everything on.

@@ -251,3 +251,44 @@ fn keys_are_typed() {
         assert_eq!(err.field(), field, "{text}: {err}");
     }
 }
+
+#[test]
+fn stream_settings_of_the_upstream_and_their_route_overrides() {
+    use crate::normalize::NormalizeOptions;
+    let text = r#"
+        [upstream]
+        hold_first_event = true
+        first_event_timeout_ms = 8000
+        stream_idle_timeout_ms = 30000
+        [routes."/v1/messages".upstream]
+        stream_idle_timeout_ms = 5000
+        stream_total_timeout_ms = 600000
+        first_event_max_bytes = 1024
+        [routes."/v1/embeddings".upstream]
+        hold_first_event = false
+    "#;
+    let stack = Stack::from_toml_str(text).unwrap();
+    let top = NormalizeOptions::new()
+        .hold_first_event(true)
+        .first_event_timeout(Some(Duration::from_secs(8)))
+        .stream_idle_timeout(Some(Duration::from_secs(30)));
+    assert_eq!(stack.normalize_options(), top);
+    assert_eq!(stack.normalize_options_for("/v1/chat/completions"), top);
+    assert_eq!(
+        stack.normalize_options_for("/v1/messages"),
+        top.stream_idle_timeout(Some(Duration::from_secs(5)))
+            .stream_total_timeout(Some(Duration::from_secs(600)))
+            .first_event_max_bytes(1024)
+    );
+    assert_eq!(
+        stack.normalize_options_for("/v1/embeddings"),
+        top.hold_first_event(false)
+    );
+    // Off by default.
+    assert_eq!(
+        Stack::from_toml_str("").unwrap().normalize_options(),
+        NormalizeOptions::new()
+    );
+    let err = Stack::from_toml_str("[upstream]\nstream_idle_timeout_ms = 0\n").unwrap_err();
+    assert_eq!(err.field(), "upstream.stream_idle_timeout_ms", "{err}");
+}
