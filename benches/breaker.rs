@@ -3,6 +3,9 @@
 //! rejection (including building the envelope), and tower-resilience-circuitbreaker 0.14 doing
 //! the same in the same run.
 //!
+//! First, before criterion's own groups, the closed-path cases run interleaved and their
+//! medians are printed as differences from, and ratios to, the bare service.
+//!
 //! Every future here is ready on its first poll, so they are polled once with `now_or_never`
 //! (inside a tokio runtime context) and the figures are the layers' own work.
 
@@ -59,12 +62,108 @@ where
         .expect("a response")
 }
 
+/// Runs every case `rounds` times, interleaved (each round runs them all, `batch` calls
+/// each), and prints each case's median per call with its difference from, and ratio to, the
+/// first case: on a loaded machine the cases see the same load, so the differences hold
+/// where absolute figures drift.
+fn interleaved(
+    title: &str,
+    rounds: usize,
+    batch: usize,
+    cases: &mut [(&str, &mut dyn FnMut(usize) -> Duration)],
+) {
+    let mut samples: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); cases.len()];
+    for _ in 0..rounds {
+        for (i, (_, run)) in cases.iter_mut().enumerate() {
+            samples[i].push(run(batch).as_nanos() as f64 / batch as f64);
+        }
+    }
+    let medians: Vec<f64> = samples
+        .iter_mut()
+        .map(|s| {
+            s.sort_by(f64::total_cmp);
+            s[s.len() / 2]
+        })
+        .collect();
+    println!("\n{title}: medians of {rounds} interleaved rounds of {batch} calls");
+    println!(
+        "{:<44} {:>9} {:>12} {:>8}",
+        "case", "ns/call", "- case 1", "/ case 1"
+    );
+    for (i, (name, _)) in cases.iter().enumerate() {
+        let m = medians[i];
+        println!(
+            "{:<44} {:>9.1} {:>+12.1} {:>8.2}",
+            name,
+            m,
+            m - medians[0],
+            m / medians[0]
+        );
+    }
+}
+
+/// Times `batch` calls of `svc`, answers dropped after the timing.
+fn timed<S>(svc: &mut S, batch: usize) -> Duration
+where
+    S: Service<Request<Body>>,
+    S::Error: std::fmt::Debug,
+{
+    let mut out = Vec::with_capacity(batch);
+    let start = std::time::Instant::now();
+    for _ in 0..batch {
+        out.push(once(svc));
+    }
+    let took = start.elapsed();
+    drop(black_box(out));
+    took
+}
+
 fn benches(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let _guard = rt.enter();
+
+    {
+        let mut bare_svc = bare::<Body>();
+        let mut ours = CircuitBreakerLayer::builder()
+            .build()
+            .unwrap()
+            .layer(bare());
+        let mut slow = CircuitBreakerLayer::builder()
+            .slow_calls(Duration::from_secs(10), 50.0)
+            .build()
+            .unwrap()
+            .layer(bare());
+        let mut timeout = CircuitBreakerLayer::builder()
+            .call_timeout(Duration::from_secs(60))
+            .build()
+            .unwrap()
+            .layer(bare());
+        let mut theirs = tower_resilience_circuitbreaker::CircuitBreakerLayer::builder()
+            .failure_rate_threshold(0.5)
+            .sliding_window_size(100)
+            .build()
+            .unwrap()
+            .layer(bare());
+        interleaved(
+            "closed",
+            301,
+            200,
+            &mut [
+                ("bare service", &mut |n| timed(&mut bare_svc, n)),
+                ("llm-layers breaker", &mut |n| timed(&mut ours, n)),
+                ("llm-layers breaker + slow-call timing", &mut |n| {
+                    timed(&mut slow, n)
+                }),
+                ("llm-layers breaker + call timeout", &mut |n| {
+                    timed(&mut timeout, n)
+                }),
+                ("tower-resilience breaker", &mut |n| timed(&mut theirs, n)),
+            ],
+        );
+    }
 
     let mut g = c.benchmark_group("closed");
     g.warm_up_time(Duration::from_secs(1));
@@ -74,6 +173,14 @@ fn benches(c: &mut Criterion) {
 
     let layer = CircuitBreakerLayer::builder().build().unwrap();
     let mut svc = layer.layer(bare());
+    {
+        ready(&mut svc);
+        let fut = svc.call(Request::new(Body::default()));
+        println!(
+            "size of the breaker ResponseFuture over a ready service: {} bytes",
+            std::mem::size_of_val(&fut)
+        );
+    }
     g.bench_function("llm-layers breaker", |b| {
         b.iter(|| black_box(once(&mut svc)))
     });

@@ -40,16 +40,28 @@ pin_project! {
     #[project = StateProj]
     enum State<S, SF, F, FF, B> {
         // Reading the model from the body.
-        View { #[pin] view: EnsureView<B> },
+        // Boxed (the request is being read and parsed anyway): the future of an admitted call
+        // stays small.
+        View { view: Pin<Box<EnsureView<B>>> },
         // Admitted (or unguarded): driving the call's clone of the inner service ready.
         Ready { svc: Option<S>, req: Option<Request<LayerBody<B>>> },
         // The inner call.
         Called { #[pin] fut: SF },
         // An answer of the breaker's own: a refusal (`local`), a body over the limit.
         Answer { err: Option<ApiError>, local: bool },
-        // Refused, with a fallback chain.
-        Degrade { #[pin] step: Step<S, SF, F, FF, B>, chain: Chain<B> },
+        // Refused, with a fallback chain: boxed, so that the future an admitted call moves
+        // around stays small (the chain is the rare path, and the largest state).
+        Degrade { walk: Pin<Box<Walk<S, SF, F, FF, B>>> },
         Done,
+    }
+}
+
+pin_project! {
+    // The fallback chain's state: the step in progress and where the chain stands.
+    struct Walk<S, SF, F, FF, B> {
+        #[pin]
+        step: Step<S, SF, F, FF, B>,
+        chain: Chain<B>,
     }
 }
 
@@ -103,7 +115,9 @@ pin_project! {
     {
         #[pin]
         state: State<S, S::Future, F, F::Future, B>,
-        shared: Arc<Shared>,
+        // The layer's circuits, for the states that still choose one (the view) or walk the
+        // fallback chain; an admitted call needs only its permit.
+        shared: Option<Arc<Shared>>,
         // The call's clone of the inner service, kept for the view and the fallback chain.
         inner: Option<S>,
         fallback: Option<F>,
@@ -194,15 +208,17 @@ fn degrade<S, SF, F, FF, B: Body>(
         (Source::Whole(Some(req)), Step::Next)
     };
     State::Degrade {
-        step,
-        chain: Chain {
-            circuit,
-            refusal,
-            current: 0,
-            next: 0,
-            causes: Vec::new(),
-            source,
-        },
+        walk: Box::pin(Walk {
+            step,
+            chain: Chain {
+                circuit,
+                refusal,
+                current: 0,
+                next: 0,
+                causes: Vec::new(),
+                source,
+            },
+        }),
     }
 }
 
@@ -271,7 +287,7 @@ where
     F: Fallback<Request<LayerBody<B>>, S::Response, S::Error> + Clone,
     B: Body,
 {
-    fn new(shared: Arc<Shared>, state: State<S, S::Future, F, F::Future, B>) -> Self {
+    fn new(shared: Option<Arc<Shared>>, state: State<S, S::Future, F, F::Future, B>) -> Self {
         ResponseFuture {
             state,
             shared,
@@ -285,17 +301,17 @@ where
 
     /// A request whose circuit is known: admitted, refused, or degraded.
     pub(crate) fn admit(
-        shared: Arc<Shared>,
+        shared: &Arc<Shared>,
         circuit: Arc<Circuit>,
         inner: S,
         fallback: &F,
         req: Request<LayerBody<B>>,
     ) -> Self {
-        match decide(&shared, circuit, req) {
+        match decide(shared, circuit, req) {
             Decision::Pass(permit, req) => {
                 let (timer, probe) = sleep(permit.timer());
                 let mut fut = Self::new(
-                    shared,
+                    None,
                     State::Ready {
                         svc: Some(inner),
                         req: Some(req),
@@ -307,7 +323,7 @@ where
                 fut
             }
             Decision::Refuse(err) => Self::new(
-                shared,
+                None,
                 State::Answer {
                     err: Some(err),
                     local: true,
@@ -315,7 +331,7 @@ where
             ),
             Decision::Degrade(circuit, refusal, req) => {
                 let state = degrade(shared.config(), circuit, refusal, req);
-                let mut fut = Self::new(shared, state);
+                let mut fut = Self::new(Some(Arc::clone(shared)), state);
                 fut.inner = Some(inner);
                 fut.fallback = Some(fallback.clone());
                 fut
@@ -324,9 +340,9 @@ where
     }
 
     /// A request no circuit guards: straight to the inner service.
-    pub(crate) fn unguarded(shared: Arc<Shared>, inner: S, req: Request<LayerBody<B>>) -> Self {
+    pub(crate) fn unguarded(inner: S, req: Request<LayerBody<B>>) -> Self {
         Self::new(
-            shared,
+            None,
             State::Ready {
                 svc: Some(inner),
                 req: Some(req),
@@ -341,7 +357,12 @@ where
         fallback: Option<F>,
         view: EnsureView<B>,
     ) -> Self {
-        let mut fut = Self::new(shared, State::View { view });
+        let mut fut = Self::new(
+            Some(shared),
+            State::View {
+                view: Box::pin(view),
+            },
+        );
         fut.inner = Some(inner);
         fut.fallback = fallback;
         fut
@@ -374,14 +395,18 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::View { view } => {
-                    let next = match ready!(view.poll(cx)) {
-                        Ok(req) => match circuit_for(this.shared, &req) {
+                    let shared = this
+                        .shared
+                        .as_deref()
+                        .expect("a future reading the view holds the circuits");
+                    let next = match ready!(view.as_mut().poll(cx)) {
+                        Ok(req) => match circuit_for(shared, &req) {
                             // No model in the body (or no body): unguarded.
                             None => State::Ready {
                                 svc: this.inner.take(),
                                 req: Some(req),
                             },
-                            Some(circuit) => match decide(this.shared, circuit, req) {
+                            Some(circuit) => match decide(shared, circuit, req) {
                                 Decision::Pass(permit, req) => {
                                     let (timer, probe) = sleep(permit.timer());
                                     *this.permit = Some(permit);
@@ -397,7 +422,7 @@ where
                                     local: true,
                                 },
                                 Decision::Degrade(circuit, refusal, req) => {
-                                    degrade(this.shared.config(), circuit, refusal, req)
+                                    degrade(shared.config(), circuit, refusal, req)
                                 }
                             },
                         },
@@ -480,8 +505,20 @@ where
                     this.state.set(State::Done);
                     return Poll::Ready(Ok(res));
                 }
-                StateProj::Degrade { step, chain } => {
-                    return poll_chain(this.shared, this.inner, this.fallback, step, chain, cx);
+                StateProj::Degrade { walk } => {
+                    let walk = walk.as_mut().project();
+                    let shared = this
+                        .shared
+                        .as_deref()
+                        .expect("a future walking the fallback chain holds the circuits");
+                    return poll_chain(
+                        shared,
+                        this.inner,
+                        this.fallback,
+                        walk.step,
+                        walk.chain,
+                        cx,
+                    );
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }

@@ -123,7 +123,7 @@ where
             Key::Single => {
                 let circuit = self.shared.single.clone();
                 ResponseFuture::admit(
-                    self.shared.clone(),
+                    &self.shared,
                     circuit,
                     inner,
                     &self.fallback,
@@ -133,7 +133,7 @@ where
             Key::Named(Cow::Borrowed(k)) => {
                 let circuit = self.shared.circuit(k);
                 ResponseFuture::admit(
-                    self.shared.clone(),
+                    &self.shared,
                     circuit,
                     inner,
                     &self.fallback,
@@ -143,7 +143,7 @@ where
             Key::Named(Cow::Owned(k)) => {
                 let circuit = self.shared.circuit(&k);
                 ResponseFuture::admit(
-                    self.shared.clone(),
+                    &self.shared,
                     circuit,
                     inner,
                     &self.fallback,
@@ -153,16 +153,14 @@ where
             Key::Shared(k) => {
                 let circuit = self.shared.circuit(&k);
                 ResponseFuture::admit(
-                    self.shared.clone(),
+                    &self.shared,
                     circuit,
                     inner,
                     &self.fallback,
                     req.map(LayerBody::new),
                 )
             }
-            Key::Unguarded => {
-                ResponseFuture::unguarded(self.shared.clone(), inner, req.map(LayerBody::new))
-            }
+            Key::Unguarded => ResponseFuture::unguarded(inner, req.map(LayerBody::new)),
             Key::NeedView => {
                 // The key needs the model and no earlier layer parsed the body.
                 let view = EnsureView::new(req, cfg.body_limit, cfg.estimator.clone());
