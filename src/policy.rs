@@ -303,6 +303,35 @@ impl Classify for SharedPolicy {
     }
 }
 
+/// The trailer a layer that ends a stream in-band (a terminal error event after the head went
+/// out: a stream timeout, an upstream error mid-stream, a cut) sends after the stream's last
+/// bytes, naming the failure's [`ErrorCode`]: how layers further out that record outcomes (the
+/// circuit breaker) tell such an end from a clean one. HTTP/1 clients that did not ask for
+/// trailers never see it (hyper drops it); the body's bytes are unchanged.
+pub const STREAM_ERROR_TRAILER: &str = "x-llm-layers-stream-error";
+
+/// The trailers that say a stream ended with `code` ([`STREAM_ERROR_TRAILER`]).
+pub fn stream_error_trailers(code: ErrorCode) -> HeaderMap {
+    let mut trailers = HeaderMap::with_capacity(1);
+    trailers.insert(
+        http::HeaderName::from_static(STREAM_ERROR_TRAILER),
+        http::HeaderValue::from_static(code.as_str()),
+    );
+    trailers
+}
+
+/// How a stream ended, from its trailers: the [`StreamEnd`] a [`STREAM_ERROR_TRAILER`] names
+/// (`timeout` is [`StreamEnd::TimedOut`], a cut [`StreamEnd::Cut`] is `service_unavailable`
+/// with no other words, any other code an error), or `None` when the trailers say nothing.
+pub fn stream_error_in(trailers: &HeaderMap) -> Option<ErrorCode> {
+    trailers
+        .get(STREAM_ERROR_TRAILER)?
+        .to_str()
+        .ok()?
+        .parse::<ErrorCode>()
+        .ok()
+}
+
 /// The error an inner service failed with, seen as an [`std::error::Error`] without taking
 /// it, for layers that must look at an error they may still return (`S::Error` is only known
 /// to be `Into<BoxError>`).

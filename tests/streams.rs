@@ -569,7 +569,96 @@ async fn the_idle_limit_counts_from_the_last_chunk_exactly() {
     let text = String::from_utf8_lossy(&frame);
     assert!(text.contains("\"code\":\"timeout\""), "{text}");
     assert!(text.contains("went silent"), "{text}");
+    // A trailer names the failure for outcome recorders further out (HTTP/1 clients that did
+    // not ask for trailers never see it).
+    let trailers = body
+        .frame()
+        .await
+        .unwrap()
+        .unwrap()
+        .into_trailers()
+        .unwrap();
+    assert_eq!(
+        trailers[llm_layers::policy::STREAM_ERROR_TRAILER],
+        "timeout"
+    );
     assert!(body.frame().await.is_none());
+}
+
+// ---- In-band ends are failures for the breaker outside ----
+
+/// The breaker outside the normalizer, over the channel upstream; one failure opens.
+type Boxed = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+fn breaker_over_normalizer(
+    options: NormalizeOptions,
+) -> (
+    tower::util::BoxCloneService<Request<Full<Bytes>>, Response<Boxed>, Infallible>,
+    llm_layers::breaker::BreakerHandle,
+    Arc<Mutex<Option<Tx>>>,
+) {
+    use llm_layers::body::LayerBody;
+    let (up, tx) = channel_upstream();
+    let breaker = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .build()
+        .unwrap();
+    let handle = breaker.handle();
+    let svc = ServiceBuilder::new()
+        .layer(breaker)
+        .map_request(|r: Request<LayerBody<Full<Bytes>>>| {
+            r.map(|b| match b {
+                LayerBody::Inner { body } => body,
+                LayerBody::Full { data } => Full::new(data.unwrap_or_default()),
+            })
+        })
+        .layer(NormalizeErrorsLayer::with_options(options))
+        .service(up)
+        .map_response(|r: Response<_>| r.map(|b| BodyExt::boxed_unsync(b)));
+    (tower::util::BoxCloneService::new(svc), handle, tx)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_timed_out_after_its_head_is_a_failure_for_the_breaker() {
+    use llm_layers::breaker::{CircuitState, SINGLE_KEY};
+    let options = NormalizeOptions::new().stream_idle_timeout(Some(Duration::from_millis(500)));
+    let (svc, handle, tx) = breaker_over_normalizer(options);
+    let fut = tokio::spawn(svc.clone().oneshot(Request::new(Full::default())));
+    tokio::task::yield_now().await;
+    push(&tx, EVENT);
+    let res = fut.await.unwrap().unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("\"code\":\"timeout\""));
+    assert_eq!(handle.state(SINGLE_KEY), Some(CircuitState::Open));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_with_an_error_event_mid_way_is_a_failure_and_a_clean_one_is_not() {
+    use llm_layers::breaker::{CircuitState, SINGLE_KEY};
+    // A clean stream: a success, the circuit stays closed.
+    let (svc, handle, tx) = breaker_over_normalizer(NormalizeOptions::new());
+    let fut = tokio::spawn(svc.clone().oneshot(Request::new(Full::default())));
+    tokio::task::yield_now().await;
+    push(&tx, EVENT);
+    push(&tx, "data: [DONE]\n\n");
+    tx.lock().unwrap().take();
+    let res = fut.await.unwrap().unwrap();
+    res.into_body().collect().await.unwrap();
+    assert_eq!(handle.state(SINGLE_KEY), Some(CircuitState::Closed));
+    // An error event after the first: the stream ended in failure.
+    let fut = tokio::spawn(svc.oneshot(Request::new(Full::default())));
+    tokio::task::yield_now().await;
+    push(&tx, EVENT);
+    push(
+        &tx,
+        "data: {\"error\":{\"message\":\"The server had an error\",\"type\":\"server_error\",\"code\":null}}\n\n",
+    );
+    tx.lock().unwrap().take();
+    let res = fut.await.unwrap().unwrap();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("\"error\""));
+    assert_eq!(handle.state(SINGLE_KEY), Some(CircuitState::Open));
 }
 
 #[tokio::test(start_paused = true)]
@@ -668,6 +757,17 @@ async fn an_anthropic_stream_behind_keep_alive_comments_ends_in_its_own_dialect(
     assert!(
         text.starts_with("event: error\ndata: {\"type\":\"error\""),
         "{text}"
+    );
+    let trailers = body
+        .frame()
+        .await
+        .unwrap()
+        .unwrap()
+        .into_trailers()
+        .unwrap();
+    assert_eq!(
+        trailers[llm_layers::policy::STREAM_ERROR_TRAILER],
+        "timeout"
     );
     assert!(body.frame().await.is_none());
 }

@@ -7,6 +7,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use super::circuit::Permit;
+use crate::error::{ApiError, ErrorCode};
 use crate::policy::StreamEnd;
 
 pin_project! {
@@ -71,11 +72,22 @@ impl<B: Body> Body for GuardedBody<B> {
         let mut this = self.project();
         let frame = ready!(this.body.as_mut().poll_frame(cx));
         if this.permit.is_some() {
-            let end = match &frame {
-                None => Some(StreamEnd::Complete),
-                Some(Err(_)) => Some(StreamEnd::Cut),
-                Some(Ok(_)) if this.body.is_end_stream() => Some(StreamEnd::Complete),
-                Some(Ok(_)) => None,
+            // A layer inside that ended the stream in-band names the failure in a trailer.
+            let marked = match &frame {
+                Some(Ok(f)) => f.trailers_ref().and_then(crate::policy::stream_error_in),
+                _ => None,
+            };
+            let err;
+            let end = match (&frame, marked) {
+                (_, Some(ErrorCode::Timeout)) => Some(StreamEnd::TimedOut),
+                (_, Some(code)) => {
+                    err = ApiError::new(code, "The stream ended with an in-band error.");
+                    Some(StreamEnd::Error(&err))
+                }
+                (None, None) => Some(StreamEnd::Complete),
+                (Some(Err(_)), None) => Some(StreamEnd::Cut),
+                (Some(Ok(_)), None) if this.body.is_end_stream() => Some(StreamEnd::Complete),
+                (Some(Ok(_)), None) => None,
             };
             if let Some(end) = end {
                 if let Some(p) = this.permit.take() {

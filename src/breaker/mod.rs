@@ -57,6 +57,7 @@
 //! |---|---|
 //! | ends cleanly (a body already at its end when the head arrives is recorded at once) | the policy's [`classify_eos`](crate::policy::Classify::classify_eos) of [`StreamEnd::Complete`](crate::policy::StreamEnd::Complete): a success by default |
 //! | fails (the upstream cut the connection, a frame error) | `classify_eos` of [`StreamEnd::Cut`](crate::policy::StreamEnd::Cut): a transient `service_unavailable` by default, a failure |
+//! | ends with the trailer [`STREAM_ERROR_TRAILER`](crate::policy::STREAM_ERROR_TRAILER) (a normalizer inside ended it in-band: a stream timeout, a cut, an error event) | `classify_eos` of [`StreamEnd::TimedOut`](crate::policy::StreamEnd::TimedOut) for `timeout`, else [`StreamEnd::Error`](crate::policy::StreamEnd::Error) with the trailer's code: a failure |
 //! | is dropped by the client before its end | neither: nothing is recorded (`dropped` in the metrics); a probe's slot is given back |
 //!
 //! An answer that failed at its head is recorded at once. A probe holds its slot until its

@@ -440,6 +440,10 @@ where
                         let api = expired.error();
                         tracing::debug!(code = %api.code(), timer = ?expired, "stream timed out");
                         let out = terminal(this.framer, &api, this.timers.dialect);
+                        // Layers further out that record outcomes read how it ended.
+                        *this.queued = Some(Frame::trailers(crate::policy::stream_error_trailers(
+                            api.code(),
+                        )));
                         return Poll::Ready(Some(Ok(Frame::data(out))));
                     }
                 },
@@ -491,14 +495,24 @@ where
                     out.extend_from_slice(b"data: ");
                     out.extend_from_slice(&api.envelope(TypeStyle::OpenAi));
                     out.extend_from_slice(b"\n\n");
+                    *this.queued = Some(Frame::trailers(crate::policy::stream_error_trailers(
+                        api.code(),
+                    )));
                     return Poll::Ready(Some(Ok(Frame::data(out.freeze()))));
                 }
                 None => {
                     *this.done = true;
                     let rest = this.framer.finish();
+                    // A stream that carried an error event ended in failure: say so to the
+                    // layers further out that record outcomes.
+                    let marker = this
+                        .framer
+                        .seen_error()
+                        .map(|code| Frame::trailers(crate::policy::stream_error_trailers(code)));
                     if rest.is_empty() {
-                        return Poll::Ready(None);
+                        return Poll::Ready(marker.map(Ok));
                     }
+                    *this.queued = marker;
                     return Poll::Ready(Some(Ok(Frame::data(rest))));
                 }
             }
@@ -525,6 +539,25 @@ pub(super) struct SseEvents {
     rules: Option<Box<(Arc<Classifier>, StatusCode, HeaderMap)>>,
     /// Show the upstream's own code, type and message in the rewritten event.
     expose_upstream: bool,
+    /// The code of the last error event rewritten, as its index in [`ErrorCode::ALL`] plus one
+    /// (0: none). An atomic so the body stays `Sync`; read when the stream ends, to name the
+    /// failure in the trailer [`crate::policy::STREAM_ERROR_TRAILER`].
+    seen: std::sync::atomic::AtomicU8,
+}
+
+impl SseEvents {
+    fn saw(&self, code: ErrorCode) {
+        if let Some(i) = ErrorCode::ALL.iter().position(|c| *c == code) {
+            self.seen
+                .store(i as u8 + 1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// The code of the last error event rewritten in the stream, if any.
+    pub(super) fn seen(&self) -> Option<ErrorCode> {
+        let i = self.seen.load(std::sync::atomic::Ordering::Relaxed);
+        (i > 0).then(|| ErrorCode::ALL[usize::from(i) - 1])
+    }
 }
 
 impl SseEvents {
@@ -537,6 +570,7 @@ impl SseEvents {
         SseEvents {
             rules: classifier.map(|c| Box::new((Arc::clone(c), status, headers.clone()))),
             expose_upstream,
+            seen: std::sync::atomic::AtomicU8::new(0),
         }
     }
 }
@@ -665,6 +699,11 @@ impl SseFramer {
         (head, body)
     }
 
+    /// The code of the last in-band error event of the stream, if one was rewritten.
+    pub(super) fn seen_error(&self) -> Option<ErrorCode> {
+        self.events.seen()
+    }
+
     /// The end of the stream: the held start of a line, inspected as a last line.
     pub(super) fn finish(&mut self) -> Bytes {
         self.skipping = false;
@@ -746,6 +785,7 @@ fn rewritten(line: &[u8], events: &SseEvents) -> Option<Bytes> {
         err = classifier.apply(*status, headers, data, err);
     }
     tracing::debug!(code = %err.code(), "rewrote an in-band stream error");
+    events.saw(err.code());
     let envelope = if events.expose_upstream {
         let opts = EnvelopeOptions::new().expose_upstream(true);
         err.to_response_with::<Bytes>(&opts).into_body()

@@ -112,9 +112,12 @@
 //!   included. The timers are tokio's (exact under `tokio::time::pause`; no runtime, no bound)
 //!   and cost nothing when unset.
 //! - **Outcomes.** A failure before the first byte is an error answer. After it, the terminal
-//!   event ends the body cleanly (the body's error type is the upstream's, so the layer has no
-//!   error of its own to end it with): an outcome recorder at the end of the body, such as the
-//!   breaker's, sees a clean end.
+//!   event ends the body cleanly for the client, and a trailer,
+//!   [`STREAM_ERROR_TRAILER`](crate::policy::STREAM_ERROR_TRAILER) with the failure's code,
+//!   follows the last bytes: an outcome recorder at the end of the body (the breaker) counts
+//!   the stream as a failure with that code — after a stream timeout, a stream that broke off,
+//!   or one that carried an error event. HTTP/1 clients that did not ask for trailers never see
+//!   it.
 //!
 //! ```
 //! use std::time::Duration;
