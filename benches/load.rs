@@ -159,7 +159,28 @@ impl Settings {
 /// The directory of the release examples, built first (`cargo build --release --examples`).
 fn build_examples() -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let status = Command::new(cargo)
+    let mut build = Command::new(cargo);
+    // The variables cargo sets for a running bench (package metadata, library paths) would
+    // change the fingerprints of the build and make every run rebuild.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || name.starts_with("CARGO_BIN_")
+            || matches!(
+                &*name,
+                "CARGO_CRATE_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "LD_LIBRARY_PATH"
+                    | "DYLD_FALLBACK_LIBRARY_PATH"
+                    | "OUT_DIR"
+            )
+        {
+            build.env_remove(&*name);
+        }
+    }
+    let status = build
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .args([
             "build",
