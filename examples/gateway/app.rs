@@ -60,10 +60,12 @@ use axum::http::{HeaderMap, HeaderValue, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, MethodRouter};
 use axum::Router;
+use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use llm_layers::auth::{ApiKeyAuthLayer, KeyStore};
+use llm_layers::body::LayerBody;
 use llm_layers::normalize::NormalizeErrorsLayer;
 use llm_layers::stack::{
     parse_toml, BreakerConfig, ConfigError, KeyConfig, RateLimitConfig, RetryConfig, RouteConfig,
@@ -73,7 +75,9 @@ use llm_layers::{ApiError, ErrorCode};
 use serde::Deserialize;
 use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use tower_http::trace::TraceLayer;
 
 /// The client headers forwarded upstream when `[gateway] forward_headers` is not set.
@@ -82,21 +86,21 @@ pub const DEFAULT_FORWARD_HEADERS: [&str; 4] =
 
 /// Headers that are never forwarded: credentials (replaced by the upstream key), the ones the
 /// HTTP client sets from the URL and the body, and hop-by-hop headers (RFC 9110 §7.6.1).
-const NEVER_FORWARDED: [&str; 14] = [
-    "authorization",
-    "x-api-key",
-    "api-key",
-    "host",
-    "content-length",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authorization",
-    "proxy-authenticate",
+const NEVER_FORWARDED: [HeaderName; 14] = [
+    header::AUTHORIZATION,
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("api-key"),
+    header::HOST,
+    header::CONTENT_LENGTH,
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
 ];
 
 /// A refused value of the `[gateway]` table or of a flag.
@@ -169,7 +173,7 @@ impl GatewayConfig {
 fn forwardable(field: &str, name: &str) -> Result<HeaderName, ConfigError> {
     let parsed = HeaderName::from_bytes(name.as_bytes())
         .map_err(|_| refuse(field, format!("{name:?} is not a header name")))?;
-    if NEVER_FORWARDED.contains(&parsed.as_str()) {
+    if NEVER_FORWARDED.contains(&parsed) {
         return Err(refuse(
             field,
             format!(
@@ -272,8 +276,8 @@ pub fn http_client(
     key: Option<HeaderValue>,
     tls: rustls::ClientConfig,
 ) -> impl tower::Service<
-    Request,
-    Response = Response,
+    Request<ClientBody>,
+    Response = Response<LayerBody<Incoming>>,
     Error = hyper_util::client::legacy::Error,
     Future = impl Send,
 > + Clone
@@ -285,33 +289,42 @@ pub fn http_client(
         .https_or_http()
         .enable_http1()
         .build();
-    let client: Client<_, Body> = Client::builder(TokioExecutor::new()).build(connector);
+    // One client, shared by every clone of the service; its `request` future owns what it
+    // needs, so nothing is cloned per request.
+    let client: Arc<Client<_, ClientBody>> =
+        Arc::new(Client::builder(TokioExecutor::new()).build(connector));
     let base_path = base.path().trim_end_matches('/').to_owned();
-    tower::service_fn(move |req: Request| {
-        let client = client.clone();
+    let scheme = base.scheme().cloned();
+    let authority = base.authority().cloned();
+    tower::service_fn(move |req: Request<ClientBody>| {
         let (mut parts, body) = req.into_parts();
         let path = parts.uri.path();
-        let path = path.strip_prefix("/v1").unwrap_or(path);
-        let query = parts
-            .uri
-            .query()
-            .map(|q| format!("?{q}"))
-            .unwrap_or_default();
-        let mut uri = base.clone().into_parts();
-        uri.path_and_query = format!("{base_path}{path}{query}").parse().ok();
+        let rest = path.strip_prefix("/v1").unwrap_or(path);
+        let mut uri = axum::http::uri::Parts::default();
+        uri.scheme = scheme.clone();
+        uri.authority = authority.clone();
+        uri.path_and_query = if base_path == "/v1" && rest.len() < path.len() {
+            // `/v1/x` upstream too: the client's path and query, shared, not copied.
+            parts.uri.path_and_query().cloned()
+        } else {
+            let query = parts.uri.query().map_or("", |_| "?");
+            let q = parts.uri.query().unwrap_or("");
+            format!("{base_path}{rest}{query}{q}").parse().ok()
+        };
         parts.uri = Uri::from_parts(uri).expect("a valid upstream URI");
         // Credentials, `host` and hop-by-hop headers never leave, whoever set them. The
         // breaker's fallback rewrites the body's `model`; hyper sets the length from the body
         // itself, and `host` from the URI.
-        for name in NEVER_FORWARDED {
+        for name in &NEVER_FORWARDED {
             parts.headers.remove(name);
         }
         if let Some(key) = &key {
             parts.headers.insert(header::AUTHORIZATION, key.clone());
         }
+        let sent = client.request(Request::from_parts(parts, body));
         async move {
-            match client.request(Request::from_parts(parts, body)).await {
-                Ok(res) => Ok(res.map(Body::new)),
+            match sent.await {
+                Ok(res) => Ok(res.map(LayerBody::new)),
                 Err(e) => match tls_failure(&e) {
                     Some(tls) => Ok(tls_envelope(tls)),
                     None => Err(e),
@@ -320,6 +333,10 @@ pub fn http_client(
         }
     })
 }
+
+/// The request body the HTTP client sends: the client's body, or the bytes a layer read
+/// (retry and breaker buffer it), without boxing.
+pub type ClientBody = LayerBody<Body>;
 
 /// Keeps only the client headers named in `forward` (every value of each).
 fn forward_only(mut req: Request, forward: &[HeaderName]) -> Request {
@@ -354,7 +371,7 @@ fn tls_failure<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rus
 
 /// The envelope for a failed TLS handshake: `502 service_unavailable`, not retryable (the
 /// next attempt would meet the same certificate).
-fn tls_envelope(err: &rustls::Error) -> Response {
+fn tls_envelope<B: From<bytes::Bytes>>(err: &rustls::Error) -> Response<B> {
     let what = match err {
         rustls::Error::InvalidCertificate(_) => "the upstream's certificate was refused",
         _ => "the TLS handshake with the upstream failed",
@@ -412,17 +429,17 @@ pub fn upstream_with(
                 stack.normalize_options(),
             ),
         };
+        // No boxing between the layers: each hands on the body it was given (or the bytes
+        // it read) as a `LayerBody`, and answers with its own body type around the inner
+        // one; the response body is boxed once, for the router.
         let svc = ServiceBuilder::new()
             // The client's headers are filtered before the layers, so headers a layer adds
             // for the upstream reach it.
             .map_request(move |req| forward_only(req, &forward))
             .map_response(IntoResponse::into_response)
             .layer(retry)
-            .map_request(|req: Request<llm_layers::body::LayerBody<Body>>| req.map(Body::new))
-            .map_response(IntoResponse::into_response)
             .layer(breaker)
-            .map_request(|req: Request<llm_layers::body::LayerBody<Body>>| req.map(Body::new))
-            .map_response(IntoResponse::into_response)
+            .map_request(|req: Request<LayerBody<LayerBody<Body>>>| req.map(LayerBody::flatten))
             // The attempt timeout covers the head; the error body is read within the same
             // bound. The stream settings of `[upstream]` (first event, stream timers) apply
             // after the head.
@@ -483,8 +500,47 @@ pub fn router_with_auth<K: KeyStore>(
     }
     app.with_state(upstream).layer(
         ServiceBuilder::new()
-            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            .layer(SetRequestIdLayer::x_request_id(FastRequestId))
             .layer(TraceLayer::new_for_http())
             .layer(PropagateRequestIdLayer::x_request_id()),
     )
+}
+
+/// Request ids for requests that come without one: random UUIDs (version 4 layout) from a
+/// fast thread-local generator (`fastrand`), not a system call per request. They correlate
+/// logs; nothing relies on them being unpredictable.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FastRequestId;
+
+impl MakeRequestId for FastRequestId {
+    fn make_request_id<B>(&mut self, _request: &Request<B>) -> Option<RequestId> {
+        Some(RequestId::new(uuid_v4(fastrand::u128(..))))
+    }
+}
+
+/// `bits` as a version 4 UUID, `xxxxxxxx-xxxx-4xxx-yxxx-xxxxxxxxxxxx`, formatted on the stack.
+fn uuid_v4(bits: u128) -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bits = (bits & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
+    let mut out = [b'-'; 36];
+    let mut nibble = 32;
+    for (i, slot) in out.iter_mut().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            continue;
+        }
+        nibble -= 1;
+        *slot = HEX[((bits >> (nibble * 4)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&out).expect("hex digits and dashes")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn request_ids_are_version_4_uuids() {
+        let id = super::uuid_v4(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
+        assert_eq!(id, "01234567-89ab-4def-8123-456789abcdef");
+        let id = super::uuid_v4(u128::MAX);
+        assert_eq!(id, "ffffffff-ffff-4fff-bfff-ffffffffffff");
+    }
 }
