@@ -589,11 +589,12 @@ async fn the_idle_limit_counts_from_the_last_chunk_exactly() {
 
 /// The breaker outside the normalizer, over the channel upstream; one failure opens.
 type Boxed = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+type Guarded = tower::util::BoxCloneService<Request<Full<Bytes>>, Response<Boxed>, Infallible>;
 
 fn breaker_over_normalizer(
     options: NormalizeOptions,
 ) -> (
-    tower::util::BoxCloneService<Request<Full<Bytes>>, Response<Boxed>, Infallible>,
+    Guarded,
     llm_layers::breaker::BreakerHandle,
     Arc<Mutex<Option<Tx>>>,
 ) {
@@ -614,7 +615,7 @@ fn breaker_over_normalizer(
         })
         .layer(NormalizeErrorsLayer::with_options(options))
         .service(up)
-        .map_response(|r: Response<_>| r.map(|b| BodyExt::boxed_unsync(b)));
+        .map_response(|r: Response<_>| r.map(BodyExt::boxed_unsync));
     (tower::util::BoxCloneService::new(svc), handle, tx)
 }
 
