@@ -598,11 +598,20 @@ impl http_body::Body for RecordAtEnd {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<bytes::Bytes>, axum::Error>>> {
         let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        let end = match &frame {
-            None => Some(Outcome::Success),
-            Some(Err(_)) => Some(Outcome::Failure),
-            Some(Ok(_)) if self.inner.is_end_stream() => Some(Outcome::Success),
-            Some(Ok(_)) => None,
+        // A stream the normalizer ended in-band names its failure in a trailer, as the
+        // breaker reads it.
+        let marked = match &frame {
+            Some(Ok(f)) => f
+                .trailers_ref()
+                .and_then(llm_layers::policy::stream_error_in),
+            _ => None,
+        };
+        let end = match (&frame, marked) {
+            (_, Some(code)) => Some(outcome_for_code(code, false)),
+            (None, None) => Some(Outcome::Success),
+            (Some(Err(_)), None) => Some(Outcome::Failure),
+            (Some(Ok(_)), None) if self.inner.is_end_stream() => Some(Outcome::Success),
+            (Some(Ok(_)), None) => None,
         };
         if let Some(outcome) = end {
             if let Some((mirror, tag)) = self.pending.take() {
