@@ -7,8 +7,9 @@
 //! map, its table, one box per value); the tests measure that cost as a control and allow
 //! exactly it, no more.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
+mod common_alloc;
+
+use common_alloc::{count, COUNTING};
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -24,48 +25,6 @@ use llm_layers::body::LayerBody;
 use llm_layers::ext::{KeyIdentity, KeyLimits};
 use llm_layers::request::{CharEstimator, EnsureView, RequestView};
 use tower::{Layer, Service, ServiceExt};
-
-thread_local! {
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
-}
-
-struct Counting;
-
-// SAFETY: every call is forwarded unchanged to the system allocator; the wrapper only counts
-// allocations made on the current thread while counting is switched on. `try_with` keeps it
-// sound during thread teardown. Counting allocations needs a global allocator, and that trait
-// is unsafe to implement; the crate itself forbids unsafe code.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.try_with(Cell::get).unwrap_or(false) {
-            let _ = ALLOCATIONS.try_with(|a| a.set(a.get() + 1));
-        }
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if COUNTING.try_with(Cell::get).unwrap_or(false) {
-            let _ = ALLOCATIONS.try_with(|a| a.set(a.get() + 1));
-        }
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-fn count<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    ALLOCATIONS.with(|a| a.set(0));
-    COUNTING.with(|c| c.set(true));
-    let out = f();
-    COUNTING.with(|c| c.set(false));
-    (out, ALLOCATIONS.with(Cell::get))
-}
 
 const FREE: &str = "sk-alloc-free-0123456789abcdefghijklmnop";
 const MINI: &str = "sk-alloc-mini-0123456789abcdefghijklmnop";
