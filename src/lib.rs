@@ -65,6 +65,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod ext;
+mod json;
 pub mod normalize;
 pub mod policy;
 #[cfg(feature = "rate-limit")]

@@ -631,10 +631,16 @@ impl RequestView {
         estimator: &dyn TokenEstimator,
     ) -> Result<RequestView, ParseError> {
         let text = json_text(body)?;
-        let mut de = serde_json::Deserializer::from_str(text);
-        let top = de::Deserializer::deserialize_any(&mut de, typed::Top { estimator })
-            .and_then(|top| de.end().map(|()| top))
-            .map_err(|e| refusal(text, e))?;
+        // The fast reader first; whatever it refuses, serde_json reads (and words the error).
+        let top = match crate::json::visit_str(text, typed::Top { estimator }) {
+            Ok(top) => top,
+            Err(_) => {
+                let mut de = serde_json::Deserializer::from_str(text);
+                de::Deserializer::deserialize_any(&mut de, typed::Top { estimator })
+                    .and_then(|top| de.end().map(|()| top))
+                    .map_err(|e| refusal(text, e))?
+            }
+        };
         let gathered = top.map_err(not_an_object)?;
         Ok(gathered
             .into_view(endpoint, estimator)
@@ -2372,6 +2378,12 @@ mod typed_tests {
                 serde_json::to_vec_pretty(&doc).unwrap()
             };
             for est in [&CharEstimator as &dyn TokenEstimator, &by_model] {
+                // The fast reader reads it (no fallback to serde_json on valid documents).
+                let text = std::str::from_utf8(&bytes).unwrap();
+                assert!(
+                    crate::json::visit_str(text, typed::Top { estimator: est }).is_ok(),
+                    "case {i}: the fast reader refused {doc}"
+                );
                 let view = RequestView::parse(Endpoint::ChatCompletions, &bytes, est).unwrap();
                 assert_eq!(typed(&view), reference(&doc, est), "case {i}: {doc}");
                 assert_eq!(view.body_len(), Some(bytes.len()));

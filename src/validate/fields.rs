@@ -375,15 +375,17 @@ impl Fields {
     /// chat message (until the first at fault).
     pub(crate) fn parse(body: &[u8], scan_messages: bool) -> Result<Option<Fields>, ParseError> {
         let text = json_text(body)?;
+        let seed = || TopSeed {
+            scan: scan_messages,
+        };
+        // The fast reader first; whatever it refuses, serde_json reads (and words the error).
+        if let Ok(fields) = crate::json::visit_str(text, seed()) {
+            return Ok(fields);
+        }
         let mut de = serde_json::Deserializer::from_str(text);
-        de::Deserializer::deserialize_any(
-            &mut de,
-            TopSeed {
-                scan: scan_messages,
-            },
-        )
-        .and_then(|fields| de.end().map(|()| fields))
-        .map_err(|e| refusal(text, e))
+        de::Deserializer::deserialize_any(&mut de, seed())
+            .and_then(|fields| de.end().map(|()| fields))
+            .map_err(|e| refusal(text, e))
     }
 }
 
