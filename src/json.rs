@@ -9,7 +9,8 @@
 //! This reader finds the end of a string with `memchr` (vectorized, the crate serde_json
 //! itself depends on), checks the run for control characters in one pass the compiler
 //! vectorizes, and unescapes into one reused buffer. It reads text that is already known to
-//! be UTF-8 (`&str`), so it never checks encoding again.
+//! be UTF-8 (`&str`), so it never checks encoding again; a text it counts ([`COUNTED`]) is
+//! counted as its end is found, without unescaping it.
 //!
 //! # The contract
 //!
@@ -43,6 +44,31 @@ const STOP: [bool; 256] = {
     t
 };
 
+/// The high bit of each byte of `word` that is `"`, `\\` or below `0x20` (and possibly of
+/// bytes above the lowest such byte).
+const fn stop_mask(word: u64) -> u64 {
+    const ONES: u64 = u64::MAX / 255;
+    const fn zero_bytes(v: u64) -> u64 {
+        v.wrapping_sub(ONES) & !v
+    }
+    let ctrl = word.wrapping_sub(ONES * 0x20) & !word;
+    let quote = zero_bytes(word ^ (ONES * b'"' as u64));
+    let backslash = zero_bytes(word ^ (ONES * b'\\' as u64));
+    (ctrl | quote | backslash) & (ONES << 7)
+}
+
+/// The code point of the three- or four-byte UTF-8 sequence at `at` (the text is UTF-8, so the
+/// sequence is whole).
+fn decode_long(body: &[u8], at: usize) -> u32 {
+    let b = body[at];
+    let next = |k: usize| u32::from(body.get(at + k).map_or(0, |c| c & 0x3F));
+    if b < 0xF0 {
+        (u32::from(b & 0x0F) << 12) | (next(1) << 6) | next(2)
+    } else {
+        (u32::from(b & 0x07) << 18) | (next(1) << 12) | (next(2) << 6) | next(3)
+    }
+}
+
 /// A refusal. It carries no message: the caller parses again with serde_json to say what is
 /// wrong.
 #[derive(Debug)]
@@ -62,9 +88,21 @@ impl de::Error for Error {
     }
 }
 
-/// Runs `visitor` over the one JSON value of `text` (whitespace around it allowed).
+/// The newtype name under which a visitor asks for a string's tokens rather than its text
+/// (`Deserializer::deserialize_newtype_struct(COUNTED, visitor)`). With counting on, this
+/// reader answers a string there with `visit_u128(tokens)`, [`CharEstimator`]'s count of the
+/// unescaped text, read from the escaped text as its end is found; any other value, or
+/// counting off, goes to the visitor as `deserialize_any` would. serde_json (and every other
+/// reader) calls `visit_newtype_struct` instead, and the visitor reads the value as usual.
+///
+/// [`CharEstimator`]: crate::request::CharEstimator
+pub(crate) const COUNTED: &str = "$llm_layers::counted_text";
+
+/// Runs `visitor` over the one JSON value of `text` (whitespace around it allowed); `count`
+/// turns on the counting of [`COUNTED`] strings.
 pub(crate) fn visit_str<'de, V: Visitor<'de>>(
     text: &'de str,
+    count: bool,
     visitor: V,
 ) -> Result<V::Value, Error> {
     let mut de = Deserializer {
@@ -72,6 +110,7 @@ pub(crate) fn visit_str<'de, V: Visitor<'de>>(
         pos: 0,
         scratch: String::new(),
         depth: 0,
+        count,
     };
     let value = de::Deserializer::deserialize_any(&mut de, visitor)?;
     de.ws();
@@ -88,6 +127,8 @@ pub(crate) struct Deserializer<'de> {
     pos: usize,
     scratch: String,
     depth: u32,
+    /// Whether [`COUNTED`] strings are counted.
+    count: bool,
 }
 
 /// A string read: borrowed from the text, or unescaped into the scratch buffer.
@@ -142,23 +183,131 @@ impl<'de> Deserializer<'de> {
     /// The run of string bytes from the position to the next `"` or `\`: its length, after
     /// checking it holds no control character.
     fn run(&self) -> Result<usize, Error> {
+        self.run_ascii().map(|(n, _)| n)
+    }
+
+    /// [`Deserializer::run`], and whether the run is ASCII.
+    #[inline]
+    fn run_ascii(&self) -> Result<(usize, bool), Error> {
+        const HIGH: u64 = (u64::MAX / 255) << 7;
         let rest = &self.bytes()[self.pos..];
-        // Keys and short strings end within a few bytes, sooner than `memchr` starts.
-        for (i, &b) in rest.iter().take(SHORT).enumerate() {
-            if STOP[usize::from(b)] {
-                return if b < 0x20 { Err(Error) } else { Ok(i) };
+        let mut high = 0u64;
+        // Keys and short strings end within a few bytes, sooner than `memchr` starts: the
+        // first sixteen bytes are looked at eight at a time in a word.
+        for i in (0..SHORT).step_by(8) {
+            let Some(chunk) = rest.get(i..i + 8) else {
+                // The end of the text is near: byte by byte.
+                return match rest[i..].iter().position(|&b| STOP[usize::from(b)]) {
+                    Some(j) if rest[i + j] >= 0x20 => {
+                        Ok((i + j, high == 0 && rest[i..i + j].is_ascii()))
+                    }
+                    _ => Err(Error),
+                };
+            };
+            let word = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
+            let stop = stop_mask(word);
+            if stop != 0 {
+                // The lowest flagged byte is exact (a borrow only runs towards higher bytes).
+                let bit = stop.trailing_zeros();
+                let at = i + bit as usize / 8;
+                if rest[at] < 0x20 {
+                    return Err(Error);
+                }
+                // The bytes below the stop byte.
+                high |= word & HIGH & ((1u64 << (bit & !7)) - 1);
+                return Ok((at, high == 0));
             }
+            high |= word & HIGH;
         }
         let tail = rest.get(SHORT..).ok_or(Error)?;
         let n = SHORT + memchr::memchr2(b'"', b'\\', tail).ok_or(Error)?;
         // One pass the compiler vectorizes.
-        if rest[SHORT..n]
+        let (low, top) = rest[SHORT..n]
             .iter()
-            .fold(false, |bad, &b| bad | (b < 0x20))
-        {
+            .fold((u8::MAX, 0u8), |(low, top), &b| (low.min(b), top.max(b)));
+        if low < 0x20 {
             return Err(Error);
         }
-        Ok(n)
+        Ok((n, high == 0 && top < 0x80))
+    }
+
+    /// Counts a string's characters and CJK characters as the unescaped text has them; the
+    /// position is just past its opening quote.
+    ///
+    /// Eight bytes at a time in a word: the characters are the bytes that are no UTF-8
+    /// continuation byte, and only a byte of `0xE0` or more (the lead of a three- or
+    /// four-byte sequence, where every CJK character is) is decoded. An escape counts as the
+    /// one character it stands for, and the scan goes on after it in the same loop, so text
+    /// dense with `\n` and `\"` costs little more than plain text.
+    fn count_string(&mut self) -> Result<(u64, u64), Error> {
+        const HIGH: u64 = (u64::MAX / 255) << 7;
+        let body = self.bytes();
+        let (mut chars, mut cjk) = (0u64, 0u64);
+        let mut pos = self.pos;
+        loop {
+            let (word, len) = match body.get(pos..pos + 8) {
+                Some(chunk) => (
+                    u64::from_le_bytes(chunk.try_into().expect("eight bytes")),
+                    8,
+                ),
+                None => {
+                    // The last bytes of the body, padded with spaces (no stop byte).
+                    let rest = &body[pos..];
+                    let mut buf = [b' '; 8];
+                    buf[..rest.len()].copy_from_slice(rest);
+                    (u64::from_le_bytes(buf), rest.len())
+                }
+            };
+            let stop = stop_mask(word);
+            // The bytes before the first stop byte (exact: see `stop_mask`).
+            let upto = if stop == 0 {
+                8
+            } else {
+                stop.trailing_zeros() as usize / 8
+            };
+            if upto >= len && len < 8 {
+                // Not closed within the body.
+                return Err(Error);
+            }
+            let w = if upto == 8 {
+                word
+            } else {
+                word & ((1u64 << (upto * 8)) - 1)
+            };
+            let high = w & HIGH;
+            if high == 0 {
+                chars += upto as u64;
+            } else {
+                // Continuation bytes: bit 7 set, bit 6 clear.
+                let continuation = high & !(w << 1);
+                chars += upto as u64 - u64::from(continuation.count_ones());
+                // Leads of three- and four-byte sequences: bits 7, 6 and 5 set.
+                let mut long = high & (w << 1) & (w << 2);
+                while long != 0 {
+                    let at = pos + long.trailing_zeros() as usize / 8;
+                    cjk += u64::from(crate::request::is_cjk_point(decode_long(body, at)));
+                    long &= long - 1;
+                }
+            }
+            pos += upto;
+            if upto == 8 {
+                continue;
+            }
+            match body[pos] {
+                b'"' => {
+                    self.pos = pos + 1;
+                    return Ok((chars, cjk));
+                }
+                b'\\' => {
+                    self.pos = pos + 1;
+                    let c = self.escape()?;
+                    chars += 1;
+                    cjk += u64::from(crate::request::is_cjk_point(u32::from(c)));
+                    pos = self.pos;
+                }
+                _ => return Err(Error),
+            }
+        }
     }
 
     /// Reads a string; the position is just past its opening quote.
@@ -488,10 +637,18 @@ impl<'de> de::Deserializer<'de> for &mut Deserializer<'de> {
 
     fn deserialize_newtype_struct<V: Visitor<'de>>(
         self,
-        _name: &'static str,
+        name: &'static str,
         visitor: V,
     ) -> Result<V::Value, Error> {
-        visitor.visit_newtype_struct(self)
+        if name != COUNTED {
+            return visitor.visit_newtype_struct(self);
+        }
+        if self.count && self.ws() == Some(b'"') {
+            self.pos += 1;
+            let (chars, cjk) = self.count_string()?;
+            return visitor.visit_u128(u128::from(crate::request::char_tokens(chars, cjk)));
+        }
+        self.deserialize_any(visitor)
     }
 
     serde::forward_to_deserialize_any! {
@@ -605,6 +762,7 @@ mod tests {
             pos: 0,
             scratch: String::new(),
             depth: 0,
+            count: false,
         };
         let v = Value::deserialize(&mut de)?;
         de.ws();
@@ -687,6 +845,71 @@ mod tests {
         }
     }
 
+    /// A counted string counts what the estimate of its unescaped text counts.
+    fn counted(json: &str) -> Option<(u64, u64)> {
+        let mut de = Deserializer {
+            text: json,
+            pos: 1,
+            scratch: String::new(),
+            depth: 0,
+            count: true,
+        };
+        let counts = de.count_string().ok()?;
+        (de.pos == json.len()).then_some(counts)
+    }
+
+    #[test]
+    fn counted_strings_count_as_their_unescaped_text() {
+        let mut rng = fastrand::Rng::with_seed(11);
+        const PIECES: [&str; 14] = [
+            "a",
+            "plain words ",
+            "é",
+            "中",
+            "テキスト",
+            "😀",
+            r"\n",
+            r#"\""#,
+            r"\\",
+            r"\u4e2d",
+            r"\ud83d\ude00",
+            r"\u00e9",
+            "한국어",
+            r"\t",
+        ];
+        for _ in 0..5_000 {
+            let mut json = String::from("\"");
+            for _ in 0..rng.usize(..40) {
+                json.push_str(PIECES[rng.usize(..PIECES.len())]);
+            }
+            json.push('"');
+            // Sometimes the string ends the body, sometimes more follows.
+            let text: String = serde_json::from_str(&json).unwrap();
+            let want = crate::request::char_counts(&text);
+            assert_eq!(counted(&json), Some(want), "{json}");
+            let mut longer = json.clone();
+            longer.push_str(", \"next\": 1}");
+            let mut de = Deserializer {
+                text: &longer,
+                pos: 1,
+                scratch: String::new(),
+                depth: 0,
+                count: true,
+            };
+            assert_eq!(de.count_string().ok(), Some(want), "{longer}");
+            assert_eq!(de.pos, json.len());
+        }
+        for bad in [
+            "\"open",
+            "\"ctrl \u{1}\"",
+            "\"bad \\x\"",
+            "\"lone \\ud800\"",
+            "\"a",
+        ] {
+            assert_eq!(counted(bad), None, "{bad}");
+        }
+    }
+
     #[test]
     fn nesting_beyond_the_limit_is_refused() {
         let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
@@ -697,7 +920,7 @@ mod tests {
     #[test]
     fn skipped_values_are_checked_as_serde_json_checks_them() {
         // Through `IgnoredAny`, every value skipped.
-        let skips = |text: &str| visit_str(text, de::IgnoredAny).is_ok();
+        let skips = |text: &str| visit_str(text, false, de::IgnoredAny).is_ok();
         for text in [
             r#"{"a":[1,{"b":"c\n"}],"d":-1.5e3,"e":"\ud800"}"#,
             "[true,false,null,\"x\"]",

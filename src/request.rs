@@ -210,6 +210,15 @@ pub trait TokenEstimator: Send + Sync + 'static {
         true
     }
 
+    /// Whether this estimate is [`CharEstimator`]'s for every model and text (by default
+    /// not). An estimator that says `true` lets [`RequestView::parse`] count a text's
+    /// characters as it reads it, from the escaped JSON, without unescaping it first and
+    /// without calling [`TokenEstimator::estimate`]. Say `true` only for an estimator that
+    /// answers exactly as [`CharEstimator`] does.
+    fn counts_characters(&self) -> bool {
+        false
+    }
+
     /// The output tokens a request for `model` is charged when it sets no `max_tokens` (nor
     /// `max_completion_tokens` / `max_output_tokens`): by default [`DEFAULT_OUTPUT_TOKENS`]
     /// for every model. [`TokenEstimator::with_output_defaults`] sets a table by model prefix.
@@ -344,6 +353,9 @@ impl TokenEstimator for WithOutputDefaults {
     fn uses_model(&self) -> bool {
         self.estimator.uses_model()
     }
+    fn counts_characters(&self) -> bool {
+        self.estimator.counts_characters()
+    }
     fn default_output(&self, model: &str) -> u64 {
         self.defaults.for_model(model)
     }
@@ -392,9 +404,26 @@ impl TokenEstimator for CharEstimator {
         false
     }
 
+    fn counts_characters(&self) -> bool {
+        true
+    }
+
     fn estimate(&self, _model: &str, text: &str) -> u64 {
+        let (chars, cjk) = char_counts(text);
+        char_tokens(chars, cjk)
+    }
+}
+
+/// [`CharEstimator`]'s tokens for a text of `chars` characters, `cjk` of them CJK.
+pub(crate) fn char_tokens(chars: u64, cjk: u64) -> u64 {
+    cjk + (chars - cjk).div_ceil(4)
+}
+
+/// The characters of `text`, and how many of them are CJK.
+pub(crate) fn char_counts(text: &str) -> (u64, u64) {
+    {
         if text.is_ascii() {
-            return (text.len() as u64).div_ceil(4);
+            return (text.len() as u64, 0);
         }
         // Over the bytes rather than the characters: every byte that is no UTF-8 continuation
         // byte starts a character, and every CJK character is a three- or four-byte sequence,
@@ -405,13 +434,13 @@ impl TokenEstimator for CharEstimator {
         for (i, block) in bytes.chunks(BLOCK).enumerate() {
             // One pass the compiler vectorizes: the characters started, and whether a three-
             // or four-byte sequence starts in the block.
-            let (mut starts, mut long) = (0u32, false);
+            let (mut starts, mut top) = (0u8, 0u8);
             for &b in block {
-                starts += u32::from((b as i8) >= -64);
-                long |= b >= 0xE0;
+                starts += u8::from((b as i8) >= -64);
+                top = top.max(b);
             }
             chars += u64::from(starts);
-            if long {
+            if top >= 0xE0 {
                 let at = i * BLOCK;
                 for (j, &b) in block.iter().enumerate() {
                     if b >= 0xE0 {
@@ -428,7 +457,7 @@ impl TokenEstimator for CharEstimator {
                 }
             }
         }
-        cjk + (chars - cjk).div_ceil(4)
+        (chars, cjk)
     }
 }
 
@@ -499,7 +528,7 @@ fn is_cjk(c: char) -> bool {
     is_cjk_point(c as u32)
 }
 
-fn is_cjk_point(c: u32) -> bool {
+pub(crate) fn is_cjk_point(c: u32) -> bool {
     matches!(c,
         0x1100..=0x11FF        // Hangul Jamo
         | 0x2E80..=0x2FDF      // CJK radicals
@@ -632,7 +661,8 @@ impl RequestView {
     ) -> Result<RequestView, ParseError> {
         let text = json_text(body)?;
         // The fast reader first; whatever it refuses, serde_json reads (and words the error).
-        let top = match crate::json::visit_str(text, typed::Top { estimator }) {
+        let count = estimator.counts_characters();
+        let top = match crate::json::visit_str(text, count, typed::Top { estimator }) {
             Ok(top) => top,
             Err(_) => {
                 let mut de = serde_json::Deserializer::from_str(text);
@@ -1434,7 +1464,9 @@ mod typed {
     impl<'de> DeserializeSeed<'de> for Texts<'_, 'de, '_> {
         type Value = ();
         fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-            d.deserialize_any(self)
+            // The crate's reader counts a string here itself (`visit_u128`); any other reader
+            // hands the value on (`visit_newtype_struct`).
+            d.deserialize_newtype_struct(crate::json::COUNTED, self)
         }
     }
 
@@ -1442,6 +1474,14 @@ mod typed {
         type Value = ();
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("any value")
+        }
+        fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+        fn visit_u128<E: de::Error>(self, tokens: u128) -> Result<(), E> {
+            self.g
+                .add(self.slot, u64::try_from(tokens).unwrap_or(u64::MAX));
+            Ok(())
         }
         fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<(), E> {
             self.g.count_borrowed(self.slot, s);
@@ -1473,7 +1513,9 @@ mod typed {
     impl<'de> DeserializeSeed<'de> for Part<'_, 'de, '_> {
         type Value = ();
         fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-            d.deserialize_any(self)
+            // The crate's reader counts a string here itself (`visit_u128`); any other reader
+            // hands the value on (`visit_newtype_struct`).
+            d.deserialize_newtype_struct(crate::json::COUNTED, self)
         }
     }
 
@@ -1481,6 +1523,14 @@ mod typed {
         type Value = ();
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("any value")
+        }
+        fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+        fn visit_u128<E: de::Error>(self, tokens: u128) -> Result<(), E> {
+            self.g
+                .add(self.slot, u64::try_from(tokens).unwrap_or(u64::MAX));
+            Ok(())
         }
         fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<(), E> {
             self.g.count_borrowed(self.slot, s);
@@ -1622,7 +1672,9 @@ mod typed {
     impl<'de> DeserializeSeed<'de> for Schema<'_, 'de, '_> {
         type Value = ();
         fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-            d.deserialize_any(self)
+            // The crate's reader counts a string here itself (`visit_u128`); any other reader
+            // hands the value on (`visit_newtype_struct`).
+            d.deserialize_newtype_struct(crate::json::COUNTED, self)
         }
     }
 
@@ -1630,6 +1682,14 @@ mod typed {
         type Value = ();
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("any value")
+        }
+        fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+        fn visit_u128<E: de::Error>(self, tokens: u128) -> Result<(), E> {
+            self.g
+                .add(self.slot, u64::try_from(tokens).unwrap_or(u64::MAX));
+            Ok(())
         }
         fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<(), E> {
             self.g.count_borrowed(self.slot, s);
@@ -2381,7 +2441,12 @@ mod typed_tests {
                 // The fast reader reads it (no fallback to serde_json on valid documents).
                 let text = std::str::from_utf8(&bytes).unwrap();
                 assert!(
-                    crate::json::visit_str(text, typed::Top { estimator: est }).is_ok(),
+                    crate::json::visit_str(
+                        text,
+                        est.counts_characters(),
+                        typed::Top { estimator: est }
+                    )
+                    .is_ok(),
                     "case {i}: the fast reader refused {doc}"
                 );
                 let view = RequestView::parse(Endpoint::ChatCompletions, &bytes, est).unwrap();

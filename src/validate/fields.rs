@@ -379,7 +379,7 @@ impl Fields {
             scan: scan_messages,
         };
         // The fast reader first; whatever it refuses, serde_json reads (and words the error).
-        if let Ok(fields) = crate::json::visit_str(text, seed()) {
+        if let Ok(fields) = crate::json::visit_str(text, false, seed()) {
             return Ok(fields);
         }
         let mut de = serde_json::Deserializer::from_str(text);
