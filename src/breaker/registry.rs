@@ -331,6 +331,11 @@ impl std::fmt::Debug for BreakerHandle {
 }
 
 impl BreakerHandle {
+    /// Whether both handles read the same circuits (the same layer, or clones of it).
+    pub fn same_as(&self, other: &BreakerHandle) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     /// The breaker's configured name.
     pub fn name(&self) -> &str {
         &self.shared.config().name

@@ -113,6 +113,11 @@ fn key_id(key: &RateKey, hidden: bool) -> String {
 }
 
 impl RateLimitHandle {
+    /// Whether both handles read the same buckets (the same layer, or clones of it).
+    pub fn same_as(&self, other: &RateLimitHandle) -> bool {
+        std::sync::Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     /// The state of one key: `key` as requests are keyed (an API key's id, a route, a model, a
     /// header's value) or as [`keys`](Self::keys) shows it (`sha256:…`, an address,
     /// `<global>`). `None` when the limiter holds nothing for it: its whole quota remains.
