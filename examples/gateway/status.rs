@@ -50,8 +50,7 @@ use llm_layers::breaker::{BreakerHandle, CircuitMetrics, HealthCheckTask};
 use llm_layers::rate_limit::{KeySnapshot, RateLimitHandle};
 use llm_layers::stack::{ConfigError, Stack};
 use llm_layers::{ApiError, ErrorCode};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 /// The path of the status endpoint.
@@ -176,45 +175,98 @@ fn ms_ceil(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
 }
 
-fn circuit_json(breaker: &str, route: Option<&str>, c: &CircuitMetrics) -> Value {
-    json!({
-        "breaker": breaker,
-        "route": route,
-        "key": &*c.key,
-        "state": c.state.as_str(),
-        "failure_rate": c.failure_rate,
-        "slow_call_rate": c.slow_call_rate,
-        "until_half_open_ms": c.until_half_open.map(ms_ceil),
-        "open_for_ms": c.open_for.map(ms_ceil),
-        "probes_out": c.probes_out,
-        "window_calls": c.window_calls,
-        "calls": c.calls,
-        "failures": c.failures,
-        "rejections": c.rejections,
-        "openings": c.openings,
-    })
+/// The status document.
+#[derive(Serialize)]
+struct StatusJson<'a> {
+    circuits: Vec<CircuitJson<'a>>,
+    rate_limits: RateLimitsJson<'a>,
 }
 
-fn key_json(route: Option<&str>, k: &KeySnapshot) -> Value {
-    let quotas: Vec<Value> = k
-        .quotas
-        .iter()
-        .map(|q| {
-            json!({
-                "unit": q.unit.as_str(),
-                "global": q.global,
-                "limit": q.limit,
-                "remaining": q.remaining,
-                "reset_ms": ms_ceil(q.reset),
+/// The rate-limit keys of every limiter.
+#[derive(Serialize)]
+struct RateLimitsJson<'a> {
+    keys: Vec<KeyJson<'a>>,
+    truncated: bool,
+}
+
+/// One circuit as the status shows it (fields in this order).
+#[derive(Serialize)]
+struct CircuitJson<'a> {
+    breaker: &'a str,
+    route: Option<&'a str>,
+    key: &'a str,
+    state: &'static str,
+    failure_rate: Option<f64>,
+    slow_call_rate: Option<f64>,
+    until_half_open_ms: Option<u64>,
+    open_for_ms: Option<u64>,
+    probes_out: u32,
+    window_calls: u64,
+    calls: u64,
+    failures: u64,
+    rejections: u64,
+    openings: u64,
+}
+
+fn circuit_json<'a>(
+    breaker: &'a str,
+    route: Option<&'a str>,
+    c: &'a CircuitMetrics,
+) -> CircuitJson<'a> {
+    CircuitJson {
+        breaker,
+        route,
+        key: &c.key,
+        state: c.state.as_str(),
+        failure_rate: c.failure_rate,
+        slow_call_rate: c.slow_call_rate,
+        until_half_open_ms: c.until_half_open.map(ms_ceil),
+        open_for_ms: c.open_for.map(ms_ceil),
+        probes_out: c.probes_out,
+        window_calls: c.window_calls,
+        calls: c.calls,
+        failures: c.failures,
+        rejections: c.rejections,
+        openings: c.openings,
+    }
+}
+
+/// One bucket of a rate-limit key.
+#[derive(Serialize)]
+struct QuotaJson {
+    unit: &'static str,
+    global: bool,
+    limit: u32,
+    remaining: u32,
+    reset_ms: u64,
+}
+
+/// One rate-limit key.
+#[derive(Serialize)]
+struct KeyJson<'a> {
+    route: Option<&'a str>,
+    key: &'a str,
+    in_flight: u32,
+    quotas: Vec<QuotaJson>,
+}
+
+fn key_json<'a>(route: Option<&'a str>, k: &'a KeySnapshot) -> KeyJson<'a> {
+    KeyJson {
+        route,
+        key: &k.key,
+        in_flight: k.in_flight,
+        quotas: k
+            .quotas
+            .iter()
+            .map(|q| QuotaJson {
+                unit: q.unit.as_str(),
+                global: q.global,
+                limit: q.limit,
+                remaining: q.remaining,
+                reset_ms: ms_ceil(q.reset),
             })
-        })
-        .collect();
-    json!({
-        "route": route,
-        "key": k.key,
-        "in_flight": k.in_flight,
-        "quotas": quotas,
-    })
+            .collect(),
+    }
 }
 
 async fn status(State(s): State<Sources>, headers: HeaderMap) -> Response {
@@ -225,29 +277,40 @@ async fn status(State(s): State<Sources>, headers: HeaderMap) -> Response {
         )
         .to_response();
     }
-    let mut circuits = Vec::new();
-    for (route, b) in &s.breakers {
-        let snap = b.snapshot();
-        circuits.extend(
+    let snaps: Vec<_> = s
+        .breakers
+        .iter()
+        .map(|(route, b)| (route.as_deref(), b.snapshot()))
+        .collect();
+    let circuits: Vec<CircuitJson<'_>> = snaps
+        .iter()
+        .flat_map(|(route, snap)| {
             snap.circuits
                 .iter()
-                .map(|c| circuit_json(&snap.name, route.as_deref(), c)),
-        );
-    }
-    let mut keys = Vec::new();
+                .map(|c| circuit_json(&snap.name, *route, c))
+        })
+        .collect();
     let mut truncated = false;
-    for (route, l) in &s.limiters {
-        let mut listed = l.keys(MAX_KEYS + 1);
-        if listed.len() > MAX_KEYS {
-            listed.truncate(MAX_KEYS);
-            truncated = true;
-        }
-        keys.extend(listed.iter().map(|k| key_json(route.as_deref(), k)));
-    }
-    let mut res = Json(json!({
-        "circuits": circuits,
-        "rate_limits": { "keys": keys, "truncated": truncated },
-    }))
+    let listed: Vec<_> = s
+        .limiters
+        .iter()
+        .map(|(route, l)| {
+            let mut keys = l.keys(MAX_KEYS + 1);
+            if keys.len() > MAX_KEYS {
+                keys.truncate(MAX_KEYS);
+                truncated = true;
+            }
+            (route.as_deref(), keys)
+        })
+        .collect();
+    let keys: Vec<KeyJson<'_>> = listed
+        .iter()
+        .flat_map(|(route, keys)| keys.iter().map(|k| key_json(*route, k)))
+        .collect();
+    let mut res = Json(StatusJson {
+        circuits,
+        rate_limits: RateLimitsJson { keys, truncated },
+    })
     .into_response();
     res.headers_mut()
         .insert("cache-control", HeaderValue::from_static("no-store"));
