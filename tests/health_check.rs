@@ -446,3 +446,70 @@ async fn a_refused_probe_is_inconclusive_and_moves_nothing() {
         assert_eq!(handle.state(SINGLE_KEY), Some(CircuitState::Closed));
     }
 }
+
+/// A probe service whose answer can be changed.
+struct Switch(Arc<AtomicU16>);
+
+impl tower::Service<Request<Empty<Bytes>>> for Switch {
+    type Response = Response<Empty<Bytes>>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, _: Request<Empty<Bytes>>) -> Self::Future {
+        let mut res = Response::new(Empty::new());
+        *res.status_mut() = StatusCode::from_u16(self.0.load(Ordering::SeqCst)).unwrap();
+        std::future::ready(Ok(res))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_probe_reopens_a_half_open_circuit_and_a_forced_mode_is_left_alone() {
+    let (layer, mut rx) = breaker();
+    let handle = layer.handle();
+    let status = Arc::new(AtomicU16::new(503));
+    let check = HealthCheck::builder()
+        .interval(Duration::from_secs(10))
+        .timeout(Duration::from_secs(1))
+        .failures_to_open(1)
+        .build()
+        .unwrap();
+    let _task = handle.spawn_health_check(check, Switch(status.clone()));
+    assert_eq!(
+        transition(&mut rx).await.2,
+        TransitionReason::HealthCheckFailed
+    );
+    status.store(200, Ordering::SeqCst);
+    assert_eq!(
+        transition(&mut rx).await,
+        (
+            CircuitState::Open,
+            CircuitState::HalfOpen,
+            TransitionReason::HealthCheckPassed
+        )
+    );
+    // Half-open: one failing probe is enough, whatever `failures_to_open`.
+    status.store(500, Ordering::SeqCst);
+    assert_eq!(
+        transition(&mut rx).await,
+        (
+            CircuitState::HalfOpen,
+            CircuitState::Open,
+            TransitionReason::HealthCheckFailed
+        )
+    );
+    assert_eq!(handle.metrics(SINGLE_KEY).unwrap().openings, 2);
+
+    // Forced closed by hand (disabled): failing probes report, and move nothing.
+    handle.reset(SINGLE_KEY);
+    assert_eq!(transition(&mut rx).await.2, TransitionReason::Reset);
+    handle.set_mode_for(SINGLE_KEY, llm_layers::breaker::CircuitMode::Disabled);
+    for _ in 0..3 {
+        assert_eq!(probe(&mut rx).await.0, ProbeResult::Failed);
+    }
+    assert_eq!(handle.state(SINGLE_KEY), Some(CircuitState::Closed));
+}
