@@ -335,6 +335,13 @@ impl HealthCheckBuilder {
                 "must be a path starting with `/` or an http:// or https:// URI",
             ));
         }
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            // The URI is logged and shown by `Debug`: credentials go in a header.
+            return Err(refuse(
+                "path",
+                "must not hold credentials (`user:password@`); send them in a header",
+            ));
+        }
         let mut headers = HeaderMap::new();
         for (name, value) in &self.headers {
             let name = HeaderName::from_bytes(name.as_bytes())
@@ -538,6 +545,7 @@ mod tests {
         assert_eq!(field(b().path("v1/models")), "path");
         assert_eq!(field(b().path("ftp://x/v1")), "path");
         assert_eq!(field(b().key("")), "key");
+        assert_eq!(field(b().path("http://user:pw@host/v1/models")), "path");
         assert_eq!(field(b().header("bad name", "x")), "header");
         let ok = b()
             .path("https://api.openai.com/v1/models")
