@@ -6,6 +6,9 @@
 //! First, before criterion's own groups, the closed-path cases run interleaved and their
 //! medians are printed as differences from, and ratios to, the bare service.
 //!
+//! Last, the status snapshot ([`BreakerHandle::snapshot`](llm_layers::breaker::BreakerHandle::snapshot))
+//! of 10 000 circuits against the metrics of one, printed per circuit.
+//!
 //! Every future here is ready on its first poll, so they are polled once with `now_or_never`
 //! (inside a tokio runtime context) and the figures are the layers' own work.
 
@@ -19,7 +22,7 @@ use futures_util::FutureExt;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use llm_layers::body::LayerBody;
-use llm_layers::breaker::{CircuitBreakerLayer, CircuitMode};
+use llm_layers::breaker::{CircuitBreakerLayer, CircuitKey, CircuitMode};
 use tower::{Layer, Service};
 
 type Body = Full<Bytes>;
@@ -260,6 +263,56 @@ fn benches(c: &mut Criterion) {
                     .is_err(),
             )
         })
+    });
+    g.finish();
+
+    // The status snapshot: 10 000 model circuits, each with calls in its window.
+    const CIRCUITS: usize = 10_000;
+    let layer = CircuitBreakerLayer::builder()
+        .key_by(CircuitKey::Model)
+        .max_keys(CIRCUITS)
+        .count_window(100)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let keys: Vec<String> = (0..CIRCUITS).map(|i| format!("model-{i:05}")).collect();
+    for k in &keys {
+        handle.set_mode_for(k, CircuitMode::Auto);
+    }
+    assert_eq!(handle.snapshot().circuits.len(), CIRCUITS);
+    let median = |runs: usize, f: &mut dyn FnMut()| {
+        let mut t: Vec<f64> = (0..runs)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                f();
+                start.elapsed().as_nanos() as f64
+            })
+            .collect();
+        t.sort_by(f64::total_cmp);
+        t[t.len() / 2]
+    };
+    let all = median(51, &mut || {
+        black_box(handle.snapshot());
+    });
+    let one = median(10_001, &mut || {
+        black_box(handle.metrics("model-05000"));
+    });
+    println!(
+        "\nsnapshot of {CIRCUITS} circuits: median {:.2} ms, {:.0} ns per circuit; metrics of one circuit by key: {:.0} ns ({:.2}x per circuit)",
+        all / 1e6,
+        all / CIRCUITS as f64,
+        one,
+        all / CIRCUITS as f64 / one
+    );
+    let mut g = c.benchmark_group("snapshot");
+    g.warm_up_time(Duration::from_secs(1));
+    g.measurement_time(Duration::from_secs(3));
+    g.sample_size(20);
+    g.bench_function("snapshot of 10 000 circuits", |b| {
+        b.iter(|| black_box(handle.snapshot()))
+    });
+    g.bench_function("metrics of one circuit", |b| {
+        b.iter(|| black_box(handle.metrics("model-05000")))
     });
     g.finish();
 }

@@ -49,6 +49,9 @@
 //! answers `502 service_unavailable` with a message naming TLS and the certificate, and
 //! `x-should-retry: false` (the next attempt would be refused the same way).
 
+#[path = "status.rs"]
+pub mod status;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -122,6 +125,7 @@ struct GatewayToml {
 #[serde(default, deny_unknown_fields)]
 struct GatewayFile {
     gateway: GatewayToml,
+    admin: Option<status::AdminToml>,
     keys: Vec<KeyConfig>,
     validation: ValidationConfig,
     rate_limit: RateLimitConfig,
@@ -139,6 +143,8 @@ pub struct GatewayConfig {
     /// A PEM file of CA certificates trusted for an `https://` upstream, next to the
     /// Mozilla roots.
     pub upstream_ca: Option<PathBuf>,
+    /// The admin key of `GET /v1/llm-layers/status` (`[admin]`; see [`status`]).
+    pub admin: Option<status::Admin>,
 }
 
 impl Default for GatewayConfig {
@@ -149,6 +155,7 @@ impl Default for GatewayConfig {
                 .map(|h| HeaderName::from_static(h))
                 .collect(),
             upstream_ca: None,
+            admin: None,
         }
     }
 }
@@ -192,6 +199,7 @@ pub fn load(text: &str) -> Result<(Stack, GatewayConfig), ConfigError> {
     let file: GatewayFile = parse_toml(text)?;
     let mut gateway = GatewayConfig {
         upstream_ca: file.gateway.upstream_ca,
+        admin: status::Admin::from_toml(file.admin.as_ref())?,
         ..GatewayConfig::default()
     };
     if let Some(names) = &file.gateway.forward_headers {

@@ -271,8 +271,10 @@ async fn main() {
     } else {
         println!("upstream: {base}");
     }
+    let _health = app::status::start_health_check(&stack, base.clone(), key.clone(), tls.clone());
     let upstream = app::upstream_with(&stack, &gateway.forward_headers, tls, base, key);
-    let app = app::router_with_auth(&stack, &stack.auth().with_store(keys.clone()), upstream);
+    let app = app::router_with_auth(&stack, &stack.auth().with_store(keys.clone()), upstream)
+        .merge(app::status::router(&stack, gateway.admin.as_ref()));
     if let Some(path) = &args.keys {
         let mut reloader = keys
             .watch_file(path, ReloadOptions::new())

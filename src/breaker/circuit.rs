@@ -84,6 +84,19 @@ impl Common {
     }
 }
 
+/// The timers of a circuit's state, for a snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Timers {
+    /// Open: the time until the next call may go half-open (zero once it may).
+    pub(crate) until_half_open: Option<Duration>,
+    /// Open: how long this open period was set to last.
+    pub(crate) open_for: Option<Duration>,
+    /// Half-open: probe calls out.
+    pub(crate) probes_out: u32,
+    /// Half-open with probes out: the time until the newest one is overdue.
+    pub(crate) probes_overdue_in: Option<Duration>,
+}
+
 /// Cumulative counters of one circuit.
 #[derive(Default)]
 pub(crate) struct Counters {
@@ -111,6 +124,8 @@ pub(crate) struct Circuit {
     pub(crate) key: Arc<str>,
     word: AtomicU64,
     open_until: AtomicU64,
+    /// How long the current (or last) open period was set to last, in nanoseconds.
+    open_for: AtomicU64,
     probe_deadline: AtomicU64,
     pub(crate) mode: AtomicU8,
     pub(crate) last_used: AtomicU64,
@@ -378,6 +393,7 @@ impl Circuit {
             key,
             word: AtomicU64::new(pack(0, 0, CLOSED)),
             open_until: AtomicU64::new(0),
+            open_for: AtomicU64::new(0),
             probe_deadline: AtomicU64::new(0),
             mode: AtomicU8::new(CircuitMode::Auto.to_u8()),
             last_used: AtomicU64::new(0),
@@ -424,6 +440,112 @@ impl Circuit {
         let now = self.common.now();
         let until = self.open_until.load(Ordering::Acquire);
         (now < until).then(|| Duration::from_nanos(until - now))
+    }
+
+    /// What a snapshot shows of the state word and its timers, read at `now` (nanoseconds
+    /// on the layer's clock): no lock is taken.
+    pub(crate) fn timers(&self, now: u64) -> Timers {
+        let w = self.word.load(Ordering::Acquire);
+        let open_for = self.open_for.load(Ordering::Relaxed);
+        match state_of(w) {
+            OPEN => {
+                let until = self.open_until.load(Ordering::Acquire);
+                Timers {
+                    until_half_open: Some(Duration::from_nanos(until.saturating_sub(now))),
+                    open_for: Some(Duration::from_nanos(open_for)),
+                    probes_out: 0,
+                    probes_overdue_in: None,
+                }
+            }
+            HALF_OPEN => {
+                let probes = u64::from(self.common.config.probes);
+                let out = probes.saturating_sub(permits_of(w));
+                let deadline = self.probe_deadline.load(Ordering::Acquire);
+                Timers {
+                    until_half_open: None,
+                    open_for: None,
+                    probes_out: u32::try_from(out).unwrap_or(u32::MAX),
+                    probes_overdue_in: (out > 0)
+                        .then(|| Duration::from_nanos(deadline.saturating_sub(now))),
+                }
+            }
+            _ => Timers::default(),
+        }
+    }
+
+    /// An active health check failed `failures` times in a row (`failures_to_open` is its
+    /// threshold): a closed circuit opens once the run reaches the threshold, a half-open
+    /// one opens again at once (the upstream still fails; the live probes out find the epoch
+    /// changed and record nothing). An open circuit, or one under a manual mode, is left as
+    /// it is. Returns whether the circuit opened.
+    pub(crate) fn health_failed(&self, failures: u32, failures_to_open: u32) -> bool {
+        if self.effective_mode() != CircuitMode::Auto {
+            return false;
+        }
+        let w = self.word.load(Ordering::Acquire);
+        let from = match state_of(w) {
+            CLOSED if failures >= failures_to_open => CircuitState::Closed,
+            HALF_OPEN => CircuitState::HalfOpen,
+            _ => return false,
+        };
+        let ev = {
+            let mut inner = self.lock();
+            if self.word.load(Ordering::Acquire) != w {
+                // Something else moved the circuit meanwhile: the next probe decides again.
+                return false;
+            }
+            let now = self.common.now();
+            self.open(
+                &mut inner,
+                w,
+                now,
+                from,
+                TransitionReason::HealthCheckFailed,
+            )
+        };
+        emit(&self.common.config.on_event, ev);
+        true
+    }
+
+    /// An active health check passed: an open circuit goes half-open now, before its open
+    /// duration has passed, with every probe permit free, so that live calls confirm the
+    /// recovery (the usual half-open rules close or re-open it). Any other state, or a manual
+    /// mode, is left as it is. Returns whether the circuit moved.
+    pub(crate) fn health_passed(&self) -> bool {
+        if self.effective_mode() != CircuitMode::Auto {
+            return false;
+        }
+        let w = self.word.load(Ordering::Acquire);
+        if state_of(w) != OPEN {
+            return false;
+        }
+        let ev = {
+            let mut inner = self.lock();
+            if self.word.load(Ordering::Acquire) != w {
+                return false;
+            }
+            let now = self.common.now();
+            inner.probe_successes = 0;
+            // No probe is out yet: each one admitted sets its own deadline.
+            self.probe_deadline.store(now, Ordering::Release);
+            let probes = u64::from(self.common.config.probes);
+            self.word
+                .store(pack(epoch_of(w) + 1, probes, HALF_OPEN), Ordering::Release);
+            self.event(
+                CircuitState::Open,
+                CircuitState::HalfOpen,
+                TransitionReason::HealthCheckPassed,
+                None,
+            )
+        };
+        emit(&self.common.config.on_event, ev);
+        true
+    }
+
+    /// The window's totals at `now` (for a snapshot that reads the clock once).
+    pub(crate) fn window_totals_at(&self, now: u64) -> (u64, u64, u64) {
+        let t = self.lock().window.totals(now);
+        (t.calls, t.failures, t.slow)
     }
 
     pub(crate) fn window_totals(&self) -> (u64, u64, u64) {
@@ -614,6 +736,7 @@ impl Circuit {
         inner.probe_successes = 0;
         self.open_until
             .store(now.saturating_add(nanos(d)), Ordering::Release);
+        self.open_for.store(nanos(d), Ordering::Relaxed);
         self.word
             .store(pack(epoch_of(w) + 1, 0, OPEN), Ordering::Release);
         self.counters.openings.fetch_add(1, Ordering::Relaxed);

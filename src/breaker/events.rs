@@ -52,6 +52,49 @@ pub enum TransitionReason {
     ProbesSucceeded,
     /// [`BreakerHandle::reset`](super::BreakerHandle::reset) was called.
     Reset,
+    /// Active health checks ([`HealthCheck`](super::HealthCheck)) failed
+    /// [`failures_to_open`](super::HealthCheckBuilder::failures_to_open) times in a row while
+    /// closed, or once while half-open.
+    HealthCheckFailed,
+    /// An active health check passed while the circuit was open: it goes half-open before its
+    /// open duration has passed, and live probes confirm.
+    HealthCheckPassed,
+}
+
+/// What one active health-check probe found ([`BreakerEvent::HealthCheck`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ProbeResult {
+    /// The upstream answered and the policy calls it a success (`2xx`).
+    Passed,
+    /// The upstream failed: an answer whose failure counts against a circuit (`5xx`, `529`,
+    /// `503`), or a transport error.
+    Failed,
+    /// No answer within the probe's own timeout (or the service never became ready in it).
+    TimedOut,
+    /// An answer that says nothing of the upstream's health: the probe itself was refused
+    /// (`401`/`403`: a bad or missing key; `404`: the path is not served; `429` unless the
+    /// breaker trips on rate limits). Neither a pass nor a failure; the run of failures is
+    /// kept as it was.
+    Inconclusive,
+}
+
+impl ProbeResult {
+    /// `"passed"`, `"failed"`, `"timed_out"` or `"inconclusive"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ProbeResult::Passed => "passed",
+            ProbeResult::Failed => "failed",
+            ProbeResult::TimedOut => "timed_out",
+            ProbeResult::Inconclusive => "inconclusive",
+        }
+    }
+}
+
+impl std::fmt::Display for ProbeResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One thing that happened to a breaker, passed to the
@@ -95,6 +138,22 @@ pub enum BreakerEvent {
         /// Whether the fallback answered; `false` sends the call to the next step.
         ok: bool,
     },
+    /// An active health-check probe ended ([`HealthCheck`](super::HealthCheck)). A probe
+    /// that moves the circuit is followed by its [`BreakerEvent::StateChanged`].
+    HealthCheck {
+        /// The breaker's name.
+        name: Arc<str>,
+        /// The key of the circuit the probe checks.
+        key: Arc<str>,
+        /// What the probe found.
+        result: ProbeResult,
+        /// The status of the answer, when there was one.
+        status: Option<u16>,
+        /// How long the probe took (up to its timeout).
+        elapsed: Duration,
+        /// Failed or timed-out probes in a row, this one included (`0` after a pass).
+        consecutive_failures: u32,
+    },
 }
 
 pub(crate) fn emit(hook: &Option<super::config::EventHook>, ev: BreakerEvent) {
@@ -128,6 +187,24 @@ pub(crate) fn emit(hook: &Option<super::config::EventHook>, ev: BreakerEvent) {
         } => {
             tracing::debug!(breaker = ?name, key = ?key, fallback = ?fallback, ok, "call degraded to fallback");
         }
+        BreakerEvent::HealthCheck {
+            name,
+            key,
+            result,
+            status,
+            elapsed,
+            consecutive_failures,
+        } => match result {
+            ProbeResult::Passed => {
+                tracing::debug!(breaker = ?name, key = ?key, %result, status, elapsed_ms = super::config::millis(*elapsed), "health check")
+            }
+            ProbeResult::Inconclusive => {
+                tracing::warn!(breaker = ?name, key = ?key, %result, status, "health check refused by the upstream; check the probe's path and key")
+            }
+            _ => {
+                tracing::info!(breaker = ?name, key = ?key, %result, status, consecutive_failures, "health check failed")
+            }
+        },
     }
     if let Some(hook) = hook {
         hook(&ev);

@@ -183,6 +183,7 @@ mod config;
 mod events;
 mod fallback;
 mod future;
+mod health;
 mod layer;
 mod registry;
 mod service;
@@ -190,11 +191,12 @@ mod window;
 
 pub use body::GuardedBody;
 pub use config::{CircuitBreakerLayerBuilder, CircuitKey, CircuitMode, ConfigError};
-pub use events::{BreakerEvent, CircuitState, TransitionReason};
+pub use events::{BreakerEvent, CircuitState, ProbeResult, TransitionReason};
 pub use fallback::{Fallback, NoFallback, ServiceFallback};
 pub use future::ResponseFuture;
+pub use health::{HealthCheck, HealthCheckBuilder, HealthCheckTask};
 pub use layer::CircuitBreakerLayer;
-pub use registry::{BreakerHandle, CircuitMetrics, OVERFLOW_KEY, SINGLE_KEY};
+pub use registry::{BreakerHandle, BreakerSnapshot, CircuitMetrics, OVERFLOW_KEY, SINGLE_KEY};
 pub use service::CircuitBreaker;
 
 /// `x-llm-layers-fallback`: on a response from a fallback, which one answered (the backup

@@ -4,6 +4,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
@@ -246,10 +247,35 @@ pub struct CircuitMetrics {
     pub window_failures: u64,
     /// Slow calls in the current window.
     pub window_slow_calls: u64,
+    /// The failure rate of the current window, in percent; `None` when it holds no call.
+    /// (With [`consecutive_failures`](super::CircuitBreakerLayerBuilder::consecutive_failures)
+    /// the window is the current run: 100 % once it holds a failure.)
+    pub failure_rate: Option<f64>,
+    /// The slow-call rate of the current window, in percent; `None` when it holds no call.
+    pub slow_call_rate: Option<f64>,
+    /// Open: the time until the next call may take the circuit half-open (zero once it may;
+    /// the move happens on that call). `None` in any other state.
+    pub until_half_open: Option<Duration>,
+    /// Open: how long this open period was set to last (it grows with re-openings).
+    pub open_for: Option<Duration>,
+    /// Half-open: the probe calls out now.
+    pub probes_out: u32,
+    /// Half-open with probes out: the time until the newest is overdue (then a caller that
+    /// finds every slot taken counts them failed).
+    pub probes_overdue_in: Option<Duration>,
+}
+
+fn percent(part: u64, whole: u64) -> Option<f64> {
+    (whole > 0).then(|| part as f64 * 100.0 / whole as f64)
 }
 
 fn metrics(c: &Circuit) -> CircuitMetrics {
-    let (window_calls, window_failures, window_slow_calls) = c.window_totals();
+    metrics_at(c, c.common.now())
+}
+
+fn metrics_at(c: &Circuit, now: u64) -> CircuitMetrics {
+    let (window_calls, window_failures, window_slow_calls) = c.window_totals_at(now);
+    let timers = c.timers(now);
     let n = &c.counters;
     CircuitMetrics {
         key: c.key.clone(),
@@ -267,7 +293,25 @@ fn metrics(c: &Circuit) -> CircuitMetrics {
         window_calls,
         window_failures,
         window_slow_calls,
+        failure_rate: percent(window_failures, window_calls),
+        slow_call_rate: percent(window_slow_calls, window_calls),
+        until_half_open: timers.until_half_open,
+        open_for: timers.open_for,
+        probes_out: timers.probes_out,
+        probes_overdue_in: timers.probes_overdue_in,
     }
+}
+
+/// Every circuit of a layer at one moment ([`BreakerHandle::snapshot`]).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct BreakerSnapshot {
+    /// The breaker's name.
+    pub name: Arc<str>,
+    /// The layer-wide mode.
+    pub mode: CircuitMode,
+    /// Every circuit, sorted by key.
+    pub circuits: Vec<CircuitMetrics>,
 }
 
 /// Reads and steers the circuits of one layer at runtime. Cheap to clone; every clone (and
@@ -287,6 +331,11 @@ impl std::fmt::Debug for BreakerHandle {
 }
 
 impl BreakerHandle {
+    /// Whether both handles read the same circuits (the same layer, or clones of it).
+    pub fn same_as(&self, other: &BreakerHandle) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     /// The breaker's configured name.
     pub fn name(&self) -> &str {
         &self.shared.config().name
@@ -303,9 +352,27 @@ impl BreakerHandle {
         self.shared.get(key).map(|c| metrics(&c))
     }
 
-    /// The state and counters of every circuit, sorted by key.
+    /// The state and counters of every circuit, sorted by key (the circuits of
+    /// [`snapshot`](Self::snapshot)).
     pub fn all_metrics(&self) -> Vec<CircuitMetrics> {
-        self.shared.all().iter().map(|c| metrics(c)).collect()
+        self.snapshot().circuits
+    }
+
+    /// Every circuit's state, rates, timers and counters, sorted by key, for a status page.
+    ///
+    /// The registry's read lock is held only to copy the circuits' handles (one reference
+    /// count each); the figures are then read circuit by circuit, each under its own lock for
+    /// the window's totals only, at one clock reading. Calls keep flowing meanwhile: a new
+    /// key waits for the copy, never for the figures. The cost grows linearly with the number
+    /// of circuits (see the README for a measured figure).
+    pub fn snapshot(&self) -> BreakerSnapshot {
+        let circuits = self.shared.all();
+        let now = self.shared.common.now();
+        BreakerSnapshot {
+            name: self.shared.config().name.clone(),
+            mode: self.mode(),
+            circuits: circuits.iter().map(|c| metrics_at(c, now)).collect(),
+        }
     }
 
     /// The layer-wide mode.
@@ -386,6 +453,60 @@ mod tests {
         assert!(inspected(&h.shared) - before <= SCAN as u64);
         assert_eq!(h.shared.map.read().unwrap().by_key.len(), 1000);
         assert_eq!(h.shared.map.read().unwrap().ring.len(), 1000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_snapshot_shows_rates_and_timers() {
+        use crate::breaker::circuit::Verdict;
+        let layer = CircuitBreakerLayer::builder()
+            .key_by(CircuitKey::Model)
+            .count_window(10)
+            .minimum_calls(4)
+            .failure_rate(50.0)
+            .open_duration(std::time::Duration::from_secs(30))
+            .jitter(0.0)
+            .half_open_probes(2)
+            .build()
+            .unwrap();
+        let h = layer.handle();
+        let a = h.shared.circuit("a");
+        let b = h.shared.circuit("b");
+        h.shared.circuit("idle");
+        for v in [Verdict::Success, Verdict::Failure, Verdict::Success] {
+            a.admit().unwrap().complete(v);
+        }
+        for _ in 0..4 {
+            b.admit().unwrap().complete(Verdict::Failure);
+        }
+        tokio::time::advance(std::time::Duration::from_secs(10)).await;
+        let snap = h.snapshot();
+        let keys: Vec<&str> = snap.circuits.iter().map(|c| &*c.key).collect();
+        assert_eq!(keys, ["a", "b", "idle"]);
+        let [ma, mb, idle] = &snap.circuits[..] else {
+            unreachable!()
+        };
+        assert_eq!(ma.state, CircuitState::Closed);
+        assert!((ma.failure_rate.unwrap() - 100.0 / 3.0).abs() < 1e-9);
+        assert_eq!(ma.slow_call_rate, Some(0.0));
+        assert_eq!((ma.until_half_open, ma.open_for), (None, None));
+        assert_eq!(mb.state, CircuitState::Open);
+        assert_eq!(mb.failure_rate, None, "the window starts anew on opening");
+        assert_eq!(mb.open_for, Some(std::time::Duration::from_secs(30)));
+        assert_eq!(mb.until_half_open, Some(std::time::Duration::from_secs(20)));
+        assert_eq!((idle.failure_rate, idle.window_calls), (None, 0));
+        assert_eq!(h.all_metrics(), snap.circuits);
+
+        // Half-open with one probe out: the probe's deadline shows.
+        tokio::time::advance(std::time::Duration::from_secs(20)).await;
+        let probe = b.admit().unwrap();
+        let mb = h.metrics("b").unwrap();
+        assert_eq!((mb.state, mb.probes_out), (CircuitState::HalfOpen, 1));
+        assert_eq!(
+            mb.probes_overdue_in,
+            Some(std::time::Duration::from_secs(30))
+        );
+        assert_eq!(mb.until_half_open, None);
+        drop(probe);
     }
 
     #[test]

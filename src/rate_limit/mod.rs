@@ -251,6 +251,7 @@ mod layer;
 mod redis;
 mod service;
 mod shared;
+mod snapshot;
 mod store;
 
 use std::sync::Arc;
@@ -265,6 +266,7 @@ pub use config::{BucketKey, ConfigError, Limits, OnLimit, Quota, RateLimitLayerB
 pub use future::ResponseFuture;
 pub use layer::RateLimitLayer;
 pub use service::RateLimit;
+pub use snapshot::{KeySnapshot, QuotaSnapshot, QuotaUnit};
 
 /// `x-ratelimit-limit-requests`: the request bucket's size.
 pub const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");

@@ -707,6 +707,36 @@ impl Shared {
         registry.shrink_to_fit();
     }
 
+    /// Every bucket with what it counts (`true`: tokens) and whether it is global, for a
+    /// snapshot.
+    pub(super) fn snapshot_buckets(&self) -> Vec<(bool, bool, Arc<Bucket>)> {
+        let mut all: Vec<(bool, bool, Arc<Bucket>)> = self
+            .registry
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|((unit, _), b)| (*unit == Unit::Tokens, false, b.clone()))
+            .collect();
+        all.extend(
+            self.global
+                .requests
+                .iter()
+                .map(|b| (false, true, b.clone())),
+        );
+        all.extend(self.global.tokens.iter().map(|b| (true, true, b.clone())));
+        all
+    }
+
+    /// The requests in flight per key, for a snapshot.
+    pub(super) fn inflight(&self) -> &Inflight {
+        &self.inflight
+    }
+
+    /// The key a string names, as requests with it are keyed (a long one is its digest).
+    pub(super) fn key_of_str(&self, s: &str) -> RateKey {
+        self.str_key(s)
+    }
+
     pub(crate) fn tracked_keys(&self) -> usize {
         self.buckets().iter().map(|b| b.len()).sum()
     }

@@ -533,6 +533,34 @@ impl Bucket {
         }
     }
 
+    /// Every key held with its arrival time, copied shard by shard under each shard's read
+    /// lock (admissions of existing keys share it; a new key waits for one shard's copy).
+    pub(crate) fn entries(&self, out: &mut Vec<(RateKey, u64)>) {
+        for lock in self.store.0.shards.iter() {
+            let shard = lock.read().unwrap_or_else(|e| e.into_inner());
+            out.extend(
+                shard
+                    .map
+                    .iter()
+                    .map(|(k, a)| (k.key.clone(), a.load(Ordering::Acquire))),
+            );
+        }
+    }
+
+    /// The arrival time held for `key`, if any.
+    pub(crate) fn arrival(&self, key: &RateKey) -> Option<u64> {
+        self.store.0.get(key)
+    }
+
+    /// The status for an arrival time, at now; reads the clock without recording the reading
+    /// as governor's (so a snapshot never disturbs an admission's read-back).
+    pub(crate) fn status_now(&self, tat: u64) -> Status {
+        let now = Nanos::from(self.clock.read())
+            .duration_since(self.start)
+            .into();
+        self.status_at(Some(tat), now)
+    }
+
     /// Forgets keys whose bucket is full again, and returns memory to the allocator.
     pub(crate) fn sweep(&self) {
         self.limiter.retain_recent();
@@ -593,6 +621,19 @@ impl Inflight {
     pub(crate) fn shrink_to_fit(&self) {
         for s in self.shards.iter() {
             s.lock().unwrap_or_else(|e| e.into_inner()).shrink_to_fit();
+        }
+    }
+
+    /// The requests in flight for `key`.
+    pub(crate) fn count(&self, key: &RateKey) -> u32 {
+        self.shard(key).get(key).copied().unwrap_or(0)
+    }
+
+    /// Every key with requests in flight, copied shard by shard.
+    pub(crate) fn entries(&self, out: &mut Vec<(RateKey, u32)>) {
+        for s in self.shards.iter() {
+            let shard = s.lock().unwrap_or_else(|e| e.into_inner());
+            out.extend(shard.iter().map(|(k, n)| (k.clone(), *n)));
         }
     }
 }

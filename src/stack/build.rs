@@ -13,7 +13,7 @@ use super::config::{
 };
 use super::refuse;
 use crate::auth::{InMemoryKeyStore, KeyRecord};
-use crate::breaker::CircuitBreakerLayer;
+use crate::breaker::{CircuitBreakerLayer, HealthCheck};
 use crate::config::ConfigError;
 use crate::ext::KeyLimits;
 use crate::rate_limit::{Limits, OnLimit, Quota, RateLimitLayer, RateLimitLayerBuilder};
@@ -318,4 +318,53 @@ pub(super) fn breaker(path: &str, c: &BreakerConfig) -> Result<CircuitBreakerLay
         b = b.seed(seed);
     }
     b.build().map_err(at(path))
+}
+
+/// `[breaker.health_check]`, for the circuit `[breaker]` keys it to.
+pub(super) fn health_check(
+    path: &str,
+    c: &BreakerConfig,
+) -> Result<Option<HealthCheck>, ConfigError> {
+    let Some(h) = &c.health_check else {
+        return Ok(None);
+    };
+    let at_hc = format!("{path}.health_check");
+    let upstream = c.upstream.as_ref().map(|n| n.0.as_str());
+    let model = h.model.as_ref().map(|m| m.0.as_str());
+    let key = match (c.key_by, model) {
+        (config::BreakerKey::Single, None) => crate::breaker::SINGLE_KEY.to_owned(),
+        (config::BreakerKey::Upstream, None) => upstream.unwrap_or_default().to_owned(),
+        (config::BreakerKey::Model, Some(m)) => m.to_owned(),
+        (config::BreakerKey::UpstreamAndModel, Some(m)) => {
+            format!("{}/{m}", upstream.unwrap_or_default())
+        }
+        (config::BreakerKey::Model | config::BreakerKey::UpstreamAndModel, None) => {
+            return Err(refuse(
+                format!("{at_hc}.model"),
+                "circuits keyed by model need the model to probe (`model = \"gpt-4o\"`)",
+            ))
+        }
+        (config::BreakerKey::Single | config::BreakerKey::Upstream, Some(_)) => {
+            return Err(refuse(
+                format!("{at_hc}.model"),
+                "only with key_by = \"model\" or \"upstream_and_model\"",
+            ))
+        }
+    };
+    let probe_path = match (&h.path, model) {
+        (Some(p), _) => p.clone(),
+        (None, Some(m)) => format!("/v1/models/{m}"),
+        (None, None) => "/v1/models".to_owned(),
+    };
+    let mut b = HealthCheck::builder()
+        .key(key)
+        .interval(ms(h.interval_ms.get()))
+        .timeout(ms(h.timeout_ms.get()))
+        .jitter(h.jitter)
+        .failures_to_open(h.failures_to_open.get())
+        .path(probe_path);
+    if let Some(seed) = h.seed {
+        b = b.seed(seed);
+    }
+    b.build().map(Some).map_err(at(&at_hc))
 }

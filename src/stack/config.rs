@@ -514,6 +514,49 @@ section! {
         fallback_model: Option<String> = None,
         /// Seed of the open-duration jitter.
         seed: Option<u64> = None,
+        /// Active health checks of the upstream, `[breaker.health_check]` (none by default).
+        /// Only the top-level breaker takes one; the application starts it (the example
+        /// gateway does, against its upstream).
+        health_check: Option<HealthCheckConfig> = None,
+    }
+}
+
+/// `[breaker.health_check]`: a background probe of the upstream that opens the circuit before
+/// live traffic finds it down, and takes an open circuit half-open when it is back (see
+/// [`HealthCheck`](crate::breaker::HealthCheck) for the rules). Built into a
+/// [`HealthCheck`](crate::breaker::HealthCheck) by [`Stack::health_check`](super::Stack::health_check).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// The time between two probes, in milliseconds, before jitter (default 10 000).
+    pub interval_ms: NonZeroU64,
+    /// Each probe's timeout, in milliseconds (default 5 000; at most the interval).
+    pub timeout_ms: NonZeroU64,
+    /// The interval's jitter, a fraction in `[0, 1)` (default 0.1).
+    pub jitter: f64,
+    /// Failing probes in a row that open a closed circuit (default 3).
+    pub failures_to_open: NonZeroU32,
+    /// The probe's path (default `/v1/models`, or `/v1/models/{model}` with `model`): a
+    /// `GET` that spends no tokens.
+    pub path: Option<String>,
+    /// The model whose circuit the probe steers, with `key_by = "model"` or
+    /// `"upstream_and_model"` (required there).
+    pub model: Option<Name>,
+    /// Seed of the jitter.
+    pub seed: Option<u64>,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        HealthCheckConfig {
+            interval_ms: NonZeroU64::new(10_000).expect("not zero"),
+            timeout_ms: NonZeroU64::new(5_000).expect("not zero"),
+            jitter: 0.1,
+            failures_to_open: NonZeroU32::new(3).expect("not zero"),
+            path: None,
+            model: None,
+            seed: None,
+        }
     }
 }
 

@@ -15,6 +15,7 @@
 //! | `[rate_limit]` | [`RateLimitLayer`] ([`RateLimitConfig`]: defaults and tiers; each key's own `rpm`/`tpm`/`concurrency` override them) |
 //! | `[retry]` | [`RetryLayer`] ([`RetryConfig`]): attempts, backoff, deadline and budget |
 //! | `[breaker]` | [`CircuitBreakerLayer`] ([`BreakerConfig`]) with its fallback model |
+//! | `[breaker.health_check]` | a [`HealthCheck`] of the top-level breaker ([`HealthCheckConfig`]), [`Stack::health_check`]; the application starts it |
 //! | `[upstream]` | the per-attempt timeout and the normalizer's stream settings ([`UpstreamConfig`], [`Stack::normalize_options`]) |
 //! | `[routes."/path"]` | a route's own layers and settings ([`RouteConfig`]) |
 //!
@@ -138,17 +139,18 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use crate::auth::{ApiKeyAuthLayer, InMemoryKeyStore};
-use crate::breaker::CircuitBreakerLayer;
+use crate::breaker::{CircuitBreakerLayer, HealthCheck};
 use crate::normalize::NormalizeOptions;
 use crate::rate_limit::RateLimitLayer;
 use crate::retry::RetryLayer;
 use crate::validate::ValidateRequestLayer;
 
 pub use self::config::{
-    Backend, BreakerConfig, BreakerKey, BreakerOverride, Expiry, JitterConfig, KeyConfig,
-    LimitsConfig, LimitsOverride, Merge, Name, Percent, RateLimitConfig, RateLimitOverride,
-    RedisFailure, RedisUrl, RetryConfig, RetryOverride, RouteConfig, Secret, Sha256Hex,
-    StackConfig, Switch, UpstreamConfig, UpstreamOverride, ValidationConfig, ValidationOverride,
+    Backend, BreakerConfig, BreakerKey, BreakerOverride, Expiry, HealthCheckConfig, JitterConfig,
+    KeyConfig, LimitsConfig, LimitsOverride, Merge, Name, Percent, RateLimitConfig,
+    RateLimitOverride, RedisFailure, RedisUrl, RetryConfig, RetryOverride, RouteConfig, Secret,
+    Sha256Hex, StackConfig, Switch, UpstreamConfig, UpstreamOverride, ValidationConfig,
+    ValidationOverride,
 };
 pub use self::route::{EdgeLayers, RouteLayer, Toggle, ToggleBody, ToggleFuture, ToggleService};
 pub use crate::config::ConfigError;
@@ -204,6 +206,7 @@ pub struct Stack {
     rate_limit: RateLimitLayer,
     retry: RetryLayer,
     breaker: CircuitBreakerLayer,
+    health_check: Option<HealthCheck>,
     attempt_timeout: Duration,
     normalize: NormalizeOptions,
     routes: BTreeMap<String, RouteLayers>,
@@ -234,6 +237,7 @@ impl Stack {
         let rate_limit = build::rate_limit("rate_limit", &config.rate_limit)?;
         let retry = build::retry("retry", &config.retry)?;
         let breaker = build::breaker("breaker", &config.breaker)?;
+        let health_check = build::health_check("breaker", &config.breaker)?;
         let attempt_timeout = Duration::from_millis(config.upstream.attempt_timeout_ms.get());
         let normalize = config.upstream.normalize_options();
 
@@ -272,6 +276,12 @@ impl Stack {
                     None => None,
                 },
                 breaker: match &route.breaker {
+                    Some(p) if p.health_check.is_some() => {
+                        return Err(refuse(
+                            own("breaker.health_check"),
+                            "health checks are set in the top-level [breaker.health_check]",
+                        ))
+                    }
                     Some(p) => Some(build::breaker(
                         &own("breaker"),
                         &config::merged(&config.breaker, p),
@@ -295,6 +305,7 @@ impl Stack {
             rate_limit,
             retry,
             breaker,
+            health_check,
             attempt_timeout,
             normalize,
             routes,
@@ -330,6 +341,13 @@ impl Stack {
     /// The top-level circuit breaker (state shared with every clone).
     pub fn breaker(&self) -> CircuitBreakerLayer {
         self.breaker.clone()
+    }
+
+    /// The health check of `[breaker.health_check]`, for the top-level breaker's circuit it
+    /// names; start it with [`BreakerHandle::spawn_health_check`](crate::breaker::BreakerHandle::spawn_health_check)
+    /// on [`breaker`](Self::breaker)'s handle, through a client of the upstream.
+    pub fn health_check(&self) -> Option<&HealthCheck> {
+        self.health_check.as_ref()
     }
 
     /// The per-attempt timeout of upstream calls.
