@@ -190,8 +190,11 @@ mod window;
 
 pub use body::GuardedBody;
 pub use config::{CircuitBreakerLayerBuilder, CircuitKey, CircuitMode, ConfigError};
-pub use events::{BreakerEvent, CircuitState, TransitionReason};
-pub use fallback::{Fallback, NoFallback, ServiceFallback};
+pub use events::{BreakerEvent, CircuitState, FallbackOutcome, FallbackReason, TransitionReason};
+pub use fallback::{
+    AddTarget, Fallback, NamedUpstream, NoFallback, NoService, OtherUpstream, SameUpstream,
+    ServiceFallback, Target,
+};
 pub use future::ResponseFuture;
 pub use layer::CircuitBreakerLayer;
 pub use registry::{BreakerHandle, CircuitMetrics, OVERFLOW_KEY, SINGLE_KEY};
