@@ -694,7 +694,7 @@ impl<F> CircuitBreakerLayerBuilder<F> {
     ///     })
     /// };
     /// let layer = CircuitBreakerLayer::builder()
-    ///     .fallback_target(Target::upstream("azure", backup("azure")).model("gpt-4o"))
+    ///     .fallback_target(Target::upstream("azure", backup("azure")).with_model("gpt-4o"))
     ///     .fallback_target(Target::upstream("backup", backup("backup")))
     ///     .build()
     ///     .unwrap();

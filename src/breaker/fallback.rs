@@ -138,9 +138,9 @@ pub struct NamedUpstream;
 /// use llm_layers::breaker::Target;
 ///
 /// let small = Target::model("gpt-4o-mini");
-/// assert_eq!(small.target_name(), "gpt-4o-mini");
-/// let azure = Target::upstream("azure", ()).model("gpt-4o").larger_context();
-/// assert_eq!(azure.target_name(), "azure/gpt-4o");
+/// assert_eq!(&*small.target_name(), "gpt-4o-mini");
+/// let azure = Target::upstream("azure", ()).with_model("gpt-4o").larger_context();
+/// assert_eq!(&*azure.target_name(), "azure/gpt-4o");
 /// ```
 #[derive(Debug, Clone)]
 pub struct Target<U = SameUpstream> {
@@ -168,7 +168,7 @@ impl Target<SameUpstream> {
 
 impl<S> Target<OtherUpstream<S>> {
     /// Another upstream: the request goes to `service` (its body unchanged unless
-    /// [`Target::model`](Target::model) on this target rewrites the model). `name` names it in
+    /// [`Target::with_model`](Target::with_model) rewrites the model). `name` names it in
     /// the header, envelopes and events; never put a URL with credentials there.
     pub fn upstream(name: impl Into<Arc<str>>, service: S) -> Self {
         Target {
@@ -182,7 +182,7 @@ impl<S> Target<OtherUpstream<S>> {
     }
 
     /// Rewrites the body's `model` to `model` on this upstream.
-    pub fn model(mut self, model: impl Into<Arc<str>>) -> Self {
+    pub fn with_model(mut self, model: impl Into<Arc<str>>) -> Self {
         self.model = Some(model.into());
         self
     }
@@ -204,7 +204,7 @@ impl Target<NamedUpstream> {
     }
 
     /// Rewrites the body's `model` to `model` on this upstream.
-    pub fn model(mut self, model: impl Into<Arc<str>>) -> Self {
+    pub fn with_model(mut self, model: impl Into<Arc<str>>) -> Self {
         self.model = Some(model.into());
         self
     }
@@ -250,7 +250,7 @@ impl<U> Target<U> {
 /// that keep every service of one type, so a target of another type does not compile. Not
 /// meant to be implemented by hand.
 ///
-/// ```compile_fail
+/// ```compile_fail,E0277
 /// use std::convert::Infallible;
 /// use bytes::Bytes;
 /// use http::{Request, Response};

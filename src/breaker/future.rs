@@ -399,7 +399,7 @@ fn head_parts<B>(req: &Request<B>) -> Parts {
 /// The state of a request whose body is read and whose circuit is now chosen: admitted,
 /// refused or degraded (the view, or the buffering of a chain with targets, is done).
 #[allow(clippy::too_many_arguments)]
-fn admitted<S, SF, FS, FF, B: Body>(
+fn admitted<S: Clone, SF, FS, FF, B: Body>(
     shared: &Shared,
     req: Request<LayerBody<B>>,
     inner: &mut Option<S>,
@@ -422,9 +422,16 @@ fn admitted<S, SF, FS, FF, B: Body>(
             *permit = Some(p);
             timer.set(t);
             *probe = pr;
+            // With a walk to come after the answer, the guarded service stays for the
+            // targets on the same upstream.
+            let svc = if kept.is_some() {
+                inner.clone()
+            } else {
+                inner.take()
+            };
             *replay = kept;
             State::Ready {
-                svc: inner.take(),
+                svc,
                 req: Some(req),
             }
         }
@@ -1173,6 +1180,7 @@ where
                     };
                     // The target's service: the guarded one, or another upstream's.
                     let (own, other) = match t.service {
+                        None if inner.is_none() => continue,
                         None => (inner.clone(), None),
                         Some(i) => match fallback.as_ref().and_then(|f| f.service(i)) {
                             Some(s) => (None, Some(s)),
