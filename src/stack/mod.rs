@@ -145,10 +145,11 @@ use crate::retry::RetryLayer;
 use crate::validate::ValidateRequestLayer;
 
 pub use self::config::{
-    Backend, BreakerConfig, BreakerKey, BreakerOverride, Expiry, JitterConfig, KeyConfig,
-    LimitsConfig, LimitsOverride, Merge, Name, Percent, RateLimitConfig, RateLimitOverride,
-    RedisFailure, RedisUrl, RetryConfig, RetryOverride, RouteConfig, Secret, Sha256Hex,
-    StackConfig, Switch, UpstreamConfig, UpstreamOverride, ValidationConfig, ValidationOverride,
+    Backend, BreakerConfig, BreakerKey, BreakerOverride, Expiry, FallbackTargetConfig,
+    JitterConfig, KeyConfig, LimitsConfig, LimitsOverride, Merge, Name, Percent, RateLimitConfig,
+    RateLimitOverride, RedisFailure, RedisUrl, RetryConfig, RetryOverride, RouteConfig, Secret,
+    Sha256Hex, StackConfig, Switch, UpstreamConfig, UpstreamOverride, ValidationConfig,
+    ValidationOverride,
 };
 pub use self::route::{EdgeLayers, RouteLayer, Toggle, ToggleBody, ToggleFuture, ToggleService};
 pub use crate::config::ConfigError;
