@@ -271,7 +271,15 @@ async fn main() {
     } else {
         println!("upstream: {base}");
     }
-    let upstream = app::upstream_with(&stack, &gateway.forward_headers, tls, base, key);
+    let upstream = app::upstream_with_targets(
+        &stack,
+        &gateway.forward_headers,
+        tls,
+        base,
+        key,
+        &gateway.upstreams,
+    )
+    .unwrap_or_else(|e| fail(format_args!("{source}: {e}")));
     let app = app::router_with_auth(&stack, &stack.auth().with_store(keys.clone()), upstream);
     if let Some(path) = &args.keys {
         let mut reloader = keys
