@@ -14,7 +14,7 @@
 //! | `[validation]` | [`ValidateRequestLayer`] ([`ValidationConfig`]) |
 //! | `[rate_limit]` | [`RateLimitLayer`] ([`RateLimitConfig`]: defaults and tiers; each key's own `rpm`/`tpm`/`concurrency` override them) |
 //! | `[retry]` | [`RetryLayer`] ([`RetryConfig`]): attempts, backoff, deadline and budget |
-//! | `[breaker]` | [`CircuitBreakerLayer`] ([`BreakerConfig`]) with its fallback model |
+//! | `[breaker]` | [`CircuitBreakerLayer`] ([`BreakerConfig`]) with its fallback model and chain (`[[breaker.fallback]]`, [`FallbackTargetConfig`]) |
 //! | `[upstream]` | the per-attempt timeout and the normalizer's stream settings ([`UpstreamConfig`], [`Stack::normalize_options`]) |
 //! | `[routes."/path"]` | a route's own layers and settings ([`RouteConfig`]) |
 //!
