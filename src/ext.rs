@@ -145,3 +145,9 @@ impl RefusedLocally {
         by: "circuit_breaker",
     };
 }
+
+/// When the whole call must be answered, left in the request extensions by a retry layer with a
+/// deadline (`deadline` of [`RetryLayer`](crate::retry::RetryLayer)), for the layers inside: a
+/// circuit breaker stops walking its fallback chain there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Deadline(pub tokio::time::Instant);

@@ -126,6 +126,7 @@ struct GatewayToml {
 struct GatewayFile {
     gateway: GatewayToml,
     admin: Option<status::AdminToml>,
+    upstreams: BTreeMap<String, NamedUpstreamToml>,
     keys: Vec<KeyConfig>,
     validation: ValidationConfig,
     rate_limit: RateLimitConfig,
@@ -145,6 +146,9 @@ pub struct GatewayConfig {
     pub upstream_ca: Option<PathBuf>,
     /// The admin key of `GET /v1/llm-layers/status` (`[admin]`; see [`status`]).
     pub admin: Option<status::Admin>,
+    /// The named upstreams of `[upstreams.NAME]`, the targets `[[breaker.fallback]] upstream
+    /// = "NAME"` refers to.
+    pub upstreams: BTreeMap<String, NamedUpstream>,
 }
 
 impl Default for GatewayConfig {
@@ -156,6 +160,7 @@ impl Default for GatewayConfig {
                 .collect(),
             upstream_ca: None,
             admin: None,
+            upstreams: BTreeMap::new(),
         }
     }
 }
@@ -209,6 +214,8 @@ pub fn load(text: &str) -> Result<(Stack, GatewayConfig), ConfigError> {
             .map(|(i, name)| forwardable(&format!("gateway.forward_headers[{i}]"), name))
             .collect::<Result<_, _>>()?;
     }
+    gateway.upstreams = named_upstreams(&file.upstreams)?;
+    check_fallback_upstreams(&file.breaker, &file.routes, &gateway.upstreams)?;
     let stack = Stack::build(&StackConfig {
         keys: file.keys,
         validation: file.validation,
@@ -468,6 +475,180 @@ pub fn upstream_with(
         shared: chain(None),
         own: Arc::new(own),
     }
+}
+
+// ---- Named upstreams: the targets of the breaker's fallback chain ----
+
+/// `[upstreams.NAME]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NamedUpstreamToml {
+    /// `http://` or `https://`, with the API's path (`https://backup.example.com/v1`).
+    base_url: String,
+    /// The environment variable holding this upstream's key (sent as `Bearer`); the file
+    /// holds no secret.
+    api_key_env: Option<String>,
+}
+
+/// Another upstream the breaker's fallback chain can send a request to
+/// (`[upstreams.NAME]`, referred to by `[[breaker.fallback]] upstream = "NAME"`).
+#[derive(Clone)]
+pub struct NamedUpstream {
+    /// Its base URL; the gateway's `/v1/x` is `{base}/x` there.
+    pub base: Uri,
+    /// The key sent to it, if any (never shown by `Debug`).
+    pub key: Option<HeaderValue>,
+}
+
+impl std::fmt::Debug for NamedUpstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NamedUpstream")
+            .field("base", &self.base)
+            .field("key", &self.key.as_ref().map(|_| "<hidden>"))
+            .finish()
+    }
+}
+
+/// The `[upstreams]` tables: each base URL checked, each key read from its variable.
+fn named_upstreams(
+    tables: &BTreeMap<String, NamedUpstreamToml>,
+) -> Result<BTreeMap<String, NamedUpstream>, ConfigError> {
+    tables
+        .iter()
+        .map(|(name, t)| {
+            let field = format!("upstreams.{name}.base_url");
+            let base: Uri = t
+                .base_url
+                .parse()
+                .map_err(|e| refuse(field.as_str(), format!("not a URL: {e}")))?;
+            if !matches!(base.scheme_str(), Some("http" | "https")) || base.authority().is_none() {
+                return Err(refuse(
+                    field,
+                    "expected an http:// or https:// URL such as https://backup.example.com/v1",
+                ));
+            }
+            let key = match &t.api_key_env {
+                None => None,
+                Some(var) => {
+                    let field = format!("upstreams.{name}.api_key_env");
+                    let k = std::env::var(var)
+                        .map_err(|_| refuse(field.as_str(), format!("{var} is not set")))?;
+                    let mut v = HeaderValue::try_from(format!("Bearer {k}")).map_err(|_| {
+                        refuse(field.as_str(), format!("{var} is not a valid header value"))
+                    })?;
+                    v.set_sensitive(true);
+                    Some(v)
+                }
+            };
+            Ok((name.clone(), NamedUpstream { base, key }))
+        })
+        .collect()
+}
+
+/// Every `[[breaker.fallback]] upstream` (top level and per route) names an `[upstreams]`
+/// table.
+fn check_fallback_upstreams(
+    breaker: &BreakerConfig,
+    routes: &BTreeMap<String, RouteConfig>,
+    upstreams: &BTreeMap<String, NamedUpstream>,
+) -> Result<(), ConfigError> {
+    let routes = routes.iter().filter_map(|(path, r)| {
+        let chain = r.breaker.as_ref()?.fallback.as_ref()?;
+        Some((format!("routes.{path:?}.breaker"), chain))
+    });
+    for (at, chain) in std::iter::once(("breaker".to_owned(), &breaker.fallback)).chain(routes) {
+        for (i, target) in chain.iter().enumerate() {
+            if let Some(name) = &target.upstream {
+                if !upstreams.contains_key(&name.0) {
+                    return Err(refuse(
+                        format!("{at}.fallback[{i}].upstream"),
+                        format!("no [upstreams.{}] table defines this upstream", name.0),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// [`upstream_with`], with the breaker's fallback chain able to reach the named upstreams of
+/// `[upstreams]`: each gets the same attempt stack as the main upstream (normalizer,
+/// per-attempt timeout, its own HTTP client with its own key) and is bound to the targets that
+/// name it, with its own circuit in the route's breaker. Without such targets it is
+/// [`upstream_with`].
+pub fn upstream_with_targets(
+    stack: &Stack,
+    forward_headers: &[HeaderName],
+    tls: rustls::ClientConfig,
+    base: Uri,
+    key: Option<HeaderValue>,
+    upstreams: &BTreeMap<String, NamedUpstream>,
+) -> Result<Upstream, ConfigError> {
+    let names_any = !stack.breaker().upstream_names().is_empty()
+        || stack
+            .routes()
+            .any(|(path, _)| !stack.breaker_for(path).upstream_names().is_empty());
+    if !names_any {
+        return Ok(upstream_with(stack, forward_headers, tls, base, key));
+    }
+    let forward: Arc<[HeaderName]> = forward_headers.into();
+    let client = http_client(base, key, tls.clone());
+    // One client per named upstream, shared by every route.
+    let clients: BTreeMap<&str, _> = upstreams
+        .iter()
+        .map(|(name, u)| {
+            (
+                name.as_str(),
+                http_client(u.base.clone(), u.key.clone(), tls.clone()),
+            )
+        })
+        .collect();
+    let chain = |path: Option<&str>| -> Result<UpstreamService, ConfigError> {
+        let forward = forward.clone();
+        let (retry, breaker, timeout, normalize) = match path {
+            Some(path) => (
+                stack.retry_for(path),
+                stack.breaker_for(path),
+                stack.attempt_timeout_for(path),
+                stack.normalize_options_for(path),
+            ),
+            None => (
+                stack.retry(),
+                stack.breaker(),
+                stack.attempt_timeout(),
+                stack.normalize_options(),
+            ),
+        };
+        let normalize = normalize.error_body_timeout(Some(timeout));
+        // What the breaker calls, for the main upstream and for each named one alike.
+        let attempt = |client| {
+            ServiceBuilder::new()
+                .map_request(|req: Request<LayerBody<LayerBody<Body>>>| req.map(LayerBody::flatten))
+                .layer(NormalizeErrorsLayer::with_options(normalize))
+                .timeout(timeout)
+                .service(client)
+        };
+        let breaker = breaker
+            .bind_upstreams(|name| clients.get(name).cloned().map(attempt))
+            .map_err(|e| refuse("breaker.fallback", e.to_string()))?;
+        let svc = ServiceBuilder::new()
+            .map_request(move |req| forward_only(req, &forward))
+            .map_response(IntoResponse::into_response)
+            .layer(retry)
+            .layer(breaker)
+            .service(attempt(client.clone()));
+        Ok(BoxCloneSyncService::new(svc))
+    };
+    let own = stack
+        .routes()
+        .map(|(path, _)| path)
+        .filter(|path| stack.has_own_upstream_layers(path))
+        .map(|path| Ok((path.to_owned(), chain(Some(path))?)))
+        .collect::<Result<_, ConfigError>>()?;
+    Ok(Upstream {
+        shared: chain(None)?,
+        own: Arc::new(own),
+    })
 }
 
 async fn proxy(State(upstream): State<Upstream>, req: Request) -> Response {

@@ -272,7 +272,15 @@ async fn main() {
         println!("upstream: {base}");
     }
     let _health = app::status::start_health_check(&stack, base.clone(), key.clone(), tls.clone());
-    let upstream = app::upstream_with(&stack, &gateway.forward_headers, tls, base, key);
+    let upstream = app::upstream_with_targets(
+        &stack,
+        &gateway.forward_headers,
+        tls,
+        base,
+        key,
+        &gateway.upstreams,
+    )
+    .unwrap_or_else(|e| fail(format_args!("{source}: {e}")));
     let app = app::router_with_auth(&stack, &stack.auth().with_store(keys.clone()), upstream)
         .merge(app::status::router(&stack, gateway.admin.as_ref()));
     if let Some(path) = &args.keys {

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 
 use super::events::BreakerEvent;
-use super::fallback::{NoFallback, ServiceFallback};
+use super::fallback::{AddTarget, NoFallback, ServiceFallback, Target};
 use super::layer::CircuitBreakerLayer;
 use super::registry::Shared;
 use crate::policy::{Classify, SharedPolicy};
@@ -101,8 +101,8 @@ impl fmt::Debug for CircuitKey {
 #[derive(Clone)]
 pub(crate) enum FallbackStep {
     /// The layer's fallback service (typed on the layer, see
-    /// [`CircuitBreakerLayerBuilder::fallback_service`]).
-    Service { name: Arc<str> },
+    /// [`CircuitBreakerLayerBuilder::fallback_service`]), at `index` of its services.
+    Service { name: Arc<str>, index: usize },
     /// The same upstream with the body's `model` rewritten.
     Model { model: Arc<str> },
     /// A fixed response.
@@ -112,6 +112,29 @@ pub(crate) enum FallbackStep {
         headers: HeaderMap,
         body: Bytes,
     },
+    /// A target of the chain ([`CircuitBreakerLayerBuilder::fallback_target`]).
+    Target(TargetStep),
+}
+
+/// A target of the fallback chain, as the walk sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct TargetStep {
+    /// The header value, and the key of its circuit (but see [`TargetStep::key`]).
+    pub(crate) name: Arc<str>,
+    /// Whether [`Target::name`](super::Target::name) set the name.
+    pub(crate) named: bool,
+    /// The model the body is rewritten to.
+    pub(crate) model: Option<Arc<str>>,
+    /// The other upstream's name; `None` for the guarded upstream.
+    pub(crate) upstream: Option<Arc<str>>,
+    /// The index of its service among the layer's fallback services (unbound upstreams are
+    /// numbered in their own order, see [`super::CircuitBreakerLayer::bind_upstreams`]).
+    pub(crate) service: Option<usize>,
+    /// An upstream named only, bound later by
+    /// [`CircuitBreakerLayer::bind_upstreams`](super::CircuitBreakerLayer::bind_upstreams).
+    pub(crate) by_name: bool,
+    pub(crate) larger_context: bool,
+    pub(crate) on_content_policy: bool,
 }
 
 impl FallbackStep {
@@ -119,6 +142,36 @@ impl FallbackStep {
         match self {
             FallbackStep::Service { name, .. } | FallbackStep::Static { name, .. } => name,
             FallbackStep::Model { model } => model,
+            FallbackStep::Target(t) => &t.name,
+        }
+    }
+
+    /// The step as a target: every step but a fixed response (the legacy steps are targets
+    /// without marks).
+    pub(crate) fn target(&self) -> Option<TargetStep> {
+        match self {
+            FallbackStep::Static { .. } => None,
+            FallbackStep::Target(t) => Some(t.clone()),
+            FallbackStep::Model { model } => Some(TargetStep {
+                name: model.clone(),
+                named: false,
+                model: Some(model.clone()),
+                upstream: None,
+                service: None,
+                by_name: false,
+                larger_context: false,
+                on_content_policy: false,
+            }),
+            FallbackStep::Service { name, index } => Some(TargetStep {
+                name: name.clone(),
+                named: true,
+                model: None,
+                upstream: Some(name.clone()),
+                service: Some(*index),
+                by_name: false,
+                larger_context: false,
+                on_content_policy: false,
+            }),
         }
     }
 }
@@ -129,6 +182,7 @@ impl fmt::Debug for FallbackStep {
             FallbackStep::Service { name, .. } => write!(f, "Service({name:?})"),
             FallbackStep::Model { model } => write!(f, "Model({model:?})"),
             FallbackStep::Static { name, status, .. } => write!(f, "Static({name:?}, {status})"),
+            FallbackStep::Target(t) => write!(f, "Target({:?})", t.name),
         }
     }
 }
@@ -191,6 +245,12 @@ pub(crate) struct Config {
     pub(crate) max_key_len: usize,
     pub(crate) body_limit: usize,
     pub(crate) fallbacks: Vec<FallbackStep>,
+    /// Whether the chain holds [`CircuitBreakerLayerBuilder::fallback_target`] entries: then
+    /// every step has its own circuit and the chain is also walked past fallback-worthy
+    /// answers, not only past an open primary.
+    pub(crate) walk_on_answer: bool,
+    /// How many targets name an upstream no service is bound to yet.
+    pub(crate) unbound: usize,
     pub(crate) on_event: Option<EventHook>,
 }
 
@@ -259,6 +319,7 @@ pub struct CircuitBreakerLayerBuilder<F = NoFallback> {
     max_key_len: usize,
     body_limit: usize,
     fallbacks: Vec<FallbackStep>,
+    unbound: usize,
     fallback: F,
     on_event: Option<EventHook>,
 }
@@ -296,6 +357,7 @@ impl Default for CircuitBreakerLayerBuilder {
             max_key_len: 256,
             body_limit: crate::body::DEFAULT_BODY_LIMIT,
             fallbacks: Vec::new(),
+            unbound: 0,
             fallback: NoFallback,
             on_event: None,
         }
@@ -589,6 +651,115 @@ impl<F> CircuitBreakerLayerBuilder<F> {
         self
     }
 
+    /// Adds a target to the fallback chain: a model on the guarded upstream
+    /// ([`Target::model`]), another upstream's service ([`Target::upstream`], typed: every
+    /// such service of a layer is one type `S`, and the layer becomes a
+    /// `CircuitBreakerLayer<ServiceFallback<S>>`), or an upstream bound later by name
+    /// ([`Target::named_upstream`], see [`CircuitBreakerLayer::bind_upstreams`]).
+    ///
+    /// A chain with targets is walked in order, each target at most once per request: past
+    /// the primary while its circuit is open, and past the primary or a target that answered
+    /// `service_unavailable` (`503`, `529`), `timeout`, or failed to connect; a
+    /// `context_length_exceeded` answer goes on only to targets marked
+    /// [`Target::larger_context`], a `content_policy_violation` answer only to targets
+    /// marked [`Target::on_content_policy`]. Every target has its own circuit in this layer
+    /// (the same open duration and backoff), which records its answers; a target whose
+    /// circuit is open is skipped. The walk stops at the retry layer's deadline
+    /// ([`Deadline`](crate::ext::Deadline)) when there is one, else after
+    /// [`call_timeout`](CircuitBreakerLayerBuilder::call_timeout) when set. The other steps
+    /// ([`fallback_model`](CircuitBreakerLayerBuilder::fallback_model),
+    /// [`fallback_service`](CircuitBreakerLayerBuilder::fallback_service),
+    /// [`fallback_response`](CircuitBreakerLayerBuilder::fallback_response)) take part as
+    /// unmarked targets. See the [module docs](super#fallback-chains).
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use bytes::Bytes;
+    /// use http::{Request, Response, StatusCode};
+    /// use http_body_util::{BodyExt, Full};
+    /// use llm_layers::body::LayerBody;
+    /// use llm_layers::breaker::{CircuitBreakerLayer, Target};
+    /// use tower::{Layer, ServiceExt};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// // The primary is overloaded.
+    /// let primary = tower::service_fn(|_: Request<LayerBody<Full<Bytes>>>| async {
+    ///     let mut res = Response::new(Full::new(Bytes::new()));
+    ///     *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    ///     Ok::<_, Infallible>(res)
+    /// });
+    /// let backup = |answer: &'static str| {
+    ///     tower::service_fn(move |_: Request<LayerBody<Full<Bytes>>>| async move {
+    ///         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(answer))))
+    ///     })
+    /// };
+    /// let layer = CircuitBreakerLayer::builder()
+    ///     .fallback_target(Target::upstream("azure", backup("azure")).with_model("gpt-4o"))
+    ///     .fallback_target(Target::upstream("backup", backup("backup")))
+    ///     .build()
+    ///     .unwrap();
+    /// let body = Full::new(Bytes::from(r#"{"model":"gpt-4o","messages":[]}"#));
+    /// let res = layer.layer(primary).oneshot(Request::new(body)).await.unwrap();
+    /// assert_eq!(res.headers()["x-llm-layers-fallback"], "azure/gpt-4o");
+    /// assert_eq!(&res.into_body().collect().await.unwrap().to_bytes()[..], b"azure");
+    /// # }
+    /// ```
+    pub fn fallback_target<U>(
+        self,
+        target: Target<U>,
+    ) -> CircuitBreakerLayerBuilder<<F as AddTarget<U>>::Out>
+    where
+        F: AddTarget<U>,
+    {
+        let name = target.target_name();
+        let (fallback, index) = self.fallback.add(target.via);
+        let mut unbound = self.unbound;
+        let by_name = target.upstream.is_some() && index.is_none();
+        let service = if by_name {
+            unbound += 1;
+            Some(unbound - 1)
+        } else {
+            index
+        };
+        let mut fallbacks = self.fallbacks;
+        fallbacks.push(FallbackStep::Target(TargetStep {
+            name,
+            named: target.name.is_some(),
+            model: target.model,
+            upstream: target.upstream,
+            service,
+            by_name,
+            larger_context: target.larger_context,
+            on_content_policy: target.on_content_policy,
+        }));
+        CircuitBreakerLayerBuilder {
+            name: self.name,
+            window: self.window,
+            failure_rate: self.failure_rate,
+            slow_call: self.slow_call,
+            minimum_calls: self.minimum_calls,
+            probes: self.probes,
+            probe_timeout: self.probe_timeout,
+            call_timeout: self.call_timeout,
+            open_duration: self.open_duration,
+            backoff_multiplier: self.backoff_multiplier,
+            max_open_duration: self.max_open_duration,
+            jitter: self.jitter,
+            seed: self.seed,
+            policy: self.policy,
+            trip_on_rate_limit: self.trip_on_rate_limit,
+            key_by: self.key_by,
+            upstream: self.upstream,
+            max_keys: self.max_keys,
+            max_key_len: self.max_key_len,
+            body_limit: self.body_limit,
+            fallbacks,
+            unbound,
+            fallback,
+            on_event: self.on_event,
+        }
+    }
+
     /// Calls `f` for every state transition, rejection and fallback (after the tracing
     /// event). Keep it quick: it runs inline.
     pub fn on_event<H>(mut self, f: H) -> Self
@@ -724,7 +895,25 @@ impl<F> CircuitBreakerLayerBuilder<F> {
         if self.body_limit == 0 {
             return Err(config_error("body_limit", "must be at least 1 byte"));
         }
+        let bound = self.fallbacks.iter().any(|s| match s {
+            FallbackStep::Service { .. } => true,
+            FallbackStep::Target(t) => t.service.is_some() && !t.by_name,
+            _ => false,
+        });
+        if bound && self.unbound > 0 {
+            return Err(config_error(
+                "fallback_target",
+                "targets bound later by name (Target::named_upstream) cannot be mixed with typed fallback services",
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
         for step in &self.fallbacks {
+            if matches!(step, FallbackStep::Target(_)) && !names.insert(step.name()) {
+                return Err(config_error(
+                    "fallback_target",
+                    format!("two targets are named '{}'; each target is tried once and has its own circuit, so names must differ", step.name()),
+                ));
+            }
             if step.name().is_empty() {
                 return Err(config_error(
                     "fallback",
@@ -760,7 +949,12 @@ impl<F> CircuitBreakerLayerBuilder<F> {
             max_keys: self.max_keys,
             max_key_len: self.max_key_len,
             body_limit: self.body_limit,
+            walk_on_answer: self
+                .fallbacks
+                .iter()
+                .any(|s| matches!(s, FallbackStep::Target(_))),
             fallbacks: self.fallbacks,
+            unbound: self.unbound,
             on_event: self.on_event,
         };
         Ok(CircuitBreakerLayer::from_parts(
@@ -833,7 +1027,10 @@ impl CircuitBreakerLayerBuilder<NoFallback> {
         service: S,
     ) -> CircuitBreakerLayerBuilder<ServiceFallback<S>> {
         let mut fallbacks = self.fallbacks;
-        fallbacks.push(FallbackStep::Service { name: name.into() });
+        fallbacks.push(FallbackStep::Service {
+            name: name.into(),
+            index: 0,
+        });
         CircuitBreakerLayerBuilder {
             name: self.name,
             window: self.window,
@@ -856,7 +1053,8 @@ impl CircuitBreakerLayerBuilder<NoFallback> {
             max_key_len: self.max_key_len,
             body_limit: self.body_limit,
             fallbacks,
-            fallback: ServiceFallback(service),
+            unbound: self.unbound,
+            fallback: ServiceFallback(Arc::from(vec![service])),
             on_event: self.on_event,
         }
     }

@@ -137,6 +137,11 @@ pub enum BreakerEvent {
         fallback: Arc<str>,
         /// Whether the fallback answered; `false` sends the call to the next step.
         ok: bool,
+        /// Why this step was tried: what the one before it (the primary, or the target
+        /// before) did.
+        reason: FallbackReason,
+        /// What came of it.
+        outcome: FallbackOutcome,
     },
     /// An active health-check probe ended ([`HealthCheck`](super::HealthCheck)). A probe
     /// that moves the circuit is followed by its [`BreakerEvent::StateChanged`].
@@ -154,6 +159,78 @@ pub enum BreakerEvent {
         /// Failed or timed-out probes in a row, this one included (`0` after a pass).
         consecutive_failures: u32,
     },
+}
+
+/// Why a fallback step was tried (see [`BreakerEvent::Fallback`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FallbackReason {
+    /// The primary's circuit refused the call (open, probing, or forced open).
+    PrimaryOpen,
+    /// The one before answered `service_unavailable` (`503`, `529`, `502`).
+    Overloaded,
+    /// The one before answered `timeout`, or did not answer within the call timeout.
+    TimedOut,
+    /// The one before could not be reached (a transport error).
+    Unreachable,
+    /// The one before answered `context_length_exceeded`: only larger-context targets.
+    ContextLength,
+    /// The one before answered `content_policy_violation`: only the targets marked for it.
+    ContentPolicy,
+    /// The one before answered another failure (a chain without
+    /// [`fallback_target`](super::CircuitBreakerLayerBuilder::fallback_target) entries moves on
+    /// past any failure while the primary is open).
+    Failed,
+}
+
+impl FallbackReason {
+    /// `"primary_open"`, `"overloaded"`, `"timed_out"`, `"unreachable"`,
+    /// `"context_length"`, `"content_policy"` or `"failed"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            FallbackReason::PrimaryOpen => "primary_open",
+            FallbackReason::Overloaded => "overloaded",
+            FallbackReason::TimedOut => "timed_out",
+            FallbackReason::Unreachable => "unreachable",
+            FallbackReason::ContextLength => "context_length",
+            FallbackReason::ContentPolicy => "content_policy",
+            FallbackReason::Failed => "failed",
+        }
+    }
+}
+
+/// What came of a fallback step (see [`BreakerEvent::Fallback`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FallbackOutcome {
+    /// It served the call.
+    Answered,
+    /// It answered an error that is not worth another target; the error is the caller's
+    /// answer.
+    PassedOn,
+    /// It failed; the walk moved on (or ended, when no target was left).
+    Failed,
+    /// Its own circuit is open: skipped without a call.
+    CircuitOpen,
+    /// It names an upstream no service is bound to: skipped.
+    NotBound,
+    /// The deadline passed before it answered (or before it was tried): the walk ended.
+    OutOfTime,
+}
+
+impl FallbackOutcome {
+    /// `"answered"`, `"passed_on"`, `"failed"`, `"circuit_open"`, `"not_bound"` or
+    /// `"out_of_time"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            FallbackOutcome::Answered => "answered",
+            FallbackOutcome::PassedOn => "passed_on",
+            FallbackOutcome::Failed => "failed",
+            FallbackOutcome::CircuitOpen => "circuit_open",
+            FallbackOutcome::NotBound => "not_bound",
+            FallbackOutcome::OutOfTime => "out_of_time",
+        }
+    }
 }
 
 pub(crate) fn emit(hook: &Option<super::config::EventHook>, ev: BreakerEvent) {
@@ -184,8 +261,10 @@ pub(crate) fn emit(hook: &Option<super::config::EventHook>, ev: BreakerEvent) {
             key,
             fallback,
             ok,
+            reason,
+            outcome,
         } => {
-            tracing::debug!(breaker = ?name, key = ?key, fallback = ?fallback, ok, "call degraded to fallback");
+            tracing::debug!(breaker = ?name, key = ?key, fallback = ?fallback, ok, reason = reason.as_str(), outcome = outcome.as_str(), "call degraded to fallback");
         }
         BreakerEvent::HealthCheck {
             name,

@@ -18,6 +18,7 @@
 //! | half-open with every probe out | `503 service_unavailable`, `retry-after` = the time until the newest probe is overdue |
 //! | forced open by the operator | `503 service_unavailable`, no `retry-after` |
 //! | open, with a fallback chain | the first fallback that answers, marked `x-llm-layers-fallback: <name or model>`; if every step fails, `503` naming the open circuit and each fallback's failure |
+//! | a chain with [targets](CircuitBreakerLayerBuilder::fallback_target), the primary answered `503`/`529`, `timeout`, or failed | the walk goes on past it (see [Fallback chains](#fallback-chains)) |
 //! | keyed by model, body over [`CircuitBreakerLayerBuilder::body_limit`] | `413 request_too_large` |
 //! | keyed by model, a body that is not JSON (no model to key on) | passed on unguarded, its body intact |
 //! | no answer within [`CircuitBreakerLayerBuilder::call_timeout`] (when set) | `504 timeout` naming the breaker; the call counts as a failure |
@@ -162,6 +163,84 @@
 //! state and counters per key and forces [`CircuitMode`]s at runtime; [`CircuitBreakerLayerBuilder::on_event`] and
 //! `tracing` report transitions, rejections and fallbacks.
 //!
+//! # Fallback chains
+//!
+//! [`CircuitBreakerLayerBuilder::fallback_target`] adds [`Target`]s: models on the guarded
+//! upstream ([`Target::model`]) and other upstreams ([`Target::upstream`], services of one
+//! type `S`, so a mismatch does not compile; [`Target::named_upstream`] names one to bind
+//! later with [`CircuitBreakerLayer::bind_upstreams`], as the TOML stack does). A chain with
+//! targets is walked, in the call's own future:
+//!
+//! 1. The primary first, unless its circuit refuses the call (open, probing, forced open).
+//! 2. Then each step in order, each at most once: a target whose own circuit is open is
+//!    skipped without a call; one that answers `service_unavailable` (`502`, `503`, `529`),
+//!    `timeout`, or fails with a transport error is moved past; `context_length_exceeded`
+//!    goes on only to targets marked [`Target::larger_context`], `content_policy_violation`
+//!    only to targets marked [`Target::on_content_policy`], and that constraint stays for the
+//!    rest of the walk. The primary's answer is read the same way: a fallback-worthy answer
+//!    starts the walk when a step may take it, any other answer is the caller's.
+//! 3. Every target has its own circuit in this layer, keyed by its name (a model on the
+//!    guarded upstream with [`CircuitKey::UpstreamAndModel`]: `upstream/model`, that model's
+//!    own circuit), with the layer's windows, open duration and backoff; every answer is
+//!    recorded on it (a success when its body ends), through the layer's
+//!    [`Classify`](crate::policy::Classify) policy, whose code also decides what is
+//!    fallback-worthy: put the normalizer inside the breaker (as the example gateway does) so
+//!    that a `400` is known as `context_length_exceeded`.
+//! 4. The walk stops at the retry layer's deadline when the request carries one
+//!    ([`Deadline`](crate::ext::Deadline), which [`RetryLayer`](crate::retry::RetryLayer)
+//!    inserts), else after [`CircuitBreakerLayerBuilder::call_timeout`] from the moment it
+//!    leaves the primary; each target's call is bounded by the call timeout as well. Past the
+//!    deadline the answer is `504 timeout`, naming what was tried.
+//!
+//! | the walk ends with | answer |
+//! |---|---|
+//! | a target that served the call | its answer, `x-llm-layers-fallback: <target name>` |
+//! | a target's error that no later step could take (a `400 invalid_value`, the last larger-context model refusing the length too) | that error, marked; its envelope (when an inner layer left its [`ApiError`](crate::ApiError)) ends "(answered by fallback target 'name')" |
+//! | every step failed or was skipped | `503 service_unavailable` naming the primary's state or answer and each step's outcome (names only: no URLs, no keys) |
+//!
+//! The body is read once (through [`BufferRequest`](crate::body::BufferRequest), at most
+//! [`CircuitBreakerLayerBuilder::body_limit`] bytes) before the primary is called, and replayed
+//! or rewritten per target. A body announced over the limit goes to the primary unread, and
+//! the walk does not go past the primary's answer (only past its open circuit, where the
+//! chain answers `413`); a chunked body that grows past the limit is answered `413`. A
+//! [`BreakerEvent::Fallback`] is emitted for every step tried or skipped, with the
+//! [`FallbackReason`] it was tried for and its [`FallbackOutcome`]. The steps of
+//! [`CircuitBreakerLayerBuilder::fallback_model`], [`CircuitBreakerLayerBuilder::fallback_service`]
+//! and [`CircuitBreakerLayerBuilder::fallback_response`] are part of such a chain as unmarked
+//! targets (a fixed response has no circuit and never takes a context-length or content-policy
+//! request); in a layer without targets they keep their own rules: tried only while the
+//! primary is refused, moved past on any failure, with no circuit of their own.
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::Full;
+//! use llm_layers::body::LayerBody;
+//! use llm_layers::breaker::{CircuitBreakerLayer, Target};
+//! use tower::{Layer, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! // The guarded upstream: overloaded for gpt-4o, fine for the smaller model.
+//! let upstream = tower::service_fn(|req: Request<LayerBody<Full<Bytes>>>| async move {
+//!     let body = http_body_util::BodyExt::collect(req.into_body()).await.unwrap().to_bytes();
+//!     let mut res = Response::new(Full::new(Bytes::new()));
+//!     if !body.windows(4).any(|w| w == b"mini") {
+//!         *res.status_mut() = StatusCode::from_u16(529).unwrap();
+//!     }
+//!     Ok::<_, Infallible>(res)
+//! });
+//! let layer = CircuitBreakerLayer::builder()
+//!     .fallback_target(Target::model("gpt-4o-mini"))
+//!     .build()
+//!     .unwrap();
+//! let body = Full::new(Bytes::from(r#"{"model":"gpt-4o","messages":[]}"#));
+//! let res = layer.layer(upstream).oneshot(Request::new(body)).await.unwrap();
+//! assert_eq!(res.status(), StatusCode::OK);
+//! assert_eq!(res.headers()["x-llm-layers-fallback"], "gpt-4o-mini");
+//! # }
+//! ```
+//!
 //! # Keyed state a client controls
 //!
 //! - **Upstream keys** come from [`CircuitBreakerLayerBuilder::upstream`] when set (do set it on a server: there
@@ -191,8 +270,13 @@ mod window;
 
 pub use body::GuardedBody;
 pub use config::{CircuitBreakerLayerBuilder, CircuitKey, CircuitMode, ConfigError};
-pub use events::{BreakerEvent, CircuitState, ProbeResult, TransitionReason};
-pub use fallback::{Fallback, NoFallback, ServiceFallback};
+pub use events::{
+    BreakerEvent, CircuitState, FallbackOutcome, FallbackReason, ProbeResult, TransitionReason,
+};
+pub use fallback::{
+    AddTarget, Fallback, NamedUpstream, NoFallback, NoService, OtherUpstream, SameUpstream,
+    ServiceFallback, Target,
+};
 pub use future::ResponseFuture;
 pub use health::{HealthCheck, HealthCheckBuilder, HealthCheckTask};
 pub use layer::CircuitBreakerLayer;

@@ -15,7 +15,7 @@ use super::fallback::{Fallback, NoFallback};
 use super::future::ResponseFuture;
 use super::registry::{Shared, SINGLE_KEY};
 use super::X_LLM_LAYERS_FALLBACK;
-use crate::body::{BoxError, LayerBody};
+use crate::body::{check_limit, BoxError, BufferRequest, LayerBody};
 use crate::error::{ApiError, ErrorCode};
 use crate::ext::RefusedLocally;
 use crate::request::{deployment_from_path, EnsureView, RequestHead, RequestView};
@@ -119,6 +119,19 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let inner = self.inner.clone();
         let cfg = self.shared.config();
+        if cfg.walk_on_answer
+            && matches!(
+                key_of(cfg, &req),
+                Key::Single | Key::Named(_) | Key::Shared(_)
+            )
+            && check_limit(req.headers(), req.body(), cfg.body_limit).is_ok()
+        {
+            // A chain with targets: the body is read once, before the primary, so that the
+            // chain can be walked after the primary's answer. A body over the limit goes to
+            // the primary unread (and no further after its answer).
+            let buf = BufferRequest::new(req, cfg.body_limit);
+            return ResponseFuture::buffer(self.shared.clone(), inner, self.fallback.clone(), buf);
+        }
         match key_of(cfg, &req) {
             Key::Single => {
                 let circuit = self.shared.single.clone();

@@ -111,6 +111,9 @@ where
             }
             deadline = shared.deadline.map(|d| later(now, d));
         }
+        if let Some(d) = deadline {
+            req.extensions_mut().insert(crate::ext::Deadline(d));
+        }
         let once = |req: Request<B>| State::Ready {
             once: Some(req.map(LayerBody::new)),
         };

@@ -13,7 +13,7 @@ use super::config::{
 };
 use super::refuse;
 use crate::auth::{InMemoryKeyStore, KeyRecord};
-use crate::breaker::{CircuitBreakerLayer, HealthCheck};
+use crate::breaker::{CircuitBreakerLayer, HealthCheck, Target};
 use crate::config::ConfigError;
 use crate::ext::KeyLimits;
 use crate::rate_limit::{Limits, OnLimit, Quota, RateLimitLayer, RateLimitLayerBuilder};
@@ -248,6 +248,17 @@ pub(super) fn retry(path: &str, r: &RetryConfig) -> Result<RetryLayer, ConfigErr
         .map_err(at(path))
 }
 
+/// A chain target with the marks of its `[[breaker.fallback]]` table.
+fn marked<U>(mut target: Target<U>, t: &config::FallbackTargetConfig) -> Target<U> {
+    if t.larger_context {
+        target = target.larger_context();
+    }
+    if t.on_content_policy {
+        target = target.on_content_policy();
+    }
+    target
+}
+
 /// `[breaker]`.
 pub(super) fn breaker(path: &str, c: &BreakerConfig) -> Result<CircuitBreakerLayer, ConfigError> {
     let mut b = CircuitBreakerLayer::builder()
@@ -313,6 +324,24 @@ pub(super) fn breaker(path: &str, c: &BreakerConfig) -> Result<CircuitBreakerLay
     }
     if let Some(m) = &c.fallback_model {
         b = b.fallback_model(m.as_str());
+    }
+    for (i, t) in c.fallback.iter().enumerate() {
+        b = match (&t.upstream, &t.model) {
+            (None, None) => {
+                return Err(refuse(
+                    format!("{path}.fallback[{i}]"),
+                    "needs `model` (a model on this upstream) or `upstream` (a named upstream)",
+                ))
+            }
+            (None, Some(m)) => b.fallback_target(marked(Target::model(m.0.as_str()), t)),
+            (Some(u), m) => {
+                let mut target = Target::named_upstream(u.0.as_str());
+                if let Some(m) = m {
+                    target = target.with_model(m.0.as_str());
+                }
+                b.fallback_target(marked(target, t))
+            }
+        };
     }
     if let Some(seed) = c.seed {
         b = b.seed(seed);

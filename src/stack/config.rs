@@ -512,6 +512,11 @@ section! {
         call_timeout_ms: Option<NonZeroU64> = None,
         /// The model to degrade to while the circuit is open.
         fallback_model: Option<String> = None,
+        /// The fallback chain, `[[breaker.fallback]]` tables in order: targets walked past
+        /// an open circuit and past fallback-worthy answers, each with its own circuit (see
+        /// [`FallbackTargetConfig`]). `fallback_model` is the shorthand for one model target
+        /// used only while the circuit is open; with both, it comes first.
+        fallback: Vec<FallbackTargetConfig> = Vec::new(),
         /// Seed of the open-duration jitter.
         seed: Option<u64> = None,
         /// Active health checks of the upstream, `[breaker.health_check]` (none by default).
@@ -557,6 +562,47 @@ impl Default for HealthCheckConfig {
             model: None,
             seed: None,
         }
+    }
+}
+
+/// `[[breaker.fallback]]`: one target of the breaker's fallback chain
+/// ([`Target`](crate::breaker::Target)).
+///
+/// ```toml
+/// [[breaker.fallback]]
+/// model = "gpt-4o-mini"            # the same upstream, the body's model rewritten
+///
+/// [[breaker.fallback]]
+/// upstream = "backup"              # an upstream the application defines by that name
+/// model = "gpt-4o"
+/// larger_context = true            # takes context_length_exceeded answers
+/// on_content_policy = false        # takes content_policy_violation answers
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FallbackTargetConfig {
+    /// The model asked for (the body's `model` is rewritten); without it, the request's own
+    /// (only with `upstream`).
+    #[serde(default)]
+    pub model: Option<Name>,
+    /// The name of an upstream the application defines and binds
+    /// ([`CircuitBreakerLayer::bind_upstreams`](crate::breaker::CircuitBreakerLayer::bind_upstreams);
+    /// the example gateway's `[upstreams.NAME]`); without it, the guarded upstream.
+    #[serde(default)]
+    pub upstream: Option<Name>,
+    /// The target has a larger context window: `context_length_exceeded` answers go to it.
+    #[serde(default)]
+    pub larger_context: bool,
+    /// The target is the alternative for `content_policy_violation` answers.
+    #[serde(default)]
+    pub on_content_policy: bool,
+}
+
+/// A route's `fallback` replaces the whole chain.
+impl Merge for Vec<FallbackTargetConfig> {
+    type Patch = Vec<FallbackTargetConfig>;
+    fn merge(&mut self, patch: &Self::Patch) {
+        *self = patch.clone();
     }
 }
 

@@ -14,7 +14,7 @@
 //! | `[validation]` | [`ValidateRequestLayer`] ([`ValidationConfig`]) |
 //! | `[rate_limit]` | [`RateLimitLayer`] ([`RateLimitConfig`]: defaults and tiers; each key's own `rpm`/`tpm`/`concurrency` override them) |
 //! | `[retry]` | [`RetryLayer`] ([`RetryConfig`]): attempts, backoff, deadline and budget |
-//! | `[breaker]` | [`CircuitBreakerLayer`] ([`BreakerConfig`]) with its fallback model |
+//! | `[breaker]` | [`CircuitBreakerLayer`] ([`BreakerConfig`]) with its fallback model and chain (`[[breaker.fallback]]`, [`FallbackTargetConfig`]) |
 //! | `[breaker.health_check]` | a [`HealthCheck`] of the top-level breaker ([`HealthCheckConfig`]), [`Stack::health_check`]; the application starts it |
 //! | `[upstream]` | the per-attempt timeout and the normalizer's stream settings ([`UpstreamConfig`], [`Stack::normalize_options`]) |
 //! | `[routes."/path"]` | a route's own layers and settings ([`RouteConfig`]) |
@@ -146,8 +146,9 @@ use crate::retry::RetryLayer;
 use crate::validate::ValidateRequestLayer;
 
 pub use self::config::{
-    Backend, BreakerConfig, BreakerKey, BreakerOverride, Expiry, HealthCheckConfig, JitterConfig,
-    KeyConfig, LimitsConfig, LimitsOverride, Merge, Name, Percent, RateLimitConfig,
+    Backend, BreakerConfig, BreakerKey, BreakerOverride, Expiry, FallbackTargetConfig,
+    HealthCheckConfig, JitterConfig, KeyConfig, LimitsConfig, LimitsOverride, Merge, Name, Percent,
+    RateLimitConfig,
     RateLimitOverride, RedisFailure, RedisUrl, RetryConfig, RetryOverride, RouteConfig, Secret,
     Sha256Hex, StackConfig, Switch, UpstreamConfig, UpstreamOverride, ValidationConfig,
     ValidationOverride,

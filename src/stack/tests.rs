@@ -292,3 +292,123 @@ fn stream_settings_of_the_upstream_and_their_route_overrides() {
     let err = Stack::from_toml_str("[upstream]\nstream_idle_timeout_ms = 0\n").unwrap_err();
     assert_eq!(err.field(), "upstream.stream_idle_timeout_ms", "{err}");
 }
+
+// ---- `[[breaker.fallback]]`: the fallback chain ----
+
+#[test]
+fn fallback_chain_tables_are_read_in_order() {
+    let text = r#"
+[breaker]
+fallback_model = "gpt-4o-mini"
+
+[[breaker.fallback]]
+model = "gpt-4.1-mini"
+
+[[breaker.fallback]]
+upstream = "backup"
+model = "gpt-4o"
+larger_context = true
+
+[[breaker.fallback]]
+upstream = "safe"
+on_content_policy = true
+"#;
+    let stack = Stack::from_toml_str(text).unwrap();
+    let names: Vec<String> = stack
+        .breaker()
+        .upstream_names()
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(names, ["backup", "safe"]);
+    let config: StackConfig = parse_toml(text).unwrap();
+    let chain = &config.breaker.fallback;
+    assert_eq!(chain.len(), 3);
+    assert_eq!(
+        chain[1].model.as_ref().map(|m| m.0.as_str()),
+        Some("gpt-4o")
+    );
+    assert!(chain[1].larger_context && !chain[1].on_content_policy);
+    assert!(chain[2].model.is_none() && chain[2].on_content_policy);
+}
+
+#[test]
+fn fallback_chain_errors_name_the_entry_and_the_line() {
+    let err = Stack::from_toml_str(
+        "[breaker]\nname = \"x\"\n\n[[breaker.fallback]]\nmodel = \"a\"\n\n[[breaker.fallback]]\nmodel = \"b\"\nlarger = true\n",
+    )
+    .unwrap_err();
+    assert_eq!(err.field(), "breaker.fallback[1].larger", "{err}");
+    assert!(err.message().contains("unknown field"), "{err}");
+    assert!(err.to_string().contains("line 9"), "{err}");
+    let err = Stack::from_toml_str("[[breaker.fallback]]\nmodel = \"\"\n").unwrap_err();
+    assert_eq!(err.field(), "breaker.fallback[0].model", "{err}");
+    let err = Stack::from_toml_str(
+        "[[breaker.fallback]]\nmodel = \"a\"\n[[breaker.fallback]]\nlarger_context = true\n",
+    )
+    .unwrap_err();
+    assert_eq!(err.field(), "breaker.fallback[1]", "{err}");
+    assert!(err.message().contains("`model`"), "{err}");
+    // The same target twice would be tried twice and share one circuit.
+    let err = Stack::from_toml_str(
+        "[[breaker.fallback]]\nmodel = \"a\"\n[[breaker.fallback]]\nmodel = \"a\"\n",
+    )
+    .unwrap_err();
+    assert_eq!(err.field(), "breaker", "{err}");
+    assert!(err.message().contains("'a'"), "{err}");
+}
+
+#[test]
+fn a_routes_fallback_replaces_the_chain() {
+    let stack = Stack::from_toml_str(
+        r#"
+[[breaker.fallback]]
+model = "gpt-4o-mini"
+
+[routes."/v1/completions".breaker]
+fallback = [{ upstream = "legacy" }]
+"#,
+    )
+    .unwrap();
+    assert!(stack.breaker().upstream_names().is_empty());
+    let names: Vec<String> = stack
+        .breaker_for("/v1/completions")
+        .upstream_names()
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(names, ["legacy"]);
+}
+
+#[tokio::test]
+async fn a_chain_from_toml_walks_past_an_overloaded_primary() {
+    use crate::body::LayerBody;
+    use tower::{Layer, ServiceExt};
+    let stack = Stack::from_toml_str(
+        "[[breaker.fallback]]\nmodel = \"gpt-4o-mini\"\n[[breaker.fallback]]\nupstream = \"backup\"\n",
+    )
+    .unwrap();
+    let status = |code: u16| {
+        tower::service_fn(move |req: http::Request<LayerBody<String>>| async move {
+            let body = http_body_util::BodyExt::collect(req.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            let overloaded = code == 503 && !body.windows(4).any(|w| w == b"mini");
+            let mut res = http::Response::new(String::new());
+            if overloaded {
+                *res.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+            }
+            Ok::<_, std::convert::Infallible>(res)
+        })
+    };
+    let breaker = stack
+        .breaker()
+        .bind_upstreams(|name| (name == "backup").then(|| status(200)))
+        .unwrap();
+    let svc = breaker.layer(status(503));
+    let req = http::Request::new(r#"{"model":"gpt-4o","messages":[]}"#.to_owned());
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-llm-layers-fallback"], "gpt-4o-mini");
+}
