@@ -148,10 +148,9 @@ use crate::validate::ValidateRequestLayer;
 pub use self::config::{
     Backend, BreakerConfig, BreakerKey, BreakerOverride, Expiry, FallbackTargetConfig,
     HealthCheckConfig, JitterConfig, KeyConfig, LimitsConfig, LimitsOverride, Merge, Name, Percent,
-    RateLimitConfig,
-    RateLimitOverride, RedisFailure, RedisUrl, RetryConfig, RetryOverride, RouteConfig, Secret,
-    Sha256Hex, StackConfig, Switch, UpstreamConfig, UpstreamOverride, ValidationConfig,
-    ValidationOverride,
+    RateLimitConfig, RateLimitOverride, RedisFailure, RedisUrl, RetryConfig, RetryOverride,
+    RouteConfig, Secret, Sha256Hex, StackConfig, Switch, UpstreamConfig, UpstreamOverride,
+    ValidationConfig, ValidationOverride,
 };
 pub use self::route::{EdgeLayers, RouteLayer, Toggle, ToggleBody, ToggleFuture, ToggleService};
 pub use crate::config::ConfigError;
