@@ -183,24 +183,14 @@ impl<'de> Deserializer<'de> {
     /// The run of string bytes from the position to the next `"` or `\`: its length, after
     /// checking it holds no control character.
     fn run(&self) -> Result<usize, Error> {
-        self.run_ascii().map(|(n, _)| n)
-    }
-
-    /// [`Deserializer::run`], and whether the run is ASCII.
-    #[inline]
-    fn run_ascii(&self) -> Result<(usize, bool), Error> {
-        const HIGH: u64 = (u64::MAX / 255) << 7;
         let rest = &self.bytes()[self.pos..];
-        let mut high = 0u64;
         // Keys and short strings end within a few bytes, sooner than `memchr` starts: the
         // first sixteen bytes are looked at eight at a time in a word.
         for i in (0..SHORT).step_by(8) {
             let Some(chunk) = rest.get(i..i + 8) else {
                 // The end of the text is near: byte by byte.
                 return match rest[i..].iter().position(|&b| STOP[usize::from(b)]) {
-                    Some(j) if rest[i + j] >= 0x20 => {
-                        Ok((i + j, high == 0 && rest[i..i + j].is_ascii()))
-                    }
+                    Some(j) if rest[i + j] >= 0x20 => Ok(i + j),
                     _ => Err(Error),
                 };
             };
@@ -208,27 +198,17 @@ impl<'de> Deserializer<'de> {
             let stop = stop_mask(word);
             if stop != 0 {
                 // The lowest flagged byte is exact (a borrow only runs towards higher bytes).
-                let bit = stop.trailing_zeros();
-                let at = i + bit as usize / 8;
-                if rest[at] < 0x20 {
-                    return Err(Error);
-                }
-                // The bytes below the stop byte.
-                high |= word & HIGH & ((1u64 << (bit & !7)) - 1);
-                return Ok((at, high == 0));
+                let at = i + stop.trailing_zeros() as usize / 8;
+                return if rest[at] < 0x20 { Err(Error) } else { Ok(at) };
             }
-            high |= word & HIGH;
         }
         let tail = rest.get(SHORT..).ok_or(Error)?;
         let n = SHORT + memchr::memchr2(b'"', b'\\', tail).ok_or(Error)?;
         // One pass the compiler vectorizes.
-        let (low, top) = rest[SHORT..n]
-            .iter()
-            .fold((u8::MAX, 0u8), |(low, top), &b| (low.min(b), top.max(b)));
-        if low < 0x20 {
+        if rest[SHORT..n].iter().fold(u8::MAX, |low, &b| low.min(b)) < 0x20 {
             return Err(Error);
         }
-        Ok((n, high == 0 && top < 0x80))
+        Ok(n)
     }
 
     /// Counts a string's characters and CJK characters as the unescaped text has them; the

@@ -861,6 +861,9 @@ impl RequestView {
 /// The text of a JSON body, or the error a `serde_json::Value` parse gives when it is not
 /// UTF-8 (line and column of the first bad byte).
 pub(crate) fn json_text(body: &[u8]) -> Result<&str, ParseError> {
+    if let Ok(text) = simdutf8::basic::from_utf8(body) {
+        return Ok(text);
+    }
     std::str::from_utf8(body).map_err(|e| {
         // The rare path: let serde_json say where, as it always did.
         match serde_json::from_slice::<serde_json::Value>(body) {
