@@ -65,6 +65,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod ext;
+pub mod metrics;
 pub mod normalize;
 pub mod policy;
 #[cfg(feature = "rate-limit")]

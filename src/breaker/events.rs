@@ -98,6 +98,7 @@ pub enum BreakerEvent {
 }
 
 pub(crate) fn emit(hook: &Option<super::config::EventHook>, ev: BreakerEvent) {
+    crate::metrics::breaker_event(&ev);
     match &ev {
         BreakerEvent::StateChanged {
             name,
@@ -108,9 +109,9 @@ pub(crate) fn emit(hook: &Option<super::config::EventHook>, ev: BreakerEvent) {
             open_for,
         } => {
             if *to == CircuitState::Open {
-                tracing::warn!(breaker = ?name, key = ?key, %from, %to, ?reason, open_for_ms = open_for.map(super::config::millis), "circuit opened");
+                tracing::warn!(layer = "breaker", name = ?name, circuit = ?key, %from, %to, ?reason, open_for_ms = open_for.map(super::config::millis), "circuit opened");
             } else {
-                tracing::info!(breaker = ?name, key = ?key, %from, %to, ?reason, "circuit state changed");
+                tracing::info!(layer = "breaker", name = ?name, circuit = ?key, %from, %to, ?reason, "circuit state changed");
             }
         }
         BreakerEvent::Rejected {
@@ -118,7 +119,7 @@ pub(crate) fn emit(hook: &Option<super::config::EventHook>, ev: BreakerEvent) {
             key,
             retry_after,
         } => {
-            tracing::debug!(breaker = ?name, key = ?key, retry_after_ms = retry_after.map(super::config::millis), "call rejected by open circuit");
+            tracing::debug!(layer = "breaker", name = ?name, circuit = ?key, retry_after_ms = retry_after.map(super::config::millis), "call rejected by open circuit");
         }
         BreakerEvent::Fallback {
             name,
@@ -126,7 +127,7 @@ pub(crate) fn emit(hook: &Option<super::config::EventHook>, ev: BreakerEvent) {
             fallback,
             ok,
         } => {
-            tracing::debug!(breaker = ?name, key = ?key, fallback = ?fallback, ok, "call degraded to fallback");
+            tracing::debug!(layer = "breaker", name = ?name, circuit = ?key, fallback = ?fallback, ok, "call degraded to fallback");
         }
     }
     if let Some(hook) = hook {
