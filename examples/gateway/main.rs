@@ -17,8 +17,11 @@
 //! `SIGHUP` and when the file changes (read every second). A file that is refused (the field
 //! is named on stdout) leaves the keys in force; requests in flight finish with the keys they
 //! started with.
+//!
+//! `GET /metrics` answers the layers' metrics in the Prometheus text format (`metrics.rs`).
 
 mod app;
+mod metrics;
 mod mock;
 
 use std::net::SocketAddr;
@@ -273,6 +276,9 @@ async fn main() {
     }
     let upstream = app::upstream_with(&stack, &gateway.forward_headers, tls, base, key);
     let app = app::router_with_auth(&stack, &stack.auth().with_store(keys.clone()), upstream);
+    let app = app.merge(metrics::router(
+        metrics::install().unwrap_or_else(|e| fail(e)),
+    ));
     if let Some(path) = &args.keys {
         let mut reloader = keys
             .watch_file(path, ReloadOptions::new())
