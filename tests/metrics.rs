@@ -236,6 +236,10 @@ async fn a_scripted_run_is_counted_exactly_on_the_metrics_endpoint() {
             r#"llm_layers_retry_stops{reason="attempts-exhausted"}"#,
             6.0,
         ),
+        // 9 requests answered at the first attempt, 2 at the third.
+        (r#"llm_layers_retry_attempts_bucket{le="1"}"#, 9.0),
+        (r#"llm_layers_retry_attempts_bucket{le="2"}"#, 9.0),
+        (r#"llm_layers_retry_attempts_bucket{le="3"}"#, 11.0),
         (r#"llm_layers_retry_attempts_count"#, 11.0),
         (r#"llm_layers_retry_attempts_sum"#, 15.0),
         (

@@ -18,9 +18,11 @@
 //! is named on stdout) leaves the keys in force; requests in flight finish with the keys they
 //! started with.
 //!
-//! `GET /metrics` answers the layers' metrics in the Prometheus text format (`metrics.rs`).
+//! With the feature `metrics` (`cargo run --example gateway --features metrics`), `GET /metrics`
+//! answers the layers' metrics in the Prometheus text format (`metrics.rs`).
 
 mod app;
+#[cfg(feature = "metrics")]
 mod metrics;
 mod mock;
 
@@ -276,6 +278,7 @@ async fn main() {
     }
     let upstream = app::upstream_with(&stack, &gateway.forward_headers, tls, base, key);
     let app = app::router_with_auth(&stack, &stack.auth().with_store(keys.clone()), upstream);
+    #[cfg(feature = "metrics")]
     let app = app.merge(metrics::router(
         metrics::install().unwrap_or_else(|e| fail(e)),
     ));
