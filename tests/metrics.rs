@@ -310,3 +310,157 @@ async fn a_scripted_run_is_counted_exactly_on_the_metrics_endpoint() {
         assert!(!text.contains(&secret[8..]), "{secret} in\n{text}");
     }
 }
+
+/// The value of one counter or gauge in a debugging recorder's snapshot, by name and labels.
+fn recorded(
+    snapshot: &[(
+        metrics_util::CompositeKey,
+        Option<metrics::Unit>,
+        Option<metrics::SharedString>,
+        metrics_util::debugging::DebugValue,
+    )],
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    use metrics_util::debugging::DebugValue;
+    snapshot.iter().find_map(|(key, _, _, value)| {
+        let key = key.key();
+        let same = key.name() == name
+            && key.labels().count() == labels.len()
+            && labels
+                .iter()
+                .all(|(k, v)| key.labels().any(|l| l.key() == *k && l.value() == *v));
+        match (same, value) {
+            (true, DebugValue::Counter(n)) => Some(*n as f64),
+            (true, DebugValue::Gauge(g)) => Some(g.into_inner()),
+            _ => None,
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_circuits_probes_transitions_and_state_are_recorded() {
+    use llm_layers::breaker::CircuitBreakerLayer;
+    use llm_layers::metrics::{BREAKER_PROBES, BREAKER_STATE, BREAKER_TRANSITIONS};
+    use std::sync::atomic::{AtomicU16, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tower::{Layer, ServiceExt};
+
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let layer = CircuitBreakerLayer::builder()
+        .name("probe-test")
+        .consecutive_failures(1)
+        .half_open_probes(1)
+        .open_duration(Duration::from_secs(10))
+        .open_backoff(1.0, Duration::from_secs(10))
+        .jitter(0.0)
+        .build()
+        .unwrap();
+    let answer = Arc::new(AtomicU16::new(500));
+    let up = {
+        let answer = answer.clone();
+        tower::service_fn(move |_req: http::Request<_>| {
+            let status = answer.load(Ordering::SeqCst);
+            async move {
+                Ok::<_, std::convert::Infallible>(
+                    http::Response::builder()
+                        .status(status)
+                        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+                        .unwrap(),
+                )
+            }
+        })
+    };
+    let svc = layer.layer(up);
+    let call = || async {
+        let req = http::Request::post("/v1/chat/completions")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                br#"{"model":"m"}"#,
+            )))
+            .unwrap();
+        let res = svc.clone().oneshot(req).await.unwrap();
+        let status = res.status().as_u16();
+        http_body_util::BodyExt::collect(res.into_body())
+            .await
+            .ok()
+            .unwrap();
+        status
+    };
+    let name = ("name", "probe-test");
+    let circuit = ("circuit", llm_layers::breaker::SINGLE_KEY);
+    // Each snapshot takes the values recorded since the last one (counters from 0).
+    let take = || snapshotter.snapshot().into_vec();
+    let transition = |s: &[_], from, to, reason| {
+        recorded(
+            s,
+            BREAKER_TRANSITIONS,
+            &[name, ("from", from), ("to", to), ("reason", reason)],
+        )
+    };
+
+    assert_eq!(call().await, 500);
+    let s = take();
+    assert_eq!(transition(&s, "closed", "open", "failure_rate"), Some(1.0));
+    assert_eq!(recorded(&s, BREAKER_STATE, &[name, circuit]), Some(1.0));
+    // Open: refused without a call.
+    assert_eq!(call().await, 503);
+    // The open time passes; the probe fails: open again.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(call().await, 500);
+    let s = take();
+    assert_eq!(
+        recorded(
+            &s,
+            llm_layers::metrics::BREAKER_REJECTIONS,
+            &[name, circuit]
+        ),
+        Some(1.0)
+    );
+    let refused = [
+        ("layer", "breaker"),
+        ("code", "service_unavailable"),
+        ("key_id", "none"),
+    ];
+    assert_eq!(
+        recorded(&s, llm_layers::metrics::REJECTIONS, &refused),
+        Some(1.0)
+    );
+    assert_eq!(
+        transition(&s, "open", "half_open", "open_elapsed"),
+        Some(1.0)
+    );
+    assert_eq!(
+        transition(&s, "half_open", "open", "probe_failed"),
+        Some(1.0)
+    );
+    assert_eq!(
+        recorded(&s, BREAKER_PROBES, &[name, ("result", "failed")]),
+        Some(1.0)
+    );
+    assert_eq!(recorded(&s, BREAKER_STATE, &[name, circuit]), Some(1.0));
+    // Again, and the probe succeeds: closed.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    answer.store(200, Ordering::SeqCst);
+    assert_eq!(call().await, 200);
+    let s = take();
+    assert_eq!(
+        transition(&s, "open", "half_open", "open_elapsed"),
+        Some(1.0)
+    );
+    assert_eq!(
+        transition(&s, "half_open", "closed", "probes_succeeded"),
+        Some(1.0)
+    );
+    assert_eq!(
+        recorded(&s, BREAKER_PROBES, &[name, ("result", "ok")]),
+        Some(1.0)
+    );
+    assert_eq!(recorded(&s, BREAKER_STATE, &[name, circuit]), Some(0.0));
+    assert_eq!(
+        recorded(&s, BREAKER_PROBES, &[name, ("result", "failed")]),
+        Some(0.0)
+    );
+}

@@ -87,7 +87,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Lines {
 async fn rejections_log_the_shared_fields_and_escape_client_strings() {
     let lines = Lines::default();
     let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
+        .with_max_level(tracing::Level::DEBUG)
         .with_ansi(false)
         .with_writer(lines.clone())
         .finish();
@@ -102,7 +102,16 @@ async fn rejections_log_the_shared_fields_and_escape_client_strings() {
     let forged = "gpt-4o\nINFO forged: request accepted";
     let body = json!({"model": forged, "messages": [{"role": "user", "content": "hi"}]});
     assert_eq!(
-        post(&client, addr, chat, Some(MINI), &body, &[]).await.0,
+        post(
+            &client,
+            addr,
+            chat,
+            Some(MINI),
+            &body,
+            &[("x-request-id", "trace-1")]
+        )
+        .await
+        .0,
         403
     );
     // A rate-limit refusal of a known key.
@@ -128,19 +137,24 @@ async fn rejections_log_the_shared_fields_and_escape_client_strings() {
             .unwrap_or_else(|| panic!("no line with {needle:?} in\n{text}"))
             .to_owned()
     };
-    let auth = line("llm_layers::auth");
+    let auth = line("llm_layers::auth: request rejected");
     assert!(auth.contains(" INFO "), "{auth}");
+    // Inside the gateway's request span: its request id and route.
+    assert!(
+        auth.contains(r#"request{method=POST route="/v1/chat/completions" request_id="trace-1"}"#),
+        "{auth}"
+    );
     assert!(
         auth.contains("layer=\"auth\"") && auth.contains("code=\"permission_denied\""),
         "{auth}"
     );
-    let limit = line("llm_layers::rate_limit");
+    let limit = line("llm_layers::rate_limit: request refused");
     assert!(limit.contains(" INFO "), "{limit}");
     assert!(
         limit.contains("layer=\"rate_limit\"") && limit.contains("code=\"rate_limit_exceeded\""),
         "{limit}"
     );
-    let validate = line("llm_layers::validate");
+    let validate = line("llm_layers::validate: request rejected");
     assert!(
         validate.contains("layer=\"validate\"") && validate.contains("code=\"invalid_value\""),
         "{validate}"
