@@ -18,9 +18,10 @@
 //!   facade to an OpenTelemetry `Meter`. The instruments that have a name in the OpenTelemetry
 //!   GenAI semantic conventions use it ([`TOKEN_USAGE`], with
 //!   [`label::TOKEN_TYPE`] = `input` / `output`); the others are `llm_layers.*`.
-//! * **Cheap when nobody listens.** With no recorder installed, a call is one relaxed atomic
-//!   load (and a thread-local read) and no allocation. With the feature off, nothing is
-//!   compiled into the layers at all.
+//! * **Cheap when nobody listens.** With no recorder installed, a call on a success path is
+//!   one relaxed atomic load (and a thread-local read) and no allocation; a refusal builds its
+//!   small label list first. With the feature off, the layers' calls are empty inline
+//!   functions: nothing is compiled in.
 //!
 //! # Instruments
 //!
@@ -56,14 +57,17 @@
 //!   does not know is `other`.
 //! * `name` and `fallback` come from configuration (a breaker's name, a fallback's name).
 //! * `key_id` is the id of the [`KeyIdentity`](crate::ext::KeyIdentity) the auth layer
-//!   established (never the secret), `none` before authentication or when the key was refused;
-//!   `circuit` is a circuit's key, which may be a client's model. Both go through a bounded set
+//!   established (never the secret) on a rate-limit rejection; `none` on the rejections of the
+//!   other layers (auth refused the key; validation and the breaker do not keep the request's
+//!   extensions at the point they answer). `circuit` is a circuit's key, which may be a client's model. Both go through a bounded set
 //!   per label: the first [`max_label_values`] distinct values (32 by default, see
 //!   [`set_max_label_values`]) are kept, every later one is counted as `other`.
 //!
-//! Counters on a layer's success path (`requests`, `admissions`, `auth.outcomes{outcome="ok"}`)
-//! have static labels only: a static key, registered with the recorder on each call, no
-//! allocation. Labels that vary (`code`, `key_id`, `circuit`) are on refusal paths only.
+//! Instruments on a layer's success path (`requests`, `admissions`, `auth.outcomes{outcome="ok"}`,
+//! `tokens`, `in_flight`, the histograms) have static labels only: a key built at compile time,
+//! looked up by the recorder on each call, no allocation. Labels that vary (`code`, `key_id`,
+//! `circuit`, `name`) are on refusal and transition paths only. A recorder that is installed
+//! after the layers were built sees everything from then on: no handle is cached in a layer.
 //!
 //! # Tracing fields
 //!
@@ -77,7 +81,8 @@
 //! | `key_id` | the key's id, Debug-escaped (never the secret) |
 //! | `code` | the [`ErrorCode`](crate::ErrorCode) string of a rejection or failure |
 //! | `attempt` | the retry layer's attempt number |
-//! | `layer` | the layer's name: a configured one (a breaker's `name`), else its kind (`auth`, `retry`) |
+//! | `layer` | the layer's kind, as the metrics' `layer` label: `auth`, `validate`, `rate_limit`, `retry`, `breaker`, `normalize` |
+//! | `name` | a breaker's configured name; `circuit` its circuit's key (Debug-escaped) |
 //!
 //! A request's own fields (`request_id`, `route`) belong on the span the application opens per
 //! request (the example gateway's `TraceLayer` span); the layers' events are recorded inside it
@@ -243,8 +248,12 @@ pub mod field {
     pub const CODE: &str = "code";
     /// An attempt number.
     pub const ATTEMPT: &str = "attempt";
-    /// The layer's name.
+    /// The layer's kind ([`super::layer`]).
     pub const LAYER: &str = "layer";
+    /// A breaker's configured name.
+    pub const NAME: &str = "name";
+    /// A circuit's key (Debug-escaped).
+    pub const CIRCUIT: &str = "circuit";
 }
 
 /// The label value for a key id, circuit or fallback past the bounded set.
