@@ -79,7 +79,7 @@
 //! | `route` | the route's path, on that span too |
 //! | `model` | a model name: the client's, Debug-escaped |
 //! | `key_id` | the key's id, Debug-escaped (never the secret) |
-//! | `code` | the [`ErrorCode`](crate::ErrorCode) string of a rejection or failure |
+//! | `code` | the [`ErrorCode`] string of a rejection or failure |
 //! | `attempt` | the retry layer's attempt number |
 //! | `layer` | the layer's kind, as the metrics' `layer` label: `auth`, `validate`, `rate_limit`, `retry`, `breaker`, `normalize` |
 //! | `name` | a breaker's configured name; `circuit` its circuit's key (Debug-escaped) |
@@ -338,9 +338,11 @@ mod imp {
         }
     }
 
+    #[cfg_attr(not(feature = "rate-limit"), allow(dead_code))] // the rate-limit layer's
     pub(super) static KEY_IDS: Bounded = Bounded::new();
     pub(super) static CIRCUITS: Bounded = Bounded::new();
 
+    #[cfg_attr(not(feature = "rate-limit"), allow(dead_code))] // the rate-limit layer's
     pub(super) fn key_id(ext: &http::Extensions) -> SharedString {
         match ext.get::<crate::ext::KeyIdentity>() {
             Some(k) => KEY_IDS.label(k.id()),
@@ -412,6 +414,7 @@ pub(crate) fn request(layer: &'static str) {
 }
 
 /// Counts one rejection by `layer` with `code`, with the key the extensions name.
+#[cfg_attr(not(feature = "rate-limit"), allow(dead_code))] // the rate-limit layer's
 #[inline]
 pub(crate) fn rejected(layer: &'static str, code: ErrorCode, ext: &http::Extensions) {
     #[cfg(feature = "metrics")]
@@ -499,6 +502,7 @@ pub(crate) fn retry_finished(attempts: u32, stop: Option<&'static str>) {
 }
 
 /// Counts one request a rate-limit layer admitted, and the tokens charged for it.
+#[cfg_attr(not(feature = "rate-limit"), allow(dead_code))] // the rate-limit layer's
 #[inline]
 pub(crate) fn rate_limit_admitted(tokens: Option<u64>) {
     #[cfg(feature = "metrics")]
@@ -516,6 +520,7 @@ pub(crate) fn rate_limit_admitted(tokens: Option<u64>) {
 }
 
 /// Counts one rate-limit refusal turned into a wait of `wait`.
+#[cfg_attr(not(feature = "rate-limit"), allow(dead_code))] // the rate-limit layer's
 #[inline]
 pub(crate) fn rate_limit_wait(wait: std::time::Duration) {
     #[cfg(feature = "metrics")]
@@ -528,6 +533,7 @@ pub(crate) fn rate_limit_wait(wait: std::time::Duration) {
 }
 
 /// Records the settlement of a token charge: `charged` at admission, `actual` reported.
+#[cfg_attr(not(feature = "rate-limit"), allow(dead_code))] // the rate-limit layer's
 #[inline]
 pub(crate) fn rate_limit_settled(charged: u64, actual: u64) {
     #[cfg(feature = "metrics")]
@@ -549,6 +555,7 @@ pub(crate) fn rate_limit_settled(charged: u64, actual: u64) {
 }
 
 /// A concurrency slot taken (`+1`) or given back (`-1`).
+#[cfg_attr(not(feature = "rate-limit"), allow(dead_code))] // the rate-limit layer's
 #[inline]
 pub(crate) fn rate_limit_in_flight(delta: i8) {
     #[cfg(feature = "metrics")]
@@ -558,6 +565,7 @@ pub(crate) fn rate_limit_in_flight(delta: i8) {
 }
 
 /// Records the token usage one answer reported.
+#[cfg_attr(not(feature = "rate-limit"), allow(dead_code))] // the rate-limit layer's
 #[inline]
 pub(crate) fn token_usage(input: Option<u64>, output: Option<u64>) {
     #[cfg(feature = "metrics")]
