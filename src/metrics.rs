@@ -65,8 +65,11 @@
 //!
 //! Instruments on a layer's success path (`requests`, `admissions`, `auth.outcomes{outcome="ok"}`,
 //! `tokens`, `in_flight`, the histograms) have static labels only: a key built at compile time,
-//! looked up by the recorder on each call, no allocation. Labels that vary (`code`, `key_id`,
-//! `circuit`, `name`) are on refusal and transition paths only. A recorder that is installed
+//! looked up by the recorder on each call, no allocation; so do `auth.outcomes`,
+//! `retry.retries{code}` and `retry.stops{reason}`, one static key per value (a request sent
+//! once because it cannot be replayed records its stop reason on its success path). The other
+//! instruments with labels (`rejections`, `classifications`, the breaker's) are on refusal,
+//! failure and transition paths only, and build their label list per call. A recorder that is installed
 //! after the layers were built sees everything from then on: no handle is cached in a layer.
 //!
 //! # Tracing fields
@@ -299,6 +302,54 @@ mod imp {
     }
     pub(super) use static_key;
 
+    /// The static key of `$name` with `$label` = the code's string: one per code, built at
+    /// compile time, so a fixed label set costs no allocation.
+    macro_rules! code_key {
+        ($name:expr, $label:expr, $code:expr) => {
+            match $code {
+            crate::ErrorCode::InvalidApiKey => imp::static_key!($name, $label => crate::ErrorCode::InvalidApiKey.as_str()),
+            crate::ErrorCode::ExpiredApiKey => imp::static_key!($name, $label => crate::ErrorCode::ExpiredApiKey.as_str()),
+            crate::ErrorCode::RevokedApiKey => imp::static_key!($name, $label => crate::ErrorCode::RevokedApiKey.as_str()),
+            crate::ErrorCode::MissingRequiredField => imp::static_key!($name, $label => crate::ErrorCode::MissingRequiredField.as_str()),
+            crate::ErrorCode::InvalidValue => imp::static_key!($name, $label => crate::ErrorCode::InvalidValue.as_str()),
+            crate::ErrorCode::ModelNotSupported => imp::static_key!($name, $label => crate::ErrorCode::ModelNotSupported.as_str()),
+            crate::ErrorCode::ContextLengthExceeded => imp::static_key!($name, $label => crate::ErrorCode::ContextLengthExceeded.as_str()),
+            crate::ErrorCode::RateLimitExceeded => imp::static_key!($name, $label => crate::ErrorCode::RateLimitExceeded.as_str()),
+            crate::ErrorCode::InsufficientQuota => imp::static_key!($name, $label => crate::ErrorCode::InsufficientQuota.as_str()),
+            crate::ErrorCode::ConcurrentLimitExceeded => imp::static_key!($name, $label => crate::ErrorCode::ConcurrentLimitExceeded.as_str()),
+            crate::ErrorCode::InternalError => imp::static_key!($name, $label => crate::ErrorCode::InternalError.as_str()),
+            crate::ErrorCode::ServiceUnavailable => imp::static_key!($name, $label => crate::ErrorCode::ServiceUnavailable.as_str()),
+            crate::ErrorCode::ContentPolicyViolation => imp::static_key!($name, $label => crate::ErrorCode::ContentPolicyViolation.as_str()),
+            crate::ErrorCode::PermissionDenied => imp::static_key!($name, $label => crate::ErrorCode::PermissionDenied.as_str()),
+            crate::ErrorCode::Timeout => imp::static_key!($name, $label => crate::ErrorCode::Timeout.as_str()),
+            crate::ErrorCode::RequestTooLarge => imp::static_key!($name, $label => crate::ErrorCode::RequestTooLarge.as_str()),
+            crate::ErrorCode::UpstreamBlocked => imp::static_key!($name, $label => crate::ErrorCode::UpstreamBlocked.as_str()),
+            crate::ErrorCode::NotFound => imp::static_key!($name, $label => crate::ErrorCode::NotFound.as_str()),
+            }
+        };
+    }
+    pub(super) use code_key;
+
+    /// The static key of `$name` with `$label` = the stop reason's string.
+    macro_rules! stop_key {
+        ($name:expr, $label:expr, $stop:expr) => {
+            #[allow(unreachable_patterns)]
+            match $stop {
+            crate::retry::RetryStop::BodyTooLarge => imp::static_key!($name, $label => crate::retry::RetryStop::BodyTooLarge.as_str()),
+            crate::retry::RetryStop::NotIdempotent => imp::static_key!($name, $label => crate::retry::RetryStop::NotIdempotent.as_str()),
+            crate::retry::RetryStop::NotRetryable => imp::static_key!($name, $label => crate::retry::RetryStop::NotRetryable.as_str()),
+            crate::retry::RetryStop::RefusedLocally => imp::static_key!($name, $label => crate::retry::RetryStop::RefusedLocally.as_str()),
+            crate::retry::RetryStop::AttemptsExhausted => imp::static_key!($name, $label => crate::retry::RetryStop::AttemptsExhausted.as_str()),
+            crate::retry::RetryStop::BudgetExhausted => imp::static_key!($name, $label => crate::retry::RetryStop::BudgetExhausted.as_str()),
+            crate::retry::RetryStop::HintTooLong => imp::static_key!($name, $label => crate::retry::RetryStop::HintTooLong.as_str()),
+            crate::retry::RetryStop::HintPastDeadline => imp::static_key!($name, $label => crate::retry::RetryStop::HintPastDeadline.as_str()),
+            crate::retry::RetryStop::Deadline => imp::static_key!($name, $label => crate::retry::RetryStop::Deadline.as_str()),
+                _ => imp::static_key!($name, $label => crate::metrics::OTHER),
+            }
+        };
+    }
+    pub(super) use stop_key;
+
     pub(super) fn counter(key: &Key, n: u64) {
         ::metrics::with_recorder(|r| r.register_counter(key, &META)).increment(n);
     }
@@ -435,22 +486,28 @@ pub(crate) fn auth_ok() {
 pub(crate) fn auth_rejected(code: ErrorCode, missing: bool) {
     #[cfg(feature = "metrics")]
     {
-        let outcome = match code {
-            ErrorCode::InvalidApiKey if missing => "missing",
-            ErrorCode::InvalidApiKey => "invalid",
-            ErrorCode::ExpiredApiKey => "expired",
-            ErrorCode::RevokedApiKey => "revoked",
-            ErrorCode::PermissionDenied => "forbidden_model",
-            ErrorCode::ServiceUnavailable => "unavailable",
-            _ => OTHER,
+        let key = match code {
+            ErrorCode::InvalidApiKey if missing => {
+                imp::static_key!(AUTH_OUTCOMES, label::OUTCOME => "missing")
+            }
+            ErrorCode::InvalidApiKey => {
+                imp::static_key!(AUTH_OUTCOMES, label::OUTCOME => "invalid")
+            }
+            ErrorCode::ExpiredApiKey => {
+                imp::static_key!(AUTH_OUTCOMES, label::OUTCOME => "expired")
+            }
+            ErrorCode::RevokedApiKey => {
+                imp::static_key!(AUTH_OUTCOMES, label::OUTCOME => "revoked")
+            }
+            ErrorCode::PermissionDenied => {
+                imp::static_key!(AUTH_OUTCOMES, label::OUTCOME => "forbidden_model")
+            }
+            ErrorCode::ServiceUnavailable => {
+                imp::static_key!(AUTH_OUTCOMES, label::OUTCOME => "unavailable")
+            }
+            _ => imp::static_key!(AUTH_OUTCOMES, label::OUTCOME => OTHER),
         };
-        imp::counter(
-            &::metrics::Key::from_parts(
-                AUTH_OUTCOMES,
-                vec![::metrics::Label::from_static_parts(label::OUTCOME, outcome)],
-            ),
-            1,
-        );
+        imp::counter(key, 1);
         rejected_without_key(layer::AUTH, code);
     }
     #[cfg(not(feature = "metrics"))]
@@ -461,16 +518,7 @@ pub(crate) fn auth_rejected(code: ErrorCode, missing: bool) {
 #[inline]
 pub(crate) fn retry_scheduled(code: ErrorCode) {
     #[cfg(feature = "metrics")]
-    imp::counter(
-        &::metrics::Key::from_parts(
-            RETRY_RETRIES,
-            vec![::metrics::Label::from_static_parts(
-                label::CODE,
-                code.as_str(),
-            )],
-        ),
-        1,
-    );
+    imp::counter(imp::code_key!(RETRY_RETRIES, label::CODE, code), 1);
     #[cfg(not(feature = "metrics"))]
     let _ = code;
 }
@@ -478,23 +526,17 @@ pub(crate) fn retry_scheduled(code: ErrorCode) {
 /// Records how a request through the retry layer ended: its attempts (0 for the layer's own
 /// refusal, not recorded) and why it was not retried (again), if it was not.
 #[inline]
-pub(crate) fn retry_finished(attempts: u32, stop: Option<&'static str>) {
+pub(crate) fn retry_finished(attempts: u32, stop: Option<crate::retry::RetryStop>) {
     #[cfg(feature = "metrics")]
     {
         if attempts > 0 {
             imp::histogram(imp::static_key!(RETRY_ATTEMPTS), f64::from(attempts));
         }
-        if let Some(reason) = stop {
-            if reason == "budget-exhausted" {
+        if let Some(stop) = stop {
+            if stop == crate::retry::RetryStop::BudgetExhausted {
                 imp::counter(imp::static_key!(RETRY_BUDGET_EXHAUSTED), 1);
             }
-            imp::counter(
-                &::metrics::Key::from_parts(
-                    RETRY_STOPS,
-                    vec![::metrics::Label::from_static_parts(label::REASON, reason)],
-                ),
-                1,
-            );
+            imp::counter(imp::stop_key!(RETRY_STOPS, label::REASON, stop), 1);
         }
     }
     #[cfg(not(feature = "metrics"))]

@@ -529,7 +529,7 @@ fn finish<R>(
     stop: Option<RetryStop>,
     shared: &Shared,
 ) -> Response<R> {
-    crate::metrics::retry_finished(attempts, stop.map(RetryStop::as_str));
+    crate::metrics::retry_finished(attempts, stop);
     if attempts > 1 || stop.is_some() {
         tracing::debug!(
             target: "llm_layers::retry",
