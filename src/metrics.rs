@@ -80,12 +80,15 @@
 //! |---|---|
 //! | `request_id` | the request's id (`x-request-id`), on the span the application opens per request |
 //! | `route` | the route's path, on that span too |
-//! | `model` | a model name: the client's, Debug-escaped |
+//! | `model` | a model name, where an event names one: the client's, Debug-escaped |
 //! | `key_id` | the key's id, Debug-escaped (never the secret) |
 //! | `code` | the [`ErrorCode`] string of a rejection or failure |
 //! | `attempt` | the retry layer's attempt number |
 //! | `layer` | the layer's kind, as the metrics' `layer` label: `auth`, `validate`, `rate_limit`, `retry`, `breaker`, `normalize` |
 //! | `name` | a breaker's configured name; `circuit` its circuit's key (Debug-escaped) |
+//!
+//! The rate limit logs its key as `key`, with `key_by` saying what it is (a key id, a client
+//! address, a model); header and custom keys, which may be credentials, are never logged.
 //!
 //! A request's own fields (`request_id`, `route`) belong on the span the application opens per
 //! request (the example gateway's `TraceLayer` span); the layers' events are recorded inside it

@@ -1,4 +1,5 @@
-//! What the breaker tells the world: tracing events and the callback hook.
+//! What the breaker tells the world: tracing events, metrics (`crate::metrics`) and the
+//! callback hook.
 
 use std::sync::Arc;
 use std::time::Duration;
