@@ -26,6 +26,7 @@
 //! | [`request`] | the parsed view of an LLM request and the request head, shared by the layers |
 //! | [`body`] | the crate body type `LayerBody` and the one bounded buffering future |
 //! | [`ext`] | values layers leave in extensions for each other |
+//! | [`metrics`] | the names every layer reports under: metrics through the `metrics` facade (feature `metrics`), tracing fields |
 //!
 //! Every layer answers its own rejections with an envelope *response*, so its error type stays
 //! the inner service's and it fits an axum router. Layers never depend on each other; they meet
@@ -66,6 +67,7 @@ pub mod config;
 pub mod error;
 pub mod ext;
 mod json;
+pub mod metrics;
 pub mod normalize;
 pub mod policy;
 #[cfg(feature = "rate-limit")]

@@ -513,3 +513,67 @@ async fn a_failing_probe_reopens_a_half_open_circuit_and_a_forced_mode_is_left_a
     }
     assert_eq!(handle.state(SINGLE_KEY), Some(CircuitState::Closed));
 }
+
+/// Probe results and the transitions they cause are metrics (feature `metrics`).
+#[cfg(feature = "metrics")]
+#[tokio::test(start_paused = true)]
+async fn probe_results_and_their_transitions_are_counted() {
+    use llm_layers::metrics::{BREAKER_HEALTH_CHECKS, BREAKER_TRANSITIONS};
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    // The probe task runs on this thread (a current-thread runtime), under this recorder.
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let _hold = HoldClock::new();
+    let up = upstream(503).await;
+    let base = format!("http://{}", up.addr);
+    let (layer, mut rx) = breaker();
+    let _task = layer
+        .handle()
+        .spawn_health_check(check(&base), common_hyper::client::<Empty<Bytes>>());
+    for n in 1..=3 {
+        if n > 1 {
+            advance(Duration::from_secs(11)).await;
+        }
+        assert_eq!(probe(&mut rx).await.0, ProbeResult::Failed);
+    }
+    transition(&mut rx).await;
+    up.status.store(200, Ordering::SeqCst);
+    advance(Duration::from_secs(11)).await;
+    assert_eq!(probe(&mut rx).await.0, ProbeResult::Passed);
+    transition(&mut rx).await;
+
+    let snapshot = snapshotter.snapshot().into_vec();
+    let count = |name: &str, labels: &[(&str, &str)]| {
+        snapshot.iter().find_map(|(key, _, _, value)| {
+            let key = key.key();
+            let same = key.name() == name
+                && key.labels().count() == labels.len()
+                && labels
+                    .iter()
+                    .all(|(k, v)| key.labels().any(|l| l.key() == *k && l.value() == *v));
+            match (same, value) {
+                (true, DebugValue::Counter(n)) => Some(*n),
+                _ => None,
+            }
+        })
+    };
+    let name = ("name", "probe-test");
+    assert_eq!(
+        count(BREAKER_HEALTH_CHECKS, &[name, ("result", "failed")]),
+        Some(3)
+    );
+    assert_eq!(
+        count(BREAKER_HEALTH_CHECKS, &[name, ("result", "passed")]),
+        Some(1)
+    );
+    let moved = |from, to, reason| {
+        count(
+            BREAKER_TRANSITIONS,
+            &[name, ("from", from), ("to", to), ("reason", reason)],
+        )
+    };
+    assert_eq!(moved("closed", "open", "health_check_failed"), Some(1));
+    assert_eq!(moved("open", "half_open", "health_check_passed"), Some(1));
+}

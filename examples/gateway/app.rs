@@ -690,8 +690,25 @@ pub fn router_with_auth<K: KeyStore>(
     app.with_state(upstream).layer(
         ServiceBuilder::new()
             .layer(SetRequestIdLayer::x_request_id(FastRequestId))
-            .layer(TraceLayer::new_for_http())
+            .layer(TraceLayer::new_for_http().make_span_with(request_span))
             .layer(PropagateRequestIdLayer::x_request_id()),
+    )
+}
+
+/// The span of one request, with the tracing fields of `llm_layers::metrics::field`:
+/// `request_id` (set or kept by the request-id layer outside) and `route` (the path, a client's
+/// string: Debug-escaped). The layers' events are recorded inside it; at `info`, so that the
+/// rejections logged at `info` carry it.
+fn request_span<B>(req: &Request<B>) -> tracing::Span {
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()));
+    tracing::info_span!(
+        "request",
+        method = %req.method(),
+        route = ?req.uri().path(),
+        request_id = ?request_id.as_deref().unwrap_or(""),
     )
 }
 

@@ -17,8 +17,13 @@
 //! `SIGHUP` and when the file changes (read every second). A file that is refused (the field
 //! is named on stdout) leaves the keys in force; requests in flight finish with the keys they
 //! started with.
+//!
+//! With the feature `metrics` (`cargo run --example gateway --features metrics`), `GET /metrics`
+//! answers the layers' metrics in the Prometheus text format (`metrics.rs`).
 
 mod app;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod mock;
 
 use std::net::SocketAddr;
@@ -283,6 +288,10 @@ async fn main() {
     .unwrap_or_else(|e| fail(format_args!("{source}: {e}")));
     let app = app::router_with_auth(&stack, &stack.auth().with_store(keys.clone()), upstream)
         .merge(app::status::router(&stack, gateway.admin.as_ref()));
+    #[cfg(feature = "metrics")]
+    let app = app.merge(metrics::router(
+        metrics::install().unwrap_or_else(|e| fail(e)),
+    ));
     if let Some(path) = &args.keys {
         let mut reloader = keys
             .watch_file(path, ReloadOptions::new())

@@ -217,8 +217,10 @@ const INSUFFICIENT_SCOPE: HeaderValue =
     HeaderValue::from_static("Bearer error=\"insufficient_scope\"");
 
 fn respond(err: ApiError, challenge: HeaderValue) -> Rejection {
-    tracing::debug!(
+    crate::metrics::auth_rejected(err.code(), challenge == BEARER);
+    tracing::info!(
         target: "llm_layers::auth",
+        layer = "auth",
         code = err.code().as_str(),
         error_message = ?err.message(),
         "request rejected"
@@ -345,7 +347,8 @@ pub(crate) fn admit<B>(
     record: Arc<KeyRecord>,
     present: MaybePresent,
 ) {
-    tracing::trace!(target: "llm_layers::auth", key_id = ?record.id(), "API key accepted");
+    crate::metrics::auth_ok();
+    tracing::trace!(target: "llm_layers::auth", layer = "auth", key_id = ?record.id(), "API key accepted");
     match &shared.forward {
         Forward::Strip => strip_credentials(req.headers_mut(), present),
         Forward::Keep => {}
@@ -382,7 +385,8 @@ pub(crate) fn decide<B, K>(
             ));
         }
         Err(e) => {
-            tracing::warn!(target: "llm_layers::auth", error = ?e.to_string(), "key store lookup failed");
+            crate::metrics::auth_rejected(ErrorCode::ServiceUnavailable, false);
+            tracing::warn!(target: "llm_layers::auth", layer = "auth", code = ErrorCode::ServiceUnavailable.as_str(), error = ?e.to_string(), "key store lookup failed");
             return Decision::Reject(
                 ApiError::new(
                     ErrorCode::ServiceUnavailable,
@@ -400,7 +404,7 @@ fn decide_token<B, K>(result: TokenResult, req: &Request<B>, shared: &Shared<K>)
     match result {
         Ok(record) => decide_record(record, req, shared),
         Err(TokenError::Invalid(why)) => {
-            tracing::debug!(target: "llm_layers::auth", reason = ?why, "bearer token refused");
+            tracing::debug!(target: "llm_layers::auth", layer = "auth", reason = ?why, "bearer token refused");
             Decision::Reject(respond(
                 ApiError::new(
                     ErrorCode::InvalidApiKey,
@@ -419,14 +423,15 @@ fn decide_token<B, K>(result: TokenResult, req: &Request<B>, shared: &Shared<K>)
             ),
             INVALID_TOKEN,
         )),
-        Err(TokenError::Unavailable) => Decision::Reject(
+        Err(TokenError::Unavailable) => Decision::Reject({
+            crate::metrics::auth_rejected(ErrorCode::ServiceUnavailable, false);
             ApiError::new(
                 ErrorCode::ServiceUnavailable,
                 "The access token could not be checked right now (the identity provider's keys \
                  are not available); try again shortly.",
             )
-            .to_response::<Bytes>(),
-        ),
+            .to_response::<Bytes>()
+        }),
     }
 }
 
@@ -437,7 +442,7 @@ fn decide_record<B, K>(record: Arc<KeyRecord>, req: &Request<B>, shared: &Shared
             "The API key {} has been revoked; a new key is needed.",
             masked(req, shared)
         );
-        tracing::debug!(target: "llm_layers::auth", key_id = ?record.id(), "revoked key");
+        tracing::debug!(target: "llm_layers::auth", layer = "auth", key_id = ?record.id(), "revoked key");
         return Decision::Reject(respond(
             ApiError::new(ErrorCode::RevokedApiKey, msg),
             INVALID_TOKEN,
@@ -451,7 +456,7 @@ fn decide_record<B, K>(record: Arc<KeyRecord>, req: &Request<B>, shared: &Shared
                 masked(req, shared),
                 format_rfc3339(at)
             );
-            tracing::debug!(target: "llm_layers::auth", key_id = ?record.id(), "expired key");
+            tracing::debug!(target: "llm_layers::auth", layer = "auth", key_id = ?record.id(), "expired key");
             return Decision::Reject(respond(
                 ApiError::new(ErrorCode::ExpiredApiKey, msg),
                 INVALID_TOKEN,
@@ -610,8 +615,13 @@ where
                         }
                         Err(failure) => {
                             let err = failure.error().to_api_error();
-                            tracing::debug!(
+                            crate::metrics::rejected_without_key(
+                                crate::metrics::layer::AUTH,
+                                err.code(),
+                            );
+                            tracing::info!(
                                 target: "llm_layers::auth",
+                                layer = "auth",
                                 code = err.code().as_str(),
                                 error_message = ?err.message(),
                                 "request rejected"

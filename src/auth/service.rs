@@ -112,6 +112,7 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        crate::metrics::request(crate::metrics::layer::AUTH);
         let (hash, present) = match extract(req.headers(), self.shared.accepted) {
             Ok((key, present)) => {
                 #[cfg(feature = "jwt")]

@@ -1,4 +1,5 @@
-//! What the breaker tells the world: tracing events and the callback hook.
+//! What the breaker tells the world: tracing events, metrics (`crate::metrics`) and the
+//! callback hook.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -234,6 +235,7 @@ impl FallbackOutcome {
 }
 
 pub(crate) fn emit(hook: &Option<super::config::EventHook>, ev: BreakerEvent) {
+    crate::metrics::breaker_event(&ev);
     match &ev {
         BreakerEvent::StateChanged {
             name,
@@ -244,9 +246,9 @@ pub(crate) fn emit(hook: &Option<super::config::EventHook>, ev: BreakerEvent) {
             open_for,
         } => {
             if *to == CircuitState::Open {
-                tracing::warn!(breaker = ?name, key = ?key, %from, %to, ?reason, open_for_ms = open_for.map(super::config::millis), "circuit opened");
+                tracing::warn!(layer = "breaker", name = ?name, circuit = ?key, %from, %to, ?reason, open_for_ms = open_for.map(super::config::millis), "circuit opened");
             } else {
-                tracing::info!(breaker = ?name, key = ?key, %from, %to, ?reason, "circuit state changed");
+                tracing::info!(layer = "breaker", name = ?name, circuit = ?key, %from, %to, ?reason, "circuit state changed");
             }
         }
         BreakerEvent::Rejected {
@@ -254,7 +256,7 @@ pub(crate) fn emit(hook: &Option<super::config::EventHook>, ev: BreakerEvent) {
             key,
             retry_after,
         } => {
-            tracing::debug!(breaker = ?name, key = ?key, retry_after_ms = retry_after.map(super::config::millis), "call rejected by open circuit");
+            tracing::debug!(layer = "breaker", name = ?name, circuit = ?key, retry_after_ms = retry_after.map(super::config::millis), "call rejected by open circuit");
         }
         BreakerEvent::Fallback {
             name,
@@ -264,7 +266,7 @@ pub(crate) fn emit(hook: &Option<super::config::EventHook>, ev: BreakerEvent) {
             reason,
             outcome,
         } => {
-            tracing::debug!(breaker = ?name, key = ?key, fallback = ?fallback, ok, reason = reason.as_str(), outcome = outcome.as_str(), "call degraded to fallback");
+            tracing::debug!(layer = "breaker", name = ?name, circuit = ?key, fallback = ?fallback, ok, reason = reason.as_str(), outcome = outcome.as_str(), "call degraded to fallback");
         }
         BreakerEvent::HealthCheck {
             name,
@@ -275,13 +277,13 @@ pub(crate) fn emit(hook: &Option<super::config::EventHook>, ev: BreakerEvent) {
             consecutive_failures,
         } => match result {
             ProbeResult::Passed => {
-                tracing::debug!(breaker = ?name, key = ?key, %result, status, elapsed_ms = super::config::millis(*elapsed), "health check")
+                tracing::debug!(layer = "breaker", name = ?name, circuit = ?key, %result, status, elapsed_ms = super::config::millis(*elapsed), "health check")
             }
             ProbeResult::Inconclusive => {
-                tracing::warn!(breaker = ?name, key = ?key, %result, status, "health check refused by the upstream; check the probe's path and key")
+                tracing::warn!(layer = "breaker", name = ?name, circuit = ?key, %result, status, "health check refused by the upstream; check the probe's path and key")
             }
             _ => {
-                tracing::info!(breaker = ?name, key = ?key, %result, status, consecutive_failures, "health check failed")
+                tracing::info!(layer = "breaker", name = ?name, circuit = ?key, %result, status, consecutive_failures, "health check failed")
             }
         },
     }

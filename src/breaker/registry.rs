@@ -386,7 +386,7 @@ impl BreakerHandle {
             .common
             .mode
             .store(mode.to_u8(), Ordering::Relaxed);
-        tracing::info!(breaker = ?self.name(), ?mode, "breaker mode set");
+        tracing::info!(layer = "breaker", name = ?self.name(), ?mode, "breaker mode set");
     }
 
     /// Sets the mode of the circuit for `key`, creating the circuit if needed (so a key can be
@@ -399,7 +399,7 @@ impl BreakerHandle {
             self.shared.circuit(key)
         };
         c.mode.store(mode.to_u8(), Ordering::Relaxed);
-        tracing::info!(breaker = ?self.name(), key = ?c.key, ?mode, "circuit mode set");
+        tracing::info!(layer = "breaker", name = ?self.name(), circuit = ?c.key, ?mode, "circuit mode set");
     }
 
     /// Closes the circuit for `key` and forgets its window. Returns `false` when no such

@@ -117,6 +117,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        crate::metrics::request(crate::metrics::layer::BREAKER);
         let inner = self.inner.clone();
         let cfg = self.shared.config();
         if cfg.walk_on_answer
@@ -291,12 +292,14 @@ pub(crate) fn refusal_error(cfg: &Config, key: &str, refusal: Refusal) -> ApiErr
 /// [`RefusedLocally::CIRCUIT_BREAKER`] beside its [`ApiError`] so that a retry layer outside
 /// answers at once instead of sleeping on the `retry-after` of a local state.
 pub(crate) fn refusal_response<B: From<Bytes>>(err: &ApiError) -> Response<B> {
+    crate::metrics::rejected_without_key(crate::metrics::layer::BREAKER, err.code());
     let mut res = err.to_response();
     res.extensions_mut().insert(RefusedLocally::CIRCUIT_BREAKER);
     res
 }
 
 pub(crate) fn note_rejection(cfg: &Config, circuit: &Circuit, refusal: Refusal) {
+    crate::metrics::breaker_refused(&cfg.name, &circuit.key);
     let retry_after = match refusal {
         Refusal::Open(d) | Refusal::Probing(d) => Some(d),
         Refusal::Forced => None,
@@ -311,7 +314,7 @@ pub(crate) fn note_rejection(cfg: &Config, circuit: &Circuit, refusal: Refusal) 
             },
         );
     } else {
-        tracing::debug!(breaker = ?cfg.name, key = ?circuit.key, retry_after_ms = retry_after.map(super::config::millis), "call rejected by open circuit");
+        tracing::debug!(layer = "breaker", name = ?cfg.name, circuit = ?circuit.key, retry_after_ms = retry_after.map(super::config::millis), "call rejected by open circuit");
     }
 }
 

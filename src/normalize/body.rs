@@ -438,7 +438,8 @@ where
                         // dialect, and the stream ends.
                         *this.done = true;
                         let api = expired.error();
-                        tracing::debug!(code = %api.code(), timer = ?expired, "stream timed out");
+                        crate::metrics::classified(&api);
+                        tracing::debug!(layer = "normalize", code = %api.code(), timer = ?expired, "stream timed out");
                         let out = terminal(this.framer, &api, this.timers.dialect);
                         // Layers further out that record outcomes read how it ended.
                         *this.queued = Some(Frame::trailers(crate::policy::stream_error_trailers(
@@ -484,7 +485,8 @@ where
                         ErrorCode::ServiceUnavailable,
                         "The upstream stream broke off before it finished.",
                     );
-                    tracing::debug!(code = %api.code(), "upstream stream broke off");
+                    crate::metrics::classified(&api);
+                    tracing::debug!(layer = "normalize", code = %api.code(), "upstream stream broke off");
                     // What was held goes out as it came; the event starts on a line of its
                     // own.
                     let mid_line = this.framer.mid_line();
@@ -784,7 +786,8 @@ fn rewritten(line: &[u8], events: &SseEvents) -> Option<Bytes> {
         let (classifier, status, headers) = &**rules;
         err = classifier.apply(*status, headers, data, err);
     }
-    tracing::debug!(code = %err.code(), "rewrote an in-band stream error");
+    crate::metrics::classified(&err);
+    tracing::debug!(layer = "normalize", code = %err.code(), "rewrote an in-band stream error");
     events.saw(err.code());
     let envelope = if events.expose_upstream {
         let opts = EnvelopeOptions::new().expose_upstream(true);

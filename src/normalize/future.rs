@@ -155,7 +155,7 @@ where
                         Err(e) => {
                             // Any error type: a tower `Elapsed` in a `BoxError` is a timeout.
                             let err = classify_error(e);
-                            tracing::debug!(code = %err.code(), "upstream transport error");
+                            tracing::debug!(layer = "normalize", code = %err.code(), "upstream transport error");
                             return Poll::Ready(Ok(envelope(&err, None, this.options)));
                         }
                     };
@@ -288,6 +288,7 @@ where
                             Poll::Pending if deadline.expired(cx) => {
                                 // So is a body that does not arrive in time.
                                 tracing::debug!(
+                                    layer = "normalize",
                                     upstream_status = status.as_u16(),
                                     read = buf.len(),
                                     "upstream error body timed out"
@@ -306,6 +307,7 @@ where
                         },
                     );
                     tracing::debug!(
+                        layer = "normalize",
                         code = %err.code(),
                         upstream_status = status.as_u16(),
                         "normalized upstream error"
@@ -384,7 +386,7 @@ where
                         if let Some(err) =
                             classify_with(this.classifier, parts.status, &parts.headers, &held)
                         {
-                            tracing::debug!(code = %err.code(), "normalized an error inside a 200");
+                            tracing::debug!(layer = "normalize", code = %err.code(), "normalized an error inside a 200");
                             return Poll::Ready(Ok(envelope(
                                 &err,
                                 Some(&parts.headers),
@@ -447,7 +449,7 @@ where
                                     Expired::FirstEvent
                                 };
                                 let err = which.error();
-                                tracing::debug!(code = %err.code(), timer = ?which, "held stream timed out");
+                                tracing::debug!(layer = "normalize", code = %err.code(), timer = ?which, "held stream timed out");
                                 let parts = parts.as_ref().map(|p| &p.headers);
                                 return Poll::Ready(Ok(envelope(&err, parts, opts)));
                             }
@@ -520,7 +522,7 @@ where
                         }
                     };
                     if let Some(err) = err {
-                        tracing::debug!(code = %err.code(), "a stream's first event was an error");
+                        tracing::debug!(layer = "normalize", code = %err.code(), "a stream's first event was an error");
                         return Poll::Ready(Ok(envelope(&err, Some(&parts.headers), opts)));
                     }
                     // The first event is not an error: the head and the held bytes go on, and
@@ -687,6 +689,7 @@ fn envelope<B>(
     upstream: Option<&HeaderMap>,
     options: &NormalizeOptions,
 ) -> Response<NormalizeBody<B>> {
+    crate::metrics::classified(err);
     let mut res: Response<NormalizeBody<B>> = err.to_response_with(options.envelope());
     if let Some(upstream) = upstream {
         let headers = res.headers_mut();

@@ -80,6 +80,7 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        crate::metrics::request(crate::metrics::layer::NORMALIZE);
         let head = req.method() == http::Method::HEAD;
         // `None` when no rules are set: nothing is cloned.
         let classifier = self.classifier.clone();

@@ -807,6 +807,7 @@ impl Meter {
             Kind::Skipped => {}
         }
         if let (Some(actual), false) = (self.usage.tokens(), self.settled) {
+            crate::metrics::token_usage(self.usage.input, self.usage.output);
             self.charge.settle(actual);
         }
         self.settled = true;

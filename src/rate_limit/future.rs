@@ -164,19 +164,30 @@ where
     S: Service<Request<LayerBody<B>>>,
 {
     match decision {
-        Ok(admitted) => State::Readying {
-            req: Some(req),
-            admitted: Some(admitted),
-        },
+        Ok(admitted) => {
+            crate::metrics::rate_limit_admitted(admitted.charge.as_ref().map(|c| c.charged()));
+            State::Readying {
+                req: Some(req),
+                admitted: Some(admitted),
+            }
+        }
         Err(rejected) => match (shared.mode, rejected.wait) {
             (OnLimit::Wait(max), Some(w)) if waited.saturating_add(w) <= max => {
                 *waited = waited.saturating_add(w);
+                crate::metrics::rate_limit_wait(w);
                 State::Paused {
                     wait: w,
                     req: Some(req),
                 }
             }
-            _ => done(rejected.into_response()),
+            _ => {
+                crate::metrics::rejected(
+                    crate::metrics::layer::RATE_LIMIT,
+                    rejected.error.code(),
+                    req.extensions(),
+                );
+                done(rejected.into_response())
+            }
         },
     }
 }

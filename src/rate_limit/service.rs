@@ -66,6 +66,7 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        crate::metrics::request(crate::metrics::layer::RATE_LIMIT);
         let shared = self.shared.clone();
         if shared.needs_view(req.extensions()) && may_be_json(req.headers()) {
             // Read the body to estimate tokens (or to key by model) before anything else.

@@ -129,6 +129,7 @@ impl InflightGuard {
     /// A guard for slots held in the shared store.
     #[cfg(feature = "redis")]
     pub(super) fn remote(shared: Arc<Shared>, release: super::redis::Release) -> Self {
+        crate::metrics::rate_limit_in_flight(1);
         InflightGuard {
             shared,
             key: None,
@@ -140,6 +141,7 @@ impl InflightGuard {
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
+        crate::metrics::rate_limit_in_flight(-1);
         #[cfg(feature = "redis")]
         if let Some(release) = self.remote.take() {
             release.release();
@@ -169,6 +171,7 @@ impl TokenCharge {
     /// Charges an overrun, or credits unused tokens back.
     pub(crate) fn settle(&self, actual: u64) {
         let actual = actual.min(MAX_USAGE);
+        crate::metrics::rate_limit_settled(self.charged, actual);
         #[cfg(feature = "redis")]
         if let Some(remote) = &self.remote {
             remote.settle(self.charged, actual);
@@ -464,8 +467,9 @@ impl Shared {
 
     pub(super) fn log_refusal(&self, key: &RateKey, error: &ApiError) {
         let hidden = self.hides_keys();
-        tracing::debug!(
+        tracing::info!(
             target: "llm_layers::rate_limit",
+            layer = "rate_limit",
             key_by = self.key_kind_name(),
             key = ?LogKey { key, hidden },
             code = error.code().as_str(),
@@ -517,6 +521,7 @@ impl Shared {
                 #[cfg(feature = "redis")]
                 remote: None,
             };
+            crate::metrics::rate_limit_in_flight(1);
             if let Some(cap) = plan.concurrency {
                 if !self.inflight.acquire(&key, cap) {
                     return Err(reject(concurrent(cap, false), None, &plan));

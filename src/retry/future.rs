@@ -467,8 +467,10 @@ where
     /// Starts the wait before the next attempt.
     fn schedule(&mut self, delay: Duration, err: &ApiError) {
         let attempt = *self.attempt;
+        crate::metrics::retry_scheduled(err.code());
         tracing::debug!(
             target: "llm_layers::retry",
+            layer = "retry",
             attempt,
             delay_ms = delay.as_millis() as u64,
             code = err.code().as_str(),
@@ -530,9 +532,11 @@ fn finish<R>(
     stop: Option<RetryStop>,
     shared: &Shared,
 ) -> Response<R> {
+    crate::metrics::retry_finished(attempts, stop);
     if attempts > 1 || stop.is_some() {
         tracing::debug!(
             target: "llm_layers::retry",
+            layer = "retry",
             attempts,
             status = res.status().as_u16(),
             stop = stop.map(RetryStop::as_str),
@@ -581,6 +585,7 @@ fn local_rejection<R>(err: &ApiError, shared: &Shared) -> Response<LayerBody<R>>
 fn log_stop(attempt: u32, stop: RetryStop, err: &ApiError) {
     tracing::debug!(
         target: "llm_layers::retry",
+        layer = "retry",
         attempt,
         reason = stop.as_str(),
         code = err.code().as_str(),

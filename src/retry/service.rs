@@ -58,6 +58,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        crate::metrics::request(crate::metrics::layer::RETRY);
         // A fresh, un-ready clone: the future drives its readiness after buffering.
         ResponseFuture::new(self.inner.clone(), self.shared.clone(), req)
     }

@@ -161,6 +161,11 @@ where
                     let error = error
                         .take()
                         .expect("ResponseFuture polled after completion");
+                    crate::metrics::rejected_without_key(
+                        crate::metrics::layer::VALIDATE,
+                        error.code(),
+                    );
+                    tracing::info!(target: "llm_layers::validate", layer = "validate", code = error.code().as_str(), param = ?error.param(), "request rejected");
                     return Poll::Ready(Ok(error.to_response()));
                 }
                 StateProj::Parsing { ensure } => {

@@ -69,6 +69,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        crate::metrics::request(crate::metrics::layer::VALIDATE);
         // Each call gets a fresh clone, driven to readiness by the future; `self.inner` is never
         // polled.
         let inner = &self.inner;
