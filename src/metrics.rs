@@ -46,6 +46,7 @@
 //! | [`RATE_LIMIT_TOKENS`] `llm_layers.rate_limit.tokens` | counter | `kind` | tokens `charged` (at admission and for overruns) and `refunded` (estimate above the reported usage) |
 //! | [`RATE_LIMIT_IN_FLIGHT`] `llm_layers.rate_limit.in_flight` | gauge | — | requests holding a concurrency slot (layers with a concurrency cap) |
 //! | [`NORMALIZE_CLASSIFICATIONS`] `llm_layers.normalize.classifications` | counter | `code`, `provider` | upstream failures the normalizer turned into envelopes, at the head or in a stream |
+//! | [`OPERATION_DURATION`] `gen_ai.client.operation.duration` | histogram | `gen_ai.operation.name`, `error.type` (failures only) | seconds from the normalizer's call to the answer's head (for a held stream, its first event), per attempt: `chat` (chat completions and Responses), `text_completion`, `embeddings`, `other`; `error.type` is the envelope's code |
 //! | [`TOKEN_USAGE`] `gen_ai.client.token.usage` | histogram | `gen_ai.token.type` | tokens per answer as its `usage` reports them (read by a rate-limit layer with a token limit) |
 //!
 //! # Labels and their cardinality
@@ -153,6 +154,9 @@ pub const BREAKER_REJECTIONS: &str = "llm_layers.breaker.rejections";
 pub const BREAKER_FALLBACKS: &str = "llm_layers.breaker.fallbacks";
 /// Probe rounds that decided a half-open circuit; labels `name`, `result`.
 pub const BREAKER_PROBES: &str = "llm_layers.breaker.probes";
+/// The time of one call to the upstream, in seconds (OpenTelemetry GenAI); labels
+/// `gen_ai.operation.name` and, for a failure, `error.type`.
+pub const OPERATION_DURATION: &str = "gen_ai.client.operation.duration";
 /// Active health-check probes by result.
 pub const BREAKER_HEALTH_CHECKS: &str = "llm_layers.breaker.health_checks";
 /// Requests a rate-limit layer admitted.
@@ -186,6 +190,7 @@ pub const ALL: &[&str] = &[
     BREAKER_FALLBACKS,
     BREAKER_PROBES,
     BREAKER_HEALTH_CHECKS,
+    OPERATION_DURATION,
     RATE_LIMIT_ADMISSIONS,
     RATE_LIMIT_WAITS,
     RATE_LIMIT_WAIT,
@@ -225,6 +230,86 @@ pub mod label {
     pub const PROVIDER: &str = "provider";
     /// `input` or `output` (OpenTelemetry GenAI).
     pub const TOKEN_TYPE: &str = "gen_ai.token.type";
+    /// `chat`, `text_completion`, `embeddings` or `other` (OpenTelemetry GenAI).
+    pub const OPERATION_NAME: &str = "gen_ai.operation.name";
+    /// The code of a failed operation (OpenTelemetry's `error.type`).
+    pub const ERROR_TYPE: &str = "error.type";
+}
+
+/// Times one call to the upstream for [`OPERATION_DURATION`]: started when the normalizer is
+/// called, recorded when its answer's head is ready. Zero-sized, and nothing, without the
+/// `metrics` feature.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OperationTimer {
+    #[cfg(feature = "metrics")]
+    start: tokio::time::Instant,
+    #[cfg(feature = "metrics")]
+    operation: &'static str,
+}
+
+impl OperationTimer {
+    /// Starts timing a call to `path`.
+    #[inline]
+    pub(crate) fn start(path: &str) -> OperationTimer {
+        #[cfg(feature = "metrics")]
+        {
+            use crate::request::Endpoint;
+            let operation = match Endpoint::from_path(path) {
+                Endpoint::ChatCompletions | Endpoint::Responses => "chat",
+                Endpoint::Completions => "text_completion",
+                Endpoint::Embeddings => "embeddings",
+                _ => OTHER,
+            };
+            OperationTimer {
+                start: tokio::time::Instant::now(),
+                operation,
+            }
+        }
+        #[cfg(not(feature = "metrics"))]
+        {
+            let _ = path;
+            OperationTimer {}
+        }
+    }
+
+    /// Records the call's time; `error` is the code of a failed answer.
+    #[inline]
+    pub(crate) fn finish(&self, error: Option<ErrorCode>) {
+        #[cfg(feature = "metrics")]
+        {
+            let seconds = self.start.elapsed().as_secs_f64();
+            match (error, self.operation) {
+                (None, "chat") => imp::histogram(
+                    imp::static_key!(OPERATION_DURATION, label::OPERATION_NAME => "chat"),
+                    seconds,
+                ),
+                (None, "text_completion") => imp::histogram(
+                    imp::static_key!(OPERATION_DURATION, label::OPERATION_NAME => "text_completion"),
+                    seconds,
+                ),
+                (None, "embeddings") => imp::histogram(
+                    imp::static_key!(OPERATION_DURATION, label::OPERATION_NAME => "embeddings"),
+                    seconds,
+                ),
+                (None, _) => imp::histogram(
+                    imp::static_key!(OPERATION_DURATION, label::OPERATION_NAME => OTHER),
+                    seconds,
+                ),
+                (Some(code), operation) => imp::histogram(
+                    &::metrics::Key::from_parts(
+                        OPERATION_DURATION,
+                        vec![
+                            ::metrics::Label::from_static_parts(label::OPERATION_NAME, operation),
+                            ::metrics::Label::from_static_parts(label::ERROR_TYPE, code.as_str()),
+                        ],
+                    ),
+                    seconds,
+                ),
+            }
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = error;
+    }
 }
 
 /// The values of the `layer` label (and of the `layer` tracing field for layers with no

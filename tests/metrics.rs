@@ -464,3 +464,77 @@ async fn a_circuits_probes_transitions_and_state_are_recorded() {
         Some(0.0)
     );
 }
+
+/// `gen_ai.client.operation.duration`: each call through the normalizer, to its answer's head,
+/// by operation, with the code of a failure (paused time: the durations are exact).
+#[tokio::test(start_paused = true)]
+async fn each_call_to_the_upstream_is_timed_by_operation_and_error() {
+    use std::time::Duration;
+
+    use llm_layers::metrics::OPERATION_DURATION;
+    use llm_layers::normalize::NormalizeErrorsLayer;
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use tower::{Layer, ServiceExt};
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    // An upstream that takes 2 s for chat, 1 s for embeddings, and fails with 503 for
+    // `/v1/completions` after 3 s.
+    let upstream = tower::service_fn(|req: http::Request<String>| async move {
+        let (wait, status) = match req.uri().path() {
+            "/v1/chat/completions" => (2, 200),
+            "/v1/embeddings" => (1, 200),
+            _ => (3, 503),
+        };
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        Ok::<_, std::convert::Infallible>(
+            http::Response::builder()
+                .status(status)
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+                .unwrap(),
+        )
+    });
+    let svc = NormalizeErrorsLayer::new().layer(upstream);
+    for path in [
+        "/v1/chat/completions",
+        "/v1/chat/completions",
+        "/v1/embeddings",
+        "/v1/completions",
+    ] {
+        let req = http::Request::post(path).body(String::new()).unwrap();
+        svc.clone().oneshot(req).await.unwrap();
+    }
+    let snapshot = snapshotter.snapshot().into_vec();
+    let samples = |labels: &[(&str, &str)]| {
+        snapshot.iter().find_map(|(key, _, _, value)| {
+            let key = key.key();
+            let same = key.name() == OPERATION_DURATION
+                && key.labels().count() == labels.len()
+                && labels
+                    .iter()
+                    .all(|(k, v)| key.labels().any(|l| l.key() == *k && l.value() == *v));
+            match (same, value) {
+                (true, DebugValue::Histogram(v)) => {
+                    Some(v.iter().map(|f| f.into_inner()).collect::<Vec<f64>>())
+                }
+                _ => None,
+            }
+        })
+    };
+    assert_eq!(
+        samples(&[("gen_ai.operation.name", "chat")]),
+        Some(vec![2.0, 2.0])
+    );
+    assert_eq!(
+        samples(&[("gen_ai.operation.name", "embeddings")]),
+        Some(vec![1.0])
+    );
+    assert_eq!(
+        samples(&[
+            ("gen_ai.operation.name", "text_completion"),
+            ("error.type", "service_unavailable")
+        ]),
+        Some(vec![3.0])
+    );
+}

@@ -13,7 +13,7 @@ use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use llm_layers::metrics::{RATE_LIMIT_WAIT, RETRY_ATTEMPTS, TOKEN_USAGE};
+use llm_layers::metrics::{OPERATION_DURATION, RATE_LIMIT_WAIT, RETRY_ATTEMPTS, TOKEN_USAGE};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
@@ -22,9 +22,10 @@ use metrics_exporter_prometheus::{
 pub const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// The exporter's settings: the layers' histograms as Prometheus histograms with buckets that
-/// fit them (attempts per request, tokens per answer, seconds of a rate-limit wait).
+/// fit them (attempts per request, tokens per answer, seconds of a rate-limit wait, seconds of
+/// a call upstream: the OpenTelemetry GenAI conventions' advised buckets).
 fn builder() -> PrometheusBuilder {
-    let buckets: [(&str, &[f64]); 3] = [
+    let buckets: [(&str, &[f64]); 4] = [
         (RETRY_ATTEMPTS, &[1.0, 2.0, 3.0, 5.0, 10.0]),
         (
             TOKEN_USAGE,
@@ -33,6 +34,13 @@ fn builder() -> PrometheusBuilder {
             ],
         ),
         (RATE_LIMIT_WAIT, &[0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 30.0]),
+        (
+            OPERATION_DURATION,
+            &[
+                0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96,
+                81.92,
+            ],
+        ),
     ];
     buckets
         .into_iter()

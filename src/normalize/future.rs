@@ -31,6 +31,8 @@ pin_project! {
         head: bool,
         // The application's rules, if any.
         classifier: Option<Arc<Classifier>>,
+        // `gen_ai.client.operation.duration` (zero-sized without the `metrics` feature).
+        timer: crate::metrics::OperationTimer,
     }
 }
 
@@ -127,12 +129,14 @@ impl<F, B> ResponseFuture<F, B> {
         options: NormalizeOptions,
         head: bool,
         classifier: Option<Arc<Classifier>>,
+        timer: crate::metrics::OperationTimer,
     ) -> Self {
         ResponseFuture {
             state: State::Calling { fut },
             options,
             head,
             classifier,
+            timer,
         }
     }
 }
@@ -145,7 +149,27 @@ where
 {
     type Output = Result<Response<NormalizeBody<B>>, E>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let out = ready!(self.as_mut().poll_answer(cx));
+        if let Ok(res) = &out {
+            let code = res.extensions().get::<ApiError>().map(ApiError::code);
+            self.project().timer.finish(code);
+        }
+        Poll::Ready(out)
+    }
+}
+
+impl<F, B, E> ResponseFuture<F, B>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+    B: Body<Data = Bytes>,
+{
+    /// The answer: the inner service's, or the envelope it was turned into.
+    fn poll_answer(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Response<NormalizeBody<B>>, E>> {
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
