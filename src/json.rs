@@ -150,6 +150,29 @@ pub(crate) fn visit_str<'de, V: Visitor<'de>>(
     }
 }
 
+/// Reads a `T` from the JSON document `body` as serde_json would: this reader first, serde_json
+/// when this reader refuses (so the answer is always serde_json's).
+#[cfg_attr(not(feature = "rate-limit"), allow(dead_code))] // the usage meter's
+pub(crate) fn from_slice<'de, T: de::Deserialize<'de>>(
+    body: &'de [u8],
+) -> Result<T, serde_json::Error> {
+    if let Ok(text) = simdutf8::basic::from_utf8(body) {
+        let mut de = Deserializer {
+            text,
+            pos: 0,
+            scratch: String::new(),
+            depth: 0,
+            count: false,
+        };
+        if let Ok(value) = T::deserialize(&mut de) {
+            if de.ws().is_none() {
+                return Ok(value);
+            }
+        }
+    }
+    serde_json::from_slice(body)
+}
+
 /// The reader: a position in the text and a reused buffer for unescaped strings.
 pub(crate) struct Deserializer<'de> {
     text: &'de str,

@@ -228,7 +228,7 @@ impl Usage {
     /// Reads one JSON document (an object, or an array of objects) into the usage. A document
     /// that does not parse reports nothing.
     fn read(&mut self, json: &[u8]) {
-        if let Ok(Doc(u)) = serde_json::from_slice::<Doc>(json) {
+        if let Ok(Doc(u)) = crate::json::from_slice::<Doc>(json) {
             // Figures of one document overwrite the earlier ones, field by field.
             for (slot, v) in [
                 (&mut self.total, u.total),
