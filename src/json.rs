@@ -1,18 +1,27 @@
 //! A lean serde [`Deserializer`](serde::Deserializer) for the crate's own request parses
-//! ([`RequestView`](crate::request::RequestView), validation's fields).
+//! ([`RequestView`](crate::request::RequestView), validation's fields, the rate limiter's usage
+//! meter).
 //!
 //! # Why not only serde_json
 //!
 //! The request parses read a handful of fields and skip the rest of a body that is mostly
 //! text. serde_json's reader finds the end of a string eight bytes at a time and copies a
 //! string into its scratch space escape by escape; most of a request parse was spent there.
-//! This reader finds the end of a string with `memchr` (vectorized, the crate serde_json
-//! itself depends on), checks the run for control characters in one pass the compiler
-//! vectorizes, and unescapes into one reused buffer. It reads text that is already known to
-//! be UTF-8 (`&str`), so it never checks encoding again; a text it counts ([`COUNTED`]) is
-//! counted as its end is found, without unescaping it.
+//! This reader looks at the first sixteen bytes of a run of string bytes eight at a time in a
+//! word (keys, short values and the text between two escapes end there), finds the end of a
+//! longer run with `memchr` (vectorized; serde_json itself depends on it), checks that run for
+//! control characters in one pass the compiler vectorizes, and unescapes into one reused
+//! buffer. It reads text already checked to be UTF-8 (`&str`, checked once for the whole body
+//! with `simdutf8`), so it never checks encoding again. A text a visitor asks to have counted
+//! ([`COUNTED`]) is counted, characters and CJK characters as
+//! [`CharEstimator`](crate::request::CharEstimator) counts them, in the same pass that finds its
+//! end, from the escaped text, without unescaping or copying it.
 //!
-//! # The contract
+//! Why these crates: `memchr` is already in every build through serde_json; `simdutf8` is the
+//! small, widely used SIMD UTF-8 check (runtime CPU detection, a scalar fallback), several times
+//! faster than `std::str::from_utf8` on the non-ASCII text prompts carry.
+//!
+# The contract
 //!
 //! It accepts only JSON that serde_json accepts, and may refuse more: nesting deeper than 128
 //! levels, a number beyond `f64`, a lone surrogate in a string it unescapes. Its error says
