@@ -21,7 +21,7 @@
 //! small, widely used SIMD UTF-8 check (runtime CPU detection, a scalar fallback), several times
 //! faster than `std::str::from_utf8` on the non-ASCII text prompts carry.
 //!
-# The contract
+//! # The contract
 //!
 //! It accepts only JSON that serde_json accepts, and may refuse more: nesting deeper than 128
 //! levels, a number beyond `f64`, a lone surrogate in a string it unescapes. Its error says
