@@ -208,6 +208,9 @@ pub mod label {
     pub const CODE: &str = "code";
     /// A key id (bounded), `none` when no key was established.
     pub const KEY_ID: &str = "key_id";
+    /// A route's template ([`Route`](crate::ext::Route), bounded); absent when the request
+    /// carried none.
+    pub const ROUTE: &str = "route";
     /// An authentication outcome.
     pub const OUTCOME: &str = "outcome";
     /// A retry stop reason, or a circuit transition's reason.
@@ -239,18 +242,20 @@ pub mod label {
 /// Times one call to the upstream for [`OPERATION_DURATION`]: started when the normalizer is
 /// called, recorded when its answer's head is ready. Zero-sized, and nothing, without the
 /// `metrics` feature.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct OperationTimer {
     #[cfg(feature = "metrics")]
     start: tokio::time::Instant,
     #[cfg(feature = "metrics")]
     operation: &'static str,
+    // The request's route and key (for the classifications counted at the head).
+    labels: RequestLabels,
 }
 
 impl OperationTimer {
-    /// Starts timing a call to `path`.
+    /// Starts timing a call to `path`, with the route its extensions name.
     #[inline]
-    pub(crate) fn start(path: &str) -> OperationTimer {
+    pub(crate) fn start(path: &str, ext: &http::Extensions) -> OperationTimer {
         #[cfg(feature = "metrics")]
         {
             use crate::request::Endpoint;
@@ -263,13 +268,22 @@ impl OperationTimer {
             OperationTimer {
                 start: tokio::time::Instant::now(),
                 operation,
+                labels: RequestLabels::capture(ext),
             }
         }
         #[cfg(not(feature = "metrics"))]
         {
             let _ = path;
-            OperationTimer {}
+            OperationTimer {
+                labels: RequestLabels::capture(ext),
+            }
         }
+    }
+
+    /// The labels of the request timed: its route and key.
+    #[inline]
+    pub(crate) fn labels(&self) -> &RequestLabels {
+        &self.labels
     }
 
     /// Records the call's time; `error` is the code of a failed answer.
@@ -278,6 +292,10 @@ impl OperationTimer {
         #[cfg(feature = "metrics")]
         {
             let seconds = self.start.elapsed().as_secs_f64();
+            if let Some(route) = self.labels.route.as_deref() {
+                imp::route_duration(route, self.operation, error, seconds);
+                return;
+            }
             match (error, self.operation) {
                 (None, "chat") => imp::histogram(
                     imp::static_key!(OPERATION_DURATION, label::OPERATION_NAME => "chat"),
@@ -309,6 +327,93 @@ impl OperationTimer {
         }
         #[cfg(not(feature = "metrics"))]
         let _ = error;
+    }
+}
+
+/// What a layer's rejection and classification counts say about the request: the key id the
+/// auth layer established and the [`Route`](crate::ext::Route), taken from the request's
+/// extensions when the layer is called (a layer that answers later no longer holds them).
+/// With the `metrics` feature two `Arc<str>` clones (no allocation); without it zero-sized,
+/// and nothing.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RequestLabels {
+    #[cfg(feature = "metrics")]
+    key_id: Option<std::sync::Arc<str>>,
+    #[cfg(feature = "metrics")]
+    route: Option<std::sync::Arc<str>>,
+}
+
+impl RequestLabels {
+    /// No key and no route (`key_id="none"`, no `route` label).
+    #[allow(dead_code)] // not every layer set needs it
+    pub(crate) const NONE: RequestLabels = RequestLabels {
+        #[cfg(feature = "metrics")]
+        key_id: None,
+        #[cfg(feature = "metrics")]
+        route: None,
+    };
+
+    /// The key id and the route the extensions hold.
+    #[inline]
+    pub(crate) fn capture(ext: &http::Extensions) -> RequestLabels {
+        #[cfg(feature = "metrics")]
+        {
+            RequestLabels {
+                key_id: ext
+                    .get::<crate::ext::KeyIdentity>()
+                    .map(|k| k.id_arc().clone()),
+                route: ext.get::<crate::ext::Route>().map(|r| r.as_arc().clone()),
+            }
+        }
+        #[cfg(not(feature = "metrics"))]
+        {
+            let _ = ext;
+            RequestLabels {}
+        }
+    }
+
+    /// The route the extensions hold, and no key (`key_id="none"`): the auth layer's, which
+    /// refuses the key it was given.
+    #[inline]
+    pub(crate) fn route_only(ext: &http::Extensions) -> RequestLabels {
+        #[cfg(feature = "metrics")]
+        {
+            RequestLabels {
+                key_id: None,
+                route: ext.get::<crate::ext::Route>().map(|r| r.as_arc().clone()),
+            }
+        }
+        #[cfg(not(feature = "metrics"))]
+        {
+            let _ = ext;
+            RequestLabels {}
+        }
+    }
+
+    /// Counts one rejection by `layer` with `code`, with this key id and route.
+    #[inline]
+    pub(crate) fn rejected(&self, layer: &'static str, code: ErrorCode) {
+        #[cfg(feature = "metrics")]
+        imp::rejected(
+            layer,
+            code,
+            match self.key_id.as_deref() {
+                Some(id) => imp::KEY_IDS.label(id),
+                None => ::metrics::SharedString::const_str(NO_KEY),
+            },
+            self.route.as_deref(),
+        );
+        #[cfg(not(feature = "metrics"))]
+        let _ = (layer, code);
+    }
+
+    /// Counts one upstream failure the normalizer classified, with this route.
+    #[inline]
+    pub(crate) fn classified(&self, err: &crate::ApiError) {
+        #[cfg(feature = "metrics")]
+        imp::classified(err, self.route.as_deref());
+        #[cfg(not(feature = "metrics"))]
+        let _ = err;
     }
 }
 
@@ -373,7 +478,7 @@ use crate::ErrorCode;
 
 #[cfg(feature = "metrics")]
 mod imp {
-    use std::collections::HashSet;
+    use std::collections::{HashMap, HashSet};
     use std::sync::{Arc, Mutex, OnceLock};
 
     use ::metrics::{Key, Label, Level, Metadata, SharedString};
@@ -493,16 +598,127 @@ mod imp {
         }
     }
 
-    pub(super) fn rejected(layer: &'static str, code: ErrorCode, key_id: SharedString) {
-        let key = Key::from_parts(
-            super::REJECTIONS,
-            vec![
-                Label::from_static_parts(label::LAYER, layer),
-                Label::from_static_parts(label::CODE, code.as_str()),
-                Label::new(label::KEY_ID, key_id),
-            ],
+    pub(super) fn rejected(
+        layer: &'static str,
+        code: ErrorCode,
+        key_id: SharedString,
+        route: Option<&str>,
+    ) {
+        let mut labels = Vec::with_capacity(4);
+        labels.push(Label::from_static_parts(label::LAYER, layer));
+        labels.push(Label::from_static_parts(label::CODE, code.as_str()));
+        labels.push(Label::new(label::KEY_ID, key_id));
+        if let Some(route) = route {
+            labels.push(Label::new(label::ROUTE, ROUTES.get(route).label.clone()));
+        }
+        counter(&Key::from_parts(super::REJECTIONS, labels), 1);
+    }
+
+    pub(super) fn classified(err: &crate::ApiError, route: Option<&str>) {
+        let mut labels = Vec::with_capacity(3);
+        labels.push(Label::from_static_parts(label::CODE, err.code().as_str()));
+        labels.push(Label::from_static_parts(
+            label::PROVIDER,
+            provider(err.provider()),
+        ));
+        if let Some(route) = route {
+            labels.push(Label::new(label::ROUTE, ROUTES.get(route).label.clone()));
+        }
+        counter(
+            &Key::from_parts(super::NORMALIZE_CLASSIFICATIONS, labels),
+            1,
         );
-        counter(&key, 1);
+    }
+
+    /// The operations of `gen_ai.operation.name`, in the order of [`RouteKeys::durations`].
+    const OPERATIONS: [&str; 4] = ["chat", "text_completion", "embeddings", OTHER];
+
+    /// One route's label value, and its keys of the success path built once: a success costs
+    /// a lookup in [`ROUTES`] and no allocation.
+    pub(super) struct RouteKeys {
+        pub(super) label: SharedString,
+        durations: [Key; 4],
+    }
+
+    impl RouteKeys {
+        fn new(label: SharedString) -> RouteKeys {
+            let durations = OPERATIONS.map(|op| {
+                Key::from_parts(
+                    super::OPERATION_DURATION,
+                    vec![
+                        Label::from_static_parts(label::OPERATION_NAME, op),
+                        Label::new(label::ROUTE, label.clone()),
+                    ],
+                )
+            });
+            RouteKeys { label, durations }
+        }
+    }
+
+    /// The first [`max_label_values`](super::max_label_values) distinct routes, each with its
+    /// keys; every later one is `other`.
+    pub(super) struct Routes {
+        kept: OnceLock<Mutex<HashMap<Arc<str>, Arc<RouteKeys>>>>,
+        other: OnceLock<Arc<RouteKeys>>,
+    }
+
+    impl Routes {
+        const fn new() -> Self {
+            Routes {
+                kept: OnceLock::new(),
+                other: OnceLock::new(),
+            }
+        }
+
+        pub(super) fn get(&self, route: &str) -> Arc<RouteKeys> {
+            let kept = self.kept.get_or_init(Default::default);
+            let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(keys) = kept.get(route) {
+                return Arc::clone(keys);
+            }
+            if kept.len() >= super::max_label_values() {
+                return Arc::clone(
+                    self.other
+                        .get_or_init(|| Arc::new(RouteKeys::new(SharedString::const_str(OTHER)))),
+                );
+            }
+            let value: Arc<str> = Arc::from(route);
+            let keys = Arc::new(RouteKeys::new(SharedString::from(value.clone())));
+            kept.insert(value, Arc::clone(&keys));
+            keys
+        }
+    }
+
+    pub(super) static ROUTES: Routes = Routes::new();
+
+    /// `gen_ai.client.operation.duration` of a call on `route`.
+    pub(super) fn route_duration(
+        route: &str,
+        operation: &'static str,
+        error: Option<ErrorCode>,
+        seconds: f64,
+    ) {
+        let keys = ROUTES.get(route);
+        match error {
+            None => {
+                let i = OPERATIONS
+                    .iter()
+                    .position(|op| *op == operation)
+                    .unwrap_or(OPERATIONS.len() - 1);
+                histogram(&keys.durations[i], seconds);
+            }
+            Some(code) => histogram(
+                &Key::from_parts(
+                    super::OPERATION_DURATION,
+                    vec![
+                        Label::from_static_parts(label::OPERATION_NAME, operation),
+                        Label::from_static_parts(label::ERROR_TYPE, code.as_str()),
+                        Label::new(label::ROUTE, keys.label.clone()),
+                    ],
+                ),
+                seconds,
+            ),
+        }
     }
 
     pub(super) fn request(layer: &'static str) {
@@ -561,7 +777,13 @@ pub(crate) fn request(layer: &'static str) {
 #[inline]
 pub(crate) fn rejected(layer: &'static str, code: ErrorCode, ext: &http::Extensions) {
     #[cfg(feature = "metrics")]
-    imp::rejected(layer, code, imp::key_id(ext));
+    imp::rejected(
+        layer,
+        code,
+        imp::key_id(ext),
+        ext.get::<crate::ext::Route>()
+            .map(crate::ext::Route::as_str),
+    );
     #[cfg(not(feature = "metrics"))]
     let _ = (layer, code, ext);
 }
@@ -599,8 +821,9 @@ pub(crate) fn auth_rejected(code: ErrorCode, missing: bool) {
             }
             _ => imp::static_key!(AUTH_OUTCOMES, label::OUTCOME => OTHER),
         };
+        // The rejection itself (`layer="auth"`, with the route) is counted where the auth
+        // layer's future answers with it.
         imp::counter(key, 1);
-        rejected_without_key(layer::AUTH, code);
     }
     #[cfg(not(feature = "metrics"))]
     let _ = (code, missing);
@@ -721,24 +944,6 @@ pub(crate) fn token_usage(input: Option<u64>, output: Option<u64>) {
     let _ = (input, output);
 }
 
-/// Counts one upstream failure the normalizer classified.
-#[inline]
-pub(crate) fn classified(err: &crate::ApiError) {
-    #[cfg(feature = "metrics")]
-    imp::counter(
-        &::metrics::Key::from_parts(
-            NORMALIZE_CLASSIFICATIONS,
-            vec![
-                ::metrics::Label::from_static_parts(label::CODE, err.code().as_str()),
-                ::metrics::Label::from_static_parts(label::PROVIDER, imp::provider(err.provider())),
-            ],
-        ),
-        1,
-    );
-    #[cfg(not(feature = "metrics"))]
-    let _ = err;
-}
-
 /// Counts one call a circuit refused.
 #[inline]
 pub(crate) fn breaker_refused(name: &std::sync::Arc<str>, circuit: &str) {
@@ -755,16 +960,6 @@ pub(crate) fn breaker_refused(name: &std::sync::Arc<str>, circuit: &str) {
     );
     #[cfg(not(feature = "metrics"))]
     let _ = (name, circuit);
-}
-
-/// Counts one rejection by `layer` with `code`, where no key is known (`key_id="none"`): the
-/// auth layer's own refusals, the breaker's.
-#[inline]
-pub(crate) fn rejected_without_key(layer: &'static str, code: ErrorCode) {
-    #[cfg(feature = "metrics")]
-    imp::rejected(layer, code, ::metrics::SharedString::const_str(NO_KEY));
-    #[cfg(not(feature = "metrics"))]
-    let _ = (layer, code);
 }
 
 /// Records one breaker event: transitions, the state gauge, probe rounds, fallbacks.
