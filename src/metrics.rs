@@ -663,7 +663,7 @@ mod imp {
     }
 
     impl Routes {
-        const fn new() -> Self {
+        pub(super) const fn new() -> Self {
             Routes {
                 kept: OnceLock::new(),
                 other: OnceLock::new(),
@@ -1087,6 +1087,20 @@ mod tests {
         }
         assert_eq!(&*set.label("v0"), "v0");
         assert_eq!(&*set.label("one-too-many"), OTHER);
+    }
+
+    #[test]
+    fn routes_keep_the_first_values_then_say_other() {
+        let routes = imp::Routes::new();
+        let max = max_label_values();
+        for i in 0..max {
+            assert_eq!(&*routes.get(&format!("/v{i}")).label, format!("/v{i}"));
+        }
+        assert_eq!(&*routes.get("/v0").label, "/v0");
+        let past = routes.get("/one-too-many");
+        assert_eq!(&*past.label, OTHER);
+        // The same keys for every route past the bound.
+        assert!(std::sync::Arc::ptr_eq(&past, &routes.get("/and-another")));
     }
 
     #[test]
