@@ -28,7 +28,7 @@
 //! | name | kind | labels | counts |
 //! |---|---|---|---|
 //! | [`REQUESTS`] `llm_layers.requests` | counter | `layer` | requests each layer was called with |
-//! | [`REJECTIONS`] `llm_layers.rejections` | counter | `layer`, `code`, `key_id` | requests a layer answered itself with an error envelope |
+//! | [`REJECTIONS`] `llm_layers.rejections` | counter | `layer`, `code`, `key_id`, `route` | requests a layer answered itself with an error envelope (the retry layer: a body it could not read for replay, its own attempt timeout or deadline) |
 //! | [`AUTH_OUTCOMES`] `llm_layers.auth.outcomes` | counter | `outcome` | `ok`, `missing`, `invalid`, `expired`, `revoked`, `forbidden_model`, `unavailable` (the key store or the identity provider failed) |
 //! | [`RETRY_RETRIES`] `llm_layers.retry.retries` | counter | `code` | retries scheduled, by the code of the answer retried |
 //! | [`RETRY_ATTEMPTS`] `llm_layers.retry.attempts` | histogram | — | attempts per request the retry layer answered (1: no retry) |
@@ -45,8 +45,8 @@
 //! | [`RATE_LIMIT_WAIT`] `llm_layers.rate_limit.wait` | histogram | — | each such wait, in seconds |
 //! | [`RATE_LIMIT_TOKENS`] `llm_layers.rate_limit.tokens` | counter | `kind` | tokens `charged` (at admission and for overruns) and `refunded` (estimate above the reported usage) |
 //! | [`RATE_LIMIT_IN_FLIGHT`] `llm_layers.rate_limit.in_flight` | gauge | — | requests holding a concurrency slot (layers with a concurrency cap) |
-//! | [`NORMALIZE_CLASSIFICATIONS`] `llm_layers.normalize.classifications` | counter | `code`, `provider` | upstream failures the normalizer turned into envelopes, at the head or in a stream |
-//! | [`OPERATION_DURATION`] `gen_ai.client.operation.duration` | histogram | `gen_ai.operation.name`, `error.type` (failures only) | seconds from the normalizer's call to the answer's head (for a held stream, its first event), per attempt: `chat` (chat completions and Responses), `text_completion`, `embeddings`, `other`; `error.type` is the envelope's code |
+//! | [`NORMALIZE_CLASSIFICATIONS`] `llm_layers.normalize.classifications` | counter | `code`, `provider`, `route` | upstream failures the normalizer turned into envelopes, at the head or in a stream |
+//! | [`OPERATION_DURATION`] `gen_ai.client.operation.duration` | histogram | `gen_ai.operation.name`, `error.type` (failures only), `route` | seconds from the normalizer's call to the answer's head (for a held stream, its first event), per attempt: `chat` (chat completions and Responses), `text_completion`, `embeddings`, `other`; `error.type` is the envelope's code |
 //! | [`TOKEN_USAGE`] `gen_ai.client.token.usage` | histogram | `gen_ai.token.type` | tokens per answer as its `usage` reports them (read by a rate-limit layer with a token limit) |
 //!
 //! # Labels and their cardinality
@@ -59,15 +59,31 @@
 //!   does not know is `other`.
 //! * `name` and `fallback` come from configuration (a breaker's name, a fallback's name).
 //! * `key_id` is the id of the [`KeyIdentity`](crate::ext::KeyIdentity) the auth layer
-//!   established (never the secret) on a rate-limit rejection; `none` on the rejections of the
-//!   other layers (auth refused the key; validation and the breaker do not keep the request's
-//!   extensions at the point they answer). `circuit` is a circuit's key, which may be a client's model. Both go through a bounded set
-//!   per label: the first [`max_label_values`] distinct values (32 by default, see
-//!   [`set_max_label_values`]) are kept, every later one is counted as `other`.
+//!   established (never the secret), on the rejections of every layer after auth (validation,
+//!   rate limit, retry, breaker); `none` on the auth layer's own (it refused the key) and where
+//!   no auth layer ran.
+//! * `route` is the route's **template**, the [`Route`](crate::ext::Route) in the request
+//!   extensions: [`Stack::route_layer`](crate::stack::Stack::route_layer) inserts its path
+//!   (the example gateway gets it that way); an application with its own routing inserts one,
+//!   for instance from axum's `MatchedPath` (see [`Route`](crate::ext::Route)). Never the path
+//!   the client sent: a query, an id in the path, a path no route matched never become a value.
+//!   A request that carries no `Route` has **no `route` label** (its series are the ones it had
+//!   before routes were labelled), so a series with `route` came through a route the
+//!   application named.
+//! * `circuit` is a circuit's key, which may be a client's model.
+//! * `key_id`, `route` and `circuit` each go through a bounded set: the first
+//!   [`max_label_values`] distinct values (32 by default, see [`set_max_label_values`]) are
+//!   kept, every later one is counted as `other`.
+//!
+//! Each layer takes the key id and the route from the request when it is called, before it
+//! hands the request on (two `Arc<str>` clones; nothing without the feature), so that it can
+//! label a rejection it answers later, when the request is gone.
 //!
 //! Instruments on a layer's success path (`requests`, `admissions`, `auth.outcomes{outcome="ok"}`,
 //! `tokens`, `in_flight`, the histograms) have static labels only: a key built at compile time,
-//! looked up by the recorder on each call, no allocation; so do `auth.outcomes`,
+//! looked up by the recorder on each call, no allocation. The one with a `route`
+//! (`gen_ai.client.operation.duration`) has its keys built once per route, when the route is
+//! first seen, and looked up (a short lock) on each call: no allocation either. So do `auth.outcomes`,
 //! `retry.retries{code}` and `retry.stops{reason}`, one static key per value (a request sent
 //! once because it cannot be replayed records its stop reason on its success path). The other
 //! instruments with labels (`rejections`, `classifications`, the breaker's) are on refusal,
@@ -104,6 +120,7 @@
 //!
 //! ```
 //! # #[cfg(feature = "metrics")] {
+//! use llm_layers::ext::{KeyIdentity, Route};
 //! use llm_layers::metrics::{label, REJECTIONS};
 //! use llm_layers::validate::ValidateRequestLayer;
 //! use metrics_util::debugging::{DebugValue, DebuggingRecorder};
@@ -115,16 +132,26 @@
 //!     let svc = ValidateRequestLayer::new().layer(service_fn(|_req| async {
 //!         Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
 //!     }));
-//!     let req = http::Request::post("/v1/chat/completions")
+//!     let mut req = http::Request::post("/v1/chat/completions")
 //!         .header("content-type", "application/json")
 //!         .body("{not json".to_owned())
 //!         .unwrap();
+//!     // What an auth layer and a route layer outside would have left.
+//!     req.extensions_mut().insert(KeyIdentity::new("team-a"));
+//!     req.extensions_mut().insert(Route::new("/v1/chat/completions"));
 //!     let res = futures_util::FutureExt::now_or_never(svc.oneshot(req)).unwrap().unwrap();
 //!     assert_eq!(res.status(), 400);
 //! });
 //! let rejected = snapshotter.snapshot().into_vec().into_iter().find(|(key, ..)| {
+//!     let labels: Vec<_> = key.key().labels().map(|l| (l.key(), l.value())).collect();
 //!     key.key().name() == REJECTIONS
-//!         && key.key().labels().any(|l| l.key() == label::CODE && l.value() == "invalid_value")
+//!         && labels
+//!             == [
+//!                 (label::LAYER, "validate"),
+//!                 (label::CODE, "invalid_value"),
+//!                 (label::KEY_ID, "team-a"),
+//!                 (label::ROUTE, "/v1/chat/completions"),
+//!             ]
 //! });
 //! assert!(matches!(rejected, Some((_, _, _, DebugValue::Counter(1)))));
 //! # }
@@ -132,7 +159,8 @@
 
 /// Requests each layer was called with; labels `layer`.
 pub const REQUESTS: &str = "llm_layers.requests";
-/// Requests a layer answered itself with an error envelope; labels `layer`, `code`, `key_id`.
+/// Requests a layer answered itself with an error envelope; labels `layer`, `code`, `key_id`
+/// and, when the request carries a [`Route`](crate::ext::Route), `route`.
 pub const REJECTIONS: &str = "llm_layers.rejections";
 /// Authentication outcomes; label `outcome`.
 pub const AUTH_OUTCOMES: &str = "llm_layers.auth.outcomes";
@@ -155,7 +183,8 @@ pub const BREAKER_FALLBACKS: &str = "llm_layers.breaker.fallbacks";
 /// Probe rounds that decided a half-open circuit; labels `name`, `result`.
 pub const BREAKER_PROBES: &str = "llm_layers.breaker.probes";
 /// The time of one call to the upstream, in seconds (OpenTelemetry GenAI); labels
-/// `gen_ai.operation.name` and, for a failure, `error.type`.
+/// `gen_ai.operation.name`, for a failure `error.type`, and (with a
+/// [`Route`](crate::ext::Route)) `route`.
 pub const OPERATION_DURATION: &str = "gen_ai.client.operation.duration";
 /// Active health-check probes by result.
 pub const BREAKER_HEALTH_CHECKS: &str = "llm_layers.breaker.health_checks";
@@ -169,7 +198,8 @@ pub const RATE_LIMIT_WAIT: &str = "llm_layers.rate_limit.wait";
 pub const RATE_LIMIT_TOKENS: &str = "llm_layers.rate_limit.tokens";
 /// Requests holding a rate-limit concurrency slot (gauge).
 pub const RATE_LIMIT_IN_FLIGHT: &str = "llm_layers.rate_limit.in_flight";
-/// Upstream failures the normalizer classified; labels `code`, `provider`.
+/// Upstream failures the normalizer classified; labels `code`, `provider` and (with a
+/// [`Route`](crate::ext::Route)) `route`.
 pub const NORMALIZE_CLASSIFICATIONS: &str = "llm_layers.normalize.classifications";
 /// Tokens per answer, as its `usage` reports them (OpenTelemetry GenAI name, histogram); label
 /// `gen_ai.token.type`.
@@ -456,14 +486,14 @@ pub mod field {
     pub const CIRCUIT: &str = "circuit";
 }
 
-/// The label value for a key id, circuit or fallback past the bounded set.
+/// The label value for a key id, route or circuit past the bounded set.
 pub const OTHER: &str = "other";
 /// The `key_id` label value when no key was established.
 pub const NO_KEY: &str = "none";
 
 static MAX_LABEL_VALUES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(32);
 
-/// Sets how many distinct values each bounded label (`key_id`, `circuit`) keeps before it
+/// Sets how many distinct values each bounded label (`key_id`, `route`, `circuit`) keeps before it
 /// counts further ones as `other`. Values already kept stay kept. The default is 32.
 pub fn set_max_label_values(n: usize) {
     MAX_LABEL_VALUES.store(n, std::sync::atomic::Ordering::Relaxed);
