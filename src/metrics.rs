@@ -83,7 +83,7 @@
 //! `tokens`, `in_flight`, the histograms) have static labels only: a key built at compile time,
 //! looked up by the recorder on each call, no allocation. The one with a `route`
 //! (`gen_ai.client.operation.duration`) has its keys built once per route, when the route is
-//! first seen, and looked up (a short lock) on each call: no allocation either. So do `auth.outcomes`,
+//! first seen, and looked up (under a read lock) on each call: no allocation either. So do `auth.outcomes`,
 //! `retry.retries{code}` and `retry.stops{reason}`, one static key per value (a request sent
 //! once because it cannot be replayed records its stop reason on its success path). The other
 //! instruments with labels (`rejections`, `classifications`, the breaker's) are on refusal,
@@ -509,7 +509,7 @@ use crate::ErrorCode;
 #[cfg(feature = "metrics")]
 mod imp {
     use std::collections::{HashMap, HashSet};
-    use std::sync::{Arc, Mutex, OnceLock};
+    use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
     use ::metrics::{Key, Label, Level, Metadata, SharedString};
 
@@ -688,7 +688,8 @@ mod imp {
     /// The first [`max_label_values`](super::max_label_values) distinct routes, each with its
     /// keys; every later one is `other`.
     pub(super) struct Routes {
-        kept: OnceLock<Mutex<HashMap<Arc<str>, Arc<RouteKeys>>>>,
+        // Read-locked on each call (a route seen before), write-locked to keep a new one.
+        kept: OnceLock<RwLock<HashMap<Arc<str>, Arc<RouteKeys>>>>,
         other: OnceLock<Arc<RouteKeys>>,
     }
 
@@ -702,7 +703,10 @@ mod imp {
 
         pub(super) fn get(&self, route: &str) -> Arc<RouteKeys> {
             let kept = self.kept.get_or_init(Default::default);
-            let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(keys) = kept.read().unwrap_or_else(|e| e.into_inner()).get(route) {
+                return Arc::clone(keys);
+            }
+            let mut kept = kept.write().unwrap_or_else(|e| e.into_inner());
             if let Some(keys) = kept.get(route) {
                 return Arc::clone(keys);
             }

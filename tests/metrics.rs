@@ -668,3 +668,88 @@ async fn a_client_path_with_ids_or_a_query_is_not_a_label() {
         assert!(!text.contains(client_string), "{client_string} in\n{text}");
     }
 }
+
+/// The layers after auth that answer later than their call (the breaker's refusal, the retry
+/// layer's own timeout) still name the request's key and route: each took them when it was
+/// called (paused time).
+#[tokio::test(start_paused = true)]
+async fn the_breakers_and_the_retry_layers_rejections_name_the_key_and_route() {
+    use llm_layers::breaker::CircuitBreakerLayer;
+    use llm_layers::ext::{KeyIdentity, Route};
+    use llm_layers::metrics::REJECTIONS;
+    use llm_layers::retry::RetryLayer;
+    use std::time::Duration;
+    use tower::{Layer, ServiceExt};
+
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let request = || {
+        let mut req = http::Request::post("/v1/chat/completions")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                br#"{"model":"m"}"#,
+            )))
+            .unwrap();
+        req.extensions_mut().insert(KeyIdentity::new("team-a"));
+        req.extensions_mut()
+            .insert(Route::new("/v1/chat/completions"));
+        req
+    };
+    let answer = |status: u16| {
+        http::Response::builder()
+            .status(status)
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+            .unwrap()
+    };
+
+    // The breaker: one failure opens the circuit, the next call is refused.
+    let breaker =
+        CircuitBreakerLayer::builder()
+            .name("labels")
+            .consecutive_failures(1)
+            .open_duration(Duration::from_secs(10))
+            .build()
+            .unwrap()
+            .layer(tower::service_fn(
+                move |_req: http::Request<_>| async move {
+                    Ok::<_, std::convert::Infallible>(answer(500))
+                },
+            ));
+    assert_eq!(
+        breaker.clone().oneshot(request()).await.unwrap().status(),
+        500
+    );
+    assert_eq!(breaker.oneshot(request()).await.unwrap().status(), 503);
+
+    // The retry layer: an upstream that never answers within the attempt timeout.
+    let retry = RetryLayer::builder()
+        .max_attempts(1)
+        .attempt_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap()
+        .layer(tower::service_fn(
+            move |_req: http::Request<_>| async move {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Ok::<_, std::convert::Infallible>(answer(200))
+            },
+        ));
+    assert_eq!(retry.oneshot(request()).await.unwrap().status(), 504);
+
+    let s = snapshotter.snapshot().into_vec();
+    let labels = |layer, code| {
+        [
+            ("layer", layer),
+            ("code", code),
+            ("key_id", "team-a"),
+            ("route", "/v1/chat/completions"),
+        ]
+    };
+    assert_eq!(
+        recorded(&s, REJECTIONS, &labels("breaker", "service_unavailable")),
+        Some(1.0)
+    );
+    assert_eq!(
+        recorded(&s, REJECTIONS, &labels("retry", "timeout")),
+        Some(1.0)
+    );
+}
