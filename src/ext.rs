@@ -151,3 +151,65 @@ impl RefusedLocally {
 /// circuit breaker stops walking its fallback chain there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Deadline(pub tokio::time::Instant);
+
+/// The route a request came in by, as its **template** (`/v1/chat/completions`,
+/// `/v1/models/{id}`), never the path the client sent: no ids, no query. Left in the request
+/// extensions for the layers' metrics (`route` label of `llm_layers.rejections`,
+/// `llm_layers.normalize.classifications`, `gen_ai.client.operation.duration`, see
+/// [`crate::metrics`]).
+///
+/// The TOML stack's per-route layer ([`Stack::route_layer`](crate::stack::Stack::route_layer))
+/// inserts it for its path (with the `metrics` feature; without it nothing reads it, and
+/// nothing is inserted). An application with its own routing inserts it itself, once per
+/// request, outside the layers: from a constant per route, or from axum's `MatchedPath`
+/// (the route's template, as the router matched it):
+///
+/// ```
+/// use axum::extract::{MatchedPath, Request};
+/// use axum::routing::post;
+/// use llm_layers::ext::Route;
+///
+/// // Outside the layers (`Router::layer` wraps every route; `MatchedPath` is set by then).
+/// async fn set_route(mut req: Request, next: axum::middleware::Next) -> axum::response::Response {
+///     if let Some(path) = req.extensions().get::<MatchedPath>() {
+///         let route = Route::new(path.as_str());
+///         req.extensions_mut().insert(route);
+///     }
+///     next.run(req).await
+/// }
+///
+/// let app: axum::Router = axum::Router::new()
+///     .route("/v1/chat/completions", post(|| async { "ok" }))
+///     .layer(axum::middleware::from_fn(set_route));
+/// # let _ = app;
+/// ```
+///
+/// A value is a label value as it is: the metrics keep the first
+/// [`max_label_values`](crate::metrics::max_label_values) distinct routes and count every
+/// further one as `other`. Put the raw request path here and the metrics lose their routes to
+/// `other` after the first few client URLs.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Route(Arc<str>);
+
+impl Route {
+    /// The route with this template.
+    pub fn new(template: impl Into<Arc<str>>) -> Self {
+        Route(template.into())
+    }
+
+    /// The route's template.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The route's template as a shared string.
+    pub fn as_arc(&self) -> &Arc<str> {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Route").field(&self.0).finish()
+    }
+}

@@ -28,7 +28,7 @@
 //! | name | kind | labels | counts |
 //! |---|---|---|---|
 //! | [`REQUESTS`] `llm_layers.requests` | counter | `layer` | requests each layer was called with |
-//! | [`REJECTIONS`] `llm_layers.rejections` | counter | `layer`, `code`, `key_id` | requests a layer answered itself with an error envelope |
+//! | [`REJECTIONS`] `llm_layers.rejections` | counter | `layer`, `code`, `key_id`, `route` | requests a layer answered itself with an error envelope (the retry layer: a body it could not read for replay, its own attempt timeout or deadline) |
 //! | [`AUTH_OUTCOMES`] `llm_layers.auth.outcomes` | counter | `outcome` | `ok`, `missing`, `invalid`, `expired`, `revoked`, `forbidden_model`, `unavailable` (the key store or the identity provider failed) |
 //! | [`RETRY_RETRIES`] `llm_layers.retry.retries` | counter | `code` | retries scheduled, by the code of the answer retried |
 //! | [`RETRY_ATTEMPTS`] `llm_layers.retry.attempts` | histogram | — | attempts per request the retry layer answered (1: no retry) |
@@ -45,8 +45,8 @@
 //! | [`RATE_LIMIT_WAIT`] `llm_layers.rate_limit.wait` | histogram | — | each such wait, in seconds |
 //! | [`RATE_LIMIT_TOKENS`] `llm_layers.rate_limit.tokens` | counter | `kind` | tokens `charged` (at admission and for overruns) and `refunded` (estimate above the reported usage) |
 //! | [`RATE_LIMIT_IN_FLIGHT`] `llm_layers.rate_limit.in_flight` | gauge | — | requests holding a concurrency slot (layers with a concurrency cap) |
-//! | [`NORMALIZE_CLASSIFICATIONS`] `llm_layers.normalize.classifications` | counter | `code`, `provider` | upstream failures the normalizer turned into envelopes, at the head or in a stream |
-//! | [`OPERATION_DURATION`] `gen_ai.client.operation.duration` | histogram | `gen_ai.operation.name`, `error.type` (failures only) | seconds from the normalizer's call to the answer's head (for a held stream, its first event), per attempt: `chat` (chat completions and Responses), `text_completion`, `embeddings`, `other`; `error.type` is the envelope's code |
+//! | [`NORMALIZE_CLASSIFICATIONS`] `llm_layers.normalize.classifications` | counter | `code`, `provider`, `route` | upstream failures the normalizer turned into envelopes, at the head or in a stream |
+//! | [`OPERATION_DURATION`] `gen_ai.client.operation.duration` | histogram | `gen_ai.operation.name`, `error.type` (failures only), `route` | seconds from the normalizer's call to the answer's head (for a held stream, its first event), per attempt: `chat` (chat completions and Responses), `text_completion`, `embeddings`, `other`; `error.type` is the envelope's code |
 //! | [`TOKEN_USAGE`] `gen_ai.client.token.usage` | histogram | `gen_ai.token.type` | tokens per answer as its `usage` reports them (read by a rate-limit layer with a token limit) |
 //!
 //! # Labels and their cardinality
@@ -59,15 +59,31 @@
 //!   does not know is `other`.
 //! * `name` and `fallback` come from configuration (a breaker's name, a fallback's name).
 //! * `key_id` is the id of the [`KeyIdentity`](crate::ext::KeyIdentity) the auth layer
-//!   established (never the secret) on a rate-limit rejection; `none` on the rejections of the
-//!   other layers (auth refused the key; validation and the breaker do not keep the request's
-//!   extensions at the point they answer). `circuit` is a circuit's key, which may be a client's model. Both go through a bounded set
-//!   per label: the first [`max_label_values`] distinct values (32 by default, see
-//!   [`set_max_label_values`]) are kept, every later one is counted as `other`.
+//!   established (never the secret), on the rejections of every layer after auth (validation,
+//!   rate limit, retry, breaker); `none` on the auth layer's own (it refused the key) and where
+//!   no auth layer ran.
+//! * `route` is the route's **template**, the [`Route`](crate::ext::Route) in the request
+//!   extensions: [`Stack::route_layer`](crate::stack::Stack::route_layer) inserts its path
+//!   (the example gateway gets it that way); an application with its own routing inserts one,
+//!   for instance from axum's `MatchedPath` (see [`Route`](crate::ext::Route)). Never the path
+//!   the client sent: a query, an id in the path, a path no route matched never become a value.
+//!   A request that carries no `Route` has **no `route` label** (its series are the ones it had
+//!   before routes were labelled), so a series with `route` came through a route the
+//!   application named.
+//! * `circuit` is a circuit's key, which may be a client's model.
+//! * `key_id`, `route` and `circuit` each go through a bounded set: the first
+//!   [`max_label_values`] distinct values (32 by default, see [`set_max_label_values`]) are
+//!   kept, every later one is counted as `other`.
+//!
+//! Each layer takes the key id and the route from the request when it is called, before it
+//! hands the request on (two `Arc<str>` clones; nothing without the feature), so that it can
+//! label a rejection it answers later, when the request is gone.
 //!
 //! Instruments on a layer's success path (`requests`, `admissions`, `auth.outcomes{outcome="ok"}`,
 //! `tokens`, `in_flight`, the histograms) have static labels only: a key built at compile time,
-//! looked up by the recorder on each call, no allocation; so do `auth.outcomes`,
+//! looked up by the recorder on each call, no allocation. The one with a `route`
+//! (`gen_ai.client.operation.duration`) has its keys built once per route, when the route is
+//! first seen, and looked up (under a read lock) on each call: no allocation either. So do `auth.outcomes`,
 //! `retry.retries{code}` and `retry.stops{reason}`, one static key per value (a request sent
 //! once because it cannot be replayed records its stop reason on its success path). The other
 //! instruments with labels (`rejections`, `classifications`, the breaker's) are on refusal,
@@ -104,6 +120,7 @@
 //!
 //! ```
 //! # #[cfg(feature = "metrics")] {
+//! use llm_layers::ext::{KeyIdentity, Route};
 //! use llm_layers::metrics::{label, REJECTIONS};
 //! use llm_layers::validate::ValidateRequestLayer;
 //! use metrics_util::debugging::{DebugValue, DebuggingRecorder};
@@ -115,16 +132,26 @@
 //!     let svc = ValidateRequestLayer::new().layer(service_fn(|_req| async {
 //!         Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
 //!     }));
-//!     let req = http::Request::post("/v1/chat/completions")
+//!     let mut req = http::Request::post("/v1/chat/completions")
 //!         .header("content-type", "application/json")
 //!         .body("{not json".to_owned())
 //!         .unwrap();
+//!     // What an auth layer and a route layer outside would have left.
+//!     req.extensions_mut().insert(KeyIdentity::new("team-a"));
+//!     req.extensions_mut().insert(Route::new("/v1/chat/completions"));
 //!     let res = futures_util::FutureExt::now_or_never(svc.oneshot(req)).unwrap().unwrap();
 //!     assert_eq!(res.status(), 400);
 //! });
 //! let rejected = snapshotter.snapshot().into_vec().into_iter().find(|(key, ..)| {
+//!     let labels: Vec<_> = key.key().labels().map(|l| (l.key(), l.value())).collect();
 //!     key.key().name() == REJECTIONS
-//!         && key.key().labels().any(|l| l.key() == label::CODE && l.value() == "invalid_value")
+//!         && labels
+//!             == [
+//!                 (label::LAYER, "validate"),
+//!                 (label::CODE, "invalid_value"),
+//!                 (label::KEY_ID, "team-a"),
+//!                 (label::ROUTE, "/v1/chat/completions"),
+//!             ]
 //! });
 //! assert!(matches!(rejected, Some((_, _, _, DebugValue::Counter(1)))));
 //! # }
@@ -132,7 +159,8 @@
 
 /// Requests each layer was called with; labels `layer`.
 pub const REQUESTS: &str = "llm_layers.requests";
-/// Requests a layer answered itself with an error envelope; labels `layer`, `code`, `key_id`.
+/// Requests a layer answered itself with an error envelope; labels `layer`, `code`, `key_id`
+/// and, when the request carries a [`Route`](crate::ext::Route), `route`.
 pub const REJECTIONS: &str = "llm_layers.rejections";
 /// Authentication outcomes; label `outcome`.
 pub const AUTH_OUTCOMES: &str = "llm_layers.auth.outcomes";
@@ -155,7 +183,8 @@ pub const BREAKER_FALLBACKS: &str = "llm_layers.breaker.fallbacks";
 /// Probe rounds that decided a half-open circuit; labels `name`, `result`.
 pub const BREAKER_PROBES: &str = "llm_layers.breaker.probes";
 /// The time of one call to the upstream, in seconds (OpenTelemetry GenAI); labels
-/// `gen_ai.operation.name` and, for a failure, `error.type`.
+/// `gen_ai.operation.name`, for a failure `error.type`, and (with a
+/// [`Route`](crate::ext::Route)) `route`.
 pub const OPERATION_DURATION: &str = "gen_ai.client.operation.duration";
 /// Active health-check probes by result.
 pub const BREAKER_HEALTH_CHECKS: &str = "llm_layers.breaker.health_checks";
@@ -169,7 +198,8 @@ pub const RATE_LIMIT_WAIT: &str = "llm_layers.rate_limit.wait";
 pub const RATE_LIMIT_TOKENS: &str = "llm_layers.rate_limit.tokens";
 /// Requests holding a rate-limit concurrency slot (gauge).
 pub const RATE_LIMIT_IN_FLIGHT: &str = "llm_layers.rate_limit.in_flight";
-/// Upstream failures the normalizer classified; labels `code`, `provider`.
+/// Upstream failures the normalizer classified; labels `code`, `provider` and (with a
+/// [`Route`](crate::ext::Route)) `route`.
 pub const NORMALIZE_CLASSIFICATIONS: &str = "llm_layers.normalize.classifications";
 /// Tokens per answer, as its `usage` reports them (OpenTelemetry GenAI name, histogram); label
 /// `gen_ai.token.type`.
@@ -208,6 +238,9 @@ pub mod label {
     pub const CODE: &str = "code";
     /// A key id (bounded), `none` when no key was established.
     pub const KEY_ID: &str = "key_id";
+    /// A route's template ([`Route`](crate::ext::Route), bounded); absent when the request
+    /// carried none.
+    pub const ROUTE: &str = "route";
     /// An authentication outcome.
     pub const OUTCOME: &str = "outcome";
     /// A retry stop reason, or a circuit transition's reason.
@@ -239,18 +272,20 @@ pub mod label {
 /// Times one call to the upstream for [`OPERATION_DURATION`]: started when the normalizer is
 /// called, recorded when its answer's head is ready. Zero-sized, and nothing, without the
 /// `metrics` feature.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct OperationTimer {
     #[cfg(feature = "metrics")]
     start: tokio::time::Instant,
     #[cfg(feature = "metrics")]
     operation: &'static str,
+    // The request's route and key (for the classifications counted at the head).
+    labels: RequestLabels,
 }
 
 impl OperationTimer {
-    /// Starts timing a call to `path`.
+    /// Starts timing a call to `path`, with the route its extensions name.
     #[inline]
-    pub(crate) fn start(path: &str) -> OperationTimer {
+    pub(crate) fn start(path: &str, ext: &http::Extensions) -> OperationTimer {
         #[cfg(feature = "metrics")]
         {
             use crate::request::Endpoint;
@@ -263,13 +298,22 @@ impl OperationTimer {
             OperationTimer {
                 start: tokio::time::Instant::now(),
                 operation,
+                labels: RequestLabels::capture(ext),
             }
         }
         #[cfg(not(feature = "metrics"))]
         {
             let _ = path;
-            OperationTimer {}
+            OperationTimer {
+                labels: RequestLabels::capture(ext),
+            }
         }
+    }
+
+    /// The labels of the request timed: its route and key.
+    #[inline]
+    pub(crate) fn labels(&self) -> &RequestLabels {
+        &self.labels
     }
 
     /// Records the call's time; `error` is the code of a failed answer.
@@ -278,6 +322,10 @@ impl OperationTimer {
         #[cfg(feature = "metrics")]
         {
             let seconds = self.start.elapsed().as_secs_f64();
+            if let Some(route) = self.labels.route.as_deref() {
+                imp::route_duration(route, self.operation, error, seconds);
+                return;
+            }
             match (error, self.operation) {
                 (None, "chat") => imp::histogram(
                     imp::static_key!(OPERATION_DURATION, label::OPERATION_NAME => "chat"),
@@ -309,6 +357,93 @@ impl OperationTimer {
         }
         #[cfg(not(feature = "metrics"))]
         let _ = error;
+    }
+}
+
+/// What a layer's rejection and classification counts say about the request: the key id the
+/// auth layer established and the [`Route`](crate::ext::Route), taken from the request's
+/// extensions when the layer is called (a layer that answers later no longer holds them).
+/// With the `metrics` feature two `Arc<str>` clones (no allocation); without it zero-sized,
+/// and nothing.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RequestLabels {
+    #[cfg(feature = "metrics")]
+    key_id: Option<std::sync::Arc<str>>,
+    #[cfg(feature = "metrics")]
+    route: Option<std::sync::Arc<str>>,
+}
+
+impl RequestLabels {
+    /// No key and no route (`key_id="none"`, no `route` label).
+    #[allow(dead_code)] // not every layer set needs it
+    pub(crate) const NONE: RequestLabels = RequestLabels {
+        #[cfg(feature = "metrics")]
+        key_id: None,
+        #[cfg(feature = "metrics")]
+        route: None,
+    };
+
+    /// The key id and the route the extensions hold.
+    #[inline]
+    pub(crate) fn capture(ext: &http::Extensions) -> RequestLabels {
+        #[cfg(feature = "metrics")]
+        {
+            RequestLabels {
+                key_id: ext
+                    .get::<crate::ext::KeyIdentity>()
+                    .map(|k| k.id_arc().clone()),
+                route: ext.get::<crate::ext::Route>().map(|r| r.as_arc().clone()),
+            }
+        }
+        #[cfg(not(feature = "metrics"))]
+        {
+            let _ = ext;
+            RequestLabels {}
+        }
+    }
+
+    /// The route the extensions hold, and no key (`key_id="none"`): the auth layer's, which
+    /// refuses the key it was given.
+    #[inline]
+    pub(crate) fn route_only(ext: &http::Extensions) -> RequestLabels {
+        #[cfg(feature = "metrics")]
+        {
+            RequestLabels {
+                key_id: None,
+                route: ext.get::<crate::ext::Route>().map(|r| r.as_arc().clone()),
+            }
+        }
+        #[cfg(not(feature = "metrics"))]
+        {
+            let _ = ext;
+            RequestLabels {}
+        }
+    }
+
+    /// Counts one rejection by `layer` with `code`, with this key id and route.
+    #[inline]
+    pub(crate) fn rejected(&self, layer: &'static str, code: ErrorCode) {
+        #[cfg(feature = "metrics")]
+        imp::rejected(
+            layer,
+            code,
+            match self.key_id.as_deref() {
+                Some(id) => imp::KEY_IDS.label(id),
+                None => ::metrics::SharedString::const_str(NO_KEY),
+            },
+            self.route.as_deref(),
+        );
+        #[cfg(not(feature = "metrics"))]
+        let _ = (layer, code);
+    }
+
+    /// Counts one upstream failure the normalizer classified, with this route.
+    #[inline]
+    pub(crate) fn classified(&self, err: &crate::ApiError) {
+        #[cfg(feature = "metrics")]
+        imp::classified(err, self.route.as_deref());
+        #[cfg(not(feature = "metrics"))]
+        let _ = err;
     }
 }
 
@@ -351,14 +486,14 @@ pub mod field {
     pub const CIRCUIT: &str = "circuit";
 }
 
-/// The label value for a key id, circuit or fallback past the bounded set.
+/// The label value for a key id, route or circuit past the bounded set.
 pub const OTHER: &str = "other";
 /// The `key_id` label value when no key was established.
 pub const NO_KEY: &str = "none";
 
 static MAX_LABEL_VALUES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(32);
 
-/// Sets how many distinct values each bounded label (`key_id`, `circuit`) keeps before it
+/// Sets how many distinct values each bounded label (`key_id`, `route`, `circuit`) keeps before it
 /// counts further ones as `other`. Values already kept stay kept. The default is 32.
 pub fn set_max_label_values(n: usize) {
     MAX_LABEL_VALUES.store(n, std::sync::atomic::Ordering::Relaxed);
@@ -373,8 +508,8 @@ use crate::ErrorCode;
 
 #[cfg(feature = "metrics")]
 mod imp {
-    use std::collections::HashSet;
-    use std::sync::{Arc, Mutex, OnceLock};
+    use std::collections::{HashMap, HashSet};
+    use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
     use ::metrics::{Key, Label, Level, Metadata, SharedString};
 
@@ -493,16 +628,131 @@ mod imp {
         }
     }
 
-    pub(super) fn rejected(layer: &'static str, code: ErrorCode, key_id: SharedString) {
-        let key = Key::from_parts(
-            super::REJECTIONS,
-            vec![
-                Label::from_static_parts(label::LAYER, layer),
-                Label::from_static_parts(label::CODE, code.as_str()),
-                Label::new(label::KEY_ID, key_id),
-            ],
+    pub(super) fn rejected(
+        layer: &'static str,
+        code: ErrorCode,
+        key_id: SharedString,
+        route: Option<&str>,
+    ) {
+        let mut labels = Vec::with_capacity(4);
+        labels.push(Label::from_static_parts(label::LAYER, layer));
+        labels.push(Label::from_static_parts(label::CODE, code.as_str()));
+        labels.push(Label::new(label::KEY_ID, key_id));
+        if let Some(route) = route {
+            labels.push(Label::new(label::ROUTE, ROUTES.get(route).label.clone()));
+        }
+        counter(&Key::from_parts(super::REJECTIONS, labels), 1);
+    }
+
+    pub(super) fn classified(err: &crate::ApiError, route: Option<&str>) {
+        let mut labels = Vec::with_capacity(3);
+        labels.push(Label::from_static_parts(label::CODE, err.code().as_str()));
+        labels.push(Label::from_static_parts(
+            label::PROVIDER,
+            provider(err.provider()),
+        ));
+        if let Some(route) = route {
+            labels.push(Label::new(label::ROUTE, ROUTES.get(route).label.clone()));
+        }
+        counter(
+            &Key::from_parts(super::NORMALIZE_CLASSIFICATIONS, labels),
+            1,
         );
-        counter(&key, 1);
+    }
+
+    /// The operations of `gen_ai.operation.name`, in the order of [`RouteKeys::durations`].
+    const OPERATIONS: [&str; 4] = ["chat", "text_completion", "embeddings", OTHER];
+
+    /// One route's label value, and its keys of the success path built once: a success costs
+    /// a lookup in [`ROUTES`] and no allocation.
+    pub(super) struct RouteKeys {
+        pub(super) label: SharedString,
+        durations: [Key; 4],
+    }
+
+    impl RouteKeys {
+        fn new(label: SharedString) -> RouteKeys {
+            let durations = OPERATIONS.map(|op| {
+                Key::from_parts(
+                    super::OPERATION_DURATION,
+                    vec![
+                        Label::from_static_parts(label::OPERATION_NAME, op),
+                        Label::new(label::ROUTE, label.clone()),
+                    ],
+                )
+            });
+            RouteKeys { label, durations }
+        }
+    }
+
+    /// The first [`max_label_values`](super::max_label_values) distinct routes, each with its
+    /// keys; every later one is `other`.
+    pub(super) struct Routes {
+        // Read-locked on each call (a route seen before), write-locked to keep a new one.
+        kept: OnceLock<RwLock<HashMap<Arc<str>, Arc<RouteKeys>>>>,
+        other: OnceLock<Arc<RouteKeys>>,
+    }
+
+    impl Routes {
+        pub(super) const fn new() -> Self {
+            Routes {
+                kept: OnceLock::new(),
+                other: OnceLock::new(),
+            }
+        }
+
+        pub(super) fn get(&self, route: &str) -> Arc<RouteKeys> {
+            let kept = self.kept.get_or_init(Default::default);
+            if let Some(keys) = kept.read().unwrap_or_else(|e| e.into_inner()).get(route) {
+                return Arc::clone(keys);
+            }
+            let mut kept = kept.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(keys) = kept.get(route) {
+                return Arc::clone(keys);
+            }
+            if kept.len() >= super::max_label_values() {
+                return Arc::clone(
+                    self.other
+                        .get_or_init(|| Arc::new(RouteKeys::new(SharedString::const_str(OTHER)))),
+                );
+            }
+            let value: Arc<str> = Arc::from(route);
+            let keys = Arc::new(RouteKeys::new(SharedString::from(value.clone())));
+            kept.insert(value, Arc::clone(&keys));
+            keys
+        }
+    }
+
+    pub(super) static ROUTES: Routes = Routes::new();
+
+    /// `gen_ai.client.operation.duration` of a call on `route`.
+    pub(super) fn route_duration(
+        route: &str,
+        operation: &'static str,
+        error: Option<ErrorCode>,
+        seconds: f64,
+    ) {
+        let keys = ROUTES.get(route);
+        match error {
+            None => {
+                let i = OPERATIONS
+                    .iter()
+                    .position(|op| *op == operation)
+                    .unwrap_or(OPERATIONS.len() - 1);
+                histogram(&keys.durations[i], seconds);
+            }
+            Some(code) => histogram(
+                &Key::from_parts(
+                    super::OPERATION_DURATION,
+                    vec![
+                        Label::from_static_parts(label::OPERATION_NAME, operation),
+                        Label::from_static_parts(label::ERROR_TYPE, code.as_str()),
+                        Label::new(label::ROUTE, keys.label.clone()),
+                    ],
+                ),
+                seconds,
+            ),
+        }
     }
 
     pub(super) fn request(layer: &'static str) {
@@ -561,7 +811,13 @@ pub(crate) fn request(layer: &'static str) {
 #[inline]
 pub(crate) fn rejected(layer: &'static str, code: ErrorCode, ext: &http::Extensions) {
     #[cfg(feature = "metrics")]
-    imp::rejected(layer, code, imp::key_id(ext));
+    imp::rejected(
+        layer,
+        code,
+        imp::key_id(ext),
+        ext.get::<crate::ext::Route>()
+            .map(crate::ext::Route::as_str),
+    );
     #[cfg(not(feature = "metrics"))]
     let _ = (layer, code, ext);
 }
@@ -599,8 +855,9 @@ pub(crate) fn auth_rejected(code: ErrorCode, missing: bool) {
             }
             _ => imp::static_key!(AUTH_OUTCOMES, label::OUTCOME => OTHER),
         };
+        // The rejection itself (`layer="auth"`, with the route) is counted where the auth
+        // layer's future answers with it.
         imp::counter(key, 1);
-        rejected_without_key(layer::AUTH, code);
     }
     #[cfg(not(feature = "metrics"))]
     let _ = (code, missing);
@@ -721,24 +978,6 @@ pub(crate) fn token_usage(input: Option<u64>, output: Option<u64>) {
     let _ = (input, output);
 }
 
-/// Counts one upstream failure the normalizer classified.
-#[inline]
-pub(crate) fn classified(err: &crate::ApiError) {
-    #[cfg(feature = "metrics")]
-    imp::counter(
-        &::metrics::Key::from_parts(
-            NORMALIZE_CLASSIFICATIONS,
-            vec![
-                ::metrics::Label::from_static_parts(label::CODE, err.code().as_str()),
-                ::metrics::Label::from_static_parts(label::PROVIDER, imp::provider(err.provider())),
-            ],
-        ),
-        1,
-    );
-    #[cfg(not(feature = "metrics"))]
-    let _ = err;
-}
-
 /// Counts one call a circuit refused.
 #[inline]
 pub(crate) fn breaker_refused(name: &std::sync::Arc<str>, circuit: &str) {
@@ -755,16 +994,6 @@ pub(crate) fn breaker_refused(name: &std::sync::Arc<str>, circuit: &str) {
     );
     #[cfg(not(feature = "metrics"))]
     let _ = (name, circuit);
-}
-
-/// Counts one rejection by `layer` with `code`, where no key is known (`key_id="none"`): the
-/// auth layer's own refusals, the breaker's.
-#[inline]
-pub(crate) fn rejected_without_key(layer: &'static str, code: ErrorCode) {
-    #[cfg(feature = "metrics")]
-    imp::rejected(layer, code, ::metrics::SharedString::const_str(NO_KEY));
-    #[cfg(not(feature = "metrics"))]
-    let _ = (layer, code);
 }
 
 /// Records one breaker event: transitions, the state gauge, probe rounds, fallbacks.
@@ -892,6 +1121,20 @@ mod tests {
         }
         assert_eq!(&*set.label("v0"), "v0");
         assert_eq!(&*set.label("one-too-many"), OTHER);
+    }
+
+    #[test]
+    fn routes_keep_the_first_values_then_say_other() {
+        let routes = imp::Routes::new();
+        let max = max_label_values();
+        for i in 0..max {
+            assert_eq!(&*routes.get(&format!("/v{i}")).label, format!("/v{i}"));
+        }
+        assert_eq!(&*routes.get("/v0").label, "/v0");
+        let past = routes.get("/one-too-many");
+        assert_eq!(&*past.label, OTHER);
+        // The same keys for every route past the bound.
+        assert!(std::sync::Arc::ptr_eq(&past, &routes.get("/and-another")));
     }
 
     #[test]

@@ -201,27 +201,28 @@ async fn a_scripted_run_is_counted_exactly_on_the_metrics_endpoint() {
             1.0,
         ),
         (
-            r#"llm_layers_rejections{layer="auth",code="expired_api_key",key_id="none"}"#,
+            r#"llm_layers_rejections{layer="auth",code="expired_api_key",key_id="none",route="/v1/chat/completions"}"#,
             1.0,
         ),
         (
-            r#"llm_layers_rejections{layer="auth",code="revoked_api_key",key_id="none"}"#,
+            r#"llm_layers_rejections{layer="auth",code="revoked_api_key",key_id="none",route="/v1/chat/completions"}"#,
             1.0,
         ),
         (
-            r#"llm_layers_rejections{layer="auth",code="invalid_api_key",key_id="none"}"#,
+            r#"llm_layers_rejections{layer="auth",code="invalid_api_key",key_id="none",route="/v1/chat/completions"}"#,
             2.0,
         ),
         (
-            r#"llm_layers_rejections{layer="auth",code="permission_denied",key_id="none"}"#,
+            r#"llm_layers_rejections{layer="auth",code="permission_denied",key_id="none",route="/v1/chat/completions"}"#,
+            1.0,
+        ),
+        // Validation runs after auth: its rejection names the key (the demo key `demo-full`).
+        (
+            r#"llm_layers_rejections{layer="validate",code="invalid_value",key_id="demo-full",route="/v1/chat/completions"}"#,
             1.0,
         ),
         (
-            r#"llm_layers_rejections{layer="validate",code="invalid_value",key_id="none"}"#,
-            1.0,
-        ),
-        (
-            r#"llm_layers_rejections{layer="rate_limit",code="rate_limit_exceeded",key_id="demo-free"}"#,
+            r#"llm_layers_rejections{layer="rate_limit",code="rate_limit_exceeded",key_id="demo-free",route="/v1/chat/completions"}"#,
             1.0,
         ),
         (r#"llm_layers_rate_limit_admissions"#, 11.0),
@@ -243,12 +244,40 @@ async fn a_scripted_run_is_counted_exactly_on_the_metrics_endpoint() {
         (r#"llm_layers_retry_attempts_count"#, 11.0),
         (r#"llm_layers_retry_attempts_sum"#, 15.0),
         (
-            r#"llm_layers_normalize_classifications{code="service_unavailable",provider="openai"}"#,
+            r#"llm_layers_normalize_classifications{code="service_unavailable",provider="openai",route="/v1/chat/completions"}"#,
+            2.0,
+        ),
+        // 3 on the chat route, 5 on the legacy one.
+        (
+            r#"llm_layers_normalize_classifications{code="internal_error",provider="openai",route="/v1/chat/completions"}"#,
+            3.0,
+        ),
+        (
+            r#"llm_layers_normalize_classifications{code="internal_error",provider="openai",route="/v1/completions"}"#,
+            5.0,
+        ),
+        // Each call through the normalizer, by operation and route: on chat, 4 answers (the
+        // first, the free key's two, the flaky one's third attempt), 2 503s and 3 500s; on the
+        // legacy route 5 500s and the fallback's answer.
+        (
+            r#"gen_ai_client_operation_duration_count{gen_ai_operation_name="chat",route="/v1/chat/completions"}"#,
+            4.0,
+        ),
+        (
+            r#"gen_ai_client_operation_duration_count{gen_ai_operation_name="chat",error_type="service_unavailable",route="/v1/chat/completions"}"#,
             2.0,
         ),
         (
-            r#"llm_layers_normalize_classifications{code="internal_error",provider="openai"}"#,
-            8.0,
+            r#"gen_ai_client_operation_duration_count{gen_ai_operation_name="chat",error_type="internal_error",route="/v1/chat/completions"}"#,
+            3.0,
+        ),
+        (
+            r#"gen_ai_client_operation_duration_count{gen_ai_operation_name="text_completion",route="/v1/completions"}"#,
+            1.0,
+        ),
+        (
+            r#"gen_ai_client_operation_duration_count{gen_ai_operation_name="text_completion",error_type="internal_error",route="/v1/completions"}"#,
+            5.0,
         ),
         (
             r#"llm_layers_breaker_transitions{name="upstream",from="closed",to="open",reason="failure_rate"}"#,
@@ -301,6 +330,12 @@ async fn a_scripted_run_is_counted_exactly_on_the_metrics_endpoint() {
     // the breaker's own reached a client.
     let count = |prefix: &str| got.keys().filter(|k| k.starts_with(prefix)).count();
     assert_eq!(count("llm_layers_rejections{"), 6, "{text}");
+    assert_eq!(count("llm_layers_normalize_classifications{"), 3, "{text}");
+    assert_eq!(
+        count("gen_ai_client_operation_duration_count{"),
+        5,
+        "{text}"
+    );
     assert_eq!(count("llm_layers_retry_retries{"), 2, "{text}");
     assert_eq!(count("llm_layers_retry_stops{"), 1, "{text}");
     assert_eq!(count("llm_layers_breaker_transitions{"), 1, "{text}");
@@ -536,5 +571,185 @@ async fn each_call_to_the_upstream_is_timed_by_operation_and_error() {
             ("error.type", "service_unavailable")
         ]),
         Some(vec![3.0])
+    );
+}
+
+/// The `route` label is the route's template, as the gateway's router configured it: never a
+/// client's path, with its query or the ids it may carry. A path no route matches is answered
+/// by the router before any layer, and counted nowhere.
+#[tokio::test]
+async fn a_client_path_with_ids_or_a_query_is_not_a_label() {
+    let recorder = gateway_metrics::recorder();
+    let handle = recorder.handle();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let addr = gateway(handle).await;
+    let client = reqwest::Client::new();
+    let query = "/v1/chat/completions?user=u-1234&session=s-5678";
+    let hot = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "temperature": 3});
+    assert_eq!(
+        post(&client, addr, query, None, &hello("gpt-4o-mini"), &[])
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        post(&client, addr, query, Some(FULL), &hot, &[]).await.0,
+        400
+    );
+    assert_eq!(
+        post(&client, addr, query, Some(FULL), &hello("gpt-4o-mini"), &[])
+            .await
+            .0,
+        200
+    );
+    let with_id = "/v1/chat/completions/c-9012";
+    assert_eq!(
+        post(
+            &client,
+            addr,
+            with_id,
+            Some(FULL),
+            &hello("gpt-4o-mini"),
+            &[]
+        )
+        .await
+        .0,
+        404
+    );
+
+    let text = client
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let got = samples(&text);
+    let want: &[(&str, f64)] = &[
+        (
+            r#"llm_layers_rejections{layer="auth",code="invalid_api_key",key_id="none",route="/v1/chat/completions"}"#,
+            1.0,
+        ),
+        (
+            r#"llm_layers_rejections{layer="validate",code="invalid_value",key_id="demo-full",route="/v1/chat/completions"}"#,
+            1.0,
+        ),
+        (
+            r#"gen_ai_client_operation_duration_count{gen_ai_operation_name="chat",route="/v1/chat/completions"}"#,
+            1.0,
+        ),
+        // The 404 met no layer.
+        (r#"llm_layers_requests{layer="auth"}"#, 3.0),
+    ];
+    for (series, value) in want {
+        assert_eq!(got.get(*series), Some(value), "{series} in\n{text}");
+    }
+    // Every route label is a configured template.
+    let templates = [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/models",
+        "/healthz",
+    ];
+    let mut routes = 0;
+    for series in got.keys() {
+        for part in series.split(['{', ',', '}']) {
+            if let Some(value) = part.strip_prefix("route=") {
+                routes += 1;
+                let value = value.trim_matches('"');
+                assert!(templates.contains(&value), "route {value:?} in {series}");
+            }
+        }
+    }
+    assert!(routes >= 3, "{text}");
+    for client_string in ["u-1234", "s-5678", "c-9012", "?user", "session="] {
+        assert!(!text.contains(client_string), "{client_string} in\n{text}");
+    }
+}
+
+/// The layers after auth that answer later than their call (the breaker's refusal, the retry
+/// layer's own timeout) still name the request's key and route: each took them when it was
+/// called (paused time).
+#[tokio::test(start_paused = true)]
+async fn the_breakers_and_the_retry_layers_rejections_name_the_key_and_route() {
+    use llm_layers::breaker::CircuitBreakerLayer;
+    use llm_layers::ext::{KeyIdentity, Route};
+    use llm_layers::metrics::REJECTIONS;
+    use llm_layers::retry::RetryLayer;
+    use std::time::Duration;
+    use tower::{Layer, ServiceExt};
+
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let request = || {
+        let mut req = http::Request::post("/v1/chat/completions")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                br#"{"model":"m"}"#,
+            )))
+            .unwrap();
+        req.extensions_mut().insert(KeyIdentity::new("team-a"));
+        req.extensions_mut()
+            .insert(Route::new("/v1/chat/completions"));
+        req
+    };
+    let answer = |status: u16| {
+        http::Response::builder()
+            .status(status)
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+            .unwrap()
+    };
+
+    // The breaker: one failure opens the circuit, the next call is refused.
+    let breaker =
+        CircuitBreakerLayer::builder()
+            .name("labels")
+            .consecutive_failures(1)
+            .open_duration(Duration::from_secs(10))
+            .build()
+            .unwrap()
+            .layer(tower::service_fn(
+                move |_req: http::Request<_>| async move {
+                    Ok::<_, std::convert::Infallible>(answer(500))
+                },
+            ));
+    assert_eq!(
+        breaker.clone().oneshot(request()).await.unwrap().status(),
+        500
+    );
+    assert_eq!(breaker.oneshot(request()).await.unwrap().status(), 503);
+
+    // The retry layer: an upstream that never answers within the attempt timeout.
+    let retry = RetryLayer::builder()
+        .max_attempts(1)
+        .attempt_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap()
+        .layer(tower::service_fn(
+            move |_req: http::Request<_>| async move {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Ok::<_, std::convert::Infallible>(answer(200))
+            },
+        ));
+    assert_eq!(retry.oneshot(request()).await.unwrap().status(), 504);
+
+    let s = snapshotter.snapshot().into_vec();
+    let labels = |layer, code| {
+        [
+            ("layer", layer),
+            ("code", code),
+            ("key_id", "team-a"),
+            ("route", "/v1/chat/completions"),
+        ]
+    };
+    assert_eq!(
+        recorded(&s, REJECTIONS, &labels("breaker", "service_unavailable")),
+        Some(1.0)
+    );
+    assert_eq!(
+        recorded(&s, REJECTIONS, &labels("retry", "timeout")),
+        Some(1.0)
     );
 }

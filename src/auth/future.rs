@@ -56,6 +56,7 @@ pub(crate) struct Viewing<S, K> {
     shared: Arc<Shared<K>>,
     record: Arc<KeyRecord>,
     present: MaybePresent,
+    labels: crate::metrics::RequestLabels,
 }
 
 pin_project! {
@@ -85,6 +86,7 @@ pin_project! {
     {
         Rejected {
             response: Option<Rejection>,
+            labels: crate::metrics::RequestLabels,
         },
         Lookup {
             #[pin]
@@ -120,10 +122,11 @@ where
     S: Service<Request<LayerBody<B>>>,
     K: KeyStore,
 {
-    pub(crate) fn rejected(response: Rejection) -> Self {
+    pub(crate) fn rejected(response: Rejection, ext: &http::Extensions) -> Self {
         ResponseFuture {
             state: State::Rejected {
                 response: Some(response),
+                labels: crate::metrics::RequestLabels::route_only(ext),
             },
         }
     }
@@ -527,6 +530,7 @@ where
     match decision {
         Decision::Reject(res) => State::Rejected {
             response: Some(res),
+            labels: crate::metrics::RequestLabels::route_only(req.extensions()),
         },
         Decision::Admit(record) => {
             let mut req = req.map(LayerBody::new);
@@ -537,13 +541,14 @@ where
             }
         }
         Decision::View(record) => State::Viewing {
-            view: EnsureView::new(req, shared.body_limit, Arc::clone(&shared.estimator)),
             ctx: Some(Viewing {
                 inner,
                 shared: Arc::clone(shared),
                 record,
                 present,
+                labels: crate::metrics::RequestLabels::route_only(req.extensions()),
             }),
+            view: EnsureView::new(req, shared.body_limit, Arc::clone(&shared.estimator)),
         },
     }
 }
@@ -561,10 +566,13 @@ where
         let mut state = self.project().state;
         loop {
             match state.as_mut().project() {
-                StateProj::Rejected { response } => {
+                StateProj::Rejected { response, labels } => {
                     let res = response
                         .take()
                         .expect("ResponseFuture polled after completion");
+                    if let Some(err) = res.extensions().get::<crate::ApiError>() {
+                        labels.rejected(crate::metrics::layer::AUTH, err.code());
+                    }
                     return Poll::Ready(Ok(res.map(LayerBody::full)));
                 }
                 StateProj::Lookup { lookup, pending } => {
@@ -593,6 +601,7 @@ where
                         shared,
                         record,
                         present,
+                        labels,
                     } = ctx.take().expect("ResponseFuture polled after completion");
                     let next = match result {
                         Ok(mut req) => {
@@ -603,6 +612,7 @@ where
                             ) {
                                 Some(res) => State::Rejected {
                                     response: Some(res),
+                                    labels,
                                 },
                                 None => {
                                     admit(&mut req, &shared, record, present);
@@ -615,10 +625,6 @@ where
                         }
                         Err(failure) => {
                             let err = failure.error().to_api_error();
-                            crate::metrics::rejected_without_key(
-                                crate::metrics::layer::AUTH,
-                                err.code(),
-                            );
                             tracing::info!(
                                 target: "llm_layers::auth",
                                 layer = "auth",
@@ -628,6 +634,7 @@ where
                             );
                             State::Rejected {
                                 response: Some(err.to_response()),
+                                labels,
                             }
                         }
                     };

@@ -137,12 +137,12 @@ where
                 }
                 (KeyHash::of(key), present)
             }
-            Err(e) => return ResponseFuture::rejected(reject_credentials(&e)),
+            Err(e) => return ResponseFuture::rejected(reject_credentials(&e), req.extensions()),
         };
         if let Some(result) = self.shared.store.lookup_now(&hash) {
             // The store answered at once: a rejection needs no inner service at all.
             return match decide(result, &req, &hash, &self.shared) {
-                Decision::Reject(res) => ResponseFuture::rejected(res),
+                Decision::Reject(res) => ResponseFuture::rejected(res, req.extensions()),
                 Decision::Admit(record) => {
                     let mut req = req.map(LayerBody::new);
                     admit(&mut req, &self.shared, record, present);

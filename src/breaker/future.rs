@@ -52,8 +52,9 @@ pin_project! {
         Ready { svc: Option<S>, req: Option<Request<LayerBody<B>>> },
         // The inner call.
         Called { #[pin] fut: SF },
-        // An answer of the breaker's own: a refusal (`local`), a body over the limit.
-        Answer { err: Option<ApiError>, local: bool },
+        // An answer of the breaker's own: a refusal (`local`, with the request's labels), a
+        // body over the limit.
+        Answer { err: Option<ApiError>, local: Option<crate::metrics::RequestLabels> },
         // Refused, with a fallback chain: boxed, so that the future an admitted call moves
         // around stays small (the chain is the rare path, and the largest state).
         Degrade { walk: Pin<Box<Walk<S, SF, FS, FF, B>>> },
@@ -116,6 +117,8 @@ struct Chain<B> {
     deadline: Option<Instant>,
     /// Whether the armed timer is the deadline (else the target's call timeout).
     timer_is_deadline: bool,
+    /// The request's key id and route, for the rejection when the walk ends.
+    labels: crate::metrics::RequestLabels,
 }
 
 /// The request the fallback steps are made of.
@@ -241,6 +244,7 @@ fn degrade<S, SF, FS, FF, B: Body>(
     } else {
         None
     };
+    let labels = crate::metrics::RequestLabels::capture(req.extensions());
     let (source, step) = if needs_bytes {
         let (parts, body) = req.into_parts();
         match body {
@@ -265,6 +269,7 @@ fn degrade<S, SF, FS, FF, B: Body>(
         FallbackReason::PrimaryOpen,
         source,
         deadline,
+        labels,
     );
     State::Degrade {
         walk: Box::pin(Walk {
@@ -289,12 +294,14 @@ fn walk_on<S, SF, FS, FF, B>(
     } = *replay;
     // The walk's own time starts when it leaves the primary.
     let deadline = walk_deadline(cfg, &parts.extensions, Instant::now());
+    let labels = crate::metrics::RequestLabels::capture(&parts.extensions);
     let chain = Chain::new(
         circuit,
         Left::Answered(cause),
         reason,
         Source::Buffered(parts, bytes),
         deadline,
+        labels,
     );
     State::Degrade {
         walk: Box::pin(Walk {
@@ -416,6 +423,7 @@ fn admitted<S: Clone, SF, FS, FF, B: Body>(
         };
     };
     let kept = replay_for(shared.config(), &circuit, &req);
+    let labels = crate::metrics::RequestLabels::capture(req.extensions());
     match decide(shared, circuit, req) {
         Decision::Pass(p, req) => {
             let (t, pr) = sleep(p.timer());
@@ -437,7 +445,7 @@ fn admitted<S: Clone, SF, FS, FF, B: Body>(
         }
         Decision::Refuse(err) => State::Answer {
             err: Some(err),
-            local: true,
+            local: Some(labels),
         },
         Decision::Degrade(circuit, refusal, req) => degrade(shared.config(), circuit, refusal, req),
     }
@@ -450,6 +458,7 @@ impl<B> Chain<B> {
         reason: FallbackReason,
         source: Source<B>,
         deadline: Option<Instant>,
+        labels: crate::metrics::RequestLabels,
     ) -> Self {
         let (need_larger, need_policy) = sticky(reason, false, false);
         Chain {
@@ -465,6 +474,7 @@ impl<B> Chain<B> {
             permit: None,
             deadline,
             timer_is_deadline: false,
+            labels,
         }
     }
 
@@ -602,7 +612,7 @@ impl<B> Chain<B> {
         };
         let mut err = ApiError::new(code, format!("{message} {causes}."));
         err.set_retry_after(retry_after);
-        refusal_response(&err)
+        refusal_response(&err, &self.labels)
     }
 }
 
@@ -668,6 +678,7 @@ where
         fallback: &F,
         req: Request<LayerBody<B>>,
     ) -> Self {
+        let labels = crate::metrics::RequestLabels::capture(req.extensions());
         match decide(shared, circuit, req) {
             Decision::Pass(permit, req) => {
                 let (timer, probe) = sleep(permit.timer());
@@ -687,7 +698,7 @@ where
                 None,
                 State::Answer {
                     err: Some(err),
-                    local: true,
+                    local: Some(labels),
                 },
             ),
             Decision::Degrade(circuit, refusal, req) => {
@@ -794,7 +805,7 @@ where
                             // Over the limit or unreadable: the body is gone.
                             Err((_, e)) => State::Answer {
                                 err: Some(e.to_api_error()),
-                                local: false,
+                                local: None,
                             },
                         },
                     };
@@ -818,7 +829,7 @@ where
                         // A chunked body that grew past the limit, or broke: it is gone.
                         Err((_, e)) => State::Answer {
                             err: Some(e.to_api_error()),
-                            local: false,
+                            local: None,
                         },
                     };
                     this.state.set(next);
@@ -904,8 +915,8 @@ where
                 }
                 StateProj::Answer { err, local } => {
                     let err = err.take().expect("ResponseFuture polled after completion");
-                    let res = if *local {
-                        refusal_response(&err)
+                    let res = if let Some(labels) = local {
+                        refusal_response(&err, labels)
                     } else {
                         err.to_response()
                     };

@@ -291,8 +291,11 @@ pub(crate) fn refusal_error(cfg: &Config, key: &str, refusal: Refusal) -> ApiErr
 /// The response to a refusal of the breaker's own: the envelope, with
 /// [`RefusedLocally::CIRCUIT_BREAKER`] beside its [`ApiError`] so that a retry layer outside
 /// answers at once instead of sleeping on the `retry-after` of a local state.
-pub(crate) fn refusal_response<B: From<Bytes>>(err: &ApiError) -> Response<B> {
-    crate::metrics::rejected_without_key(crate::metrics::layer::BREAKER, err.code());
+pub(crate) fn refusal_response<B: From<Bytes>>(
+    err: &ApiError,
+    labels: &crate::metrics::RequestLabels,
+) -> Response<B> {
+    labels.rejected(crate::metrics::layer::BREAKER, err.code());
     let mut res = err.to_response();
     res.extensions_mut().insert(RefusedLocally::CIRCUIT_BREAKER);
     res

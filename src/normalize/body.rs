@@ -438,7 +438,7 @@ where
                         // dialect, and the stream ends.
                         *this.done = true;
                         let api = expired.error();
-                        crate::metrics::classified(&api);
+                        this.framer.events.labels.classified(&api);
                         tracing::debug!(layer = "normalize", code = %api.code(), timer = ?expired, "stream timed out");
                         let out = terminal(this.framer, &api, this.timers.dialect);
                         // Layers further out that record outcomes read how it ended.
@@ -485,7 +485,7 @@ where
                         ErrorCode::ServiceUnavailable,
                         "The upstream stream broke off before it finished.",
                     );
-                    crate::metrics::classified(&api);
+                    this.framer.events.labels.classified(&api);
                     tracing::debug!(layer = "normalize", code = %api.code(), "upstream stream broke off");
                     // What was held goes out as it came; the event starts on a line of its
                     // own.
@@ -545,6 +545,8 @@ pub(super) struct SseEvents {
     /// (0: none). An atomic so the body stays `Sync`; read when the stream ends, to name the
     /// failure in the trailer [`crate::policy::STREAM_ERROR_TRAILER`].
     seen: std::sync::atomic::AtomicU8,
+    /// The request's route, for the classifications counted in the stream.
+    labels: crate::metrics::RequestLabels,
 }
 
 impl SseEvents {
@@ -573,7 +575,14 @@ impl SseEvents {
             rules: classifier.map(|c| Box::new((Arc::clone(c), status, headers.clone()))),
             expose_upstream,
             seen: std::sync::atomic::AtomicU8::new(0),
+            labels: crate::metrics::RequestLabels::default(),
         }
+    }
+
+    /// The same, with the request's labels for the metrics.
+    pub(super) fn with_labels(mut self, labels: crate::metrics::RequestLabels) -> Self {
+        self.labels = labels;
+        self
     }
 }
 
@@ -786,7 +795,7 @@ fn rewritten(line: &[u8], events: &SseEvents) -> Option<Bytes> {
         let (classifier, status, headers) = &**rules;
         err = classifier.apply(*status, headers, data, err);
     }
-    crate::metrics::classified(&err);
+    events.labels.classified(&err);
     tracing::debug!(layer = "normalize", code = %err.code(), "rewrote an in-band stream error");
     events.saw(err.code());
     let envelope = if events.expose_upstream {

@@ -180,7 +180,12 @@ where
                             // Any error type: a tower `Elapsed` in a `BoxError` is a timeout.
                             let err = classify_error(e);
                             tracing::debug!(layer = "normalize", code = %err.code(), "upstream transport error");
-                            return Poll::Ready(Ok(envelope(&err, None, this.options)));
+                            return Poll::Ready(Ok(envelope(
+                                &err,
+                                None,
+                                this.options,
+                                this.timer.labels(),
+                            )));
                         }
                     };
                     let status = res.status();
@@ -228,7 +233,8 @@ where
                                 status,
                                 res.headers(),
                                 this.options.exposes_upstream(),
-                            );
+                            )
+                            .with_labels(this.timer.labels().clone());
                             let timers = if opts.times_streams() {
                                 let now = Instant::now();
                                 Timers::new(
@@ -269,6 +275,7 @@ where
                                     &err,
                                     Some(res.headers()),
                                     this.options,
+                                    this.timer.labels(),
                                 )));
                             }
                         }
@@ -336,7 +343,7 @@ where
                         upstream_status = status.as_u16(),
                         "normalized upstream error"
                     );
-                    let res = envelope(&err, Some(headers), this.options);
+                    let res = envelope(&err, Some(headers), this.options, this.timer.labels());
                     return Poll::Ready(Ok(res));
                 }
                 StateProj::Inspecting {
@@ -415,6 +422,7 @@ where
                                 &err,
                                 Some(&parts.headers),
                                 this.options,
+                                this.timer.labels(),
                             )));
                         }
                     }
@@ -436,7 +444,12 @@ where
                             };
                             let err = ApiError::new(ErrorCode::ServiceUnavailable, message)
                                 .with_status(StatusCode::BAD_GATEWAY);
-                            return Poll::Ready(Ok(envelope(&err, None, this.options)));
+                            return Poll::Ready(Ok(envelope(
+                                &err,
+                                None,
+                                this.options,
+                                this.timer.labels(),
+                            )));
                         }
                     };
                     return Poll::Ready(Ok(Response::from_parts(parts, body)));
@@ -475,7 +488,12 @@ where
                                 let err = which.error();
                                 tracing::debug!(layer = "normalize", code = %err.code(), timer = ?which, "held stream timed out");
                                 let parts = parts.as_ref().map(|p| &p.headers);
-                                return Poll::Ready(Ok(envelope(&err, parts, opts)));
+                                return Poll::Ready(Ok(envelope(
+                                    &err,
+                                    parts,
+                                    opts,
+                                    this.timer.labels(),
+                                )));
                             }
                         };
                         let data = match frame {
@@ -547,7 +565,12 @@ where
                     };
                     if let Some(err) = err {
                         tracing::debug!(layer = "normalize", code = %err.code(), "a stream's first event was an error");
-                        return Poll::Ready(Ok(envelope(&err, Some(&parts.headers), opts)));
+                        return Poll::Ready(Ok(envelope(
+                            &err,
+                            Some(&parts.headers),
+                            opts,
+                            this.timer.labels(),
+                        )));
                     }
                     // The first event is not an error: the head and the held bytes go on, and
                     // the rest streams as it comes.
@@ -557,7 +580,8 @@ where
                         parts.status,
                         &parts.headers,
                         opts.exposes_upstream(),
-                    );
+                    )
+                    .with_labels(this.timer.labels().clone());
                     let timers = if opts.idle().is_some() || total_at.is_some() {
                         Timers::new(None, opts.idle(), *total_at, true)
                     } else {
@@ -712,8 +736,9 @@ fn envelope<B>(
     err: &ApiError,
     upstream: Option<&HeaderMap>,
     options: &NormalizeOptions,
+    labels: &crate::metrics::RequestLabels,
 ) -> Response<NormalizeBody<B>> {
-    crate::metrics::classified(err);
+    labels.classified(err);
     let mut res: Response<NormalizeBody<B>> = err.to_response_with(options.envelope());
     if let Some(upstream) = upstream {
         let headers = res.headers_mut();

@@ -84,7 +84,7 @@ where
         let head = req.method() == http::Method::HEAD;
         // `None` when no rules are set: nothing is cloned.
         let classifier = self.classifier.clone();
-        let timer = crate::metrics::OperationTimer::start(req.uri().path());
+        let timer = crate::metrics::OperationTimer::start(req.uri().path(), req.extensions());
         ResponseFuture::new(self.inner.call(req), self.options, head, classifier, timer)
     }
 }

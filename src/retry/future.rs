@@ -84,6 +84,8 @@ pin_project! {
         prev_delay: Duration,
         rng: Option<fastrand::Rng>,
         skipped: Option<RetryStop>,
+        // For the layer's own rejections: the request's key id and route.
+        labels: crate::metrics::RequestLabels,
     }
 }
 
@@ -101,7 +103,14 @@ where
     B: Body,
     B::Error: Into<BoxError>,
 {
-    pub(crate) fn new(service: S, shared: Arc<Shared>, mut req: Request<B>) -> Self {
+    pub(crate) fn new(service: S, shared: Arc<Shared>, req: Request<B>) -> Self {
+        let labels = crate::metrics::RequestLabels::capture(req.extensions());
+        let mut fut = Self::start(service, shared, req);
+        fut.labels = labels;
+        fut
+    }
+
+    fn start(service: S, shared: Arc<Shared>, mut req: Request<B>) -> Self {
         let needs_now = shared.budget.is_some() || shared.deadline.is_some();
         let mut deadline = None;
         if needs_now {
@@ -175,6 +184,7 @@ where
             prev_delay: Duration::ZERO,
             rng: None,
             skipped,
+            labels: crate::metrics::RequestLabels::NONE,
         }
     }
 }
@@ -211,6 +221,8 @@ where
                         }
                         let err = e.to_api_error();
                         this.state.set(State::Done);
+                        this.labels
+                            .rejected(crate::metrics::layer::RETRY, err.code());
                         return Poll::Ready(Ok(local_rejection(&err, this.shared)));
                     }
                 },
@@ -398,6 +410,8 @@ where
                         Err(stop) => {
                             this.state.set(State::Done);
                             log_stop(attempt, stop, &err);
+                            this.labels
+                                .rejected(crate::metrics::layer::RETRY, err.code());
                             let stop = this.skipped.or(Some(stop));
                             let res = err.to_response();
                             return Poll::Ready(Ok(finish(res, attempt, stop, this.shared)));

@@ -152,7 +152,9 @@ pub use self::config::{
     RouteConfig, Secret, Sha256Hex, StackConfig, Switch, UpstreamConfig, UpstreamOverride,
     ValidationConfig, ValidationOverride,
 };
-pub use self::route::{EdgeLayers, RouteLayer, Toggle, ToggleBody, ToggleFuture, ToggleService};
+pub use self::route::{
+    EdgeLayers, RouteLayer, SetRoute, Toggle, ToggleBody, ToggleFuture, ToggleService,
+};
 pub use crate::config::ConfigError;
 
 /// A refused value at a TOML path.
@@ -455,6 +457,7 @@ impl Stack {
     /// auth layer in.
     pub fn route_layer(&self, path: &str) -> RouteLayer {
         RouteLayer {
+            route: crate::ext::Route::new(path),
             auth: self.auth_for(path),
             validate: self.validate_for(path),
             rate_limit: self.rate_limit_for(path),

@@ -13,6 +13,7 @@ use tower_service::Service;
 
 use crate::auth::{ApiKeyAuthLayer, InMemoryKeyStore};
 use crate::body::BoxError;
+use crate::ext::Route;
 use crate::rate_limit::RateLimitLayer;
 use crate::validate::ValidateRequestLayer;
 
@@ -206,8 +207,13 @@ pub type EdgeLayers<A> =
 /// One `.layer(..)` call on an axum `MethodRouter` (`post(handler).layer(route_layer)`), so
 /// there is no chain of `.layer(a).layer(b)` for the compiler to infer (E0283). Cloning it is
 /// cheap and shares the layers' state (buckets, key store).
+///
+/// Its service leaves the route's template in the request extensions
+/// ([`Route`](crate::ext::Route)), before auth, for the `route` label of the layers' metrics
+/// (with the `metrics` feature; without it nothing is inserted).
 #[derive(Debug, Clone)]
 pub struct RouteLayer<A = ApiKeyAuthLayer<InMemoryKeyStore>> {
+    pub(super) route: Route,
     pub(super) auth: Option<A>,
     pub(super) validate: Option<ValidateRequestLayer>,
     pub(super) rate_limit: Option<RateLimitLayer>,
@@ -219,10 +225,16 @@ impl<A> RouteLayer<A> {
     /// without.
     pub fn with_auth<B>(self, auth: B) -> RouteLayer<B> {
         RouteLayer {
+            route: self.route,
             auth: self.auth.map(|_| auth),
             validate: self.validate,
             rate_limit: self.rate_limit,
         }
+    }
+
+    /// The route's template, as its requests carry it ([`Route`]).
+    pub fn route(&self) -> &Route {
+        &self.route
     }
 
     /// Whether the route is authenticated.
@@ -256,9 +268,51 @@ where
     A: Clone,
     EdgeLayers<A>: Layer<S>,
 {
-    type Service = <EdgeLayers<A> as Layer<S>>::Service;
+    type Service = SetRoute<<EdgeLayers<A> as Layer<S>>::Service>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        self.layers().layer(inner)
+        SetRoute {
+            route: self.route.clone(),
+            inner: self.layers().layer(inner),
+        }
+    }
+}
+
+/// The service of a [`RouteLayer`]: its edge layers, with the route's [`Route`] put in each
+/// request's extensions first (with the `metrics` feature; without it the request is handed
+/// on untouched).
+#[derive(Debug, Clone)]
+pub struct SetRoute<S> {
+    route: Route,
+    inner: S,
+}
+
+impl<S> SetRoute<S> {
+    /// The route this service marks its requests with.
+    pub fn route(&self) -> &Route {
+        &self.route
+    }
+}
+
+impl<S, ReqBody> Service<Request<ReqBody>> for SetRoute<S>
+where
+    S: Service<Request<ReqBody>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> S::Future {
+        #[cfg(feature = "metrics")]
+        let req = {
+            let mut req = req;
+            req.extensions_mut().insert(self.route.clone());
+            req
+        };
+        self.inner.call(req)
     }
 }

@@ -46,6 +46,7 @@ pin_project! {
         state: State<S, ReqBody, ResBody>,
         inner: Option<S>,
         shared: Option<Arc<Shared>>,
+        labels: crate::metrics::RequestLabels,
     }
 }
 
@@ -90,10 +91,11 @@ where
             state: State::Ready { req: Some(req) },
             inner: Some(inner),
             shared: None,
+            labels: crate::metrics::RequestLabels::NONE,
         }
     }
 
-    pub(crate) fn rejected(error: ApiError) -> Self {
+    pub(crate) fn rejected(error: ApiError, ext: &http::Extensions) -> Self {
         ResponseFuture {
             state: State::Rejected {
                 error: Some(error),
@@ -101,11 +103,13 @@ where
             },
             inner: None,
             shared: None,
+            labels: crate::metrics::RequestLabels::capture(ext),
         }
     }
 
     pub(crate) fn parsing(inner: S, req: Request<ReqBody>, shared: Arc<Shared>) -> Self {
         ResponseFuture {
+            labels: crate::metrics::RequestLabels::capture(req.extensions()),
             state: State::Parsing {
                 ensure: EnsureView::new(req, shared.body_limit, Arc::clone(&shared.estimator)),
             },
@@ -116,6 +120,7 @@ where
 
     pub(crate) fn buffering(inner: S, req: Request<ReqBody>, shared: Arc<Shared>) -> Self {
         ResponseFuture {
+            labels: crate::metrics::RequestLabels::capture(req.extensions()),
             state: State::Buffering {
                 buf: BufferRequest::new(req, shared.body_limit),
             },
@@ -161,10 +166,8 @@ where
                     let error = error
                         .take()
                         .expect("ResponseFuture polled after completion");
-                    crate::metrics::rejected_without_key(
-                        crate::metrics::layer::VALIDATE,
-                        error.code(),
-                    );
+                    this.labels
+                        .rejected(crate::metrics::layer::VALIDATE, error.code());
                     tracing::info!(target: "llm_layers::validate", layer = "validate", code = error.code().as_str(), param = ?error.param(), "request rejected");
                     return Poll::Ready(Ok(error.to_response()));
                 }

@@ -80,7 +80,7 @@ where
         let shared = &*self.shared;
         if shared.checks.content_type {
             if let Err(e) = rules::check_content_type(req.headers()) {
-                return ResponseFuture::rejected(e);
+                return ResponseFuture::rejected(e, req.extensions());
             }
         }
         if !shared.needs_body() {
@@ -88,13 +88,16 @@ where
         }
         let limit = shared.body_limit;
         if let Err(e) = check_limit(req.headers(), req.body(), limit) {
-            return ResponseFuture::rejected(e.to_api_error());
+            return ResponseFuture::rejected(e.to_api_error(), req.extensions());
         }
         // A view parsed by an earlier layer is reused; the limit holds all the same, by the
         // length the view recorded.
         if let Some(view) = RequestView::from_extensions(req.extensions()) {
             if view.body_len().is_some_and(|n| n > limit) {
-                return ResponseFuture::rejected(BufferError::TooLarge { limit }.to_api_error());
+                return ResponseFuture::rejected(
+                    BufferError::TooLarge { limit }.to_api_error(),
+                    req.extensions(),
+                );
             }
             if path_deployment_differs(req.uri().path(), view) {
                 // The view was built without the path's deployment: check (and hand on) the
@@ -110,7 +113,7 @@ where
             let verdict = super::future::verdict(shared, &RequestHead::of(&req), view, bytes);
             return match verdict {
                 Ok(()) => ResponseFuture::ready(inner.clone(), req.map(LayerBody::new)),
-                Err(e) => ResponseFuture::rejected(e),
+                Err(e) => ResponseFuture::rejected(e, req.extensions()),
             };
         }
         ResponseFuture::parsing(inner.clone(), req, Arc::clone(&self.shared))
