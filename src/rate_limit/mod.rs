@@ -182,6 +182,15 @@
 //! ([`RateLimitLayerBuilder::sweep`]), or on demand with [`RateLimitHandle::sweep`].
 //! [`RateLimitHandle::tracked_keys`] counts the entries held.
 //!
+//! Keys are hashed once per request, with std's randomly seeded SipHash-1-3: they are chosen by
+//! clients (API key ids, addresses, model names), and a faster seeded hash does not claim to
+//! resist an attacker who can time the map. The admitted path of a known key (an API key, an
+//! address, a tier, a key's own limits, concurrency caps) allocates nothing: the key is shared
+//! or inline, and the `x-ratelimit-*` values are written into a per-thread 4 KiB block and cut
+//! from it as shared bytes; the block is used again from its start once the answers whose
+//! values it holds are dropped (a new block only while about 250 answers' heads are all still
+//! held). A key read from a header, the route or the model costs one copy of it.
+//!
 //! # A store shared by replicas (feature `redis`)
 //!
 //! By default the buckets and in-flight counts live in this process's memory.
