@@ -182,6 +182,10 @@
 //! ([`RateLimitLayerBuilder::sweep`]), or on demand with [`RateLimitHandle::sweep`].
 //! [`RateLimitHandle::tracked_keys`] counts the entries held.
 //!
+//! An entry is 32 bytes (the key and its arrival time, in a `hashbrown` table that does not
+//! keep the hash); 10^6 client addresses take about 67 MiB, 10^6 API keys with their own
+//! 20-byte ids about 110 MiB.
+//!
 //! Keys are hashed once per request, with std's randomly seeded SipHash-1-3: they are chosen by
 //! clients (API key ids, addresses, model names), and a faster seeded hash does not claim to
 //! resist an attacker who can time the map. The admitted path of a known key (an API key, an
