@@ -16,8 +16,8 @@ use crate::ext::KeyIdentity;
 use crate::request::{RequestHead, RequestView, TokenEstimator};
 
 use super::config::{Cidr, KeyKind, Limits, OnLimit, Quota, RateLimitLayerBuilder};
-use super::fmt_duration;
 use super::store::{Bucket, Inflight, RateKey, Status, Take, TokioClock};
+use super::{fmt_duration, write_duration, write_u64};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Unit {
@@ -83,36 +83,83 @@ impl RateHeaders {
 
     fn write_names(&self, headers: &mut HeaderMap, own: bool) {
         use super::*;
-        if let Some(s) = &self.requests {
-            let names = if own {
-                [
-                    OWN_LIMIT_REQUESTS,
-                    OWN_REMAINING_REQUESTS,
-                    OWN_RESET_REQUESTS,
-                ]
-            } else {
-                [LIMIT_REQUESTS, REMAINING_REQUESTS, RESET_REQUESTS]
-            };
-            write_status(headers, s, names);
-        }
-        if let Some(s) = &self.tokens {
-            let names = if own {
-                [OWN_LIMIT_TOKENS, OWN_REMAINING_TOKENS, OWN_RESET_TOKENS]
-            } else {
-                [LIMIT_TOKENS, REMAINING_TOKENS, RESET_TOKENS]
-            };
-            write_status(headers, s, names);
-        }
+        HEADER_TEXT.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            // Room for every value of this answer before the first is cut: the block is then
+            // used again from its start when the values of earlier answers are all dropped.
+            if buf.capacity() < 6 * LONGEST_VALUE {
+                buf.reserve(HEADER_BLOCK);
+            }
+            if let Some(s) = &self.requests {
+                let names = if own {
+                    [
+                        OWN_LIMIT_REQUESTS,
+                        OWN_REMAINING_REQUESTS,
+                        OWN_RESET_REQUESTS,
+                    ]
+                } else {
+                    [LIMIT_REQUESTS, REMAINING_REQUESTS, RESET_REQUESTS]
+                };
+                write_status(headers, &mut buf, s, names);
+            }
+            if let Some(s) = &self.tokens {
+                let names = if own {
+                    [OWN_LIMIT_TOKENS, OWN_REMAINING_TOKENS, OWN_RESET_TOKENS]
+                } else {
+                    [LIMIT_TOKENS, REMAINING_TOKENS, RESET_TOKENS]
+                };
+                write_status(headers, &mut buf, s, names);
+            }
+        });
     }
 }
 
-fn write_status(headers: &mut HeaderMap, s: &Status, [limit, remaining, reset]: [HeaderName; 3]) {
+fn write_status(
+    headers: &mut HeaderMap,
+    buf: &mut bytes::BytesMut,
+    s: &Status,
+    [limit, remaining, reset]: [HeaderName; 3],
+) {
+    headers.insert(
+        limit,
+        header_value(buf, |b| write_u64(b, u64::from(s.limit))),
+    );
+    headers.insert(
+        remaining,
+        header_value(buf, |b| write_u64(b, u64::from(s.remaining))),
+    );
+    headers.insert(reset, header_value(buf, |b| write_duration(b, s.reset())));
+}
+
+/// The bytes of a thread's header values are cut from one block of this size. Before an
+/// answer's values are written, a block with less than room for them left is used again from
+/// its start when no value cut from it is alive any more (the common case: each answer's head
+/// is sent, and dropped, before the next one is written), else a new block is allocated: one
+/// allocation per about 250 answers whose heads are all still held.
+const HEADER_BLOCK: usize = 4096;
+
+/// The longest value written: a `u64`, or a reset of 2^64 ns (`5124095h34m33.71s`).
+const LONGEST_VALUE: usize = 20;
+
+thread_local! {
+    /// The block this thread's header values are written into.
+    static HEADER_TEXT: std::cell::RefCell<bytes::BytesMut> =
+        std::cell::RefCell::new(bytes::BytesMut::new());
+}
+
+/// A header value written by `write` into the thread's block and cut from it: no allocation
+/// of its own (the value shares the block, and gives its share back when dropped).
+fn header_value(
+    buf: &mut bytes::BytesMut,
+    write: impl FnOnce(&mut bytes::BytesMut) -> std::fmt::Result,
+) -> http::HeaderValue {
     use http::HeaderValue;
-    headers.insert(limit, HeaderValue::from(s.limit));
-    headers.insert(remaining, HeaderValue::from(s.remaining));
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(fmt_duration(s.reset()))) {
-        headers.insert(reset, v);
+    if write(buf).is_err() {
+        buf.clear();
+        return HeaderValue::from_static("0");
     }
+    // Digits, letters and a dot: always a valid value.
+    HeaderValue::from_maybe_shared(buf.split().freeze()).unwrap_or(HeaderValue::from_static("0"))
 }
 
 /// Releases the request's concurrency slots when dropped.

@@ -1,10 +1,14 @@
 //! The per-key GCRA state: a sharded map from key to theoretical arrival time, plugged into
 //! governor as its state store, plus the tokio-backed clock.
+//!
+//! Each shard is a `hashbrown::HashTable` (the table under std's `HashMap`, optional with the
+//! `rate-limit` feature and already in governor's tree) rather than a `HashMap`: a lookup
+//! brings the hash computed once per request, and the entries need not keep it (32 bytes
+//! instead of 40 each; 10^6 client addresses in +67 MiB instead of +83 MiB).
 
-use std::borrow::Borrow;
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher, RandomState};
+use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +21,7 @@ use governor::nanos::Nanos;
 use governor::state::keyed::{KeyedStateStore, ShrinkableKeyedStateStore};
 use governor::state::StateStore;
 use governor::RateLimiter;
+use hashbrown::HashTable;
 
 use super::Quota;
 
@@ -76,91 +81,18 @@ impl Clock for TokioClock {
 
 const SHARDS: usize = 32;
 
-/// A key with its hash, computed once per request by the store's random hasher.
-struct Hashed {
-    hash: u64,
+/// A key with its bucket's theoretical arrival time. The hash is not kept: a lookup brings
+/// it (computed once per request), and only growing a shard's table hashes the keys again.
+struct Entry {
     key: RateKey,
+    tat: AtomicU64,
 }
 
-/// What a shard is probed with: an owned [`Hashed`] or a borrowed key with its hash, so a
-/// lookup neither clones the key nor hashes it twice.
-trait Probe {
-    fn hash64(&self) -> u64;
-    fn key(&self) -> &RateKey;
-}
+// 32 bytes an entry: a million keys' tables fit in about 64 MiB.
+const _: () = assert!(std::mem::size_of::<Entry>() <= 32);
 
-impl Probe for Hashed {
-    fn hash64(&self) -> u64 {
-        self.hash
-    }
-    fn key(&self) -> &RateKey {
-        &self.key
-    }
-}
-
-impl Probe for (u64, &RateKey) {
-    fn hash64(&self) -> u64 {
-        self.0
-    }
-    fn key(&self) -> &RateKey {
-        self.1
-    }
-}
-
-impl<'a> Borrow<dyn Probe + 'a> for Hashed {
-    fn borrow(&self) -> &(dyn Probe + 'a) {
-        self
-    }
-}
-
-impl Hash for dyn Probe + '_ {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(self.hash64());
-    }
-}
-
-impl PartialEq for dyn Probe + '_ {
-    fn eq(&self, other: &Self) -> bool {
-        self.hash64() == other.hash64() && self.key() == other.key()
-    }
-}
-
-impl Eq for dyn Probe + '_ {}
-
-impl Hash for Hashed {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        (self as &dyn Probe).hash(state);
-    }
-}
-
-impl PartialEq for Hashed {
-    fn eq(&self, other: &Self) -> bool {
-        (self as &dyn Probe) == (other as &dyn Probe)
-    }
-}
-
-impl Eq for Hashed {}
-
-/// Passes the precomputed hash through.
-#[derive(Default)]
-struct PassThrough(u64);
-
-impl Hasher for PassThrough {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `write_u64` is used; fold anything else in.
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-type Map = HashMap<Hashed, AtomicU64, BuildHasherDefault<PassThrough>>;
+/// The entries of one shard, found by the hash the caller brings; keys compare directly.
+type Map = HashTable<Entry>;
 
 /// A shard too small to be worth evicting from holds at most this many entries more than twice
 /// the live ones found by its last eviction.
@@ -182,12 +114,17 @@ impl Default for Shard {
 }
 
 impl Shard {
+    /// The arrival time held for `key`, found by its hash.
+    fn find(&self, hash: u64, key: &RateKey) -> Option<&AtomicU64> {
+        self.map.find(hash, |e| e.key == *key).map(|e| &e.tat)
+    }
+
     /// Drops the entries whose bucket is full again, and sets the next eviction point at twice
     /// what is left (plus some slack): between two evictions at least half as many keys were
     /// inserted as the eviction visits, so each insertion pays O(1) amortized.
     fn evict(&mut self, drop_below: u64) {
         self.map
-            .retain(|_, v| v.load(Ordering::Relaxed) > drop_below);
+            .retain(|e| e.tat.load(Ordering::Relaxed) > drop_below);
         self.evict_at = self.map.len().saturating_mul(2).saturating_add(EVICT_SLACK);
     }
 }
@@ -237,17 +174,14 @@ impl KeyStore {
     fn get(&self, key: &RateKey) -> Option<u64> {
         let (h, lock) = self.locate(key);
         let shard = lock.read().unwrap_or_else(|e| e.into_inner());
-        shard
-            .map
-            .get(&(h, key) as &dyn Probe)
-            .map(|a| a.load(Ordering::Acquire))
+        shard.find(h, key).map(|a| a.load(Ordering::Acquire))
     }
 
     /// Applies `f` to the stored arrival time (if the key is present).
     fn update(&self, key: &RateKey, f: impl Fn(u64) -> u64) {
         let (h, lock) = self.locate(key);
         let shard = lock.read().unwrap_or_else(|e| e.into_inner());
-        if let Some(a) = shard.map.get(&(h, key) as &dyn Probe) {
+        if let Some(a) = shard.find(h, key) {
             let _ = a.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some(f(v)));
         }
     }
@@ -258,7 +192,7 @@ impl KeyStore {
         let (h, lock) = self.locate(key);
         {
             let shard = lock.read().unwrap_or_else(|e| e.into_inner());
-            if let Some(a) = shard.map.get(&(h, key) as &dyn Probe) {
+            if let Some(a) = shard.find(h, key) {
                 let _ = a.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some(f(v)));
                 return;
             }
@@ -271,17 +205,17 @@ impl KeyStore {
     /// The entry for a key, inserted (empty) if absent; a shard at its eviction point forgets
     /// its idle keys first.
     fn insert<'s>(&self, shard: &'s mut Shard, hash: u64, key: &RateKey) -> &'s AtomicU64 {
-        if shard.map.len() >= shard.evict_at && !shard.map.contains_key(&(hash, key) as &dyn Probe)
-        {
+        if shard.map.len() >= shard.evict_at && shard.find(hash, key).is_none() {
             shard.evict(self.drop_below());
         }
-        shard
+        let entry = shard
             .map
-            .entry(Hashed {
-                hash,
+            .entry(hash, |e| e.key == *key, |e| self.hasher.hash_one(&e.key))
+            .or_insert_with(|| Entry {
                 key: key.clone(),
-            })
-            .or_insert_with(|| AtomicU64::new(0))
+                tat: AtomicU64::new(0),
+            });
+        &entry.into_mut().tat
     }
 
     fn len(&self) -> usize {
@@ -332,7 +266,7 @@ impl StateStore for SharedStore {
         let (h, lock) = self.0.locate(key);
         {
             let shard = lock.read().unwrap_or_else(|e| e.into_inner());
-            if let Some(a) = shard.map.get(&(h, key) as &dyn Probe) {
+            if let Some(a) = shard.find(h, key) {
                 return measure(a, f);
             }
         }
@@ -356,11 +290,12 @@ impl ShrinkableKeyedStateStore<RateKey> for SharedStore {
     }
 
     fn shrink_to_fit(&self) {
+        let hasher = &self.0.hasher;
         for s in self.0.shards.iter() {
             s.write()
                 .unwrap_or_else(|e| e.into_inner())
                 .map
-                .shrink_to_fit();
+                .shrink_to_fit(|e| hasher.hash_one(&e.key));
         }
     }
 
@@ -542,7 +477,7 @@ impl Bucket {
                 shard
                     .map
                     .iter()
-                    .map(|(k, a)| (k.key.clone(), a.load(Ordering::Acquire))),
+                    .map(|e| (e.key.clone(), e.tat.load(Ordering::Acquire))),
             );
         }
     }
