@@ -137,10 +137,33 @@ pub(crate) struct Meter {
     settled: bool,
 }
 
+/// The frames of a JSON body: the first one held inline, so the usual answer of one frame
+/// costs no allocation.
+#[derive(Default)]
+struct Frames {
+    first: Option<Bytes>,
+    rest: Vec<Bytes>,
+}
+
+impl Frames {
+    fn push(&mut self, b: Bytes) {
+        if self.first.is_none() {
+            self.first = Some(b);
+        } else {
+            self.rest.push(b);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.first = None;
+        self.rest.clear();
+    }
+}
+
 enum Kind {
     /// A JSON body (or a JSON array of chunks, Gemini's `streamGenerateContent`): its frames,
     /// kept by reference (no copy) until the end.
-    Json { frames: Vec<Bytes>, size: usize },
+    Json { frames: Frames, size: usize },
     /// A line-delimited stream: SSE (`data:` lines) or NDJSON (Ollama's native API). Complete
     /// lines are read in place; only a line cut by a frame boundary is kept, in `carry`.
     Lines {
@@ -784,11 +807,17 @@ impl Meter {
     fn finish(&mut self) {
         match &mut self.kind {
             Kind::Json { frames, .. } => {
-                match frames.as_slice() {
-                    [] => {}
-                    [one] => self.usage.read(one),
-                    many => {
-                        let whole = many.concat();
+                match (&frames.first, frames.rest.as_slice()) {
+                    (None, _) => {}
+                    (Some(one), []) => self.usage.read(one),
+                    (Some(first), rest) => {
+                        let mut whole = Vec::with_capacity(
+                            first.len() + rest.iter().map(Bytes::len).sum::<usize>(),
+                        );
+                        whole.extend_from_slice(first);
+                        for b in rest {
+                            whole.extend_from_slice(b);
+                        }
                         self.usage.read(&whole);
                     }
                 }
@@ -831,7 +860,7 @@ impl Kind {
             lines(false)
         } else {
             Kind::Json {
-                frames: Vec::new(),
+                frames: Frames::default(),
                 size: 0,
             }
         }
