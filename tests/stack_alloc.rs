@@ -122,8 +122,7 @@ fn allocations_of_the_full_stack() {
     eprintln!("allocations per request: bare service {bare}, every layer {every}");
     // The stack's own: request and response extensions (auth's identity, the view, retry's
     // attempts), the replay copy of the head (the rate-limit headers are written without one).
-    // A new allocation on the
-    // path shows here.
+    // A new allocation on the path shows here.
     assert!(
         every - bare <= STACK_ALLOCATIONS,
         "{} allocations over the bare service, at most {STACK_ALLOCATIONS} expected",
