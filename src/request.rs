@@ -1457,6 +1457,43 @@ mod typed {
         skip_others!(() => bool i64 u64 f64 str unit seq);
     }
 
+    /// A seed over a text slot (a struct with `g: &mut Gathered` and `slot: Slot`) that asks
+    /// for its strings counted: the crate's reader counts a string there itself and answers
+    /// `visit_u128(tokens)`; any other reader hands the value on (`visit_newtype_struct`), and
+    /// a string is counted through the estimator. `counted_text!()` inside the visitor's impl
+    /// gives the visitor methods of the strings.
+    macro_rules! counted_text {
+        ($name:ident) => {
+            impl<'de> DeserializeSeed<'de> for $name<'_, 'de, '_> {
+                type Value = ();
+                fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+                    d.deserialize_newtype_struct(crate::json::COUNTED, self)
+                }
+            }
+        };
+        () => {
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+                d.deserialize_any(self)
+            }
+            fn visit_u128<E: de::Error>(self, tokens: u128) -> Result<(), E> {
+                self.g
+                    .add(self.slot, u64::try_from(tokens).unwrap_or(u64::MAX));
+                Ok(())
+            }
+            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<(), E> {
+                self.g.count_borrowed(self.slot, s);
+                Ok(())
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<(), E> {
+                self.g.count_transient(self.slot, s);
+                Ok(())
+            }
+        };
+    }
+
     /// A text field: a string, or an array of strings and content parts (`text` and
     /// `content` of each part counted, recursively).
     struct Texts<'g, 'de, 'e> {
@@ -1464,36 +1501,11 @@ mod typed {
         slot: Slot,
     }
 
-    impl<'de> DeserializeSeed<'de> for Texts<'_, 'de, '_> {
-        type Value = ();
-        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-            // The crate's reader counts a string here itself (`visit_u128`); any other reader
-            // hands the value on (`visit_newtype_struct`).
-            d.deserialize_newtype_struct(crate::json::COUNTED, self)
-        }
-    }
+    counted_text!(Texts);
 
     impl<'de> Visitor<'de> for Texts<'_, 'de, '_> {
         type Value = ();
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("any value")
-        }
-        fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-            d.deserialize_any(self)
-        }
-        fn visit_u128<E: de::Error>(self, tokens: u128) -> Result<(), E> {
-            self.g
-                .add(self.slot, u64::try_from(tokens).unwrap_or(u64::MAX));
-            Ok(())
-        }
-        fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<(), E> {
-            self.g.count_borrowed(self.slot, s);
-            Ok(())
-        }
-        fn visit_str<E: de::Error>(self, s: &str) -> Result<(), E> {
-            self.g.count_transient(self.slot, s);
-            Ok(())
-        }
+        counted_text!();
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
             while seq
                 .next_element_seed(Part {
@@ -1513,36 +1525,11 @@ mod typed {
         slot: Slot,
     }
 
-    impl<'de> DeserializeSeed<'de> for Part<'_, 'de, '_> {
-        type Value = ();
-        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-            // The crate's reader counts a string here itself (`visit_u128`); any other reader
-            // hands the value on (`visit_newtype_struct`).
-            d.deserialize_newtype_struct(crate::json::COUNTED, self)
-        }
-    }
+    counted_text!(Part);
 
     impl<'de> Visitor<'de> for Part<'_, 'de, '_> {
         type Value = ();
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("any value")
-        }
-        fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-            d.deserialize_any(self)
-        }
-        fn visit_u128<E: de::Error>(self, tokens: u128) -> Result<(), E> {
-            self.g
-                .add(self.slot, u64::try_from(tokens).unwrap_or(u64::MAX));
-            Ok(())
-        }
-        fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<(), E> {
-            self.g.count_borrowed(self.slot, s);
-            Ok(())
-        }
-        fn visit_str<E: de::Error>(self, s: &str) -> Result<(), E> {
-            self.g.count_transient(self.slot, s);
-            Ok(())
-        }
+        counted_text!();
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
             let (mut kind, mut detail, mut url_detail) = (Media::None, None, None);
             while let Some(key) =
@@ -1672,36 +1659,11 @@ mod typed {
         slot: Slot,
     }
 
-    impl<'de> DeserializeSeed<'de> for Schema<'_, 'de, '_> {
-        type Value = ();
-        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-            // The crate's reader counts a string here itself (`visit_u128`); any other reader
-            // hands the value on (`visit_newtype_struct`).
-            d.deserialize_newtype_struct(crate::json::COUNTED, self)
-        }
-    }
+    counted_text!(Schema);
 
     impl<'de> Visitor<'de> for Schema<'_, 'de, '_> {
         type Value = ();
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("any value")
-        }
-        fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-            d.deserialize_any(self)
-        }
-        fn visit_u128<E: de::Error>(self, tokens: u128) -> Result<(), E> {
-            self.g
-                .add(self.slot, u64::try_from(tokens).unwrap_or(u64::MAX));
-            Ok(())
-        }
-        fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<(), E> {
-            self.g.count_borrowed(self.slot, s);
-            Ok(())
-        }
-        fn visit_str<E: de::Error>(self, s: &str) -> Result<(), E> {
-            self.g.count_transient(self.slot, s);
-            Ok(())
-        }
+        counted_text!();
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
             while seq
                 .next_element_seed(Schema {
