@@ -571,6 +571,38 @@ impl<B> Chain<B> {
         }
     }
 
+    /// A step's service failed to become ready: a target's failure when the chain walks on
+    /// answers, else the step's.
+    fn not_ready<R, E: 'static>(&mut self, cfg: &Config, walk: bool, e: &E) {
+        if walk {
+            self.failed(cfg, e);
+        } else {
+            let why = transport_cause(e);
+            let _ = self.settle::<R>(cfg, Err(why));
+        }
+    }
+
+    /// A step's call answered: `Some` answer when the walk ends with it, else `None` to go on.
+    fn call_answered<R: Body, E: 'static>(
+        &mut self,
+        cfg: &Config,
+        walk: bool,
+        out: Result<Response<R>, E>,
+    ) -> Option<Out<R>> {
+        if walk {
+            match out {
+                Ok(res) => self.answered(cfg, res),
+                Err(e) => {
+                    self.failed(cfg, &e);
+                    None
+                }
+            }
+        } else {
+            let out = out.map(wrap).map_err(|e| transport_cause(&e));
+            self.settle(cfg, out)
+        }
+    }
+
     /// A target failed to answer (a transport error), recorded on its own circuit.
     fn failed<E: 'static>(&mut self, cfg: &Config, e: &E) {
         let name = cfg.fallbacks[self.current].name();
@@ -1121,6 +1153,22 @@ fn timer_fired<R, B>(cfg: &Config, chain: &mut Chain<B>) -> Option<Out<R>> {
     None
 }
 
+/// A step whose service is not ready or whose call has not answered: `Pending` while neither
+/// the walk's timer nor anything else says otherwise, else `Some` answer that ends the walk or
+/// `None` to go to the next step (see [`timer_fired`]).
+fn waiting<R, B>(
+    walk: bool,
+    timer: Pin<&mut Option<Sleep>>,
+    cfg: &Config,
+    chain: &mut Chain<B>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Out<R>>> {
+    if !(walk && fired(timer, cx)) {
+        return Poll::Pending;
+    }
+    Poll::Ready(timer_fired(cfg, chain))
+}
+
 /// Walks the fallback chain: one step at a time, each driven ready before it is called.
 fn poll_chain<S, F, B, ResBody>(
     shared: &Shared,
@@ -1353,19 +1401,11 @@ where
                         step.set(Step::InnerCall { fut });
                     }
                     Poll::Ready(Err(e)) => {
-                        if walk {
-                            chain.failed(cfg, &e);
-                        } else {
-                            let why = transport_cause(&e);
-                            let _ = chain.settle::<ResBody>(cfg, Err(why));
-                        }
+                        chain.not_ready::<ResBody, _>(cfg, walk, &e);
                         step.set(Step::Next);
                     }
                     Poll::Pending => {
-                        if !(walk && fired(timer.as_mut(), cx)) {
-                            return Poll::Pending;
-                        }
-                        if let Some(res) = timer_fired(cfg, chain) {
+                        if let Some(res) = ready!(waiting(walk, timer.as_mut(), cfg, chain, cx)) {
                             return Poll::Ready(Ok(res));
                         }
                         step.set(Step::Next);
@@ -1374,28 +1414,13 @@ where
             }
             StepProj::InnerCall { fut } => match fut.poll(cx) {
                 Poll::Ready(out) => {
-                    if walk {
-                        match out {
-                            Ok(res) => {
-                                if let Some(res) = chain.answered(cfg, res) {
-                                    return Poll::Ready(Ok(res));
-                                }
-                            }
-                            Err(e) => chain.failed(cfg, &e),
-                        }
-                    } else {
-                        let out = out.map(wrap).map_err(|e| transport_cause(&e));
-                        if let Some(res) = chain.settle(cfg, out) {
-                            return Poll::Ready(Ok(res));
-                        }
+                    if let Some(res) = chain.call_answered(cfg, walk, out) {
+                        return Poll::Ready(Ok(res));
                     }
                     step.set(Step::Next);
                 }
                 Poll::Pending => {
-                    if !(walk && fired(timer.as_mut(), cx)) {
-                        return Poll::Pending;
-                    }
-                    if let Some(res) = timer_fired(cfg, chain) {
+                    if let Some(res) = ready!(waiting(walk, timer.as_mut(), cfg, chain, cx)) {
                         return Poll::Ready(Ok(res));
                     }
                     step.set(Step::Next);
@@ -1412,19 +1437,11 @@ where
                         step.set(Step::FallbackCall { fut });
                     }
                     Poll::Ready(Err(e)) => {
-                        if walk {
-                            chain.failed(cfg, &e);
-                        } else {
-                            let why = transport_cause(&e);
-                            let _ = chain.settle::<ResBody>(cfg, Err(why));
-                        }
+                        chain.not_ready::<ResBody, _>(cfg, walk, &e);
                         step.set(Step::Next);
                     }
                     Poll::Pending => {
-                        if !(walk && fired(timer.as_mut(), cx)) {
-                            return Poll::Pending;
-                        }
-                        if let Some(res) = timer_fired(cfg, chain) {
+                        if let Some(res) = ready!(waiting(walk, timer.as_mut(), cfg, chain, cx)) {
                             return Poll::Ready(Ok(res));
                         }
                         step.set(Step::Next);
@@ -1433,28 +1450,13 @@ where
             }
             StepProj::FallbackCall { fut } => match fut.poll(cx) {
                 Poll::Ready(out) => {
-                    if walk {
-                        match out {
-                            Ok(res) => {
-                                if let Some(res) = chain.answered(cfg, res) {
-                                    return Poll::Ready(Ok(res));
-                                }
-                            }
-                            Err(e) => chain.failed(cfg, &e),
-                        }
-                    } else {
-                        let out = out.map(wrap).map_err(|e| transport_cause(&e));
-                        if let Some(res) = chain.settle(cfg, out) {
-                            return Poll::Ready(Ok(res));
-                        }
+                    if let Some(res) = chain.call_answered(cfg, walk, out) {
+                        return Poll::Ready(Ok(res));
                     }
                     step.set(Step::Next);
                 }
                 Poll::Pending => {
-                    if !(walk && fired(timer.as_mut(), cx)) {
-                        return Poll::Pending;
-                    }
-                    if let Some(res) = timer_fired(cfg, chain) {
+                    if let Some(res) = ready!(waiting(walk, timer.as_mut(), cfg, chain, cx)) {
                         return Poll::Ready(Ok(res));
                     }
                     step.set(Step::Next);
