@@ -66,6 +66,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod ext;
+mod fields;
 mod json;
 pub mod metrics;
 pub mod normalize;

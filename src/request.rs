@@ -659,22 +659,35 @@ impl RequestView {
         body: &[u8],
         estimator: &dyn TokenEstimator,
     ) -> Result<RequestView, ParseError> {
+        RequestView::parse_checked(endpoint, body, estimator, None).map(|(view, _)| view)
+    }
+
+    /// [`RequestView::parse`]; with `checks` set, the fields validation checks are gathered
+    /// in the same pass and handed back beside the view, each chat message checked as well
+    /// when `checks` is `Some(true)` and the endpoint is chat completions.
+    pub(crate) fn parse_checked(
+        endpoint: Endpoint,
+        body: &[u8],
+        estimator: &dyn TokenEstimator,
+        checks: Option<bool>,
+    ) -> Result<(RequestView, Option<crate::fields::Fields>), ParseError> {
         let text = json_text(body)?;
+        let checks = checks.map(|scan| scan && endpoint == Endpoint::ChatCompletions);
+        let top = || typed::Top { estimator, checks };
         // The fast reader first; whatever it refuses, serde_json reads (and words the error).
         let count = estimator.counts_characters();
-        let top = match crate::json::visit_str(text, count, typed::Top { estimator }) {
+        let top = match crate::json::visit_str(text, count, top()) {
             Ok(top) => top,
             Err(_) => {
                 let mut de = serde_json::Deserializer::from_str(text);
-                de::Deserializer::deserialize_any(&mut de, typed::Top { estimator })
+                de::Deserializer::deserialize_any(&mut de, top())
                     .and_then(|top| de.end().map(|()| top))
                     .map_err(|e| refusal(text, e))?
             }
         };
         let gathered = top.map_err(not_an_object)?;
-        Ok(gathered
-            .into_view(endpoint, estimator)
-            .with_body_len(body.len()))
+        let (view, fields) = gathered.into_view(endpoint, estimator);
+        Ok((view.with_body_len(body.len()), fields))
     }
 
     /// [`RequestView::parse`], keeping `body` in the view ([`RequestView::bytes`]): a clone of
@@ -936,6 +949,10 @@ mod typed {
     };
 
     use super::{Endpoint, RequestView, TokenEstimator, PER_MESSAGE_OVERHEAD};
+    use crate::fields::{
+        fault_of, Fault, Fields, MessagesField, ModelFault, ModelsField, Role, Shallow,
+        ShallowVisitor,
+    };
 
     /// The visitor methods of the JSON kinds a visitor does not look into: each skips what it
     /// was given and answers `$v`.
@@ -1009,11 +1026,17 @@ mod typed {
         tokens: [u64; SLOTS],
         /// Texts met before the model name, counted at the end.
         deferred: Vec<(Slot, Cow<'de, str>)>,
+        /// The fields validation checks, when gathered in this pass.
+        fields: Option<Fields>,
+        /// With `fields`: whether each chat message is checked.
+        scan: bool,
     }
 
     impl<'de, 'e> Gathered<'de, 'e> {
-        fn new(estimator: &'e dyn TokenEstimator) -> Self {
+        fn new(estimator: &'e dyn TokenEstimator, checks: Option<bool>) -> Self {
             Gathered {
+                fields: checks.map(|_| Fields::default()),
+                scan: checks.unwrap_or(false),
                 estimator,
                 model: None,
                 // An estimate that ignores the model need not wait for it.
@@ -1069,7 +1092,7 @@ mod typed {
             mut self,
             endpoint: Endpoint,
             estimator: &dyn TokenEstimator,
-        ) -> RequestView {
+        ) -> (RequestView, Option<Fields>) {
             let model_name = self.model.as_deref().unwrap_or("");
             for (slot, text) in &self.deferred {
                 let n = estimator.estimate(model_name, text);
@@ -1090,7 +1113,7 @@ mod typed {
             let [n, best_of] = self.choices;
             let best_of = best_of.filter(|_| endpoint == Endpoint::Completions);
             let choices = n.unwrap_or(1).max(best_of.unwrap_or(1)).max(1);
-            RequestView {
+            let view = RequestView {
                 endpoint,
                 model: self.model.as_deref().map(Arc::from),
                 deployment: None,
@@ -1103,13 +1126,17 @@ mod typed {
                 prompt_tokens,
                 body: None,
                 body_len: None,
-            }
+            };
+            (view, self.fields)
         }
     }
 
     /// The top-level object. Its value is `Err(kind)` for a document that is not an object.
     pub(super) struct Top<'e> {
         pub(super) estimator: &'e dyn TokenEstimator,
+        /// `Some(scan)`: gather the fields validation checks too, each chat message checked
+        /// when `scan`.
+        pub(super) checks: Option<bool>,
     }
 
     /// The top-level keys the view reads.
@@ -1123,6 +1150,8 @@ mod typed {
         Text(Slot),
         Schema(Slot),
         TextFormat,
+        /// A field only validation reads: its index in [`Fields::param_mut`].
+        Param(usize),
         Other,
     }
 
@@ -1153,6 +1182,12 @@ mod typed {
                         "functions" => TopKey::Schema(Slot::Functions),
                         "response_format" => TopKey::Schema(Slot::ResponseFormat),
                         "text" => TopKey::TextFormat,
+                        "previous_response_id" => TopKey::Param(0),
+                        "conversation" => TopKey::Param(1),
+                        "temperature" => TopKey::Param(2),
+                        "top_p" => TopKey::Param(3),
+                        "presence_penalty" => TopKey::Param(4),
+                        "frequency_penalty" => TopKey::Param(5),
                         _ => TopKey::Other,
                     })
                 }
@@ -1169,36 +1204,12 @@ mod typed {
         }
 
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            let mut g = Gathered::new(self.estimator);
+            let mut g = Gathered::new(self.estimator, self.checks);
             while let Some(key) = map.next_key::<TopKey>()? {
-                match key {
-                    TopKey::Model => {
-                        g.model = map.next_value::<Str<'de>>()?.0;
-                        g.model_seen = true;
-                    }
-                    TopKey::Models => g.fallbacks = map.next_value::<StrList>()?.0,
-                    TopKey::Stream => g.stream = map.next_value::<Flag>()?.0.unwrap_or(false),
-                    TopKey::Max(i) => g.max[i] = map.next_value::<Count>()?.0,
-                    TopKey::Messages => {
-                        g.reset(Slot::Messages);
-                        g.message_count = map.next_value_seed(Messages(&mut g))?;
-                    }
-                    TopKey::Text(slot) => {
-                        g.reset(slot);
-                        map.next_value_seed(Texts { g: &mut g, slot })?;
-                    }
-                    TopKey::Choices(i) => g.choices[i] = map.next_value::<Count>()?.0,
-                    TopKey::Schema(slot) => {
-                        g.reset(slot);
-                        map.next_value_seed(Schema { g: &mut g, slot })?;
-                    }
-                    TopKey::TextFormat => {
-                        g.reset(Slot::Text);
-                        map.next_value_seed(TextFormat(&mut g))?;
-                    }
-                    TopKey::Other => {
-                        map.next_value::<IgnoredAny>()?;
-                    }
+                if g.fields.is_some() {
+                    checked_value(&mut g, key, &mut map)?;
+                } else {
+                    value(&mut g, key, &mut map)?;
                 }
             }
             Ok(Ok(g))
@@ -1209,6 +1220,448 @@ mod typed {
         skip_others!(Err("a string") => str);
         skip_others!(Err("null") => unit);
         skip_others!(Err("an array") => seq);
+    }
+
+    /// The value of a top-level `key`, read for the view.
+    fn value<'de, A: MapAccess<'de>>(
+        g: &mut Gathered<'de, '_>,
+        key: TopKey,
+        map: &mut A,
+    ) -> Result<(), A::Error> {
+        match key {
+            TopKey::Model => {
+                g.model = map.next_value::<Str<'de>>()?.0;
+                g.model_seen = true;
+            }
+            TopKey::Models => g.fallbacks = map.next_value::<StrList>()?.0,
+            TopKey::Stream => g.stream = map.next_value::<Flag>()?.0.unwrap_or(false),
+            TopKey::Max(i) => g.max[i] = map.next_value::<Count>()?.0,
+            TopKey::Messages => {
+                g.reset(Slot::Messages);
+                g.message_count = map.next_value_seed(Messages(&mut *g))?;
+            }
+            TopKey::Text(slot) => {
+                g.reset(slot);
+                map.next_value_seed(Texts { g, slot })?;
+            }
+            TopKey::Choices(i) => g.choices[i] = map.next_value::<Count>()?.0,
+            TopKey::Schema(slot) => {
+                g.reset(slot);
+                map.next_value_seed(Schema { g, slot })?;
+            }
+            TopKey::TextFormat => {
+                g.reset(Slot::Text);
+                map.next_value_seed(TextFormat(g))?;
+            }
+            TopKey::Param(_) | TopKey::Other => {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The fields being gathered.
+    fn fields<'a>(g: &'a mut Gathered<'_, '_>) -> &'a mut Fields {
+        g.fields.as_mut().expect("gathering the checked fields")
+    }
+
+    /// The value of a top-level `key`, read for the view and for the fields validation checks
+    /// (`g.fields` is set): one read of each value serves both.
+    fn checked_value<'de, A: MapAccess<'de>>(
+        g: &mut Gathered<'de, '_>,
+        key: TopKey,
+        map: &mut A,
+    ) -> Result<(), A::Error> {
+        match key {
+            TopKey::Model => {
+                let v = map.next_value::<Scalar<'de>>()?;
+                g.model = v.text;
+                g.model_seen = true;
+                fields(g).model = Some(v.shallow);
+            }
+            TopKey::Models => {
+                let ModelsBoth(list, field) = map.next_value::<ModelsBoth>()?;
+                g.fallbacks = list;
+                fields(g).models = Some(field);
+            }
+            TopKey::Stream => {
+                let v = map.next_value::<Scalar<'de>>()?;
+                g.stream = v.flag.unwrap_or(false);
+                fields(g).stream = Some(v.shallow);
+            }
+            TopKey::Max(i) => {
+                let v = map.next_value::<Scalar<'de>>()?;
+                g.max[i] = v.count;
+                let f = fields(g);
+                let slot = match i {
+                    0 => &mut f.max_completion_tokens,
+                    1 => &mut f.max_tokens,
+                    _ => &mut f.max_output_tokens,
+                };
+                *slot = Some(v.shallow);
+            }
+            TopKey::Choices(0) => {
+                let v = map.next_value::<Scalar<'de>>()?;
+                g.choices[0] = v.count;
+                fields(g).n = Some(v.shallow);
+            }
+            TopKey::Messages => {
+                g.reset(Slot::Messages);
+                let (count, field) = map.next_value_seed(MessagesChecked(&mut *g))?;
+                g.message_count = count;
+                fields(g).messages = Some(field);
+            }
+            TopKey::Text(slot @ (Slot::Prompt | Slot::Input)) => {
+                g.reset(slot);
+                let kind = map.next_value_seed(TextsKind { g: &mut *g, slot })?;
+                let f = fields(g);
+                if slot == Slot::Prompt {
+                    f.prompt = Some(kind);
+                } else {
+                    f.input = Some(kind);
+                }
+            }
+            TopKey::Param(i) => {
+                let v = map.next_value::<Shallow>()?;
+                *fields(g).param_mut(i) = Some(v);
+            }
+            key => value(g, key, map)?,
+        }
+        Ok(())
+    }
+
+    /// A scalar read once for the view and the checks: its kind for the checks, and the
+    /// string, boolean or non-negative integer it is for the view.
+    struct Scalar<'de> {
+        shallow: Shallow,
+        text: Option<Cow<'de, str>>,
+        flag: Option<bool>,
+        count: Option<u64>,
+    }
+
+    impl Scalar<'_> {
+        fn of(shallow: Shallow) -> Self {
+            Scalar {
+                shallow,
+                text: None,
+                flag: None,
+                count: None,
+            }
+        }
+    }
+
+    impl<'de> de::Deserialize<'de> for Scalar<'de> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Scalar<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("any value")
+                }
+                fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Scalar<'de>, E> {
+                    Ok(Scalar {
+                        text: Some(Cow::Borrowed(s)),
+                        ..Scalar::of(Shallow::Str {
+                            empty: s.is_empty(),
+                        })
+                    })
+                }
+                fn visit_str<E: de::Error>(self, s: &str) -> Result<Scalar<'de>, E> {
+                    Ok(Scalar {
+                        text: Some(Cow::Owned(s.to_owned())),
+                        ..Scalar::of(Shallow::Str {
+                            empty: s.is_empty(),
+                        })
+                    })
+                }
+                fn visit_bool<E: de::Error>(self, b: bool) -> Result<Scalar<'de>, E> {
+                    Ok(Scalar {
+                        flag: Some(b),
+                        ..Scalar::of(Shallow::Bool)
+                    })
+                }
+                fn visit_u64<E: de::Error>(self, n: u64) -> Result<Scalar<'de>, E> {
+                    Ok(Scalar {
+                        count: Some(n),
+                        ..Scalar::of(Shallow::Number(n.into()))
+                    })
+                }
+                fn visit_i64<E: de::Error>(self, n: i64) -> Result<Scalar<'de>, E> {
+                    ShallowVisitor.visit_i64(n).map(Scalar::of)
+                }
+                fn visit_f64<E: de::Error>(self, n: f64) -> Result<Scalar<'de>, E> {
+                    ShallowVisitor.visit_f64(n).map(Scalar::of)
+                }
+                fn visit_unit<E: de::Error>(self) -> Result<Scalar<'de>, E> {
+                    Ok(Scalar::of(Shallow::Null))
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Scalar<'de>, A::Error> {
+                    ShallowVisitor.visit_seq(seq).map(Scalar::of)
+                }
+                fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Scalar<'de>, A::Error> {
+                    ShallowVisitor.visit_map(map).map(Scalar::of)
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    /// `models` read once: its strings for the view, its first item at fault for the checks.
+    struct ModelsBoth(Option<Vec<Arc<str>>>, ModelsField);
+
+    impl<'de> de::Deserialize<'de> for ModelsBoth {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl V {
+                fn other(shallow: Shallow) -> ModelsBoth {
+                    ModelsBoth(None, ModelsField::Other(shallow))
+                }
+            }
+            impl<'de> Visitor<'de> for V {
+                type Value = ModelsBoth;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("any value")
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ModelsBoth, A::Error> {
+                    let (mut list, mut bad, mut i) = (Vec::new(), None, 0);
+                    while let Some(item) = seq.next_element::<Scalar<'de>>()? {
+                        let fault = match item.shallow {
+                            Shallow::Str { empty: false } => None,
+                            Shallow::Str { empty: true } => Some(ModelFault::Empty),
+                            other => Some(ModelFault::NotString(other.kind())),
+                        };
+                        if bad.is_none() {
+                            bad = fault.map(|f| (i, f));
+                        }
+                        if let Some(s) = item.text {
+                            list.push(Arc::from(&*s));
+                        }
+                        i += 1;
+                    }
+                    Ok(ModelsBoth(Some(list), ModelsField::Array(bad)))
+                }
+                fn visit_bool<E: de::Error>(self, v: bool) -> Result<ModelsBoth, E> {
+                    ShallowVisitor.visit_bool(v).map(V::other)
+                }
+                fn visit_i64<E: de::Error>(self, v: i64) -> Result<ModelsBoth, E> {
+                    ShallowVisitor.visit_i64(v).map(V::other)
+                }
+                fn visit_u64<E: de::Error>(self, v: u64) -> Result<ModelsBoth, E> {
+                    ShallowVisitor.visit_u64(v).map(V::other)
+                }
+                fn visit_f64<E: de::Error>(self, v: f64) -> Result<ModelsBoth, E> {
+                    ShallowVisitor.visit_f64(v).map(V::other)
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<ModelsBoth, E> {
+                    ShallowVisitor.visit_str(v).map(V::other)
+                }
+                fn visit_unit<E: de::Error>(self) -> Result<ModelsBoth, E> {
+                    Ok(V::other(Shallow::Null))
+                }
+                fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ModelsBoth, A::Error> {
+                    ShallowVisitor.visit_map(map).map(V::other)
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    /// `messages` read for the view and the checks: the number of messages, and the field as
+    /// the checks see it (each message checked until the first at fault when `g.scan`).
+    struct MessagesChecked<'g, 'de, 'e>(&'g mut Gathered<'de, 'e>);
+
+    impl<'de> DeserializeSeed<'de> for MessagesChecked<'_, 'de, '_> {
+        type Value = (Option<usize>, MessagesField);
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for MessagesChecked<'_, 'de, '_> {
+        type Value = (Option<usize>, MessagesField);
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any value")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let (mut len, mut fault) = (0, None);
+            let scan = self.0.scan;
+            loop {
+                if scan && fault.is_none() {
+                    match seq.next_element_seed(MessageChecked(&mut *self.0))? {
+                        None => break,
+                        Some(Some(f)) => fault = Some((len, f)),
+                        Some(None) => {}
+                    }
+                } else if seq.next_element_seed(Message(&mut *self.0))?.is_none() {
+                    break;
+                }
+                len += 1;
+            }
+            Ok((Some(len), MessagesField::Array { len, fault }))
+        }
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+            Ok((None, MessagesField::Other(ShallowVisitor.visit_bool(v)?)))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            Ok((None, MessagesField::Other(ShallowVisitor.visit_i64(v)?)))
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok((None, MessagesField::Other(ShallowVisitor.visit_u64(v)?)))
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            Ok((None, MessagesField::Other(ShallowVisitor.visit_f64(v)?)))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok((None, MessagesField::Other(ShallowVisitor.visit_str(v)?)))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok((None, MessagesField::Other(Shallow::Null)))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            Ok((None, MessagesField::Other(ShallowVisitor.visit_map(map)?)))
+        }
+    }
+
+    /// One message read for the view (as [`Message`]) and checked: the first thing wrong with
+    /// it, if anything.
+    struct MessageChecked<'g, 'de, 'e>(&'g mut Gathered<'de, 'e>);
+
+    impl<'de> DeserializeSeed<'de> for MessageChecked<'_, 'de, '_> {
+        type Value = Option<Fault>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<Fault>, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for MessageChecked<'_, 'de, '_> {
+        type Value = Option<Fault>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any value")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<Fault>, A::Error> {
+            // A key that occurs twice counts by its last occurrence for the checks.
+            const KEYS: &[&str] = &[
+                "content",
+                "name",
+                "tool_calls",
+                "role",
+                "tool_call_id",
+                "function_call",
+                "audio",
+            ];
+            let (mut role, mut content, mut tool_call_id) = (None, None, None);
+            let mut calls = [false; 3];
+            let g = self.0;
+            while let Some(key) = map.next_key_seed(KeyIn(KEYS))? {
+                match key {
+                    Some(0) => {
+                        content = Some(map.next_value_seed(TextsKind {
+                            g: &mut *g,
+                            slot: Slot::Messages,
+                        })?)
+                    }
+                    Some(1) => map.next_value_seed(Texts {
+                        g: &mut *g,
+                        slot: Slot::Messages,
+                    })?,
+                    Some(2) => {
+                        calls[0] = map.next_value_seed(Nested {
+                            g: &mut *g,
+                            path: &["function", "arguments"],
+                        })?
+                    }
+                    Some(3) => role = Some(map.next_value::<Role>()?),
+                    Some(4) => tool_call_id = Some(map.next_value::<Shallow>()?),
+                    Some(i) => calls[i - 4] = !map.next_value::<Shallow>()?.is_null(),
+                    None => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(fault_of(
+                role,
+                content,
+                tool_call_id,
+                calls.iter().any(|c| *c),
+            ))
+        }
+        skip_others!(Some(Fault::NotObject("a boolean")) => bool);
+        skip_others!(Some(Fault::NotObject("a number")) => i64 u64 f64);
+        skip_others!(Some(Fault::NotObject("a string")) => str);
+        skip_others!(Some(Fault::NotObject("null")) => unit);
+        skip_others!(Some(Fault::NotObject("an array")) => seq);
+    }
+
+    /// A text field counted as [`Texts`] counts it, and its kind for the checks (a string
+    /// counted to no tokens is an empty one: every character counts).
+    struct TextsKind<'g, 'de, 'e> {
+        g: &'g mut Gathered<'de, 'e>,
+        slot: Slot,
+    }
+
+    impl<'de> DeserializeSeed<'de> for TextsKind<'_, 'de, '_> {
+        type Value = Shallow;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Shallow, D::Error> {
+            d.deserialize_newtype_struct(crate::json::COUNTED, self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for TextsKind<'_, 'de, '_> {
+        type Value = Shallow;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any value")
+        }
+        fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<Shallow, D::Error> {
+            d.deserialize_any(self)
+        }
+        fn visit_u128<E: de::Error>(self, tokens: u128) -> Result<Shallow, E> {
+            self.g
+                .add(self.slot, u64::try_from(tokens).unwrap_or(u64::MAX));
+            Ok(Shallow::Str { empty: tokens == 0 })
+        }
+        fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Shallow, E> {
+            self.g.count_borrowed(self.slot, s);
+            Ok(Shallow::Str {
+                empty: s.is_empty(),
+            })
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<Shallow, E> {
+            self.g.count_transient(self.slot, s);
+            Ok(Shallow::Str {
+                empty: s.is_empty(),
+            })
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shallow, A::Error> {
+            let mut empty = true;
+            while seq
+                .next_element_seed(Part {
+                    g: &mut *self.g,
+                    slot: self.slot,
+                })?
+                .is_some()
+            {
+                empty = false;
+            }
+            Ok(Shallow::Array { empty })
+        }
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<Shallow, E> {
+            ShallowVisitor.visit_bool(v)
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Shallow, E> {
+            ShallowVisitor.visit_i64(v)
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Shallow, E> {
+            ShallowVisitor.visit_u64(v)
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Shallow, E> {
+            ShallowVisitor.visit_f64(v)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Shallow, E> {
+            Ok(Shallow::Null)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Shallow, A::Error> {
+            ShallowVisitor.visit_map(map)
+        }
     }
 
     /// A string value, borrowed when it has no escapes; `None` for any other kind.
@@ -1368,10 +1821,12 @@ mod typed {
                         g: &mut *self.0,
                         slot: Slot::Messages,
                     })?,
-                    Some(_) => map.next_value_seed(Nested {
-                        g: &mut *self.0,
-                        path: &["function", "arguments"],
-                    })?,
+                    Some(_) => {
+                        map.next_value_seed(Nested {
+                            g: &mut *self.0,
+                            path: &["function", "arguments"],
+                        })?;
+                    }
                     None => {
                         map.next_value::<IgnoredAny>()?;
                     }
@@ -1388,20 +1843,21 @@ mod typed {
         path: &'static [&'static str],
     }
 
+    /// Its value: whether the list was there (not `null`).
     impl<'de> DeserializeSeed<'de> for Nested<'_, 'de, '_> {
-        type Value = ();
-        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        type Value = bool;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
             d.deserialize_any(self)
         }
     }
 
     impl<'de> Visitor<'de> for Nested<'_, 'de, '_> {
-        type Value = ();
+        type Value = bool;
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("any value")
         }
         /// The list of calls.
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
             while seq
                 .next_element_seed(Call {
                     g: &mut *self.g,
@@ -1409,9 +1865,10 @@ mod typed {
                 })?
                 .is_some()
             {}
-            Ok(())
+            Ok(true)
         }
-        skip_others!(() => bool i64 u64 f64 str unit map);
+        skip_others!(true => bool i64 u64 f64 str map);
+        skip_others!(false => unit);
     }
 
     /// One object on the way to the arguments: follows `path`, then counts the text there.
@@ -1847,6 +2304,7 @@ pin_project_lite::pin_project! {
         #[pin]
         state: EnsureState<B>,
         estimator: Option<Arc<dyn TokenEstimator>>,
+        checks: Option<bool>,
     }
 }
 
@@ -1917,6 +2375,7 @@ impl<B: Body> EnsureView<B> {
                     req: Some(req.map(LayerBody::new)),
                 },
                 estimator: None,
+                checks: None,
             };
         }
         EnsureView {
@@ -1924,6 +2383,75 @@ impl<B: Body> EnsureView<B> {
                 buf: BufferRequest::new(req, limit),
             },
             estimator: Some(estimator),
+            checks: None,
+        }
+    }
+
+    /// Gathers the fields validation checks in the view's pass over the body (each chat
+    /// message checked too when `scan_messages`), handed back by
+    /// [`EnsureView::poll_checked`]: the body is then read once for the view and the checks.
+    pub(crate) fn with_fields(mut self, scan_messages: bool) -> Self {
+        self.checks = Some(scan_messages);
+        self
+    }
+}
+
+impl<B> EnsureView<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    /// Polls as the future does, and hands back the fields validation checks when they were
+    /// asked for ([`EnsureView::with_fields`]) and this future parsed the body: `None` when
+    /// the view was there before or the body was empty.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn poll_checked(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<
+        Result<(Request<LayerBody<B>>, Option<crate::fields::Fields>), ViewFailure<B>>,
+    > {
+        let this = self.project();
+        match this.state.project() {
+            EnsureProj::Ready { req } => std::task::Poll::Ready(Ok((
+                req.take().expect("EnsureView polled after completion"),
+                None,
+            ))),
+            EnsureProj::Buffering { buf } => {
+                let (mut parts, bytes) = match std::task::ready!(std::future::Future::poll(buf, cx))
+                {
+                    Ok(ok) => ok,
+                    Err((parts, e)) => {
+                        return std::task::Poll::Ready(Err(ViewFailure {
+                            parts,
+                            bytes: None,
+                            error: ViewError::Buffer(e),
+                            _body: std::marker::PhantomData,
+                        }))
+                    }
+                };
+                let mut fields = None;
+                if !bytes.is_empty() {
+                    let endpoint = Endpoint::from_path(parts.uri.path());
+                    let estimator = this.estimator.take().expect("estimator kept until parsed");
+                    match RequestView::parse_checked(endpoint, &bytes, &*estimator, *this.checks) {
+                        Ok((mut view, checked)) => {
+                            view.body = Some(bytes.clone());
+                            parts.extensions.insert(view.with_path(parts.uri.path()));
+                            fields = checked;
+                        }
+                        Err(e) => {
+                            return std::task::Poll::Ready(Err(ViewFailure {
+                                parts,
+                                bytes: Some(bytes),
+                                error: ViewError::Parse(e),
+                                _body: std::marker::PhantomData,
+                            }))
+                        }
+                    }
+                }
+                std::task::Poll::Ready(Ok((BufferRequest::<B>::rebuild(parts, bytes), fields)))
+            }
         }
     }
 }
@@ -1939,43 +2467,7 @@ where
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
-        let this = self.project();
-        match this.state.project() {
-            EnsureProj::Ready { req } => {
-                std::task::Poll::Ready(Ok(req.take().expect("EnsureView polled after completion")))
-            }
-            EnsureProj::Buffering { buf } => {
-                let (mut parts, bytes) = match std::task::ready!(buf.poll(cx)) {
-                    Ok(ok) => ok,
-                    Err((parts, e)) => {
-                        return std::task::Poll::Ready(Err(ViewFailure {
-                            parts,
-                            bytes: None,
-                            error: ViewError::Buffer(e),
-                            _body: std::marker::PhantomData,
-                        }))
-                    }
-                };
-                if !bytes.is_empty() {
-                    let endpoint = Endpoint::from_path(parts.uri.path());
-                    let estimator = this.estimator.take().expect("estimator kept until parsed");
-                    match RequestView::parse_bytes(endpoint, bytes.clone(), &*estimator) {
-                        Ok(view) => {
-                            parts.extensions.insert(view.with_path(parts.uri.path()));
-                        }
-                        Err(e) => {
-                            return std::task::Poll::Ready(Err(ViewFailure {
-                                parts,
-                                bytes: Some(bytes),
-                                error: ViewError::Parse(e),
-                                _body: std::marker::PhantomData,
-                            }))
-                        }
-                    }
-                }
-                std::task::Poll::Ready(Ok(BufferRequest::<B>::rebuild(parts, bytes)))
-            }
-        }
+        self.poll_checked(cx).map_ok(|(req, _)| req)
     }
 }
 
@@ -2409,7 +2901,10 @@ mod typed_tests {
                     crate::json::visit_str(
                         text,
                         est.counts_characters(),
-                        typed::Top { estimator: est }
+                        typed::Top {
+                            estimator: est,
+                            checks: None
+                        }
                     )
                     .is_ok(),
                     "case {i}: the fast reader refused {doc}"
@@ -2419,6 +2914,122 @@ mod typed_tests {
                 assert_eq!(view.body_len(), Some(bytes.len()));
             }
         }
+    }
+
+    /// A document with the fields validation reads: parameters of every kind and chat messages
+    /// with and without faults.
+    fn checked_document(rng: &mut fastrand::Rng) -> Value {
+        const PARAMS: [&str; 12] = [
+            "temperature",
+            "top_p",
+            "presence_penalty",
+            "frequency_penalty",
+            "previous_response_id",
+            "conversation",
+            "n",
+            "max_tokens",
+            "stream",
+            "model",
+            "models",
+            "prompt",
+        ];
+        const ROLES: [&str; 6] = ["user", "assistant", "tool", "system", "bot", ""];
+        let mut doc = document(rng);
+        let obj = doc.as_object_mut().expect("an object");
+        for _ in 0..rng.usize(0..5) {
+            obj.insert(PARAMS[rng.usize(..PARAMS.len())].to_owned(), value(rng, 2));
+        }
+        if rng.bool() {
+            let messages = (0..rng.usize(0..6))
+                .map(|_| {
+                    let mut m = serde_json::Map::new();
+                    for _ in 0..rng.usize(0..5) {
+                        let (k, v) = match rng.u32(0..8) {
+                            0 | 1 => ("role", json!(ROLES[rng.usize(..ROLES.len())])),
+                            2 => ("role", value(rng, 1)),
+                            3 | 4 => ("content", value(rng, 2)),
+                            5 => ("tool_call_id", value(rng, 1)),
+                            6 => (
+                                ["tool_calls", "function_call", "audio"][rng.usize(..3)],
+                                value(rng, 2),
+                            ),
+                            _ => ("name", value(rng, 1)),
+                        };
+                        m.insert(k.to_owned(), v);
+                    }
+                    if rng.u32(0..8) == 0 {
+                        value(rng, 1)
+                    } else {
+                        Value::Object(m)
+                    }
+                })
+                .collect();
+            obj.insert("messages".to_owned(), Value::Array(messages));
+        }
+        doc
+    }
+
+    #[test]
+    fn the_fields_gathered_in_the_views_pass_are_the_fields_parse_gives() {
+        let mut rng = fastrand::Rng::with_seed(56);
+        let by_model = |model: &str, text: &str| (model.len() as u64 + 1) * text.len() as u64;
+        let mut faults = 0;
+        for i in 0..5_000 {
+            let doc = checked_document(&mut rng);
+            let mut bytes = serde_json::to_vec(&doc).unwrap();
+            // Every fourth document broken by one byte: both parses fail, or both agree.
+            if i % 4 == 3 {
+                let at = rng.usize(..bytes.len());
+                let noise = b"{}[]\",:0-e.tfn\\ ax";
+                bytes[at] = noise[rng.usize(..noise.len())];
+            }
+            for est in [&CharEstimator as &dyn TokenEstimator, &by_model] {
+                for (endpoint, scan) in [
+                    (Endpoint::ChatCompletions, true),
+                    (Endpoint::ChatCompletions, false),
+                    (Endpoint::Responses, true),
+                ] {
+                    let plain = RequestView::parse(endpoint, &bytes, est);
+                    let checked = RequestView::parse_checked(endpoint, &bytes, est, Some(scan));
+                    let alone = crate::fields::Fields::parse(
+                        &bytes,
+                        scan && endpoint == Endpoint::ChatCompletions,
+                    );
+                    match (plain, checked, alone) {
+                        (Ok(plain), Ok((checked, fields)), Ok(Some(alone))) => {
+                            // The view is the same view, and the fields the same fields.
+                            assert_eq!(typed(&checked), typed(&plain), "case {i}: {doc}");
+                            let fields = fields.expect("gathered");
+                            if let Some(crate::fields::MessagesField::Array {
+                                fault: Some(_),
+                                ..
+                            }) = &alone.messages
+                            {
+                                faults += 1;
+                            }
+                            assert_eq!(fields, alone, "case {i}: {doc}");
+                        }
+                        // Broken where the view reads: the view's error, as before.
+                        (Err(a), Err(b), _) => assert_eq!(a, b, "case {i}"),
+                        // Broken only where the checks read (a number beyond `f64` in
+                        // `temperature`): the error the checks' own parse gave.
+                        (Ok(_), Err(b), Err(c)) => assert_eq!(b, c, "case {i}"),
+                        (a, b, c) => panic!(
+                            "case {i}: {:?} {:?} {:?} {}",
+                            a.is_ok(),
+                            b.is_ok(),
+                            c.map(|f| f.is_some()),
+                            String::from_utf8_lossy(&bytes)
+                        ),
+                    }
+                }
+            }
+            let (_, none) =
+                RequestView::parse_checked(Endpoint::ChatCompletions, b"{}", &CharEstimator, None)
+                    .unwrap();
+            assert!(none.is_none());
+        }
+        assert!(faults > 500, "messages at fault: {faults}");
     }
 
     #[test]

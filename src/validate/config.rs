@@ -96,6 +96,12 @@ impl Shared {
             || !self.rules.is_empty()
     }
 
+    /// Whether the built-in checks read the body's fields ([`Fields`](crate::fields::Fields)).
+    pub(crate) fn reads_fields(&self) -> bool {
+        let c = self.checks;
+        c.endpoint || c.required_fields || c.params || c.messages || self.models.is_some()
+    }
+
     /// The context window of `model`: exact name, then the longest matching prefix.
     pub(crate) fn context_window(&self, model: &str) -> Option<u64> {
         let model = match model.strip_prefix("ft:") {

@@ -15,6 +15,7 @@ use super::config::Shared;
 use super::rules;
 use crate::body::{BoxError, BufferRequest, LayerBody};
 use crate::error::ApiError;
+use crate::fields::Fields;
 use crate::request::{Endpoint, EnsureView, RequestHead, RequestView, ViewError};
 
 /// The built-in checks, then the user's rules, on a request whose body is `bytes`.
@@ -23,8 +24,9 @@ pub(crate) fn verdict(
     head: &RequestHead<'_>,
     view: &RequestView,
     bytes: &Bytes,
+    fields: Option<&Fields>,
 ) -> Result<(), ApiError> {
-    rules::check(shared, view, Some(bytes))?;
+    rules::check(shared, view, Some(bytes), fields)?;
     for rule in &shared.rules {
         rule.check(head, bytes)?;
     }
@@ -111,7 +113,16 @@ where
         ResponseFuture {
             labels: crate::metrics::RequestLabels::capture(req.extensions()),
             state: State::Parsing {
-                ensure: EnsureView::new(req, shared.body_limit, Arc::clone(&shared.estimator)),
+                ensure: {
+                    let ensure =
+                        EnsureView::new(req, shared.body_limit, Arc::clone(&shared.estimator));
+                    // The checks' fields are read in the view's own pass over the body.
+                    if shared.reads_fields() {
+                        ensure.with_fields(shared.checks.messages)
+                    } else {
+                        ensure
+                    }
+                },
             },
             inner: Some(inner),
             shared: Some(shared),
@@ -131,11 +142,16 @@ where
 }
 
 /// The checks on a request the [`EnsureView`] handed back: it holds the view (and its bytes)
-/// unless the body was empty.
-fn check_parsed<B>(shared: &Shared, req: &Request<LayerBody<B>>) -> Result<(), ApiError> {
+/// unless the body was empty; `fields`, the fields the checks read, gathered in the view's
+/// pass.
+fn check_parsed<B>(
+    shared: &Shared,
+    req: &Request<LayerBody<B>>,
+    fields: Option<&Fields>,
+) -> Result<(), ApiError> {
     let view = RequestView::from_extensions(req.extensions());
     match view.and_then(|v| v.bytes().map(|b| (v, b))) {
-        Some((view, bytes)) => verdict(shared, &RequestHead::of(req), view, bytes),
+        Some((view, bytes)) => verdict(shared, &RequestHead::of(req), view, bytes, fields),
         None => {
             // An empty body: not JSON.
             let endpoint = Endpoint::from_path(req.uri().path());
@@ -173,8 +189,8 @@ where
                 }
                 StateProj::Parsing { ensure } => {
                     let shared = this.shared.as_deref().expect("kept until checked");
-                    match ready!(ensure.poll(cx)) {
-                        Ok(req) => match check_parsed(shared, &req) {
+                    match ready!(ensure.poll_checked(cx)) {
+                        Ok((req, fields)) => match check_parsed(shared, &req, fields.as_ref()) {
                             Ok(()) => State::Ready { req: Some(req) },
                             Err(e) => rejected(e),
                         },
@@ -188,7 +204,7 @@ where
                             let view = RequestView::from_extensions(&parts.extensions)
                                 .expect("buffering only for a stored view");
                             let head = RequestHead::from_parts(&parts);
-                            match verdict(shared, &head, view, &bytes) {
+                            match verdict(shared, &head, view, &bytes, None) {
                                 Ok(()) => State::Ready {
                                     req: Some(BufferRequest::<ReqBody>::rebuild(parts, bytes)),
                                 },

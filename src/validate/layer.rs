@@ -38,7 +38,7 @@ impl ValidateRequestLayer {
     /// and size checks and the [rules](super::ValidationRule) of your own need the HTTP
     /// request and are not run here.)
     pub fn check(&self, view: &RequestView) -> Result<(), ApiError> {
-        super::rules::check(&self.shared, view, view.bytes().map(|b| &b[..]))
+        super::rules::check(&self.shared, view, view.bytes().map(|b| &b[..]), None)
     }
 }
 

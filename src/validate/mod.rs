@@ -20,11 +20,15 @@
 //!
 //! # Rules
 //!
-//! * **Typed parses, no tree.** The view is a typed parse that reads only the fields layers
-//!   use; the checks below read the fields they check with a typed parse of their own, from the
-//!   bytes the view keeps ([`RequestView::bytes`](crate::request::RequestView::bytes), the same
-//!   buffer the request is handed on with). No `serde_json::Value` of the body is built, and no
-//!   second copy of it is kept.
+//! * **One typed pass, no tree.** The view is a typed parse that reads only the fields layers
+//!   use; when this layer parses the body, the fields its checks read (each parameter's JSON
+//!   kind and number, each chat message's role and content kind) are gathered in that same
+//!   pass, so the body is read once. A view an earlier layer parsed is checked from the bytes
+//!   it keeps ([`RequestView::bytes`](crate::request::RequestView::bytes), the same buffer the
+//!   request is handed on with), with a typed parse of the checks' fields alone. No
+//!   `serde_json::Value` of the body is built, and no second copy of it is kept. A body broken
+//!   only in a field the checks read (a number beyond `f64` in `temperature`) is refused with
+//!   the same error either way.
 //! * **Any body, one body type back.** The layer takes any request body
 //!   ([`http_body::Body`]: hyper's `Incoming`, axum's `Body`, `Full`), and hands the inner
 //!   service a [`LayerBody`](crate::body::LayerBody): the body untouched when the layer did not
@@ -121,7 +125,6 @@
 //! ```
 
 mod config;
-mod fields;
 mod future;
 mod layer;
 #[cfg(test)]

@@ -9,7 +9,7 @@ use crate::error::{ApiError, ErrorCode};
 use crate::request::{Endpoint, RequestView, ViewError};
 
 use super::config::Shared;
-use super::fields::{truncate, Fault, Fields, MessagesField, ModelFault, ModelsField, Shallow};
+use crate::fields::{truncate, Fault, Fields, MessagesField, ModelFault, ModelsField, Shallow};
 
 /// `400 invalid_value` unless the `content-type` is `application/json` (any parameters).
 pub(crate) fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
@@ -42,31 +42,33 @@ pub(crate) fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// Runs every configured check on a parsed request. `body` is the body the view was parsed
-/// from: the checks of its fields parse it once, typed; without it only the checks of the
-/// view itself (allowed models, context length) run.
+/// Runs every configured check on a parsed request. `fields` are the fields the checks read
+/// when the view's pass gathered them; else `body`, the body the view was parsed from, is
+/// parsed for them once, typed; without either only the checks of the view itself (allowed
+/// models, context length) run.
 pub(crate) fn check(
     shared: &Shared,
     view: &RequestView,
     body: Option<&[u8]>,
+    fields: Option<&Fields>,
 ) -> Result<(), ApiError> {
     let endpoint = view.endpoint();
     let checks = shared.checks;
-    let reads_fields = checks.endpoint
-        || checks.required_fields
-        || checks.params
-        || checks.messages
-        || shared.models.is_some();
-    if let (true, Some(body)) = (reads_fields, body) {
-        let scan = checks.messages && endpoint == Endpoint::ChatCompletions;
-        let fields = match Fields::parse(body, scan) {
-            Ok(Some(fields)) => fields,
-            // A view always comes from an object; a document that is none has nothing to
-            // check.
-            Ok(None) => return Ok(()),
-            Err(e) => return Err(ViewError::Parse(e).to_api_error()),
-        };
-        check_fields(shared, endpoint, view, &fields)?;
+    if shared.reads_fields() {
+        match (fields, body) {
+            (Some(fields), _) => check_fields(shared, endpoint, view, fields)?,
+            (None, Some(body)) => {
+                let scan = checks.messages && endpoint == Endpoint::ChatCompletions;
+                match Fields::parse(body, scan) {
+                    Ok(Some(fields)) => check_fields(shared, endpoint, view, &fields)?,
+                    // A view always comes from an object; a document that is none has nothing
+                    // to check.
+                    Ok(None) => return Ok(()),
+                    Err(e) => return Err(ViewError::Parse(e).to_api_error()),
+                }
+            }
+            (None, None) => {}
+        }
     }
     if let Some((list, set)) = &shared.models {
         // Every model the upstream may use: the deployment in the path, the body's `model`,

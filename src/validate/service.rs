@@ -110,7 +110,7 @@ where
                 // A view that kept no body: the checks of the body's fields read it here.
                 return ResponseFuture::buffering(inner.clone(), req, Arc::clone(&self.shared));
             };
-            let verdict = super::future::verdict(shared, &RequestHead::of(&req), view, bytes);
+            let verdict = super::future::verdict(shared, &RequestHead::of(&req), view, bytes, None);
             return match verdict {
                 Ok(()) => ResponseFuture::ready(inner.clone(), req.map(LayerBody::new)),
                 Err(e) => ResponseFuture::rejected(e, req.extensions()),

@@ -1,6 +1,10 @@
-//! The fields the built-in checks read, parsed from the body bytes with a typed serde parse of
-//! their own: each value is read as far as a check looks at it (its JSON kind, a number, a
-//! role) and everything else is skipped with [`IgnoredAny`], without building a tree.
+//! The fields validation's built-in checks read: each value as far as a check looks at it (its
+//! JSON kind, a number, a role), everything else skipped with [`IgnoredAny`], without building
+//! a tree.
+//!
+//! They are gathered in the request view's own pass over the body when the view is parsed for
+//! validation ([`EnsureView::with_fields`](crate::request::EnsureView)), so the body is read
+//! once; [`Fields::parse`] reads them alone, from a body whose view was parsed without them.
 
 use std::fmt;
 
@@ -38,7 +42,7 @@ impl Shallow {
     }
 }
 
-struct ShallowVisitor;
+pub(crate) struct ShallowVisitor;
 
 impl<'de> Visitor<'de> for ShallowVisitor {
     type Value = Shallow;
@@ -95,7 +99,7 @@ const ROLES: [&str; 6] = [
 ];
 
 /// A message's `role` as read.
-enum Role {
+pub(crate) enum Role {
     Known(&'static str),
     /// A string that is no role, cut to 64 characters for the message.
     Unknown(String),
@@ -186,32 +190,48 @@ impl<'de> Visitor<'de> for MessageCheck {
                 }
             }
         }
-        let role = match role {
-            Some(Role::Known(r)) => r,
-            Some(Role::Unknown(r)) => return Ok(Some(Fault::UnknownRole(r))),
-            None | Some(Role::Null) => return Ok(Some(Fault::MissingRole)),
-            Some(Role::Other(kind)) => return Ok(Some(Fault::RoleType(kind))),
-        };
-        let content = content.filter(|c| !c.is_null());
-        if let Some(c) = &content {
-            if !matches!(c, Shallow::Str { .. } | Shallow::Array { .. }) {
-                return Ok(Some(Fault::ContentType(c.kind())));
-            }
-        }
-        let has_calls = calls.iter().any(|c| *c);
-        if (role != "assistant" || !has_calls) && content.is_none() {
-            return Ok(Some(Fault::ContentMissing(role)));
-        }
-        if role == "tool" && !matches!(tool_call_id, Some(Shallow::Str { .. })) {
-            return Ok(Some(Fault::ToolCallId));
-        }
-        Ok(None)
+        Ok(fault_of(
+            role,
+            content,
+            tool_call_id,
+            calls.iter().any(|c| *c),
+        ))
     }
     skip_others!(Some(Fault::NotObject("a boolean")) => bool);
     skip_others!(Some(Fault::NotObject("a number")) => i64 u64 f64);
     skip_others!(Some(Fault::NotObject("a string")) => str);
     skip_others!(Some(Fault::NotObject("null")) => unit);
     skip_others!(Some(Fault::NotObject("an array")) => seq);
+}
+
+/// The first thing wrong with a chat message of these `role`, `content` and `tool_call_id`
+/// (each by its last occurrence, `None` when absent); `has_calls`: a non-null `tool_calls`,
+/// `function_call` or `audio`.
+pub(crate) fn fault_of(
+    role: Option<Role>,
+    content: Option<Shallow>,
+    tool_call_id: Option<Shallow>,
+    has_calls: bool,
+) -> Option<Fault> {
+    let role = match role {
+        Some(Role::Known(r)) => r,
+        Some(Role::Unknown(r)) => return Some(Fault::UnknownRole(r)),
+        None | Some(Role::Null) => return Some(Fault::MissingRole),
+        Some(Role::Other(kind)) => return Some(Fault::RoleType(kind)),
+    };
+    let content = content.filter(|c| !c.is_null());
+    if let Some(c) = &content {
+        if !matches!(c, Shallow::Str { .. } | Shallow::Array { .. }) {
+            return Some(Fault::ContentType(c.kind()));
+        }
+    }
+    if (role != "assistant" || !has_calls) && content.is_none() {
+        return Some(Fault::ContentMissing(role));
+    }
+    if role == "tool" && !matches!(tool_call_id, Some(Shallow::Str { .. })) {
+        return Some(Fault::ToolCallId);
+    }
+    None
 }
 
 /// `messages` as the checks see it.
@@ -350,7 +370,7 @@ impl<'de> de::Deserialize<'de> for ModelsField {
 
 /// The fields the checks read; `None` where the body has no such key. A key that occurs twice
 /// counts by its last occurrence.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub(crate) struct Fields {
     pub(crate) model: Option<Shallow>,
     pub(crate) messages: Option<MessagesField>,
@@ -371,6 +391,19 @@ pub(crate) struct Fields {
 }
 
 impl Fields {
+    /// The field of a parameter only the checks read: `previous_response_id`, `conversation`,
+    /// `temperature`, `top_p`, `presence_penalty`, `frequency_penalty`, by index.
+    pub(crate) fn param_mut(&mut self, i: usize) -> &mut Option<Shallow> {
+        match i {
+            0 => &mut self.previous_response_id,
+            1 => &mut self.conversation,
+            2 => &mut self.temperature,
+            3 => &mut self.top_p,
+            4 => &mut self.presence_penalty,
+            _ => &mut self.frequency_penalty,
+        }
+    }
+
     /// Parses `body`. `Ok(None)` when it is JSON but no object; `scan_messages` checks each
     /// chat message (until the first at fault).
     pub(crate) fn parse(body: &[u8], scan_messages: bool) -> Result<Option<Fields>, ParseError> {
