@@ -14,7 +14,10 @@
 //! (default 10) measured. It prints requests/s and p50/p99/p99.9 latency for each and the
 //! gateway/bare ratios, then a fixed-rate run at 50 % of the bare proxy's measured capacity
 //! (latency counted from when each request was due, so a stall is not hidden) and the p99
-//! the gateway adds.
+//! the gateway adds. Beside each run, the server process's CPU time per answered request (all
+//! its threads, from `/proc/PID/task/*/schedstat`, over the measured window): on a machine
+//! the driver and the servers share, the CPU each request costs the proxy is steadier than the
+//! throughput it reaches.
 //!
 //! The gateway runs with `RUST_LOG=warn` (no per-request log lines); set `LOAD_GATEWAY_LOG`
 //! to another filter to measure it with logging.
@@ -103,32 +106,36 @@ fn main() {
     );
     println!("closed loop (saturation):");
     println!("{}", Stats::header());
-    let r_up = rt.block_on(drive(&settings, up.addr, None));
+    let r_up = rt.block_on(drive(&settings, &up, None));
     println!("{}", r_up.row("upstream"));
-    let r_bare = rt.block_on(drive(&settings, bare.addr, None));
+    let r_bare = rt.block_on(drive(&settings, &bare, None));
     println!("{}", r_bare.row("bare proxy"));
-    let r_gw = rt.block_on(drive(&settings, gateway.addr, None));
+    let r_gw = rt.block_on(drive(&settings, &gateway, None));
     println!("{}", r_gw.row("gateway"));
     println!(
-        "gateway/bare: throughput {:.2}x, p50 {:.2}x, p99 {:.2}x; bare/upstream throughput {:.2}x",
+        "gateway/bare: throughput {:.2}x, p50 {:.2}x, p99 {:.2}x, CPU per request {:.2}x; \
+         bare/upstream throughput {:.2}x",
         r_gw.rps() / r_bare.rps(),
         r_gw.pct(50.0) as f64 / r_bare.pct(50.0) as f64,
         r_gw.pct(99.0) as f64 / r_bare.pct(99.0) as f64,
+        r_gw.cpu_per_request() / r_bare.cpu_per_request(),
         r_bare.rps() / r_up.rps(),
     );
 
     let rate = (r_bare.rps() * 0.5).max(1.0);
     println!("fixed rate {rate:.0} req/s (50 % of the bare proxy's capacity):");
     println!("{}", Stats::header());
-    let f_bare = rt.block_on(drive(&settings, bare.addr, Some(rate)));
+    let f_bare = rt.block_on(drive(&settings, &bare, Some(rate)));
     println!("{}", f_bare.row("bare proxy"));
-    let f_gw = rt.block_on(drive(&settings, gateway.addr, Some(rate)));
+    let f_gw = rt.block_on(drive(&settings, &gateway, Some(rate)));
     println!("{}", f_gw.row("gateway"));
     println!(
-        "added by the gateway at 50 % load: p50 {:+} us, p99 {:+} us, p99.9 {:+} us",
+        "added by the gateway at 50 % load: p50 {:+} us, p99 {:+} us, p99.9 {:+} us, \
+         CPU {:+.1} us per request",
         f_gw.pct(50.0) as i64 - f_bare.pct(50.0) as i64,
         f_gw.pct(99.0) as i64 - f_bare.pct(99.0) as i64,
         f_gw.pct(99.9) as i64 - f_bare.pct(99.9) as i64,
+        f_gw.cpu_per_request() - f_bare.cpu_per_request(),
     );
     let _ = std::fs::remove_file(&config);
     drop((gateway, bare, up));
@@ -282,11 +289,18 @@ struct Stats {
     latencies: Vec<u32>,
     errors: u64,
     duration: Duration,
+    /// The server's CPU time over the measured window.
+    cpu: Duration,
 }
 
 impl Stats {
     fn rps(&self) -> f64 {
         self.latencies.len() as f64 / self.duration.as_secs_f64()
+    }
+
+    /// The server's CPU time per answered request, in microseconds.
+    fn cpu_per_request(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / self.latencies.len().max(1) as f64
     }
 
     /// The `p`th percentile in microseconds (the latencies are sorted).
@@ -300,20 +314,21 @@ impl Stats {
 
     fn header() -> String {
         format!(
-            "  {:<12} {:>10} {:>9} {:>9} {:>9} {:>7}",
-            "target", "req/s", "p50 us", "p99 us", "p99.9 us", "errors"
+            "  {:<12} {:>10} {:>9} {:>9} {:>9} {:>7} {:>11}",
+            "target", "req/s", "p50 us", "p99 us", "p99.9 us", "errors", "cpu us/req"
         )
     }
 
     fn row(&self, name: &str) -> String {
         format!(
-            "  {:<12} {:>10.0} {:>9} {:>9} {:>9} {:>7}",
+            "  {:<12} {:>10.0} {:>9} {:>9} {:>9} {:>7} {:>11.1}",
             name,
             self.rps(),
             self.pct(50.0),
             self.pct(99.0),
             self.pct(99.9),
-            self.errors
+            self.errors,
+            self.cpu_per_request()
         )
     }
 }
@@ -321,10 +336,19 @@ impl Stats {
 /// Drives `addr` from `settings.connections` keep-alive connections: closed loop (`rate`
 /// `None`), or `rate` requests per second in all, spread evenly over the connections, each
 /// request's latency counted from when it was due.
-async fn drive(settings: &Settings, addr: SocketAddr, rate: Option<f64>) -> Stats {
+async fn drive(settings: &Settings, server: &Server, rate: Option<f64>) -> Stats {
+    let addr = server.addr;
     let start = Instant::now() + Duration::from_millis(50);
     let measure_from = start + settings.warmup;
     let until = measure_from + settings.duration;
+    // The server's CPU time over the measured window, all its threads.
+    let pid = server.child.id();
+    let cpu = tokio::spawn(async move {
+        tokio::time::sleep_until(measure_from.into()).await;
+        let before = cpu_time(pid);
+        tokio::time::sleep_until(until.into()).await;
+        cpu_time(pid).saturating_sub(before)
+    });
     let body = Bytes::from_static(CHAT.as_bytes());
     let authorization = format!("Bearer {BENCH_KEY}");
     let host = addr.to_string();
@@ -394,12 +418,28 @@ async fn drive(settings: &Settings, addr: SocketAddr, rate: Option<f64>) -> Stat
         latencies: Vec::new(),
         errors: 0,
         duration: settings.duration,
+        cpu: Duration::ZERO,
     };
     for task in tasks {
         let (latencies, errors) = task.await.expect("a driver task");
         stats.latencies.extend(latencies);
         stats.errors += errors;
     }
+    stats.cpu = cpu.await.expect("the CPU sampler");
     stats.latencies.sort_unstable();
     stats
+}
+
+/// The CPU time process `pid` has used so far, all threads (`/proc/PID/task/*/schedstat`, in
+/// nanoseconds); zero where there is no `/proc`.
+fn cpu_time(pid: u32) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Duration::ZERO;
+    };
+    let ns: u64 = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(ns)
 }

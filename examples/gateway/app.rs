@@ -268,16 +268,21 @@ pub type UpstreamService = BoxCloneSyncService<Request, Response, llm_layers::bo
 
 /// The upstream services of the gateway's routes: a route whose `[routes."/path"]` entry
 /// overrides `retry`, `breaker` or `upstream` has its own (with its own retry budget,
-/// circuits and attempt timeout), the others share one.
+/// circuits and attempt timeout), the others share one. Cloned for every request (it is the
+/// router's state), so it holds its services behind an `Arc`: a request clones only the one
+/// service it calls.
 #[derive(Clone)]
 pub struct Upstream {
-    shared: UpstreamService,
+    shared: Arc<UpstreamService>,
     own: Arc<HashMap<String, UpstreamService>>,
 }
 
 impl Upstream {
     /// The service of the route at `path`.
     pub fn for_route(&self, path: &str) -> UpstreamService {
+        if self.own.is_empty() {
+            return (*self.shared).clone();
+        }
         self.own.get(path).unwrap_or(&self.shared).clone()
     }
 }
@@ -472,7 +477,7 @@ pub fn upstream_with(
         .map(|path| (path.to_owned(), chain(Some(path))))
         .collect();
     Upstream {
-        shared: chain(None),
+        shared: Arc::new(chain(None)),
         own: Arc::new(own),
     }
 }
@@ -646,7 +651,7 @@ pub fn upstream_with_targets(
         .map(|path| Ok((path.to_owned(), chain(Some(path))?)))
         .collect::<Result<_, ConfigError>>()?;
     Ok(Upstream {
-        shared: chain(None)?,
+        shared: Arc::new(chain(None)?),
         own: Arc::new(own),
     })
 }

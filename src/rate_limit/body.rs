@@ -333,9 +333,11 @@ impl<'de> Deserialize<'de> for Count {
     }
 }
 
-/// Any JSON value, skipped by walking it on the call stack: nothing is copied or built, and
-/// unlike [`IgnoredAny`](serde::de::IgnoredAny) with serde_json (which keeps its own stack of brackets on the heap),
-/// nothing is allocated. serde_json's recursion limit bounds the depth.
+/// Any JSON value, skipped (`deserialize_ignored_any`): the crate's reader finds its end in
+/// place, nothing unescaped, converted or built, nothing allocated; serde_json, which reads a
+/// document only when that reader refused it, ignores it its own way (a stack of brackets it
+/// keeps in its scratch buffer). A number beyond `f64` in a skipped value does not make the
+/// document fail: only the figures read are converted.
 struct Skip;
 
 impl<'de> Deserialize<'de> for Skip {
@@ -376,7 +378,7 @@ impl<'de> Deserialize<'de> for Skip {
                 Ok(Skip)
             }
         }
-        d.deserialize_any(V)
+        d.deserialize_ignored_any(V)
     }
 }
 
