@@ -14,7 +14,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::Bytes;
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 use http::{Request, Response};
 use http_body_util::Full;
 use llm_layers::auth::{ApiKeyAuthLayer, CredentialForwarding, InMemoryKeyStore, KeyRecord};
@@ -160,43 +160,137 @@ fn parts(c: &mut Criterion) {
     group
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(2));
-    group.bench_function("extract_api_key", |b| {
-        b.iter(|| {
-            extract_api_key(black_box(req.headers()), AcceptedHeaders::all()).map(|k| k.len())
-        })
-    });
-    group.bench_function("sha256", |b| {
-        b.iter(|| KeyHash::of(black_box(key.as_bytes())))
-    });
+    // Timed like the `auth` group: each call at the pace of the fastest chunk of its sample.
+    let mut part = |name: &str, mut f: Box<dyn FnMut() + '_>| {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut best = Duration::MAX;
+                let mut done = 0;
+                while done < iters {
+                    let n = CHUNK.min(iters - done);
+                    let start = std::time::Instant::now();
+                    for _ in 0..n {
+                        f();
+                    }
+                    best = best.min(start.elapsed() / n as u32);
+                    done += n;
+                }
+                best * iters as u32
+            })
+        });
+    };
+    part(
+        "extract_api_key",
+        Box::new(|| {
+            black_box(
+                extract_api_key(black_box(req.headers()), AcceptedHeaders::all()).map(|k| k.len()),
+            );
+        }),
+    );
+    part(
+        "sha256",
+        Box::new(|| {
+            black_box(KeyHash::of(black_box(key.as_bytes())));
+        }),
+    );
+    // The same digest through `sha2`'s `Digest` (what `KeyHash::of` used before).
+    part(
+        "sha256_digest_api",
+        Box::new(|| {
+            use sha2::Digest;
+            black_box(<[u8; 32]>::from(sha2::Sha256::digest(black_box(
+                key.as_bytes(),
+            ))));
+        }),
+    );
     // What a verified-key cache would hash instead of SHA-256: two keyed 64-bit SipHash-1-3
     // tags (std's `RandomState`), 128 bits between them.
     let (k1, k2) = (
         std::collections::hash_map::RandomState::new(),
         std::collections::hash_map::RandomState::new(),
     );
-    group.bench_function("keyed_siphash_128", |b| {
-        use std::hash::BuildHasher;
-        b.iter(|| {
+    part(
+        "keyed_siphash_128",
+        Box::new(|| {
+            use std::hash::BuildHasher;
             let key = black_box(key.as_bytes());
-            (k1.hash_one(key), k2.hash_one(key))
-        })
-    });
-    group.bench_function("lookup_100k", |b| {
-        b.iter(|| store.get(black_box(&hash)).map(|r| r.hash().ct_eq(&hash)))
-    });
-    group.bench_function("extensions_identity_and_record", |b| {
-        b.iter(|| {
+            black_box((k1.hash_one(key), k2.hash_one(key)));
+        }),
+    );
+    part(
+        "lookup_100k",
+        Box::new(|| {
+            black_box(store.get(black_box(&hash)).map(|r| r.hash().ct_eq(&hash)));
+        }),
+    );
+    part(
+        "extensions_identity_and_record",
+        Box::new(|| {
             let mut ext = Extensions::new();
             ext.insert(record.identity().clone());
             ext.insert(record.clone());
-            black_box(ext)
-        })
-    });
-    group.bench_function("identity_clone_drop", |b| {
-        b.iter(|| black_box(record.identity().clone()))
-    });
+            black_box(ext);
+        }),
+    );
+    part(
+        "identity_clone_drop",
+        Box::new(|| {
+            black_box(record.identity().clone());
+        }),
+    );
+    drop(part);
     group.finish();
 }
 
+/// Instruction counts without criterion: `AUTH_COUNT=<case>:<n> target/release/deps/auth-*`
+/// makes `n` calls of one case (`bare`, `strip`, `keep`) with no runtime and exits, so that
+/// `valgrind --tool=cachegrind --cache-sim=no` over `n` calls minus a run with `n = 0` gives the
+/// instructions of `n` calls, free of the machine's load.
+fn count(spec: &str) {
+    use futures_util::FutureExt;
+
+    let (case, n) = spec.split_once(':').expect("AUTH_COUNT=<case>:<n>");
+    let n: usize = n.parse().expect("AUTH_COUNT=<case>:<n>");
+    let store = store();
+    let behind = service_fn(upstream::<LayerBody<Full<Bytes>>>);
+    let forwarding = match case {
+        "keep" => CredentialForwarding::Keep,
+        _ => CredentialForwarding::Strip,
+    };
+    let mut authed = ApiKeyAuthLayer::builder(store)
+        .forwarding(forwarding)
+        .build()
+        .unwrap()
+        .layer(behind);
+    let mut bare = service_fn(upstream::<Full<Bytes>>);
+    eprintln!(
+        "response future: {} bytes, request: {} bytes",
+        std::mem::size_of_val(&authed.call(request("Bearer x"))),
+        std::mem::size_of::<Request<Full<Bytes>>>()
+    );
+    let auth: &'static str = Box::leak(format!("Bearer {}", secret(KEYS / 2)).into_boxed_str());
+    for _ in 0..n {
+        let status = match case {
+            "bare" => bare
+                .call(request(auth))
+                .now_or_never()
+                .map(|r| r.unwrap().status()),
+            "strip" | "keep" => authed
+                .call(request(auth))
+                .now_or_never()
+                .map(|r| r.unwrap().status()),
+            _ => panic!("unknown case `{case}`: bare, strip or keep"),
+        };
+        assert_eq!(status, Some(http::StatusCode::OK));
+    }
+}
+
 criterion_group!(benches, bench, parts);
-criterion_main!(benches);
+
+fn main() {
+    if let Ok(spec) = std::env::var("AUTH_COUNT") {
+        return count(&spec);
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
