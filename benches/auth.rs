@@ -4,7 +4,13 @@
 //! `model_check` case adds a key restricted to `gpt-4o-mini*`, whose body is buffered and
 //! parsed; `keep_headers` leaves the client's credential headers on the request instead of
 //! stripping them; `unknown_key` is the rejection path. The `auth_parts` group times the
-//! pieces of the success path one by one.
+//! pieces of the success path one by one, and beside them the alternatives measured against
+//! them (`sha2`'s `Digest`, a keyed SipHash tag).
+//!
+//! `AUTH_COUNT=<bare|strip|keep>:<n>` runs `n` calls of one case without criterion or a
+//! runtime, for instruction counts under `valgrind --tool=cachegrind --cache-sim=no` (the run
+//! with `n` calls minus the run with 0). Valgrind's CPU has no SHA extensions, so `sha2` runs
+//! its portable code there: read the counts of everything but `compress256`.
 //!
 //! The `auth` group counts each call at the pace of the fastest chunk of 200 calls in its
 //! sample (see `fastest_chunk`): on a loaded machine, medians of plain wall-clock samples
@@ -187,6 +193,19 @@ fn parts(c: &mut Criterion) {
             );
         }),
     );
+    // The three header-map probes `extract_api_key` makes, alone: what reading the key costs
+    // before any parsing.
+    part(
+        "credential_header_probes",
+        Box::new(|| {
+            let h = black_box(req.headers());
+            black_box((
+                h.get_all(http::header::AUTHORIZATION).iter().count(),
+                h.get_all(llm_layers::auth::X_API_KEY).iter().count(),
+                h.get_all(llm_layers::auth::API_KEY).iter().count(),
+            ));
+        }),
+    );
     part(
         "sha256",
         Box::new(|| {
@@ -214,6 +233,23 @@ fn parts(c: &mut Criterion) {
         Box::new(|| {
             use std::hash::BuildHasher;
             let key = black_box(key.as_bytes());
+            black_box((k1.hash_one(key), k2.hash_one(key)));
+        }),
+    );
+    // The same two at the length of an OpenAI project key (`sk-proj-` and 156 more bytes):
+    // three SHA-256 blocks.
+    let long = format!("sk-proj-{}", "aB3".repeat(52));
+    part(
+        "sha256_164_bytes",
+        Box::new(|| {
+            black_box(KeyHash::of(black_box(long.as_bytes())));
+        }),
+    );
+    part(
+        "keyed_siphash_128_164_bytes",
+        Box::new(|| {
+            use std::hash::BuildHasher;
+            let key = black_box(long.as_bytes());
             black_box((k1.hash_one(key), k2.hash_one(key)));
         }),
     );
