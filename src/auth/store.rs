@@ -38,7 +38,7 @@ impl KeyHash {
     /// SHA-256 computed with the compression function directly (SHA-NI where the CPU has it):
     /// whole blocks straight from the key, the padded tail from a stack buffer; a key of up to
     /// 55 bytes is one call. `sha2`'s `Digest` gives the same bytes with a buffer and its
-    /// bookkeeping around the same calls, about 15 % more time for such a key.
+    /// bookkeeping around the same calls, about 12 % more time for such a key.
     pub fn of(secret: &[u8]) -> KeyHash {
         let mut state = SHA256_IV;
         let mut blocks = secret.chunks_exact(64);
