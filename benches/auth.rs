@@ -3,9 +3,10 @@
 //! The store holds 100,000 keys; the request carries one of them as a bearer token. The
 //! `model_check` case adds a key restricted to `gpt-4o-mini*`, whose body is buffered and
 //! parsed; `keep_headers` leaves the client's credential headers on the request instead of
-//! stripping them; `unknown_key` is the rejection path. The `auth_parts` group times the
-//! pieces of the success path one by one, and beside them the alternatives measured against
-//! them (`sha2`'s `Digest`, a keyed SipHash tag).
+//! stripping them; `unknown_key` is the rejection path; `reloadable_store` and `cache_hit` are
+//! the success path over a `ReloadableKeyStore` and a `CachedKeyStore` hit. The `auth_parts`
+//! group times the pieces of the success path one by one, and beside them the alternatives
+//! measured against them (`sha2`'s `Digest`, a keyed SipHash tag).
 //!
 //! `AUTH_COUNT=<bare|strip|keep>:<n>` runs `n` calls of one case without criterion or a
 //! runtime, for instruction counts under `valgrind --tool=cachegrind --cache-sim=no` (the run
@@ -98,7 +99,7 @@ fn bench(c: &mut Criterion) {
     let behind = service_fn(upstream::<LayerBody<Full<Bytes>>>);
     let store = store();
     let authed = ApiKeyAuthLayer::new(store.clone()).layer(behind);
-    let keep = ApiKeyAuthLayer::builder(store)
+    let keep = ApiKeyAuthLayer::builder(store.clone())
         .forwarding(CredentialForwarding::Keep)
         .build()
         .unwrap()
@@ -143,6 +144,36 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+    // The success path over the other stores a gateway puts the keys in: the reloadable store
+    // (an `ArcSwap` load per lookup) and a hit of `CachedKeyStore` (a mutex and a clock read).
+    macro_rules! success_over {
+        ($name:expr, $svc:expr) => {
+            let svc = $svc;
+            group.bench_function($name, |b| {
+                b.to_async(&rt).iter_custom(|iters| {
+                    fastest_chunk(iters, || {
+                        let mut svc = svc.clone();
+                        async move {
+                            let res = svc.ready().await.unwrap().call(request(success)).await;
+                            assert_eq!(res.unwrap().status(), 200);
+                        }
+                    })
+                })
+            });
+        };
+    }
+    #[cfg(feature = "reload")]
+    success_over!(
+        "bearer_100k_keys_reloadable_store",
+        ApiKeyAuthLayer::new(llm_layers::auth::ReloadableKeyStore::new(store.clone()))
+            .layer(behind)
+    );
+    let cached = llm_layers::auth::CachedKeyStore::new(store);
+    let cached = ApiKeyAuthLayer::new(cached).layer(behind);
+    // The first lookup fills the cache; every timed one is a hit.
+    let first = rt.block_on(cached.clone().oneshot(request(success)));
+    assert_eq!(first.unwrap().status(), 200);
+    success_over!("bearer_100k_keys_cache_hit", cached);
     group.finish();
 }
 
