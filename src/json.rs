@@ -211,6 +211,7 @@ impl<'de> Deserializer<'de> {
     }
 
     /// Skips whitespace and returns the next byte.
+    #[inline]
     fn ws(&mut self) -> Option<u8> {
         let b = self.bytes();
         while let Some(&c) = b.get(self.pos) {
@@ -223,6 +224,7 @@ impl<'de> Deserializer<'de> {
         None
     }
 
+    #[inline]
     fn expect(&mut self, byte: u8) -> Result<(), Error> {
         if self.ws() == Some(byte) {
             self.pos += 1;
@@ -243,33 +245,34 @@ impl<'de> Deserializer<'de> {
 
     /// The run of string bytes from the position to the next `"` or `\`: its length, after
     /// checking it holds no control character.
+    #[inline]
     fn run(&self) -> Result<usize, Error> {
         let rest = &self.bytes()[self.pos..];
         // Keys and short strings end within a few bytes, sooner than `memchr` starts: the
         // first sixteen bytes are looked at eight at a time in a word.
-        for i in (0..SHORT).step_by(8) {
-            let Some(chunk) = rest.get(i..i + 8) else {
-                // The end of the text is near: byte by byte.
-                return match rest[i..].iter().position(|&b| STOP[usize::from(b)]) {
-                    Some(j) if rest[i + j] >= 0x20 => Ok(i + j),
-                    _ => Err(Error),
-                };
+        let Some(head) = rest.get(..SHORT) else {
+            // The end of the text is near: byte by byte.
+            return match rest.iter().position(|&b| STOP[usize::from(b)]) {
+                Some(j) if rest[j] >= 0x20 => Ok(j),
+                _ => Err(Error),
             };
-            let word = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
-            let stop = stop_mask(word);
+        };
+        let (w0, w1) = head.split_at(8);
+        for (base, word) in [(0, w0), (8, w1)] {
+            let stop = stop_mask(u64::from_le_bytes(word.try_into().expect("eight bytes")));
             if stop != 0 {
                 // The lowest flagged byte is exact (a borrow only runs towards higher bytes).
-                let at = i + stop.trailing_zeros() as usize / 8;
-                return if rest[at] < 0x20 { Err(Error) } else { Ok(at) };
+                let at = base + stop.trailing_zeros() as usize / 8;
+                return if head[at] < 0x20 { Err(Error) } else { Ok(at) };
             }
         }
-        let tail = rest.get(SHORT..).ok_or(Error)?;
-        let n = SHORT + memchr::memchr2(b'"', b'\\', tail).ok_or(Error)?;
+        let tail = &rest[SHORT..];
+        let n = memchr::memchr2(b'"', b'\\', tail).ok_or(Error)?;
         // One pass the compiler vectorizes.
-        if rest[SHORT..n].iter().fold(u8::MAX, |low, &b| low.min(b)) < 0x20 {
+        if tail[..n].iter().fold(u8::MAX, |low, &b| low.min(b)) < 0x20 {
             return Err(Error);
         }
-        Ok(n)
+        Ok(SHORT + n)
     }
 
     /// Counts a string's characters and CJK characters as the unescaped text has them; the
@@ -354,6 +357,7 @@ impl<'de> Deserializer<'de> {
     }
 
     /// Reads a string; the position is just past its opening quote.
+    #[inline]
     fn string(&mut self) -> Result<Str<'de>, Error> {
         let start = self.pos;
         let n = self.run()?;
