@@ -347,24 +347,45 @@ impl std::fmt::Debug for RateLimitHandle {
 /// `6m0s`, `1h2m3s`. Rounded up to the millisecond.
 pub fn fmt_duration(d: Duration) -> String {
     let mut out = String::with_capacity(16);
-    let _ = write_duration(&mut out, d);
+    write_duration(&mut out, d);
     out
 }
 
-/// Writes `d` as [`fmt_duration`] does, into any writer (the layer's header values are
-/// written straight into their buffer).
-pub(crate) fn write_duration(out: &mut impl std::fmt::Write, d: Duration) -> std::fmt::Result {
+/// Where [`write_duration`] and [`write_u64`] put their ASCII bytes: a `String` for messages,
+/// the header block for the `x-ratelimit-*` values (bytes copied as they are, no UTF-8 check
+/// and no formatting machinery).
+pub(crate) trait Ascii {
+    /// Appends `bytes`, all ASCII.
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl Ascii for String {
+    fn put(&mut self, bytes: &[u8]) {
+        // ASCII bytes are their own chars.
+        self.extend(bytes.iter().map(|&b| char::from(b)));
+    }
+}
+
+impl Ascii for bytes::BytesMut {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+/// Writes `d` as [`fmt_duration`] does, into any [`Ascii`] sink (the layer's header values are
+/// written straight into their block).
+pub(crate) fn write_duration(out: &mut impl Ascii, d: Duration) {
     let ns = d.as_nanos();
     let ms = match u64::try_from(ns) {
         Ok(ns) => u128::from(ns.div_ceil(1_000_000)),
         Err(_) => ns.div_ceil(1_000_000),
     };
     if ms == 0 {
-        return out.write_str("0s");
+        return out.put(b"0s");
     }
     if ms < 1000 {
-        write_uint(out, ms)?;
-        return out.write_str("ms");
+        write_uint(out, ms);
+        return out.put(b"ms");
     }
     // In 64-bit arithmetic when it fits (a `u128` division is a call).
     let (h, rest) = match u64::try_from(ms) {
@@ -374,15 +395,15 @@ pub(crate) fn write_duration(out: &mut impl std::fmt::Write, d: Duration) -> std
     let (m, rest) = (rest / 60_000, rest % 60_000);
     let (s, frac) = (rest / 1000, rest % 1000);
     if h > 0 {
-        write_uint(out, h)?;
-        out.write_char('h')?;
-        write_u64(out, m)?;
-        out.write_char('m')?;
+        write_uint(out, h);
+        out.put(b"h");
+        write_u64(out, m);
+        out.put(b"m");
     } else if m > 0 {
-        write_u64(out, m)?;
-        out.write_char('m')?;
+        write_u64(out, m);
+        out.put(b"m");
     }
-    write_u64(out, s)?;
+    write_u64(out, s);
     if frac > 0 {
         let (mut frac, mut digits) = (frac, 3);
         while frac % 10 == 0 {
@@ -395,17 +416,17 @@ pub(crate) fn write_duration(out: &mut impl std::fmt::Write, d: Duration) -> std
             buf[i] = b'0' + (frac % 10) as u8;
             frac /= 10;
         }
-        out.write_str(std::str::from_utf8(&buf[..=digits]).unwrap_or_default())?;
+        out.put(&buf[..=digits]);
     }
-    out.write_char('s')
+    out.put(b"s");
 }
 
-/// Writes `n` in decimal, without the formatting machinery.
-pub(crate) fn write_u64(out: &mut impl std::fmt::Write, n: u64) -> std::fmt::Result {
-    write_uint(out, u128::from(n))
+/// Writes `n` in decimal.
+pub(crate) fn write_u64(out: &mut impl Ascii, n: u64) {
+    write_uint(out, u128::from(n));
 }
 
-fn write_uint(out: &mut impl std::fmt::Write, n: u128) -> std::fmt::Result {
+fn write_uint(out: &mut impl Ascii, n: u128) {
     let mut buf = [0u8; 40];
     let mut i = buf.len();
     // In 64-bit arithmetic when it fits (a `u128` division is a call).
@@ -430,7 +451,7 @@ fn write_uint(out: &mut impl std::fmt::Write, n: u128) -> std::fmt::Result {
             }
         }
     }
-    out.write_str(std::str::from_utf8(&buf[i..]).unwrap_or_default())
+    out.put(&buf[i..]);
 }
 
 #[cfg(test)]
