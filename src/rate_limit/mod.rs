@@ -357,6 +357,76 @@ pub fn fmt_duration(d: Duration) -> String {
 pub(crate) trait Ascii {
     /// Appends `bytes`, all ASCII.
     fn put(&mut self, bytes: &[u8]);
+
+    /// Appends `n` in decimal.
+    fn put_u64(&mut self, mut n: u64) {
+        let mut buf = [0u8; 20];
+        let mut i = buf.len();
+        loop {
+            i -= 1;
+            buf[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.put(&buf[i..]);
+    }
+}
+
+/// A few header values' text on the stack, written byte by byte (digits in place), then copied
+/// into the header block in one go. Text past its room is dropped (the values written are far
+/// shorter: two `u32`s and a duration).
+pub(crate) struct Text {
+    buf: [u8; Text::ROOM],
+    len: usize,
+}
+
+impl Text {
+    const ROOM: usize = 64;
+
+    pub(crate) fn new() -> Self {
+        Text {
+            buf: [0; Text::ROOM],
+            len: 0,
+        }
+    }
+
+    /// The text written so far.
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    /// Its length so far.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Ascii for Text {
+    #[inline]
+    fn put(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if let Some(slot) = self.buf.get_mut(self.len) {
+                *slot = b;
+                self.len += 1;
+            }
+        }
+    }
+
+    #[inline]
+    fn put_u64(&mut self, n: u64) {
+        let digits = n.checked_ilog10().unwrap_or(0) as usize + 1;
+        let Some(out) = self.buf.get_mut(self.len..self.len + digits) else {
+            return;
+        };
+        let mut n = n;
+        for slot in out.iter_mut().rev() {
+            *slot = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        self.len += digits;
+    }
 }
 
 impl Ascii for String {
@@ -423,32 +493,23 @@ pub(crate) fn write_duration(out: &mut impl Ascii, d: Duration) {
 
 /// Writes `n` in decimal.
 pub(crate) fn write_u64(out: &mut impl Ascii, n: u64) {
-    write_uint(out, u128::from(n));
+    out.put_u64(n);
 }
 
 fn write_uint(out: &mut impl Ascii, n: u128) {
+    // In 64-bit arithmetic when it fits (a `u128` division is a call).
+    if let Ok(n) = u64::try_from(n) {
+        return out.put_u64(n);
+    }
     let mut buf = [0u8; 40];
     let mut i = buf.len();
-    // In 64-bit arithmetic when it fits (a `u128` division is a call).
-    match u64::try_from(n) {
-        Ok(mut n) => loop {
-            i -= 1;
-            buf[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        },
-        Err(_) => {
-            let mut n = n;
-            loop {
-                i -= 1;
-                buf[i] = b'0' + (n % 10) as u8;
-                n /= 10;
-                if n == 0 {
-                    break;
-                }
-            }
+    let mut n = n;
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
         }
     }
     out.put(&buf[i..]);
