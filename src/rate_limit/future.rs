@@ -59,6 +59,8 @@ pin_project! {
     {
         #[pin]
         state: State<S, B, ResBody>,
+        // Kept beside the states, so that none of them moves it.
+        admitted: Option<Admitted>,
     }
 }
 
@@ -76,12 +78,10 @@ pin_project! {
         Readying {
             svc: Option<S>,
             req: Option<Request<LayerBody<B>>>,
-            admitted: Option<Admitted>,
         },
         Called {
             #[pin]
             fut: S::Future,
-            admitted: Option<Admitted>,
         },
         Done {
             res: Option<Box<Response<RateLimitBody<ResBody>>>>,
@@ -152,6 +152,7 @@ where
                     waited: Duration::ZERO,
                 }),
             },
+            admitted: None,
         }
     }
 
@@ -159,12 +160,56 @@ where
     /// cloned only when the request is not refused at once.
     pub(crate) fn admitting(req: Request<LayerBody<B>>, inner: &S, shared: &Arc<Shared>) -> Self {
         let mut waited = Duration::ZERO;
-        let state = match decide(shared, &mut waited, req) {
-            Next::Admitted(req, admitted) => State::Readying {
-                svc: Some(inner.clone()),
-                req: Some(req),
-                admitted: Some(admitted),
-            },
+        #[cfg(feature = "redis")]
+        let remote = shared.is_remote();
+        #[cfg(not(feature = "redis"))]
+        let remote = false;
+        if !remote {
+            // Decided in memory: an admission goes straight to readiness, without passing
+            // through the other decisions' shape.
+            match shared.admit(&RequestHead::of(&req)) {
+                Ok(admitted) => {
+                    crate::metrics::rate_limit_admitted(
+                        admitted.charge.as_ref().map(|c| c.charged()),
+                    );
+                    return ResponseFuture {
+                        state: State::Readying {
+                            svc: Some(inner.clone()),
+                            req: Some(req),
+                        },
+                        admitted: Some(admitted),
+                    };
+                }
+                Err(rejected) => return Self::refused(req, inner, shared, rejected),
+            }
+        }
+        Self::next(decide(shared, &mut waited, req), inner, shared, waited)
+    }
+
+    /// A refusal: waited for, or answered.
+    #[cold]
+    fn refused(
+        req: Request<LayerBody<B>>,
+        inner: &S,
+        shared: &Arc<Shared>,
+        rejected: Box<Rejected>,
+    ) -> Self {
+        let mut waited = Duration::ZERO;
+        let next = on_decision(shared, &mut waited, req, Err(rejected));
+        Self::next(next, inner, shared, waited)
+    }
+
+    /// The future for a decision made (or started) outside the in-memory admission.
+    fn next(next: Next<B>, inner: &S, shared: &Arc<Shared>, waited: Duration) -> Self {
+        let mut admitted = None;
+        let state = match next {
+            Next::Admitted(req, a) => {
+                admitted = Some(a);
+                State::Readying {
+                    svc: Some(inner.clone()),
+                    req: Some(req),
+                }
+            }
             Next::Refused(rejected) => done(rejected.into_response()),
             Next::Failed(res) => done(res.map(RateLimitBody::from)),
             next => State::Slow {
@@ -186,7 +231,7 @@ where
                 }),
             },
         };
-        ResponseFuture { state }
+        ResponseFuture { state, admitted }
     }
 }
 
@@ -317,18 +362,20 @@ where
         loop {
             let next = match this.state.as_mut().project() {
                 StateProj::Slow { slow } => match ready!(slow.as_mut().poll_decided(cx)) {
-                    Ok((req, admitted)) => State::Readying {
-                        svc: slow.as_mut().project().svc.take(),
-                        req: Some(req),
-                        admitted: Some(admitted),
-                    },
+                    Ok((req, admitted)) => {
+                        *this.admitted = Some(admitted);
+                        State::Readying {
+                            svc: slow.as_mut().project().svc.take(),
+                            req: Some(req),
+                        }
+                    }
                     Err(Next::Refused(rejected)) => {
                         return Poll::Ready(Ok(rejected.into_response()))
                     }
                     Err(Next::Failed(res)) => return Poll::Ready(Ok(res.map(RateLimitBody::from))),
                     Err(_) => unreachable!("a wait or the store's decision is driven by the box"),
                 },
-                StateProj::Readying { svc, req, admitted } => {
+                StateProj::Readying { svc, req } => {
                     let Some(inner) = svc.as_mut() else {
                         unreachable!("the service is kept until it is called");
                     };
@@ -338,7 +385,7 @@ where
                             // Final: the service is not polled again. The request never left,
                             // so its tokens are given back; its slot is released.
                             *svc = None;
-                            if let Some(charge) = admitted.take().and_then(|a| a.charge) {
+                            if let Some(charge) = this.admitted.take().and_then(|a| a.charge) {
                                 charge.settle(0);
                             }
                             return Poll::Ready(Err(e));
@@ -349,22 +396,21 @@ where
                             };
                             State::Called {
                                 fut: inner.call(req),
-                                admitted: admitted.take(),
                             }
                         }
                     }
                 }
-                StateProj::Called { fut, admitted } => {
+                StateProj::Called { fut } => {
                     let res = match ready!(fut.poll(cx)) {
                         Ok(res) => res,
                         Err(e) => {
                             // The layer cannot see whether the request reached the upstream:
                             // the charge stays, like a timeout's.
-                            drop(admitted.take());
+                            drop(this.admitted.take());
                             return Poll::Ready(Err(e));
                         }
                     };
-                    let Some(admitted) = admitted.take() else {
+                    let Some(admitted) = this.admitted.take() else {
                         unreachable!("the response completes once");
                     };
                     let (mut parts, body) = res.into_parts();
