@@ -443,3 +443,33 @@ where
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Body = http_body_util::Full<bytes::Bytes>;
+    type Inner = tower::util::ServiceFn<
+        fn(
+            Request<LayerBody<Body>>,
+        ) -> std::future::Ready<Result<Response<Body>, std::convert::Infallible>>,
+    >;
+
+    /// A request decided at once carries itself, its admission and the inner service, and
+    /// little more: the rarer states (the body being read, a wait's timer, the layer's state)
+    /// are boxed, not laid out in every future.
+    #[test]
+    fn the_common_future_is_its_request_and_its_admission() {
+        let future = std::mem::size_of::<ResponseFuture<Inner, Body, Body>>();
+        let parts = std::mem::size_of::<Request<LayerBody<Body>>>()
+            + std::mem::size_of::<Admitted>()
+            + std::mem::size_of::<
+                std::future::Ready<Result<Response<Body>, std::convert::Infallible>>,
+            >()
+            .saturating_sub(std::mem::size_of::<Request<LayerBody<Body>>>());
+        assert!(
+            future <= parts + 2 * std::mem::size_of::<usize>(),
+            "{future} bytes for {parts} bytes of request, admission and answer"
+        );
+    }
+}

@@ -537,4 +537,56 @@ mod tests {
             format!("{}h0m15s", u64::MAX / 3600)
         );
     }
+
+    /// The header values are written on the stack, digits in place: the same text as the
+    /// messages' `String`s, and a status's three longest values fit its room.
+    #[test]
+    fn header_text_is_the_messages_text() {
+        let numbers = [
+            0,
+            1,
+            9,
+            10,
+            99,
+            100,
+            999_999,
+            1_000_000,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ];
+        for n in numbers {
+            let mut text = Text::new();
+            write_u64(&mut text, n);
+            assert_eq!(text.as_bytes(), n.to_string().as_bytes(), "{n}");
+        }
+        let mut ns = 1u64;
+        while ns < u64::MAX / 7 {
+            for d in [ns, ns + 1, ns * 3 + 999_999] {
+                let d = Duration::from_nanos(d);
+                let mut text = Text::new();
+                write_duration(&mut text, d);
+                assert_eq!(text.as_bytes(), fmt_duration(d).as_bytes(), "{d:?}");
+            }
+            ns *= 7;
+        }
+        let mut text = Text::new();
+        write_u64(&mut text, u64::from(u32::MAX));
+        write_u64(&mut text, u64::from(u32::MAX));
+        write_duration(&mut text, Duration::from_nanos(u64::MAX));
+        assert_eq!(
+            text.as_bytes(),
+            format!(
+                "{0}{0}{1}",
+                u32::MAX,
+                fmt_duration(Duration::from_nanos(u64::MAX))
+            )
+            .as_bytes()
+        );
+        // Past its room, text is dropped, never written out of bounds.
+        let mut text = Text::new();
+        for _ in 0..10 {
+            write_u64(&mut text, u64::MAX);
+        }
+        assert!(text.len() <= Text::ROOM);
+    }
 }
