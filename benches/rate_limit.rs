@@ -640,7 +640,7 @@ mod imp {
     /// `RL_COUNT=<case>:<n>` runs `n` calls of one case and exits, nothing else: an
     /// instruction counter (`valgrind --tool=cachegrind`) run with `n` and with 0 gives the
     /// instructions per call without the setup. Cases: `bare_ip`, `ours_ip`, `theirs_ip`,
-    /// `bare_keys`, `ours_keys`, `theirs_keys`.
+    /// `bare_keys`, `ours_keys`, `theirs_keys`; `sizes` prints the two response futures' sizes.
     fn count(spec: &str) {
         let (case, n) = spec.split_once(':').expect("RL_COUNT=<case>:<n>");
         let n: u32 = n.parse().expect("a number of calls");
