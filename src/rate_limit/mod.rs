@@ -46,6 +46,11 @@
 //!   `ConcurrencyLimit` or `Buffer` inside the layer.
 //! * **A `poll_ready` error is final**: it is returned as the call's error, the clone is not
 //!   polled again, and the request's tokens are given back (it was never sent).
+//! * **The common case is laid out flat.** A request decided at once, in memory, is carried by
+//!   its future as itself, its admission and the inner service's clone; no `Arc` of the layer
+//!   is taken for it. The rarer states (the body being read, a wait, a shared store's
+//!   decision) live behind one box together with the layer's state they need: one allocation
+//!   more on paths that already buffer a body, sleep or ask Redis.
 //!
 //! # Which limits a response reports
 //!
