@@ -126,6 +126,9 @@ pin_project! {
     }
 }
 
+/// An admitted request, with what it carries until its response body ends.
+type Decided<B> = (Request<LayerBody<B>>, Admitted);
+
 /// What a decision leads to.
 enum Next<B> {
     Admitted(Request<LayerBody<B>>, Admitted),
@@ -294,7 +297,7 @@ where
     fn poll_decided(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<(Request<LayerBody<B>>, Admitted), Next<B>>> {
+    ) -> Poll<Result<Decided<B>, Next<B>>> {
         let mut this = self.project();
         loop {
             let next = match this.step.as_mut().project() {
