@@ -156,17 +156,28 @@ mod imp {
     /// Keyed by API key, 100 requests a second each (burst 1 000 000): a key's bucket is not
     /// full again between two of its requests, so every request finds its key known.
     fn ours_by_key() -> RateLimitLayer {
+        ours_by_key_every(Duration::from_millis(10))
+    }
+
+    /// Keyed by API key, one cell each `period` (burst 1 000 000).
+    fn ours_by_key_every(period: Duration) -> RateLimitLayer {
         RateLimitLayer::builder()
             .key_by(BucketKey::api_key())
-            .limits(Limits::new().requests(Quota::per_second(100).burst(1_000_000)))
+            .limits(Limits::new().requests(Quota::new(1, period).burst(1_000_000)))
             .build()
             .unwrap()
     }
 
     fn theirs_by_key(
     ) -> GovernorLayer<ApiKeyId, governor::middleware::StateInformationMiddleware, Body> {
+        theirs_by_key_every(Duration::from_millis(10))
+    }
+
+    fn theirs_by_key_every(
+        period: Duration,
+    ) -> GovernorLayer<ApiKeyId, governor::middleware::StateInformationMiddleware, Body> {
         let config = GovernorConfigBuilder::default()
-            .per_millisecond(10)
+            .period(period)
             .burst_size(1_000_000)
             .key_extractor(ApiKeyId)
             .use_headers()
@@ -626,7 +637,69 @@ mod imp {
 
     criterion_group!(benches, keyed, keyed_known, contention, metering);
 
+    /// `RL_COUNT=<case>:<n>` runs `n` calls of one case and exits, nothing else: an
+    /// instruction counter (`valgrind --tool=cachegrind`) run with `n` and with 0 gives the
+    /// instructions per call without the setup. Cases: `bare_ip`, `ours_ip`, `theirs_ip`,
+    /// `bare_keys`, `ours_keys`, `theirs_keys`; `sizes` prints the two response futures' sizes.
+    fn count(spec: &str) {
+        let (case, n) = spec.split_once(':').expect("RL_COUNT=<case>:<n>");
+        let n: u32 = n.parse().expect("a number of calls");
+        let ids = identities();
+        let ip = |i: u32| request(i % KEYS);
+        let key = |i: u32| key_request(&ids[i as usize % ids.len()]);
+        // The keys are known before the counted calls, as in the criterion groups.
+        let warm = |f: &mut dyn FnMut(u32)| {
+            for i in 0..KEYS {
+                f(i);
+            }
+        };
+        macro_rules! run {
+            ($svc:expr, $call:ident, $req:expr) => {{
+                let mut svc = $svc;
+                warm(&mut |i| $call(&mut svc, $req(i)));
+                for i in 0..n {
+                    $call(&mut svc, $req(i));
+                }
+            }};
+        }
+        match case {
+            "bare_ip" => run!(bare(), call, ip),
+            "ours_ip" => run!(ours().layer(bare_inner()), call_ours, ip),
+            "theirs_ip" => run!(theirs().layer(bare()), call, ip),
+            "bare_keys" => run!(bare(), call, key),
+            // One cell a minute: no key's bucket is full again during the run, however slow
+            // the instrumented run is.
+            "ours_keys" => run!(
+                ours_by_key_every(Duration::from_secs(60)).layer(bare_inner()),
+                call_ours,
+                key
+            ),
+            "theirs_keys" => run!(
+                theirs_by_key_every(Duration::from_secs(60)).layer(bare()),
+                call,
+                key
+            ),
+            "sizes" => {
+                let mut svc = ours_by_key().layer(bare_inner());
+                let fut = svc.call(key(0));
+                println!("ours future {} bytes", std::mem::size_of_val(&fut));
+                let mut svc = theirs_by_key().layer(bare());
+                let fut = svc.call(key(0));
+                println!("theirs future {} bytes", std::mem::size_of_val(&fut));
+                println!(
+                    "request {} bytes",
+                    std::mem::size_of::<Request<LayerBody<Body>>>()
+                );
+            }
+            other => panic!("unknown case {other}"),
+        }
+    }
+
     pub fn main() {
+        if let Some(spec) = std::env::var_os("RL_COUNT") {
+            count(spec.to_str().expect("RL_COUNT is text"));
+            return;
+        }
         if std::env::var_os("SKIP_MEMORY").is_none() {
             memory();
         }

@@ -46,6 +46,11 @@
 //!   `ConcurrencyLimit` or `Buffer` inside the layer.
 //! * **A `poll_ready` error is final**: it is returned as the call's error, the clone is not
 //!   polled again, and the request's tokens are given back (it was never sent).
+//! * **The common case is laid out flat.** A request decided at once, in memory, is carried by
+//!   its future as itself, its admission and the inner service's clone; no `Arc` of the layer
+//!   is taken for it. The rarer states (the body being read, a wait, a shared store's
+//!   decision) live behind one box together with the layer's state they need: one allocation
+//!   more on paths that already buffer a body, sleep or ask Redis.
 //!
 //! # Which limits a response reports
 //!
@@ -347,24 +352,115 @@ impl std::fmt::Debug for RateLimitHandle {
 /// `6m0s`, `1h2m3s`. Rounded up to the millisecond.
 pub fn fmt_duration(d: Duration) -> String {
     let mut out = String::with_capacity(16);
-    let _ = write_duration(&mut out, d);
+    write_duration(&mut out, d);
     out
 }
 
-/// Writes `d` as [`fmt_duration`] does, into any writer (the layer's header values are
-/// written straight into their buffer).
-pub(crate) fn write_duration(out: &mut impl std::fmt::Write, d: Duration) -> std::fmt::Result {
+/// Where [`write_duration`] and [`write_u64`] put their ASCII bytes: a `String` for messages,
+/// the header block for the `x-ratelimit-*` values (bytes copied as they are, no UTF-8 check
+/// and no formatting machinery).
+pub(crate) trait Ascii {
+    /// Appends `bytes`, all ASCII.
+    fn put(&mut self, bytes: &[u8]);
+
+    /// Appends `n` in decimal.
+    fn put_u64(&mut self, mut n: u64) {
+        let mut buf = [0u8; 20];
+        let mut i = buf.len();
+        loop {
+            i -= 1;
+            buf[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.put(&buf[i..]);
+    }
+}
+
+/// A few header values' text on the stack, written byte by byte (digits in place), then copied
+/// into the header block in one go. Text past its room is dropped (the values written are far
+/// shorter: two `u32`s and a duration).
+pub(crate) struct Text {
+    buf: [u8; Text::ROOM],
+    len: usize,
+}
+
+impl Text {
+    const ROOM: usize = 64;
+
+    pub(crate) fn new() -> Self {
+        Text {
+            buf: [0; Text::ROOM],
+            len: 0,
+        }
+    }
+
+    /// The text written so far.
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    /// Its length so far.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Ascii for Text {
+    #[inline]
+    fn put(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if let Some(slot) = self.buf.get_mut(self.len) {
+                *slot = b;
+                self.len += 1;
+            }
+        }
+    }
+
+    #[inline]
+    fn put_u64(&mut self, n: u64) {
+        let digits = n.checked_ilog10().unwrap_or(0) as usize + 1;
+        let Some(out) = self.buf.get_mut(self.len..self.len + digits) else {
+            return;
+        };
+        let mut n = n;
+        for slot in out.iter_mut().rev() {
+            *slot = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        self.len += digits;
+    }
+}
+
+impl Ascii for String {
+    fn put(&mut self, bytes: &[u8]) {
+        // ASCII bytes are their own chars.
+        self.extend(bytes.iter().map(|&b| char::from(b)));
+    }
+}
+
+impl Ascii for bytes::BytesMut {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+/// Writes `d` as [`fmt_duration`] does, into any [`Ascii`] sink (the layer's header values are
+/// written straight into their block).
+pub(crate) fn write_duration(out: &mut impl Ascii, d: Duration) {
     let ns = d.as_nanos();
     let ms = match u64::try_from(ns) {
         Ok(ns) => u128::from(ns.div_ceil(1_000_000)),
         Err(_) => ns.div_ceil(1_000_000),
     };
     if ms == 0 {
-        return out.write_str("0s");
+        return out.put(b"0s");
     }
     if ms < 1000 {
-        write_uint(out, ms)?;
-        return out.write_str("ms");
+        write_uint(out, ms);
+        return out.put(b"ms");
     }
     // In 64-bit arithmetic when it fits (a `u128` division is a call).
     let (h, rest) = match u64::try_from(ms) {
@@ -374,15 +470,15 @@ pub(crate) fn write_duration(out: &mut impl std::fmt::Write, d: Duration) -> std
     let (m, rest) = (rest / 60_000, rest % 60_000);
     let (s, frac) = (rest / 1000, rest % 1000);
     if h > 0 {
-        write_uint(out, h)?;
-        out.write_char('h')?;
-        write_u64(out, m)?;
-        out.write_char('m')?;
+        write_uint(out, h);
+        out.put(b"h");
+        write_u64(out, m);
+        out.put(b"m");
     } else if m > 0 {
-        write_u64(out, m)?;
-        out.write_char('m')?;
+        write_u64(out, m);
+        out.put(b"m");
     }
-    write_u64(out, s)?;
+    write_u64(out, s);
     if frac > 0 {
         let (mut frac, mut digits) = (frac, 3);
         while frac % 10 == 0 {
@@ -395,42 +491,33 @@ pub(crate) fn write_duration(out: &mut impl std::fmt::Write, d: Duration) -> std
             buf[i] = b'0' + (frac % 10) as u8;
             frac /= 10;
         }
-        out.write_str(std::str::from_utf8(&buf[..=digits]).unwrap_or_default())?;
+        out.put(&buf[..=digits]);
     }
-    out.write_char('s')
+    out.put(b"s");
 }
 
-/// Writes `n` in decimal, without the formatting machinery.
-pub(crate) fn write_u64(out: &mut impl std::fmt::Write, n: u64) -> std::fmt::Result {
-    write_uint(out, u128::from(n))
+/// Writes `n` in decimal.
+pub(crate) fn write_u64(out: &mut impl Ascii, n: u64) {
+    out.put_u64(n);
 }
 
-fn write_uint(out: &mut impl std::fmt::Write, n: u128) -> std::fmt::Result {
+fn write_uint(out: &mut impl Ascii, n: u128) {
+    // In 64-bit arithmetic when it fits (a `u128` division is a call).
+    if let Ok(n) = u64::try_from(n) {
+        return out.put_u64(n);
+    }
     let mut buf = [0u8; 40];
     let mut i = buf.len();
-    // In 64-bit arithmetic when it fits (a `u128` division is a call).
-    match u64::try_from(n) {
-        Ok(mut n) => loop {
-            i -= 1;
-            buf[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        },
-        Err(_) => {
-            let mut n = n;
-            loop {
-                i -= 1;
-                buf[i] = b'0' + (n % 10) as u8;
-                n /= 10;
-                if n == 0 {
-                    break;
-                }
-            }
+    let mut n = n;
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
         }
     }
-    out.write_str(std::str::from_utf8(&buf[i..]).unwrap_or_default())
+    out.put(&buf[i..]);
 }
 
 #[cfg(test)]
@@ -454,5 +541,57 @@ mod tests {
             fmt_duration(Duration::from_secs(u64::MAX)),
             format!("{}h0m15s", u64::MAX / 3600)
         );
+    }
+
+    /// The header values are written on the stack, digits in place: the same text as the
+    /// messages' `String`s, and a status's three longest values fit its room.
+    #[test]
+    fn header_text_is_the_messages_text() {
+        let numbers = [
+            0,
+            1,
+            9,
+            10,
+            99,
+            100,
+            999_999,
+            1_000_000,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ];
+        for n in numbers {
+            let mut text = Text::new();
+            write_u64(&mut text, n);
+            assert_eq!(text.as_bytes(), n.to_string().as_bytes(), "{n}");
+        }
+        let mut ns = 1u64;
+        while ns < u64::MAX / 7 {
+            for d in [ns, ns + 1, ns * 3 + 999_999] {
+                let d = Duration::from_nanos(d);
+                let mut text = Text::new();
+                write_duration(&mut text, d);
+                assert_eq!(text.as_bytes(), fmt_duration(d).as_bytes(), "{d:?}");
+            }
+            ns *= 7;
+        }
+        let mut text = Text::new();
+        write_u64(&mut text, u64::from(u32::MAX));
+        write_u64(&mut text, u64::from(u32::MAX));
+        write_duration(&mut text, Duration::from_nanos(u64::MAX));
+        assert_eq!(
+            text.as_bytes(),
+            format!(
+                "{0}{0}{1}",
+                u32::MAX,
+                fmt_duration(Duration::from_nanos(u64::MAX))
+            )
+            .as_bytes()
+        );
+        // Past its room, text is dropped, never written out of bounds.
+        let mut text = Text::new();
+        for _ in 0..10 {
+            write_u64(&mut text, u64::MAX);
+        }
+        assert!(text.len() <= Text::ROOM);
     }
 }

@@ -67,7 +67,8 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         crate::metrics::request(crate::metrics::layer::RATE_LIMIT);
-        let shared = self.shared.clone();
+        // Borrowed: the future takes its own reference only for the rare states.
+        let shared = &self.shared;
         if shared.needs_view(req.extensions()) && may_be_json(req.headers()) {
             // Read the body to estimate tokens (or to key by model) before anything else.
             let view = EnsureView::new(req, shared.body_limit, shared.estimator.clone());

@@ -114,21 +114,27 @@ impl RateHeaders {
     }
 }
 
+/// The three values of one bucket's status, written on the stack and copied into the thread's
+/// block at once, then cut from it.
 fn write_status(
     headers: &mut HeaderMap,
     buf: &mut bytes::BytesMut,
     s: &Status,
     [limit, remaining, reset]: [HeaderName; 3],
 ) {
-    headers.insert(
-        limit,
-        header_value(buf, |b| write_u64(b, u64::from(s.limit))),
-    );
-    headers.insert(
-        remaining,
-        header_value(buf, |b| write_u64(b, u64::from(s.remaining))),
-    );
-    headers.insert(reset, header_value(buf, |b| write_duration(b, s.reset())));
+    let mut text = super::Text::new();
+    write_u64(&mut text, u64::from(s.limit));
+    let a = text.len();
+    write_u64(&mut text, u64::from(s.remaining));
+    let b = text.len() - a;
+    write_duration(&mut text, s.reset());
+    buf.extend_from_slice(text.as_bytes());
+    let mut all = buf.split();
+    let limit_value = header_value(all.split_to(a));
+    let remaining_value = header_value(all.split_to(b));
+    headers.insert(limit, limit_value);
+    headers.insert(remaining, remaining_value);
+    headers.insert(reset, header_value(all));
 }
 
 /// The bytes of a thread's header values are cut from one block of this size. Before an
@@ -147,19 +153,12 @@ thread_local! {
         std::cell::RefCell::new(bytes::BytesMut::new());
 }
 
-/// A header value written by `write` into the thread's block and cut from it: no allocation
-/// of its own (the value shares the block, and gives its share back when dropped).
-fn header_value(
-    buf: &mut bytes::BytesMut,
-    write: impl FnOnce(&mut bytes::BytesMut) -> std::fmt::Result,
-) -> http::HeaderValue {
+/// A header value cut from the thread's block: no allocation of its own (the value shares the
+/// block, and gives its share back when dropped).
+fn header_value(bytes: bytes::BytesMut) -> http::HeaderValue {
     use http::HeaderValue;
-    if write(buf).is_err() {
-        buf.clear();
-        return HeaderValue::from_static("0");
-    }
     // Digits, letters and a dot: always a valid value.
-    HeaderValue::from_maybe_shared(buf.split().freeze()).unwrap_or(HeaderValue::from_static("0"))
+    HeaderValue::from_maybe_shared(bytes.freeze()).unwrap_or(HeaderValue::from_static("0"))
 }
 
 /// Releases the request's concurrency slots when dropped.
@@ -418,35 +417,33 @@ impl Shared {
     }
 
     /// Whether this request may be charged tokens or keyed by model, so its body must be read.
+    /// A view already in the extensions is looked for last: most requests fall under no token
+    /// quota, and are told so from the key's identity alone.
     pub(crate) fn needs_view(&self, ext: &http::Extensions) -> bool {
         if matches!(self.key_kind, KeyKind::Model) {
             return true;
         }
-        if !self.any_tokens || ext.get::<RequestView>().is_some() {
+        if !self.any_tokens {
             return false;
         }
-        if self.global.tokens.is_some() {
-            return true;
-        }
-        let ident = ext.get::<KeyIdentity>();
-        if self.key_limits && ident.is_some_and(|i| i.limits().tpm().is_some_and(|n| n > 0)) {
-            return true;
-        }
-        self.tier_tokens
-            && ident
-                .and_then(KeyIdentity::tier)
-                .and_then(|t| self.tiers.get(t))
-                .unwrap_or(&self.defaults)
-                .tokens
-                .is_some()
+        let may_charge = self.global.tokens.is_some() || {
+            let ident = ext.get::<KeyIdentity>();
+            (self.key_limits && ident.is_some_and(|i| i.limits().tpm().is_some_and(|n| n > 0)))
+                || (self.tier_tokens
+                    && ident
+                        .and_then(KeyIdentity::tier)
+                        .and_then(|t| self.tiers.get(t))
+                        .unwrap_or(&self.defaults)
+                        .tokens
+                        .is_some())
+        };
+        may_charge && ext.get::<RequestView>().is_none()
     }
 
-    pub(super) fn key(&self, src: &RequestHead<'_>) -> RateKey {
+    /// The request's key, its identity (if any) already looked up.
+    pub(super) fn key_for(&self, src: &RequestHead<'_>, ident: Option<&KeyIdentity>) -> RateKey {
         let key = match &self.key_kind {
-            KeyKind::ApiKey => src
-                .extensions()
-                .get::<KeyIdentity>()
-                .map(|k| self.shared_key(k.id_arc())),
+            KeyKind::ApiKey => ident.map(|k| self.shared_key(k.id_arc())),
             KeyKind::Header(name) => src
                 .headers()
                 .get(name)
@@ -532,8 +529,8 @@ impl Shared {
         src: &RequestHead<'_>,
     ) -> Result<Admitted, Box<Rejected>> {
         self.maybe_sweep();
-        let key = self.key(src);
         let ident = src.extensions().get::<KeyIdentity>();
+        let key = self.key_for(src, ident);
         let plan = self.plan(ident);
         let headers = |plan: &Plan<'_>, key: &RateKey| RateHeaders {
             requests: plan.requests.as_ref().map(|b| b.status(key)).or_else(|| {
@@ -586,8 +583,12 @@ impl Shared {
         }
 
         // Tokens.
-        let view = RequestView::from_extensions(src.extensions());
         let token_quota = plan.tokens.is_some() || self.global.tokens.is_some();
+        let view = if token_quota {
+            RequestView::from_extensions(src.extensions())
+        } else {
+            None
+        };
         let cost = if token_quota {
             view.map_or(0, RequestView::token_cost)
         } else {

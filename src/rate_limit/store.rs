@@ -27,7 +27,7 @@ use super::Quota;
 
 /// What a bucket is keyed by. Cheap to clone: addresses and digests are inline, strings are
 /// shared.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum RateKey {
     /// A client address (an IPv6 one cut to its prefix).
     Ip(IpAddr),
@@ -41,6 +41,22 @@ pub(crate) enum RateKey {
     Anonymous,
     /// The single key of the global quota.
     Global,
+}
+
+/// One `write` into the hasher per key (a derived `Hash` writes the variant, then the string,
+/// then a terminator: three rounds of the keyed hash's buffering). Keys of different variants
+/// may hash alike; they still compare unequal, and one layer keys by one kind.
+impl std::hash::Hash for RateKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        match self {
+            RateKey::Ip(IpAddr::V4(a)) => state.write(&a.octets()),
+            RateKey::Ip(IpAddr::V6(a)) => state.write(&a.octets()),
+            RateKey::Str(s) => state.write(s.as_bytes()),
+            RateKey::Digest(d) => state.write(&d[..]),
+            RateKey::Anonymous => state.write_u8(0),
+            RateKey::Global => state.write_u8(1),
+        }
+    }
 }
 
 // A key is as small as before long keys were hashed: each tracked entry's size depends on it.

@@ -567,8 +567,8 @@ pub(crate) async fn admit(
         return shared.admit(src);
     };
     let inner = &remote.inner;
-    let key = shared.key(src);
     let ident = src.extensions().get::<crate::ext::KeyIdentity>();
+    let key = shared.key_for(src, ident);
     let plan = shared.plan(ident);
     let g = &shared.global;
     let key_req = plan.requests.as_ref().map(|b| b.quota());
