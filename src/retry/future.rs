@@ -16,7 +16,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
-use crate::body::{announced_length, check_limit, BoxError, BufferError, BufferRequest, LayerBody};
+use crate::body::{announced_length, check_limit, BoxError, BufferBody, BufferError, LayerBody};
 use crate::classify::classify_head;
 use crate::error::{ApiError, ErrorCode, X_SHOULD_RETRY};
 use crate::ext::{Attempts, RefusedLocally};
@@ -43,11 +43,13 @@ fn later(now: Instant, d: Duration) -> Instant {
 pin_project! {
     #[project = StateProj]
     enum State<F, B> {
-        // Reading the request body so it can be replayed; the inner service is not polled yet.
-        Buffering { #[pin] buf: BufferRequest<B> },
-        // Waiting for the inner service to be ready for the next attempt. `once` is the
-        // request sent once, unbuffered; without it the buffered request is replayed.
-        Ready { once: Option<Request<LayerBody<B>>> },
+        // Reading the request body so it can be replayed (the head waits in `parts`); the
+        // inner service is not polled yet.
+        Buffering { #[pin] buf: BufferBody<B> },
+        // Waiting for the inner service to be ready for the next attempt. `once` is the body
+        // of the request sent once, unbuffered (its head in `parts`); without it the buffered
+        // request is replayed.
+        Ready { once: Option<B> },
         // An attempt is in flight.
         Calling { #[pin] fut: F },
         // Waiting out the backoff (the timer holds the wait).
@@ -76,8 +78,10 @@ pin_project! {
         timer_armed: bool,
         service: S,
         shared: Arc<Shared>,
-        // The head to replay; `None` when the request is not replayable.
+        // The head to replay, or the head of the request sent once until it is sent.
         parts: Option<Parts>,
+        // The request is sent once, unbuffered: never replayed.
+        once: bool,
         bytes: Bytes,
         attempt: u32,
         deadline: Option<Instant>,
@@ -123,11 +127,12 @@ where
         if let Some(d) = deadline {
             req.extensions_mut().insert(crate::ext::Deadline(d));
         }
-        let once = |req: Request<B>| State::Ready {
-            once: Some(req.map(LayerBody::new)),
+        let once = |req: Request<B>| {
+            let (parts, body) = req.into_parts();
+            (State::Ready { once: Some(body) }, Some(parts), true)
         };
         if shared.max_attempts == 1 {
-            return Self::with(once(req), None, service, shared, deadline, None);
+            return Self::with(once(req), service, shared, deadline, None);
         }
         if shared.idempotency_keys
             && !idempotent(req.method())
@@ -138,7 +143,7 @@ where
         if !shared.replayable(&req) {
             // Sent once, untouched and unbuffered: a second copy could do the work twice.
             let stop = Some(RetryStop::NotIdempotent);
-            return Self::with(once(req), None, service, shared, deadline, stop);
+            return Self::with(once(req), service, shared, deadline, stop);
         }
         let limit = shared.body_limit;
         if check_limit(req.headers(), req.body(), limit).is_err() {
@@ -149,23 +154,23 @@ where
                 "request body over the replay limit: sent once, without retries"
             );
             let stop = Some(RetryStop::BodyTooLarge);
-            return Self::with(once(req), None, service, shared, deadline, stop);
+            return Self::with(once(req), service, shared, deadline, stop);
         }
-        if req.body().size_hint().exact() == Some(0) {
+        let (parts, body) = req.into_parts();
+        let state = if body.size_hint().exact() == Some(0) {
             // Nothing to read: replayed with an empty body.
-            let (parts, _) = req.into_parts();
-            let state = State::Ready { once: None };
-            return Self::with(state, Some(parts), service, shared, deadline, None);
-        }
-        let state = State::Buffering {
-            buf: BufferRequest::new(req, limit),
+            State::Ready { once: None }
+        } else {
+            // The limit was checked above, announced length and size hint alike.
+            State::Buffering {
+                buf: BufferBody::new(body, limit),
+            }
         };
-        Self::with(state, None, service, shared, deadline, None)
+        Self::with((state, Some(parts), false), service, shared, deadline, None)
     }
 
     fn with(
-        state: State<S::Future, B>,
-        parts: Option<Parts>,
+        (state, parts, once): (State<S::Future, B>, Option<Parts>, bool),
         service: S,
         shared: Arc<Shared>,
         deadline: Option<Instant>,
@@ -178,6 +183,7 @@ where
             service,
             shared,
             parts,
+            once,
             bytes: Bytes::new(),
             attempt: 0,
             deadline,
@@ -203,13 +209,12 @@ where
             let mut this = self.as_mut().project();
             let ended = match this.state.as_mut().project() {
                 StateProj::Buffering { buf } => match ready!(buf.poll(cx)) {
-                    Ok((parts, bytes)) => {
-                        *this.parts = Some(parts);
+                    Ok(bytes) => {
                         *this.bytes = bytes;
                         this.state.set(State::Ready { once: None });
                         continue;
                     }
-                    Err((_, e)) => {
+                    Err(e) => {
                         // A body that grew past the limit is partly consumed and cannot be
                         // handed on: the honest answer is 413 (400 for a broken body).
                         if let BufferError::TooLarge { limit } = e {
@@ -250,7 +255,10 @@ where
                     }
                     Poll::Ready(Ok(())) => {
                         let req = match once.take() {
-                            Some(req) => req,
+                            Some(body) => {
+                                let parts = this.parts.take().expect("the head to send once");
+                                Request::from_parts(parts, LayerBody::new(body))
+                            }
                             None => replay(this.parts.as_ref(), this.bytes),
                         };
                         *this.attempt += 1;
@@ -439,7 +447,7 @@ where
         if !shared.wants_retry(err, kind, said) {
             return Err(RetryStop::NotRetryable);
         }
-        if self.parts.is_none() {
+        if *self.once {
             return Err(self.skipped.unwrap_or(RetryStop::AttemptsExhausted));
         }
         let attempt = *self.attempt;
