@@ -46,7 +46,7 @@ fn bare<B: 'static>(
 }
 
 /// `BENCH_ONE_CASE=<index>:<calls>`: run only that case of the interleaved group, that many
-/// calls, and exit. Under `valgrind --tool=cachegrind`, a run with `<calls>` minus a run with 0
+/// calls (in the group's batches), and exit. Under `valgrind --tool=cachegrind`, a run with `<calls>` minus a run with 0
 /// gives the case's instructions per call, a figure the machine's load does not move.
 fn one_case() -> Option<(usize, usize)> {
     let v = std::env::var("BENCH_ONE_CASE").ok()?;
@@ -65,8 +65,15 @@ fn interleaved(
     cases: &mut [(&str, &mut dyn FnMut(usize) -> Duration)],
 ) {
     if let Some((case, calls)) = one_case() {
-        // Counting mode: one case, `calls` calls, then exit (for instruction counts).
-        let took = (cases[case].1)(calls);
+        // Counting mode: one case, `calls` calls in batches as the timing makes them, then
+        // exit (for instruction counts and profiles).
+        let mut took = Duration::ZERO;
+        let mut left = calls;
+        while left > 0 {
+            let n = left.min(batch);
+            took += (cases[case].1)(n);
+            left -= n;
+        }
         println!("{}: {calls} calls in {took:?}", cases[case].0);
         std::process::exit(0);
     }
