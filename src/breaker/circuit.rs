@@ -562,6 +562,25 @@ impl Circuit {
         }
     }
 
+    /// [`Circuit::admit`] for a caller that holds its own `Arc` of the circuit: a closed
+    /// circuit's permit takes it (no second reference counted per call); a refusal gives it
+    /// back.
+    pub(crate) fn admit_owned(self: Arc<Self>) -> Result<Permit, (Arc<Self>, Refusal)> {
+        if self.effective_mode() == CircuitMode::Auto {
+            let w = self.word.load(Ordering::Acquire);
+            if state_of(w) == CLOSED {
+                return Ok(Permit {
+                    epoch: epoch_of(w),
+                    kind: Kind::Normal,
+                    start: self.start(),
+                    head: None,
+                    circuit: Some(self),
+                });
+            }
+        }
+        self.admit().map_err(|refusal| (self, refusal))
+    }
+
     /// Decides whether a call may pass.
     pub(crate) fn admit(self: &Arc<Self>) -> Result<Permit, Refusal> {
         match self.effective_mode() {
@@ -862,15 +881,13 @@ impl Circuit {
             Some((d, _)) => head.unwrap_or(now).saturating_sub(start) > nanos(d),
             None => false,
         };
-        self.counters.calls.fetch_add(1, Ordering::Relaxed);
-        if failure {
-            self.counters.failures.fetch_add(1, Ordering::Relaxed);
-        }
-        if slow {
-            self.counters.slow.fetch_add(1, Ordering::Relaxed);
-        }
         let ev = {
             let mut inner = self.lock();
+            // These three counters are written only here, under the lock: a plain load and
+            // store each, no atomic read-modify-write (readers load them without the lock).
+            bump(&self.counters.calls, true);
+            bump(&self.counters.failures, failure);
+            bump(&self.counters.slow, slow);
             let w = self.word.load(Ordering::Acquire);
             match kind {
                 Kind::Spent => None,
@@ -912,5 +929,12 @@ impl Circuit {
         if let Some(ev) = ev {
             emit(&cfg.on_event, ev);
         }
+    }
+}
+
+/// Adds one to a counter whose only writer holds the circuit's lock, when `yes`.
+fn bump(counter: &AtomicU64, yes: bool) {
+    if yes {
+        counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
     }
 }

@@ -729,7 +729,7 @@ where
     ) -> Self {
         // The admitted call first, built in place: the request is moved once, into its
         // state (the future is the size of the request and a timer; each move is a copy).
-        let refusal = match circuit.admit() {
+        let (circuit, refusal) = match circuit.admit_owned() {
             Ok(permit) => {
                 let (timer, probe) = sleep(permit.timer());
                 return ResponseFuture {
@@ -746,7 +746,7 @@ where
                     replay: None,
                 };
             }
-            Err(refusal) => refusal,
+            Err(refused) => refused,
         };
         let labels = crate::metrics::RequestLabels::capture(req.extensions());
         match refused(shared, circuit, refusal, req) {
