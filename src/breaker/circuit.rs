@@ -277,7 +277,8 @@ impl Permit {
     /// waits for [`Permit::stream_end`] (or the drop of its body).
     pub(crate) fn head_arrived(&mut self) {
         if let Some(c) = &self.circuit {
-            self.head = Some(if c.common.needs_start {
+            // The head's time serves only the slow-call rule.
+            self.head = Some(if c.common.config.slow_call.is_some() {
                 c.common.now()
             } else {
                 0
@@ -828,7 +829,10 @@ impl Circuit {
             return;
         }
         let cfg = &self.common.config;
-        let needs_now = self.common.needs_start || matches!(cfg.window, WindowKind::Time(..));
+        // The clock is read for a time window, or for the slow-call rule when no head time was
+        // taken; a count window with the head's time (or without the rule) needs none.
+        let needs_now = matches!(cfg.window, WindowKind::Time(..))
+            || (cfg.slow_call.is_some() && head.is_none());
         let (failure, probe_reason) = match end {
             End::Answered(Verdict::Ignored) => {
                 self.counters.ignored.fetch_add(1, Ordering::Relaxed);
