@@ -43,13 +43,12 @@ fn later(now: Instant, d: Duration) -> Instant {
 pin_project! {
     #[project = StateProj]
     enum State<F, B> {
-        // Reading the request body so it can be replayed (the head waits in `parts`); the
+        // Reading the request body so it can be replayed (the head waits in `head`); the
         // inner service is not polled yet.
         Buffering { #[pin] buf: BufferBody<B> },
-        // Waiting for the inner service to be ready for the next attempt. `once` is the body
-        // of the request sent once, unbuffered (its head in `parts`); without it the buffered
-        // request is replayed.
-        Ready { once: Option<B> },
+        // Waiting for the inner service to be ready for the next attempt: the request sent
+        // once, or a replay of the buffered one (see `head`).
+        Ready,
         // An attempt is in flight.
         Calling { #[pin] fut: F },
         // Waiting out the backoff (the timer holds the wait).
@@ -78,10 +77,8 @@ pin_project! {
         timer_armed: bool,
         service: S,
         shared: Arc<Shared>,
-        // The head to replay, or the head of the request sent once until it is sent.
-        parts: Option<Parts>,
-        // The request is sent once, unbuffered: never replayed.
-        once: bool,
+        // The head to replay, or the request sent once until it is sent.
+        head: Head<B>,
         bytes: Bytes,
         attempt: u32,
         deadline: Option<Instant>,
@@ -91,6 +88,16 @@ pin_project! {
         // For the layer's own rejections: the request's key id and route.
         labels: crate::metrics::RequestLabels,
     }
+}
+
+/// What the future keeps of the request.
+enum Head<B> {
+    /// The head of a replayable request, its body in `bytes`.
+    Replay(Parts),
+    /// The request sent once, unbuffered, until it is sent.
+    Once(Request<LayerBody<B>>),
+    /// The request sent once is on its way: nothing to replay.
+    Sent,
 }
 
 /// How an attempt ended.
@@ -127,10 +134,7 @@ where
         if let Some(d) = deadline {
             req.extensions_mut().insert(crate::ext::Deadline(d));
         }
-        let once = |req: Request<B>| {
-            let (parts, body) = req.into_parts();
-            (State::Ready { once: Some(body) }, Some(parts), true)
-        };
+        let once = |req: Request<B>| (State::Ready, Head::Once(req.map(LayerBody::new)));
         if shared.max_attempts == 1 {
             return Self::with(once(req), service, shared, deadline, None);
         }
@@ -159,18 +163,24 @@ where
         let (parts, body) = req.into_parts();
         let state = if body.size_hint().exact() == Some(0) {
             // Nothing to read: replayed with an empty body.
-            State::Ready { once: None }
+            State::Ready
         } else {
             // The limit was checked above, announced length and size hint alike.
             State::Buffering {
                 buf: BufferBody::new(body, limit),
             }
         };
-        Self::with((state, Some(parts), false), service, shared, deadline, None)
+        Self::with(
+            (state, Head::Replay(parts)),
+            service,
+            shared,
+            deadline,
+            None,
+        )
     }
 
     fn with(
-        (state, parts, once): (State<S::Future, B>, Option<Parts>, bool),
+        (state, head): (State<S::Future, B>, Head<B>),
         service: S,
         shared: Arc<Shared>,
         deadline: Option<Instant>,
@@ -182,8 +192,7 @@ where
             timer_armed: false,
             service,
             shared,
-            parts,
-            once,
+            head,
             bytes: Bytes::new(),
             attempt: 0,
             deadline,
@@ -211,7 +220,7 @@ where
                 StateProj::Buffering { buf } => match ready!(buf.poll(cx)) {
                     Ok(bytes) => {
                         *this.bytes = bytes;
-                        this.state.set(State::Ready { once: None });
+                        this.state.set(State::Ready);
                         continue;
                     }
                     Err(e) => {
@@ -231,7 +240,7 @@ where
                         return Poll::Ready(Ok(local_rejection(&err, this.shared)));
                     }
                 },
-                StateProj::Ready { once } => match this.service.poll_ready(cx) {
+                StateProj::Ready => match this.service.poll_ready(cx) {
                     Poll::Pending => {
                         // Waiting for the inner service to take the attempt counts against
                         // the deadline too.
@@ -254,12 +263,13 @@ where
                         Ended::TimedOut
                     }
                     Poll::Ready(Ok(())) => {
-                        let req = match once.take() {
-                            Some(body) => {
-                                let parts = this.parts.take().expect("the head to send once");
-                                Request::from_parts(parts, LayerBody::new(body))
-                            }
-                            None => replay(this.parts.as_ref(), this.bytes),
+                        let req = match this.head {
+                            Head::Replay(parts) => replay(parts, this.bytes),
+                            // Sent once: never back here after it (`decide` stops).
+                            head => match std::mem::replace(head, Head::Sent) {
+                                Head::Once(req) => req,
+                                _ => panic!("a request sent once is sent once"),
+                            },
                         };
                         *this.attempt += 1;
                         let fut = this.service.call(req);
@@ -308,7 +318,7 @@ where
                         ready!(t.poll(cx));
                     }
                     *this.timer_armed = false;
-                    this.state.set(State::Ready { once: None });
+                    this.state.set(State::Ready);
                     continue;
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
@@ -447,7 +457,7 @@ where
         if !shared.wants_retry(err, kind, said) {
             return Err(RetryStop::NotRetryable);
         }
-        if *self.once {
+        if !matches!(self.head, Head::Replay(_)) {
             return Err(self.skipped.unwrap_or(RetryStop::AttemptsExhausted));
         }
         let attempt = *self.attempt;
@@ -541,11 +551,8 @@ fn arm_attempt_timer(
     *armed = true;
 }
 
-fn replay<B>(parts: Option<&Parts>, bytes: &Bytes) -> Request<LayerBody<B>> {
-    let parts = parts
-        .expect("only replayable requests are replayed")
-        .clone();
-    Request::from_parts(parts, LayerBody::full(bytes.clone()))
+fn replay<B>(parts: &Parts, bytes: &Bytes) -> Request<LayerBody<B>> {
+    Request::from_parts(parts.clone(), LayerBody::full(bytes.clone()))
 }
 
 fn finish<R>(
