@@ -65,6 +65,16 @@ where
         .expect("a response")
 }
 
+/// `BENCH_ONE_CASE=<index>:<calls>`: run only that case of the interleaved group, that many
+/// calls (in the group's batches), and exit. Under `valgrind --tool=cachegrind`, a run with `<calls>` minus a run with 0
+/// gives the case's instructions per call, a figure the machine's load does not move.
+/// `BENCH_GROUP=<title>` picks a group other than the first.
+fn one_case() -> Option<(usize, usize)> {
+    let v = std::env::var("BENCH_ONE_CASE").ok()?;
+    let (case, calls) = v.split_once(':')?;
+    Some((case.parse().ok()?, calls.parse().ok()?))
+}
+
 /// Runs every case `rounds` times, interleaved (each round runs them all, `batch` calls
 /// each), and prints each case's median per call with its difference from, and ratio to, the
 /// first case: on a loaded machine the cases see the same load, so the differences hold
@@ -75,6 +85,22 @@ fn interleaved(
     batch: usize,
     cases: &mut [(&str, &mut dyn FnMut(usize) -> Duration)],
 ) {
+    if let Some((case, calls)) = one_case() {
+        if std::env::var("BENCH_GROUP").is_ok_and(|g| g != title) {
+            return;
+        }
+        // Counting mode: one case, `calls` calls in batches as the timing makes them, then
+        // exit (for instruction counts and profiles).
+        let mut took = Duration::ZERO;
+        let mut left = calls;
+        while left > 0 {
+            let n = left.min(batch);
+            took += (cases[case].1)(n);
+            left -= n;
+        }
+        println!("{}: {calls} calls in {took:?}", cases[case].0);
+        std::process::exit(0);
+    }
     let mut samples: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); cases.len()];
     for _ in 0..rounds {
         for (i, (_, run)) in cases.iter_mut().enumerate() {
@@ -103,6 +129,38 @@ fn interleaved(
             m / medians[0]
         );
     }
+}
+
+/// A service that answers at once with a two-byte body, as an upstream answers with JSON.
+fn with_body<B>() -> impl Service<
+    Request<B>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = std::future::Ready<Result<Response<Body>, Infallible>>,
+> + Clone {
+    tower::service_fn(|_req: Request<B>| {
+        std::future::ready(Ok(Response::new(Body::new(Bytes::from_static(b"{}")))))
+    })
+}
+
+/// Times `batch` calls of `svc`, each answer's body read to its end (where the breaker
+/// records a success whose head came first).
+fn timed_read<S, R>(svc: &mut S, batch: usize) -> Duration
+where
+    S: Service<Request<Body>, Response = Response<R>>,
+    S::Error: std::fmt::Debug,
+    R: http_body::Body + Unpin,
+    R::Error: std::fmt::Debug,
+{
+    use http_body_util::BodyExt;
+    let start = std::time::Instant::now();
+    for _ in 0..batch {
+        let mut body = once(svc).into_body();
+        while let Some(frame) = body.frame().now_or_never().expect("ready at once") {
+            black_box(frame.expect("a frame"));
+        }
+    }
+    start.elapsed()
 }
 
 /// Times `batch` calls of `svc`, answers dropped after the timing.
@@ -164,6 +222,39 @@ fn benches(c: &mut Criterion) {
                     timed(&mut timeout, n)
                 }),
                 ("tower-resilience breaker", &mut |n| timed(&mut theirs, n)),
+            ],
+        );
+    }
+
+    {
+        let mut bare_svc = with_body::<Body>();
+        let mut ours = CircuitBreakerLayer::builder()
+            .build()
+            .unwrap()
+            .layer(with_body());
+        let mut slow = CircuitBreakerLayer::builder()
+            .slow_calls(Duration::from_secs(10), 50.0)
+            .build()
+            .unwrap()
+            .layer(with_body());
+        let mut timeout = CircuitBreakerLayer::builder()
+            .call_timeout(Duration::from_secs(60))
+            .build()
+            .unwrap()
+            .layer(with_body());
+        interleaved(
+            "closed, a body read to its end",
+            301,
+            200,
+            &mut [
+                ("bare service", &mut |n| timed_read(&mut bare_svc, n)),
+                ("llm-layers breaker", &mut |n| timed_read(&mut ours, n)),
+                ("llm-layers breaker + slow-call timing", &mut |n| {
+                    timed_read(&mut slow, n)
+                }),
+                ("llm-layers breaker + call timeout", &mut |n| {
+                    timed_read(&mut timeout, n)
+                }),
             ],
         );
     }

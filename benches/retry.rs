@@ -45,6 +45,15 @@ fn bare<B: 'static>(
     })
 }
 
+/// `BENCH_ONE_CASE=<index>:<calls>`: run only that case of the interleaved group, that many
+/// calls (in the group's batches), and exit. Under `valgrind --tool=cachegrind`, a run with `<calls>` minus a run with 0
+/// gives the case's instructions per call, a figure the machine's load does not move.
+fn one_case() -> Option<(usize, usize)> {
+    let v = std::env::var("BENCH_ONE_CASE").ok()?;
+    let (case, calls) = v.split_once(':')?;
+    Some((case.parse().ok()?, calls.parse().ok()?))
+}
+
 /// Runs every case `rounds` times, interleaved (each round runs them all, `batch` calls each,
 /// requests made outside the timing), and prints each case's median per call with its
 /// difference from, and ratio to, the first two cases: on a loaded machine the cases see the
@@ -55,6 +64,19 @@ fn interleaved(
     batch: usize,
     cases: &mut [(&str, &mut dyn FnMut(usize) -> Duration)],
 ) {
+    if let Some((case, calls)) = one_case() {
+        // Counting mode: one case, `calls` calls in batches as the timing makes them, then
+        // exit (for instruction counts and profiles).
+        let mut took = Duration::ZERO;
+        let mut left = calls;
+        while left > 0 {
+            let n = left.min(batch);
+            took += (cases[case].1)(n);
+            left -= n;
+        }
+        println!("{}: {calls} calls in {took:?}", cases[case].0);
+        std::process::exit(0);
+    }
     let mut samples: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); cases.len()];
     for _ in 0..rounds {
         for (i, (_, run)) in cases.iter_mut().enumerate() {

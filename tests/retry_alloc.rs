@@ -234,3 +234,15 @@ fn a_body_in_chunks_costs_one_buffer_more() {
         "four chunks: the layer added {buffering} allocations (at most 3 are the buffer's)"
     );
 }
+
+/// The future a call moves around stays small: the head waits in one field while the body is
+/// buffered, not also inside the buffering state (784 bytes when it did).
+#[test]
+fn the_response_future_stays_small() {
+    let mut svc = RetryLayer::new().layer(upstream::<LayerBody<Full<Bytes>>>());
+    let svc = svc.ready().now_or_never().unwrap().unwrap();
+    let fut = svc.call(chat());
+    let size = std::mem::size_of_val(&fut);
+    assert!(size <= 700, "the retry ResponseFuture is {size} bytes");
+    assert_eq!(fut.now_or_never().unwrap().unwrap().status(), 200);
+}

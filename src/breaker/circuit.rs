@@ -277,7 +277,8 @@ impl Permit {
     /// waits for [`Permit::stream_end`] (or the drop of its body).
     pub(crate) fn head_arrived(&mut self) {
         if let Some(c) = &self.circuit {
-            self.head = Some(if c.common.needs_start {
+            // The head's time serves only the slow-call rule.
+            self.head = Some(if c.common.config.slow_call.is_some() {
                 c.common.now()
             } else {
                 0
@@ -562,6 +563,25 @@ impl Circuit {
         }
     }
 
+    /// [`Circuit::admit`] for a caller that holds its own `Arc` of the circuit: a closed
+    /// circuit's permit takes it (no second reference counted per call); a refusal gives it
+    /// back.
+    pub(crate) fn admit_owned(self: Arc<Self>) -> Result<Permit, (Arc<Self>, Refusal)> {
+        if self.effective_mode() == CircuitMode::Auto {
+            let w = self.word.load(Ordering::Acquire);
+            if state_of(w) == CLOSED {
+                return Ok(Permit {
+                    epoch: epoch_of(w),
+                    kind: Kind::Normal,
+                    start: self.start(),
+                    head: None,
+                    circuit: Some(self),
+                });
+            }
+        }
+        self.admit().map_err(|refusal| (self, refusal))
+    }
+
     /// Decides whether a call may pass.
     pub(crate) fn admit(self: &Arc<Self>) -> Result<Permit, Refusal> {
         match self.effective_mode() {
@@ -809,7 +829,10 @@ impl Circuit {
             return;
         }
         let cfg = &self.common.config;
-        let needs_now = self.common.needs_start || matches!(cfg.window, WindowKind::Time(..));
+        // The clock is read for a time window, or for the slow-call rule when no head time was
+        // taken; a count window with the head's time (or without the rule) needs none.
+        let needs_now = matches!(cfg.window, WindowKind::Time(..))
+            || (cfg.slow_call.is_some() && head.is_none());
         let (failure, probe_reason) = match end {
             End::Answered(Verdict::Ignored) => {
                 self.counters.ignored.fetch_add(1, Ordering::Relaxed);
@@ -862,15 +885,13 @@ impl Circuit {
             Some((d, _)) => head.unwrap_or(now).saturating_sub(start) > nanos(d),
             None => false,
         };
-        self.counters.calls.fetch_add(1, Ordering::Relaxed);
-        if failure {
-            self.counters.failures.fetch_add(1, Ordering::Relaxed);
-        }
-        if slow {
-            self.counters.slow.fetch_add(1, Ordering::Relaxed);
-        }
         let ev = {
             let mut inner = self.lock();
+            // These three counters are written only here, under the lock: a plain load and
+            // store each, no atomic read-modify-write (readers load them without the lock).
+            bump(&self.counters.calls, true);
+            bump(&self.counters.failures, failure);
+            bump(&self.counters.slow, slow);
             let w = self.word.load(Ordering::Acquire);
             match kind {
                 Kind::Spent => None,
@@ -912,5 +933,12 @@ impl Circuit {
         if let Some(ev) = ev {
             emit(&cfg.on_event, ev);
         }
+    }
+}
+
+/// Adds one to a counter whose only writer holds the circuit's lock, when `yes`.
+fn bump(counter: &AtomicU64, yes: bool) {
+    if yes {
+        counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
     }
 }

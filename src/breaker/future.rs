@@ -193,22 +193,37 @@ fn timeout_error(cfg: &Config) -> ApiError {
 /// What the circuit said to a request.
 enum Decision<B> {
     Pass(Permit, Request<LayerBody<B>>),
-    Refuse(ApiError),
+    Refused(Refused<B>),
+}
+
+/// What a refused request gets.
+enum Refused<B> {
+    /// The envelope.
+    Answer(ApiError),
+    /// The fallback chain.
     Degrade(Arc<Circuit>, Refusal, Request<LayerBody<B>>),
 }
 
 fn decide<B>(shared: &Shared, circuit: Arc<Circuit>, req: Request<LayerBody<B>>) -> Decision<B> {
     match circuit.admit() {
         Ok(permit) => Decision::Pass(permit, req),
-        Err(refusal) => {
-            let cfg = shared.config();
-            note_rejection(cfg, &circuit, refusal);
-            if cfg.fallbacks.is_empty() {
-                Decision::Refuse(refusal_error(cfg, &circuit.key, refusal))
-            } else {
-                Decision::Degrade(circuit, refusal, req)
-            }
-        }
+        Err(refusal) => Decision::Refused(refused(shared, circuit, refusal, req)),
+    }
+}
+
+/// What a refused call gets: the envelope, or the fallback chain.
+fn refused<B>(
+    shared: &Shared,
+    circuit: Arc<Circuit>,
+    refusal: Refusal,
+    req: Request<LayerBody<B>>,
+) -> Refused<B> {
+    let cfg = shared.config();
+    note_rejection(cfg, &circuit, refusal);
+    if cfg.fallbacks.is_empty() {
+        Refused::Answer(refusal_error(cfg, &circuit.key, refusal))
+    } else {
+        Refused::Degrade(circuit, refusal, req)
     }
 }
 
@@ -443,11 +458,13 @@ fn admitted<S: Clone, SF, FS, FF, B: Body>(
                 req: Some(req),
             }
         }
-        Decision::Refuse(err) => State::Answer {
+        Decision::Refused(Refused::Answer(err)) => State::Answer {
             err: Some(err),
             local: Some(labels),
         },
-        Decision::Degrade(circuit, refusal, req) => degrade(shared.config(), circuit, refusal, req),
+        Decision::Refused(Refused::Degrade(circuit, refusal, req)) => {
+            degrade(shared.config(), circuit, refusal, req)
+        }
     }
 }
 
@@ -710,30 +727,37 @@ where
         fallback: &F,
         req: Request<LayerBody<B>>,
     ) -> Self {
-        let labels = crate::metrics::RequestLabels::capture(req.extensions());
-        match decide(shared, circuit, req) {
-            Decision::Pass(permit, req) => {
+        // The admitted call first, built in place: the request is moved once, into its
+        // state (the future is the size of the request and a timer; each move is a copy).
+        let (circuit, refusal) = match circuit.admit_owned() {
+            Ok(permit) => {
                 let (timer, probe) = sleep(permit.timer());
-                let mut fut = Self::new(
-                    None,
-                    State::Ready {
+                return ResponseFuture {
+                    state: State::Ready {
                         svc: Some(inner),
                         req: Some(req),
                     },
-                );
-                fut.permit = Some(permit);
-                fut.timer = timer;
-                fut.probe = probe;
-                fut
+                    shared: None,
+                    inner: None,
+                    fallback: None,
+                    permit: Some(permit),
+                    timer,
+                    probe,
+                    replay: None,
+                };
             }
-            Decision::Refuse(err) => Self::new(
+            Err(refused) => refused,
+        };
+        let labels = crate::metrics::RequestLabels::capture(req.extensions());
+        match refused(shared, circuit, refusal, req) {
+            Refused::Answer(err) => Self::new(
                 None,
                 State::Answer {
                     err: Some(err),
                     local: Some(labels),
                 },
             ),
-            Decision::Degrade(circuit, refusal, req) => {
+            Refused::Degrade(circuit, refusal, req) => {
                 let state = degrade(shared.config(), circuit, refusal, req);
                 let mut fut = Self::new(Some(Arc::clone(shared)), state);
                 fut.inner = Some(inner);

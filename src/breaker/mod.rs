@@ -100,7 +100,11 @@
 //! | dropped earlier, or when neither a slow-call rule nor a call timeout is set | nothing: a cancelled call says nothing of the upstream |
 //!
 //! Every drop is counted in `dropped`. The timers exist only for probes and, with a call
-//! timeout, for every guarded call; the closed path without them reads no clock.
+//! timeout, for every guarded call; the closed path without them reads no clock. With them,
+//! the clock is read where a rule uses the reading: at admission (the call's start), at the
+//! head of a success only for the slow-call rule, and at the record only for a time window or
+//! for a slow-call rule with no head time; a count window with a call timeout alone reads it
+//! once per call.
 //!
 //! # Example
 //!

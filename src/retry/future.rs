@@ -16,7 +16,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
-use crate::body::{announced_length, check_limit, BoxError, BufferError, BufferRequest, LayerBody};
+use crate::body::{announced_length, check_limit, BoxError, BufferBody, BufferError, LayerBody};
 use crate::classify::classify_head;
 use crate::error::{ApiError, ErrorCode, X_SHOULD_RETRY};
 use crate::ext::{Attempts, RefusedLocally};
@@ -43,11 +43,12 @@ fn later(now: Instant, d: Duration) -> Instant {
 pin_project! {
     #[project = StateProj]
     enum State<F, B> {
-        // Reading the request body so it can be replayed; the inner service is not polled yet.
-        Buffering { #[pin] buf: BufferRequest<B> },
-        // Waiting for the inner service to be ready for the next attempt. `once` is the
-        // request sent once, unbuffered; without it the buffered request is replayed.
-        Ready { once: Option<Request<LayerBody<B>>> },
+        // Reading the request body so it can be replayed (the head waits in `head`); the
+        // inner service is not polled yet.
+        Buffering { #[pin] buf: BufferBody<B> },
+        // Waiting for the inner service to be ready for the next attempt: the request sent
+        // once, or a replay of the buffered one (see `head`).
+        Ready,
         // An attempt is in flight.
         Calling { #[pin] fut: F },
         // Waiting out the backoff (the timer holds the wait).
@@ -76,8 +77,8 @@ pin_project! {
         timer_armed: bool,
         service: S,
         shared: Arc<Shared>,
-        // The head to replay; `None` when the request is not replayable.
-        parts: Option<Parts>,
+        // The head to replay, or the request sent once until it is sent.
+        head: Head<B>,
         bytes: Bytes,
         attempt: u32,
         deadline: Option<Instant>,
@@ -87,6 +88,16 @@ pin_project! {
         // For the layer's own rejections: the request's key id and route.
         labels: crate::metrics::RequestLabels,
     }
+}
+
+/// What the future keeps of the request.
+enum Head<B> {
+    /// The head of a replayable request, its body in `bytes`.
+    Replay(Parts),
+    /// The request sent once, unbuffered, until it is sent.
+    Once(Request<LayerBody<B>>),
+    /// The request sent once is on its way: nothing to replay.
+    Sent,
 }
 
 /// How an attempt ended.
@@ -123,11 +134,9 @@ where
         if let Some(d) = deadline {
             req.extensions_mut().insert(crate::ext::Deadline(d));
         }
-        let once = |req: Request<B>| State::Ready {
-            once: Some(req.map(LayerBody::new)),
-        };
+        let once = |req: Request<B>| (State::Ready, Head::Once(req.map(LayerBody::new)));
         if shared.max_attempts == 1 {
-            return Self::with(once(req), None, service, shared, deadline, None);
+            return Self::with(once(req), service, shared, deadline, None);
         }
         if shared.idempotency_keys
             && !idempotent(req.method())
@@ -138,7 +147,7 @@ where
         if !shared.replayable(&req) {
             // Sent once, untouched and unbuffered: a second copy could do the work twice.
             let stop = Some(RetryStop::NotIdempotent);
-            return Self::with(once(req), None, service, shared, deadline, stop);
+            return Self::with(once(req), service, shared, deadline, stop);
         }
         let limit = shared.body_limit;
         if check_limit(req.headers(), req.body(), limit).is_err() {
@@ -149,23 +158,29 @@ where
                 "request body over the replay limit: sent once, without retries"
             );
             let stop = Some(RetryStop::BodyTooLarge);
-            return Self::with(once(req), None, service, shared, deadline, stop);
+            return Self::with(once(req), service, shared, deadline, stop);
         }
-        if req.body().size_hint().exact() == Some(0) {
+        let (parts, body) = req.into_parts();
+        let state = if body.size_hint().exact() == Some(0) {
             // Nothing to read: replayed with an empty body.
-            let (parts, _) = req.into_parts();
-            let state = State::Ready { once: None };
-            return Self::with(state, Some(parts), service, shared, deadline, None);
-        }
-        let state = State::Buffering {
-            buf: BufferRequest::new(req, limit),
+            State::Ready
+        } else {
+            // The limit was checked above, announced length and size hint alike.
+            State::Buffering {
+                buf: BufferBody::new(body, limit),
+            }
         };
-        Self::with(state, None, service, shared, deadline, None)
+        Self::with(
+            (state, Head::Replay(parts)),
+            service,
+            shared,
+            deadline,
+            None,
+        )
     }
 
     fn with(
-        state: State<S::Future, B>,
-        parts: Option<Parts>,
+        (state, head): (State<S::Future, B>, Head<B>),
         service: S,
         shared: Arc<Shared>,
         deadline: Option<Instant>,
@@ -177,7 +192,7 @@ where
             timer_armed: false,
             service,
             shared,
-            parts,
+            head,
             bytes: Bytes::new(),
             attempt: 0,
             deadline,
@@ -203,13 +218,12 @@ where
             let mut this = self.as_mut().project();
             let ended = match this.state.as_mut().project() {
                 StateProj::Buffering { buf } => match ready!(buf.poll(cx)) {
-                    Ok((parts, bytes)) => {
-                        *this.parts = Some(parts);
+                    Ok(bytes) => {
                         *this.bytes = bytes;
-                        this.state.set(State::Ready { once: None });
+                        this.state.set(State::Ready);
                         continue;
                     }
-                    Err((_, e)) => {
+                    Err(e) => {
                         // A body that grew past the limit is partly consumed and cannot be
                         // handed on: the honest answer is 413 (400 for a broken body).
                         if let BufferError::TooLarge { limit } = e {
@@ -226,7 +240,7 @@ where
                         return Poll::Ready(Ok(local_rejection(&err, this.shared)));
                     }
                 },
-                StateProj::Ready { once } => match this.service.poll_ready(cx) {
+                StateProj::Ready => match this.service.poll_ready(cx) {
                     Poll::Pending => {
                         // Waiting for the inner service to take the attempt counts against
                         // the deadline too.
@@ -249,9 +263,13 @@ where
                         Ended::TimedOut
                     }
                     Poll::Ready(Ok(())) => {
-                        let req = match once.take() {
-                            Some(req) => req,
-                            None => replay(this.parts.as_ref(), this.bytes),
+                        let req = match this.head {
+                            Head::Replay(parts) => replay(parts, this.bytes),
+                            // Sent once: never back here after it (`decide` stops).
+                            head => match std::mem::replace(head, Head::Sent) {
+                                Head::Once(req) => req,
+                                _ => panic!("a request sent once is sent once"),
+                            },
                         };
                         *this.attempt += 1;
                         let fut = this.service.call(req);
@@ -300,7 +318,7 @@ where
                         ready!(t.poll(cx));
                     }
                     *this.timer_armed = false;
-                    this.state.set(State::Ready { once: None });
+                    this.state.set(State::Ready);
                     continue;
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
@@ -439,7 +457,7 @@ where
         if !shared.wants_retry(err, kind, said) {
             return Err(RetryStop::NotRetryable);
         }
-        if self.parts.is_none() {
+        if !matches!(self.head, Head::Replay(_)) {
             return Err(self.skipped.unwrap_or(RetryStop::AttemptsExhausted));
         }
         let attempt = *self.attempt;
@@ -533,11 +551,8 @@ fn arm_attempt_timer(
     *armed = true;
 }
 
-fn replay<B>(parts: Option<&Parts>, bytes: &Bytes) -> Request<LayerBody<B>> {
-    let parts = parts
-        .expect("only replayable requests are replayed")
-        .clone();
-    Request::from_parts(parts, LayerBody::full(bytes.clone()))
+fn replay<B>(parts: &Parts, bytes: &Bytes) -> Request<LayerBody<B>> {
+    Request::from_parts(parts.clone(), LayerBody::full(bytes.clone()))
 }
 
 fn finish<R>(
