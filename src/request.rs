@@ -672,21 +672,39 @@ impl RequestView {
         checks: Option<bool>,
     ) -> Result<(RequestView, Option<crate::fields::Fields>), ParseError> {
         let text = json_text(body)?;
-        let checks = checks.map(|scan| scan && endpoint == Endpoint::ChatCompletions);
-        let top = || typed::Top { estimator, checks };
+        let scan = checks.is_some_and(|scan| scan && endpoint == Endpoint::ChatCompletions);
+        // The fields live here, on the stack, only when asked for; the parse fills them in
+        // through a reference (so the parse's own state stays small when they are not).
+        let mut fields = checks.map(|_| crate::fields::Fields::default());
         // The fast reader first; whatever it refuses, serde_json reads (and words the error).
         let count = estimator.counts_characters();
-        let top = match crate::json::visit_str(text, count, top()) {
+        let fast = crate::json::visit_str(
+            text,
+            count,
+            typed::Top {
+                estimator,
+                fields: fields.as_mut(),
+                scan,
+            },
+        );
+        let top = match fast {
             Ok(top) => top,
             Err(_) => {
+                if let Some(f) = fields.as_mut() {
+                    *f = crate::fields::Fields::default();
+                }
                 let mut de = serde_json::Deserializer::from_str(text);
-                de::Deserializer::deserialize_any(&mut de, top())
+                let top = typed::Top {
+                    estimator,
+                    fields: fields.as_mut(),
+                    scan,
+                };
+                de::Deserializer::deserialize_any(&mut de, top)
                     .and_then(|top| de.end().map(|()| top))
                     .map_err(|e| refusal(text, e))?
             }
         };
-        let gathered = top.map_err(not_an_object)?;
-        let (view, fields) = gathered.into_view(endpoint, estimator);
+        let view = top.map_err(not_an_object)?.into_view(endpoint, estimator);
         Ok((view.with_body_len(body.len()), fields))
     }
 
@@ -1027,16 +1045,20 @@ mod typed {
         /// Texts met before the model name, counted at the end.
         deferred: Vec<(Slot, Cow<'de, str>)>,
         /// The fields validation checks, when gathered in this pass.
-        fields: Option<Fields>,
+        fields: Option<&'e mut Fields>,
         /// With `fields`: whether each chat message is checked.
         scan: bool,
     }
 
     impl<'de, 'e> Gathered<'de, 'e> {
-        fn new(estimator: &'e dyn TokenEstimator, checks: Option<bool>) -> Self {
+        fn new(
+            estimator: &'e dyn TokenEstimator,
+            fields: Option<&'e mut Fields>,
+            scan: bool,
+        ) -> Self {
             Gathered {
-                fields: checks.map(|_| Fields::default()),
-                scan: checks.unwrap_or(false),
+                fields,
+                scan,
                 estimator,
                 model: None,
                 // An estimate that ignores the model need not wait for it.
@@ -1092,7 +1114,7 @@ mod typed {
             mut self,
             endpoint: Endpoint,
             estimator: &dyn TokenEstimator,
-        ) -> (RequestView, Option<Fields>) {
+        ) -> RequestView {
             let model_name = self.model.as_deref().unwrap_or("");
             for (slot, text) in &self.deferred {
                 let n = estimator.estimate(model_name, text);
@@ -1127,16 +1149,17 @@ mod typed {
                 body: None,
                 body_len: None,
             };
-            (view, self.fields)
+            view
         }
     }
 
     /// The top-level object. Its value is `Err(kind)` for a document that is not an object.
     pub(super) struct Top<'e> {
         pub(super) estimator: &'e dyn TokenEstimator,
-        /// `Some(scan)`: gather the fields validation checks too, each chat message checked
-        /// when `scan`.
-        pub(super) checks: Option<bool>,
+        /// Where to gather the fields validation checks too, if anywhere.
+        pub(super) fields: Option<&'e mut Fields>,
+        /// With `fields`: each chat message checked too.
+        pub(super) scan: bool,
     }
 
     /// The top-level keys the view reads.
@@ -1204,7 +1227,7 @@ mod typed {
         }
 
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            let mut g = Gathered::new(self.estimator, self.checks);
+            let mut g = Gathered::new(self.estimator, self.fields, self.scan);
             while let Some(key) = map.next_key::<TopKey>()? {
                 if g.fields.is_some() {
                     checked_value(&mut g, key, &mut map)?;
@@ -1262,7 +1285,9 @@ mod typed {
 
     /// The fields being gathered.
     fn fields<'a>(g: &'a mut Gathered<'_, '_>) -> &'a mut Fields {
-        g.fields.as_mut().expect("gathering the checked fields")
+        g.fields
+            .as_deref_mut()
+            .expect("gathering the checked fields")
     }
 
     /// The value of a top-level `key`, read for the view and for the fields validation checks
@@ -2903,7 +2928,8 @@ mod typed_tests {
                         est.counts_characters(),
                         typed::Top {
                             estimator: est,
-                            checks: None
+                            fields: None,
+                            scan: false,
                         }
                     )
                     .is_ok(),
