@@ -2,16 +2,18 @@
 //! JSON kind, a number, a role), everything else skipped with [`IgnoredAny`], without building
 //! a tree.
 //!
-//! They are gathered in the request view's own pass over the body when the view is parsed for
-//! validation ([`EnsureView::with_fields`](crate::request::EnsureView)), so the body is read
-//! once; [`Fields::parse`] reads them alone, from a body whose view was parsed without them.
+//! They are gathered in the request view's own typed pass over the body (`crate::request`)
+//! when the view is parsed for validation ([`EnsureView`](crate::request::EnsureView)), so the
+//! body is read once; [`Fields::parse`] runs the same pass for a body whose view was parsed
+//! without them. This module holds what the pass fills in and the rules of a chat message
+//! ([`fault_of`]).
 
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Number;
 
-use crate::request::{json_text, refusal, skip_others, ParseError};
+use crate::request::{skip_others, ParseError};
 
 /// A value as the checks see it: its JSON kind, and the number when it is one.
 #[derive(Debug, Clone, PartialEq)]
@@ -107,6 +109,16 @@ pub(crate) enum Role {
     Other(&'static str),
 }
 
+impl Role {
+    /// The role a string names, or the string (cut to 64 characters) when it names none.
+    pub(crate) fn of(s: &str) -> Role {
+        match ROLES.iter().find(|r| **r == s) {
+            Some(r) => Role::Known(r),
+            None => Role::Unknown(truncate(s, 64).to_owned()),
+        }
+    }
+}
+
 impl<'de> de::Deserialize<'de> for Role {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -116,10 +128,7 @@ impl<'de> de::Deserialize<'de> for Role {
                 f.write_str("any value")
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<Role, E> {
-                Ok(match ROLES.iter().find(|r| **r == s) {
-                    Some(r) => Role::Known(r),
-                    None => Role::Unknown(truncate(s, 64).to_owned()),
-                })
+                Ok(Role::of(s))
             }
             fn visit_unit<E: de::Error>(self) -> Result<Role, E> {
                 Ok(Role::Null)
@@ -150,58 +159,6 @@ pub(crate) enum Fault {
     ContentMissing(&'static str),
     /// A tool message without a string `tool_call_id`.
     ToolCallId,
-}
-
-/// One message: `None` when nothing is wrong with it.
-struct MessageCheck;
-
-impl<'de> DeserializeSeed<'de> for MessageCheck {
-    type Value = Option<Fault>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<Fault>, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for MessageCheck {
-    type Value = Option<Fault>;
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any value")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<Fault>, A::Error> {
-        // A key that occurs twice counts by its last occurrence.
-        let (mut role, mut content, mut tool_call_id) = (None, None, None);
-        let mut calls = [false; 3];
-        const KEYS: &[&str] = &[
-            "role",
-            "content",
-            "tool_call_id",
-            "tool_calls",
-            "function_call",
-            "audio",
-        ];
-        while let Some(key) = map.next_key_seed(KeyIn(KEYS))? {
-            match key {
-                Some(0) => role = Some(map.next_value::<Role>()?),
-                Some(1) => content = Some(map.next_value::<Shallow>()?),
-                Some(2) => tool_call_id = Some(map.next_value::<Shallow>()?),
-                Some(i) => calls[i - 3] = !map.next_value::<Shallow>()?.is_null(),
-                None => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-        }
-        Ok(fault_of(
-            role,
-            content,
-            tool_call_id,
-            calls.iter().any(|c| *c),
-        ))
-    }
-    skip_others!(Some(Fault::NotObject("a boolean")) => bool);
-    skip_others!(Some(Fault::NotObject("a number")) => i64 u64 f64);
-    skip_others!(Some(Fault::NotObject("a string")) => str);
-    skip_others!(Some(Fault::NotObject("null")) => unit);
-    skip_others!(Some(Fault::NotObject("an array")) => seq);
 }
 
 /// The first thing wrong with a chat message of these `role`, `content` and `tool_call_id`
@@ -246,62 +203,6 @@ pub(crate) enum MessagesField {
     Other(Shallow),
 }
 
-/// `messages`, each message checked until the first fault when `scan` is set.
-struct MessagesSeed {
-    scan: bool,
-}
-
-impl<'de> DeserializeSeed<'de> for MessagesSeed {
-    type Value = MessagesField;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<MessagesField, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for MessagesSeed {
-    type Value = MessagesField;
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any value")
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<MessagesField, A::Error> {
-        let (mut len, mut fault) = (0, None);
-        loop {
-            if self.scan && fault.is_none() {
-                match seq.next_element_seed(MessageCheck)? {
-                    None => break,
-                    Some(Some(f)) => fault = Some((len, f)),
-                    Some(None) => {}
-                }
-            } else if seq.next_element::<IgnoredAny>()?.is_none() {
-                break;
-            }
-            len += 1;
-        }
-        Ok(MessagesField::Array { len, fault })
-    }
-    fn visit_bool<E: de::Error>(self, v: bool) -> Result<MessagesField, E> {
-        ShallowVisitor.visit_bool(v).map(MessagesField::Other)
-    }
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<MessagesField, E> {
-        ShallowVisitor.visit_i64(v).map(MessagesField::Other)
-    }
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<MessagesField, E> {
-        ShallowVisitor.visit_u64(v).map(MessagesField::Other)
-    }
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<MessagesField, E> {
-        ShallowVisitor.visit_f64(v).map(MessagesField::Other)
-    }
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<MessagesField, E> {
-        ShallowVisitor.visit_str(v).map(MessagesField::Other)
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<MessagesField, E> {
-        Ok(MessagesField::Other(Shallow::Null))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<MessagesField, A::Error> {
-        ShallowVisitor.visit_map(map).map(MessagesField::Other)
-    }
-}
-
 /// What is wrong with an item of `models`.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum ModelFault {
@@ -316,56 +217,6 @@ pub(crate) enum ModelsField {
     Array(Option<(usize, ModelFault)>),
     /// Any other value.
     Other(Shallow),
-}
-
-impl<'de> de::Deserialize<'de> for ModelsField {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = ModelsField;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("any value")
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ModelsField, A::Error> {
-                let mut bad = None;
-                let mut i = 0;
-                while let Some(item) = seq.next_element::<Shallow>()? {
-                    let fault = match item {
-                        Shallow::Str { empty: false } => None,
-                        Shallow::Str { empty: true } => Some(ModelFault::Empty),
-                        other => Some(ModelFault::NotString(other.kind())),
-                    };
-                    if bad.is_none() {
-                        bad = fault.map(|f| (i, f));
-                    }
-                    i += 1;
-                }
-                Ok(ModelsField::Array(bad))
-            }
-            fn visit_bool<E: de::Error>(self, v: bool) -> Result<ModelsField, E> {
-                ShallowVisitor.visit_bool(v).map(ModelsField::Other)
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ModelsField, E> {
-                ShallowVisitor.visit_i64(v).map(ModelsField::Other)
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ModelsField, E> {
-                ShallowVisitor.visit_u64(v).map(ModelsField::Other)
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<ModelsField, E> {
-                ShallowVisitor.visit_f64(v).map(ModelsField::Other)
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<ModelsField, E> {
-                ShallowVisitor.visit_str(v).map(ModelsField::Other)
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<ModelsField, E> {
-                Ok(ModelsField::Other(Shallow::Null))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ModelsField, A::Error> {
-                ShallowVisitor.visit_map(map).map(ModelsField::Other)
-            }
-        }
-        d.deserialize_any(V)
-    }
 }
 
 /// The fields the checks read; `None` where the body has no such key. A key that occurs twice
@@ -404,106 +255,11 @@ impl Fields {
         }
     }
 
-    /// Parses `body`. `Ok(None)` when it is JSON but no object; `scan_messages` checks each
-    /// chat message (until the first at fault).
+    /// Parses `body` for these fields alone (the view's own typed pass, its counts dropped).
+    /// `Ok(None)` when it is JSON but no object; `scan_messages` checks each chat message
+    /// (until the first at fault).
     pub(crate) fn parse(body: &[u8], scan_messages: bool) -> Result<Option<Fields>, ParseError> {
-        let text = json_text(body)?;
-        let seed = || TopSeed {
-            scan: scan_messages,
-        };
-        // The fast reader first; whatever it refuses, serde_json reads (and words the error).
-        if let Ok(fields) = crate::json::visit_str(text, false, seed()) {
-            return Ok(fields);
-        }
-        let mut de = serde_json::Deserializer::from_str(text);
-        de::Deserializer::deserialize_any(&mut de, seed())
-            .and_then(|fields| de.end().map(|()| fields))
-            .map_err(|e| refusal(text, e))
-    }
-}
-
-struct TopSeed {
-    scan: bool,
-}
-
-impl<'de> Visitor<'de> for TopSeed {
-    type Value = Option<Fields>;
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON object")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<Fields>, A::Error> {
-        const KEYS: &[&str] = &[
-            "model",
-            "messages",
-            "prompt",
-            "input",
-            "previous_response_id",
-            "conversation",
-            "temperature",
-            "top_p",
-            "presence_penalty",
-            "frequency_penalty",
-            "n",
-            "max_tokens",
-            "max_completion_tokens",
-            "max_output_tokens",
-            "stream",
-            "models",
-        ];
-        let mut f = Fields::default();
-        while let Some(key) = map.next_key_seed(KeyIn(KEYS))? {
-            let Some(key) = key else {
-                map.next_value::<IgnoredAny>()?;
-                continue;
-            };
-            let slot = match key {
-                1 => {
-                    f.messages = Some(map.next_value_seed(MessagesSeed { scan: self.scan })?);
-                    continue;
-                }
-                15 => {
-                    f.models = Some(map.next_value::<ModelsField>()?);
-                    continue;
-                }
-                0 => &mut f.model,
-                2 => &mut f.prompt,
-                3 => &mut f.input,
-                4 => &mut f.previous_response_id,
-                5 => &mut f.conversation,
-                6 => &mut f.temperature,
-                7 => &mut f.top_p,
-                8 => &mut f.presence_penalty,
-                9 => &mut f.frequency_penalty,
-                10 => &mut f.n,
-                11 => &mut f.max_tokens,
-                12 => &mut f.max_completion_tokens,
-                13 => &mut f.max_output_tokens,
-                _ => &mut f.stream,
-            };
-            *slot = Some(map.next_value::<Shallow>()?);
-        }
-        Ok(Some(f))
-    }
-    skip_others!(None => bool i64 u64 f64 str unit seq);
-}
-
-/// A map key looked up in a list of names: its index, or `None`. Never allocates.
-struct KeyIn(&'static [&'static str]);
-
-impl<'de> DeserializeSeed<'de> for KeyIn {
-    type Value = Option<usize>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
-        d.deserialize_str(self)
-    }
-}
-
-impl<'de> Visitor<'de> for KeyIn {
-    type Value = Option<usize>;
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a key")
-    }
-    fn visit_str<E: de::Error>(self, key: &str) -> Result<Option<usize>, E> {
-        Ok(self.0.iter().position(|name| *name == key))
+        crate::request::parse_fields(body, scan_messages)
     }
 }
 

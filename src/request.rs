@@ -676,35 +676,8 @@ impl RequestView {
         // The fields live here, on the stack, only when asked for; the parse fills them in
         // through a reference (so the parse's own state stays small when they are not).
         let mut fields = checks.map(|_| crate::fields::Fields::default());
-        // The fast reader first; whatever it refuses, serde_json reads (and words the error).
-        let count = estimator.counts_characters();
-        let fast = crate::json::visit_str(
-            text,
-            count,
-            typed::Top {
-                estimator,
-                fields: fields.as_mut(),
-                scan,
-            },
-        );
-        let top = match fast {
-            Ok(top) => top,
-            Err(_) => {
-                if let Some(f) = fields.as_mut() {
-                    *f = crate::fields::Fields::default();
-                }
-                let mut de = serde_json::Deserializer::from_str(text);
-                let top = typed::Top {
-                    estimator,
-                    fields: fields.as_mut(),
-                    scan,
-                };
-                de::Deserializer::deserialize_any(&mut de, top)
-                    .and_then(|top| de.end().map(|()| top))
-                    .map_err(|e| refusal(text, e))?
-            }
-        };
-        let view = top.map_err(not_an_object)?.into_view(endpoint, estimator);
+        let view =
+            typed_pass(endpoint, text, estimator, fields.as_mut(), scan)?.map_err(not_an_object)?;
         Ok((view.with_body_len(body.len()), fields))
     }
 
@@ -951,6 +924,65 @@ pub(crate) fn not_an_object(kind: &'static str) -> ParseError {
 
 fn strip_position(msg: &str) -> &str {
     msg.find(" at line ").map_or(msg, |i| &msg[..i])
+}
+
+/// The view's typed pass over `text`, filling `fields` in on the way when given (each chat
+/// message checked when `scan`): the fast reader first; whatever it refuses, serde_json reads
+/// (and words the error). `Ok(Err(kind))` for a document that is no object.
+fn typed_pass(
+    endpoint: Endpoint,
+    text: &str,
+    estimator: &dyn TokenEstimator,
+    mut fields: Option<&mut crate::fields::Fields>,
+    scan: bool,
+) -> Result<Result<RequestView, &'static str>, ParseError> {
+    let count = estimator.counts_characters();
+    let fast = crate::json::visit_str(
+        text,
+        count,
+        typed::Top {
+            estimator,
+            fields: fields.as_deref_mut(),
+            scan,
+        },
+    );
+    let top = match fast {
+        Ok(top) => top,
+        Err(_) => {
+            if let Some(f) = fields.as_deref_mut() {
+                *f = crate::fields::Fields::default();
+            }
+            let mut de = serde_json::Deserializer::from_str(text);
+            let top = typed::Top {
+                estimator,
+                fields,
+                scan,
+            };
+            de::Deserializer::deserialize_any(&mut de, top)
+                .and_then(|top| de.end().map(|()| top))
+                .map_err(|e| refusal(text, e))?
+        }
+    };
+    Ok(top.map(|g| g.into_view(endpoint, estimator)))
+}
+
+/// The fields validation checks, read from `body` by the view's own pass alone (its counts
+/// dropped: the character count, which the reader keeps without decoding a string, is the
+/// cheapest). `Ok(None)` when the body is JSON but no object.
+pub(crate) fn parse_fields(
+    body: &[u8],
+    scan: bool,
+) -> Result<Option<crate::fields::Fields>, ParseError> {
+    let text = json_text(body)?;
+    let mut fields = crate::fields::Fields::default();
+    let pass = typed_pass(
+        Endpoint::ChatCompletions,
+        text,
+        &CharEstimator,
+        Some(&mut fields),
+        scan,
+    )?;
+    Ok(pass.ok().map(|_| fields))
 }
 
 pub(crate) use typed::skip_others;
@@ -2995,6 +3027,89 @@ mod typed_tests {
         doc
     }
 
+    /// The fields validation reads, off a `Value` tree (`None` for no object): the reference
+    /// the typed pass is checked against.
+    fn reference_fields(doc: &Value, scan: bool) -> Option<crate::fields::Fields> {
+        use crate::fields::{
+            fault_of, Fields, MessagesField, ModelFault, ModelsField, Role, Shallow,
+        };
+        fn shallow(v: &Value) -> Shallow {
+            match v {
+                Value::Null => Shallow::Null,
+                Value::Bool(_) => Shallow::Bool,
+                Value::Number(n) => Shallow::Number(n.clone()),
+                Value::String(s) => Shallow::Str {
+                    empty: s.is_empty(),
+                },
+                Value::Array(a) => Shallow::Array {
+                    empty: a.is_empty(),
+                },
+                Value::Object(_) => Shallow::Object,
+            }
+        }
+        fn message(m: &Value) -> Option<crate::fields::Fault> {
+            let Value::Object(m) = m else {
+                return Some(crate::fields::Fault::NotObject(shallow(m).kind()));
+            };
+            let role = m.get("role").map(|r| match r {
+                Value::String(s) => Role::of(s),
+                Value::Null => Role::Null,
+                other => Role::Other(shallow(other).kind()),
+            });
+            let calls = ["tool_calls", "function_call", "audio"]
+                .iter()
+                .any(|k| m.get(*k).is_some_and(|v| !v.is_null()));
+            fault_of(
+                role,
+                m.get("content").map(shallow),
+                m.get("tool_call_id").map(shallow),
+                calls,
+            )
+        }
+        let obj = doc.as_object()?;
+        let get = |k: &str| obj.get(k).map(shallow);
+        Some(Fields {
+            model: get("model"),
+            messages: obj.get("messages").map(|m| match m {
+                Value::Array(items) => MessagesField::Array {
+                    len: items.len(),
+                    fault: if scan {
+                        items
+                            .iter()
+                            .enumerate()
+                            .find_map(|(i, m)| message(m).map(|f| (i, f)))
+                    } else {
+                        None
+                    },
+                },
+                other => MessagesField::Other(shallow(other)),
+            }),
+            prompt: get("prompt"),
+            input: get("input"),
+            previous_response_id: get("previous_response_id"),
+            conversation: get("conversation"),
+            temperature: get("temperature"),
+            top_p: get("top_p"),
+            presence_penalty: get("presence_penalty"),
+            frequency_penalty: get("frequency_penalty"),
+            n: get("n"),
+            max_tokens: get("max_tokens"),
+            max_completion_tokens: get("max_completion_tokens"),
+            max_output_tokens: get("max_output_tokens"),
+            stream: get("stream"),
+            models: obj.get("models").map(|m| match m {
+                Value::Array(items) => {
+                    ModelsField::Array(items.iter().enumerate().find_map(|(i, item)| match item {
+                        Value::String(s) if !s.is_empty() => None,
+                        Value::String(_) => Some((i, ModelFault::Empty)),
+                        other => Some((i, ModelFault::NotString(shallow(other).kind()))),
+                    }))
+                }
+                other => ModelsField::Other(shallow(other)),
+            }),
+        })
+    }
+
     #[test]
     fn the_fields_gathered_in_the_views_pass_are_the_fields_parse_gives() {
         let mut rng = fastrand::Rng::with_seed(56);
@@ -3017,34 +3132,49 @@ mod typed_tests {
                 ] {
                     let plain = RequestView::parse(endpoint, &bytes, est);
                     let checked = RequestView::parse_checked(endpoint, &bytes, est, Some(scan));
-                    let alone = crate::fields::Fields::parse(
-                        &bytes,
-                        scan && endpoint == Endpoint::ChatCompletions,
-                    );
-                    match (plain, checked, alone) {
-                        (Ok(plain), Ok((checked, fields)), Ok(Some(alone))) => {
+                    // The reference: the same fields read off a `serde_json::Value` tree.
+                    let tree = serde_json::from_slice::<Value>(&bytes);
+                    let reference = tree.as_ref().ok().and_then(|v| {
+                        reference_fields(v, scan && endpoint == Endpoint::ChatCompletions)
+                    });
+                    match (plain, checked, reference) {
+                        (Ok(plain), Ok((checked, fields)), Some(reference)) => {
                             // The view is the same view, and the fields the same fields.
                             assert_eq!(typed(&checked), typed(&plain), "case {i}: {doc}");
                             let fields = fields.expect("gathered");
                             if let Some(crate::fields::MessagesField::Array {
                                 fault: Some(_),
                                 ..
-                            }) = &alone.messages
+                            }) = &reference.messages
                             {
                                 faults += 1;
                             }
-                            assert_eq!(fields, alone, "case {i}: {doc}");
+                            assert_eq!(fields, reference, "case {i}: {doc}");
+                            let alone = crate::fields::Fields::parse(
+                                &bytes,
+                                scan && endpoint == Endpoint::ChatCompletions,
+                            );
+                            assert_eq!(alone, Ok(Some(fields)), "case {i}: {doc}");
                         }
                         // Broken where the view reads: the view's error, as before.
-                        (Err(a), Err(b), _) => assert_eq!(a, b, "case {i}"),
+                        (Err(a), Err(b), _) => {
+                            assert_eq!(a, b, "case {i}");
+                            assert!(tree.map_or(true, |v| !v.is_object()), "case {i}");
+                        }
                         // Broken only where the checks read (a number beyond `f64` in
-                        // `temperature`): the error the checks' own parse gave.
-                        (Ok(_), Err(b), Err(c)) => assert_eq!(b, c, "case {i}"),
+                        // `temperature`): not JSON for serde_json either.
+                        (Ok(_), Err(_), None) => assert!(tree.is_err(), "case {i}"),
+                        // A number beyond `f64` deep in a value both skip: serde_json's tree
+                        // refuses it, the typed passes do not look.
+                        (Ok(plain), Ok((checked, _)), None) => {
+                            assert!(tree.is_err(), "case {i}");
+                            assert_eq!(typed(&checked), typed(&plain), "case {i}");
+                        }
                         (a, b, c) => panic!(
                             "case {i}: {:?} {:?} {:?} {}",
                             a.is_ok(),
                             b.is_ok(),
-                            c.map(|f| f.is_some()),
+                            c.is_some(),
                             String::from_utf8_lossy(&bytes)
                         ),
                     }
