@@ -864,7 +864,7 @@ impl RequestView {
 
 /// The text of a JSON body, or the error a `serde_json::Value` parse gives when it is not
 /// UTF-8 (line and column of the first bad byte).
-pub(crate) fn json_text(body: &[u8]) -> Result<&str, ParseError> {
+fn json_text(body: &[u8]) -> Result<&str, ParseError> {
     if let Ok(text) = simdutf8::basic::from_utf8(body) {
         return Ok(text);
     }
@@ -892,7 +892,7 @@ pub(crate) fn json_text(body: &[u8]) -> Result<&str, ParseError> {
 /// gives, word for word. The two fail at the same place, but may word it differently where the
 /// typed parse skips a value (a number cut short is "invalid number" to one, "EOF while
 /// parsing a value" to the other); the rare path parses again to say it as it was always said.
-pub(crate) fn refusal(text: &str, e: serde_json::Error) -> ParseError {
+fn refusal(text: &str, e: serde_json::Error) -> ParseError {
     match serde_json::from_str::<serde_json::Value>(text) {
         Err(value) => syntax_error(value),
         Ok(_) => syntax_error(e),
